@@ -1,0 +1,91 @@
+"""The tiny SD 1.x model that tests, CI and `dbnb demo` train: no download, seconds on a CPU.
+
+It keeps SD 1.5's *topology* — 4 UNet levels with 2 resnets each, cross-attention in the
+first three, a ×8 VAE with a mid-block attention, a CLIP text encoder and the real CLIP
+tokenizer — at small widths, so every key of the original layout has a counterpart and
+every loading / export path is the real one. Weights are random (seeded).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+SKELETON = Path(__file__).parent / "assets" / "sd15"
+
+# Only the widths change; everything else comes from SD 1.5's own configs.
+TINY_UNET = dict(block_out_channels=[32, 32, 64, 64], attention_head_dim=4,
+                 cross_attention_dim=32, sample_size=8)
+TINY_VAE = dict(block_out_channels=[32, 32, 32, 32], sample_size=64)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_hidden_layers=2, projection_dim=32)
+TINY_RESOLUTION = 64
+
+
+def skeleton_config(component: str, **overrides) -> dict:
+    """SD 1.5's config for one component (`unet`, `vae`, `text_encoder`, `scheduler`)."""
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    config = json.loads((SKELETON / component / name).read_text())
+    config.update(copy.deepcopy(overrides))
+    return config
+
+
+def build_components(unet_config: dict, vae_config: dict, text_config: dict, seed: int = 0):
+    """UNet, VAE and text encoder with seeded random weights, from config dicts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        unet = UNet2DConditionModel(**strip(unet_config))
+        vae = AutoencoderKL(**strip(vae_config))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in text_config.items()
+                                                       if k not in ("architectures", "torch_dtype")}))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return unet, vae, text_encoder
+
+
+def build_tiny_pipeline(seed: int = 0):
+    """The tiny StableDiffusionPipeline (PNDM scheduler, no safety checker), in memory."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    unet, vae, text_encoder = build_components(
+        skeleton_config("unet", **TINY_UNET), skeleton_config("vae", **TINY_VAE),
+        skeleton_config("text_encoder", **TINY_TEXT), seed=seed)
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77),
+        scheduler=PNDMScheduler.from_config(skeleton_config("scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """save_pretrained, plus the vocab/merges files that older readers still look for."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    for name in ("vocab.json", "merges.txt"):
+        if not (out_dir / name).exists():
+            shutil.copy(SKELETON / "tokenizer" / name, out_dir / name)
+
+
+def make_tiny_model(out_dir: str | Path, single_file: str | Path | None = None, seed: int = 0) -> Path:
+    """Write the tiny model as a diffusers folder and, optionally, as one original-layout file."""
+    out_dir = Path(out_dir)
+    pipe = build_tiny_pipeline(seed)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    save_tokenizer(pipe.tokenizer, out_dir / "tokenizer")
+    if single_file is not None:
+        from dbnb.layout import original_state_dict, write_single_file
+
+        state = original_state_dict(pipe.unet.state_dict(), pipe.vae.state_dict(),
+                                    pipe.text_encoder.state_dict())
+        write_single_file(single_file, state, metadata={"dbnb_model": "tiny", "seed": str(seed)})
+    return out_dir
