@@ -1,0 +1,74 @@
+"""The `dbnb` command. Each subcommand parses its arguments and calls one library function."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dbnb.config import ConfigError
+
+
+def cmd_doctor(args) -> int:
+    from dbnb.env import run_doctor
+
+    report = run_doctor(args.output_dir)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def cmd_make_tiny_model(args) -> int:
+    from dbnb.tiny import make_tiny_model
+
+    out = make_tiny_model(args.out, single_file=args.single_file, seed=args.seed)
+    print(f"tiny SD 1.x model (diffusers layout): {out}")
+    if args.single_file:
+        print(f"tiny SD 1.x model (original single file): {args.single_file}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    import yaml
+
+    from dbnb.config import describe, load_config
+
+    if args.list:
+        for row in describe():
+            print(f"{row['name']:32} {row['type']:6} {row['default']!r:24} [{row['section']}] "
+                  f"{row['label']}: {row['help']}")
+        return 0
+    if args.file and "=" in args.file and not args.file.endswith((".yaml", ".yml", ".json")):
+        args.overrides, args.file = [args.file, *args.overrides], None  # only overrides were given
+    config = load_config(args.file, args.overrides, preset=args.preset)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dbnb", description="DreamBooth for Stable Diffusion 1.x.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("doctor", help="check this machine: versions, GPU, xformers, bitsandbytes, disk, RAM")
+    p.add_argument("--output-dir", default=".", help="where runs will be written (free disk is checked there)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("make-tiny-model", help="write the tiny random SD 1.x model used by tests and the demo")
+    p.add_argument("out", help="diffusers folder to write")
+    p.add_argument("--single-file", help="also write one original-layout .safetensors / .ckpt file")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("config", help="print a config (defaults, a preset, a file, overrides) as YAML")
+    p.add_argument("file", nargs="?", help="a config .yaml / .json to start from")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--preset", help="person (character) or object_style")
+    p.add_argument("--list", action="store_true", help="list every setting with its help")
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"dbnb: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,266 @@
+"""Load an SD 1.x base model from wherever users keep one.
+
+One entry point, `load_pipeline(source)`, for a diffusers folder, a Hugging Face repo id,
+a single `.safetensors` / `.ckpt` in the original layout, an `https://` URL or a Google
+Drive link. Single files are read with the SD 1.5 config skeleton shipped in the package,
+so no Hub access is needed; `.ckpt` pickles are only ever opened with
+`torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import re
+import tempfile
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import torch
+
+from dbnb.tiny import SKELETON, TINY_TEXT, TINY_UNET, TINY_VAE, skeleton_config, save_tokenizer
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelLoadError(RuntimeError):
+    """The base model could not be loaded; the message says which source and what to do."""
+
+
+class UnsafeCheckpointError(ModelLoadError):
+    """A .ckpt needs arbitrary unpickling (it could run code), so it was not opened."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DBNB_CACHE", Path.home() / ".cache" / "dbnb"))
+
+
+# --- where the model is ------------------------------------------------------------------
+
+def resolve_source(source: str, cache_dir: str | Path | None = None) -> tuple[str, str]:
+    """Classify `source` and fetch it if remote. Returns (kind, location) with kind one of
+    "folder", "file" or "hub"."""
+    source = str(source).strip()
+    if not source:
+        raise ModelLoadError("No base model given: set pretrained_model_name_or_path.")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelLoadError(f"{path} is a folder but has no model_index.json, so it is not a diffusers "
+                                 "model folder. Point to the folder that holds model_index.json, or to a "
+                                 ".safetensors / .ckpt file.")
+        return "folder", str(path)
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected one of "
+                                 f"{', '.join(SINGLE_FILE_SUFFIXES)}.")
+        return "file", str(path)
+    if source.startswith(("http://", "https://")):
+        return "file", str(download(source, cache_dir))
+    if HUB_ID.match(source):
+        return "hub", source
+    raise ModelLoadError(f"Base model {source!r} is neither an existing folder or file, a URL, nor a "
+                         "Hugging Face repo id like 'org/name'. Check the path (on Colab: is Drive mounted?).")
+
+
+def download(url: str, cache_dir: str | Path | None = None) -> Path:
+    """Fetch a URL (Google Drive links through gdown) into the cache, once."""
+    cache = Path(cache_dir or default_cache_dir()) / "downloads"
+    cache.mkdir(parents=True, exist_ok=True)
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    done = [p for p in cache.glob(f"{key}-*") if not p.name.endswith(".part")]
+    if done:
+        return done[0]
+    if "drive.google.com" in url or "docs.google.com" in url:
+        import gdown
+
+        tmp = cache / f"{key}.part"
+        name = gdown.download(url, str(tmp), fuzzy=True, quiet=False)
+        if not name:
+            raise ModelLoadError(f"Google Drive download failed for {url}: is the file shared "
+                                 "('anyone with the link')?")
+        # gdown does not tell the original file name reliably; keep the suffix check honest.
+        suffix = _sniff_suffix(tmp)
+        final = cache / f"{key}-model{suffix}"
+    else:
+        name = Path(urllib.parse.urlparse(url).path).name or "model.safetensors"
+        final = cache / f"{key}-{name}"
+        tmp = cache / f"{final.name}.part"
+        _fetch(url, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def _fetch(url: str, dest: Path) -> None:
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "dbnb"})
+    token = os.environ.get("HF_TOKEN")
+    if token and "huggingface.co" in url:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request) as response, open(dest, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name[:40]) as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+    except OSError as e:
+        dest.unlink(missing_ok=True)
+        raise ModelLoadError(f"Download of {url} failed: {e}. Check the URL and your connection.") from e
+
+
+def _sniff_suffix(path: Path) -> str:
+    head = path.read_bytes()[:8] if path.stat().st_size >= 8 else b""
+    return ".ckpt" if head[:2] == b"PK" or head[:1] == b"\x80" else ".safetensors"
+
+
+# --- reading single files safely -----------------------------------------------------------
+
+def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a single file, never executing code from a pickle.
+
+    `.ckpt` files are pickles; `weights_only=True` lets through tensors and plain containers
+    only. Anything else is refused: we ask for the `.safetensors` version instead.
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(path)
+    try:
+        try:  # mmap keeps a 4 GB file out of RAM until a tensor is used
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e) and "zip" not in str(e):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        culprit = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")
+        raise UnsafeCheckpointError(
+            f"{path} is a .ckpt whose pickle asks to run code or build objects other than tensors, "
+            "so dbnb did not open it (it could run anything). Use the model's .safetensors version, "
+            f"or convert it on a machine you trust. {culprit}".strip()) from None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
+    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def sd1_variant(keys, shapes: dict) -> str:
+    """'sd15' or 'tiny' for an original-layout SD 1.x state dict; a clear error otherwise."""
+    keys = set(keys)
+    if any(k.startswith("conditioner.embedders.") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
+        raise ModelLoadError("This is an SDXL model: dbnb trains SD 1.x only (not supported yet).")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        raise ModelLoadError("This is an SD 2.x model (OpenCLIP text encoder): dbnb trains SD 1.x only "
+                             "(not supported yet).")
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    if conv_in is None:
+        raise ModelLoadError("No UNet found (no model.diffusion_model.* keys): this is not an SD 1.x "
+                             "checkpoint in the original layout (a VAE or LoRA file?).")
+    width = conv_in[0]
+    for variant, unet in (("sd15", skeleton_config("unet")), ("tiny", skeleton_config("unet", **TINY_UNET))):
+        if width == unet["block_out_channels"][0]:
+            return variant
+    raise ModelLoadError(f"UNet width {width} is not SD 1.x's 320; dbnb supports SD 1.x models only.")
+
+
+def _skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
+    """The config-only diffusers folder that `from_single_file` reads instead of the Hub."""
+    if variant == "sd15":
+        return SKELETON
+    import json
+    from transformers import CLIPTokenizer
+
+    folder = Path(cache_dir or default_cache_dir()) / "skeleton-tiny"
+    if not (folder / "model_index.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+        for sub, over in (("unet", TINY_UNET), ("vae", TINY_VAE), ("text_encoder", TINY_TEXT), ("scheduler", {})):
+            name = "scheduler_config.json" if sub == "scheduler" else "config.json"
+            (tmp / sub).mkdir()
+            (tmp / sub / name).write_text(json.dumps(skeleton_config(sub, **over), indent=2))
+        (tmp / "model_index.json").write_text((SKELETON / "model_index.json").read_text())
+        save_tokenizer(CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77),
+                       tmp / "tokenizer")
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process made it first
+            pass
+    return folder
+
+
+def _file_keys_and_shapes(path: Path) -> tuple[list[str], dict]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:  # header only: no tensor is read
+            keys = list(f.keys())
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if k.endswith("input_blocks.0.0.weight")}
+        return keys, shapes
+    state = load_checkpoint_file(path)  # refuses unsafe pickles; mmap keeps it cheap
+    return list(state), {k: tuple(v.shape) for k, v in state.items()}
+
+
+# --- the one loader ------------------------------------------------------------------------
+
+def load_pipeline(source: str, vae: str = "", revision: str = "", torch_dtype=None,
+                  cache_dir: str | Path | None = None):
+    """An SD 1.x `StableDiffusionPipeline` (no safety checker) from any supported source."""
+    from diffusers import StableDiffusionPipeline
+
+    kind, where = resolve_source(source, cache_dir)
+    common = dict(torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+                  requires_safety_checker=False)
+    try:
+        if kind == "file":
+            keys, shapes = _file_keys_and_shapes(Path(where))
+            config = _skeleton_folder(sd1_variant(keys, shapes), cache_dir)
+            pipe = StableDiffusionPipeline.from_single_file(where, config=str(config), local_files_only=True,
+                                                            **common)
+        else:
+            extra = {"revision": revision} if revision else {}
+            if kind == "folder":
+                extra["local_files_only"] = True
+            pipe = StableDiffusionPipeline.from_pretrained(where, token=os.environ.get("HF_TOKEN") or None,
+                                                           **extra, **common)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"Could not load base model {source!r} ({kind}): {e}") from e
+    _check_unet_is_sd1(pipe.unet, source)
+    if vae:
+        pipe.vae = load_vae(vae, revision=revision, torch_dtype=torch_dtype, cache_dir=cache_dir)
+    return pipe
+
+
+def _check_unet_is_sd1(unet, source: str) -> None:
+    cfg = unet.config
+    if cfg.get("addition_embed_type") or cfg.get("use_linear_projection") or cfg.get("in_channels") != 4:
+        raise ModelLoadError(f"{source!r} is not an SD 1.x model (SD 2.x / SDXL / inpainting UNet); "
+                             "dbnb supports SD 1.x only (not supported yet).")
+
+
+def load_vae(source: str, revision: str = "", torch_dtype=None, cache_dir: str | Path | None = None):
+    """A separate VAE: a diffusers folder (with or without `vae/`), repo id or single file."""
+    from diffusers import AutoencoderKL
+
+    kind, where = resolve_source_vae(source, cache_dir)
+    try:
+        if kind == "file":
+            return AutoencoderKL.from_single_file(where, config=str(SKELETON), subfolder="vae",
+                                                  local_files_only=True, torch_dtype=torch_dtype)
+        sub = "vae" if (Path(where) / "vae").is_dir() else None
+        extra = {"revision": revision} if revision else {}
+        return AutoencoderKL.from_pretrained(where, subfolder=sub, torch_dtype=torch_dtype, **extra)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"Could not load VAE {source!r}: {e}") from e
+
+
+def resolve_source_vae(source: str, cache_dir) -> tuple[str, str]:
+    path = Path(source).expanduser()
+    if path.is_dir():  # a bare VAE folder has config.json, not model_index.json
+        return "folder", str(path)
+    return resolve_source(source, cache_dir)

@@ -1,0 +1,113 @@
+import json
+
+import pytest
+
+from dbnb.cli import main
+from dbnb.config import FIELDS, PRESETS, Config, ConfigError, describe, from_dict, load_config
+
+
+def test_defaults_are_the_seeds_character_settings():
+    c = Config()
+    assert c.learning_rate == 1e-6
+    assert c.hflip is False
+    assert (c.use_8bit_adam, c.gradient_checkpointing, c.mixed_precision) == (True, True, "fp16")
+    assert c.lr_scheduler == "polynomial"
+    assert (c.class_guidance_scale, c.class_infer_steps) == (12.0, 28)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_round_trip(tmp_path, suffix):
+    c = Config(instance_prompt="nanU Unan", class_prompt="Unan", with_prior_preservation=True,
+               class_data_dir="cls", num_class_images=50, sample_prompts=("a", "b"), learning_rate=2e-6)
+    path = c.save(tmp_path / f"c{suffix}")
+    assert load_config(path) == c
+
+
+def test_yaml_exponent_without_dot_is_a_float(tmp_path):
+    (tmp_path / "c.yaml").write_text("learning_rate: 1e-6\nprior_loss_weight: 1\n")
+    c = load_config(tmp_path / "c.yaml")
+    assert c.learning_rate == 1e-6 and isinstance(c.prior_loss_weight, float)
+
+
+def test_overrides_apply_after_preset_and_file(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"learning_rate": 3e-6, "hflip": False}))
+    c = load_config(tmp_path / "c.json", ["hflip=true", "sample_prompts=[x, y]", "run_name=a=b"],
+                    preset="object_style")
+    assert c.learning_rate == 3e-6 and c.hflip is True
+    assert c.sample_prompts == ("x", "y") and c.run_name == "a=b"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("resolution=500", "resolution"),
+    ("resolution=0", "resolution"),
+    ("max_train_steps=0", "max_train_steps"),
+    ("learning_rate=0", "learning_rate"),
+    ("max_train_steps=1.5", "max_train_steps"),
+    ("hflip=maybe", "hflip"),
+    ("mixed_precision=fp8", "mixed_precision"),
+    ("lr_scheduler=step", "lr_scheduler"),
+    ("stop_text_encoder=1.5", "stop_text_encoder"),
+    ("keep_last_n=0", "keep_last_n"),
+    ("train_batch_size=0", "train_batch_size"),
+    ("ema_decay=1", "ema_decay"),
+    ("save_every_steps=-1", "save_every_steps"),
+])
+def test_each_bad_value_names_its_field(override, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config(overrides=[override])
+
+
+def test_prior_preservation_needs_class_prompt_folder_and_count():
+    with pytest.raises(ConfigError) as e:
+        Config(with_prior_preservation=True)
+    msg = str(e.value)
+    assert "class_prompt" in msg and "class_data_dir" in msg and "num_class_images" in msg
+    Config(with_prior_preservation=True, class_prompt="girl", class_data_dir="c", num_class_images=5)
+
+
+def test_unknown_key_is_an_error_with_a_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+        from_dict({"lerning_rate": 1e-6})
+    with pytest.raises(ConfigError, match="did you mean 'hflip'"):
+        load_config(overrides=["hflipp=true"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(overrides=["hflip"])
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="bad.json"):
+        load_config(tmp_path / "bad.json")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match="Unknown preset"):
+        load_config(preset="landscape")
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        Config().learning_rate = 1.0  # type: ignore[misc]
+    assert Config().replace(learning_rate=2e-6).learning_rate == 2e-6
+
+
+def test_every_field_has_section_label_and_help():
+    rows = describe()
+    assert [r["name"] for r in rows] == list(FIELDS)
+    for r in rows:
+        assert r["section"] and r["label"] and len(r["help"]) > 10, r["name"]
+    labels = {r["label"] for r in rows}
+    for known in ("Apply Horizontal Flip", "Save Checkpoint Frequency", "Use 8bit Adam",
+                  "Total Number of Class/Reg Images", "Save Preview(s) Frequency", "Train EMA"):
+        assert known in labels
+    for preset in PRESETS.values():
+        assert set(preset) <= set(FIELDS)
+
+
+def test_cli_config_prints_and_rejects(capsys):
+    assert main(["config", "learning_rate=2e-6", "--preset", "person"]) == 0
+    assert "learning_rate: 2.0e-06" in capsys.readouterr().out
+    assert main(["config", "resolution=100"]) == 2
+    assert "resolution" in capsys.readouterr().err
