@@ -1,0 +1,96 @@
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dbnb.models import (ModelLoadError, UnsafeCheckpointError, load_checkpoint_file, load_pipeline,
+                         resolve_source, sd1_variant)
+from dbnb.tiny import build_tiny_pipeline
+
+
+def assert_same_weights(a, b):
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        sa = {k: v for k, v in sa.items() if not k.endswith("position_ids")}
+        sb = {k: v for k, v in sb.items() if not k.endswith("position_ids")}
+        assert sa.keys() == sb.keys(), name
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), f"{name}.{k}"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return build_tiny_pipeline(seed=0)
+
+
+def test_diffusers_folder(tiny_dir, reference):
+    pipe = load_pipeline(str(tiny_dir))
+    assert_same_weights(pipe, reference)
+    assert pipe.tokenizer("a photo of sks girl").input_ids == [49406, 320, 1125, 539, 48136, 1611, 49407]
+    assert pipe.safety_checker is None
+
+
+def test_hub_id_resolved_offline_from_a_local_cache(tiny_dir, tmp_path):
+    # Lay the tiny model out exactly as huggingface_hub caches a download of "dbnb-test/tiny-sd".
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--dbnb-test--tiny-sd"
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = textwrap.dedent("""
+        from dbnb.models import resolve_source, load_pipeline
+        assert resolve_source("dbnb-test/tiny-sd") == ("hub", "dbnb-test/tiny-sd")
+        pipe = load_pipeline("dbnb-test/tiny-sd")
+        print("loaded", pipe.unet.config.block_out_channels)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "loaded [32, 32, 64, 64]" in done.stdout
+
+
+def test_unknown_sources_say_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="neither an existing folder"):
+        resolve_source(str(tmp_path / "nope" / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        resolve_source(str(tmp_path))
+    (tmp_path / "m.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="unknown model file type"):
+        resolve_source(str(tmp_path / "m.txt"))
+    with pytest.raises(ModelLoadError, match="pretrained_model_name_or_path"):
+        resolve_source("")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.flag}",))
+
+
+def test_ckpt_that_would_run_code_is_refused_and_nothing_runs(tmp_path):
+    flag = tmp_path / "pwned"
+    payload = _RunsCode()
+    payload.flag = flag
+    torch.save({"state_dict": {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(32, 4, 3, 3)},
+                "callback": payload}, tmp_path / "evil.ckpt")
+    assert not flag.exists()
+    with pytest.raises(UnsafeCheckpointError, match="safetensors"):
+        load_checkpoint_file(tmp_path / "evil.ckpt")
+    with pytest.raises(UnsafeCheckpointError):
+        load_pipeline(str(tmp_path / "evil.ckpt"))
+    assert not flag.exists()
+
+
+def test_sd2_and_sdxl_keys_are_not_supported_yet():
+    with pytest.raises(ModelLoadError, match="SD 2"):
+        sd1_variant(["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"], {})
+    with pytest.raises(ModelLoadError, match="SDXL"):
+        sd1_variant(["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"], {})
+    with pytest.raises(ModelLoadError, match="No UNet"):
+        sd1_variant(["encoder.conv_in.weight"], {})
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    assert sd1_variant([key], {key: (320, 4, 3, 3)}) == "sd15"
+    assert sd1_variant([key], {key: (32, 4, 3, 3)}) == "tiny"
