@@ -1,0 +1,331 @@
+"""diffusers → original (LDM / AUTOMATIC1111 webui) single-file layout for Stable Diffusion 1.x.
+
+diffusers can *read* an original-layout checkpoint (`from_single_file`) but ships no writer, so
+this module owns the export side. The key maps are derived from the block structure found in the
+state dict itself (how many down blocks, resnets per block, transformer depth, …), not from fixed
+SD 1.5 widths or regex tables, so the tiny test model and the real SD 1.5 go through the same code.
+
+The original layout keeps everything in one flat dict:
+
+    model.diffusion_model.*                     UNet           (ldm openaimodel.UNetModel)
+    first_stage_model.*                         VAE            (ldm AutoencoderKL)
+    cond_stage_model.transformer.text_model.*   text encoder   (transformers CLIPTextModel)
+
+Mapping is strict: a key with no known counterpart raises ValueError instead of being dropped,
+because a silently missing tensor only shows up later as a broken model in someone's webui.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from pathlib import Path
+from types import MappingProxyType
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+ORIGINAL_PREFIXES: Mapping[str, str] = MappingProxyType({
+    "unet": "model.diffusion_model.",
+    "vae": "first_stage_model.",
+    "text_encoder": "cond_stage_model.transformer.text_model.",
+})
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+# Every tensor in these models is a module's weight or bias; anything else (buffers, stray
+# entries) must not slip through under a plausible-looking name.
+_PARAMS = ("weight", "bias")
+
+# ldm's ResBlock wraps its layers in Sequentials: in_layers = [norm, SiLU, conv],
+# emb_layers = [SiLU, linear], out_layers = [norm, SiLU, Dropout, conv]; the indices skip the
+# parameter-free modules.
+_UNET_RESNET = {
+    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+}
+# ldm's SpatialTransformer / BasicTransformerBlock use the same names as diffusers.
+_TRANSFORMER = ("norm", "proj_in", "proj_out")
+_TRANSFORMER_BLOCK = (
+    "norm1", "norm2", "norm3", "ff.net.0.proj", "ff.net.2",
+    *(f"{attn}.{proj}" for attn in ("attn1", "attn2")
+      for proj in ("to_q", "to_k", "to_v", "to_out.0")),
+)
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+               "conv_shortcut": "nin_shortcut"}
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                  "to_out.0": "proj_out"}
+# The original VAE attention projects with 1x1 convolutions where diffusers uses Linear.
+_VAE_CONV_1X1 = ("q", "k", "v", "proj_out")
+_CLIP_LAYER = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+    "layer_norm1", "layer_norm2", "mlp.fc1", "mlp.fc2",
+)
+# transformers < 5 wraps CLIPTextModel's modules in `text_model.`; 5 dropped the wrapper.
+_CLIP_WRAPPER = "text_model."
+_CLIP_BUFFERS = ("embeddings.position_ids",)
+
+
+# ---------------------------------------------------------------------------------------------
+# structure helpers
+
+
+def _indices(keys: Iterable[str], prefix: str) -> list[int]:
+    """The i for which some key starts with `{prefix}{i}.`: the block counts of this model."""
+    found = set()
+    for key in keys:
+        if key.startswith(prefix):
+            head = key[len(prefix):].split(".", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    # A gap would shift every later ldm index, so refuse rather than guess.
+    if found != set(range(len(found))):
+        raise ValueError(f"indices of {prefix}* are {sorted(found)}, expected 0..n-1")
+    return sorted(found)
+
+
+def _renamed(src: str, dst: str, children: Mapping[str, str] | Iterable[str]) -> dict[str, str]:
+    """Module map for one block: `src.child` → `dst.renamed_child` (same name for an iterable)."""
+    pairs = children.items() if isinstance(children, Mapping) else ((c, c) for c in children)
+    return {f"{src}.{a}": f"{dst}.{b}" for a, b in pairs}
+
+
+def _spatial_transformer(keys: list[str], src: str, dst: str) -> dict[str, str]:
+    modules = _renamed(src, dst, _TRANSFORMER)
+    for k in _indices(keys, f"{src}.transformer_blocks."):
+        block = f"transformer_blocks.{k}"
+        modules |= _renamed(f"{src}.{block}", f"{dst}.{block}", _TRANSFORMER_BLOCK)
+    return modules
+
+
+def _key_map(component: str, keys: Iterable[str], modules: Mapping[str, str],
+             rename: Callable[[str], str] = lambda key: key) -> dict[str, str]:
+    """Full key map for one component, given its module map (diffusers module → ldm module).
+
+    `rename` normalises a key before lookup (the CLIP wrapper prefix) while the returned map
+    stays keyed by the caller's own key.
+    """
+    prefix = ORIGINAL_PREFIXES[component]
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for key in keys:
+        module, _, param = rename(key).rpartition(".")
+        if param not in _PARAMS or module not in modules:
+            raise ValueError(f"{component} key {key!r} has no counterpart in the original layout")
+        target = f"{prefix}{modules[module]}.{param}"
+        if target in seen:  # e.g. the same CLIP weight given with and without `text_model.`
+            raise ValueError(f"{component} keys {seen[target]!r} and {key!r} both map "
+                             f"to {target!r}")
+        seen[target] = key
+        out[key] = target
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet
+
+
+def _unet_down(keys: list[str]) -> dict[str, str]:
+    # ldm numbers input_blocks in construction order: conv_in is 0, then each resnet (with its
+    # attention beside it as .1) and each downsampler takes the next index — 3i+j+1 for SD 1.x.
+    modules: dict[str, str] = {}
+    n = 0
+    for i in _indices(keys, "down_blocks."):
+        block = f"down_blocks.{i}"
+        for j in _indices(keys, f"{block}.resnets."):
+            n += 1
+            modules |= _renamed(f"{block}.resnets.{j}", f"input_blocks.{n}.0", _UNET_RESNET)
+            modules |= _spatial_transformer(keys, f"{block}.attentions.{j}", f"input_blocks.{n}.1")
+        if _indices(keys, f"{block}.downsamplers."):
+            n += 1
+            modules[f"{block}.downsamplers.0.conv"] = f"input_blocks.{n}.0.op"
+    return modules
+
+
+def _unet_up(keys: list[str]) -> dict[str, str]:
+    # One output_block per resnet: [resnet, attention?]; the upsampler joins the block of the
+    # up block's last resnet, after the attention when there is one (output_blocks.2.1 vs 5.2).
+    modules: dict[str, str] = {}
+    n = -1
+    for i in _indices(keys, "up_blocks."):
+        block = f"up_blocks.{i}"
+        has_attention = bool(_indices(keys, f"{block}.attentions."))
+        for j in _indices(keys, f"{block}.resnets."):
+            n += 1
+            modules |= _renamed(f"{block}.resnets.{j}", f"output_blocks.{n}.0", _UNET_RESNET)
+            modules |= _spatial_transformer(keys, f"{block}.attentions.{j}", f"output_blocks.{n}.1")
+        slot = 2 if has_attention else 1
+        modules[f"{block}.upsamplers.0.conv"] = f"output_blocks.{n}.{slot}.conv"
+    return modules
+
+
+def unet_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """diffusers UNet2DConditionModel key → `model.diffusion_model.*` key, for the keys given."""
+    keys = list(keys)
+    modules = {
+        "conv_in": "input_blocks.0.0",
+        # time_embed is Sequential(linear, SiLU, linear); out is Sequential(norm, SiLU, conv).
+        "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+        "conv_norm_out": "out.0", "conv_out": "out.2",
+        **_renamed("mid_block.resnets.0", "middle_block.0", _UNET_RESNET),
+        **_spatial_transformer(keys, "mid_block.attentions.0", "middle_block.1"),
+        **_renamed("mid_block.resnets.1", "middle_block.2", _UNET_RESNET),
+    }
+    modules |= _unet_down(keys) | _unet_up(keys)
+    return _key_map("unet", keys, modules)
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE
+
+
+def _vae_coder(keys: list[str], part: str) -> dict[str, str]:
+    """encoder or decoder: stem, mid block and stem-out, which the two share."""
+    return {
+        f"{part}.conv_in": f"{part}.conv_in",
+        f"{part}.conv_norm_out": f"{part}.norm_out",
+        f"{part}.conv_out": f"{part}.conv_out",
+        **_renamed(f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", _VAE_RESNET),
+        **_renamed(f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", _VAE_ATTENTION),
+        **_renamed(f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", _VAE_RESNET),
+    }
+
+
+def vae_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """diffusers AutoencoderKL key → `first_stage_model.*` key, for the keys given."""
+    keys = list(keys)
+    modules = {"quant_conv": "quant_conv", "post_quant_conv": "post_quant_conv",
+               **_vae_coder(keys, "encoder"), **_vae_coder(keys, "decoder")}
+    for i in _indices(keys, "encoder.down_blocks."):
+        src, dst = f"encoder.down_blocks.{i}", f"encoder.down.{i}"
+        for j in _indices(keys, f"{src}.resnets."):
+            modules |= _renamed(f"{src}.resnets.{j}", f"{dst}.block.{j}", _VAE_RESNET)
+        modules[f"{src}.downsamplers.0.conv"] = f"{dst}.downsample.conv"
+    # ldm lists decoder.up by resolution (up.0 = full size, run last); diffusers lists
+    # up_blocks in execution order, so the index is reversed.
+    up_blocks = _indices(keys, "decoder.up_blocks.")
+    for i in up_blocks:
+        src, dst = f"decoder.up_blocks.{i}", f"decoder.up.{len(up_blocks) - 1 - i}"
+        for j in _indices(keys, f"{src}.resnets."):
+            modules |= _renamed(f"{src}.resnets.{j}", f"{dst}.block.{j}", _VAE_RESNET)
+        modules[f"{src}.upsamplers.0.conv"] = f"{dst}.upsample.conv"
+    return _key_map("vae", keys, modules)
+
+
+def _vae_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Linear [C, C] → 1x1 conv [C, C, 1, 1] for the mid attention projections (a view)."""
+    module = key.rsplit(".", 2)[-2]
+    if ".mid.attn_1." in key and module in _VAE_CONV_1X1 and key.endswith(".weight") \
+            and tensor.ndim == 2:
+        return tensor[:, :, None, None]
+    return tensor
+
+
+# ---------------------------------------------------------------------------------------------
+# text encoder
+
+
+def text_encoder_key_map(keys: Iterable[str]) -> dict[str, str]:
+    """transformers CLIPTextModel key → `cond_stage_model.transformer.text_model.*` key.
+
+    Accepts keys with or without the `text_model.` wrapper (transformers < 5 / ≥ 5) and leaves
+    out the `position_ids` buffer, which is derived, not learnt (real SD 1.5 files vary here).
+    """
+    strip = lambda key: key.removeprefix(_CLIP_WRAPPER)  # noqa: E731
+    keys = [key for key in keys if strip(key) not in _CLIP_BUFFERS]
+    bare = [strip(key) for key in keys]
+    modules = {name: name for name in
+               ("embeddings.token_embedding", "embeddings.position_embedding", "final_layer_norm")}
+    for n in _indices(bare, "encoder.layers."):
+        modules |= _renamed(f"encoder.layers.{n}", f"encoder.layers.{n}", _CLIP_LAYER)
+    return _key_map("text_encoder", keys, modules, rename=strip)
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry points
+
+
+def original_state_dict(unet_sd: Mapping[str, torch.Tensor],
+                        vae_sd: Mapping[str, torch.Tensor] | None = None,
+                        text_encoder_sd: Mapping[str, torch.Tensor] | None = None,
+                        ) -> dict[str, torch.Tensor]:
+    """One original-layout state dict from diffusers / transformers component state dicts.
+
+    Tensors are the callers' own (only the VAE attention weights become 1x1-conv views), so a
+    4 GB model is not duplicated in memory. Pass None for a component to leave it out.
+    """
+    parts = (
+        (unet_sd, unet_key_map, lambda key, t: t),
+        (vae_sd, vae_key_map, _vae_tensor),
+        (text_encoder_sd, text_encoder_key_map, lambda key, t: t),
+    )
+    out: dict[str, torch.Tensor] = {}
+    for state, key_map, reshape in parts:
+        if state is None:
+            continue
+        for src, dst in key_map(state.keys()).items():
+            out[dst] = reshape(dst, state[src])
+    return out
+
+
+def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    metadata = dict(metadata or {})
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"metadata must map str to str, got {key!r}: {value!r}")
+    return metadata
+
+
+def _save_safetensors(tmp: Path, state_dict: Mapping[str, torch.Tensor],
+                      metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    # safetensors refuses non-contiguous tensors; .contiguous() is free for the ones that are.
+    tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
+    save_file(tensors, str(tmp), metadata=metadata or None)
+
+
+def _save_ckpt(tmp: Path, state_dict: Mapping[str, torch.Tensor],
+               metadata: dict[str, str]) -> None:
+    if "state_dict" in metadata:
+        raise ValueError("metadata key 'state_dict' would shadow the weights in a .ckpt")
+    # Tensors and strings only, so `torch.load(weights_only=True)` (how diffusers loads it) and
+    # the webui's restricted unpickler accept it; on CPU so it loads without the training GPU.
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
+    torch.save({"state_dict": tensors, **metadata}, tmp)
+
+
+_WRITERS = {".safetensors": _save_safetensors, ".ckpt": _save_ckpt}
+
+
+def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write `state_dict` as one `.safetensors` or `.ckpt` file (chosen by suffix); returns path.
+
+    The file is written under a temporary name in the same folder and renamed into place only
+    when complete, so an interrupted export never leaves a truncated file under the real name
+    (which a webui would list and then fail to load).
+    """
+    path = Path(path)
+    writer = _WRITERS.get(path.suffix.lower())
+    if writer is None:
+        raise ValueError(f"cannot write {str(path)!r}: suffix must be one of "
+                         f"{', '.join(SINGLE_FILE_SUFFIXES)}")
+    metadata = _check_metadata(metadata)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Same folder, so os.replace is an atomic rename on one filesystem; the dot hides it from
+    # model pickers while it is being written.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        # safetensors creates its file owner-only (0600); keep the permissions any new file in
+        # this folder gets, so e.g. a webui running as another user can read the export.
+        tmp.touch(exist_ok=False)
+        mode = stat.S_IMODE(tmp.stat().st_mode)
+        writer(tmp, state_dict, metadata)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
