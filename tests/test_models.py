@@ -94,3 +94,22 @@ def test_sd2_and_sdxl_keys_are_not_supported_yet():
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert sd1_variant([key], {key: (320, 4, 3, 3)}) == "sd15"
     assert sd1_variant([key], {key: (32, 4, 3, 3)}) == "tiny"
+
+
+def test_single_safetensors_file_loads_offline(tmp_path, reference, monkeypatch):
+    from dbnb.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path / "folder", single_file=tmp_path / "tiny.safetensors", seed=0)
+    pipe = load_pipeline(str(tmp_path / "tiny.safetensors"))
+    assert_same_weights(pipe, reference)
+
+
+def test_ckpt_written_with_torch_save_loads(tmp_path, reference):
+    from dbnb.layout import original_state_dict
+
+    state = original_state_dict(reference.unet.state_dict(), reference.vae.state_dict(),
+                                reference.text_encoder.state_dict())
+    torch.save({"state_dict": state, "global_step": 123}, tmp_path / "tiny.ckpt")
+    pipe = load_pipeline(str(tmp_path / "tiny.ckpt"))
+    assert_same_weights(pipe, reference)
+    assert len(load_checkpoint_file(tmp_path / "tiny.ckpt")) == len(state)

@@ -1,0 +1,226 @@
+"""The training examples: instance and class images with their prompts, as tensors.
+
+Everything random here (flip, crop position) takes an explicit `torch.Generator`, so the
+trainer can derive each step's randomness from (seed, step) and a resumed run sees exactly
+the batches an uninterrupted one would have seen.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageColor, ImageOps
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FILEWORDS = "[filewords]"
+
+
+class DatasetError(ValueError):
+    """An image folder or concept is unusable; the message names it and what to do."""
+
+
+@dataclass(frozen=True)
+class Concept:
+    instance_data_dir: str
+    instance_prompt: str
+    class_data_dir: str = ""
+    class_prompt: str = ""
+    instance_token: str = ""
+    class_token: str = ""
+
+
+@dataclass(frozen=True)
+class Example:
+    path: Path
+    prompt: str
+
+
+def concepts_from_config(config) -> list[Concept]:
+    """The single concept of the config's fields, or the concepts of its `concepts_list` JSON."""
+    if not config.concepts_list:
+        return [Concept(config.instance_data_dir, config.instance_prompt, config.class_data_dir,
+                        config.class_prompt, config.instance_token, config.class_token)]
+    path = Path(config.concepts_list)
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"concepts_list {path}: cannot read it as JSON ({e}).") from None
+    if not isinstance(items, list) or not items:
+        raise DatasetError(f"concepts_list {path}: expected a non-empty JSON list of concepts.")
+    known = set(Concept.__dataclass_fields__)
+    concepts = []
+    for i, item in enumerate(items):
+        extra = set(item) - known if isinstance(item, dict) else set()
+        if not isinstance(item, dict) or extra or not item.get("instance_data_dir"):
+            raise DatasetError(f"concepts_list {path}, concept {i}: needs instance_data_dir and instance_prompt; "
+                               f"allowed keys are {', '.join(sorted(known))}"
+                               + (f" (unknown: {', '.join(sorted(extra))})" if extra else "") + ".")
+        concepts.append(Concept(**item))
+    return concepts
+
+
+def list_images(folder: str | Path, what: str) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(f"{what} {folder} does not exist. Check the path (on Colab: is Drive mounted?).")
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DatasetError(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)}).")
+    return images
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+def caption_for(image: Path) -> str:
+    """The image's caption: its `.txt` beside it, else its file name made readable
+    ('hanatsuki_smile (2).png' → 'hanatsuki smile'), as the extension does for [filewords]."""
+    txt = image.with_suffix(".txt")
+    if txt.is_file():
+        return " ".join(txt.read_text(encoding="utf-8").split())
+    name = re.sub(r"\s*\(\d+\)$|[-_ ]*\d+$", "", image.stem)
+    return " ".join(name.replace("_", " ").split())
+
+
+def build_prompt(template: str, image: Path, instance_token: str = "", class_token: str = "",
+                 is_class: bool = False) -> str:
+    """Fill `[filewords]` in a prompt template the way the Dreambooth extension documents it.
+
+    Instance images: if the caption lacks the instance token, it is put in front of the class
+    token ("1girl, smile" → "nanU 1girl, smile"), or in front of the caption when the class
+    token is absent too. Class images: the instance token is removed from the caption.
+    """
+    if FILEWORDS not in template:
+        return template
+    words = caption_for(image)
+    if instance_token:
+        if is_class:
+            words = re.sub(rf"\b{re.escape(instance_token)}\b\s*", "", words)
+        elif not re.search(rf"\b{re.escape(instance_token)}\b", words):
+            if class_token and re.search(rf"\b{re.escape(class_token)}\b", words):
+                words = re.sub(rf"\b{re.escape(class_token)}\b", f"{instance_token} {class_token}", words, count=1)
+            else:
+                words = f"{instance_token} {words}".strip()
+    prompt = template.replace(FILEWORDS, words)
+    return " ".join(prompt.replace(" ,", ",").split()).strip(", ")
+
+
+def examples_for(concepts: list[Concept], with_class: bool) -> tuple[list[Example], list[Example]]:
+    instance, klass = [], []
+    for c in concepts:
+        if not c.instance_prompt:
+            raise DatasetError(f"instance_prompt is empty for {c.instance_data_dir}: set the prompt that "
+                               "will call the character (e.g. 'nanU Unan').")
+        for p in list_images(c.instance_data_dir, "instance_data_dir"):
+            instance.append(Example(p, build_prompt(c.instance_prompt, p, c.instance_token, c.class_token)))
+        if with_class:
+            for p in list_images(c.class_data_dir, "class_data_dir"):
+                klass.append(Example(p, build_prompt(c.class_prompt, p, c.instance_token, c.class_token,
+                                                     is_class=True)))
+    return instance, klass
+
+
+def tokenize(tokenizer, examples: list[Example]) -> torch.Tensor:
+    """Token ids [N, 77]; prompts past CLIP's 75 tokens are cut, with a warning naming the file."""
+    ids = []
+    limit = tokenizer.model_max_length
+    for ex in examples:
+        full = tokenizer(ex.prompt, truncation=False).input_ids
+        if len(full) > limit:
+            warnings.warn(f"Prompt of {ex.path.name} has {len(full) - 2} tokens; CLIP reads 75, the rest is "
+                          f"cut: {ex.prompt!r}", stacklevel=2)
+        ids.append(tokenizer(ex.prompt, truncation=True, padding="max_length", max_length=limit).input_ids)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# --- pixels ----------------------------------------------------------------------------------
+
+def load_rgb(path: Path, background: str = "white") -> Image.Image:
+    """RGB with transparency composited onto `background`. Plain `.convert("RGB")` would turn
+    fully transparent pixels black — what the old trainers silently did to transparent class
+    images."""
+    image = ImageOps.exif_transpose(Image.open(path))
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, ImageColor.getrgb(background) + (255,))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def to_square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
+    """Resize the short side to `resolution`, then take the center square (center_crop) or
+    squeeze the whole image (the extension's behaviour without Center Crop on non-square input)."""
+    if center_crop:
+        return ImageOps.fit(image, (resolution, resolution), Image.Resampling.LANCZOS)
+    return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] in [-1, 1], as the VAE expects."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ImageSet:
+    """Examples of one kind (instance or class) as ready tensors, unflipped and flipped."""
+
+    def __init__(self, examples: list[Example], tokenizer, resolution: int, center_crop: bool,
+                 background: str, hflip: bool):
+        self.examples = examples
+        self.input_ids = tokenize(tokenizer, examples)
+        self.images = torch.stack([pixels(to_square(load_rgb(e.path, background), resolution, center_crop))
+                                   for e in examples])
+        self.hflip = hflip
+
+    def __len__(self):
+        return len(self.examples)
+
+    def flips(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Which of n picks are mirrored: half on average with hflip, never without."""
+        if not self.hflip:
+            return torch.zeros(n, dtype=torch.bool)
+        return torch.rand(n, generator=generator) < 0.5
+
+    def batch(self, indices: list[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.images[indices]
+        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        return images, self.input_ids[indices]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """A fresh shuffle each epoch that depends only on (seed, epoch), for exact resume."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def batch_positions(micro_step: int, batch_size: int, rank: int, world: int, epoch_len: int,
+                    seed: int) -> list[int]:
+    """Dataset indices of one process's micro-batch. The global stream of shuffled epochs is
+    cut into consecutive slices of `batch_size * world`; process `rank` takes its slice, so
+    processes never see the same item in the same step and a resumed run continues the stream."""
+    start = (micro_step * world + rank) * batch_size
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch, offset = divmod(pos, epoch_len)
+        out.append(epoch_order(epoch_len, seed, epoch)[offset])
+    return out
+
+
+def select_class_images(examples: list[Example], wanted: int) -> list[Example]:
+    """The first `wanted` class images. Fewer than that is an error naming both numbers (the
+    seed's warning: 'Total Number of Class/Reg Images' must match the folder); more are
+    allowed, and the extras are left out with a note."""
+    if len(examples) < wanted:
+        folder = examples[0].path.parent if examples else "class_data_dir"
+        raise DatasetError(f"num_class_images is {wanted} but {folder} holds {len(examples)} class images. "
+                           f"Generate the missing {wanted - len(examples)} (`dbnb classimages`), "
+                           f"or set num_class_images={len(examples)}.")
+    if len(examples) > wanted:
+        print(f"[dbnb] class images: using the first {wanted} of {len(examples)} in "
+              f"{examples[0].path.parent} (num_class_images={wanted}).", flush=True)
+    return examples[:wanted]

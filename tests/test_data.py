@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dbnb import data
+from dbnb.data import DatasetError, Example, build_prompt, caption_for, load_rgb
+from dbnb.tiny import SKELETON
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77)
+
+
+def test_caption_from_txt_or_file_name(tmp_path):
+    (tmp_path / "a.png").touch()
+    (tmp_path / "a.txt").write_text("1girl,  smile\n")
+    assert caption_for(tmp_path / "a.png") == "1girl, smile"
+    assert caption_for(tmp_path / "hanatsuki_smile (2).png") == "hanatsuki smile"
+    assert caption_for(tmp_path / "pink_hair_003.png") == "pink hair"
+
+
+@pytest.mark.parametrize("caption, template, expected", [
+    ("1girl, smile", "[filewords]", "nanU 1girl, smile"),                 # token before the class word
+    ("smile, 1girl", "[filewords]", "smile, nanU 1girl"),
+    ("smile, white background", "[filewords]", "nanU smile, white background"),  # no class word: in front
+    ("nanU 1girl, smile", "[filewords]", "nanU 1girl, smile"),            # already there: unchanged
+    ("1girl, smile", "masterpiece, [filewords]", "masterpiece, nanU 1girl, smile"),
+    ("1girl, smile", "nanU Unan", "nanU Unan"),                            # no [filewords]: template as is
+])
+def test_filewords_for_instance_images(tmp_path, caption, template, expected):
+    (tmp_path / "x.png").touch()
+    (tmp_path / "x.txt").write_text(caption)
+    assert build_prompt(template, tmp_path / "x.png", "nanU", "1girl") == expected
+
+
+def test_filewords_for_class_images_drop_the_instance_token(tmp_path):
+    (tmp_path / "x.png").touch()
+    (tmp_path / "x.txt").write_text("nanU 1girl, smile")
+    assert build_prompt("[filewords]", tmp_path / "x.png", "nanU", "1girl", is_class=True) == "1girl, smile"
+
+
+def test_long_prompts_are_cut_with_a_warning_naming_the_file(tokenizer, tmp_path):
+    long = ", ".join(["pink hair"] * 60)
+    with pytest.warns(UserWarning, match="long.png"):
+        ids = data.tokenize(tokenizer, [Example(tmp_path / "long.png", long)])
+    assert ids.shape == (1, 77) and ids[0, -1].item() == 49407
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_become_the_background_never_black(tmp_path, mode):
+    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    if mode == "LA":
+        image = image.convert("LA")
+    if mode == "P":
+        image = Image.new("P", (8, 8), 0)
+        image.info["transparency"] = 0
+    image.save(tmp_path / "t.png")
+    assert {tuple(p) for p in np.asarray(load_rgb(tmp_path / "t.png")).reshape(-1, 3).tolist()} == {(255, 255, 255)}
+    assert {tuple(p) for p in np.asarray(load_rgb(tmp_path / "t.png", "black")).reshape(-1, 3).tolist()} == {(0, 0, 0)}
+    assert {tuple(p) for p in np.asarray(load_rgb(tmp_path / "t.png", "#ff0000")).reshape(-1, 3).tolist()} == {(255, 0, 0)}
+
+
+def test_hflip_off_never_flips_and_on_flips_about_half(tokenizer, tmp_path):
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "a.png")
+    for hflip, low, high in ((False, 0, 0), (True, 400, 600)):
+        images = data.ImageSet([Example(tmp_path / "a.png", "x")], tokenizer, 8, False, "white", hflip)
+        flips = images.flips(1000, torch.Generator().manual_seed(0))
+        assert low <= int(flips.sum()) <= high
+
+
+def test_flipped_batch_is_mirrored(tokenizer, tmp_path):
+    image = Image.new("RGB", (8, 8), "white")
+    image.paste((255, 0, 0), (0, 0, 4, 8))  # red left half
+    image.save(tmp_path / "a.png")
+    images = data.ImageSet([Example(tmp_path / "a.png", "x")], tokenizer, 8, False, "white", True)
+    pixels, _ = images.batch([0, 0], torch.tensor([False, True]))
+    assert torch.equal(pixels[1], pixels[0].flip(-1)) and not torch.equal(pixels[0], pixels[1])
+
+
+def test_batches_shard_across_processes_and_cover_each_epoch():
+    n, bs, world = 10, 1, 2
+    seen = [p for step in range(5) for rank in range(world)
+            for p in data.batch_positions(step, bs, rank, world, n, seed=3)]
+    assert sorted(seen) == list(range(n))  # one epoch, every item once, no rank overlap
+    rank0 = data.batch_positions(0, 2, 0, 2, n, 3)
+    rank1 = data.batch_positions(0, 2, 1, 2, n, 3)
+    assert not set(rank0) & set(rank1)
+
+
+def test_class_image_count_check(tmp_path):
+    examples = [Example(tmp_path / f"{i}.png", "girl") for i in range(5)]
+    assert data.select_class_images(examples, 5) == examples
+    assert data.select_class_images(examples, 3) == examples[:3]
+    with pytest.raises(DatasetError, match="num_class_images is 8 but .* holds 5"):
+        data.select_class_images(examples, 8)
+
+
+def test_missing_and_empty_folders_are_named(tmp_path):
+    with pytest.raises(DatasetError, match="does not exist"):
+        data.list_images(tmp_path / "nope", "instance_data_dir")
+    with pytest.raises(DatasetError, match="has no images"):
+        data.list_images(tmp_path, "instance_data_dir")
+
+
+def test_concepts_list(tmp_path):
+    import json
+
+    from dbnb.config import Config
+
+    path = tmp_path / "concepts.json"
+    path.write_text(json.dumps([{"instance_data_dir": "a", "instance_prompt": "x girl"},
+                                {"instance_data_dir": "b", "instance_prompt": "y boy", "class_prompt": "boy"}]))
+    concepts = data.concepts_from_config(Config(concepts_list=str(path)))
+    assert [c.instance_prompt for c in concepts] == ["x girl", "y boy"]
+    path.write_text(json.dumps([{"instance_dir": "a"}]))
+    with pytest.raises(DatasetError, match="instance_dir"):
+        data.concepts_from_config(Config(concepts_list=str(path)))
