@@ -42,6 +42,22 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from dbnb.config import load_config
+    from dbnb.train import train
+
+    config = load_config(args.config, args.overrides, preset=args.preset)
+    result = train(config, resume=args.resume, progress=not args.no_progress)
+    return 130 if result.cancelled else 0
+
+
+def cmd_demo(args) -> int:
+    from dbnb.demo import run_demo
+
+    run_demo(args.out, steps=args.steps)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbnb", description="DreamBooth for Stable Diffusion 1.x.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
 
+    p = sub.add_parser("train", help="DreamBooth-train a model (accelerate launch -m dbnb train ... for several GPUs)")
+    p.add_argument("config", help="config .yaml / .json (dbnb config --preset person > my.yaml writes one)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file")
+    p.add_argument("--preset", help="person (character) or object_style, applied under the file")
+    p.add_argument("--resume", metavar="latest|PATH", help="continue the run from its newest (or this) checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to logs/train.jsonl)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="a real DreamBooth run on the embedded tiny model: no download, CPU is enough")
+    p.add_argument("--out", default="dbnb-demo", help="folder for the model, images and run (default: dbnb-demo)")
+    p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
+    p.set_defaults(func=cmd_demo)
+
     p = sub.add_parser("config", help="print a config (defaults, a preset, a file, overrides) as YAML")
     p.add_argument("file", nargs="?", help="a config .yaml / .json to start from")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -69,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except user_errors() as e:
         print(f"dbnb: {e}", file=sys.stderr)
         return 2
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message already tells the user what to do: print it, no traceback."""
+    from dbnb.checkpoints import RunFolderError
+    from dbnb.data import DatasetError
+    from dbnb.env import DiskFullError
+    from dbnb.models import ModelLoadError
+
+    errors = [ConfigError, DatasetError, DiskFullError, ModelLoadError, RunFolderError]
+    if "dbnb.train" in sys.modules:
+        errors.append(sys.modules["dbnb.train"].TrainingError)
+    return tuple(errors)
