@@ -58,6 +58,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from dbnb.export import export, upload_to_hub
+
+    result = export(args.source, step=args.step, ema=args.ema, fmt=args.format, precision=args.precision,
+                    vae=args.vae, to=args.to, overwrite=args.overwrite, name=args.name)
+    print(f"{result.path}  {result.size / 2**30:.2f} GiB  verified")
+    if args.hub:
+        print(f"uploaded: {upload_to_hub(result.path, args.hub)}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from dbnb.export import convert
+
+    print(f"diffusers folder: {convert(args.file, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbnb", description="DreamBooth for Stable Diffusion 1.x.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("export", help="one .safetensors / .ckpt for AUTOMATIC1111's webui, verified")
+    p.add_argument("source", help="a run folder (or any model dbnb can load: folder, file, repo id)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with use_ema)")
+    p.add_argument("--format", default="safetensors", choices=("safetensors", "ckpt"))
+    p.add_argument("--precision", default="fp16", choices=("fp16", "fp32", "bf16"),
+                   help="fp16 (default, ~2 GB for SD 1.5), fp32 (~4 GB) or bf16")
+    p.add_argument("--vae", default="", help="bake in another VAE (folder, repo id or file)")
+    p.add_argument("--to", default="", help="local (RUN/exports, default), drive (Colab), storage (Paperspace) or a folder")
+    p.add_argument("--hub", metavar="USER/REPO", help="also upload to this private Hugging Face repo")
+    p.add_argument("--overwrite", action="store_true", help="replace a file of the same name (default: add -2, -3…)")
+    p.add_argument("--name", default="", help="file name without suffix (default: {run}_{step})")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="a single SD 1.x .safetensors / .ckpt → a diffusers folder")
+    p.add_argument("file")
+    p.add_argument("out")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("config", help="print a config (defaults, a preset, a file, overrides) as YAML")
     p.add_argument("file", nargs="?", help="a config .yaml / .json to start from")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -111,6 +148,8 @@ def user_errors() -> tuple[type[Exception], ...]:
     from dbnb.models import ModelLoadError
 
     errors = [ConfigError, DatasetError, DiskFullError, ModelLoadError, RunFolderError]
+    if "dbnb.export" in sys.modules:
+        errors.append(sys.modules["dbnb.export"].ExportError)
     if "dbnb.train" in sys.modules:
         errors.append(sys.modules["dbnb.train"].TrainingError)
     return tuple(errors)

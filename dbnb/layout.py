@@ -276,30 +276,36 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _save_safetensors(tmp: Path, state_dict: Mapping[str, torch.Tensor],
-                      metadata: dict[str, str]) -> None:
+                      metadata: dict[str, str], global_step: int | None) -> None:
     from safetensors.torch import save_file
 
     # safetensors refuses non-contiguous tensors; .contiguous() is free for the ones that are.
     tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
+    if global_step is not None:
+        metadata = {**metadata, "global_step": str(global_step)}
     save_file(tensors, str(tmp), metadata=metadata or None)
 
 
 def _save_ckpt(tmp: Path, state_dict: Mapping[str, torch.Tensor],
-               metadata: dict[str, str]) -> None:
+               metadata: dict[str, str], global_step: int | None) -> None:
     if "state_dict" in metadata:
         raise ValueError("metadata key 'state_dict' would shadow the weights in a .ckpt")
     # Tensors and strings only, so `torch.load(weights_only=True)` (how diffusers loads it) and
     # the webui's restricted unpickler accept it; on CPU so it loads without the training GPU.
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
-    torch.save({"state_dict": tensors, **metadata}, tmp)
+    extra = {} if global_step is None else {"global_step": int(global_step)}
+    torch.save({"state_dict": tensors, **metadata, **extra}, tmp)
 
 
 _WRITERS = {".safetensors": _save_safetensors, ".ckpt": _save_ckpt}
 
 
 def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> Path:
+                      metadata: Mapping[str, str] | None = None, global_step: int | None = None) -> Path:
     """Write `state_dict` as one `.safetensors` or `.ckpt` file (chosen by suffix); returns path.
+
+    `global_step` goes where each format's readers look: an int beside the ckpt's state_dict
+    (as the original SD checkpoints have it), a metadata string in safetensors.
 
     The file is written under a temporary name in the same folder and renamed into place only
     when complete, so an interrupted export never leaves a truncated file under the real name
@@ -320,7 +326,7 @@ def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
         # this folder gets, so e.g. a webui running as another user can read the export.
         tmp.touch(exist_ok=False)
         mode = stat.S_IMODE(tmp.stat().st_mode)
-        writer(tmp, state_dict, metadata)
+        writer(tmp, state_dict, metadata, global_step)
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
             os.fsync(f.fileno())

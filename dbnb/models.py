@@ -168,7 +168,7 @@ def sd1_variant(keys, shapes: dict) -> str:
     raise ModelLoadError(f"UNet width {width} is not SD 1.x's 320; dbnb supports SD 1.x models only.")
 
 
-def _skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
+def skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
     """The config-only diffusers folder that `from_single_file` reads instead of the Hub."""
     if variant == "sd15":
         return SKELETON
@@ -193,7 +193,7 @@ def _skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
     return folder
 
 
-def _file_keys_and_shapes(path: Path) -> tuple[list[str], dict]:
+def file_keys_and_shapes(path: Path) -> tuple[list[str], dict]:
     if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
         with safe_open(path, "pt") as f:  # header only: no tensor is read
@@ -206,18 +206,18 @@ def _file_keys_and_shapes(path: Path) -> tuple[list[str], dict]:
 
 # --- the one loader ------------------------------------------------------------------------
 
-def load_pipeline(source: str, vae: str = "", revision: str = "", torch_dtype=None,
+def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
                   cache_dir: str | Path | None = None):
     """An SD 1.x `StableDiffusionPipeline` (no safety checker) from any supported source."""
     from diffusers import StableDiffusionPipeline
 
     kind, where = resolve_source(source, cache_dir)
-    common = dict(torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+    common = dict(dtype=dtype, safety_checker=None, feature_extractor=None,
                   requires_safety_checker=False)
     try:
         if kind == "file":
-            keys, shapes = _file_keys_and_shapes(Path(where))
-            config = _skeleton_folder(sd1_variant(keys, shapes), cache_dir)
+            keys, shapes = file_keys_and_shapes(Path(where))
+            config = skeleton_folder(sd1_variant(keys, shapes), cache_dir)
             pipe = StableDiffusionPipeline.from_single_file(where, config=str(config), local_files_only=True,
                                                             **common)
         else:
@@ -232,7 +232,7 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", torch_dtype=No
         raise ModelLoadError(f"Could not load base model {source!r} ({kind}): {e}") from e
     _check_unet_is_sd1(pipe.unet, source)
     if vae:
-        pipe.vae = load_vae(vae, revision=revision, torch_dtype=torch_dtype, cache_dir=cache_dir)
+        pipe.vae = load_vae(vae, revision=revision, dtype=dtype, cache_dir=cache_dir)
     return pipe
 
 
@@ -243,7 +243,7 @@ def _check_unet_is_sd1(unet, source: str) -> None:
                              "dbnb supports SD 1.x only (not supported yet).")
 
 
-def load_vae(source: str, revision: str = "", torch_dtype=None, cache_dir: str | Path | None = None):
+def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path | None = None):
     """A separate VAE: a diffusers folder (with or without `vae/`), repo id or single file."""
     from diffusers import AutoencoderKL
 
@@ -251,10 +251,10 @@ def load_vae(source: str, revision: str = "", torch_dtype=None, cache_dir: str |
     try:
         if kind == "file":
             return AutoencoderKL.from_single_file(where, config=str(SKELETON), subfolder="vae",
-                                                  local_files_only=True, torch_dtype=torch_dtype)
+                                                  local_files_only=True, dtype=dtype)
         sub = "vae" if (Path(where) / "vae").is_dir() else None
         extra = {"revision": revision} if revision else {}
-        return AutoencoderKL.from_pretrained(where, subfolder=sub, torch_dtype=torch_dtype, **extra)
+        return AutoencoderKL.from_pretrained(where, subfolder=sub, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"Could not load VAE {source!r}: {e}") from e
 

@@ -1,0 +1,236 @@
+"""One file that AUTOMATIC1111's webui loads: a run's checkpoint (or any model) → SD 1.x
+`.safetensors` / `.ckpt` in the original layout, verified by reading it back.
+
+The trained parts come from the run's checkpoint (UNet, or its EMA; the text encoder when
+it was trained); the rest (VAE, untouched text encoder) from the run's base model. Every
+export is read back with diffusers' `from_single_file` and compared tensor by tensor with
+what was meant to be written; a file that does not match is deleted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dbnb import __version__
+from dbnb.checkpoints import RunFolder
+from dbnb.layout import original_state_dict, write_single_file
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+FORMATS = ("safetensors", "ckpt")
+
+
+class ExportError(RuntimeError):
+    """The export could not be made or did not verify; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    size: int
+    step: int | None
+    verified: bool
+
+
+# --- what to export ----------------------------------------------------------------------------
+
+def pick_checkpoint(run: RunFolder, step: int | None) -> tuple[int, Path]:
+    found = run.checkpoints()
+    if not found:
+        raise ExportError(f"{run.root} has no checkpoints yet: train first (dbnb train), or export a model folder.")
+    if step is None:
+        return found[-1]
+    for s, path in found:
+        if s == step:
+            return s, path
+    raise ExportError(f"{run.root} has no checkpoint at step {step}; saved steps: {', '.join(str(s) for s, _ in found)}.")
+
+
+def _load_trained(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A saved safetensors state dict, cast tensor by tensor (never two full copies in RAM)."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k).to(dtype) for k in f.keys()}
+
+
+def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dtype, vae: str = ""):
+    """(unet, vae, text_encoder) diffusers state dicts of a run's checkpoint, plus (step, config)."""
+    from dbnb.config import load_config
+    from dbnb.models import load_pipeline
+
+    config = load_config(run.config_path)
+    step, folder = pick_checkpoint(run, step)
+    unet_dir = folder / ("unet_ema" if ema else "unet")
+    if not unet_dir.is_dir():
+        raise ExportError(f"{folder} has no {unet_dir.name}/: " + ("this run was trained without use_ema; "
+                          "export without --ema." if ema else "the checkpoint is incomplete."))
+    base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
+                         revision=config.revision, dtype=dtype)
+    del base.unet  # replaced by the trained one; dropping it first keeps peak RAM down
+    unet = _load_trained(unet_dir / "diffusion_pytorch_model.safetensors", dtype)
+    te_file = folder / "text_encoder" / "model.safetensors"
+    text = _load_trained(te_file, dtype) if te_file.is_file() else base.text_encoder.state_dict()
+    return unet, base.vae.state_dict(), text, step, config
+
+
+def model_state_dicts(source: str, dtype: torch.dtype, vae: str = ""):
+    """(unet, vae, text_encoder) diffusers state dicts of any model dbnb can load."""
+    from dbnb.models import load_pipeline
+
+    pipe = load_pipeline(source, vae=vae, dtype=dtype)
+    return pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict()
+
+
+# --- where it goes -------------------------------------------------------------------------------
+
+def destination_folder(where: str, run_name: str, default: Path) -> Path:
+    """`local` (default), `drive` (Colab: MyDrive/dbnb/<run>), `storage` (Paperspace), or a path."""
+    from dbnb import env
+
+    if where in ("", "local"):
+        return default
+    if where == "drive":
+        if env.detect_platform() != "colab":
+            raise ExportError("--to drive works on Google Colab only; use --to PATH here.")
+        return (env.persistent_dir("colab") or env.mount_drive()) / run_name
+    if where == "storage":
+        folder = env.persistent_dir("paperspace")
+        if folder is None:
+            raise ExportError("--to storage: no Paperspace persistent storage (/storage or /notebooks) here.")
+        return folder / run_name
+    return Path(where).expanduser()
+
+
+def free_name(folder: Path, stem: str, suffix: str, overwrite: bool) -> Path:
+    """`stem.suffix`, or `stem-2.suffix`, `stem-3.suffix`… so nothing is silently replaced."""
+    path = folder / f"{stem}{suffix}"
+    n = 2
+    while path.exists() and not overwrite:
+        path = folder / f"{stem}-{n}{suffix}"
+        n += 1
+    return path
+
+
+def prepare_folder(folder: Path, needed: int) -> None:
+    from dbnb.env import check_free_space
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".dbnb-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ExportError(f"Cannot write to {folder}: {e.strerror or e}. Choose another destination "
+                          "(--to PATH), or check the mount (is Drive still mounted?).") from None
+    check_free_space(folder, needed, "the exported model")
+
+
+# --- verify --------------------------------------------------------------------------------------
+
+def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Read the file back as the webui's loaders do and demand every key and tensor, exactly.
+    The key set is checked on its own: from_single_file ignores extra keys silently."""
+    from diffusers import StableDiffusionPipeline
+
+    from dbnb.layout import text_encoder_key_map, unet_key_map, vae_key_map
+    from dbnb.models import file_keys_and_shapes, sd1_variant, skeleton_folder
+
+    original_keys = {*unet_key_map(expected["unet"]).values(), *vae_key_map(expected["vae"]).values(),
+                     *text_encoder_key_map(expected["text_encoder"]).values()}
+    keys, shapes = file_keys_and_shapes(path)
+    missing, extra = original_keys - set(keys), set(keys) - original_keys
+    if missing or extra:
+        raise ExportError(f"{path.name}: {len(missing)} keys missing, {len(extra)} unexpected "
+                          f"(e.g. {sorted(missing or extra)[0]}).")
+    config = skeleton_folder(sd1_variant(keys, shapes), None)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                        dtype=dtype, safety_checker=None,
+                                                        requires_safety_checker=False)
+    except Exception as e:  # noqa: BLE001 — whatever the loader trips on, the file is bad
+        raise ExportError(f"{path.name} does not load back with diffusers' from_single_file: {e}") from e
+    for name, want in expected.items():
+        got = {k: v for k, v in getattr(pipe, name).state_dict().items() if not k.endswith("position_ids")}
+        want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
+        if got.keys() != want.keys():
+            raise ExportError(f"{path.name}: {name} read back with different keys "
+                              f"({sorted(got.keys() ^ want.keys())[:3]}).")
+        for k, v in want.items():
+            if got[k].is_meta or got[k].dtype != v.dtype or not torch.equal(got[k], v):
+                raise ExportError(f"{path.name}: {name}.{k} read back different from what was written.")
+
+
+# --- the export ----------------------------------------------------------------------------------
+
+def export(source: str | Path, *, step: int | None = None, ema: bool = False, fmt: str = "safetensors",
+           precision: str = "fp16", vae: str = "", to: str = "", overwrite: bool = False,
+           name: str = "") -> ExportResult:
+    """Export a run (its checkpoint `step`, default the latest) or a model folder / file."""
+    if fmt not in FORMATS:
+        raise ExportError(f"format {fmt!r}: choose safetensors or ckpt.")
+    if precision not in DTYPES:
+        raise ExportError(f"precision {precision!r}: choose fp16, fp32 or bf16.")
+    dtype = DTYPES[precision]
+    run = RunFolder(source)
+    if run.config_path.is_file():
+        unet, vae_sd, text, step, config = run_state_dicts(run, step, ema, dtype, vae)
+        label = config.run_name
+        stem = name or f"{label}_{step}" + ("_ema" if ema else "")
+        default, base_model = run.root / "exports", config.pretrained_model_name_or_path
+        info = {"dbnb_instance_prompt": config.instance_prompt, "dbnb_resolution": str(config.resolution),
+                "dbnb_class_prompt": config.class_prompt, "dbnb_ema": str(ema).lower()}
+    else:
+        unet, vae_sd, text = model_state_dicts(str(source), dtype, vae)
+        label = Path(str(source).rstrip("/")).stem
+        stem = name or label
+        default, base_model, info, step = Path("exports"), str(source), {}, None
+    state = original_state_dict(unet, vae_sd, text)
+    folder = destination_folder(to, label, default)
+    prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
+    path = free_name(folder, stem, f".{fmt}", overwrite)
+    metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": base_model,
+                "dbnb_precision": precision, **info}
+    write_single_file(path, state, metadata=metadata, global_step=step)
+    del state
+    try:
+        verify(path, {"unet": unet, "vae": vae_sd, "text_encoder": text}, dtype)
+    except Exception:
+        path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
+        raise
+    return ExportResult(path, path.stat().st_size, step, True)
+
+
+def upload_to_hub(path: Path, repo_id: str, api=None) -> str:
+    """Upload an export to a private Hub model repo; the token comes from HF_TOKEN or
+    `huggingface-cli login`, and is never printed."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
+    api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="model")
+    return f"https://huggingface.co/{repo_id}/blob/main/{path.name}"
+
+
+def convert(single_file: str | Path, out_dir: str | Path) -> Path:
+    """A single SD 1.x file → a diffusers folder (to train from, or to merge)."""
+    from dbnb.models import load_pipeline
+    from dbnb.tiny import save_tokenizer
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not empty; choose a new folder.")
+    pipe = load_pipeline(str(single_file))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    save_tokenizer(pipe.tokenizer, tmp / "tokenizer")
+    (tmp / "dbnb_source.json").write_text(json.dumps({"converted_from": str(single_file)}))
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -1,0 +1,142 @@
+"""Export on the tiny model: files the webui's loaders read back exactly."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from dbnb import export as export_mod
+from dbnb.config import Config
+from dbnb.demo import write_dataset
+from dbnb.env import DiskFullError
+from dbnb.export import ExportError, convert, export
+from dbnb.layout import ORIGINAL_PREFIXES, text_encoder_key_map, unet_key_map, vae_key_map
+from dbnb.models import load_checkpoint_file, load_pipeline
+from dbnb.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export-run")
+    instance, _ = write_dataset(root / "data", n_instance=2, class_per_instance=1)
+    config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
+                    instance_prompt="hnzk girl", output_dir=str(root / "runs"), run_name="hnzk", resolution=64,
+                    max_train_steps=3, save_every_steps=2, learning_rate=1e-3, mixed_precision="no",
+                    use_8bit_adam=False, gradient_checkpointing=False, use_ema=True, ema_decay=0.5,
+                    train_text_encoder=True, text_encoder_lr=1e-3)
+    return train(config, progress=False).run_dir
+
+
+def checkpoint_weights(run_dir, step, name):
+    file = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / name / file)
+
+
+@pytest.mark.parametrize("fmt, precision, ema", [
+    ("safetensors", "fp16", False), ("safetensors", "fp32", True), ("ckpt", "fp32", False), ("ckpt", "fp16", True)])
+def test_export_reads_back_equal_to_the_runs_weights(run_dir, fmt, precision, ema):
+    result = export(run_dir, fmt=fmt, precision=precision, ema=ema, overwrite=True)
+    assert result.verified and result.step == 3
+    assert result.path == run_dir / "exports" / f"hnzk_3{'_ema' if ema else ''}.{fmt}"
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[precision]
+    pipe = load_pipeline(str(result.path), dtype=dtype)
+    for name, part in (("unet_ema" if ema else "unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        want = checkpoint_weights(run_dir, 3, name)
+        got = part.state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v.to(dtype)), f"{name}.{k}"
+
+
+def test_exported_keys_are_the_original_sd_names(run_dir, tiny_dir):
+    path = export(run_dir, step=2, overwrite=True).path
+    with safe_open(path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    counts = {part: sum(k.startswith(prefix) for k in keys) for part, prefix in ORIGINAL_PREFIXES.items()}
+    base = load_pipeline(str(tiny_dir))
+    assert counts == {"unet": len(unet_key_map(base.unet.state_dict())),
+                      "vae": len(vae_key_map(base.vae.state_dict())),
+                      "text_encoder": len(text_encoder_key_map(base.text_encoder.state_dict()))}
+    assert sum(counts.values()) == len(keys)
+    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
+    assert meta["global_step"] == "2" and meta["dbnb_instance_prompt"] == "hnzk girl"
+    assert meta["dbnb_base_model"] == str(tiny_dir) and meta["dbnb_resolution"] == "64" and meta["dbnb_version"]
+
+
+def test_ckpt_is_a_plain_state_dict_with_global_step(run_dir):
+    path = export(run_dir, fmt="ckpt", precision="fp32", overwrite=True).path
+    raw = torch.load(path, weights_only=True)
+    assert raw["global_step"] == 3 and isinstance(raw["state_dict"], dict)
+    assert not any("optimizer" in k or "ema" in k.lower() for k in raw["state_dict"])
+    assert len(load_checkpoint_file(path)) == len(raw["state_dict"])
+
+
+def test_never_silently_overwrites(run_dir, tmp_path):
+    out = tmp_path / "out"
+    first = export(run_dir, to=str(out))
+    second = export(run_dir, to=str(out))
+    assert (first.path.name, second.path.name) == ("hnzk_3.safetensors", "hnzk_3-2.safetensors")
+    again = export(run_dir, to=str(out), overwrite=True)
+    assert again.path == first.path and len(list(out.iterdir())) == 2
+
+
+def test_full_destination_fails_clearly_and_leaves_nothing(run_dir, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1024, 1024))
+    with pytest.raises(DiskFullError, match="exported model"):
+        export(run_dir, to=str(tmp_path / "full"))
+    assert list((tmp_path / "full").iterdir()) == []
+
+
+def test_unwritable_destination_fails_clearly(run_dir, tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(ExportError, match="Cannot write to .*a-file"):
+        export(run_dir, to=str(tmp_path / "a-file" / "exports"))
+
+
+def test_a_file_that_does_not_verify_is_removed(run_dir, tmp_path, monkeypatch):
+    real = export_mod.original_state_dict
+
+    def drops_a_key(*parts):
+        state = real(*parts)
+        state.pop("model.diffusion_model.out.2.bias")
+        return state
+    monkeypatch.setattr(export_mod, "original_state_dict", drops_a_key)
+    with pytest.raises(ExportError, match="keys missing"):
+        export(run_dir, to=str(tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_missing_ema_or_step_say_what_to_do(run_dir, tmp_path):
+    with pytest.raises(ExportError, match="saved steps: 2, 3"):
+        export(run_dir, step=7)
+    with pytest.raises(ExportError, match="safetensors or ckpt"):
+        export(run_dir, fmt="pt")
+
+
+def test_a_model_folder_exports_and_a_single_file_converts_back(tiny_dir, tmp_path):
+    exported = export(str(tiny_dir), precision="fp32", to=str(tmp_path / "out"))
+    folder = convert(exported.path, tmp_path / "converted")
+    a, b = load_pipeline(str(tiny_dir)), load_pipeline(str(folder))
+    for name in ("unet", "vae", "text_encoder"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if not k.endswith("position_ids"))
+    assert json.loads((folder / "dbnb_source.json").read_text())["converted_from"] == str(exported.path)
+
+
+def test_hub_upload_goes_to_a_private_repo(tmp_path):
+    calls = []
+
+    class Api:
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create", repo_id, kw))
+
+        def upload_file(self, **kw):
+            calls.append(("upload", kw["repo_id"], kw["path_in_repo"]))
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    url = export_mod.upload_to_hub(tmp_path / "m.safetensors", "me/hnzk", api=Api())
+    assert calls[0][2]["private"] is True and calls[1] == ("upload", "me/hnzk", "m.safetensors")
+    assert url.endswith("me/hnzk/blob/main/m.safetensors")
