@@ -21,7 +21,7 @@ QUALITY_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing finger
                     "fewer digits, cropped, worst quality, low quality, normal quality, "
                     "jpeg artifacts, signature, watermark, blurry")
 
-SECTIONS = ("Model", "Directories", "Prompts", "Class Images", "Intervals", "Learning Rate",
+SECTIONS = ("Model", "Directories", "Dataset", "Prompts", "Class Images", "Intervals", "Learning Rate",
             "Image Processing", "Tuning", "Gradients", "Samples")
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
@@ -64,6 +64,26 @@ class Config:
                                  "Optional JSON file listing several concepts (instance_data_dir, instance_prompt, "
                                  "class_data_dir, class_prompt each). Replaces the single-concept fields.")
 
+    # --- Dataset -------------------------------------------------------------------------
+    dataset_source: str = setting("", "Dataset", "Source Images",
+                                  "Folder, .zip, Google Drive link or URL list (.txt) of the original pictures; "
+                                  "`dbnb prep` writes the prepared set to instance_data_dir.")
+    remove_background: bool = setting(True, "Dataset", "Remove Background",
+                                      "Cut the character out with anime-segmentation and put it on background_color "
+                                      "(the seed: clutter and backgrounds get learnt too).")
+    segmentation_model: str = setting("skytnt/anime-seg", "Dataset", "Segmentation Model",
+                                      "anime-segmentation ONNX model: a Hub repo holding isnetis.onnx, or a local .onnx file.")
+    square_mode: str = setting("pad", "Dataset", "Make Square",
+                               "pad: whole picture on a square of background_color (no straight-cut bands; the seed's "
+                               "advice). center: center crop. face: crop around the detected face.",
+                               choices=("pad", "center", "face"))
+    extra_framings: bool = setting(False, "Dataset", "Add Bust-up / Cowboy-shot Crops",
+                                   "Also derive bust-up and cowboy-shot crops from full-body pictures (the seed's "
+                                   "花月 workflow). Face-only close-ups are never made: the seed found they hurt.")
+    caption_template: str = setting("[instance_token] [class_token]", "Dataset", "Caption Template",
+                                    "Text written to each image's .txt for [filewords]; [instance_token] and "
+                                    "[class_token] are filled in, add tags after them.")
+
     # --- Prompts -------------------------------------------------------------------------
     instance_prompt: str = setting("", "Prompts", "Instance Prompt",
                                    "Prompt that calls the character, e.g. 'nanU Unan' (the seed: a rare word pair). "
@@ -90,6 +110,21 @@ class Config:
                                           "CFG scale when generating class images (the seed: 12).")
     class_infer_steps: int = setting(28, "Class Images", "Classification Steps",
                                      "Sampling steps when generating class images (the seed: 28).")
+    class_images_mode: str = setting(
+        "generate", "Class Images", "Class Image Source",
+        "generate: with the base model and class_prompt. transparent: fully transparent PNGs, the seed "
+        "community's trick; the trainer puts them on background_color (white), so they train as plain "
+        "white images (the old extension dropped alpha: there they were black; set background_color=black "
+        "to reproduce that). import: copy from class_images_import.",
+        choices=("generate", "transparent", "import"))
+    class_images_import: str = setting("", "Class Images", "Import Class Images From",
+                                       "Folder, .zip or Google Drive link to copy class images from (mode import).")
+    class_sampler: str = setting("dpmpp_2m", "Class Images", "Classification Sampler",
+                                 "Sampler for generated class images.", choices=("ddim", "euler_a", "dpmpp_2m"))
+    class_seed: int = setting(0, "Class Images", "Classification Seed",
+                              "Seed of class image k is class_seed + k, so a rerun regenerates the same images.")
+    class_batch_size: int = setting(0, "Class Images", "Class Image Batch Size",
+                                    "Images generated at once; 0 picks it from free VRAM.")
 
     # --- Intervals -----------------------------------------------------------------------
     max_train_steps: int = setting(3000, "Intervals", "Training Steps",
@@ -221,7 +256,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # differs from the defaults, which already are the seed's character settings.
 PRESETS = {
     "person": {},
-    "object_style": {"learning_rate": 2e-6, "hflip": True, "with_prior_preservation": False},
+    "object_style": {"learning_rate": 2e-6, "hflip": True, "with_prior_preservation": False,
+                     "remove_background": False},
 }
 
 
@@ -257,7 +293,8 @@ def _value_problems(c: Config) -> list[str]:
         if getattr(c, name) < 1:
             p.append(f"{name}: {getattr(c, name)} must be at least 1.")
     for name in ("num_train_epochs", "save_every_steps", "sample_every_steps", "lr_warmup_steps",
-                 "num_class_images", "max_grad_norm", "offset_noise", "snr_gamma", "prior_loss_weight"):
+                 "num_class_images", "max_grad_norm", "offset_noise", "snr_gamma", "prior_loss_weight",
+                 "class_batch_size", "class_seed"):
         if getattr(c, name) < 0:
             p.append(f"{name}: {getattr(c, name)} must not be negative.")
     if c.keep_last_n < 1:
