@@ -22,7 +22,7 @@ QUALITY_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing finger
                     "jpeg artifacts, signature, watermark, blurry")
 
 SECTIONS = ("Model", "Directories", "Dataset", "Prompts", "Class Images", "Intervals", "Learning Rate",
-            "Image Processing", "Tuning", "Gradients", "Samples")
+            "Image Processing", "Tuning", "Gradients", "Samples", "Test Prompts")
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
@@ -223,6 +223,35 @@ class Config:
     sample_guidance_scale: float = setting(7.5, "Samples", "Sample CFG Scale", "CFG scale of the previews.")
     sample_steps: int = setting(20, "Samples", "Sample Steps", "Sampling steps of the previews.")
 
+    # --- Test Prompts --------------------------------------------------------------------
+    # The seed's way to pick a checkpoint: first "<instance prompt>, 1girl, solo" until it looks
+    # slightly overfit, then other clothes / places to see it is still flexible.
+    test_fidelity_prompts: tuple[str, ...] = setting(
+        ("{instance_prompt}, 1girl, solo",), "Test Prompts", "Fidelity Prompts",
+        "Prompts that should show the character as trained; {instance_prompt} and {class_prompt} are filled in.")
+    test_flexibility_prompts: tuple[str, ...] = setting(
+        ("{instance_prompt}, 1girl, solo, school uniform, classroom",
+         "{instance_prompt}, 1girl, solo, swimsuit, beach",
+         "{instance_prompt}, 1girl, solo, winter coat, snowy street"), "Test Prompts", "Flexibility Prompts",
+        "Prompts that ask for other clothes / places: a good checkpoint follows them.")
+    test_negative_prompt: str = setting(QUALITY_NEGATIVE, "Test Prompts", "Test Negative Prompt",
+                                        "Negative prompt of the test images (the seed's quality negative).")
+    test_class_prompt_in_negative: bool = setting(
+        False, "Test Prompts", "Class Prompt in Negative",
+        "Also put the class prompt in the negative (the seed's 'Instance prompt + Class prompt ネガ' call).")
+    test_seeds: int = setting(4, "Test Prompts", "Seeds per Prompt", "Images per prompt and checkpoint (seeds 0..N-1).")
+    test_steps: str = setting("all", "Test Prompts", "Checkpoints to Test",
+                              "'all', or step numbers like '1000,2000,3000'. The base model is always a baseline row.")
+    test_guidance_scale: float = setting(7.5, "Test Prompts", "Test CFG Scale", "CFG scale of the test images.")
+    test_infer_steps: int = setting(28, "Test Prompts", "Test Sampling Steps", "Sampling steps of the test images.")
+    clip_model: str = setting("openai/clip-vit-base-patch32", "Test Prompts", "CLIP Model",
+                              "CLIP for CLIP-I / CLIP-T scores (Hub id or local folder).")
+    dino_model: str = setting("facebook/dino-vits16", "Test Prompts", "DINO Model",
+                              "DINO ViT for the DINO fidelity score (Hub id or local folder).")
+    flexibility_tolerance: float = setting(
+        0.01, "Test Prompts", "Flexibility Tolerance",
+        "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.")
+
     def __post_init__(self):
         problems = [p for f in dataclasses.fields(self) for p in _type_problems(f, getattr(self, f.name))]
         if not problems:
@@ -289,12 +318,12 @@ def _value_problems(c: Config) -> list[str]:
         if getattr(c, name) <= 0:
             p.append(f"{name}: {getattr(c, name)} must be > 0 (the seed uses 1e-6).")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_samples", "sample_steps",
-                 "class_infer_steps", "lr_num_cycles"):
+                 "class_infer_steps", "lr_num_cycles", "test_seeds", "test_infer_steps"):
         if getattr(c, name) < 1:
             p.append(f"{name}: {getattr(c, name)} must be at least 1.")
     for name in ("num_train_epochs", "save_every_steps", "sample_every_steps", "lr_warmup_steps",
                  "num_class_images", "max_grad_norm", "offset_noise", "snr_gamma", "prior_loss_weight",
-                 "class_batch_size", "class_seed"):
+                 "class_batch_size", "class_seed", "flexibility_tolerance"):
         if getattr(c, name) < 0:
             p.append(f"{name}: {getattr(c, name)} must not be negative.")
     if c.keep_last_n < 1:
