@@ -345,7 +345,9 @@ class Session:
     micro_step: int = 0
 
 
-def train(config: Config, resume: str | None = None, progress: bool = True) -> TrainResult:
+def train(config: Config, resume: str | None = None, progress: bool = True, on_step=None) -> TrainResult:
+    """Train (or resume) the run of `config`. `on_step(record)` is called on the main process
+    after every step with the log record (+ `preview`: the grid written at this step)."""
     from accelerate import Accelerator
 
     # 1. Where we run: accelerate decides the device and the processes (one, or DDP).
@@ -355,7 +357,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True) -> T
                               cpu=not torch.cuda.is_available())
     try:
         session = setup(config, accelerator, resume)
-        return loop(session, progress)
+        return loop(session, progress, on_step)
     finally:
         accelerator.end_training()
         if accelerator.num_processes == 1:
@@ -406,7 +408,7 @@ def setup(config: Config, accelerator, resume: str | None) -> Session:
                    ema, batches, max_steps, weight_dtype, state.get("step", 0), state.get("micro_step", 0))
 
 
-def loop(s: Session, progress: bool) -> TrainResult:
+def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
     from tqdm.auto import tqdm
 
     # 6. The loop: one optimizer step per pass; save on schedule, on cancel and at the end.
@@ -428,10 +430,14 @@ def loop(s: Session, progress: bool) -> TrainResult:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
                 cancelled = flag["cancel"]
                 if acc.is_main_process:
-                    s.run.append_log({"step": s.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                      "time": round(time.time() - started, 3)})
+                    record = {"step": s.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                              "time": round(time.time() - started, 3)}
+                    s.run.append_log(record)
                     if config.sample_every_steps and s.step % config.sample_every_steps == 0:
-                        write_previews(s.run, s.step, s.pipe, acc.unwrap_model(s.unet), config)
+                        record["preview"] = str(write_previews(s.run, s.step, s.pipe, acc.unwrap_model(s.unet),
+                                                               config))
+                    if on_step is not None:
+                        on_step({**record, "last": cancelled or s.step == s.max_steps})
                 due = config.save_every_steps and s.step % config.save_every_steps == 0
                 if due or cancelled or s.step == s.max_steps:
                     if acc.is_main_process:
