@@ -440,6 +440,18 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
+def load_workspace(folder: str | Path, namespace: dict | None = None) -> Config:
+    """The notebooks' shared config, `<folder>/config.yaml`, updated with the variables of
+    `namespace` that are settings (a notebook passes `globals()`, so its parameters cell's
+    names are the settings' names) and saved back for the next notebook."""
+    path = Path(folder) / "config.yaml"
+    data = read_config_file(path) if path.is_file() else {}
+    data.update({k: v for k, v in (namespace or {}).items() if k in FIELDS})
+    config = from_dict(data, source=str(path))
+    config.save(path)
+    return config
+
+
 def describe() -> list[dict]:
     """One row per setting, in order: for forms, `#@param` cells and the README table."""
     return [dict(name=f.name, default=f.default, type=_field_type(f).__name__, **f.metadata)

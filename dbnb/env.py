@@ -449,3 +449,11 @@ def _check_storage(platform: str) -> Check:
         note = "" if path.parent.name == "storage" else " (/storage missing or read-only)"
         return Check("storage", True, f"{path}{note}")
     return Check("storage", True, _NO_SESSION_STORAGE.get(platform, "output stays in output_dir"))
+
+
+def workspace(folder: str | os.PathLike[str] = "") -> Path:
+    """The notebooks' shared folder: the given one, else persistent storage (Drive on Colab,
+    /storage on Paperspace) so a new session finds the last one's work, else ./dbnb-work."""
+    path = Path(folder).expanduser() if folder else (persistent_dir() or Path("dbnb-work").resolve())
+    path.mkdir(parents=True, exist_ok=True)
+    return path

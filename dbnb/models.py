@@ -264,3 +264,18 @@ def resolve_source_vae(source: str, cache_dir) -> tuple[str, str]:
     if path.is_dir():  # a bare VAE folder has config.json, not model_index.json
         return "folder", str(path)
     return resolve_source(source, cache_dir)
+
+
+def fetch_model(source: str, cache_dir: str | Path | None = None, revision: str = "") -> str:
+    """Bring a base model to local disk once (into `cache_dir`, e.g. on Drive) and return a
+    local path that `load_pipeline` reads without downloading again."""
+    kind, where = resolve_source(source, cache_dir)
+    if kind != "hub":
+        return where
+    from diffusers import StableDiffusionPipeline
+
+    # Only the files the pipeline needs (not the repo's 4-7 GB .ckpt copies).
+    extra = {"revision": revision} if revision else {}
+    folder = StableDiffusionPipeline.download(where, cache_dir=str(Path(cache_dir or default_cache_dir()) / "hub"),
+                                              token=os.environ.get("HF_TOKEN") or None, **extra)
+    return str(folder)

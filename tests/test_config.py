@@ -111,3 +111,13 @@ def test_cli_config_prints_and_rejects(capsys):
     assert "learning_rate: 2.0e-06" in capsys.readouterr().out
     assert main(["config", "resolution=100"]) == 2
     assert "resolution" in capsys.readouterr().err
+
+
+def test_workspace_config_takes_the_notebooks_parameters_by_name(tmp_path):
+    from dbnb.config import load_workspace
+
+    first = load_workspace(tmp_path, {"pretrained_model_name_or_path": "m", "workspace": "ignored", "x": 1})
+    assert first.pretrained_model_name_or_path == "m"
+    second = load_workspace(tmp_path, {"hflip": True, "sample_prompts": ["a"]})
+    assert second.pretrained_model_name_or_path == "m" and second.hflip and second.sample_prompts == ("a",)
+    assert load_workspace(tmp_path) == second
