@@ -7,10 +7,12 @@ current values back as a validated Config. Building the form never waits for inp
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import ipywidgets as w
 
+from dbnb import fetch
 from dbnb.config import SECTIONS, Config, describe, from_dict
 
 LABEL_STYLE = {"description_width": "260px"}
@@ -104,8 +106,6 @@ class TrainingView:
 
 def loss_curve_png(steps: list[int], losses: list[float], size=(480, 240)) -> bytes:
     """A plain loss-vs-step plot drawn with PIL (matplotlib is not a dependency)."""
-    import io
-
     from PIL import Image, ImageDraw
 
     image = Image.new("RGB", size, "white")
@@ -124,3 +124,51 @@ def loss_curve_png(steps: list[int], losses: list[float], size=(480, 240)) -> by
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
+
+
+# --- the dataset notebook: upload box and caption editor -------------------------------------
+
+CAPTION_THUMB = 256
+
+
+def upload_widget(dest: str | Path):
+    """A FileUpload that saves what is dropped on it into `dest` (then run prep on `dest`)."""
+    upload = w.FileUpload(accept="image/*,.zip", multiple=True, description="Pictures / .zip")
+    status = w.HTML()
+
+    def on_change(change):
+        placed, problems = fetch.save_uploads(change["new"], Path(dest))
+        status.value = f"{len(placed)} picture(s) saved to {dest}" + "".join(f"<br>⚠ {p}" for p in problems)
+
+    upload.observe(on_change, names="value")
+    return w.VBox([upload, status])
+
+
+def caption_editor(folder: str | Path, suffixes: tuple[str, ...] = (".png",)):
+    """Each prepared picture beside its caption, with a Save button per picture."""
+    rows = []
+    for image in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes
+                        and p.name != "contact_sheet.png"):
+        rows.append(_editor_row(image))
+    if not rows:
+        return w.HTML(f"No pictures in {folder}: run prep first.")
+    return w.VBox(rows)
+
+
+def _editor_row(image: Path):
+    from PIL import Image
+
+    txt = image.with_suffix(".txt")
+    buf = io.BytesIO()
+    with Image.open(image) as im:
+        im.convert("RGB").resize((CAPTION_THUMB, CAPTION_THUMB)).save(buf, "PNG")
+    text = w.Textarea(value=txt.read_text(encoding="utf-8").strip() if txt.is_file() else "",
+                      layout=w.Layout(width="420px", height="120px"))
+    save, status = w.Button(description="Save"), w.Label()
+
+    def on_save(_):
+        txt.write_text(" ".join(text.value.split()) + "\n", encoding="utf-8")
+        status.value = f"saved {txt.name}"
+
+    save.on_click(on_save)
+    return w.HBox([w.Image(value=buf.getvalue(), format="png"), w.VBox([w.Label(image.name), text, save, status])])

@@ -1,0 +1,23 @@
+"""Dataset preparation (`dbnb prep SRC OUT`, the dataset notebook).
+
+    from dbnb.prep import prepare_dataset
+    report = prepare_dataset(config)                       # dataset_source -> instance_data_dir
+    report = prepare_dataset(src="pics.zip", out="prepared", remove_background=False)
+
+Modules: images (decode / normalise / hashes), segment (anime-segmentation ONNX),
+framing (squares, faces, bust-up / cowboy crops), captions, report, pipeline (the run).
+The notebook's upload box and caption editor are in dbnb.widgets.
+"""
+from dbnb.fetch import FetchError, fetch_images
+from dbnb.prep.captions import caption
+from dbnb.prep.framing import (animeface_detector, framing_crops, framing_of, framing_regions, main_face,
+                               make_square, pad_square)
+from dbnb.prep.images import BadImage, load_image
+from dbnb.prep.pipeline import PrepError, gather, prepare_dataset
+from dbnb.prep.report import FileResult, PrepReport, contact_sheet
+from dbnb.prep.segment import Segmenter, SegmenterError, composite, load_segmenter, write_stand_in_model
+
+__all__ = ["BadImage", "FetchError", "FileResult", "PrepError", "PrepReport", "Segmenter", "SegmenterError",
+           "animeface_detector", "caption", "composite", "contact_sheet", "fetch_images", "framing_crops",
+           "framing_of", "framing_regions", "gather", "load_image", "load_segmenter", "main_face", "make_square",
+           "pad_square", "prepare_dataset", "write_stand_in_model"]

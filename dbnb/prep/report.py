@@ -1,0 +1,162 @@
+"""What prep did: one row per source file, the set's counts, the seed's advice, a contact sheet.
+
+The report is also prep's memory: a re-run reads `prep_report.json` to skip pictures whose
+content and settings are unchanged, and to tell its own captions from hand-edited ones.
+Nothing in it depends on the clock, so the same input gives the same files.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+REPORT_JSON = "prep_report.json"
+REPORT_MD = "report.md"
+# In a subfolder: the trainer takes every picture directly in instance_data_dir.
+CONTACT_SHEET = "prep_preview/contact_sheet.png"
+MIN_IMAGES = 3
+THUMB = 160
+
+
+@dataclass
+class FileResult:
+    source: str                                  # name inside the source (folder-relative / URL)
+    status: str = "prepared"                     # prepared | unchanged | duplicate | failed | ignored
+    size: list[int] | None = None                # width, height as read
+    mode: str = ""
+    done: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)   # output file name -> framing
+    captions: dict[str, str] = field(default_factory=dict)  # output file name -> caption written
+    framing: str = ""
+    sha256: str = ""
+    dhash: str = ""
+    key: str = ""                                # settings fingerprint the outputs were made with
+
+    @property
+    def usable(self) -> bool:
+        return self.status in ("prepared", "unchanged")
+
+
+@dataclass
+class PrepReport:
+    out_dir: Path
+    files: list[FileResult] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[Path]:
+        return [self.out_dir / name for f in self.files if f.usable for name in f.outputs]
+
+    @property
+    def contact_sheet(self) -> Path:
+        return self.out_dir / CONTACT_SHEET
+
+    @property
+    def failed(self) -> list[FileResult]:
+        return [f for f in self.files if f.status == "failed"]
+
+    def to_dict(self) -> dict:
+        return {"out_dir": str(self.out_dir), "counts": self.counts, "warnings": self.warnings,
+                "files": [asdict(f) for f in self.files]}
+
+    def summary(self) -> str:
+        by = Counter(f.status for f in self.files)
+        lines = [f"dbnb prep: {len(self.images)} training pictures in {self.out_dir} "
+                 f"({', '.join(f'{n} {s}' for s, n in sorted(by.items()))}).",
+                 "framings: " + ", ".join(f"{k} {v}" for k, v in self.counts.items())]
+        lines += [f"  ! {f.source}: {f.status}: {'; '.join(f.warnings)}" for f in self.files
+                  if f.status in ("failed", "duplicate")]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+    def markdown(self) -> str:
+        rows = ["| source file | size | status | what was done | outputs | warnings |",
+                "|---|---|---|---|---|---|"]
+        for f in self.files:
+            size = f"{f.size[0]}x{f.size[1]}" if f.size else ""
+            cells = [f.source, size, f.status, "; ".join(f.done), ", ".join(f.outputs), "; ".join(f.warnings)]
+            rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        advice = [f"- {w}" for w in self.warnings] or ["- none"]
+        counts = ", ".join(f"{k}: {v}" for k, v in self.counts.items())
+        return "\n".join([f"# dbnb prep report: {self.out_dir.name}", "", f"Framings: {counts}", "",
+                          f"Contact sheet: {CONTACT_SHEET}", "",
+                          "## Warnings", *advice, "", "## Files", *rows, ""])
+
+    def write(self) -> None:
+        (self.out_dir / REPORT_JSON).write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n",
+                                                encoding="utf-8")
+        (self.out_dir / REPORT_MD).write_text(self.markdown(), encoding="utf-8")
+
+
+def read_previous(out_dir: Path) -> dict[str, FileResult]:
+    """The last run's rows by source name; an unreadable report just means no shortcuts."""
+    try:
+        data = json.loads((out_dir / REPORT_JSON).read_text(encoding="utf-8"))
+        return {r["source"]: FileResult(**r) for r in data["files"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def count_framings(files: list[FileResult]) -> dict[str, int]:
+    """Training pictures per framing; bust-up and cowboy crops count as bust."""
+    counts = Counter({"face": 0, "bust": 0, "full body": 0, "unknown": 0})
+    for f in files:
+        if f.usable:
+            counts.update("bust" if v == "cowboy" else v for v in f.outputs.values())
+    return dict(counts)
+
+
+def advice(files: list[FileResult], counts: dict[str, int], resolution: int) -> list[str]:
+    """The seed's advice on the set as a whole."""
+    out = []
+    usable = [f for f in files if f.usable]
+    if len(usable) < MIN_IMAGES:
+        out.append(f"only {len(usable)} usable picture(s): the seed needs at least {MIN_IMAGES} "
+                   "(more, from several angles, for detailed outfits)")
+    known = sum(v for k, v in counts.items() if k != "unknown")
+    if known and counts["face"] == known:
+        out.append("every picture with a detected face is a face close-up: the seed found close-up-only sets "
+                   "hurt; add bust-up and full-body pictures")
+    dups = [f for f in files if f.status == "duplicate"]
+    near = [f for f in usable if any(w.startswith("near duplicate") for w in f.warnings)]
+    if dups or near:
+        out.append(f"{len(dups)} exact and {len(near)} near duplicate(s): a repeated picture is learnt twice as "
+                   "hard; keep one of each (see the table)")
+    low = [f for f in usable if any(w.startswith("low resolution") for w in f.warnings)]
+    if low:
+        out.append(f"{len(low)} picture(s) smaller than {resolution}px were upscaled and may look blurry: "
+                   + ", ".join(f.source for f in low[:5]) + (" …" if len(low) > 5 else ""))
+    failed = [f for f in files if f.status == "failed"]
+    if failed:
+        out.append(f"{len(failed)} file(s) could not be used: " + ", ".join(f.source for f in failed[:5])
+                   + (" …" if len(failed) > 5 else "") + " (reasons in the table)")
+    return out
+
+
+def contact_sheet(paths: list[Path], target: Path, thumb: int = THUMB) -> Path | None:
+    """Every prepared picture as a labelled thumbnail in one PNG, to check the set at a glance."""
+    if not paths:
+        target.unlink(missing_ok=True)
+        return None
+    cols = min(8, math.ceil(math.sqrt(len(paths))))
+    rows = math.ceil(len(paths) / cols)
+    label = 14
+    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + label)), (236, 236, 236))
+    draw = ImageDraw.Draw(sheet)
+    for i, p in enumerate(paths):
+        x, y = (i % cols) * thumb, (i // cols) * (thumb + label)
+        with Image.open(p) as im:
+            sheet.paste(im.convert("RGB").resize((thumb - 4, thumb - 4), Image.Resampling.BILINEAR), (x + 2, y + 2))
+        # ASCII: Pillow's built-in font has no Japanese glyphs; the hash suffix identifies the file.
+        name = p.stem.encode("ascii", "replace").decode()
+        name = name if len(name) <= 24 else name[:11] + "~" + name[-11:]
+        draw.text((x + 3, y + thumb), name, fill=(20, 20, 20))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(target, "PNG")
+    return target
