@@ -16,6 +16,7 @@ because a silently missing tensor only shows up later as a broken model in someo
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 import uuid
@@ -211,7 +212,7 @@ def vae_key_map(keys: Iterable[str]) -> dict[str, str]:
     return _key_map("vae", keys, modules)
 
 
-def _vae_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
+def vae_tensor(key: str, tensor: torch.Tensor) -> torch.Tensor:
     """Linear [C, C] → 1x1 conv [C, C, 1, 1] for the mid attention projections (a view)."""
     module = key.rsplit(".", 2)[-2]
     if ".mid.attn_1." in key and module in _VAE_CONV_1X1 and key.endswith(".weight") \
@@ -255,7 +256,7 @@ def original_state_dict(unet_sd: Mapping[str, torch.Tensor],
     """
     parts = (
         (unet_sd, unet_key_map, lambda key, t: t),
-        (vae_sd, vae_key_map, _vae_tensor),
+        (vae_sd, vae_key_map, vae_tensor),
         (text_encoder_sd, text_encoder_key_map, lambda key, t: t),
     )
     out: dict[str, torch.Tensor] = {}
@@ -284,6 +285,29 @@ def _save_safetensors(tmp: Path, state_dict: Mapping[str, torch.Tensor],
     if global_step is not None:
         metadata = {**metadata, "global_step": str(global_step)}
     save_file(tensors, str(tmp), metadata=metadata or None)
+    _sort_safetensors_metadata(tmp)
+
+
+def _sort_safetensors_metadata(path: Path) -> bool:
+    """Sort a safetensors file's metadata in place, so the same content hashes the same.
+
+    safetensors writes `__metadata__` in a random (Rust HashMap) order (safetensors#584), so two
+    identical saves differ in bytes and in the webui's hash. The sorted header has the same
+    length, so only header bytes change; False (file untouched) if it would not fit."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if "__metadata__" not in header:
+            return True
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:
+            return False
+        f.seek(8)
+        f.write(text.ljust(size, b" "))  # the format pads the header with spaces
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 def _save_ckpt(tmp: Path, state_dict: Mapping[str, torch.Tensor],

@@ -212,7 +212,9 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
     from diffusers import StableDiffusionPipeline
 
     kind, where = resolve_source(source, cache_dir)
-    common = dict(dtype=dtype, safety_checker=None, feature_extractor=None,
+    # fp32 unless asked: training needs fp32 master weights, and transformers 5 would otherwise
+    # keep a text encoder saved in fp16 in fp16.
+    common = dict(dtype=dtype or torch.float32, safety_checker=None, feature_extractor=None,
                   requires_safety_checker=False)
     try:
         if kind == "file":
