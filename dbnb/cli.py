@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dbnb.config import ConfigError
-
 
 def cmd_doctor(args) -> int:
     from dbnb.env import run_doctor
@@ -76,6 +74,38 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_prep(args) -> int:
+    from dbnb.config import load_config
+    from dbnb.prep import prepare_dataset
+
+    config = load_config(args.config, args.overrides, preset=args.preset)
+    report = prepare_dataset(config, src=args.src, out=args.out)
+    print(report.summary())
+    if "[filewords]" not in config.instance_prompt:
+        print("note: the captions reach training only when instance_prompt contains [filewords].")
+    return 0 if report.images else 1
+
+
+def cmd_merge(args) -> int:
+    from dbnb.merge import merge
+
+    result = merge(args.models, args.weights, mode="add_difference" if args.add_difference else "weighted_sum",
+                   alpha=args.alpha, normalize=not args.as_given, labels=args.labels, include_vae=not args.no_vae,
+                   include_text_encoder=not args.no_text_encoder, unet_only=args.unet_only, dtype=args.precision,
+                   out_file=args.out, out_dir=args.diffusers, name=args.name, overwrite=args.overwrite)
+    print(f"{result.file or result.folder}  [{result.short_hash}]  {result.recipe}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from dbnb.report import write_report
+
+    path = write_report(args.run)
+    print(path.read_text(encoding="utf-8"))
+    print(f"written: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbnb", description="DreamBooth for Stable Diffusion 1.x.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--single-file", help="also write one original-layout .safetensors / .ckpt file")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_make_tiny_model)
+
+    p = sub.add_parser("prep", help="prepare pictures: check, cut out, square, crops, captions, report")
+    p.add_argument("src", help="folder, .zip, Google Drive link, URL or .txt list of URLs (originals untouched)")
+    p.add_argument("out", help="folder for the prepared set (your instance_data_dir)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. remove_background=false resolution=512")
+    p.add_argument("--config", help="a config .yaml / .json to start from")
+    p.add_argument("--preset", help="person (character, default settings) or object_style")
+    p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser("train", help="DreamBooth-train a model (accelerate launch -m dbnb train ... for several GPUs)")
     p.add_argument("config", help="config .yaml / .json (dbnb config --preset person > my.yaml writes one)")
@@ -122,6 +160,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.set_defaults(func=cmd_convert)
 
+    p = sub.add_parser("merge", help="merge base models: weighted sum or add difference (A + (B - C) x alpha)")
+    p.add_argument("models", nargs="+", help="2+ models (files, folders, repo ids, URLs); add difference: A B C")
+    p.add_argument("--weights", nargs="+", type=float, help="one per model, e.g. 5 2.7 2 0.3 (normalised to sum 1)")
+    p.add_argument("--as-given", action="store_true", help="use the weights as given, not normalised")
+    p.add_argument("--add-difference", action="store_true", help="A + (B - C) x alpha, exactly three models")
+    p.add_argument("--alpha", type=float, default=0.5, help="alpha of add difference (default 0.5)")
+    p.add_argument("--labels", nargs="+", help="names for the recipe, e.g. NAI any gape SD1.4")
+    p.add_argument("--unet-only", action="store_true", help="merge the UNet only; the rest from the first model")
+    p.add_argument("--no-vae", action="store_true", help="take the VAE from the first model")
+    p.add_argument("--no-text-encoder", action="store_true", help="take the text encoder from the first model")
+    p.add_argument("--precision", default="fp16", choices=("fp16", "fp32", "bf16"))
+    p.add_argument("--out", help="single file to write (.safetensors / .ckpt)")
+    p.add_argument("--diffusers", help="diffusers folder to write (ready to train from)")
+    p.add_argument("--name", help="name of the result (default: the recipe)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("report", help="the run's training report (学習レポート) in the seed's format: RUN/report.md")
+    p.add_argument("run", help="the run folder")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("config", help="print a config (defaults, a preset, a file, overrides) as YAML")
     p.add_argument("file", nargs="?", help="a config .yaml / .json to start from")
     p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -140,16 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message already tells the user what to do: print it, no traceback."""
-    from dbnb.checkpoints import RunFolderError
-    from dbnb.data import DatasetError
-    from dbnb.env import DiskFullError
-    from dbnb.models import ModelLoadError
+# Errors whose message already tells the user what to do: printed without a traceback.
+USER_ERRORS = {"dbnb.config": ("ConfigError",), "dbnb.data": ("DatasetError",), "dbnb.env": ("DiskFullError",),
+               "dbnb.models": ("ModelLoadError",), "dbnb.checkpoints": ("RunFolderError",),
+               "dbnb.train": ("TrainingError",), "dbnb.export": ("ExportError",), "dbnb.fetch": ("FetchError",),
+               "dbnb.prep": ("PrepError", "SegmenterError"), "dbnb.classimages": ("ClassImagesError",),
+               "dbnb.merge": ("MergeError",), "dbnb.sample": ("SampleError",), "dbnb.score": ("ScoreError",)}
 
-    errors = [ConfigError, DatasetError, DiskFullError, ModelLoadError, RunFolderError]
-    if "dbnb.export" in sys.modules:
-        errors.append(sys.modules["dbnb.export"].ExportError)
-    if "dbnb.train" in sys.modules:
-        errors.append(sys.modules["dbnb.train"].TrainingError)
-    return tuple(errors)
+
+def user_errors() -> tuple[type[Exception], ...]:
+    # Only modules already imported can have raised; importing the rest would only cost time.
+    return tuple(getattr(sys.modules[m], n) for m, names in USER_ERRORS.items() if m in sys.modules for n in names)

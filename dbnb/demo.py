@@ -67,7 +67,7 @@ def demo_config(out: Path, steps: int) -> Config:
         instance_data_dir=str(out / "data" / "instance"), class_data_dir=str(out / "data" / "class"),
         output_dir=str(out / "runs"), run_name="demo",
         instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT,
-        with_prior_preservation=True, num_class_images=50,
+        with_prior_preservation=True, num_class_images=50, class_images_mode="transparent",
         resolution=TINY_RESOLUTION, max_train_steps=steps,
         save_every_steps=max(1, steps // 2), sample_every_steps=max(1, steps // 2),
         # A random tiny model needs a far larger step than the seed's 1e-6 to move in seconds.

@@ -1,0 +1,205 @@
+"""A run's training report in the seed's format (学習レポート), and a model card for the Hub.
+
+The seed's community shares each run under fixed headings — model hash, target, source
+images, processing, processed set, regularization images, base model, LR and settings,
+the reliable way to call it, the result. `write_report` fills in everything the run folder
+and its inputs record; only the two judgements (stable call, result) are left to the user,
+pre-filled with the scorer's suggestion when there is one. Facts that do not exist are
+said to be missing, never invented.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from dbnb.checkpoints import RunFolder
+from dbnb.config import FIELDS, PRESETS, Config, from_dict, load_config
+
+USER_FIELD = "<!-- dbnb: write your own verdict here / ここに記入 -->"
+# Settings that are paths or prompts are reported under their own headings, not as "settings".
+NOT_SETTINGS = {"pretrained_model_name_or_path", "pretrained_vae_name_or_path", "revision", "instance_data_dir",
+                "class_data_dir", "output_dir", "run_name", "concepts_list", "dataset_source", "instance_prompt",
+                "class_prompt", "instance_token", "class_token"}
+ALWAYS_SHOWN = ("learning_rate", "scale_lr", "lr_scheduler", "max_train_steps", "train_batch_size", "hflip",
+                "use_8bit_adam", "mixed_precision", "use_ema", "train_text_encoder", "resolution")
+
+
+def short_hash(path: Path) -> str:
+    from dbnb.merge import short_hash as sha10  # the webui's model hash: first 10 hex of SHA-256
+    return sha10(path)
+
+
+# --- what the run folder and its inputs know -----------------------------------------------------
+
+def training_time(run: RunFolder) -> tuple[int, float]:
+    """(last step, seconds trained). Each resumed session's clock starts again at 0."""
+    if not run.log_path.is_file():
+        return 0, 0.0
+    records = [json.loads(line) for line in run.log_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    seconds, previous = 0.0, 0.0
+    for r in records:
+        if r["time"] < previous:
+            seconds += previous
+        previous = r["time"]
+    return (records[-1]["step"] if records else 0), seconds + previous
+
+
+def prep_facts(config: Config) -> dict | None:
+    path = Path(config.instance_data_dir) / "prep_report.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def base_model_facts(source: str) -> dict:
+    """Where the base model came from, its short hash when it is one file, its merge recipe."""
+    path = Path(source)
+    facts = {"source": source, "hash": None, "recipe": None}
+    if path.is_file():
+        facts["hash"] = short_hash(path)
+        sidecar = path.with_suffix(".json")
+        if sidecar.is_file():
+            facts["recipe"] = json.loads(sidecar.read_text(encoding="utf-8")).get("dbnb_merge", {}).get("recipe")
+    elif (path / "dbnb_merge.json").is_file():
+        merge = json.loads((path / "dbnb_merge.json").read_text(encoding="utf-8"))
+        facts["hash"], facts["recipe"] = merge.get("short_hash"), merge.get("recipe")
+    return facts
+
+
+def changed_settings(config: Config) -> list[tuple[str, object, object]]:
+    """(name, value, preset value) for settings that differ from the seed's person preset,
+    plus the ones every seed report states."""
+    preset = from_dict(PRESETS["person"]).to_dict()
+    values = config.to_dict()
+    return [(name, values[name], preset[name]) for name in FIELDS
+            if name not in NOT_SETTINGS and (name in ALWAYS_SHOWN or values[name] != preset[name])]
+
+
+# --- the sections -------------------------------------------------------------------------------
+
+def _label(name: str) -> str:
+    return FIELDS[name].metadata["label"]
+
+
+def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[str], list[str]]:
+    """(使用素材 source, 加工 processing, 加工後素材詳細 processed set) lines."""
+    from dbnb.data import list_images
+
+    count = len(list_images(config.instance_data_dir, "instance_data_dir"))
+    if prep is None:
+        return ([f"{count} images in `{config.instance_data_dir}` (not prepared with `dbnb prep`: source unknown)"],
+                ["not recorded (the set was not made with `dbnb prep`)"],
+                [f"{count} images, {config.resolution}×{config.resolution} at training"])
+    files = prep["files"]
+    status = Counter(f["status"] for f in files)
+    done = Counter(step for f in files for step in f.get("done", []))
+    source = [f"{len(files)} source files" + (f" from `{config.dataset_source}`" if config.dataset_source else "")
+              + " (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"]
+    processing = [f"{step} ({n} files)" for step, n in done.most_common()] or ["nothing beyond checks"]
+    counts = ", ".join(f"{k} {v}" for k, v in prep.get("counts", {}).items())
+    processed = [f"{count} images, {config.resolution}×{config.resolution}" + (f"; framings: {counts}" if counts else "")]
+    processed += [f"warning: {w}" for w in prep.get("warnings", [])]
+    return source, processing, processed
+
+
+def section_class_images(config: Config) -> list[str]:
+    if not config.with_prior_preservation:
+        return ["none (prior preservation off) / 正則化画像なし"]
+    from dbnb.data import list_images
+
+    found = list_images(config.class_data_dir, "class_data_dir")
+    how = {"generate": f"generated with the base model from `{config.class_prompt}` (CFG "
+                       f"{config.class_guidance_scale:g}, {config.class_infer_steps} steps, {config.class_sampler})",
+           "transparent": f"fully transparent images, trained as `{config.background_color}` images",
+           "import": f"imported from `{config.class_images_import}`"}[config.class_images_mode]
+    return [f"{config.num_class_images} used of {len(found)} in `{config.class_data_dir}`: {how}",
+            f"class prompt: `{config.class_prompt}`, prior loss weight {config.prior_loss_weight:g}"]
+
+
+def section_result(run: RunFolder) -> tuple[list[str], list[str], dict | None]:
+    """(安定した呼び出し方 suggestion, 結果 lines, recommendation) from scores.json when scored."""
+    path = run.root / "scores.json"
+    if not path.is_file():
+        return (["no scores yet (`dbnb score RUN`)"], ["not scored yet: run `dbnb score` for CLIP-I / DINO / "
+                                                        "CLIP-T per checkpoint"], None)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    rec = data["recommendation"]
+    rows = {r["checkpoint"]: r for r in data["rows"]}
+    best = rows.get(rec["checkpoint"], {})
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"recommended checkpoint: **{rec['checkpoint']}** ({rec['reason']})", f"rule: {rec['rule']}",
+             f"CLIP-I {fmt(best.get('clip_i'))}, DINO {fmt(best.get('dino'))}, CLIP-T {fmt(best.get('clip_t'))} "
+             "(DreamBooth paper, SD: CLIP-I 0.803, DINO 0.668, CLIP-T 0.305)"]
+    return [f"suggestion: the instance prompt at {rec['checkpoint']}"], lines, rec
+
+
+def grids(run: RunFolder) -> list[Path]:
+    return sorted(run.root.glob("tests/grid-*.png")) + sorted(run.root.glob("samples/step-*/grid.png"))
+
+
+# --- the report ----------------------------------------------------------------------------------
+
+def report_markdown(run_dir: str | Path) -> str:
+    run = RunFolder(run_dir)
+    config = load_config(run.config_path)
+    prep = prep_facts(config)
+    source, processing, processed = section_images(config, prep)
+    call, result, _ = section_result(run)
+    base = base_model_facts(config.pretrained_model_name_or_path)
+    exports = sorted((run.root / "exports").glob("*.safetensors")) + sorted((run.root / "exports").glob("*.ckpt"))
+    step, seconds = training_time(run)
+    settings = [f"{_label(n)} (`{n}`): {v}" + ("" if v == p else f" (preset: {p})")
+                for n, v, p in changed_settings(config)]
+    lines = [f"# {config.run_name} — training report / 学習レポート", ""]
+
+    def section(title: str, body: list[str], user: bool = False):
+        lines.extend([f"## {title}", *[f"- {b}" for b in body]] + ([USER_FIELD] if user else []) + [""])
+
+    section("モデルハッシュ / Model hash", [f"`{short_hash(p)}` {p.name}" for p in exports[-1:]]
+            or ["not exported yet (`dbnb export RUN`)"])
+    section("学習対象 / Target", [f"instance prompt `{config.instance_prompt}`"
+                                 + (f", class `{config.class_prompt}`" if config.class_prompt else "")])
+    section("使用素材 / Source images", source)
+    section("加工 / Processing", processing)
+    section("加工後素材詳細 / Processed set", processed)
+    section("正則化画像 / Regularization images", section_class_images(config))
+    section("ベースモデル / Base model", [f"`{base['source']}`" + (f" [{base['hash']}]" if base["hash"] else "")]
+            + ([f"merge: {base['recipe']}"] if base["recipe"] else []))
+    section("LR等のステータス設定 / LR and other settings",
+            settings + [f"trained {step} of {config.max_train_steps} steps in {seconds / 60:.1f} min"])
+    section("安定した呼び出し方 / Stable call", call, user=True)
+    section("結果 / Result", result + [f"grid: [{p.relative_to(run.root)}]({p.relative_to(run.root)})"
+                                      for p in grids(run)], user=True)
+    return "\n".join(lines)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    path = Path(run_dir) / "report.md"
+    path.write_text(report_markdown(run_dir), encoding="utf-8")
+    return path
+
+
+def model_card(run_dir: str | Path, exported: Path) -> Path:
+    """README.md with YAML metadata beside an exported file (what the Hub shows)."""
+    import yaml
+
+    from dbnb import __version__
+
+    run = RunFolder(run_dir)
+    config = load_config(run.config_path)
+    meta = {"license": "creativeml-openrail-m", "library_name": "dbnb", "pipeline_tag": "text-to-image",
+            "tags": ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "dreambooth", "dbnb"],
+            "instance_prompt": config.instance_prompt}
+    source = config.pretrained_model_name_or_path
+    if not Path(source).exists():
+        meta["base_model"] = source  # a Hub id; local paths mean nothing on the Hub
+    _, result, _ = section_result(run)
+    body = [f"# {config.run_name}", "",
+            f"DreamBooth fine-tune of Stable Diffusion 1.x made with dbnb {__version__}. "
+            f"Call it with `{config.instance_prompt}`.", "",
+            f"- file: `{exported.name}` (original SD layout, loads in AUTOMATIC1111's webui)",
+            f"- base model: `{source}`", f"- resolution {config.resolution}, {config.max_train_steps} steps, "
+            f"learning rate {config.learning_rate:g}", *[f"- {line}" for line in result], ""]
+    path = exported.parent / "README.md"
+    path.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body),
+                    encoding="utf-8")
+    return path

@@ -1,0 +1,80 @@
+"""The seed-format training report and the model card, from a real demo run."""
+import json
+
+import pytest
+import yaml
+
+from dbnb.config import load_config
+from dbnb.demo import run_demo
+from dbnb.export import export
+from dbnb.report import USER_FIELD, model_card, write_report
+
+HEADINGS = ["モデルハッシュ", "学習対象", "使用素材", "加工", "加工後素材詳細", "正則化画像", "ベースモデル",
+            "LR等のステータス設定", "安定した呼び出し方", "結果"]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    return run_demo(tmp_path_factory.mktemp("report") / "demo", steps=2)["run_dir"]
+
+
+def section(text, heading):
+    part = text.split(f"## {heading} /")[1]
+    return part.split("\n## ")[0]
+
+
+def test_every_heading_is_filled_from_the_run(demo_run):
+    text = write_report(demo_run).read_text(encoding="utf-8")
+    config = load_config(demo_run / "config.json")
+    for heading in HEADINGS:
+        assert f"## {heading} /" in text
+    assert config.instance_prompt in section(text, "学習対象")
+    assert "5 images" in section(text, "使用素材")
+    assert f"{config.num_class_images} used of 50" in section(text, "正則化画像")
+    assert "fully transparent images, trained as `white` images" in section(text, "正則化画像")
+    assert config.pretrained_model_name_or_path in section(text, "ベースモデル")
+    settings = section(text, "LR等のステータス設定")
+    assert "Learning Rate (`learning_rate`): 0.0001 (preset: 1e-06)" in settings
+    assert "Apply Horizontal Flip (`hflip`): False" in settings
+    assert "trained 2 of 2 steps" in settings
+    # facts that do not exist yet are said to be missing, not invented
+    assert "not exported yet" in section(text, "モデルハッシュ")
+    assert "not scored yet" in section(text, "結果") and USER_FIELD in section(text, "結果")
+    assert "samples/step-000002/grid.png" in section(text, "結果")
+
+
+def test_export_hash_and_scores_appear_once_they_exist(demo_run):
+    exported = export(demo_run, overwrite=True)
+    rec = {"checkpoint": "step-000002", "step": 2, "reason": "fidelity 0.9", "rule": "the rule"}
+    (demo_run / "scores.json").write_text(json.dumps({"recommendation": rec, "rows": [
+        {"checkpoint": "step-000002", "clip_i": 0.81, "dino": 0.7, "clip_t": 0.3}]}))
+    try:
+        text = write_report(demo_run).read_text(encoding="utf-8")
+    finally:
+        (demo_run / "scores.json").unlink()
+    from dbnb.merge import short_hash
+    assert f"`{short_hash(exported.path)}` {exported.path.name}" in section(text, "モデルハッシュ")
+    assert "recommended checkpoint: **step-000002**" in section(text, "結果")
+    assert "the instance prompt at step-000002" in section(text, "安定した呼び出し方")
+
+
+def test_a_run_without_class_images_says_so(demo_run, tmp_path):
+    config = load_config(demo_run / "config.json")
+    other = tmp_path / "plain"
+    other.mkdir()
+    config.replace(with_prior_preservation=False, output_dir=str(tmp_path), run_name="plain").save(
+        other / "config.json")
+    text = write_report(other).read_text(encoding="utf-8")
+    assert "none (prior preservation off)" in section(text, "正則化画像")
+    assert "trained 0 of" in text
+
+
+def test_model_card_is_yaml_front_matter_and_markdown(demo_run):
+    exported = export(demo_run, overwrite=True)
+    card = model_card(demo_run, exported.path).read_text(encoding="utf-8")
+    assert card.startswith("---\n")
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["instance_prompt"] == "hnzk girl" and "dreambooth" in meta["tags"] and meta["license"]
+    assert "base_model" not in meta  # a local path means nothing on the Hub
+    assert exported.path.name in body and body.lstrip().startswith("# demo")
