@@ -452,6 +452,22 @@ def load_workspace(folder: str | Path, namespace: dict | None = None) -> Config:
     return config
 
 
+def section_fields(section: str) -> list[str]:
+    """The settings of one section, in order (for a notebook that handles one step)."""
+    assert section in SECTIONS, section
+    return [f.name for f in dataclasses.fields(Config) if f.metadata["section"] == section]
+
+
+def as_overrides(config: Config, names: typing.Iterable[str]) -> list[str]:
+    """`key=value` strings that `load_config(..., overrides)` reads back to these values."""
+    out = []
+    for name in names:
+        value = getattr(config, name)
+        text = value if isinstance(value, str) else json.dumps(list(value) if isinstance(value, tuple) else value)
+        out.append(f"{name}={text}")
+    return out
+
+
 def describe() -> list[dict]:
     """One row per setting, in order: for forms, `#@param` cells and the README table."""
     return [dict(name=f.name, default=f.default, type=_field_type(f).__name__, **f.metadata)

@@ -121,3 +121,13 @@ def test_workspace_config_takes_the_notebooks_parameters_by_name(tmp_path):
     second = load_workspace(tmp_path, {"hflip": True, "sample_prompts": ["a"]})
     assert second.pretrained_model_name_or_path == "m" and second.hflip and second.sample_prompts == ("a",)
     assert load_workspace(tmp_path) == second
+
+
+def test_overrides_from_a_config_read_back_to_the_same_values():
+    from dbnb.config import as_overrides, section_fields
+
+    config = Config(test_fidelity_prompts=("a, b", "c: d"), test_seeds=2, test_guidance_scale=5.0,
+                    test_steps="100,200", test_class_prompt_in_negative=True)
+    names = section_fields("Test Prompts")
+    assert "test_seeds" in names and "learning_rate" not in names
+    assert load_config(overrides=as_overrides(config, names)) == config
