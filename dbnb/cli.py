@@ -106,6 +106,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_classimages(args) -> int:
+    from dbnb.classimages import make_class_images
+    from dbnb.config import load_config
+
+    status = make_class_images(load_config(args.config, args.overrides, preset=args.preset))
+    print(status.message)
+    return 0 if status.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbnb", description="DreamBooth for Stable Diffusion 1.x.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a config .yaml / .json to start from")
     p.add_argument("--preset", help="person (character, default settings) or object_style")
     p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("classimages", help="class (regularization) images: generate, transparent or import; tops up")
+    p.add_argument("config", help="config .yaml / .json (class_data_dir, class_prompt, num_class_images, ...)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. class_images_mode=transparent")
+    p.add_argument("--preset", help="person (character) or object_style")
+    p.set_defaults(func=cmd_classimages)
 
     p = sub.add_parser("train", help="DreamBooth-train a model (accelerate launch -m dbnb train ... for several GPUs)")
     p.add_argument("config", help="config .yaml / .json (dbnb config --preset person > my.yaml writes one)")

@@ -115,8 +115,9 @@ class Config:
         "generate: with the base model and class_prompt. transparent: fully transparent PNGs, the seed "
         "community's trick; the trainer puts them on background_color (white), so they train as plain "
         "white images (the old extension dropped alpha: there they were black; set background_color=black "
-        "to reproduce that). import: copy from class_images_import.",
-        choices=("generate", "transparent", "import"))
+        "to reproduce that). black: opaque black images, the old extension's result for the class images "
+        "only. import: copy from class_images_import.",
+        choices=("generate", "transparent", "black", "import"))
     class_images_import: str = setting("", "Class Images", "Import Class Images From",
                                        "Folder, .zip or Google Drive link to copy class images from (mode import).")
     class_sampler: str = setting("dpmpp_2m", "Class Images", "Classification Sampler",
