@@ -42,19 +42,36 @@ def run(path, tmp_path, **parameters):
 
 
 def test_notebooks_run_in_order_on_the_tiny_model(tiny_dir, tmp_path):
-    from dbnb.demo import write_dataset
+    from dbnb.demo import draw_character
+    from dbnb.prep import write_stand_in_model
 
-    ws = tmp_path / "ws"
-    instance, klass = write_dataset(tmp_path / "data", n_instance=3, class_per_instance=2)
+    ws, pictures = tmp_path / "ws", tmp_path / "pictures"
+    pictures.mkdir()
+    for i in range(3):  # originals of another size, as users bring them
+        draw_character(i, size=96).save(pictures / f"hnzk_{i}.png")
+    segmenter = write_stand_in_model(tmp_path / "seg.onnx")
+
     run(ROOT / "notebooks" / "01_setup.ipynb", tmp_path, workspace=str(ws), install=False,
         pretrained_model_name_or_path=str(tiny_dir))
     assert f"pretrained_model_name_or_path: {tiny_dir}" in (ws / "config.yaml").read_text()
 
+    run(ROOT / "notebooks" / "02_dataset.ipynb", tmp_path, workspace=str(ws), dataset_source=str(pictures),
+        resolution=64, segmentation_model=str(segmenter), instance_token="hnzk", class_token="girl")
+    prepared = sorted((ws / "dataset").glob("*.png"))
+    assert len(prepared) == 3 and all(p.with_suffix(".txt").is_file() for p in prepared)
+    assert (ws / "dataset" / "prep_report.json").is_file()
+
+    run(ROOT / "notebooks" / "03_regularization.ipynb", tmp_path, workspace=str(ws), class_prompt="girl",
+        class_images_mode="transparent")
+    assert len(list((ws / "class_images").glob("*.png"))) == 30  # the seed's 10x
+    assert "num_class_images: 30" in (ws / "config.yaml").read_text()
+
     run(ROOT / "notebooks" / "04_train.ipynb", tmp_path, workspace=str(ws), run_name="nb", resolution=64,
         max_train_steps=4, save_every_steps=2, sample_every_steps=2, mixed_precision="no",
-        use_8bit_adam=False, gradient_checkpointing=False, learning_rate=1e-4,
-        instance_data_dir=str(instance), instance_prompt="hnzk girl", num_samples=1, sample_steps=2)
+        use_8bit_adam=False, gradient_checkpointing=False, learning_rate=1e-4, instance_prompt="hnzk girl",
+        class_prompt="girl", with_prior_preservation=True, num_samples=1, sample_steps=2)
     run_dir = ws / "runs" / "nb"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert (run_dir / "samples" / "step-000004" / "grid.png").is_file()
     assert (run_dir / "exports" / "nb_4.safetensors").is_file()
+    assert "30 class images" in (tmp_path / "out-04_train.ipynb").read_text()
