@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def cmd_doctor(args) -> int:
@@ -63,6 +64,10 @@ def cmd_export(args) -> int:
                     vae=args.vae, to=args.to, overwrite=args.overwrite, name=args.name)
     print(f"{result.path}  {result.size / 2**30:.2f} GiB  verified")
     if args.hub:
+        from dbnb.report import model_card
+
+        if (Path(args.source) / "config.json").is_file():
+            model_card(args.source, result.path)
         print(f"uploaded: {upload_to_hub(result.path, args.hub)}")
     return 0
 

@@ -213,6 +213,9 @@ def upload_to_hub(path: Path, repo_id: str, api=None) -> str:
     api = api or HfApi()
     api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
     api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="model")
+    card = path.parent / "README.md"  # dbnb.report.model_card writes it beside the export
+    if card.is_file():
+        api.upload_file(path_or_fileobj=str(card), path_in_repo="README.md", repo_id=repo_id, repo_type="model")
     return f"https://huggingface.co/{repo_id}/blob/main/{path.name}"
 
 

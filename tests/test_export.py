@@ -138,5 +138,9 @@ def test_hub_upload_goes_to_a_private_repo(tmp_path):
             calls.append(("upload", kw["repo_id"], kw["path_in_repo"]))
     (tmp_path / "m.safetensors").write_bytes(b"x")
     url = export_mod.upload_to_hub(tmp_path / "m.safetensors", "me/hnzk", api=Api())
-    assert calls[0][2]["private"] is True and calls[1] == ("upload", "me/hnzk", "m.safetensors")
+    assert calls[0][2]["private"] is True and calls[1:] == [("upload", "me/hnzk", "m.safetensors")]
+    (tmp_path / "README.md").write_text("---\nlicense: x\n---\n")
+    calls.clear()
+    export_mod.upload_to_hub(tmp_path / "m.safetensors", "me/hnzk", api=Api())
+    assert calls[-1] == ("upload", "me/hnzk", "README.md")
     assert url.endswith("me/hnzk/blob/main/m.safetensors")

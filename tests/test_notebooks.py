@@ -73,5 +73,6 @@ def test_notebooks_run_in_order_on_the_tiny_model(tiny_dir, tmp_path):
     run_dir = ws / "runs" / "nb"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert (run_dir / "samples" / "step-000004" / "grid.png").is_file()
-    assert (run_dir / "exports" / "nb_4.safetensors").is_file()
+    assert (run_dir / "exports" / "nb_4.safetensors").is_file() and (run_dir / "exports" / "README.md").is_file()
+    assert "## 学習対象 / Target" in (run_dir / "report.md").read_text(encoding="utf-8")
     assert "30 class images" in (tmp_path / "out-04_train.ipynb").read_text()
