@@ -212,6 +212,12 @@ class Config:
                                            "Recompute activations in backward: less VRAM, ~20% slower.")
     max_grad_norm: float = setting(1.0, "Gradients", "Max Grad Norms",
                                    "Clip the gradient norm to this value (0: no clipping).")
+    optimizer_in_backward: bool = setting(
+        False, "Gradients", "Optimizer in Backward",
+        "Step each weight as soon as backward has its gradient, then free that gradient, so the UNet's "
+        "full-size gradients (~3.4 GB fp32 for SD 1.5) never exist all at once. Same update as the normal "
+        "path. Needs gradient_accumulation_steps=1, max_grad_norm=0, one GPU and mixed_precision bf16 or no "
+        "(not fp16).")
 
     # --- Samples -------------------------------------------------------------------------
     sample_prompts: tuple[str, ...] = setting((), "Samples", "Sample Image Prompt",

@@ -12,6 +12,7 @@ exactly what the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -123,13 +124,18 @@ def make_optimizer(config: Config, unet, text_encoder, world: int, device: torch
         groups.append({"params": list(text_encoder.parameters()), "lr": config.text_encoder_lr * scale})
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
+    make = functools.partial(torch.optim.AdamW, fused=device.type == "cuda")
     if config.use_8bit_adam:
         check = check_bitsandbytes(device.type)
         if check.ok:
             import bitsandbytes as bnb
-            return bnb.optim.AdamW8bit(groups, **kwargs)
-        warnings.warn(f"use_8bit_adam: {check.detail}; using torch.optim.AdamW (more VRAM).", stacklevel=2)
-    return torch.optim.AdamW(groups, fused=device.type == "cuda", **kwargs)
+            make = bnb.optim.AdamW8bit
+        else:
+            warnings.warn(f"use_8bit_adam: {check.detail}; using torch.optim.AdamW (more VRAM).", stacklevel=2)
+    if config.optimizer_in_backward:
+        from dbnb.inbackward import OptimizerInBackward
+        return OptimizerInBackward(groups, make, track_grad_norm=True, **kwargs)
+    return make(groups, **kwargs)
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -371,6 +377,10 @@ def setup(config: Config, accelerator, resume: str | None) -> Session:
     device, world = accelerator.device, accelerator.num_processes
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
+    if config.optimizer_in_backward:
+        from dbnb.inbackward import check_supported
+        check_supported(config, world)
+
     # 2. The run folder: a new one, or the one being resumed.
     run, resume_from = open_run(config, resume, accelerator.is_main_process)
     accelerator.wait_for_everyone()
@@ -389,10 +399,14 @@ def setup(config: Config, accelerator, resume: str | None) -> Session:
     ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet),
                    model_config=unet.config) if config.use_ema else None
     state = load_checkpoint(resume_from, unet, text_encoder, ema, config) if resume_from else {}
-    if config.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-    else:
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+    # An optimizer that steps inside backward gains nothing from accelerate's wrapper.
+    parts = [unet] + ([text_encoder] if config.train_text_encoder else []) \
+        + ([] if config.optimizer_in_backward else [optimizer])
+    prepared = accelerator.prepare(*parts)
+    prepared = list(prepared) if len(parts) > 1 else [prepared]  # one object comes back bare
+    unet = prepared.pop(0)
+    text_encoder = prepared.pop(0) if config.train_text_encoder else text_encoder
+    optimizer = prepared.pop(0) if prepared else optimizer
     if resume_from is not None:
         load_optimizer_state(resume_from, optimizer, lr_scheduler)
     if ema is not None:
@@ -480,6 +494,7 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
                 grad_norm = float(acc.clip_grad_norm_(params, config.max_grad_norm))
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
+            grad_norm = getattr(s.optimizer, "grad_norm", grad_norm)  # in-backward: measured in the hooks
         s.micro_step += 1
         if acc.sync_gradients:
             break

@@ -166,12 +166,25 @@ def test_transparent_images_are_rgba_alpha0_and_train_as_white_or_black(make_con
     assert black.shape == (20, 3, 64, 64) and torch.all(black == -1.0)  # the old extension's black
 
 
-def test_black_variant_stays_black_on_a_white_background(make_config, tmp_path, tokenizer):
-    config = make_config(with_prior_preservation=True, instance_prompt="hnzk girl",
+def test_black_mode_stays_black_on_a_white_background(make_config, tmp_path, tokenizer):
+    config = make_config(with_prior_preservation=True, instance_prompt="hnzk girl", class_images_mode="black",
                          instance_data_dir=str(instance_folder(tmp_path, 1)))
-    written = ci.write_blank_images(ci.class_folder(config), 5, 64, "girl", black=True, progress=False)
-    assert len(written) == 5 and Image.open(written[0]).mode == "RGB"
-    assert torch.all(read_images(config, tokenizer).klass.images == -1.0)
+    assert ci.make_class_images(config, progress=False).ok
+    pngs = sorted(ci.class_folder(config).glob("*.png"))
+    assert len(pngs) == 5 and all(Image.open(p).mode == "RGB" for p in pngs)
+    assert torch.all(read_images(config, tokenizer).klass.images == -1.0)  # background_color is white
+
+
+def test_cli_classimages_tops_up_and_prints_errors_without_traceback(make_config, tmp_path, capsys):
+    from dbnb.cli import main
+
+    config = make_config(class_images_mode="transparent", num_class_images=3)
+    path = config.save(tmp_path / "my.yaml")
+    assert main(["classimages", str(path)]) == 0
+    assert len(list(ci.class_folder(config).glob("*.png"))) == 3
+    assert main(["classimages", str(path), "class_images_mode=import",
+                 f"class_images_import={tmp_path / 'empty'}", "num_class_images=7"]) != 0
+    assert "class_images_import" in capsys.readouterr().err
 
 
 def test_top_up_counts_other_images_skips_partial_files_and_never_deletes(tmp_path):

@@ -211,3 +211,16 @@ def test_two_process_cpu_ddp_completes(make_config, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     steps = [json.loads(x)["step"] for x in (run / "logs" / "train.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # only the main process writes
+
+
+def test_optimizer_in_backward_trains_like_the_normal_path(make_config):
+    normal = train(make_config(max_train_steps=3, max_grad_norm=0.0, run_name="normal"), progress=False)
+    hooked = train(make_config(max_train_steps=3, max_grad_norm=0.0, run_name="hooked", optimizer_in_backward=True),
+                   progress=False)
+    a, b = unet_weights(normal.run_dir, 3), unet_weights(hooked.run_dir, 3)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    log = json.loads((hooked.run_dir / "logs" / "train.jsonl").read_text().splitlines()[-1])
+    assert log["grad_norm"] > 0  # measured in the hooks
+    with pytest.raises(ConfigError, match="max_grad_norm"):
+        train(make_config(optimizer_in_backward=True, run_name="clip"), progress=False)
