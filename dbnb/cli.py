@@ -120,6 +120,24 @@ def cmd_classimages(args) -> int:
     return 0 if status.ok else 1
 
 
+def cmd_sample(args) -> int:
+    from dbnb.sample import sample_run
+
+    result = sample_run(args.run, args.overrides, ema=args.ema, force=args.force, progress=not args.no_progress)
+    for grid in result.grids:
+        print(f"grid: {grid}")
+    print(f"{result.rendered} images made, {result.reused} reused; all of them: {result.html}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from dbnb.score import score_run
+
+    result = score_run(args.run, args.overrides, ema=args.ema, progress=not args.no_progress)
+    print(f"\ntable: {result.csv}\nplot: {result.plot}\npage: {result.html}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbnb", description="DreamBooth for Stable Diffusion 1.x.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="dbnb-demo", help="folder for the model, images and run (default: dbnb-demo)")
     p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
     p.set_defaults(func=cmd_demo)
+
+    for name, helptext in (("sample", "test-prompt grids: base model + each checkpoint x prompts x seeds"),
+                           ("score", "CLIP-I / DINO fidelity, CLIP-T flexibility per checkpoint, and a pick")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run", help="the run folder")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="test settings, e.g. test_seeds=8")
+        p.add_argument("--ema", action="store_true", help="use the EMA weights of each checkpoint")
+        p.add_argument("--no-progress", action="store_true")
+        if name == "sample":
+            p.add_argument("--force", action="store_true", help="make every image again")
+        p.set_defaults(func=cmd_sample if name == "sample" else cmd_score)
 
     p = sub.add_parser("export", help="one .safetensors / .ckpt for AUTOMATIC1111's webui, verified")
     p.add_argument("source", help="a run folder (or any model dbnb can load: folder, file, repo id)")

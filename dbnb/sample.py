@@ -1,15 +1,26 @@
-"""Images from a pipeline: training previews now, test-prompt grids later.
+"""Images from a pipeline: training previews, and the test-prompt grids that pick a checkpoint.
 
 Every image has its own seeded generator, so the same prompt, seed and weights give the
 same picture at any step — which is what makes previews of different steps comparable —
 and sampling never touches the global RNG that training might use.
+
+`sample_run` is `dbnb sample RUN_DIR`: the seed's users judge a run by eye with "<instance
+prompt>, 1girl, solo" (fidelity) and the same with other clothes / places (flexibility),
+comparing saved checkpoints. It loads the base pipeline once, swaps only the trained parts
+per checkpoint, and writes one image per checkpoint × prompt × seed, a grid per prompt and
+an HTML page, under RUN/tests/.
 """
 from __future__ import annotations
 
+import hashlib
+import html
+import json
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 def make_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None) -> Image.Image:
@@ -54,3 +65,381 @@ def save_previews(results: list[tuple[str, int, Image.Image]], folder: Path, col
     grid = make_grid([im for _, _, im in results], cols, [f"p{prompts.index(p)} s{s}" for p, s, _ in results])
     grid.save(folder / "grid.png")
     return folder / "grid.png"
+
+
+# --- test prompts: the seed's way of choosing a checkpoint, made systematic --------------------
+#
+#   RUN/tests/base/p0-s0.png, RUN/tests/step-000500/p0-s0.png …   one image per row × prompt × seed
+#   RUN/tests/grid-0.png …                                        one grid per prompt: rows = steps, cols = seeds
+#   RUN/tests/index.html                                          every grid and image, relative links
+#   RUN/tests/manifest.json                                       what each image was made from (its cache key)
+
+SCHEDULER = "DPMSolverMultistepScheduler"  # DPM++ 2M, as the previews use: good at ~20-30 steps
+
+
+class SampleError(RuntimeError):
+    """Test images cannot be made as asked; the message names the setting or file and what to do."""
+
+
+@dataclass(frozen=True)
+class TestPrompt:
+    __test__ = False  # not a pytest test class, whatever its name
+    index: int
+    kind: str        # "fidelity", "flexibility" or "class" (the class prompt alone: language drift)
+    text: str        # what the model is asked
+    negative: str
+    clip_text: str   # what CLIP-T compares the images with: the instance prompt replaced by the class prompt
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str                 # folder under RUN/tests/: "base" or "step-000500"
+    label: str                # "base model" or "step 500"
+    step: int | None = None   # None for the base model
+    path: Path | None = None  # the checkpoint folder
+
+
+@dataclass
+class SampleResult:
+    folder: Path
+    rows: list[Row]
+    prompts: list[TestPrompt]
+    seeds: list[int]
+    grids: list[Path]
+    html: Path
+    rendered: int = 0
+    reused: int = 0
+    seconds: dict = field(default_factory=dict)
+
+    def image_path(self, row: Row, prompt: TestPrompt, seed: int) -> Path:
+        return self.folder / image_name(row, prompt, seed)
+
+
+def image_name(row: Row, prompt: TestPrompt, seed: int) -> str:
+    return f"{row.name}/p{prompt.index}-s{seed}.png"
+
+
+def _plain(prompt: str, words: str) -> str:
+    """A training prompt with `[filewords]` (per-image captions) replaced by fixed words."""
+    return " ".join(prompt.replace("[filewords]", words).split()).strip(" ,")
+
+
+def fill_template(template: str, instance_prompt: str, class_prompt: str) -> str:
+    text = template.replace("{instance_prompt}", instance_prompt).replace("{class_prompt}", class_prompt)
+    return ", ".join(part.strip() for part in text.split(",") if part.strip())  # no ", ," when one is empty
+
+
+def prompt_set(config) -> list[TestPrompt]:
+    """Fidelity prompts, flexibility prompts, then the class prompt alone (when there is one).
+    With a concepts_list, the first concept's prompts are used."""
+    from dbnb.data import concepts_from_config
+
+    c = concepts_from_config(config)[0]
+    instance = _plain(c.instance_prompt, f"{c.instance_token} {c.class_token}")
+    klass = _plain(c.class_prompt, c.class_token)
+    if not instance:
+        raise SampleError("instance_prompt is empty in the run's config.json: test prompts need it "
+                          "(pass instance_prompt=... after the run folder).")
+    negative = config.test_negative_prompt
+    if config.test_class_prompt_in_negative and klass:
+        negative = ", ".join(p for p in (negative, klass) if p)
+    prompts = []
+    for kind, templates in (("fidelity", config.test_fidelity_prompts),
+                            ("flexibility", config.test_flexibility_prompts)):
+        for template in templates:
+            prompts.append(TestPrompt(len(prompts), kind, fill_template(template, instance, klass), negative,
+                                      fill_template(template, klass, klass)))
+    if klass:  # never with the class prompt in the negative: this row shows what the class word became
+        prompts.append(TestPrompt(len(prompts), "class", klass, config.test_negative_prompt, klass))
+    return prompts
+
+
+def choose_checkpoints(run, test_steps: str, ema: bool = False) -> list[tuple[int, Path]]:
+    """The run's checkpoints named by `test_steps`: 'all', 'latest' or '1000,2000'."""
+    found = run.checkpoints()
+    if not found:
+        raise SampleError(f"{run.root} has no checkpoints yet: train first (dbnb train), or check the run folder.")
+    spec = test_steps.strip().lower()
+    if spec in ("", "all"):
+        chosen = found
+    elif spec == "latest":
+        chosen = found[-1:]
+    else:
+        try:
+            wanted = [int(s) for s in spec.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise SampleError(f"test_steps: {test_steps!r} is not 'all', 'latest' or steps like '1000,2000'.") from None
+        by_step = dict(found)
+        missing = [s for s in wanted if s not in by_step]
+        if missing:
+            raise SampleError(f"test_steps: no checkpoint at step {', '.join(map(str, missing))}; saved steps: "
+                              f"{', '.join(str(s) for s, _ in found)}.")
+        chosen = [(s, by_step[s]) for s in sorted(set(wanted))]
+    unet = "unet_ema" if ema else "unet"
+    for step, path in chosen:
+        if not (path / unet / "diffusion_pytorch_model.safetensors").is_file():
+            raise SampleError(f"{path} has no {unet}/diffusion_pytorch_model.safetensors" +
+                              (": this run was trained without use_ema; sample without --ema." if ema else
+                               ": the checkpoint is incomplete; choose other steps with test_steps=..."))
+    return chosen
+
+
+def _fingerprint(path: Path) -> list:
+    """Size and mtime: a checkpoint saved again at the same step gets its images remade."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _weights_key(row: Row, ema: bool) -> list:
+    if row.path is None:
+        return ["base"]
+    files = [row.path / ("unet_ema" if ema else "unet") / "diffusion_pytorch_model.safetensors",
+             row.path / "text_encoder" / "model.safetensors"]
+    return [_fingerprint(f) for f in files if f.is_file()]
+
+
+def _image_key(settings: dict, weights: list, prompt: TestPrompt, seed: int) -> str:
+    blob = json.dumps([settings, weights, prompt.text, prompt.negative, seed], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _device_and_dtype(config, device: str | None) -> tuple[str, torch.dtype]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        return device, torch.float32  # CPU half precision is slow and poorly supported
+    return device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+
+
+class TestPipeline:
+    """The base pipeline loaded once; a row's trained parts are swapped in with load_state_dict."""
+    __test__ = False
+
+    def __init__(self, config, device: str, dtype: torch.dtype, ema: bool):
+        from diffusers import DPMSolverMultistepScheduler
+
+        from dbnb.models import load_pipeline
+
+        pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
+                             revision=config.revision, dtype=dtype)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(device)
+        # Decoding in fp32: some anime VAEs (NAI's) give NaN, i.e. black images, in fp16.
+        self.vae = pipe.vae if pipe.vae.dtype == torch.float32 else pipe.vae.to(torch.float32)
+        self.ema, self.config = ema, config
+        self.base_text = None  # a copy is kept only once a checkpoint brings its own text encoder
+        self.current = "base"
+
+    def use(self, row: Row) -> None:
+        from safetensors.torch import load_file
+
+        if row.name == self.current:
+            return
+        if row.path is None:
+            raise SampleError("The base row must be rendered before any checkpoint is swapped in.")
+        unet_file = row.path / ("unet_ema" if self.ema else "unet") / "diffusion_pytorch_model.safetensors"
+        try:
+            self.pipe.unet.load_state_dict(load_file(unet_file))
+        except RuntimeError as e:
+            raise SampleError(f"{unet_file} does not fit the base model {self.config.pretrained_model_name_or_path!r}: "
+                              f"was the run trained from another one? ({str(e).splitlines()[0]})") from None
+        text_file = row.path / "text_encoder" / "model.safetensors"
+        if text_file.is_file():
+            if self.base_text is None:
+                self.base_text = {k: v.detach().to("cpu", copy=True)
+                                  for k, v in self.pipe.text_encoder.state_dict().items()}
+            self.pipe.text_encoder.load_state_dict(load_file(text_file), strict=False)
+        elif self.base_text is not None:
+            self.pipe.text_encoder.load_state_dict(self.base_text)
+        self.current = row.name
+
+    @torch.no_grad()
+    def render(self, prompt: TestPrompt, seeds: list[int]) -> list[Image.Image]:
+        """One image per seed, each from its own CPU generator: the same on every call."""
+        c = self.config
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        latents = self.pipe(prompt.text, negative_prompt=prompt.negative or None, num_images_per_prompt=len(seeds),
+                            num_inference_steps=c.test_infer_steps, guidance_scale=c.test_guidance_scale,
+                            height=c.resolution, width=c.resolution, generator=generators,
+                            output_type="latent").images
+        decoded = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
+        return self.pipe.image_processor.postprocess(decoded, output_type="pil")
+
+
+def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: str | None = None,
+               force: bool = False, batch_size: int = 4, progress: bool = True) -> SampleResult:
+    """Test images of a run: base model and chosen checkpoints × test prompts × seeds, grids and
+    index.html under RUN/tests/. Images already made with the same settings and weights are kept."""
+    from dbnb.checkpoints import RunFolder
+    from dbnb.config import load_config
+
+    run = RunFolder(run_dir)
+    if not run.config_path.is_file():
+        raise SampleError(f"{run.root} has no config.json: give the run folder (<output_dir>/<run_name>).")
+    config = load_config(run.config_path, overrides)
+    rows = [Row("base", "base model")] + [Row(f"step-{s:06d}", f"step {s}", s, p)
+                                          for s, p in choose_checkpoints(run, config.test_steps, ema)]
+    prompts, seeds = prompt_set(config), list(range(config.test_seeds))
+    device, dtype = _device_and_dtype(config, device)
+    settings = dict(model=config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
+                    revision=config.revision, scheduler=SCHEDULER, guidance=config.test_guidance_scale,
+                    infer_steps=config.test_infer_steps, resolution=config.resolution, ema=ema,
+                    device=device.split(":")[0], dtype=str(dtype))
+    folder = run.root / "tests"
+    result = SampleResult(folder, rows, prompts, seeds, [], folder / "index.html")
+    # The manifest keeps what every image on disk was made from, so a later call (more seeds,
+    # new checkpoints, `dbnb score`) only makes what is missing or out of date.
+    made = {n: k for n, k in _read_manifest(folder).get("images", {}).items() if (folder / n).is_file()}
+    keys = {image_name(r, p, s): _image_key(settings, _weights_key(r, ema), p, s)
+            for r in rows for p in prompts for s in seeds}
+    todo = set(keys) if force else {n for n, k in keys.items() if made.get(n) != k}
+    _render_missing(config, result, todo, device, dtype, ema, batch_size, progress)
+    result.reused = len(keys) - len(todo)
+    _write_manifest(folder, settings, result, {**made, **keys})
+    result.grids = [write_grid(result, p) for p in prompts]
+    write_html(result)
+    return result
+
+
+def _render_missing(config, result: SampleResult, todo: set[str], device, dtype, ema, batch_size, progress) -> None:
+    if not todo:
+        return
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    tester = TestPipeline(config, device, dtype, ema)
+    result.seconds["load"] = time.perf_counter() - started
+    result.seconds.update(swap=0.0, render=0.0)
+    with tqdm(total=len(todo), desc="test images", unit="img", disable=not progress) as bar:
+        for row in result.rows:
+            for prompt in result.prompts:
+                seeds = [s for s in result.seeds if image_name(row, prompt, s) in todo]
+                if not seeds:
+                    continue
+                t = time.perf_counter()
+                tester.use(row)
+                result.seconds["swap"] += time.perf_counter() - t
+                (result.folder / row.name).mkdir(parents=True, exist_ok=True)
+                for start in range(0, len(seeds), batch_size):
+                    chunk = seeds[start:start + batch_size]
+                    t = time.perf_counter()
+                    for seed, image in zip(chunk, tester.render(prompt, chunk)):
+                        image.save(result.image_path(row, prompt, seed))
+                    result.seconds["render"] += time.perf_counter() - t
+                    bar.update(len(chunk))
+    result.rendered = len(todo)
+    del tester
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _read_manifest(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_manifest(folder: Path, settings: dict, result: SampleResult, keys: dict) -> None:
+    data = dict(settings=settings, seeds=result.seeds, prompts=[asdict(p) for p in result.prompts],
+                rows=[dict(name=r.name, label=r.label, step=r.step) for r in result.rows], images=keys)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+# --- grids and the page ---------------------------------------------------------------------------
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split(" "):
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line]
+
+
+def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
+                  title: str = "") -> Image.Image:
+    """Rows × columns of images with a row label on the left, column labels on top and a title."""
+    h, w = images[0][0].height, images[0][0].width
+    font = _font(max(11, w // 24))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(font.size * 1.3) if hasattr(font, "size") else 14
+    label_w = int(max(measure.textlength(t, font=font) for t in row_labels)) + 12
+    title_lines = _wrap(measure, title, font, label_w + w * len(col_labels) - 8) if title else []
+    top = line_h * (len(title_lines) + 1) + 4
+    grid = Image.new("RGB", (label_w + w * len(col_labels), top + h * len(images)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(title_lines):
+        draw.text((4, 2 + i * line_h), line, fill="black", font=font)
+    for c, label in enumerate(col_labels):
+        draw.text((label_w + c * w + 4, top - line_h), label, fill="black", font=font)
+    for r, (label, row) in enumerate(zip(row_labels, images)):
+        draw.text((4, top + r * h + h // 2 - line_h // 2), label, fill="black", font=font)
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB").resize((w, h)), (label_w + c * w, top + r * h))
+    return grid
+
+
+def write_grid(result: SampleResult, prompt: TestPrompt) -> Path:
+    images = [[Image.open(result.image_path(r, prompt, s)) for s in result.seeds] for r in result.rows]
+    title = f"p{prompt.index} [{prompt.kind}] {prompt.text}"
+    grid = labelled_grid(images, [r.label for r in result.rows], [f"seed {s}" for s in result.seeds], title)
+    path = result.folder / f"grid-{prompt.index}.png"
+    grid.save(path)
+    return path
+
+
+KIND_HELP = {"fidelity": "should look like the training images",
+             "flexibility": "should follow the new clothes / place and still be the character",
+             "class": "the class prompt alone: should still look like the base model (language drift)"}
+
+
+def write_html(result: SampleResult, scores: dict | None = None) -> Path:
+    """index.html beside the images; links are relative so the folder can be zipped or moved."""
+    e = html.escape
+    parts = ["<!doctype html><meta charset='utf-8'><title>dbnb test prompts</title>",
+             "<style>body{font-family:sans-serif}img{image-rendering:auto}td,th{padding:2px 6px}"
+             "table{border-collapse:collapse}th{text-align:left}</style>",
+             f"<h1>Test prompts: {e(result.folder.parent.name)}</h1>"]
+    if scores:
+        parts.append(_scores_html(scores))
+    for p in result.prompts:
+        parts.append(f"<h2 id='p{p.index}'>p{p.index} · {e(p.kind)}: {e(p.text)}</h2>"
+                     f"<p>{e(KIND_HELP.get(p.kind, ''))}. Negative: <i>{e(p.negative)}</i></p>"
+                     f"<p><a href='grid-{p.index}.png'>grid-{p.index}.png</a></p><table><tr><th></th>"
+                     + "".join(f"<th>seed {s}</th>" for s in result.seeds) + "</tr>")
+        for r in result.rows:
+            cells = "".join(f"<td><a href='{e(image_name(r, p, s))}'><img src='{e(image_name(r, p, s))}' "
+                            f"width='192' loading='lazy'></a></td>" for s in result.seeds)
+            parts.append(f"<tr><th>{e(r.label)}</th>{cells}</tr>")
+        parts.append("</table>")
+    result.html.write_text("\n".join(parts) + "\n", encoding="utf-8")
+    return result.html
+
+
+def _scores_html(scores: dict) -> str:
+    e = html.escape
+    columns = scores["columns"]
+    head = "".join(f"<th>{e(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{e(_cell(row.get(c)))}</td>" for c in columns) + "</tr>"
+                   for row in scores["rows"])
+    rec = scores.get("recommendation") or {}
+    return (f"<h2>Scores</h2><p><b>Recommended: step {e(str(rec.get('step')))}</b> — {e(rec.get('rule', ''))}</p>"
+            f"<table border='1'><tr>{head}</tr>{body}</table><p><img src='../scores.png'></p>")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "n/a" if value != value else f"{value:.4f}"
+    return "" if value is None else str(value)

@@ -41,7 +41,7 @@ def run(path, tmp_path, **parameters):
     return out
 
 
-def test_notebooks_run_in_order_on_the_tiny_model(tiny_dir, tmp_path):
+def test_notebooks_run_in_order_on_the_tiny_model(tiny_dir, embedders, tmp_path):
     from dbnb.demo import draw_character
     from dbnb.prep import write_stand_in_model
 
@@ -76,3 +76,11 @@ def test_notebooks_run_in_order_on_the_tiny_model(tiny_dir, tmp_path):
     assert (run_dir / "exports" / "nb_4.safetensors").is_file() and (run_dir / "exports" / "README.md").is_file()
     assert "## 学習対象 / Target" in (run_dir / "report.md").read_text(encoding="utf-8")
     assert "30 class images" in (tmp_path / "out-04_train.ipynb").read_text()
+
+    clip, dino = embedders
+    run(ROOT / "notebooks" / "05_test_prompts.ipynb", tmp_path, workspace=str(ws), run_name="nb", test_seeds=2,
+        test_infer_steps=2, clip_model=str(clip), dino_model=str(dino))
+    assert len(list((run_dir / "tests").glob("grid-*.png"))) >= 2 and (run_dir / "tests" / "index.html").is_file()
+    scores = json.loads((run_dir / "scores.json").read_text())
+    assert scores["recommendation"]["checkpoint"] in ("step-000002", "step-000004")
+    assert "recommended checkpoint: **step-00000" in (run_dir / "report.md").read_text(encoding="utf-8")

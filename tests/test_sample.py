@@ -1,0 +1,158 @@
+"""Test-prompt grids (`dbnb sample RUN_DIR`) on a real tiny run, on CPU: nothing mocked."""
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dbnb.checkpoints import RunFolder
+from dbnb.config import Config
+from dbnb.demo import CLASS_PROMPT, INSTANCE_PROMPT, write_dataset
+from dbnb.sample import SampleError, choose_checkpoints, labelled_grid, prompt_set, sample_run
+
+# Few, small images: the whole module stays well under a minute on a CPU.
+FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions gain nothing from threads, and on a busy CI box OpenMP's waiting makes
+    them 10x slower; one thread keeps this module fast there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_dir, tmp_path_factory):
+    """A two-checkpoint run that also trains the text encoder (so both parts are swapped)."""
+    from dbnb.train import train
+
+    tmp = tmp_path_factory.mktemp("sample")
+    instance, _ = write_dataset(tmp / "data", n_instance=3, class_per_instance=1)
+    config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
+                    instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, output_dir=str(tmp / "runs"),
+                    run_name="run", resolution=64, max_train_steps=2, save_every_steps=1, sample_every_steps=0,
+                    learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
+                    use_8bit_adam=False, gradient_checkpointing=False, train_text_encoder=True)
+    return train(config, progress=False).run_dir
+
+
+@pytest.fixture(scope="module")
+def first(run_dir, tmp_path_factory):
+    """The first sampling of the run, plus a copy of its images (later calls write over them)."""
+    result = sample_run(run_dir, FAST, progress=False)
+    keep = tmp_path_factory.mktemp("first-images")
+    shutil.copytree(result.folder, keep / "tests")
+    return result, keep / "tests"
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_prompt_set_fills_the_seeds_templates():
+    config = Config(instance_prompt="nanU Unan", class_prompt="Unan", test_class_prompt_in_negative=True,
+                    test_negative_prompt="lowres",
+                    test_flexibility_prompts=("{instance_prompt}, 1girl, solo, swimsuit, beach",))
+    fidelity, flexibility, klass = prompt_set(config)
+    assert (fidelity.kind, fidelity.text) == ("fidelity", "nanU Unan, 1girl, solo")
+    assert (flexibility.kind, flexibility.text) == ("flexibility", "nanU Unan, 1girl, solo, swimsuit, beach")
+    # CLIP-T compares with the class word where the instance prompt was: CLIP never saw "nanU"
+    assert flexibility.clip_text == "Unan, 1girl, solo, swimsuit, beach"
+    # the seed's "Instance prompt + Class prompt ネガ" call, but never on the class-prompt row itself
+    assert fidelity.negative == flexibility.negative == "lowres, Unan"
+    assert (klass.kind, klass.text, klass.negative) == ("class", "Unan", "lowres")
+    assert [p.index for p in (fidelity, flexibility, klass)] == [0, 1, 2]
+
+
+def test_prompt_set_reads_filewords_prompts_and_no_class_prompt():
+    config = Config(instance_prompt="[filewords]", instance_token="nanU", class_token="1girl", class_prompt="")
+    prompts = prompt_set(config)
+    assert prompts[0].text == "nanU 1girl, 1girl, solo"
+    assert prompts[0].clip_text == "1girl, solo"
+    assert "class" not in [p.kind for p in prompts]  # no class prompt: no drift row
+    with pytest.raises(SampleError, match="instance_prompt"):
+        prompt_set(Config())
+
+
+def test_choose_checkpoints_by_test_steps(run_dir):
+    run = RunFolder(run_dir)
+    assert [s for s, _ in choose_checkpoints(run, "all")] == [1, 2]
+    assert [s for s, _ in choose_checkpoints(run, "latest")] == [2]
+    assert [s for s, _ in choose_checkpoints(run, "2, 1")] == [1, 2]
+    with pytest.raises(SampleError, match=r"test_steps: no checkpoint at step 500; saved steps: 1, 2"):
+        choose_checkpoints(run, "500")
+    with pytest.raises(SampleError, match="test_steps"):
+        choose_checkpoints(run, "last")
+    with pytest.raises(SampleError, match="without use_ema"):
+        choose_checkpoints(run, "all", ema=True)
+
+
+def test_grid_has_rows_of_steps_and_columns_of_seeds_with_labels(first):
+    result, _ = first
+    assert [r.label for r in result.rows] == ["base model", "step 1", "step 2"]
+    assert [p.kind for p in result.prompts] == ["fidelity", "flexibility", "class"]
+    assert [g.name for g in result.grids] == ["grid-0.png", "grid-1.png", "grid-2.png"]
+    for prompt, grid_path in zip(result.prompts, result.grids):
+        grid = pixels(grid_path)
+        size, rows, cols = 64, len(result.rows), len(result.seeds)
+        label_w, top = grid.shape[1] - cols * size, grid.shape[0] - rows * size
+        assert label_w > 20 and top > 20  # room for the row labels and the title / seed labels
+        for r, row in enumerate(result.rows):
+            for c, seed in enumerate(result.seeds):
+                tile = grid[top + r * size: top + (r + 1) * size, label_w + c * size: label_w + (c + 1) * size]
+                assert np.array_equal(tile, pixels(result.image_path(row, prompt, seed))), (prompt.index, r, c)
+            assert grid[top + r * size: top + (r + 1) * size, :label_w].min() < 128, f"row {r} has no label"
+        for c in range(cols):
+            assert grid[top - 16: top, label_w + c * size: label_w + (c + 1) * size].min() < 128, f"col {c} label"
+
+
+def test_same_seed_and_checkpoint_give_identical_images_across_calls(run_dir, first):
+    result, kept = first
+    # Only step 2 this time, so step 1 is never swapped in first: no weights may leak between rows.
+    again = sample_run(run_dir, [*FAST, "test_steps=2"], force=True, progress=False)
+    assert again.rendered == 2 * len(again.prompts) * len(again.seeds)
+    for row in again.rows:
+        for prompt in again.prompts:
+            for seed in again.seeds:
+                name = f"{row.name}/p{prompt.index}-s{seed}.png"
+                assert np.array_equal(pixels(again.folder / name), pixels(kept / name)), name
+    base, step2 = again.rows
+    p0 = again.prompts[0]
+    assert not np.array_equal(pixels(again.image_path(base, p0, 0)), pixels(again.image_path(step2, p0, 0)))
+    assert not np.array_equal(pixels(again.image_path(base, p0, 0)), pixels(again.image_path(base, p0, 1)))
+
+
+def test_images_made_with_the_same_settings_are_reused(run_dir, first):
+    again = sample_run(run_dir, FAST, progress=False)
+    assert (again.rendered, again.reused) == (0, 3 * 3 * 2)
+    changed = sample_run(run_dir, [*FAST, "test_seeds=3"], progress=False)
+    assert (changed.rendered, changed.reused) == (3 * 3, 3 * 3 * 2)  # only the new seed is made
+
+
+def test_html_page_references_every_image(run_dir, first):
+    result = sample_run(run_dir, FAST, progress=False)
+    page = result.html.read_text(encoding="utf-8")
+    linked = set(re.findall(r"(?:src|href)='([^']+)'", page))
+    images = {f"{r.name}/p{p.index}-s{s}.png" for r in result.rows for p in result.prompts for s in result.seeds}
+    assert len(images) == 3 * 3 * 2 and images <= linked
+    assert {g.name for g in result.grids} <= linked
+    assert all((result.folder / name).is_file() for name in linked)  # relative, and nothing dangling
+    for prompt in result.prompts:
+        assert prompt.text in page
+
+
+def test_labelled_grid_wraps_a_long_title():
+    tile = Image.new("RGB", (64, 64), "red")
+    short = labelled_grid([[tile]], ["base model"], ["seed 0"], "p0")
+    long = labelled_grid([[tile]], ["base model"], ["seed 0"], "p0 " + "very long prompt words " * 6)
+    assert long.width == short.width and long.height > short.height
+
+
+def test_sample_run_needs_a_run_folder(tmp_path):
+    with pytest.raises(SampleError, match="config.json"):
+        sample_run(tmp_path)
