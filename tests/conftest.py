@@ -40,3 +40,30 @@ def embedders(tmp_path_factory):
     CLIPTokenizer.from_pretrained(SKELETON / "tokenizer").save_pretrained(root / "clip")
     ViTModel(ViTConfig(image_size=32, patch_size=8, **layers), add_pooling_layer=False).save_pretrained(root / "dino")
     return root / "clip", root / "dino"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy CI box OpenMP's waiting makes them
+    10x slower; modules that render many tiny images use one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def two_checkpoint_run(tiny_dir, folder, **overrides):
+    """A real 2-step run of the tiny model with a checkpoint at each step."""
+    from dbnb.config import Config
+    from dbnb.demo import CLASS_PROMPT, INSTANCE_PROMPT, write_dataset
+    from dbnb.train import train
+
+    instance, _ = write_dataset(folder / "data", n_instance=3, class_per_instance=1)
+    config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
+                    instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, output_dir=str(folder / "runs"),
+                    run_name="run", resolution=64, max_train_steps=2, save_every_steps=1, sample_every_steps=0,
+                    learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
+                    use_8bit_adam=False, gradient_checkpointing=False, **overrides)
+    return train(config, progress=False).run_dir

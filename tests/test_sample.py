@@ -4,41 +4,24 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
+from conftest import two_checkpoint_run
 from PIL import Image
 
 from dbnb.checkpoints import RunFolder
 from dbnb.config import Config
-from dbnb.demo import CLASS_PROMPT, INSTANCE_PROMPT, write_dataset
 from dbnb.sample import SampleError, choose_checkpoints, labelled_grid, prompt_set, sample_run
 
 # Few, small images: the whole module stays well under a minute on a CPU.
 FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a busy CI box OpenMP's waiting makes
-    them 10x slower; one thread keeps this module fast there."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def run_dir(tiny_dir, tmp_path_factory):
     """A two-checkpoint run that also trains the text encoder (so both parts are swapped)."""
-    from dbnb.train import train
-
-    tmp = tmp_path_factory.mktemp("sample")
-    instance, _ = write_dataset(tmp / "data", n_instance=3, class_per_instance=1)
-    config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
-                    instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, output_dir=str(tmp / "runs"),
-                    run_name="run", resolution=64, max_train_steps=2, save_every_steps=1, sample_every_steps=0,
-                    learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
-                    use_8bit_adam=False, gradient_checkpointing=False, train_text_encoder=True)
-    return train(config, progress=False).run_dir
+    return two_checkpoint_run(tiny_dir, tmp_path_factory.mktemp("sample"), train_text_encoder=True)
 
 
 @pytest.fixture(scope="module")
