@@ -22,19 +22,12 @@ import torch
 
 
 def model_folder(kind: str, cache: Path) -> Path:
+    from dbnb.tiny import make_full_size_model, make_tiny_model
+
     folder = cache / f"model-{kind}"
     if (folder / "model_index.json").exists():
         return folder
-    from dbnb.tiny import build_components, build_tiny_pipeline, make_tiny_model, skeleton_config
-
-    if kind == "tiny":
-        return make_tiny_model(folder)
-    pipe = build_tiny_pipeline()  # tokenizer and scheduler; the three models are replaced full-size
-    pipe.unet, pipe.vae, pipe.text_encoder = build_components(
-        skeleton_config("unet"), skeleton_config("vae"), skeleton_config("text_encoder"))
-    pipe.register_modules(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return make_tiny_model(folder) if kind == "tiny" else make_full_size_model(folder)
 
 
 def make_run(model: Path, folder: Path, checkpoints: int, resolution: int) -> Path:

@@ -21,20 +21,12 @@ import torch
 
 
 def model_folder(kind: str, cache: Path) -> Path:
+    from dbnb.tiny import make_full_size_model, make_tiny_model
+
     folder = cache / f"model-{kind}"
     if (folder / "model_index.json").exists():
         return folder
-    if kind == "tiny":
-        from dbnb.tiny import make_tiny_model
-        return make_tiny_model(folder)
-    from dbnb.tiny import build_tiny_pipeline, build_components, skeleton_config
-
-    pipe = build_tiny_pipeline()  # tokenizer, scheduler; the three models are replaced full-size
-    pipe.unet, pipe.vae, pipe.text_encoder = build_components(
-        skeleton_config("unet"), skeleton_config("vae"), skeleton_config("text_encoder"))
-    pipe.register_modules(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+    return make_tiny_model(folder) if kind == "tiny" else make_full_size_model(folder)
 
 
 def main():

@@ -6,6 +6,7 @@ the batches an uninterrupted one would have seen.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import warnings
@@ -192,10 +193,11 @@ class ImageSet:
         return images, self.input_ids[indices]
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=4)  # called once per item of every batch: shuffle each epoch once
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     """A fresh shuffle each epoch that depends only on (seed, epoch), for exact resume."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return tuple(torch.randperm(n, generator=g).tolist())
 
 
 def batch_positions(micro_step: int, batch_size: int, rank: int, world: int, epoch_len: int,

@@ -89,3 +89,14 @@ def make_tiny_model(out_dir: str | Path, single_file: str | Path | None = None, 
                                     pipe.text_encoder.state_dict())
         write_single_file(single_file, state, metadata={"dbnb_model": "tiny", "seed": str(seed)})
     return out_dir
+
+
+def make_full_size_model(out_dir: str | Path, seed: int = 0) -> Path:
+    """An SD 1.5-size diffusers folder with random weights, for benchmarks without a download."""
+    pipe = build_tiny_pipeline(seed)  # tokenizer and scheduler; the three models are replaced full-size
+    unet, vae, text_encoder = build_components(skeleton_config("unet"), skeleton_config("vae"),
+                                               skeleton_config("text_encoder"), seed=seed)
+    pipe.register_modules(unet=unet, vae=vae, text_encoder=text_encoder)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    save_tokenizer(pipe.tokenizer, Path(out_dir) / "tokenizer")
+    return Path(out_dir)
