@@ -255,6 +255,11 @@ class Config:
                               "CLIP for CLIP-I / CLIP-T scores (Hub id or local folder).")
     dino_model: str = setting("facebook/dino-vits16", "Test Prompts", "DINO Model",
                               "DINO ViT for the DINO fidelity score (Hub id or local folder).")
+    score_with: str = setting(
+        "clip", "Test Prompts", "Score With",
+        "clip: CLIP-I / DINO / CLIP-T (any model). world: pixel analysis of dbnb's tiny world (the demo "
+        "model): identity, swapped sides, copied poses, hair following the prompt, class drift.",
+        choices=("clip", "world"))
     flexibility_tolerance: float = setting(
         0.01, "Test Prompts", "Flexibility Tolerance",
         "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from dbnb.tiny import SKELETON, TINY_TEXT, TINY_UNET, TINY_VAE, skeleton_config, save_tokenizer
+from dbnb.tiny import SKELETON, VARIANTS, skeleton_config, save_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -150,7 +150,7 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def sd1_variant(keys, shapes: dict) -> str:
-    """'sd15' or 'tiny' for an original-layout SD 1.x state dict; a clear error otherwise."""
+    """'sd15', 'tiny' or 'world' for an original-layout SD 1.x state dict; a clear error otherwise."""
     keys = set(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
         raise ModelLoadError("This is an SDXL model: dbnb trains SD 1.x only (not supported yet).")
@@ -162,8 +162,13 @@ def sd1_variant(keys, shapes: dict) -> str:
         raise ModelLoadError("No UNet found (no model.diffusion_model.* keys): this is not an SD 1.x "
                              "checkpoint in the original layout (a VAE or LoRA file?).")
     width = conv_in[0]
-    for variant, unet in (("sd15", skeleton_config("unet")), ("tiny", skeleton_config("unet", **TINY_UNET))):
-        if width == unet["block_out_channels"][0]:
+    if width == skeleton_config("unet")["block_out_channels"][0]:
+        return "sd15"
+    # The small variants share the first width; the second level's width tells them apart.
+    level1 = shapes.get("model.diffusion_model.input_blocks.4.0.in_layers.2.weight")
+    for variant, (unet, _, _) in VARIANTS.items():
+        widths = unet["block_out_channels"]
+        if width == widths[0] and (level1 is None or level1[0] == widths[1]):
             return variant
     raise ModelLoadError(f"UNet width {width} is not SD 1.x's 320; dbnb supports SD 1.x models only.")
 
@@ -175,11 +180,12 @@ def skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
     import json
     from transformers import CLIPTokenizer
 
-    folder = Path(cache_dir or default_cache_dir()) / "skeleton-tiny"
+    folder = Path(cache_dir or default_cache_dir()) / f"skeleton-{variant}"
     if not (folder / "model_index.json").exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent))
-        for sub, over in (("unet", TINY_UNET), ("vae", TINY_VAE), ("text_encoder", TINY_TEXT), ("scheduler", {})):
+        widths = dict(zip(("unet", "vae", "text_encoder"), VARIANTS[variant]), scheduler={})
+        for sub, over in widths.items():
             name = "scheduler_config.json" if sub == "scheduler" else "config.json"
             (tmp / sub).mkdir()
             (tmp / sub / name).write_text(json.dumps(skeleton_config(sub, **over), indent=2))

@@ -18,6 +18,10 @@ The recommendation: among trained checkpoints, the highest fidelity whose CLIP-T
 
 Images come from `dbnb.sample.sample_run` (made only when missing); embeddings from
 transformers' CLIP and DINO ViT, preprocessed here with PIL/numpy (no torchvision).
+
+`score_with=world` scores runs on dbnb's tiny world model (the demo) by pixel analysis
+instead (`dbnb.world.metrics`): identity, swapped sides, copied poses, hair following the
+prompt, class drift and variety. No other model is needed.
 """
 from __future__ import annotations
 
@@ -168,43 +172,75 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def recommend(rows: list[dict], tolerance: float) -> dict:
-    """The most faithful trained checkpoint that is still flexible (the rule is in the result)."""
-    trained = [r for r in rows if r["checkpoint"] != "base" and _finite(r["fidelity"])]
+def recommend(rows: list[dict], tolerance: float, scores=None) -> dict:
+    """The most faithful trained checkpoint that is still flexible (the rule is in the result).
+    `scores` names the fidelity and flexibility columns: CLIP's by default, or WORLD_SCORES."""
+    fid, flex, fid_name, flex_name = scores or CLIP_SCORES
+    trained = [r for r in rows if r["checkpoint"] != "base" and _finite(r[fid])]
     if not trained:
         raise ScoreError("No trained checkpoint with a fidelity score to recommend: train first (dbnb train).")
-    flexible = [r for r in trained if _finite(r["clip_t"])]
-    best = max((r["clip_t"] for r in flexible), default=math.nan)
+    flexible = [r for r in trained if _finite(r[flex])]
+    best = max((r[flex] for r in flexible), default=math.nan)
     # 1e-9: a checkpoint exactly `tolerance` below the best is within it despite float rounding
-    eligible = [r for r in flexible if r["clip_t"] >= best - tolerance - 1e-9] or trained
-    pick = max(eligible, key=lambda r: (r["fidelity"], -r["step"]))
-    rule = (f"highest fidelity = mean(CLIP-I, DINO) among trained checkpoints whose flexibility CLIP-T is within "
+    eligible = [r for r in flexible if r[flex] >= best - tolerance - 1e-9] or trained
+    pick = max(eligible, key=lambda r: (r[fid], -r["step"]))
+    rule = (f"highest fidelity = {fid_name} among trained checkpoints whose flexibility {flex_name} is within "
             f"flexibility_tolerance={tolerance:g} of the best trained checkpoint's; ties go to the earlier step")
     if not flexible:
-        rule = "highest fidelity = mean(CLIP-I, DINO) among trained checkpoints (no flexibility prompts to check)"
-    reason = (f"fidelity {pick['fidelity']:.4f}" + (f", CLIP-T {pick['clip_t']:.4f} (best {best:.4f}, "
-                                                    f"{len(eligible)} of {len(trained)} within tolerance)"
-                                                    if flexible else ""))
+        rule = f"highest fidelity = {fid_name} among trained checkpoints (no flexibility prompts to check)"
+    reason = (f"fidelity {pick[fid]:.4f}" + (f", {flex_name} {pick[flex]:.4f} (best {best:.4f}, "
+                                             f"{len(eligible)} of {len(trained)} within tolerance)"
+                                             if flexible else ""))
     return dict(step=pick["step"], checkpoint=pick["checkpoint"], rule=rule, reason=reason,
-                fidelity=pick["fidelity"], clip_t=pick["clip_t"], best_clip_t=best, tolerance=tolerance)
+                fidelity=pick[fid], clip_t=pick[flex], best_clip_t=best, tolerance=tolerance)
+
+
+CLIP_SCORES = ("fidelity", "clip_t", "mean(CLIP-I, DINO)", "CLIP-T")
+
+
+# --- the tiny world's pixel scores (score_with=world) ---------------------------------------------
+
+WORLD_COLUMNS = ("checkpoint", "step", "identity", "swapped", "copies", "flexibility", "drift", "variety")
+WORLD_SCORES = ("identity", "flexibility", "identity (share of samples with the character's hair and outfit sides)",
+                "hair-colour following")
+
+
+def world_table(samples, instance: list[Image.Image]) -> list[dict]:
+    """dbnb.world.metrics per row: the character is read off the instance images."""
+    from dbnb import world
+
+    try:
+        character = world.character_of(instance)
+    except ValueError as e:
+        raise ScoreError(f"score_with=world: the instance images are not pictures of dbnb's tiny world ({e}). "
+                         "Use score_with=clip for real models.") from None
+    rows = []
+    for row in samples.rows:
+        def images(kind):
+            return [(p.text, Image.open(samples.image_path(row, p, s)).convert("RGB"))
+                    for p in samples.prompts if p.kind == kind for s in samples.seeds]
+        scores = world.metrics([im for _, im in images("fidelity")], images("flexibility"),
+                               [im for _, im in images("class")], character, instance)
+        rows.append(dict(checkpoint="base" if row.step is None else row.name, step=row.step or 0, **scores))
+    return rows
 
 
 # --- outputs --------------------------------------------------------------------------------------
 
-def format_table(rows: list[dict]) -> str:
+def format_table(rows: list[dict], columns=COLUMNS) -> str:
     def cell(v):
         return ("n/a" if not math.isfinite(v) else f"{v:.4f}") if isinstance(v, float) else str(v)
-    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in COLUMNS]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths))]
-    lines += ["  ".join(cell(r[c]).rjust(w) for c, w in zip(COLUMNS, widths)) for r in rows]
+    widths = [max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell(r[c]).rjust(w) for c, w in zip(columns, widths)) for r in rows]
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
+def write_csv(rows: list[dict], path: Path, columns=COLUMNS) -> Path:
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows({c: (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]) for c in COLUMNS} for r in rows)
+        writer.writerows({c: (f"{r[c]:.6f}" if isinstance(r[c], float) else r[c]) for c in columns} for r in rows)
     return path
 
 
@@ -212,9 +248,15 @@ FIDELITY_SERIES = (("clip_i", "CLIP-I", (31, 119, 180)), ("dino", "DINO", (255, 
                    ("fidelity", "fidelity", (90, 90, 90)))
 FLEXIBILITY_SERIES = (("clip_t", "CLIP-T (flexibility)", (44, 160, 44)),
                       ("class_clip_t", "CLIP-T (class prompt)", (148, 103, 189)))
+CLIP_PANELS = (FIDELITY_SERIES, FLEXIBILITY_SERIES)
+WORLD_PANELS = ((("identity", "identity", (31, 119, 180)), ("swapped", "sides swapped", (255, 127, 14)),
+                 ("copies", "copied poses", (90, 90, 90))),
+                (("flexibility", "hair follows prompt", (44, 160, 44)), ("drift", "class drift", (214, 39, 40)),
+                 ("variety", "class variety", (148, 103, 189))))
 
 
-def plot_scores(rows: list[dict], path: Path, recommended: int | None = None, size=(720, 520)) -> Path:
+def plot_scores(rows: list[dict], path: Path, recommended: int | None = None, size=(720, 520),
+                panels=CLIP_PANELS) -> Path:
     """Scores against step (the base model at step 0), drawn with PIL: no matplotlib needed.
     Two panels with their own scales: CLIP-T moves by hundredths, fidelity by tenths."""
     from dbnb.sample import _font
@@ -225,14 +267,14 @@ def plot_scores(rows: list[dict], path: Path, recommended: int | None = None, si
     x_max = max(r["step"] for r in rows) or 1
     px = lambda s: 60 + (w - 250) * s / x_max  # noqa: E731
     half = (h - 40) // 2
-    for i, (title, series) in enumerate((("fidelity", FIDELITY_SERIES), ("flexibility", FLEXIBILITY_SERIES))):
+    for i, series in enumerate(panels):
         _panel(d, font, rows, series, px, top=10 + i * half, bottom=i * half + half - 10, right=w - 190)
     for r in rows:
         d.text((px(r["step"]) - 10, h - 34), "base" if r["step"] == 0 else str(r["step"]), fill="black", font=font)
     d.text((w - 150, h - 34), "step", fill="black", font=font)
     if recommended is not None:
         d.line([px(recommended), 10, px(recommended), h - 40], fill=(214, 39, 40), width=2)
-        d.text((w - 180, 10 + 20 * len(FIDELITY_SERIES) + 10), f"recommended: {recommended}", fill=(214, 39, 40),
+        d.text((w - 180, 10 + 20 * len(panels[0]) + 10), f"recommended: {recommended}", fill=(214, 39, 40),
                font=font)
     image.save(path)
     return path
@@ -296,22 +338,30 @@ def score_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: s
     if not (run / "config.json").is_file():
         raise ScoreError(f"{run} has no config.json: give the run folder (<output_dir>/<run_name>).")
     config = load_config(run / "config.json", overrides)
+    world = config.score_with == "world"
     if not config.test_fidelity_prompts:
         raise ScoreError("test_fidelity_prompts is empty: fidelity (CLIP-I, DINO) needs at least one prompt, "
                          "e.g. test_fidelity_prompts=['{instance_prompt}, 1girl, solo'].")
     instance = instance_images(config)
     samples = sample_run(run, overrides, ema=ema, device=device, progress=progress)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    rows = score_table(samples, instance, load_clip(config.clip_model, device), load_dino(config.dino_model, device))
-    rec = recommend(rows, config.flexibility_tolerance)
-    data = dict(columns=list(COLUMNS), rows=rows, recommendation=rec, clip_model=config.clip_model,
-                dino_model=config.dino_model, instance_images=len(instance), seeds=samples.seeds,
+    if world:
+        rows, columns, panels = world_table(samples, instance), WORLD_COLUMNS, WORLD_PANELS
+    else:
+        rows = score_table(samples, instance, load_clip(config.clip_model, device),
+                           load_dino(config.dino_model, device))
+        columns, panels = COLUMNS, CLIP_PANELS
+    rec = recommend(rows, config.flexibility_tolerance, WORLD_SCORES if world else CLIP_SCORES)
+    data = dict(columns=list(columns), rows=rows, recommendation=rec, score_with=config.score_with,
+                clip_model=config.clip_model, dino_model=config.dino_model, instance_images=len(instance),
+                seeds=samples.seeds,
                 prompts=[dict(index=p.index, kind=p.kind, text=p.text, clip_text=p.clip_text) for p in samples.prompts],
                 ema=ema)
     json_path = run / "scores.json"
     json_path.write_text(json.dumps(_no_nan(data), indent=1, ensure_ascii=False), encoding="utf-8")
-    result = ScoreResult(rows, rec, write_csv(rows, run / "scores.csv"),
-                         plot_scores(rows, run / "scores.png", rec["step"]), json_path, write_html(samples, data))
-    print(format_table(rows))
+    result = ScoreResult(rows, rec, write_csv(rows, run / "scores.csv", columns),
+                         plot_scores(rows, run / "scores.png", rec["step"], panels=panels), json_path,
+                         write_html(samples, data))
+    print(format_table(rows, columns))
     print(f"\nrecommended checkpoint: {rec['checkpoint']} ({rec['reason']})\nrule: {rec['rule']}")
     return result

@@ -1,9 +1,11 @@
-"""The tiny SD 1.x model that tests, CI and `dbnb demo` train: no download, seconds on a CPU.
+"""The tiny SD 1.x models that tests, CI and `dbnb demo` train: no download, seconds on a CPU.
 
 It keeps SD 1.5's *topology* — 4 UNet levels with 2 resnets each, cross-attention in the
 first three, a ×8 VAE with a mid-block attention, a CLIP text encoder and the real CLIP
 tokenizer — at small widths, so every key of the original layout has a counterpart and
-every loading / export path is the real one. Weights are random (seeded).
+every loading / export path is the real one. The plain tiny model's weights are random
+(seeded): it proves the plumbing. The *world* model (`make_world_model`) is pretrained on
+dbnb.world's drawn characters and ships as package data: DreamBooth's effects show in it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,16 @@ TINY_VAE = dict(block_out_channels=[32, 32, 32, 32], sample_size=64)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
                  num_hidden_layers=2, projection_dim=32)
 TINY_RESOLUTION = 64
+# The pretrained world model (dbnb.world, scripts/pretrain_world.py): same topology, a little
+# wider where learning the world needs it.
+WORLD_UNET = dict(block_out_channels=[32, 64, 64, 64], attention_head_dim=4, cross_attention_dim=32,
+                  sample_size=8)
+WORLD_VAE = dict(block_out_channels=[16, 16, 32, 32], norm_num_groups=16, sample_size=64)
+WORLD_TEXT = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
+                  projection_dim=32)
+WORLD = Path(__file__).parent / "assets" / "world"
+# The small single-file variants dbnb reads offline, by their widths (unet, vae, text encoder).
+VARIANTS = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "world": (WORLD_UNET, WORLD_VAE, WORLD_TEXT)}
 
 
 def skeleton_config(component: str, **overrides) -> dict:
@@ -50,14 +62,24 @@ def build_components(unet_config: dict, vae_config: dict, text_config: dict, see
     return unet, vae, text_encoder
 
 
-def build_tiny_pipeline(seed: int = 0):
+def build_tiny_pipeline(seed: int = 0, widths: tuple[dict, dict, dict] = (TINY_UNET, TINY_VAE, TINY_TEXT)):
     """The tiny StableDiffusionPipeline (PNDM scheduler, no safety checker), in memory."""
+    unet_widths, vae_widths, text_widths = widths
+    unet, vae, text_encoder = build_components(
+        skeleton_config("unet", **unet_widths), skeleton_config("vae", **vae_widths),
+        skeleton_config("text_encoder", **text_widths), seed=seed)
+    return assemble(unet, vae, text_encoder)
+
+
+def build_world_pipeline(seed: int = 0):
+    """The world model's topology with random weights: what scripts/pretrain_world.py starts from."""
+    return build_tiny_pipeline(seed, (WORLD_UNET, WORLD_VAE, WORLD_TEXT))
+
+
+def assemble(unet, vae, text_encoder):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    unet, vae, text_encoder = build_components(
-        skeleton_config("unet", **TINY_UNET), skeleton_config("vae", **TINY_VAE),
-        skeleton_config("text_encoder", **TINY_TEXT), seed=seed)
     return StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder,
         tokenizer=CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77),
@@ -88,6 +110,26 @@ def make_tiny_model(out_dir: str | Path, single_file: str | Path | None = None, 
         state = original_state_dict(pipe.unet.state_dict(), pipe.vae.state_dict(),
                                     pipe.text_encoder.state_dict())
         write_single_file(single_file, state, metadata={"dbnb_model": "tiny", "seed": str(seed)})
+    return out_dir
+
+
+def make_world_model(out_dir: str | Path) -> Path:
+    """Write the pretrained world model (package data, fp16) as an fp32 diffusers folder.
+
+    Its weights come from scripts/pretrain_world.py; see dbnb.world for what it knows.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if not (WORLD / "unet" / "config.json").exists():
+        raise FileNotFoundError(f"The pretrained world model is missing from {WORLD}: reinstall dbnb, or "
+                                "rebuild it with `python scripts/pretrain_world.py`.")
+    pipe = assemble(UNet2DConditionModel.from_pretrained(WORLD / "unet", torch_dtype=torch.float32),
+                    AutoencoderKL.from_pretrained(WORLD / "vae", torch_dtype=torch.float32),
+                    CLIPTextModel.from_pretrained(WORLD / "text_encoder", torch_dtype=torch.float32))
+    out_dir = Path(out_dir)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    save_tokenizer(pipe.tokenizer, out_dir / "tokenizer")
     return out_dir
 
 

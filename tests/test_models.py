@@ -94,6 +94,8 @@ def test_sd2_and_sdxl_keys_are_not_supported_yet():
     key = "model.diffusion_model.input_blocks.0.0.weight"
     assert sd1_variant([key], {key: (320, 4, 3, 3)}) == "sd15"
     assert sd1_variant([key], {key: (32, 4, 3, 3)}) == "tiny"
+    level1 = "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"
+    assert sd1_variant([key, level1], {key: (32, 4, 3, 3), level1: (64, 32, 3, 3)}) == "world"
 
 
 def test_single_safetensors_file_loads_offline(tmp_path, reference, monkeypatch):
