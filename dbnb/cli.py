@@ -51,9 +51,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dbnb.demo import run_demo
+    from dbnb.demo import DEMO_STEPS, run_demo
 
-    run_demo(args.out, steps=args.steps)
+    run_demo(args.out, steps=args.steps or DEMO_STEPS)
     return 0
 
 
@@ -174,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to logs/train.jsonl)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="a real DreamBooth run on the embedded tiny model: no download, CPU is enough")
+    p = sub.add_parser("demo", help="a real DreamBooth run on the embedded tiny pretrained world model, scored: "
+                                     "no download, CPU is enough")
     p.add_argument("--out", default="dbnb-demo", help="folder for the model, images and run (default: dbnb-demo)")
-    p.add_argument("--steps", type=int, default=60, help="training steps (default: 60)")
+    p.add_argument("--steps", type=int, help="training steps (default: dbnb.demo.DEMO_STEPS, 400)")
     p.set_defaults(func=cmd_demo)
 
     for name, helptext in (("sample", "test-prompt grids: base model + each checkpoint x prompts x seeds"),

@@ -149,6 +149,11 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
+# The two UNet shapes that tell SD 1.5 and dbnb's small models apart (original layout).
+CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
+LEVEL1_CONV = "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"
+
+
 def sd1_variant(keys, shapes: dict) -> str:
     """'sd15', 'tiny' or 'world' for an original-layout SD 1.x state dict; a clear error otherwise."""
     keys = set(keys)
@@ -157,7 +162,7 @@ def sd1_variant(keys, shapes: dict) -> str:
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise ModelLoadError("This is an SD 2.x model (OpenCLIP text encoder): dbnb trains SD 1.x only "
                              "(not supported yet).")
-    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight")
+    conv_in = shapes.get(CONV_IN)
     if conv_in is None:
         raise ModelLoadError("No UNet found (no model.diffusion_model.* keys): this is not an SD 1.x "
                              "checkpoint in the original layout (a VAE or LoRA file?).")
@@ -165,7 +170,7 @@ def sd1_variant(keys, shapes: dict) -> str:
     if width == skeleton_config("unet")["block_out_channels"][0]:
         return "sd15"
     # The small variants share the first width; the second level's width tells them apart.
-    level1 = shapes.get("model.diffusion_model.input_blocks.4.0.in_layers.2.weight")
+    level1 = shapes.get(LEVEL1_CONV)
     for variant, (unet, _, _) in VARIANTS.items():
         widths = unet["block_out_channels"]
         if width == widths[0] and (level1 is None or level1[0] == widths[1]):
@@ -204,7 +209,7 @@ def file_keys_and_shapes(path: Path) -> tuple[list[str], dict]:
         from safetensors import safe_open
         with safe_open(path, "pt") as f:  # header only: no tensor is read
             keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if k.endswith("input_blocks.0.0.weight")}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in (CONV_IN, LEVEL1_CONV)}
         return keys, shapes
     state = load_checkpoint_file(path)  # refuses unsafe pickles; mmap keeps it cheap
     return list(state), {k: tuple(v.shape) for k, v in state.items()}

@@ -126,9 +126,12 @@ def section_result(run: RunFolder) -> tuple[list[str], list[str], dict | None]:
     rows = {r["checkpoint"]: r for r in data["rows"]}
     best = rows.get(rec["checkpoint"], {})
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = [f"recommended checkpoint: **{rec['checkpoint']}** ({rec['reason']})", f"rule: {rec['rule']}",
-             f"CLIP-I {fmt(best.get('clip_i'))}, DINO {fmt(best.get('dino'))}, CLIP-T {fmt(best.get('clip_t'))} "
-             "(DreamBooth paper, SD: CLIP-I 0.803, DINO 0.668, CLIP-T 0.305)"]
+    if data.get("score_with") == "world":  # pixel analysis of the tiny world (dbnb.world.metrics)
+        figures = ", ".join(f"{c} {fmt(best.get(c))}" for c in data["columns"][2:])
+    else:
+        figures = (f"CLIP-I {fmt(best.get('clip_i'))}, DINO {fmt(best.get('dino'))}, CLIP-T {fmt(best.get('clip_t'))} "
+                   "(DreamBooth paper, SD: CLIP-I 0.803, DINO 0.668, CLIP-T 0.305)")
+    lines = [f"recommended checkpoint: **{rec['checkpoint']}** ({rec['reason']})", f"rule: {rec['rule']}", figures]
     return [f"suggestion: the instance prompt at {rec['checkpoint']}"], lines, rec
 
 

@@ -20,7 +20,7 @@ Images come from `dbnb.sample.sample_run` (made only when missing); embeddings f
 transformers' CLIP and DINO ViT, preprocessed here with PIL/numpy (no torchvision).
 
 `score_with=world` scores runs on dbnb's tiny world model (the demo) by pixel analysis
-instead (`dbnb.world.metrics`): identity, swapped sides, copied poses, hair following the
+instead (`dbnb.world.metrics`): identity, sides kept / swapped, copied poses, hair following the
 prompt, class drift and variety. No other model is needed.
 """
 from __future__ import annotations
@@ -200,7 +200,8 @@ CLIP_SCORES = ("fidelity", "clip_t", "mean(CLIP-I, DINO)", "CLIP-T")
 
 # --- the tiny world's pixel scores (score_with=world) ---------------------------------------------
 
-WORLD_COLUMNS = ("checkpoint", "step", "identity", "swapped", "copies", "flexibility", "drift", "variety")
+WORLD_COLUMNS = ("checkpoint", "step", "identity", "sides", "swapped", "copies", "flexibility", "drift",
+                 "variety")
 WORLD_SCORES = ("identity", "flexibility", "identity (share of samples with the character's hair and outfit sides)",
                 "hair-colour following")
 
@@ -249,7 +250,7 @@ FIDELITY_SERIES = (("clip_i", "CLIP-I", (31, 119, 180)), ("dino", "DINO", (255, 
 FLEXIBILITY_SERIES = (("clip_t", "CLIP-T (flexibility)", (44, 160, 44)),
                       ("class_clip_t", "CLIP-T (class prompt)", (148, 103, 189)))
 CLIP_PANELS = (FIDELITY_SERIES, FLEXIBILITY_SERIES)
-WORLD_PANELS = ((("identity", "identity", (31, 119, 180)), ("swapped", "sides swapped", (255, 127, 14)),
+WORLD_PANELS = ((("identity", "identity", (31, 119, 180)), ("sides", "left side kept", (255, 127, 14)),
                  ("copies", "copied poses", (90, 90, 90))),
                 (("flexibility", "hair follows prompt", (44, 160, 44)), ("drift", "class drift", (214, 39, 40)),
                  ("variety", "class variety", (148, 103, 189))))

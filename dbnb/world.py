@@ -151,6 +151,7 @@ def judge(analysis: dict, character: Character) -> dict:
     same = analysis["left"] == character.left and analysis["right"] == character.right
     swapped = analysis["left"] == character.right and analysis["right"] == character.left
     return {"hair": analysis["hair"] == character.hair, "outfit": same, "swapped": swapped,
+            "left": analysis["left"] == character.left,
             "identity": analysis["hair"] == character.hair and same}
 
 
@@ -201,7 +202,9 @@ def metrics(fidelity: list[Image.Image], flexibility: list[tuple[str, Image.Imag
     """The world's scores of one checkpoint's test images (shares in [0, 1]; NaN where no images).
 
     identity — fidelity images showing the character (hair and both outfit sides right);
-    swapped — fidelity images with the outfit sides swapped (what hflip teaches);
+    sides — fidelity images with the character's left-side colour on the left: hflip breaks
+        this, training on both orientations blends the two sides' colours (the seed's warning);
+    swapped — fidelity images with the outfit sides cleanly swapped;
     copies — fidelity images that are near-copies of a training image (overfitting);
     flexibility — flexibility images whose hair follows the colour the prompt asks for;
     drift — class-prompt images that show the trained character (language drift);
@@ -217,6 +220,7 @@ def metrics(fidelity: list[Image.Image], flexibility: list[tuple[str, Image.Imag
     boxes = [figure_box(t) for t in training]
     return dict(
         identity=share(j["identity"] for j in judged),
+        sides=share(j["left"] for j in judged),
         swapped=share(j["swapped"] for j in judged),
         copies=share(copies_pose(im, boxes) for im in fidelity),
         flexibility=share(analyze(im)["hair"] == hair for hair, im in asked if hair),

@@ -45,7 +45,7 @@ def test_metrics_tell_the_character_its_flip_copies_and_drift_apart():
     strangers = [world.draw(world.random_character(rng)) for _ in range(10)]
     m = world.metrics(training + flipped, [("hnzk girl, blue hair", world.draw(world.HERO))], strangers,
                       world.HERO, training)
-    assert m["identity"] == 0.5 and m["swapped"] == 0.5 and m["flexibility"] == 0.0
+    assert m["identity"] == 0.5 and m["swapped"] == 0.5 and m["sides"] == 0.5 and m["flexibility"] == 0.0
     assert m["copies"] >= 0.5  # the training pictures themselves (flips may land on another pose)
     assert m["drift"] < 0.2 and m["variety"] > 0.8
     posed = [world.draw(world.pose(world.HERO, rng)) for _ in range(200)]
