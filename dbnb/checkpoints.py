@@ -19,11 +19,13 @@ from pathlib import Path
 
 import torch
 
+from dbnb.errors import DbnbError
+
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(DbnbError, RuntimeError):
     """The run folder is not in the state an action needs; the message says what to do."""
 
 

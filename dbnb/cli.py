@@ -5,6 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dbnb.errors import DbnbError
+
 
 def cmd_doctor(args) -> int:
     from dbnb.env import run_doctor
@@ -244,19 +246,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except user_errors() as e:
+    except DbnbError as e:  # its message names what was wrong and the fix: no traceback
         print(f"dbnb: {e}", file=sys.stderr)
         return 2
-
-
-# Errors whose message already tells the user what to do: printed without a traceback.
-USER_ERRORS = {"dbnb.config": ("ConfigError",), "dbnb.data": ("DatasetError",), "dbnb.env": ("DiskFullError",),
-               "dbnb.models": ("ModelLoadError",), "dbnb.checkpoints": ("RunFolderError",),
-               "dbnb.train": ("TrainingError",), "dbnb.export": ("ExportError",), "dbnb.fetch": ("FetchError",),
-               "dbnb.prep": ("PrepError", "SegmenterError"), "dbnb.classimages": ("ClassImagesError",),
-               "dbnb.merge": ("MergeError",), "dbnb.sample": ("SampleError",), "dbnb.score": ("ScoreError",)}
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-    # Only modules already imported can have raised; importing the rest would only cost time.
-    return tuple(getattr(sys.modules[m], n) for m, names in USER_ERRORS.items() if m in sys.modules for n in names)

@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dbnb.errors import DbnbError
+
 # The seed's "汎用ネガ" (generic quality negative), used for class images and previews.
 QUALITY_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing fingers, extra digit, "
                     "fewer digits, cropped, worst quality, low quality, normal quality, "
@@ -28,14 +30,17 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
 
 
-class ConfigError(ValueError):
+class ConfigError(DbnbError, ValueError):
     """A setting is wrong. The message names each field and says how to fix it."""
 
 
-def setting(default, section: str, label: str, help: str, choices: tuple = ()):
+def setting(default, section: str, label: str, help: str, choices: tuple = (), help_ja: str = ""):
+    """One setting. `label` is the webui extension's name; `help` (English) and `help_ja`
+    (Japanese, for the seed's readers) are shown under the field in the form and in
+    `dbnb config --list`."""
     assert section in SECTIONS, section
     return field(default=default, metadata=dict(section=section, label=label, help=help,
-                                                 choices=choices))
+                                                 help_ja=help_ja, choices=choices))
 
 
 @dataclass(frozen=True)

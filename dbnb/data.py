@@ -17,11 +17,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps
 
+from dbnb.errors import DbnbError
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILEWORDS = "[filewords]"
 
 
-class DatasetError(ValueError):
+class DatasetError(DbnbError, ValueError):
     """An image folder or concept is unusable; the message names it and what to do."""
 
 

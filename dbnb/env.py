@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping
 
+from dbnb.errors import DbnbError
+
 if TYPE_CHECKING:
     import torch
 
@@ -144,7 +146,7 @@ def mount_drive() -> Path:
 
 # --------------------------------------------------------------------------- disk space
 
-class DiskFullError(OSError):
+class DiskFullError(DbnbError, OSError):
     """Not enough free disk for a save. `.needed`, `.free` (bytes) and `.path` say why."""
 
     def __init__(self, message: str, *, needed: int = 0, free: int = 0,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dbnb.errors import DbnbError
 from dbnb import __version__
 from dbnb.checkpoints import RunFolder
 from dbnb.layout import original_state_dict, write_single_file
@@ -24,7 +25,7 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = ("safetensors", "ckpt")
 
 
-class ExportError(RuntimeError):
+class ExportError(DbnbError, RuntimeError):
     """The export could not be made or did not verify; the message says why and what to do."""
 
 

@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
+from dbnb.errors import DbnbError
+
 # Wider than the trainer's list: prep normalises these (GIF first frame, 16-bit TIFF) to PNG.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CHUNK = 1 << 20
@@ -24,7 +26,7 @@ CHUNK = 1 << 20
 SkipHook = Callable[[str, str], None]
 
 
-class FetchError(ValueError):
+class FetchError(DbnbError, ValueError):
     """A source cannot be brought in; the message names the source or entry and what to do."""
 
 

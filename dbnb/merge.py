@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from dbnb.errors import DbnbError
 from dbnb import __version__
 from dbnb.layout import (ORIGINAL_PREFIXES, vae_tensor, text_encoder_key_map, unet_key_map, vae_key_map,
                          write_single_file)
@@ -74,7 +75,7 @@ Entry = tuple[Callable[[], torch.Tensor], tuple[int, ...]]  # (read the tensor, 
 REOPEN_BYTES = 1 << 27  # per input: 4 inputs keep at most ~0.5 GiB of input pages resident
 
 
-class MergeError(ValueError):
+class MergeError(DbnbError, ValueError):
     """The merge cannot be made as asked; the message names the inputs and what to do."""
 
 

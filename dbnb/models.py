@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
+from dbnb.errors import DbnbError
 from dbnb.tiny import SKELETON, VARIANTS, skeleton_config, save_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(DbnbError, RuntimeError):
     """The base model could not be loaded; the message says which source and what to do."""
 
 

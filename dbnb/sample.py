@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dbnb.errors import DbnbError
+
 
 def make_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None) -> Image.Image:
     """Images in rows of `cols`, optionally with a caption strip over each."""
@@ -77,7 +79,7 @@ def save_previews(results: list[tuple[str, int, Image.Image]], folder: Path, col
 SCHEDULER = "DPMSolverMultistepScheduler"  # DPM++ 2M, as the previews use: good at ~20-30 steps
 
 
-class SampleError(RuntimeError):
+class SampleError(DbnbError, RuntimeError):
     """Test images cannot be made as asked; the message names the setting or file and what to do."""
 
 

@@ -35,12 +35,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
+from dbnb.errors import DbnbError
+
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 COLUMNS = ("checkpoint", "step", "clip_i", "dino", "fidelity", "clip_t", "class_clip_t", "drift", "class_clip_i")
 
 
-class ScoreError(RuntimeError):
+class ScoreError(DbnbError, RuntimeError):
     """Scores cannot be computed; the message names the setting or file and what to do."""
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dbnb.errors import DbnbError
 from dbnb import data
 from dbnb.checkpoints import RunFolder, RunFolderError, load_checkpoint, load_optimizer_state, save_checkpoint
 from dbnb.config import FIELDS, Config, ConfigError
@@ -37,7 +38,7 @@ RESUME_MAY_CHANGE = {"max_train_steps", "num_train_epochs", "save_every_steps", 
                      "pretrained_model_name_or_path", "pretrained_vae_name_or_path"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DbnbError, RuntimeError):
     """Training stopped; the message says why and what to change."""
 
 

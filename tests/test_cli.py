@@ -40,3 +40,24 @@ def test_train_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["train", str(tmp_path / "c.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dbnb: ") and "Traceback" not in err
+
+
+def test_every_user_error_class_derives_from_dbnb_error():
+    """The CLI and the notebooks show a DbnbError without a traceback; a module error class
+    that does not derive from it would reach users as a raw traceback."""
+    import importlib
+    import pkgutil
+
+    import dbnb
+    from dbnb.errors import DbnbError
+
+    found = []
+    for info in pkgutil.walk_packages(dbnb.__path__, "dbnb."):
+        if info.name in ("dbnb.widgets", "dbnb.__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if isinstance(obj, type) and issubclass(obj, Exception) and obj.__module__ == info.name:
+                found.append(obj)
+                assert issubclass(obj, DbnbError), f"{info.name}.{name} does not derive from DbnbError"
+    assert len(found) >= 14

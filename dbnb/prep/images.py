@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor, ImageFile, ImageOps, UnidentifiedImageError
 
+from dbnb.errors import DbnbError
+
 SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-class BadImage(Exception):
+class BadImage(DbnbError):
     """This file cannot be used; str() is the reason."""
 
 

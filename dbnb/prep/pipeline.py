@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from dbnb.errors import DbnbError
 from dbnb.data import IMAGE_SUFFIXES
 from dbnb.fetch import FetchError, fetch_images, iter_files, keep_kind
 from dbnb.prep import captions
@@ -34,7 +35,7 @@ WORK_SIDE = 4         # pictures are first shrunk to at most this many x resolut
 AUTO = "auto"
 
 
-class PrepError(ValueError):
+class PrepError(DbnbError, ValueError):
     """prep cannot start; the message names the setting or path and what to do."""
 
 

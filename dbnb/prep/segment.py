@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor
 
+from dbnb.errors import DbnbError
+
 MODEL_FILE = "isnetis.onnx"
 DEFAULT_SIZE = 1024
 
 
-class SegmenterError(RuntimeError):
+class SegmenterError(DbnbError, RuntimeError):
     """The segmentation model cannot be loaded; the message names the setting and the fix."""
 
 
