@@ -72,8 +72,9 @@ class RunFolder:
         if resume == "latest":
             found = self.resumable()
             if not found:
-                raise RunFolderError(f"--resume latest: {self.root} has no checkpoint with a resume state yet. "
-                                     "Start without --resume (or check output_dir / run_name).")
+                raise RunFolderError(f"resume: {self.root} has no checkpoint with a resume state yet. Start "
+                                     "without resuming (notebook: resume = False; command line: no --resume), "
+                                     "or check output_dir / run_name.")
             return found[-1][1]
         path = Path(resume)
         if not (path / "state" / "trainer.json").is_file():

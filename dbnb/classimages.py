@@ -27,6 +27,7 @@ from PIL import Image, PngImagePlugin
 
 from dbnb import data
 from dbnb.data import DatasetError
+from dbnb.env import shown
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
 TRANSPARENT_PER_INSTANCE = 10  # the seed: 10x the instance images
@@ -115,9 +116,9 @@ def check_class_images(config, wanted: int | None = None) -> ClassImageStatus:
         with contextlib.redirect_stdout(io.StringIO()) as note:
             data.select_class_images(examples, wanted)
         message = (note.getvalue().strip().removeprefix("[dbnb] ")
-                   or f"class images: {len(images)} in {folder}, as num_class_images={wanted} asks.")
+                   or f"class images: {len(images)} in {shown(folder)}, as num_class_images={wanted} asks.")
     except DatasetError as e:
-        message = str(e) + ("" if images else f" (class_data_dir: {folder})")
+        message = str(e) + ("" if images else f" (class_data_dir: {shown(folder)})")
     if len(images) < wanted and config.class_images_mode == "import":
         message += " (class_images_mode=generate tops the folder up from the base model.)"
     if wanted != config.num_class_images:
@@ -180,7 +181,7 @@ def write_blank_images(folder: str | Path, count: int, resolution: int, caption:
     """Top `folder` up to `count` fully transparent RGBA PNGs (alpha 0 everywhere) of
     `resolution`², or with `black=True` opaque black RGB ones (what the old extension
     trained on when given transparent images). Returns the files written."""
-    from tqdm.auto import tqdm
+    from dbnb.progress import bar as tqdm
 
     folder = Path(folder)
     todo = todo_indices(folder, count)
@@ -292,7 +293,7 @@ def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path
     """Top class_data_dir up to num_class_images with images sampled from the base model
     (loaded once, and only when something is missing). `pipe`: an already loaded
     StableDiffusionPipeline to use instead. Returns the files written, in order."""
-    from tqdm.auto import tqdm
+    from dbnb.progress import bar as tqdm
 
     folder, wanted = class_folder(config), wanted_class_images(config)
     if wanted < 1:

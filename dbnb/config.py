@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import types
 import typing
@@ -34,13 +35,26 @@ class ConfigError(DbnbError, ValueError):
     """A setting is wrong. The message names each field and says how to fix it."""
 
 
-def setting(default, section: str, label: str, help: str, choices: tuple = (), help_ja: str = ""):
+# The notebook step that owns each section's settings: its parameters cell is the only one
+# that writes them to the workspace; later notebooks read them (a field may name another).
+STEPS = {"setup": "01_setup", "dataset": "02_dataset", "class_images": "03_regularization",
+         "train": "04_train", "test": "05_test_prompts"}
+SECTION_STEPS = {"Model": "setup", "Directories": "train", "Dataset": "dataset", "Prompts": "train",
+                 "Class Images": "class_images", "Intervals": "train", "Learning Rate": "train",
+                 "Image Processing": "train", "Tuning": "train", "Gradients": "train", "Samples": "train",
+                 "Test Prompts": "test"}
+
+
+def setting(default, section: str, label: str, help: str, choices: tuple = (), help_ja: str = "",
+            step: str = ""):
     """One setting. `label` is the webui extension's name; `help` (English) and `help_ja`
     (Japanese, for the seed's readers) are shown under the field in the form and in
-    `dbnb config --list`."""
+    `dbnb config --list`; `step` is the notebook step that owns it (default: its section's)."""
     assert section in SECTIONS, section
+    step = step or SECTION_STEPS[section]
+    assert step in STEPS, step
     return field(default=default, metadata=dict(section=section, label=label, help=help,
-                                                 help_ja=help_ja, choices=choices))
+                                                 help_ja=help_ja, choices=choices, step=step))
 
 
 @dataclass(frozen=True)
@@ -49,72 +63,96 @@ class Config:
     pretrained_model_name_or_path: str = setting(
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "Model", "Source Checkpoint",
         "Base model: a diffusers folder, a Hugging Face repo id, a single .safetensors/.ckpt "
-        "file, an https:// URL or a Google Drive link. A merged model is fine.")
+        "file, an https:// URL or a Google Drive link. A merged model is fine.",
+        help_ja="ベースモデル。diffusers フォルダ、Hugging Face の repo id、単体の .safetensors/.ckpt ファイル、https:// の URL、Google Drive のリンクが使えます。マージモデルでもOK。")
     revision: str = setting("", "Model", "Revision",
-                            "Hub revision (branch, tag or commit) when the base model is a repo id.")
+                            "Hub revision (branch, tag or commit) when the base model is a repo id.",
+                            help_ja="ベースモデルが repo id のときに使う Hub のリビジョン（ブランチ、タグ、コミット）。")
     pretrained_vae_name_or_path: str = setting(
         "", "Model", "Pretrained VAE Name or Path",
-        "Optional separate VAE (folder, repo id or file). Empty: the base model's own VAE.")
+        "Optional separate VAE (folder, repo id or file). Empty: the base model's own VAE.",
+        help_ja="別の VAE を使う場合に指定（フォルダ、repo id、ファイル）。空欄ならベースモデル自身の VAE を使います。")
 
     # --- Directories ---------------------------------------------------------------------
     instance_data_dir: str = setting("", "Directories", "Dataset Directory",
-                                     "Folder with the character's training images (+ optional .txt captions).")
+                                     "Folder with the character's training images (+ optional .txt captions).",
+                                     help_ja="キャラの学習用画像を入れたフォルダ（.txt キャプションは任意）。", step="dataset")
     class_data_dir: str = setting("", "Directories", "Classification Dataset Directory",
-                                  "Folder with the class (regularization) images.")
+                                  "Folder with the class (regularization) images.",
+                                  help_ja="正則化画像（クラス画像）を入れたフォルダ。", step="class_images")
     output_dir: str = setting("dbnb-runs", "Directories", "Model Directory",
-                              "Where run folders are written. On Colab put it on Drive so a lost session loses nothing.")
+                              "Where run folders are written. On Colab put it on Drive so a lost session loses nothing.",
+                              help_ja="学習フォルダの書き出し先。Colab ではセッションが切れても失わないよう Drive 上にしてください。", step="setup")
     run_name: str = setting("run", "Directories", "Name",
-                            "The run folder's name under output_dir; also the exported file's name.")
+                            "The run folder's name under output_dir; also the exported file's name.",
+                            help_ja="output_dir の下に作る学習フォルダの名前。書き出すモデルファイルの名前にもなります。")
     concepts_list: str = setting("", "Directories", "Concepts List",
                                  "Optional JSON file listing several concepts (instance_data_dir, instance_prompt, "
-                                 "class_data_dir, class_prompt each). Replaces the single-concept fields.")
+                                 "class_data_dir, class_prompt each). Replaces the single-concept fields.",
+                                 help_ja="複数のコンセプトを並べた JSON ファイル（各項目に instance_data_dir、instance_prompt、class_data_dir、class_prompt）。指定すると単一コンセプト用の欄の代わりに使われます。")
 
     # --- Dataset -------------------------------------------------------------------------
     dataset_source: str = setting("", "Dataset", "Source Images",
                                   "Folder, .zip, Google Drive link or URL list (.txt) of the original pictures; "
-                                  "`dbnb prep` writes the prepared set to instance_data_dir.")
+                                  "`dbnb prep` writes the prepared set to instance_data_dir.",
+                                  help_ja="元画像の場所：フォルダ、.zip、Google Drive のリンク、URL 一覧（.txt）。`dbnb prep` が加工済みの画像を instance_data_dir に書き出します。")
     remove_background: bool = setting(True, "Dataset", "Remove Background",
                                       "Cut the character out with anime-segmentation and put it on background_color "
-                                      "(the seed: clutter and backgrounds get learnt too).")
+                                      "(the seed: clutter and backgrounds get learnt too).",
+                                      help_ja="anime-segmentation でキャラを切り抜き、background_color の背景に置きます（ガイドでは、背景や余計な物まで覚えてしまうとされています）。")
     segmentation_model: str = setting("skytnt/anime-seg", "Dataset", "Segmentation Model",
-                                      "anime-segmentation ONNX model: a Hub repo holding isnetis.onnx, or a local .onnx file.")
+                                      "anime-segmentation ONNX model: a Hub repo holding isnetis.onnx, or a local .onnx file.",
+                                      help_ja="anime-segmentation の ONNX モデル。isnetis.onnx を含む Hub のリポジトリか、ローカルの .onnx ファイル。")
     square_mode: str = setting("pad", "Dataset", "Make Square",
                                "pad: whole picture on a square of background_color (no straight-cut bands; the seed's "
                                "advice). center: center crop. face: crop around the detected face.",
-                               choices=("pad", "center", "face"))
+                               choices=("pad", "center", "face"),
+                               help_ja="pad: 画像全体を background_color の正方形に貼り付け（まっすぐ切った帯ができない、ガイドのおすすめ）。center: 中央で切り抜き。face: 検出した顔を中心に切り抜き。")
     extra_framings: bool = setting(False, "Dataset", "Add Bust-up / Cowboy-shot Crops",
                                    "Also derive bust-up and cowboy-shot crops from full-body pictures (the seed's "
-                                   "花月 workflow). Face-only close-ups are never made: the seed found they hurt.")
+                                   "花月 workflow). Face-only close-ups are never made: the seed found they hurt.",
+                                   help_ja="全身画像からバストアップとカウボーイショットの切り抜きも作ります（ガイドの花月での手順）。顔だけのドアップは悪影響があったため作りません。")
     caption_template: str = setting("[instance_token] [class_token]", "Dataset", "Caption Template",
                                     "Text written to each image's .txt for [filewords]; [instance_token] and "
-                                    "[class_token] are filled in, add tags after them.")
+                                    "[class_token] are filled in, add tags after them.",
+                                    help_ja="[filewords] 用に各画像の .txt に書く文。[instance_token] と [class_token] は自動で埋まるので、その後ろにタグを追加します。")
 
     # --- Prompts -------------------------------------------------------------------------
     instance_prompt: str = setting("", "Prompts", "Instance Prompt",
                                    "Prompt that calls the character, e.g. 'nanU Unan' (the seed: a rare word pair). "
-                                   "May contain [filewords].")
+                                   "May contain [filewords].",
+                                   help_ja="キャラを呼び出すプロンプト。例: 'nanU Unan'（ガイドでは、あまり使われない2語の組み合わせ）。[filewords] も使えます。")
     class_prompt: str = setting("", "Prompts", "Class Prompt",
-                                "Prompt of the class images, e.g. 'Unan' or '1girl'. May contain [filewords].")
+                                "Prompt of the class images, e.g. 'Unan' or '1girl'. May contain [filewords].",
+                                help_ja="正則化画像（クラス画像）のプロンプト。例: 'Unan' や '1girl'。[filewords] も使えます。", step="class_images")
     instance_token: str = setting("", "Prompts", "Instance Token",
-                                  "With [filewords]: the character's token, inserted into captions that lack it.")
+                                  "With [filewords]: the character's token, inserted into captions that lack it.",
+                                  help_ja="[filewords] 使用時のキャラのトークン。キャプションに含まれていなければ挿入されます。", step="dataset")
     class_token: str = setting("", "Prompts", "Class Token",
-                               "With [filewords]: the class word that the instance token is put in front of.")
+                               "With [filewords]: the class word that the instance token is put in front of.",
+                               help_ja="[filewords] 使用時のクラスの単語。instance token はこの単語の前に置かれます。", step="dataset")
 
     # --- Class Images --------------------------------------------------------------------
     with_prior_preservation: bool = setting(
         False, "Class Images", "Use Class Images (prior preservation)",
-        "Train on class images beside the instance images so the class word keeps its meaning.")
+        "Train on class images beside the instance images so the class word keeps its meaning.",
+        help_ja="インスタンス画像と一緒に正則化画像でも学習し、クラスの単語の意味が崩れないようにします。")
     num_class_images: int = setting(0, "Class Images", "Total Number of Class/Reg Images",
                                     "How many class images to use. Must not exceed what the class folder holds "
-                                    "(the seed warns: make it match the folder).")
+                                    "(the seed warns: make it match the folder).",
+                                    help_ja="使う正則化画像の枚数。クラス画像フォルダにある枚数を超えないこと（ガイドでは「フォルダの枚数と必ず一致させて」と注意されています）。")
     prior_loss_weight: float = setting(1.0, "Class Images", "Prior Loss Weight",
-                                       "Weight of the class-image loss against the instance loss.")
+                                       "Weight of the class-image loss against the instance loss.",
+                                       help_ja="インスタンス画像の loss に対する正則化画像の loss の重み。")
     class_negative_prompt: str = setting(QUALITY_NEGATIVE, "Class Images", "Classification Image Negative Prompt",
-                                         "Negative prompt when generating class images.")
+                                         "Negative prompt when generating class images.",
+                                         help_ja="正則化画像を生成するときのネガティブプロンプト。")
     class_guidance_scale: float = setting(12.0, "Class Images", "Classification CFG Scale",
-                                          "CFG scale when generating class images (the seed: 12).")
+                                          "CFG scale when generating class images (the seed: 12).",
+                                          help_ja="正則化画像を生成するときの CFG スケール（ガイドでは 12）。")
     class_infer_steps: int = setting(28, "Class Images", "Classification Steps",
-                                     "Sampling steps when generating class images (the seed: 28).")
+                                     "Sampling steps when generating class images (the seed: 28).",
+                                     help_ja="正則化画像を生成するときのサンプリングステップ数（ガイドでは 28）。")
     class_images_mode: str = setting(
         "generate", "Class Images", "Class Image Source",
         "generate: with the base model and class_prompt. transparent: fully transparent PNGs, the seed "
@@ -122,152 +160,212 @@ class Config:
         "white images (the old extension dropped alpha: there they were black; set background_color=black "
         "to reproduce that). black: opaque black images, the old extension's result for the class images "
         "only. import: copy from class_images_import.",
-        choices=("generate", "transparent", "black", "import"))
+        choices=("generate", "transparent", "black", "import"),
+        help_ja="generate: ベースモデルと class_prompt で生成。transparent: スレ定番の全面透過 PNG。学習時は background_color（白）に置かれ、真っ白な画像として学習されます（旧拡張機能はアルファを捨てていたので黒でした。再現するなら background_color=black）。black: 不透明な黒画像（旧拡張機能での正則化画像の扱い）。import: class_images_import からコピー。")
     class_images_import: str = setting("", "Class Images", "Import Class Images From",
-                                       "Folder, .zip or Google Drive link to copy class images from (mode import).")
+                                       "Folder, .zip or Google Drive link to copy class images from (mode import).",
+                                       help_ja="正則化画像のコピー元となるフォルダ、.zip、Google Drive のリンク（import モード用）。")
     class_sampler: str = setting("dpmpp_2m", "Class Images", "Classification Sampler",
-                                 "Sampler for generated class images.", choices=("ddim", "euler_a", "dpmpp_2m"))
+                                 "Sampler for generated class images.", choices=("ddim", "euler_a", "dpmpp_2m"),
+                                 help_ja="正則化画像を生成するときのサンプラー。")
     class_seed: int = setting(0, "Class Images", "Classification Seed",
-                              "Seed of class image k is class_seed + k, so a rerun regenerates the same images.")
+                              "Seed of class image k is class_seed + k, so a rerun regenerates the same images.",
+                              help_ja="k 枚目の正則化画像のシードは class_seed + k。やり直しても同じ画像が生成されます。")
     class_batch_size: int = setting(0, "Class Images", "Class Image Batch Size",
-                                    "Images generated at once; 0 picks it from free VRAM.")
+                                    "Images generated at once; 0 picks it from free VRAM.",
+                                    help_ja="一度に生成する枚数。0 なら空き VRAM から自動で決めます。")
 
     # --- Intervals -----------------------------------------------------------------------
     max_train_steps: int = setting(3000, "Intervals", "Training Steps",
-                                   "Total optimizer steps. The seed: ~3000 for 3 images, 7000 for 5, "
-                                   "10000-20000 for 40-100 images with detailed outfits.")
+                                   "Total optimizer steps. The seed's runs: ~3000 for 3 images (7000 for 5 was called "
+                                   "maybe too many); 10000-20000 for 20-100 images with detailed outfits. Aim for "
+                                   "slightly overfit, then check flexibility (notebook 5).",
+                                   help_ja="合計の学習ステップ数。ガイドの実例: 3枚で約3000（5枚で7000は多すぎるかも）、衣装が細かい20〜100枚で10000〜20000。少し過学習気味が目安。")
     num_train_epochs: int = setting(0, "Intervals", "Training Epochs",
-                                    "If > 0, train this many epochs instead of max_train_steps.")
+                                    "If > 0, train this many epochs instead of max_train_steps.",
+                                    help_ja="0 より大きいと、max_train_steps の代わりにこのエポック数だけ学習します。")
     save_every_steps: int = setting(500, "Intervals", "Save Checkpoint Frequency",
                                     "Save trained weights + resume state every N steps (0: only at the end). "
-                                    "The seed: 500 is enough; small values fill the disk.")
+                                    "The seed: 500 is enough; small values fill the disk.",
+                                    help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。ガイドでは 500 で十分、小さいとディスクを圧迫します。")
     sample_every_steps: int = setting(0, "Intervals", "Save Preview(s) Frequency",
-                                      "Write preview images every N steps (0: never; the seed turns it off on 12 GB cards).")
+                                      "Write preview images every N steps (0: never; the seed turns it off on 12 GB cards).",
+                                      help_ja="N ステップごとにプレビュー画像を出力（0: 出さない。ガイドでは 12GB のカードでは 0）。")
     keep_last_n: int = setting(2, "Intervals", "Keep Last N Resume States",
                                "Resume states (optimizer etc., large) older than the last N are deleted; "
-                               "trained weights are kept.")
+                               "trained weights are kept.",
+                               help_ja="最新 N 個より古い再開用データ（オプティマイザ等、大容量）を削除します。学習済みの重みは残ります。")
 
     # --- Learning Rate -------------------------------------------------------------------
     learning_rate: float = setting(1e-6, "Learning Rate", "Learning Rate",
-                                   "UNet learning rate. The seed: 1e-6 whatever the number of images.")
+                                   "UNet learning rate. The seed: 1e-6 whatever the number of images.",
+                                   help_ja="UNet の学習率。ガイドでは画像の枚数に関係なく 1e-6。")
     scale_lr: bool = setting(False, "Learning Rate", "Scale Learning Rate",
                              "Multiply the learning rate by batch size x gradient accumulation x GPUs "
                              "(diffusers' meaning). It does NOT lower the LR as training goes on; "
-                             "the scheduler does that.")
+                             "the scheduler does that.",
+                             help_ja="学習率にバッチサイズ × 勾配累積 × GPU 数を掛けます（diffusers での意味）。学習が進むにつれて学習率を下げる機能ではありません。それはスケジューラの役目です。")
     lr_scheduler: str = setting("polynomial", "Learning Rate", "Learning Rate Scheduler",
                                 "LR schedule after warmup. The extension's default is polynomial.",
-                                choices=LR_SCHEDULERS)
+                                choices=LR_SCHEDULERS,
+                                help_ja="ウォームアップ後の学習率の変化のさせ方。拡張機能のデフォルトは polynomial。")
     lr_warmup_steps: int = setting(15, "Learning Rate", "Learning Rate Warmup Steps",
-                                   "Steps with the LR rising from 0 (the seed: about 15).")
+                                   "Steps with the LR rising from 0 (the seed: about 15).",
+                                   help_ja="学習率を 0 から上げていくステップ数（ガイドでは 15 くらい）。")
     lr_power: float = setting(1.0, "Learning Rate", "Polynomial Power",
-                              "Power of the polynomial schedule (1.0: linear decay).")
+                              "Power of the polynomial schedule (1.0: linear decay).",
+                              help_ja="polynomial スケジュールの次数（1.0: 直線的に減少）。")
     lr_num_cycles: int = setting(1, "Learning Rate", "Cosine Restarts",
-                                 "Number of restarts for cosine_with_restarts.")
+                                 "Number of restarts for cosine_with_restarts.",
+                                 help_ja="cosine_with_restarts での再スタート回数。")
     train_text_encoder: bool = setting(False, "Learning Rate", "Train Text Encoder",
-                                       "Also fine-tune the CLIP text encoder (more VRAM, stronger likeness).")
+                                       "Also fine-tune the CLIP text encoder (more VRAM, stronger likeness).",
+                                       help_ja="CLIP テキストエンコーダも学習します（VRAM は増えるが、より似やすくなる）。")
     text_encoder_lr: float = setting(1e-6, "Learning Rate", "Text Encoder Learning Rate",
-                                     "Learning rate of the text encoder when it is trained.")
+                                     "Learning rate of the text encoder when it is trained.",
+                                     help_ja="テキストエンコーダを学習する場合の学習率。")
     stop_text_encoder: float = setting(1.0, "Learning Rate", "Step Ratio of Text Encoder Training",
-                                       "Fraction of the run (0-1) after which the text encoder is frozen.")
+                                       "Fraction of the run (0-1) after which the text encoder is frozen.",
+                                       help_ja="学習全体のこの割合（0〜1）を過ぎたらテキストエンコーダの学習を止めます。")
 
     # --- Image Processing ----------------------------------------------------------------
     resolution: int = setting(512, "Image Processing", "Resolution",
-                              "Training size in pixels (multiple of 8). SD 1.x: 512.")
+                              "Training size in pixels (multiple of 8). SD 1.x: 512.",
+                              help_ja="学習解像度（ピクセル、8の倍数）。SD 1.x は 512。", step="dataset")
     center_crop: bool = setting(False, "Image Processing", "Center Crop",
-                                "Crop the center square instead of resizing the whole image.")
+                                "Crop the center square instead of resizing the whole image.",
+                                help_ja="画像全体を縮小する代わりに、中央の正方形を切り抜きます。")
     hflip: bool = setting(False, "Image Processing", "Apply Horizontal Flip",
                           "Randomly mirror images. Off by default: the seed found it mixes the left and right "
-                          "colours of asymmetric designs.")
+                          "colours of asymmetric designs.",
+                          help_ja="ランダムに左右反転します。デフォルトはオフ：ガイドでは左右非対称なデザインの左右の色が混ざるとされています。")
     background_color: str = setting("white", "Image Processing", "Background Colour",
                                     "Colour that transparent pixels are put on (name or #rrggbb). "
-                                    "Transparent class images become this colour.")
+                                    "Transparent class images become this colour.",
+                                    help_ja="透過部分を置く背景色（色名か #rrggbb）。透過の正則化画像はこの色になります。", step="dataset")
 
     # --- Tuning --------------------------------------------------------------------------
-    train_batch_size: int = setting(1, "Tuning", "Batch Size", "Images per step (per GPU).")
+    train_batch_size: int = setting(1, "Tuning", "Batch Size", "Images per step (per GPU).",
+                                    help_ja="1ステップあたりの画像枚数（GPU ごと）。")
     mixed_precision: str = setting("fp16", "Tuning", "Mixed Precision",
                                    "fp16 (T4 / most Colab GPUs), bf16 (A100/H100) or no (CPU). "
-                                   "Weights stay fp32 either way.", choices=("no", "fp16", "bf16"))
+                                   "Weights stay fp32 either way.", choices=("no", "fp16", "bf16"),
+                                   help_ja="fp16（T4 など Colab の多くの GPU）、bf16（A100/H100）、no（CPU）。どれでも重みは fp32 のままです。")
     use_8bit_adam: bool = setting(True, "Tuning", "Use 8bit Adam",
                                   "bitsandbytes' 8-bit AdamW: much less VRAM. Falls back to torch AdamW "
-                                  "with a warning where bitsandbytes does not work.")
-    adam_beta1: float = setting(0.9, "Tuning", "Adam Beta 1", "AdamW beta1.")
-    adam_beta2: float = setting(0.999, "Tuning", "Adam Beta 2", "AdamW beta2.")
-    adam_weight_decay: float = setting(1e-2, "Tuning", "Adam Weight Decay", "AdamW weight decay.")
-    adam_epsilon: float = setting(1e-8, "Tuning", "Adam Epsilon", "AdamW epsilon.")
+                                  "with a warning where bitsandbytes does not work.",
+                                  help_ja="bitsandbytes の 8bit AdamW。VRAM を大きく節約できます。bitsandbytes が動かない環境では警告を出して torch の AdamW に切り替えます。")
+    adam_beta1: float = setting(0.9, "Tuning", "Adam Beta 1", "AdamW beta1.",
+                                help_ja="AdamW の beta1。")
+    adam_beta2: float = setting(0.999, "Tuning", "Adam Beta 2", "AdamW beta2.",
+                                help_ja="AdamW の beta2。")
+    adam_weight_decay: float = setting(1e-2, "Tuning", "Adam Weight Decay", "AdamW weight decay.",
+                                       help_ja="AdamW の weight decay。")
+    adam_epsilon: float = setting(1e-8, "Tuning", "Adam Epsilon", "AdamW epsilon.",
+                                  help_ja="AdamW の epsilon。")
     attention: str = setting("sdpa", "Tuning", "Memory Attention",
                              "sdpa: PyTorch's built-in fused attention (no extra install). "
                              "xformers: when it is installed and works on this GPU.",
-                             choices=("sdpa", "xformers"))
+                             choices=("sdpa", "xformers"),
+                             help_ja="sdpa: PyTorch 内蔵の高速 attention（追加インストール不要）。xformers: インストール済みでこの GPU で動く場合。")
     cache_latents: bool = setting(True, "Tuning", "Cache Latents",
                                   "Encode the images with the VAE once, before training (faster, less VRAM). "
-                                  "The extension's 'Don't Cache Latents' is the opposite switch.")
+                                  "The extension's 'Don't Cache Latents' is the opposite switch.",
+                                  help_ja="学習前に VAE で画像を一度だけエンコードしておきます（速く、VRAM も少なめ）。拡張機能の 'Don't Cache Latents' とは逆のスイッチです。")
     use_ema: bool = setting(False, "Tuning", "Train EMA",
-                            "Keep an exponential moving average of the UNet, saved beside the raw weights.")
-    ema_decay: float = setting(0.9999, "Tuning", "EMA Decay", "Decay of the EMA weights.")
+                            "Keep an exponential moving average of the UNet, saved beside the raw weights.",
+                            help_ja="UNet の指数移動平均（EMA）も保持し、通常の重みと並べて保存します。")
+    ema_decay: float = setting(0.9999, "Tuning", "EMA Decay", "Decay of the EMA weights.",
+                               help_ja="EMA の重みの減衰率。")
     offset_noise: float = setting(0.0, "Tuning", "Offset Noise",
-                                  "Add per-channel noise offset (e.g. 0.05) for darker darks / brighter brights. 0: off.")
+                                  "Add per-channel noise offset (e.g. 0.05) for darker darks / brighter brights. 0: off.",
+                                  help_ja="チャンネルごとのノイズオフセット（例: 0.05）を加え、暗部をより暗く・明部をより明るく出せるようにします。0: オフ。")
     snr_gamma: float = setting(0.0, "Tuning", "Min-SNR Gamma",
-                               "Min-SNR loss weighting (e.g. 5.0). 0: off.")
-    seed: int = setting(1234, "Tuning", "Seed", "Random seed of the run (data order, noise).")
+                               "Min-SNR loss weighting (e.g. 5.0). 0: off.",
+                               help_ja="Min-SNR による loss の重み付け（例: 5.0）。0: オフ。")
+    seed: int = setting(1234, "Tuning", "Seed", "Random seed of the run (data order, noise).",
+                        help_ja="学習全体の乱数シード（データの順番、ノイズ）。")
 
     # --- Gradients -----------------------------------------------------------------------
     gradient_accumulation_steps: int = setting(1, "Gradients", "Gradient Accumulation Steps",
-                                               "Average gradients over N batches per optimizer step.")
+                                               "Average gradients over N batches per optimizer step.",
+                                               help_ja="N バッチ分の勾配を平均してから1回更新します。")
     gradient_checkpointing: bool = setting(True, "Gradients", "Gradient Checkpointing",
-                                           "Recompute activations in backward: less VRAM, ~20% slower.")
+                                           "Recompute activations in backward: less VRAM, ~20% slower.",
+                                           help_ja="逆伝播で途中結果を再計算します。VRAM は減り、速度は約20%低下。")
     max_grad_norm: float = setting(1.0, "Gradients", "Max Grad Norms",
-                                   "Clip the gradient norm to this value (0: no clipping).")
+                                   "Clip the gradient norm to this value (0: no clipping).",
+                                   help_ja="勾配のノルムをこの値でクリップします（0: クリップしない）。")
     optimizer_in_backward: bool = setting(
         False, "Gradients", "Optimizer in Backward",
         "Step each weight as soon as backward has its gradient, then free that gradient, so the UNet's "
         "full-size gradients (~3.4 GB fp32 for SD 1.5) never exist all at once. Same update as the normal "
         "path. Needs gradient_accumulation_steps=1, max_grad_norm=0, one GPU and mixed_precision bf16 or no "
-        "(not fp16).")
+        "(not fp16).",
+        help_ja="逆伝播で勾配が出た重みから順に更新して勾配をすぐ解放するので、UNet の勾配全体（SD 1.5 で fp32 約3.4GB）が一度にメモリに載りません。更新結果は通常と同じ。gradient_accumulation_steps=1、max_grad_norm=0、GPU 1枚、mixed_precision は bf16 か no（fp16 は不可）が必要です。")
 
     # --- Samples -------------------------------------------------------------------------
     sample_prompts: tuple[str, ...] = setting((), "Samples", "Sample Image Prompt",
-                                              "Preview prompts. Empty: the instance prompt.")
+                                              "Preview prompts. Empty: the instance prompt.",
+                                              help_ja="プレビュー用のプロンプト。空欄ならインスタンスプロンプトを使います。")
     sample_negative_prompt: str = setting(QUALITY_NEGATIVE, "Samples", "Sample Negative Prompt",
-                                          "Negative prompt of the previews.")
+                                          "Negative prompt of the previews.",
+                                          help_ja="プレビューのネガティブプロンプト。")
     num_samples: int = setting(2, "Samples", "Number of Samples to Generate",
-                               "Preview images per prompt (keep it small: each costs a full generation).")
-    sample_seed: int = setting(42, "Samples", "Sample Seed", "Seed of the previews, fixed so steps compare.")
-    sample_guidance_scale: float = setting(7.5, "Samples", "Sample CFG Scale", "CFG scale of the previews.")
-    sample_steps: int = setting(20, "Samples", "Sample Steps", "Sampling steps of the previews.")
+                               "Preview images per prompt (keep it small: each costs a full generation).",
+                               help_ja="プロンプトごとのプレビュー枚数（1枚ごとに丸々生成するので少なめに）。")
+    sample_seed: int = setting(42, "Samples", "Sample Seed", "Seed of the previews, fixed so steps compare.",
+                               help_ja="プレビューのシード。固定なのでステップごとに比べられます。")
+    sample_guidance_scale: float = setting(7.5, "Samples", "Sample CFG Scale", "CFG scale of the previews.",
+                                           help_ja="プレビューの CFG スケール。")
+    sample_steps: int = setting(20, "Samples", "Sample Steps", "Sampling steps of the previews.",
+                                help_ja="プレビューのサンプリングステップ数。")
 
     # --- Test Prompts --------------------------------------------------------------------
     # The seed's way to pick a checkpoint: first "<instance prompt>, 1girl, solo" until it looks
     # slightly overfit, then other clothes / places to see it is still flexible.
     test_fidelity_prompts: tuple[str, ...] = setting(
         ("{instance_prompt}, 1girl, solo",), "Test Prompts", "Fidelity Prompts",
-        "Prompts that should show the character as trained; {instance_prompt} and {class_prompt} are filled in.")
+        "Prompts that should show the character as trained; {instance_prompt} and {class_prompt} are filled in.",
+        help_ja="学習したとおりのキャラが出るべきプロンプト。{instance_prompt} と {class_prompt} は自動で埋まります。")
     test_flexibility_prompts: tuple[str, ...] = setting(
         ("{instance_prompt}, 1girl, solo, school uniform, classroom",
          "{instance_prompt}, 1girl, solo, swimsuit, beach",
          "{instance_prompt}, 1girl, solo, winter coat, snowy street"), "Test Prompts", "Flexibility Prompts",
-        "Prompts that ask for other clothes / places: a good checkpoint follows them.")
+        "Prompts that ask for other clothes / places: a good checkpoint follows them.",
+        help_ja="別の服や場所を指定するプロンプト。良いチェックポイントはこれに従います。")
     test_negative_prompt: str = setting(QUALITY_NEGATIVE, "Test Prompts", "Test Negative Prompt",
-                                        "Negative prompt of the test images (the seed's quality negative).")
+                                        "Negative prompt of the test images (the seed's quality negative).",
+                                        help_ja="テスト画像のネガティブプロンプト（ガイドの品質ネガ）。")
     test_class_prompt_in_negative: bool = setting(
         False, "Test Prompts", "Class Prompt in Negative",
-        "Also put the class prompt in the negative (the seed's 'Instance prompt + Class prompt ネガ' call).")
-    test_seeds: int = setting(4, "Test Prompts", "Seeds per Prompt", "Images per prompt and checkpoint (seeds 0..N-1).")
+        "Also put the class prompt in the negative (the seed's 'Instance prompt + Class prompt ネガ' call).",
+        help_ja="クラスプロンプトもネガに入れます（ガイドの「Instance prompt + Class prompt ネガ」という呼び出し方）。")
+    test_seeds: int = setting(4, "Test Prompts", "Seeds per Prompt", "Images per prompt and checkpoint (seeds 0..N-1).",
+                              help_ja="プロンプト・チェックポイントごとの画像枚数（シード 0〜N-1）。")
     test_steps: str = setting("all", "Test Prompts", "Checkpoints to Test",
-                              "'all', or step numbers like '1000,2000,3000'. The base model is always a baseline row.")
-    test_guidance_scale: float = setting(7.5, "Test Prompts", "Test CFG Scale", "CFG scale of the test images.")
-    test_infer_steps: int = setting(28, "Test Prompts", "Test Sampling Steps", "Sampling steps of the test images.")
+                              "'all', or step numbers like '1000,2000,3000'. The base model is always a baseline row.",
+                              help_ja="'all' か '1000,2000,3000' のようなステップ数。ベースモデルは比較用に必ず含まれます。")
+    test_guidance_scale: float = setting(7.5, "Test Prompts", "Test CFG Scale", "CFG scale of the test images.",
+                                         help_ja="テスト画像の CFG スケール。")
+    test_infer_steps: int = setting(28, "Test Prompts", "Test Sampling Steps", "Sampling steps of the test images.",
+                                    help_ja="テスト画像のサンプリングステップ数。")
     clip_model: str = setting("openai/clip-vit-base-patch32", "Test Prompts", "CLIP Model",
-                              "CLIP for CLIP-I / CLIP-T scores (Hub id or local folder).")
+                              "CLIP for CLIP-I / CLIP-T scores (Hub id or local folder).",
+                              help_ja="CLIP-I / CLIP-T スコア用の CLIP（Hub の id かローカルのフォルダ）。")
     dino_model: str = setting("facebook/dino-vits16", "Test Prompts", "DINO Model",
-                              "DINO ViT for the DINO fidelity score (Hub id or local folder).")
+                              "DINO ViT for the DINO fidelity score (Hub id or local folder).",
+                              help_ja="DINO 忠実度スコア用の DINO ViT（Hub の id かローカルのフォルダ）。")
     score_with: str = setting(
         "clip", "Test Prompts", "Score With",
         "clip: CLIP-I / DINO / CLIP-T (any model). world: pixel analysis of dbnb's tiny world (the demo "
         "model): identity, swapped sides, copied poses, hair following the prompt, class drift.",
-        choices=("clip", "world"))
+        choices=("clip", "world"),
+        help_ja="clip: CLIP-I / DINO / CLIP-T（どのモデルでも可）。world: dbnb の小さなデモモデル用のピクセル解析（本人らしさ、左右の入れ替わり、ポーズのコピー、髪がプロンプトに従うか、クラスのずれ）。")
     flexibility_tolerance: float = setting(
         0.01, "Test Prompts", "Flexibility Tolerance",
-        "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.")
+        "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.",
+        help_ja="おすすめのチェックポイントは、CLIP-T が最高値からこの差以内のものの中で最も忠実なものになります。")
 
     def __post_init__(self):
         problems = [p for f in dataclasses.fields(self) for p in _type_problems(f, getattr(self, f.name))]
@@ -365,13 +463,19 @@ def _value_problems(c: Config) -> list[str]:
 
 
 def _field_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(Config)[f.name]
+    hint = _hints()[f.name]
     origin = typing.get_origin(hint)
     if origin is tuple:
         return tuple
     if origin in (typing.Union, types.UnionType):
         return next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
+
+
+@functools.cache
+def _hints() -> dict:
+    # get_type_hints re-evaluates every annotation; once is enough (the form validates per keystroke).
+    return typing.get_type_hints(Config)
 
 
 def from_dict(data: dict, source: str = "config") -> Config:
@@ -457,16 +561,30 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-def load_workspace(folder: str | Path, namespace: dict | None = None) -> Config:
+def load_workspace(folder: str | Path, namespace: dict | None = None, step: str | None = None) -> Config:
     """The notebooks' shared config, `<folder>/config.yaml`, updated with the variables of
     `namespace` that are settings (a notebook passes `globals()`, so its parameters cell's
-    names are the settings' names) and saved back for the next notebook."""
+    names are the settings' names) and saved back for the next notebook.
+
+    With `step`, only the settings that step owns are taken from `namespace`: a later
+    notebook never overwrites an earlier one's decision with its own default."""
     path = Path(folder) / "config.yaml"
     data = read_config_file(path) if path.is_file() else {}
-    data.update({k: v for k, v in (namespace or {}).items() if k in FIELDS})
+    data.update({k: v for k, v in (namespace or {}).items() if k in FIELDS and (step is None or owner(k) == step)})
     config = from_dict(data, source=str(path))
     config.save(path)
     return config
+
+
+def owner(name: str) -> str:
+    """The notebook step whose parameters cell sets this setting."""
+    return FIELDS[name].metadata["step"]
+
+
+def step_fields(step: str) -> list[str]:
+    """The settings one notebook step owns, in order."""
+    assert step in STEPS, step
+    return [name for name in FIELDS if owner(name) == step]
 
 
 def section_fields(section: str) -> list[str]:

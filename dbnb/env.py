@@ -453,6 +453,23 @@ def _check_storage(platform: str) -> Check:
     return Check("storage", True, _NO_SESSION_STORAGE.get(platform, "output stays in output_dir"))
 
 
+# Set by the notebooks to their workspace: paths under it are shown relative to it.
+WORKSPACE_VARIABLE = "DBNB_WORKSPACE"
+
+
+def shown(path: str | os.PathLike[str]) -> str:
+    """A path as a user should read it: relative to the notebooks' workspace when inside it
+    (not /content/drive/MyDrive/dbnb/runs/... on every line), else as given."""
+    path = Path(path)
+    root = os.environ.get(WORKSPACE_VARIABLE)
+    if root and path.is_absolute():
+        try:
+            return str(path.relative_to(root)) or "."
+        except ValueError:
+            pass
+    return str(path)
+
+
 def workspace(folder: str | os.PathLike[str] = "") -> Path:
     """The notebooks' shared folder: the given one, else persistent storage (Drive on Colab,
     /storage on Paperspace) so a new session finds the last one's work, else ./dbnb-work."""

@@ -425,7 +425,7 @@ def _combine(first: torch.Tensor, others: list[Callable[[], torch.Tensor]], mode
 
 def _merge_state(models: list[_Input], merged: set[str], mode: str, coeffs: list[float],
                  dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
-    from tqdm.auto import tqdm
+    from dbnb.progress import bar as tqdm
 
     state: dict[str, torch.Tensor] = {}
     for key in tqdm(list(models[0].entries), desc="merging", unit="key", disable=not progress):

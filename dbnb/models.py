@@ -95,7 +95,7 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
 
 
 def _fetch(url: str, dest: Path) -> None:
-    from tqdm.auto import tqdm
+    from dbnb.progress import bar as tqdm
 
     request = urllib.request.Request(url, headers={"User-Agent": "dbnb"})
     token = os.environ.get("HF_TOKEN")

@@ -306,7 +306,7 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
 def _render_missing(config, result: SampleResult, todo: set[str], device, dtype, ema, batch_size, progress) -> None:
     if not todo:
         return
-    from tqdm.auto import tqdm
+    from dbnb.progress import bar as tqdm
 
     started = time.perf_counter()
     tester = TestPipeline(config, device, dtype, ema)

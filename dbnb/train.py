@@ -29,6 +29,7 @@ from dbnb.errors import DbnbError
 from dbnb import data
 from dbnb.checkpoints import RunFolder, RunFolderError, load_checkpoint, load_optimizer_state, save_checkpoint
 from dbnb.config import FIELDS, Config, ConfigError
+from dbnb.env import shown
 
 # Settings that may differ between a run and its resumption: they change what is saved or
 # shown, or extend the run, not what has been learnt so far.
@@ -322,8 +323,9 @@ def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFold
     if resume_from is not None:
         check_resume_config(run, config)
     elif run.checkpoints():
-        raise RunFolderError(f"{run.root} already has checkpoints. Continue it with --resume latest, "
-                             "or choose another run_name.")
+        raise RunFolderError(f"run {config.run_name!r} ({shown(run.root)}) already has checkpoints: continue it "
+                             "(notebook: resume = True; command line: --resume latest), or choose another "
+                             "run_name for a new run.")
     if is_main:
         run.create()
         run.remove_partial()
@@ -424,12 +426,12 @@ def setup(config: Config, accelerator, resume: str | None) -> Session:
 
 
 def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
-    from tqdm.auto import tqdm
+    from dbnb.progress import bar as tqdm
 
     # 6. The loop: one optimizer step per pass; save on schedule, on cancel and at the end.
     acc, config = s.accelerator, s.config
     if acc.is_main_process:
-        print(f"[dbnb] run folder {s.run.root}: {len(s.batches.instance)} instance images"
+        print(f"[dbnb] run folder {shown(s.run.root)}: {len(s.batches.instance)} instance images"
               + (f", {len(s.batches.klass)} class images" if s.batches.klass else "")
               + f", steps {s.step} → {s.max_steps}, device {acc.device}, {acc.num_processes} process(es)", flush=True)
     saved, cancelled, started = [], False, time.time()
@@ -452,7 +454,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                         record["preview"] = str(write_previews(s.run, s.step, s.pipe, acc.unwrap_model(s.unet),
                                                                config))
                     if on_step is not None:
-                        on_step({**record, "last": cancelled or s.step == s.max_steps})
+                        on_step({**record, "max_steps": s.max_steps, "last": cancelled or s.step == s.max_steps})
                 due = config.save_every_steps and s.step % config.save_every_steps == 0
                 if due or cancelled or s.step == s.max_steps:
                     if acc.is_main_process:
@@ -467,7 +469,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
     acc.wait_for_everyone()
     if acc.is_main_process:
         print(f"[dbnb] {'cancelled' if cancelled else 'finished'} at step {s.step}/{s.max_steps}; "
-              f"checkpoints in {s.run.root / 'checkpoints'}", flush=True)
+              f"checkpoints in {shown(s.run.root / 'checkpoints')}", flush=True)
     return TrainResult(s.run.root, s.step, s.max_steps, saved, cancelled)
 
 

@@ -1,22 +1,26 @@
 """ipywidgets faces of the config, for the notebooks. Nothing in the library imports this.
 
 `ConfigForm` shows every setting of `dbnb.config.Config`, grouped in the extension's
-sections with the names users know and the help as a tooltip; `.config()` reads the
-current values back as a validated Config. Building the form never waits for input, so
-"Run all" and papermill pass straight through it.
+sections with the names users know and each setting's help in English and Japanese as a
+grey line under the field (tooltips do not show for most widgets in JupyterLab 4);
+`.config()` reads the current values back as a validated Config. Building the form never
+waits for input, so "Run all" and papermill pass straight through it.
 """
 from __future__ import annotations
 
+import html
 import io
 from pathlib import Path
 
 import ipywidgets as w
 
 from dbnb import fetch
-from dbnb.config import SECTIONS, Config, describe, from_dict
+from dbnb.config import SECTIONS, Config, ConfigError, describe, from_dict
 
-LABEL_STYLE = {"description_width": "260px"}
+LABEL_WIDTH = 260
+LABEL_STYLE = {"description_width": f"{LABEL_WIDTH}px"}
 LAYOUT = w.Layout(width="720px")
+HELP_STYLE = f"color:#666;font-size:12px;line-height:1.35;margin:0 0 6px {LABEL_WIDTH + 8}px;max-width:452px"
 
 
 def _widget(row: dict, value) -> w.Widget:
@@ -34,6 +38,13 @@ def _widget(row: dict, value) -> w.Widget:
     if row["type"] == "tuple":
         return w.Textarea(value="\n".join(value), placeholder="one per line", **common)
     return w.Text(value=value, **common)
+
+
+def help_html(row: dict) -> str:
+    """The grey help line under a field: the setting's name, English, then Japanese."""
+    ja = f"<br>{html.escape(row['help_ja'])}" if row.get("help_ja") else ""
+    return (f"<div class='dbnb-help' style='{HELP_STYLE}'><code>{row['name']}</code> "
+            f"{html.escape(row['help'])}{ja}</div>")
 
 
 def _read(row: dict, widget: w.Widget):
@@ -57,9 +68,9 @@ class ConfigForm:
         self.fields = {r["name"]: _widget(r, values[r["name"]]) for r in self.rows}
         self.status = w.HTML()
         groups = [s for s in sections if any(r["section"] == s for r in self.rows)]
-        self.widget = w.VBox([w.Accordion(children=[w.VBox([self.fields[r["name"]] for r in self.rows
-                                                             if r["section"] == s]) for s in groups],
-                                          titles=tuple(groups)), self.status])
+        boxes = [w.VBox([item for r in self.rows if r["section"] == s
+                         for item in (self.fields[r["name"]], w.HTML(help_html(r)))]) for s in groups]
+        self.widget = w.VBox([w.Accordion(children=boxes, titles=tuple(groups)), self.status])
         for widget in self.fields.values():
             widget.observe(self._validate, names="value")
 
@@ -72,8 +83,8 @@ class ConfigForm:
         try:
             self.config()
             self.status.value = ""
-        except ValueError as e:
-            self.status.value = f"<pre style='color:#b00'>{e}</pre>"
+        except ConfigError as e:
+            self.status.value = f"<pre style='color:#b00'>{html.escape(str(e))}</pre>"
 
     def _ipython_display_(self):
         from IPython.display import display
@@ -81,48 +92,90 @@ class ConfigForm:
 
 
 class TrainingView:
-    """Live loss curve and latest preview during `dbnb.train.train(config, on_step=view)`."""
+    """Live loss curve and latest preview during `dbnb.train.train(config, on_step=view)`.
 
-    def __init__(self, every: int = 10):
-        self.every, self.steps, self.losses = every, [], []
-        self.curve = w.Image(format="png", layout=w.Layout(width="480px"))
-        self.preview = w.Image(format="png", layout=w.Layout(max_width="480px"))
-        self.caption = w.HTML()
-        self.widget = w.VBox([w.HBox([self.curve, self.preview]), self.caption])
+    Widgets only while training runs; when it ends the final loss plot and the last preview
+    are displayed as ordinary outputs, which a saved notebook keeps. With `plain` (default on
+    Paperspace, whose own IDE does not render widgets) a text line every tenth of the run says
+    the same."""
+
+    def __init__(self, config: Config, every: int = 10, plain: bool | None = None):
+        from dbnb.env import detect_platform
+
+        self.config, self.every = config, every
+        self.plain = detect_platform() == "paperspace" if plain is None else plain
+        self.steps, self.losses, self.times, self.lr = [], [], [], 0.0
+        self.last_preview: Path | None = None
+        hidden = dict(display="none")
+        self.curve = w.Image(format="png", layout=w.Layout(width="480px", **hidden))
+        # Its own aspect ratio: no fixed height, not stretched to the curve's height by the row.
+        self.preview = w.Image(format="png", layout=w.Layout(max_width="480px", height="auto",
+                                                            object_fit="contain", **hidden))
+        off = ("previews are off (sample_every_steps = 0): the test grids of notebook 05 show the checkpoints. "
+               "/ プレビューはオフです。")
+        self.caption = w.HTML("" if config.sample_every_steps else off)
+        self.widget = w.VBox([w.HBox([self.curve, self.preview], layout=w.Layout(align_items="flex-start")),
+                              self.caption])
 
     def __call__(self, record: dict) -> None:
+        self.times.append(record["time"])
         self.steps.append(record["step"])
         self.losses.append(record["loss"])
+        self.lr = record["lr"]
         if record.get("preview"):
-            self.preview.value = Path(record["preview"]).read_bytes()
-            self.caption.value = f"preview at step {record['step']}: {record['preview']}"
+            self.last_preview = Path(record["preview"])
+            self.preview.value = self.last_preview.read_bytes()
+            self.preview.layout.display = None
+            self.caption.value = f"preview at step {record['step']}"
         if len(self.steps) % self.every == 0 or record.get("last"):
-            self.curve.value = loss_curve_png(self.steps, self.losses)
+            self.curve.value = self.loss_png()
+            self.curve.layout.display = None
+        total = record.get("max_steps") or self.config.max_train_steps
+        if self.plain and (record["step"] % max(1, total // 10) == 0 or record.get("last")):
+            print(f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {self.lr:.2e}  "
+                  f"{self.rate:.2f} it/s", flush=True)
+        if record.get("last"):
+            self.finish()
+
+    @property
+    def rate(self) -> float:
+        """Steps per second over the last `every` steps (previews and saves included)."""
+        k = min(len(self.steps), self.every + 1)
+        span = self.times[-1] - self.times[-k] if k > 1 else 0.0
+        return (self.steps[-1] - self.steps[-k]) / span if span > 0 else 0.0
+
+    def loss_png(self) -> bytes:
+        return loss_curve_png(self.steps, self.losses, title=f"lr {self.lr:.2e} · {self.rate:.2f} it/s")
+
+    def finish(self) -> None:
+        """The final loss plot and last preview as plain outputs (kept by a saved notebook)."""
+        from IPython.display import Image, display
+
+        self.widget.layout.display = "none"
+        display(Image(data=self.loss_png(), format="png"))
+        if self.last_preview is not None:
+            display(Image(filename=str(self.last_preview)))
 
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
 
 
-def loss_curve_png(steps: list[int], losses: list[float], size=(480, 240)) -> bytes:
-    """A plain loss-vs-step plot drawn with PIL (matplotlib is not a dependency)."""
-    from PIL import Image, ImageDraw
+def loss_curve_png(steps: list[int], losses: list[float], title: str = "", size=(4.8, 2.6)) -> bytes:
+    """Loss against step, drawn with matplotlib (no pyplot: nothing global, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    pad = 30
-    if len(steps) >= 2:
-        lo, hi = min(losses), max(losses)
-        span = (hi - lo) or 1.0
-        x = lambda s: pad + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (size[0] - 2 * pad)  # noqa: E731
-        y = lambda v: size[1] - pad - (v - lo) / span * (size[1] - 2 * pad)  # noqa: E731
-        draw.line([(x(s), y(v)) for s, v in zip(steps, losses)], fill=(30, 90, 200), width=1)
-        draw.text((2, 2), f"loss {hi:.3f}", fill="black")
-        draw.text((2, size[1] - pad + 2), f"{lo:.3f}", fill="black")
-        draw.text((size[0] - 90, size[1] - 14), f"step {steps[-1]}", fill="black")
-    draw.rectangle([pad, pad, size[0] - pad, size[1] - pad], outline=(180, 180, 180))
+    figure = Figure(figsize=size, dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(steps, losses, color="#1f5fc8", linewidth=1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title or "training loss", fontsize=10)
+    axes.grid(alpha=0.3)
     out = io.BytesIO()
-    image.save(out, format="PNG")
+    figure.savefig(out, format="png")
     return out.getvalue()
 
 
@@ -133,6 +186,7 @@ CAPTION_THUMB = 256
 
 def upload_widget(dest: str | Path):
     """A FileUpload that saves what is dropped on it into `dest` (then run prep on `dest`)."""
+    Path(dest).mkdir(parents=True, exist_ok=True)  # an empty box then reads as "no pictures", not "no folder"
     upload = w.FileUpload(accept="image/*,.zip", multiple=True, description="Pictures / .zip")
     status = w.HTML()
 

@@ -15,21 +15,53 @@ def cells(path):
     return json.loads(path.read_text(encoding="utf-8"))["cells"]
 
 
+# What a user must not see: library noise dbnb silences, and tracebacks for dbnb's own errors.
+NOISE = ("requires torchvision", "should be kept in float32", "Loading pipeline components", "Loading weights",
+         "Writing model shards", "Traceback (most recent call last)", "ModuleNotFoundError")
+
+
+def install_cell(path):
+    return next("".join(c["source"]) for c in cells(path) if "dbnb.notebook.start()" in "".join(c["source"]))
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_committed_clean_with_one_parameters_cell_and_no_definitions(path):
     code = [c for c in cells(path) if c["cell_type"] == "code"]
     assert all(not c["outputs"] and c["execution_count"] is None for c in code), "strip outputs before committing"
     tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
-    assert len(tagged) == 1, "exactly one cell tagged 'parameters' (papermill)"
+    assert len(tagged) == 1 and tagged[0] is code[0], "exactly one cell tagged 'parameters' (papermill), first"
     assert "#@param" in "".join(tagged[0]["source"]), "the parameters cell is a Colab form"
+    assert "".join(code[1]["source"]) == install_cell(NOTEBOOKS[0]), "every notebook starts with the same install cell"
     for c in code:
         source = "".join(c["source"])
         tree = ast.parse(re.sub(r"^(\s*)[%!].*$", r"\1pass", source, flags=re.M))  # shell / magic lines
         assert not [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.Lambda))]
-        if c not in tagged:
+        if c not in tagged and c is not code[1]:
             assert len(source.splitlines()) <= 12, "cells stay short: the work belongs in dbnb"
     text = "".join("".join(c["source"]) for c in cells(path) if c["cell_type"] == "markdown")
     assert re.search(r"[\u3040-\u30ff]", text), "Japanese alongside the English"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_parameters_cell_sets_only_what_its_notebook_owns(path):
+    """A later notebook never overwrites an earlier one's decision with its own default."""
+    from dbnb.config import FIELDS, STEPS, owner
+
+    step = next(s for s, name in STEPS.items() if path.stem == name)
+    tree = ast.parse("".join(cells(path)[1]["source"]))
+    names = [t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets]
+    foreign = [n for n in names if n in FIELDS and owner(n) != step]
+    assert not foreign, f"{path.name} sets settings other notebooks own: {foreign}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_colab_form_fields_have_descriptions(path):
+    lines = "".join(cells(path)[1]["source"]).splitlines()
+    fields = [i for i, line in enumerate(lines) if "#@param" in line]
+    described = [i for i in fields if any(lines[j].startswith("#@markdown") for j in range(max(0, i - 3), i))]
+    assert len(described) >= 0.8 * len(fields), f"{path.name}: {len(described)} of {len(fields)} fields described"
+    assert all(re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", lines[i - 1]) for i in fields
+               if lines[i - 1].startswith("#@markdown")), "each description in both languages"
 
 
 def run(path, tmp_path, **parameters):
@@ -41,7 +73,28 @@ def run(path, tmp_path, **parameters):
     return out
 
 
-def test_notebooks_run_in_order_on_the_tiny_model(tiny_dir, embedders, tmp_path):
+def outputs(notebook: Path) -> str:
+    """Everything the cells showed: streams, results and errors, as one text."""
+    parts = []
+    for c in json.loads(notebook.read_text(encoding="utf-8"))["cells"]:
+        for o in c.get("outputs", []):
+            parts += [o.get("text", "")] if isinstance(o.get("text", ""), str) else o["text"]
+            parts += ["".join(v) if isinstance(v, list) else str(v) for k, v in o.get("data", {}).items()
+                      if k.startswith("text/")]
+            parts += [o.get("ename", ""), o.get("evalue", ""), *o.get("traceback", [])]
+    return "\n".join(parts)
+
+
+def failing(path, tmp_path, **parameters):
+    """Run a notebook that should stop; the executed copy (with the error output) is returned."""
+    import papermill
+
+    with pytest.raises(papermill.PapermillExecutionError) as stop:
+        run(path, tmp_path, **parameters)
+    return tmp_path / f"out-{path.name}", stop.value
+
+
+def test_notebooks_run_in_order_each_in_a_fresh_kernel_with_only_what_a_user_types(tiny_dir, embedders, tmp_path):
     from dbnb.demo import draw_character
     from dbnb.prep import write_stand_in_model
 
@@ -50,37 +103,85 @@ def test_notebooks_run_in_order_on_the_tiny_model(tiny_dir, embedders, tmp_path)
     for i in range(3):  # originals of another size, as users bring them
         draw_character(i, size=96).save(pictures / f"hnzk_{i}.png")
     segmenter = write_stand_in_model(tmp_path / "seg.onnx")
+    nb = {p.stem[:2]: p for p in NOTEBOOKS}
 
-    run(ROOT / "notebooks" / "01_setup.ipynb", tmp_path, workspace=str(ws), install=False,
-        pretrained_model_name_or_path=str(tiny_dir))
+    # A notebook opened before 01 says what to run instead of failing somewhere later.
+    out, stop = failing(nb["02"], tmp_path, workspace=str(ws))
+    assert stop.ename == "NotebookError" and "run notebook 01_setup first" in outputs(out)
+
+    out = run(nb["01"], tmp_path, workspace=str(ws), pretrained_model_name_or_path=str(tiny_dir))
     assert f"pretrained_model_name_or_path: {tiny_dir}" in (ws / "config.yaml").read_text()
+    assert "is installed" in outputs(out) and "diffusers " in outputs(out)  # the stack for bug reports
 
-    run(ROOT / "notebooks" / "02_dataset.ipynb", tmp_path, workspace=str(ws), dataset_source=str(pictures),
-        resolution=64, segmentation_model=str(segmenter), instance_token="hnzk", class_token="girl")
+    # "Run all" with the upload box empty stops at Prepare with dbnb's message, no traceback.
+    out, stop = failing(nb["02"], tmp_path, workspace=str(ws))
+    assert stop.ename == "PrepError" and "dbnb: " in outputs(out) and "no pictures found" in outputs(out)
+
+    run(nb["02"], tmp_path, workspace=str(ws), dataset_source=str(pictures), resolution=64,
+        segmentation_model=str(segmenter), instance_token="hnzk", class_token="girl")
     prepared = sorted((ws / "dataset").glob("*.png"))
     assert len(prepared) == 3 and all(p.with_suffix(".txt").is_file() for p in prepared)
-    assert (ws / "dataset" / "prep_report.json").is_file()
+    assert outputs(tmp_path / "out-02_dataset.ipynb").count("dbnb prep: 3 training pictures in dataset") == 1
 
-    run(ROOT / "notebooks" / "03_regularization.ipynb", tmp_path, workspace=str(ws), class_prompt="girl",
-        class_images_mode="transparent")
+    out = run(nb["03"], tmp_path, workspace=str(ws))  # its defaults: transparent, 10x, class word of 02
     assert len(list((ws / "class_images").glob("*.png"))) == 30  # the seed's 10x
-    assert "num_class_images: 30" in (ws / "config.yaml").read_text()
+    saved = (ws / "config.yaml").read_text()
+    assert "num_class_images: 30" in saved and "with_prior_preservation: true" in saved
+    assert "class_prompt: girl" in saved
 
-    run(ROOT / "notebooks" / "04_train.ipynb", tmp_path, workspace=str(ws), run_name="nb", resolution=64,
-        max_train_steps=4, save_every_steps=2, sample_every_steps=2, mixed_precision="no",
-        use_8bit_adam=False, gradient_checkpointing=False, learning_rate=1e-4, instance_prompt="hnzk girl",
-        class_prompt="girl", with_prior_preservation=True, num_samples=1, sample_steps=2)
+    # 04 with the user's small CPU sizes only: it must train with 03's class images and prompt.
+    out = run(nb["04"], tmp_path, workspace=str(ws), run_name="nb", max_train_steps=4, save_every_steps=2,
+              sample_every_steps=2, mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False,
+              learning_rate=1e-4, num_samples=1, sample_steps=2)
     run_dir = ws / "runs" / "nb"
+    trained = json.loads((run_dir / "config.json").read_text())
+    assert trained["with_prior_preservation"] and trained["class_prompt"] == "girl"
+    assert trained["num_class_images"] == 30 and trained["instance_prompt"] == "hnzk girl"
+    assert trained["resolution"] == 64  # notebook 02's size
+    assert "with_prior_preservation: true" in (ws / "config.yaml").read_text()  # 04 did not undo 03
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]
     assert (run_dir / "samples" / "step-000004" / "grid.png").is_file()
     assert (run_dir / "exports" / "nb_4.safetensors").is_file() and (run_dir / "exports" / "README.md").is_file()
-    assert "## 学習対象 / Target" in (run_dir / "report.md").read_text(encoding="utf-8")
-    assert "30 class images" in (tmp_path / "out-04_train.ipynb").read_text()
+    report = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "## 学習対象 / Target" in report and "30 used of 30" in report
+    printed = [line for c in json.loads(out.read_text())["cells"] if "dbnb.notebook.start()" not in "".join(c["source"])
+               for o in c.get("outputs", []) if o["output_type"] == "stream" for line in "".join(o["text"]).splitlines()]
+    assert any(line.startswith("runs/nb/exports/nb_4.safetensors") for line in printed)
+    assert not [line for line in printed if str(ws) in line], "paths are shown relative to the workspace"
+    assert "image/png" in out.read_text()  # the final loss plot / preview stay in the saved notebook
+
+    # Running 04 again as it is: dbnb's message in the notebook's words, no traceback.
+    out, stop = failing(nb["04"], tmp_path, workspace=str(ws), run_name="nb", max_train_steps=4,
+                        mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
+    assert stop.ename == "RunFolderError" and "resume = True" in outputs(out)
 
     clip, dino = embedders
-    run(ROOT / "notebooks" / "05_test_prompts.ipynb", tmp_path, workspace=str(ws), run_name="nb", test_seeds=2,
-        test_infer_steps=2, clip_model=str(clip), dino_model=str(dino))
+    out = run(nb["05"], tmp_path, workspace=str(ws), test_seeds=2, test_infer_steps=2, clip_model=str(clip),
+              dino_model=str(dino))
     assert len(list((run_dir / "tests").glob("grid-*.png"))) >= 2 and (run_dir / "tests" / "index.html").is_file()
     scores = json.loads((run_dir / "scores.json").read_text())
     assert scores["recommendation"]["checkpoint"] in ("step-000002", "step-000004")
     assert "recommended checkpoint: **step-00000" in (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "data:image/png;base64," in outputs(out)  # the report's grid links, embedded
+
+    for executed in tmp_path.glob("out-*.ipynb"):
+        found = [n for n in NOISE if n in outputs(executed)]
+        assert not found, f"{executed.name} shows {found}"
+
+
+def test_a_runtime_without_dbnb_stops_at_the_install_cell_with_the_ways_to_get_it(tmp_path, monkeypatch):
+    """Colab's fresh runtime: no dbnb installed, the notebook not in a checkout, no wheel on
+    Drive and no dbnb_package: one clear message, not ModuleNotFoundError in a later cell."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    # Takes the editable install's finder away, as if dbnb had never been installed here.
+    (hide / "sitecustomize.py").write_text(
+        "import sys\nsys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+        "sys.path[:] = [p for p in sys.path if p.rstrip('/') != " + repr(str(ROOT)) + "]\n")
+    monkeypatch.setenv("PYTHONPATH", str(hide))
+    copy = tmp_path / "02_dataset.ipynb"
+    copy.write_text((ROOT / "notebooks" / "02_dataset.ipynb").read_text(encoding="utf-8"), encoding="utf-8")
+    out, stop = failing(copy, tmp_path, workspace=str(tmp_path / "ws"))
+    assert stop.ename == "SystemExit" and "dbnb is not installed and was not found" in stop.evalue
+    assert "MyDrive/dbnb" in stop.evalue and "git+https://" in stop.evalue
+    assert "ModuleNotFoundError" not in outputs(out)

@@ -1,7 +1,10 @@
 """The notebook form: a view of the config, nothing more."""
+import re
+
+import ipywidgets as w
 import pytest
 
-from dbnb.config import FIELDS, Config, ConfigError
+from dbnb.config import FIELDS, Config, ConfigError, describe
 from dbnb.widgets import ConfigForm, TrainingView, loss_curve_png
 
 
@@ -27,20 +30,65 @@ def test_editing_a_widget_changes_the_config_and_bad_values_are_named():
     assert "resolution" in form.status.value  # shown under the form as soon as it is typed
 
 
-def test_labels_are_the_extension_names_with_help_as_tooltip():
+def test_labels_are_the_extension_names_with_help_shown_under_each_field_in_both_languages():
     form = ConfigForm(Config(), sections=("Image Processing",))
     flip = form.fields["hflip"]
-    assert flip.description == "Apply Horizontal Flip" and "asymmetric" in flip.tooltip
+    assert flip.description == "Apply Horizontal Flip"
     assert set(form.fields) == {"resolution", "center_crop", "hflip", "background_color"}
+    shown = [c.value for c in form.widget.children[0].children[0].children if isinstance(c, w.HTML)]
+    assert len(shown) == 4  # one visible help line per field, not a tooltip
+    flip_help = next(h for h in shown if "<code>hflip</code>" in h)
+    assert "asymmetric" in flip_help and "左右" in flip_help
 
 
-def test_training_view_draws_the_curve_and_shows_previews(tmp_path):
+def test_every_setting_has_japanese_help():
+    missing = [r["name"] for r in describe() if not re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", r["help_ja"])]
+    assert not missing, f"settings without Japanese help: {missing}"
+
+
+def test_training_view_draws_the_curve_shows_previews_and_keeps_them_as_outputs(tmp_path, monkeypatch):
     from PIL import Image
 
-    Image.new("RGB", (8, 8), "red").save(tmp_path / "grid.png")
-    view = TrainingView(every=2)
-    view({"step": 1, "loss": 0.5})
-    view({"step": 2, "loss": 0.4, "preview": str(tmp_path / "grid.png")})
-    assert bytes(view.curve.value).startswith(b"\x89PNG")
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *objs: shown.extend(objs))
+    Image.new("RGB", (64, 78), "red").save(tmp_path / "grid.png")
+    view = TrainingView(Config(sample_every_steps=2, max_train_steps=3), every=2)
+    assert view.preview.layout.display == "none" and view.curve.layout.display == "none"  # no broken images
+    view({"step": 1, "loss": 0.5, "lr": 1e-6, "time": 0.5, "max_steps": 3})
+    assert view.curve.layout.display == "none"
+    view({"step": 2, "loss": 0.4, "lr": 1e-6, "time": 1.0, "preview": str(tmp_path / "grid.png"), "max_steps": 3})
+    assert bytes(view.curve.value).startswith(b"\x89PNG") and view.curve.layout.display is None
     assert bytes(view.preview.value) == (tmp_path / "grid.png").read_bytes()
-    assert loss_curve_png([1, 2, 3], [3.0, 2.0, 1.0]) != loss_curve_png([1, 2, 3], [1.0, 2.0, 3.0])
+    assert view.preview.layout.height == "auto"  # its own aspect ratio, not the row's height
+    assert view.rate == 2.0
+    assert not shown
+    view({"step": 3, "loss": 0.3, "lr": 1e-6, "time": 1.5, "max_steps": 3, "last": True})
+    # The end of the run leaves ordinary outputs: the loss plot, then the last preview.
+    assert [type(o).__name__ for o in shown] == ["Image", "Image"]
+    assert shown[1].data == (tmp_path / "grid.png").read_bytes()
+
+
+def test_training_view_says_when_previews_are_off_and_prints_lines_where_widgets_do_not_render(capsys):
+    view = TrainingView(Config(sample_every_steps=0, max_train_steps=20), plain=True)
+    assert "previews are off" in view.caption.value
+    for step in range(1, 5):
+        view({"step": step, "loss": 0.1 * step, "lr": 2e-6, "time": step / 4, "max_steps": 20})
+    assert capsys.readouterr().out.splitlines() == ["step 2/20  loss 0.2000  lr 2.00e-06  4.00 it/s",
+                                                    "step 4/20  loss 0.4000  lr 2.00e-06  4.00 it/s"]
+
+
+def test_loss_curve_is_a_matplotlib_figure_of_the_values():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def line_ends(losses):
+        pixels = np.asarray(Image.open(io.BytesIO(loss_curve_png([1, 2, 3], losses))).convert("RGB")).astype(int)
+        ys, xs = np.nonzero((abs(pixels - (0x1F, 0x5F, 0xC8)).sum(axis=2) < 60))  # the curve's colour
+        return ys[xs == xs.min()].mean(), ys[xs == xs.max()].mean()
+
+    left, right = line_ends([3.0, 2.0, 1.0])
+    assert left < right - 50  # falling loss: the line starts high (small y) and ends low
+    left, right = line_ends([1.0, 2.0, 3.0])
+    assert left > right + 50

@@ -20,6 +20,7 @@ from PIL import Image
 
 from dbnb.errors import DbnbError
 from dbnb.data import IMAGE_SUFFIXES
+from dbnb.env import shown
 from dbnb.fetch import FetchError, fetch_images, iter_files, keep_kind
 from dbnb.prep import captions
 from dbnb.prep.framing import (FRAMING_TAGS, animeface_detector, framing_crops, main_face, make_square,
@@ -55,7 +56,7 @@ def prepare_dataset(config=None, src: str | Path | None = None, out: str | Path 
     with tempfile.TemporaryDirectory(prefix="dbnb-prep-") as staging:
         sources, ignored = gather(src, out, Path(staging))
         out.mkdir(parents=True, exist_ok=True)  # only now: a wrong SRC leaves no empty folder behind
-        from tqdm.auto import tqdm
+        from dbnb.progress import bar as tqdm
 
         rows = [job.run(name, path) for name, path in tqdm(sources, desc="prep", unit="img", disable=not progress)]
         sidecars = {name: captions.sidecar(path) for name, path in sources}
@@ -114,7 +115,9 @@ def gather(src: str, out: Path, staging: Path) -> tuple[list[tuple[str, Path]], 
     except FetchError as e:
         raise PrepError(str(e)) from None
     if not pictures:
-        raise PrepError(f"{src}: no pictures found (looked for .png, .jpg, .webp, .gif, .bmp, .tif).")
+        raise PrepError(f"{shown(src)}: no pictures found (looked for .png, .jpg, .webp, .gif, .bmp, .tif). Put the "
+                        "character's pictures there (notebook 02: drop them on the upload box, then run from "
+                        "'Prepare' on) or set dataset_source to a folder, .zip or link that holds them.")
     return sorted(pictures), ignored
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from dbnb.env import shown
+
 REPORT_JSON = "prep_report.json"
 REPORT_MD = "report.md"
 # In a subfolder: the trainer takes every picture directly in instance_data_dir.
@@ -67,13 +69,21 @@ class PrepReport:
 
     def summary(self) -> str:
         by = Counter(f.status for f in self.files)
-        lines = [f"dbnb prep: {len(self.images)} training pictures in {self.out_dir} "
-                 f"({', '.join(f'{n} {s}' for s, n in sorted(by.items()))}).",
-                 "framings: " + ", ".join(f"{k} {v}" for k, v in self.counts.items())]
+        lines = [f"dbnb prep: {len(self.images)} training pictures in {shown(self.out_dir)} "
+                 f"({', '.join(f'{n} {s}' for s, n in sorted(by.items()))}).", self.framing_line()]
         lines += [f"  ! {f.source}: {f.status}: {'; '.join(f.warnings)}" for f in self.files
                   if f.status in ("failed", "duplicate")]
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+    def framing_line(self) -> str:
+        shown = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v and k != "unknown")
+        unknown = self.counts.get("unknown", 0)
+        line = "framings (from the face's size): " + (shown or "none told")
+        if unknown:
+            line += (f"; {unknown} picture(s) with no face found, framing not told (no face detector installed, "
+                     "or none found: `pip install animeface` reads anime faces)")
+        return line
 
     def markdown(self) -> str:
         rows = ["| source file | size | status | what was done | outputs | warnings |",
@@ -83,8 +93,7 @@ class PrepReport:
             cells = [f.source, size, f.status, "; ".join(f.done), ", ".join(f.outputs), "; ".join(f.warnings)]
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         advice = [f"- {w}" for w in self.warnings] or ["- none"]
-        counts = ", ".join(f"{k}: {v}" for k, v in self.counts.items())
-        return "\n".join([f"# dbnb prep report: {self.out_dir.name}", "", f"Framings: {counts}", "",
+        return "\n".join([f"# dbnb prep report: {self.out_dir.name}", "", self.framing_line().capitalize(), "",
                           f"Contact sheet: {CONTACT_SHEET}", "",
                           "## Warnings", *advice, "", "## Files", *rows, ""])
 
