@@ -370,12 +370,15 @@ def run_suite(plan: Plan, machine: dict, selected: set[str], timeout: float, job
     if built["status"] != "ok":
         sys.exit(f"gpu_suite: building the model and pictures failed: {built['reason']}\n{built.get('traceback', '')}")
     print(f"inputs ready in {built['seconds']:.0f} s: {plan.model}", flush=True)
+
     def profile_row(profile: Profile) -> dict:
         row = {"id": profile.number, "name": profile.name}
         reason = skip_reason(profile, machine)
         if reason:
             return {**row, "status": "skipped", "reason": reason}
         settings = plan.train_settings(profile, machine, f"profile-{profile.number}-{int(time.time())}")
+        if profile.number != 1 and settings == plan.train_settings(PROFILES[0], machine, settings["run_name"]):
+            return {**row, "status": "skipped", "reason": "needs CUDA: on a CPU it is profile 1"}
         row.update(settings={k: settings[k] for k in (*T4_SETTINGS, *profile.settings)})
         row.update(run_child(ctx, "train", plan, {"id": profile.number, "settings": settings}, timeout))
         row.update(fits(row))
@@ -387,19 +390,21 @@ def run_suite(plan: Plan, machine: dict, selected: set[str], timeout: float, job
         print(summary_line(row), flush=True)
         return row
 
-    # One GPU: one profile at a time, or the memory figures mix. A dry run may run a few at once.
+    # One GPU: one child at a time, or the memory figures mix. A dry run runs a few at once; an extra
+    # that needs another's output waits for it (submitted after it, so it never waits on a queued one).
+    futures = {}
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        rows = list(pool.map(profile_row, [p for p in PROFILES if str(p.number) in selected]))
-    extras = {}
+        for profile in PROFILES:
+            if str(profile.number) in selected:
+                futures[profile.number] = pool.submit(profile_row, profile)
+        for name in EXTRAS:
+            if name in selected:
+                futures[name] = pool.submit(run_extra, ctx, name, plan, machine, futures, timeout)
+    rows = [futures[p.number].result() for p in PROFILES if p.number in futures]
+    extras = {name: futures[name].result() for name in EXTRAS if name in futures}
     by_id = {r["id"]: r for r in rows}
-    source = by_id.get(1, {}).get("run_dir") if by_id.get(1, {}).get("status") == "ok" else None
-    for name in EXTRAS:
-        if name not in selected:
-            continue
-        extras[name] = run_extra(ctx, name, plan, machine, source, extras, timeout)
-        print(f"{name}: {extras[name]['status']} {extras[name].get('reason', '')}", flush=True)
-    if source:
-        shutil.rmtree(source, ignore_errors=True)
+    if by_id.get(1, {}).get("run_dir"):
+        shutil.rmtree(by_id[1]["run_dir"], ignore_errors=True)
     if 9 in by_id and 1 in by_id:
         by_id[9]["compared_to"] = 1
     model = "tiny (CPU stand-in)" if plan.dry_run else "SD 1.5 architecture, random weights"
@@ -408,22 +413,27 @@ def run_suite(plan: Plan, machine: dict, selected: set[str], timeout: float, job
                      "class_steps": plan.class_steps, "cards": CARDS}}
 
 
-def run_extra(ctx, name: str, plan: Plan, machine: dict, source: str | None, done: dict, timeout: float) -> dict:
+def run_extra(ctx, name: str, plan: Plan, machine: dict, futures: dict, timeout: float) -> dict:
+    def done(key) -> dict:
+        return futures[key].result() if key in futures else {}
+
     profile_1 = plan.train_settings(PROFILES[0], machine, f"{name}-{int(time.time())}")
+    task = {"id": name, "settings": profile_1}
     if name == "bake":
-        return {"status": "skipped", "reason": LORA_MISSING}
-    if name == "hf":
-        if not plan.hf_script:
-            return {"status": "skipped", "reason": "no --hf-script given"}
-        return run_child(ctx, "hf", plan, {"id": name, "settings": profile_1}, timeout)
-    if name == "export" and not source:
-        return {"status": "skipped", "reason": "needs profile 1's run (run it too: --only 1,export)"}
-    if name == "load" and done.get("export", {}).get("status") != "ok":
-        return {"status": "skipped", "reason": "needs the export (run it too: --only 1,export,load)"}
-    task = {"id": name, "settings": profile_1, "run_dir": source, "path": done.get("export", {}).get("path")}
-    result = run_child(ctx, name, plan, task, timeout)
+        result = {"status": "skipped", "reason": LORA_MISSING}
+    elif name == "hf" and not plan.hf_script:
+        result = {"status": "skipped", "reason": "no --hf-script given"}
+    elif name == "export" and done(1).get("status") != "ok":
+        result = {"status": "skipped", "reason": "needs profile 1's run (run it too: --only 1,export)"}
+    elif name == "load" and done("export").get("status") != "ok":
+        result = {"status": "skipped", "reason": "needs the export (run it too: --only 1,export,load)"}
+    else:
+        task.update(run_dir=done(1).get("run_dir") if name == "export" else None,
+                    path=done("export").get("path") if name == "load" else None)
+        result = run_child(ctx, name, plan, task, timeout)
     if name == "preview" and result.get("run_dir"):
         shutil.rmtree(result["run_dir"], ignore_errors=True)
+    print(f"{name}: {result['status']} {result.get('reason', '')}", flush=True)
     return result
 
 
