@@ -29,6 +29,12 @@ def model_folder(kind: str, cache: Path) -> Path:
     return make_tiny_model(folder) if kind == "tiny" else make_full_size_model(folder)
 
 
+def steps_per_second(times: list[float], warmup: int) -> float:
+    """Steps per second after the first `warmup` steps, from the train log's per-step times."""
+    timed = times[warmup:]
+    return (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 and timed[-1] > timed[0] else float("nan")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
@@ -60,8 +66,7 @@ def main():
         torch.cuda.reset_peak_memory_stats()
     result = train(config, progress=False)
     times = [json.loads(line)["time"] for line in (result.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
-    timed = times[args.warmup:]
-    rate = (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 else float("nan")
+    rate = steps_per_second(times, args.warmup)
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"model {args.model} @ {resolution}px, batch {config.train_batch_size}, {device}, torch {torch.__version__}")
     print(f"settings: mixed_precision={config.mixed_precision} use_8bit_adam={config.use_8bit_adam} "

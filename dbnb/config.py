@@ -247,6 +247,21 @@ class Config:
     # --- Tuning --------------------------------------------------------------------------
     train_batch_size: int = setting(1, "Tuning", "Batch Size", "Images per step (per GPU).",
                                     help_ja="1ステップあたりの画像枚数（GPU ごと）。")
+    memory_profile: str = setting(
+        "manual", "Tuning", "Performance Wizard",
+        "manual: mixed_precision, use_8bit_adam and gradient_checkpointing as set here. auto: training sets "
+        "those three from the GPU's VRAM at its start and prints what it chose (up to 16 GB, e.g. a T4: fp16 + "
+        "8-bit Adam + gradient checkpointing; 24 GB: no checkpointing; 40 GB or more: no 8-bit Adam, bf16 "
+        "where the GPU has it; no GPU: fp32; the table is in dbnb/memory.py). Until dbnb has been measured on "
+        "GPUs (docs/performance.md), auto uses the published figures of other DreamBooth trainers (T4, 512 px, "
+        "batch 1, all three on: 9.92 GB).",
+        choices=("manual", "auto"),
+        help_ja="manual: mixed_precision・use_8bit_adam・gradient_checkpointing を設定どおりに使います。"
+                "auto: 学習の開始時に GPU の VRAM からこの3つを決め、選んだ内容を表示します（T4 など 16 GB まで: "
+                "fp16 + 8bit Adam + gradient checkpointing、24 GB: checkpointing なし、40 GB 以上: 8bit Adam なし・"
+                "対応する GPU では bf16、GPU なし: fp32。表は dbnb/memory.py）。dbnb 自身の GPU 実測値 "
+                "(docs/performance.md) ができるまでは、他の DreamBooth 実装の公開値（T4・512 px・バッチ 1・"
+                "3つとも有効で 9.92 GB）に基づきます。")
     mixed_precision: str = setting("fp16", "Tuning", "Mixed Precision",
                                    "fp16 (T4 / most Colab GPUs), bf16 (A100/H100) or no (CPU). "
                                    "Weights stay fp32 either way.", choices=("no", "fp16", "bf16"),

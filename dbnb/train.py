@@ -30,6 +30,7 @@ from dbnb import data
 from dbnb.checkpoints import RunFolder, RunFolderError, load_checkpoint, load_optimizer_state, save_checkpoint
 from dbnb.config import FIELDS, Config, ConfigError
 from dbnb.env import shown
+from dbnb.memory import apply_memory_profile
 
 # Settings that may differ between a run and its resumption: they change what is saved or
 # shown, or extend the run, not what has been learnt so far.
@@ -360,6 +361,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
     from accelerate import Accelerator
 
     # 1. Where we run: accelerate decides the device and the processes (one, or DDP).
+    config = apply_memory_profile(config)  # memory_profile=auto: settings from the GPU's VRAM
     check_machine(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,

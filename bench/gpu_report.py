@@ -1,0 +1,191 @@
+"""docs/performance.md, written from bench/gpu_suite.py's results files and nothing else.
+
+    python bench/gpu_report.py [docs]      # the same as: python bench/gpu_suite.py --write-doc
+
+Each `<folder>/gpu-results/*.json` becomes one table (one per GPU and date; a dry run's is marked
+as such); beside them the published figures and the memory_profile=auto table, both from
+dbnb.memory. With no GPU results the doc says so.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dbnb.memory import BASIS, NO_GPU, PUBLISHED, TIERS  # noqa: E402
+
+T4_CARD = "T4 15 GB"
+EXTRA_NAMES = {"classimages": "class images", "preview": "preview during training", "export": "export fp16",
+               "bake": "--bake (LoRA into the model)", "load": "load the exported single file",
+               "hf": "diffusers' train_dreambooth.py, profile 1's settings"}
+
+HOW_TO_RUN = """## How to run it
+
+On a machine with a CUDA GPU, from this checkout:
+
+    python bench/gpu_suite.py                # every profile and extra, about 6-8 minutes
+    python bench/gpu_suite.py --only 1,2,export --hf-script train_dreambooth.py
+
+It checks in its first second that torch, diffusers, transformers, accelerate, safetensors,
+huggingface_hub, Pillow, numpy, tqdm, PyYAML and bitsandbytes import (xformers is optional:
+profile 8 is skipped without it), builds an SD 1.5-size model with random weights (no download,
+cached in /tmp/dbnb-gpu-suite), runs each profile in a process of its own, writes
+`docs/gpu-results/<gpu>-<date>.json` and rebuilds this page from every results file.
+`python bench/gpu_suite.py --dry-run` runs the same code paths on the tiny model on a CPU in
+seconds (the test suite runs it).
+
+A GPU box without a network and without diffusers / bitsandbytes / xformers (Python 3.12,
+torch 2.11): download their wheels where pip works, with `--no-deps` (diffusers 0.42.1
+py3-none-any, bitsandbytes 0.50.2 manylinux_2_24, xformers only if its wheel matches that torch),
+take them along, then
+`python3 -m pip install --no-index --no-deps --target /tmp/site *.whl && PYTHONPATH=/tmp/site python3 bench/gpu_suite.py`.
+Commit the results file and this page.
+"""
+
+
+def gib(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def yes_no(value) -> str:
+    return "-" if value is None else ("yes" if value else "**no**")
+
+
+def profile_table(result: dict) -> list[str]:
+    lines = ["| # | profile | status | steps/s | VRAM allocated (GiB) | reserved (GiB) | reserved + context (GiB) "
+             f"| fits {' | fits '.join(c for c in _cards(result))} | loss finite | peak RAM (GiB) |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(_cards(result)) + "---|---|"]
+    base = next((r for r in result["profiles"] if r["id"] == 1 and r["status"] == "ok"), None)
+    for row in result["profiles"]:
+        status = row["status"] + (f": {row['reason']}" if row.get("reason") else "")
+        rate = row.get("steps_per_s")
+        rate_text = "-" if rate is None else f"{rate:.2f}"
+        if row.get("compared_to") == 1 and base and rate and row.get("vram_allocated_gib") is not None:
+            rate_text += f" ({rate / base['steps_per_s']:.2f}x of 1)"
+            status += f"; VRAM {row['vram_allocated_gib'] / base['vram_allocated_gib']:.2f}x of profile 1"
+        fit = row.get("fits", {})
+        cells = [str(row["id"]), row["name"], status.replace("|", "/"), rate_text, gib(row.get("vram_allocated_gib")),
+                 gib(row.get("vram_reserved_gib")), gib(row.get("need_gib")),
+                 *[yes_no(fit.get(card)) for card in _cards(result)], yes_no(row.get("loss_finite")),
+                 gib(row.get("peak_rss_gib"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cards(result: dict) -> list[str]:
+    return list(result["plan"]["cards"])
+
+
+def extra_figure(name: str, row: dict, result: dict) -> str:
+    if row["status"] != "ok":
+        return "-"
+    memory = f"peak VRAM {gib(row.get('vram_allocated_gib'))} GiB, " if row.get("vram_allocated_gib") else ""
+    ram = f"peak RAM {gib(row.get('peak_rss_gib'))} GiB"
+    plan = result["plan"]
+    if name == "classimages":
+        return (f"{row['images_per_s']:.2f} images/s ({row['images']} images, batch {row['batch']} (auto), "
+                f"{row['steps']} steps, {plan['resolution']} px); {memory}{ram}")
+    if name == "preview":
+        return f"about {row['preview_s']:.1f} s per preview; {memory}{ram}"
+    if name in ("export", "load"):
+        size = f", {row['size_gib']:.2f} GiB file" if name == "export" else ""
+        return f"{row['seconds']:.1f} s{size}; {ram}"
+    if name == "hf":
+        base = next((r for r in result["profiles"] if r["id"] == 1 and r["status"] == "ok"), None)
+        text = f"{row['steps_per_s']:.2f} steps/s, {memory}{ram}"
+        if base and row.get("steps_per_s"):
+            text += f"; dbnb / diffusers: steps/s {base['steps_per_s'] / row['steps_per_s']:.2f}x"
+            if row.get("vram_allocated_gib"):
+                text += f", peak VRAM {base['vram_allocated_gib'] / row['vram_allocated_gib']:.2f}x"
+        return text + " (diffusers' script has no latent cache)"
+    return "-"
+
+
+def result_section(result: dict) -> list[str]:
+    m, plan = result["machine"], result["plan"]
+    vram = f", {m['vram_gib']:.1f} GiB" if m.get("vram_gib") else ""
+    title = f"### {m['gpu']}{vram}, {m['date']}"
+    lines = [title + (" — dry run" if m["dry_run"] else ""), ""]
+    if m["dry_run"]:
+        lines += ["A dry run: the tiny model on the CPU, fp16 and 8-bit Adam replaced by fp32 and torch AdamW. "
+                  "It proves the code paths run; its numbers are not performance figures.", ""]
+    lines += [f"Python {m['python']}, torch {m['torch']} (CUDA {m['cuda_version']}), diffusers {m['diffusers']}, "
+              f"transformers {m['transformers']}, accelerate {m['accelerate']}, bitsandbytes {m['bitsandbytes']} "
+              f"({m['bitsandbytes_check']}), xformers {m['xformers']} ({m['xformers_check']}). Model: {plan['model']}, "
+              f"{plan['resolution']} px, {plan['steps']} steps per profile of which the first {plan['warmup']} untimed; "
+              f"{result.get('seconds', 0):.0f} s in all.", ""]
+    lines += profile_table(result)
+    lines += ["", "| extra | status | figure |", "|---|---|---|"]
+    for name, row in result["extras"].items():
+        status = row["status"] + (f": {row['reason']}" if row.get("reason") else "")
+        lines.append(f"| {EXTRA_NAMES.get(name, name)} | {status.replace('|', '/')} | {extra_figure(name, row, result)} |")
+    if not m["dry_run"]:
+        lines += ["", t4_meaning(result)]
+    return lines + [""]
+
+
+def t4_meaning(result: dict) -> str:
+    ok = [r for r in result["profiles"] if r["status"] == "ok" and r.get("fits")]
+    fitting = [r for r in ok if r["fits"].get(T4_CARD)]
+    if not ok:
+        return "**For a Colab T4 user:** no profile completed here, so this run says nothing about a T4 yet."
+    text = (f"**For a Colab T4 user:** of the profiles that ran, {', '.join(str(r['id']) for r in fitting) or 'none'} "
+            f"fit a T4's {result['plan']['cards'][T4_CARD]} GiB by peak reserved + this GPU's CUDA "
+            "context (a T4's context and kernels' workspaces differ; its speed is far lower than this GPU's).")
+    if fitting:
+        fastest = max(fitting, key=lambda r: r.get("steps_per_s") or 0)
+        text += f" The fastest of them here: profile {fastest['id']} ({fastest['name']})."
+    return text
+
+
+def published_section() -> list[str]:
+    lines = ["## Published figures (other trainers, SD 1.x DreamBooth, 512 px, batch 1)", "",
+             "| source | GPU | settings | VRAM (GB) | it/s | note |", "|---|---|---|---|---|---|"]
+    for p in PUBLISHED:
+        lines.append(f"| {p.source} | {p.gpu} | {p.settings} | {p.vram_gb if p.vram_gb is not None else '-'} | "
+                     f"{p.it_per_s if p.it_per_s is not None else '-'} | {p.note} |")
+    return lines + [""]
+
+
+def auto_section() -> list[str]:
+    lines = ["## What memory_profile=auto chooses", "", f"From dbnb/memory.py; based on {BASIS}.", "",
+             "| GPU VRAM (as torch reports it) | cards | settings | expected VRAM (published) |", "|---|---|---|---|"]
+    for tier in TIERS:
+        settings = ", ".join(f"{k}={v}" for k, v in tier.settings.items())
+        lines.append(f"| ≥ {tier.min_vram_gib:g} GiB | {tier.cards} | {settings} | {tier.expected.vram_gb:g} GB "
+                     f"({tier.expected.settings}) |")
+    lines.append(f"| no CUDA GPU | CPU | {', '.join(f'{k}={v}' for k, v in NO_GPU.items())} | - |")
+    return lines + ["", "bf16 only where the GPU has it (else fp16)."] + [""]
+
+
+def render(results: list[dict]) -> str:
+    gpu_runs = [r for r in results if not r["machine"]["dry_run"]]
+    lines = ["# Performance: dbnb on GPUs", "",
+             "Written by `bench/gpu_suite.py` from the results files in `docs/gpu-results/`; do not edit by hand, "
+             "run the suite again. Figures: SD 1.5's architecture with random weights (same shapes and cost as a "
+             "real model), 512 px, batch 1 unless a profile says otherwise.", "", "## dbnb's figures", ""]
+    if not gpu_runs:
+        lines += ["**No GPU figures yet.** dbnb has not yet run on a GPU; this section fills in when "
+                  "`python bench/gpu_suite.py` runs on one (see *How to run it*). Until then memory_profile=auto "
+                  "rests on the published figures below.", ""]
+    for result in results:
+        lines += result_section(result)
+    lines += published_section() + auto_section() + [HOW_TO_RUN]
+    return "\n".join(lines)
+
+
+def write_doc(folder: str | Path) -> Path:
+    folder = Path(folder)
+    results = [json.loads(p.read_text()) for p in sorted((folder / "gpu-results").glob("*.json"))]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "performance.md"
+    path.write_text(render(results), encoding="utf-8")
+    return path
+
+
+if __name__ == "__main__":
+    print(write_doc(sys.argv[1] if len(sys.argv) > 1 else ROOT / "docs"))

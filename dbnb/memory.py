@@ -1,0 +1,112 @@
+"""memory_profile=auto: the three memory settings chosen from the GPU's VRAM.
+
+Training memory on SD 1.5 at 512 px is decided by mixed_precision, use_8bit_adam and
+gradient_checkpointing. `TIERS` is the one table that maps a GPU's VRAM to them; `train`
+applies it at the start when memory_profile=auto and prints what it chose. Until
+bench/gpu_suite.py has measured dbnb itself on GPUs (docs/performance.md), the tiers rest on
+the figures other DreamBooth trainers publish, kept here in `PUBLISHED` (docs/performance.md
+shows them beside dbnb's own).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dbnb.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class Published:
+    """One figure another trainer publishes for SD 1.x DreamBooth at 512 px, batch 1."""
+    source: str
+    gpu: str
+    settings: str
+    vram_gb: float | None
+    it_per_s: float | None
+    note: str = ""
+
+
+SHIVAM = "ShivamShrirao diffusers DreamBooth README"
+PUBLISHED = (
+    Published(SHIVAM, "T4", "fp16 + gradient checkpointing + 8-bit Adam", 9.92, 0.93),
+    Published(SHIVAM, "T4", "fp16 + 8-bit Adam, no gradient checkpointing", 11.17, 1.14),
+    Published(SHIVAM, "T4", "fp16 + gradient checkpointing, no 8-bit Adam", 15.79, 0.77),
+    Published(SHIVAM, "T4", "fp32", 10.08, 0.42),
+    Published("kohya sd-scripts docs", "-", "xformers + 8-bit AdamW + fp16 + cached latents + "
+              "gradient checkpointing", 12.0, None, "about 12 GB"),
+    Published("kohya sd-scripts docs", "-", "the same + full_fp16 (fp16 weights)", 8.0, None,
+              "< 8 GB; dbnb keeps fp32 master weights"),
+    Published("TheLastBen fast-DreamBooth README", "T4", "its Colab defaults", 14.0, 0.85,
+              "'< 12 GB', later '< 14 GB'; 0.85 it/s at 640 px"),
+    Published("the seed guide", "-", "the webui Dreambooth extension", 12.0, None, "12 GB VRAM needed"),
+)
+T4_FIGURE, NO_CHECKPOINTING_FIGURE, NO_8BIT_FIGURE = PUBLISHED[0], PUBLISHED[1], PUBLISHED[2]
+
+
+@dataclass(frozen=True)
+class Tier:
+    min_vram_gib: float  # what torch reports as the card's total (a "40 GB" A100 shows 39.4)
+    cards: str
+    settings: dict
+    expected: Published  # the figure these settings are expected to need
+
+
+# Highest first. Each step up spends the VRAM that the published figures say it costs on
+# speed: no checkpointing (+1.3 GB, +23 % it/s), then no 8-bit Adam (+5.9 GB) and bf16.
+TIERS = (
+    Tier(36.0, "40 GB or more (A100, H100)",
+         {"mixed_precision": "bf16", "use_8bit_adam": False, "gradient_checkpointing": False}, NO_8BIT_FIGURE),
+    Tier(20.0, "24 GB (A10G, L4, RTX 3090 / 4090)",
+         {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": False},
+         NO_CHECKPOINTING_FIGURE),
+    Tier(0.0, "up to 16 GB (T4, 12 GB cards)",
+         {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True}, T4_FIGURE),
+)
+NO_GPU = {"mixed_precision": "no", "use_8bit_adam": False, "gradient_checkpointing": False}
+BASIS = "published figures of other trainers (dbnb's own GPU figures: none yet, see docs/performance.md)"
+
+
+@dataclass(frozen=True)
+class Choice:
+    settings: dict
+    message: str
+
+
+def choose(gpu: dict | None) -> Choice:
+    """The memory settings for `gpu` (as `dbnb.env.cuda_summary()` returns it: name,
+    total_vram_gib, bf16), or for no CUDA GPU when None."""
+    if gpu is None:
+        return Choice(dict(NO_GPU), "no CUDA GPU: " + _settings_text(NO_GPU))
+    vram = float(gpu["total_vram_gib"])
+    tier = next(t for t in TIERS if vram >= t.min_vram_gib)
+    settings = dict(tier.settings)
+    notes = []
+    if settings["mixed_precision"] == "bf16" and not gpu.get("bf16", False):
+        settings["mixed_precision"] = "fp16"
+        notes.append("this GPU has no bf16, so fp16")
+    if tier.expected.vram_gb and tier.expected.vram_gb > vram:
+        notes.append(f"the published figure for these settings is {tier.expected.vram_gb:g} GB, more than this "
+                     "GPU has: it may run out of memory (lower resolution, or a GPU with more VRAM)")
+    text = (f"{gpu.get('name', 'GPU')} with {vram:.1f} GiB → the tier for {tier.cards}: {_settings_text(settings)}"
+            + "".join(f"; {n}" for n in notes) + f". Based on {BASIS}.")
+    return Choice(settings, text)
+
+
+def apply_memory_profile(config: Config, gpu: dict | None | str = "detect") -> Config:
+    """`config` with its memory settings chosen when memory_profile=auto (printed), else as it is.
+    `gpu`: the GPU to choose for (cuda_summary()'s dict, or None for none); "detect" asks torch."""
+    if config.memory_profile == "manual":
+        return config
+    if gpu == "detect":
+        from dbnb.env import cuda_summary
+        gpu = cuda_summary()
+    choice = choose(gpu)
+    if config.optimizer_in_backward and choice.settings["mixed_precision"] == "fp16":
+        raise ConfigError(f"memory_profile=auto chose mixed_precision=fp16 ({choice.message}), which "
+                          "optimizer_in_backward=true cannot use: set optimizer_in_backward=false, or "
+                          "memory_profile=manual with mixed_precision=no.")
+    print(f"[dbnb] memory_profile=auto: {choice.message}", flush=True)
+    return config.replace(**choice.settings)
+
+
+def _settings_text(settings: dict) -> str:
+    return ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())

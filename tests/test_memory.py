@@ -1,0 +1,85 @@
+"""memory_profile=auto: the settings chosen for faked GPUs (the VRAM is passed in), and the trainer applying it."""
+import json
+
+import pytest
+import torch
+
+from dbnb.config import Config, ConfigError
+from dbnb.memory import apply_memory_profile, choose
+
+# What torch reports for these cards (total_vram_gib as dbnb.env.cuda_summary() gives it).
+T4 = {"name": "Tesla T4", "total_vram_gib": 14.74, "bf16": False}
+RTX3060 = {"name": "NVIDIA GeForce RTX 3060", "total_vram_gib": 11.76, "bf16": True}
+A10G = {"name": "NVIDIA A10G", "total_vram_gib": 22.07, "bf16": True}
+V100_32 = {"name": "Tesla V100-SXM2-32GB", "total_vram_gib": 31.74, "bf16": False}
+A100_40 = {"name": "NVIDIA A100-SXM4-40GB", "total_vram_gib": 39.39, "bf16": True}
+RTX8000 = {"name": "Quadro RTX 8000", "total_vram_gib": 47.46, "bf16": False}
+SMALL = {"name": "GeForce GTX 1070", "total_vram_gib": 7.92, "bf16": False}
+
+
+def memory(settings: dict) -> tuple:
+    return settings["mixed_precision"], settings["use_8bit_adam"], settings["gradient_checkpointing"]
+
+
+@pytest.mark.parametrize("gpu, expected", [
+    (T4, ("fp16", True, True)),
+    (RTX3060, ("fp16", True, True)),
+    (A10G, ("fp16", True, False)),
+    (V100_32, ("fp16", True, False)),
+    (A100_40, ("bf16", False, False)),
+    (RTX8000, ("fp16", False, False)),  # 48 GB but no bf16
+    (None, ("no", False, False)),
+])
+def test_choose_by_vram(gpu, expected):
+    assert memory(choose(gpu).settings) == expected
+
+
+def test_choice_says_what_and_why():
+    message = choose(T4).message
+    assert "Tesla T4" in message and "14.7 GiB" in message
+    assert "gradient_checkpointing=true" in message and "published figures" in message
+    assert "no bf16" in choose(RTX8000).message
+
+
+def test_a_card_below_the_published_figure_is_warned():
+    assert "may run out of memory" in choose(SMALL).message
+    assert "may run out of memory" not in choose(T4).message
+
+
+def test_manual_leaves_the_config_alone(capsys):
+    config = Config(mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
+    assert apply_memory_profile(config, T4) is config
+    assert capsys.readouterr().out == ""
+
+
+def test_auto_replaces_the_three_settings_and_prints_the_choice(capsys):
+    config = Config(memory_profile="auto", mixed_precision="no", use_8bit_adam=False,
+                    gradient_checkpointing=False, learning_rate=2e-6)
+    chosen = apply_memory_profile(config, T4)
+    assert memory(chosen.to_dict()) == ("fp16", True, True)
+    assert chosen.learning_rate == 2e-6 and chosen.memory_profile == "auto"
+    assert "memory_profile=auto: Tesla T4" in capsys.readouterr().out
+
+
+def test_auto_refuses_fp16_with_optimizer_in_backward():
+    config = Config(memory_profile="auto", optimizer_in_backward=True, max_grad_norm=0.0)
+    with pytest.raises(ConfigError, match="optimizer_in_backward"):
+        apply_memory_profile(config, T4)
+    assert apply_memory_profile(config, A100_40).mixed_precision == "bf16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU choice")
+def test_train_applies_auto_at_its_start(tiny_dir, tmp_path, capsys):
+    """The defaults (fp16, 8-bit Adam) cannot train on a CPU; memory_profile=auto makes them fit it."""
+    from dbnb.demo import INSTANCE_PROMPT, write_dataset
+    from dbnb.train import train
+
+    instance, _ = write_dataset(tmp_path / "data", n_instance=2, class_images=False)
+    config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
+                    instance_prompt=INSTANCE_PROMPT, output_dir=str(tmp_path / "runs"), resolution=64,
+                    max_train_steps=1, save_every_steps=0, lr_warmup_steps=0, memory_profile="auto")
+    assert config.mixed_precision == "fp16"
+    result = train(config, progress=False)
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert memory(saved) == ("no", False, False)
+    assert "memory_profile=auto: no CUDA GPU" in capsys.readouterr().out
