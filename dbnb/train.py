@@ -363,8 +363,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     try:
-        session = setup(config, accelerator, resume)
-        return loop(session, progress, on_step)
+        with RunFolder.for_config(config).hold(accelerator.is_main_process):
+            session = setup(config, accelerator, resume)
+            return loop(session, progress, on_step)
     finally:
         accelerator.end_training()
         if accelerator.num_processes == 1:

@@ -199,6 +199,63 @@ def test_sigterm_cancels_at_a_step_boundary_and_saves(make_config, tmp_path):
     assert 0 < json.loads((saved[0] / "state" / "trainer.json").read_text())["step"] < 500
 
 
+def test_a_second_training_in_the_same_run_folder_is_refused_and_changes_nothing(make_config, tmp_path):
+    first = make_config(max_train_steps=500, save_every_steps=0, run_name="dup")
+    proc = subprocess.Popen(_cli(first, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "dup"
+    _wait_for(run / "logs" / "train.jsonl", proc)
+    # the second one as a real user would start it, and again with --resume (which used to
+    # delete the first one's half-written save)
+    for extra in ((), ("--resume", "latest")):
+        second = subprocess.run(_cli(first.replace(learning_rate=3e-4), tmp_path, *extra),
+                                capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert second.stderr.startswith("dbnb: ") and "Traceback" not in second.stderr
+        assert f"in use by another training (pid {proc.pid}" in second.stderr
+        assert "train.lock" in second.stderr and "run_name" in second.stderr
+    assert json.loads((run / "config.json").read_text()) == first.to_dict()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    steps = [json.loads(x)["step"] for x in (run / "logs" / "train.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, steps[-1] + 1))  # one run's log, never truncated or interleaved
+    assert not (run / "train.lock").exists()  # released on the way out
+    resumed = train(first.replace(max_train_steps=steps[-1] + 2), resume="latest", progress=False)
+    assert resumed.step == steps[-1] + 2
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch, capsys):
+    from dbnb import checkpoints
+    from dbnb.checkpoints import RunFolder, RunInUseError
+
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    run.lock_path.write_text(json.dumps({"pid": int(dead.stdout), "host": checkpoints.socket.gethostname(),
+                                         "started": "x"}))
+    with run.hold():  # a dead process on this host: taken over at once
+        assert json.loads(run.lock_path.read_text())["pid"] == os.getpid()
+    assert "process" in capsys.readouterr().out and not run.lock_path.exists()
+
+    # another machine (a Colab VM, seen through Drive): alive while its heartbeat is fresh
+    run.lock_path.write_text(json.dumps({"pid": 1, "host": "other-vm", "started": "x"}))
+    with pytest.raises(RunInUseError, match="pid 1 on other-vm"):
+        with run.hold():
+            pass
+    old = time.time() - checkpoints.STALE_AFTER_S - 60
+    os.utime(run.lock_path, (old, old))
+    with run.hold():
+        assert json.loads(run.lock_path.read_text())["host"] != "other-vm"
+    assert "no heartbeat for 11 minutes" in capsys.readouterr().out
+
+    # the holder's heartbeat keeps its lock fresh
+    monkeypatch.setattr(checkpoints, "HEARTBEAT_S", 0.05)
+    with run.hold():
+        os.utime(run.lock_path, (old, old))
+        time.sleep(0.5)
+        assert time.time() - run.lock_path.stat().st_mtime < 5
+
+
 def test_two_process_cpu_ddp_completes(make_config, tmp_path):
     config = make_config(max_train_steps=4, save_every_steps=2, run_name="ddp")
     path = config.save(tmp_path / "ddp.json")
