@@ -181,6 +181,12 @@ class Config:
     background_color: str = setting("white", "Image Processing", "Background Colour",
                                     "Colour that transparent pixels are put on (name or #rrggbb). "
                                     "Transparent class images become this colour.")
+    skip_bad_images: bool = setting(
+        False, "Image Processing", "Skip Unreadable Images",
+        "Train without pictures that cannot be read (damaged, truncated, not a picture), with a warning "
+        "naming each. Off: such a picture stops training before the model loads.",
+        help_ja="読み込めない画像（破損・途中で切れたファイル・画像でないもの）を警告付きで除いて学習します。"
+                "オフなら、そのような画像があるとモデルを読み込む前に学習を止めます。")
 
     # --- Tuning --------------------------------------------------------------------------
     train_batch_size: int = setting(1, "Tuning", "Batch Size", "Images per step (per GPU).")

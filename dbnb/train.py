@@ -153,11 +153,18 @@ class Batches:
         return max(len(self.instance), len(self.klass)) if self.klass else len(self.instance)
 
 
-def read_images(config: Config, tokenizer) -> Batches:
+def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Example]]:
+    """The instance and class pictures with their prompts, checked before the model loads or
+    the run folder is made: a missing folder or caption stops here, leaving nothing behind."""
     concepts = data.concepts_from_config(config)
-    instance, klass = data.examples_for(concepts, config.with_prior_preservation)
+    instance, klass = data.examples_for(concepts, config.with_prior_preservation, config.skip_bad_images)
     if config.with_prior_preservation:
         klass = data.select_class_images(klass, config.num_class_images)
+    return instance, klass
+
+
+def read_images(config: Config, tokenizer, examples=None) -> Batches:
+    instance, klass = examples or gather_examples(config)
     make = lambda ex: data.ImageSet(ex, tokenizer, config.resolution, config.center_crop,  # noqa: E731
                                     config.background_color, config.hflip)
     return Batches(make(instance), make(klass) if klass else None, None)
@@ -363,8 +370,9 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     try:
+        examples = gather_examples(config)
         with RunFolder.for_config(config).hold(accelerator.is_main_process):
-            session = setup(config, accelerator, resume)
+            session = setup(config, accelerator, resume, examples)
             return loop(session, progress, on_step)
     finally:
         accelerator.end_training()
@@ -372,7 +380,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
             forget_accelerator_state()
 
 
-def setup(config: Config, accelerator, resume: str | None) -> Session:
+def setup(config: Config, accelerator, resume: str | None, examples=None) -> Session:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -390,7 +398,7 @@ def setup(config: Config, accelerator, resume: str | None) -> Session:
     # 3. Base model and training images.
     pipe, noise_scheduler = load_models(config, device, weight_dtype)
     unet, text_encoder = pipe.unet, pipe.text_encoder
-    batches = read_images(config, pipe.tokenizer)
+    batches = read_images(config, pipe.tokenizer, examples)
     max_steps = total_steps(config, batches.epoch_len, world)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.

@@ -139,6 +139,42 @@ def test_settings_that_cannot_work_say_what_to_change(make_config):
         train(make_config(instance_data_dir="/nonexistent/images"), progress=False)
 
 
+def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_config, tmp_path):
+    folder = tmp_path / "data" / "instance"
+    good = sorted(folder.iterdir())
+    (folder / "cut.png").write_bytes(good[0].read_bytes()[:200])   # a truncated download
+    (folder / "notes.png").write_text("not a picture")
+    # a base model that does not exist: an error about it would mean the model loaded first
+    config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), max_train_steps=1)
+    with pytest.raises(data.DatasetError, match=r"2 of 5 pictures in instance_data_dir .* cannot be used — "
+                                                r"cut.png: damaged or truncated.*notes.png: not a picture.*"
+                                                r"skip_bad_images=true"):
+        train(config, progress=False)
+    assert not (tmp_path / "runs").exists()  # no half-made run folder
+    with pytest.warns(UserWarning, match="skip_bad_images: training without 2 of 5 pictures"):
+        result = train(make_config(skip_bad_images=True, max_train_steps=1), progress=False)
+    assert result.step == 1
+
+
+@pytest.mark.parametrize("problem, match", [
+    ("missing", "does not exist"), ("empty", "has no images"), ("only_text", "has no images"),
+    ("filewords", r"3 of 3 pictures .* have no caption .*\[filewords\]"),
+])
+def test_instance_folder_problems_are_found_before_anything_is_made(make_config, tmp_path, problem, match):
+    folder = tmp_path / problem
+    if problem != "missing":
+        folder.mkdir()
+    if problem == "only_text":
+        (folder / "caption.txt").write_text("1girl")
+    overrides = dict(instance_data_dir=str(folder))
+    if problem == "filewords":
+        overrides = dict(instance_prompt="[filewords]")
+    config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), **overrides)
+    with pytest.raises(data.DatasetError, match=match):
+        train(config, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_existing_run_needs_resume(make_config):
     config = make_config(max_train_steps=2, save_every_steps=1, keep_last_n=1)
     train(config, progress=False)
