@@ -19,6 +19,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -86,6 +87,20 @@ class RunFolder:
         finally:
             lock.release()
 
+    def write_config(self, config) -> str:
+        """config.json of a new run: its settings and a run id, which every checkpoint records
+        so a checkpoint of another run is never resumed here."""
+        run_id = uuid.uuid4().hex[:12]
+        text = json.dumps({**config.to_dict(), "run_id": run_id}, indent=2, ensure_ascii=False)
+        self.config_path.write_text(text + "\n", encoding="utf-8")
+        return run_id
+
+    def run_id(self) -> str | None:
+        try:
+            return json.loads(self.config_path.read_text(encoding="utf-8")).get("run_id")
+        except (OSError, ValueError):
+            return None
+
     def create(self) -> None:
         for sub in ("checkpoints", "samples", "logs"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
@@ -114,7 +129,24 @@ class RunFolder:
         if not (path / "state" / "trainer.json").is_file():
             raise RunFolderError(f"--resume {resume}: not a checkpoint folder with state/trainer.json "
                                  "(its resume state may have been pruned by keep_last_n).")
+        self.check_owns(path)
         return path
+
+    def check_owns(self, checkpoint: Path) -> None:
+        """Refuse another run's checkpoint: resuming it here would mix two runs and overwrite
+        this run's later steps. A checkpoint names its run by the run id in trainer.json;
+        older ones without it must at least lie in this run's checkpoints/."""
+        state = json.loads((checkpoint / "state" / "trainer.json").read_text(encoding="utf-8"))
+        theirs, mine = state.get("run_id"), self.run_id()
+        inside = checkpoint.resolve().parent == (self.root / "checkpoints").resolve()
+        if (theirs and mine and theirs == mine) or (not (theirs and mine) and inside):
+            return
+        owner = checkpoint.resolve().parent.parent
+        name = state.get("run_name", owner.name)
+        raise RunFolderError(
+            f"--resume {checkpoint}: that checkpoint belongs to run {name!r} ({owner}), not to {self.root}; "
+            "resuming it here would mix the two runs and overwrite this run's later steps. Resume that run "
+            f"(run_name={name} output_dir={owner.parent}), or start a new run_name without --resume.")
 
     # --- writing --------------------------------------------------------------------------
     def write_checkpoint(self, step: int, write) -> Path:
@@ -174,8 +206,10 @@ class RunLock:
         self.path = path
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._made_root = False
 
     def acquire(self) -> None:
+        self._made_root = not self.path.parent.exists()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -233,6 +267,11 @@ class RunLock:
             return
         if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
+            if self._made_root:  # a run refused before it wrote anything leaves no empty folder
+                try:
+                    self.path.parent.rmdir()
+                except OSError:
+                    pass
 
 
 def _stale_reason(holder: dict, age: float) -> str | None:
@@ -271,6 +310,8 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
     # weights + EMA copy + Adam's two moments (an upper bound with 8-bit states)
     check_free_space(run.root, trained * (3 + (1 if ema else 0)), f"checkpoint step {step}")
 
+    run_id = run.run_id()
+
     def write(folder: Path):
         unet.save_pretrained(folder / "unet")
         if config.train_text_encoder:
@@ -285,7 +326,8 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
             torch.save({k: v for k, v in ema.state_dict().items() if k != "shadow_params"}, state / "ema.pt")
         # trainer.json last: its presence is what marks a state as resumable
         (state / "trainer.json").write_text(json.dumps({"step": step, "micro_step": micro_step,
-                                                        "seed": config.seed}))
+                                                        "seed": config.seed, "run_id": run_id,
+                                                        "run_name": config.run_name}))
 
     path = run.write_checkpoint(step, write)
     run.prune_states(config.keep_last_n)

@@ -304,6 +304,10 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# Keys a run folder adds to its config.json beside the settings (dbnb.checkpoints writes
+# them). Reading a config file drops them, so a run's config.json can start another run.
+RUN_KEYS = ("run_id",)
+
 # The seed's two presets (the extension's "Person" and "Object/Style" buttons). Only what
 # differs from the defaults, which already are the seed's character settings.
 PRESETS = {
@@ -460,7 +464,7 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"Cannot read config file {path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of setting: value, not {type(data).__name__}.")
-    return data
+    return {k: v for k, v in data.items() if k not in RUN_KEYS}
 
 
 def load_workspace(folder: str | Path, namespace: dict | None = None) -> Config:

@@ -335,7 +335,7 @@ def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFold
         run.create()
         run.remove_partial()
         if resume_from is None:
-            config.save(run.config_path)
+            run.write_config(config)
     return run, resume_from
 
 

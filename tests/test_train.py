@@ -66,7 +66,8 @@ def test_training_lowers_the_loss_on_the_training_set(make_config):
     assert after <= 0.5 * before, (before, after)
     log = [json.loads(line) for line in (result.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 41))
-    assert json.loads((result.run_dir / "config.json").read_text()) == config.to_dict()
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert saved.pop("run_id") and saved == config.to_dict()
 
 
 def test_prior_preservation_adds_the_weighted_class_term(make_config):
@@ -186,6 +187,29 @@ def test_an_existing_run_needs_resume(make_config):
     assert result.step == 3
 
 
+def test_resume_refuses_another_runs_checkpoint(make_config, tmp_path):
+    a = train(make_config(max_train_steps=2, save_every_steps=1, run_name="a"), progress=False).run_dir
+    b_config = make_config(max_train_steps=2, save_every_steps=1, run_name="b", seed=7)
+    b = train(b_config, progress=False).run_dir
+    before = {p.name: p.stat().st_mtime_ns for p in (b / "checkpoints").rglob("*")}
+    other = a / "checkpoints" / "step-000001"
+    with pytest.raises(RunFolderError, match=r"belongs to run 'a' .* Resume that run \(run_name=a output_dir="):
+        train(b_config.replace(max_train_steps=3), resume=str(other), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (b / "checkpoints").rglob("*")} == before  # nothing overwritten
+    # a fresh run_name cannot adopt it either, and leaves no folder behind
+    with pytest.raises(RunFolderError, match="belongs to run 'a'"):
+        train(b_config.replace(run_name="c"), resume=str(other), progress=False)
+    assert not (tmp_path / "runs" / "c").exists()
+    # its own checkpoint by path resumes, and the new checkpoints carry the run's id
+    result = train(b_config.replace(max_train_steps=3), resume=str(b / "checkpoints" / "step-000001"), progress=False)
+    assert result.step == 3
+    state = json.loads((b / "checkpoints" / "step-000003" / "state" / "trainer.json").read_text())
+    assert state["run_id"] == json.loads((b / "config.json").read_text())["run_id"] and state["run_name"] == "b"
+    # a run's config.json starts a new run as it is (the run id is not a setting)
+    from dbnb.config import load_config
+    assert load_config(b / "config.json") == b_config
+
+
 def _cli(config, tmp_path, *extra):
     path = config.save(tmp_path / f"{config.run_name}.json")
     return [sys.executable, "-m", "dbnb", "train", str(path), "--no-progress", *extra]
@@ -249,7 +273,8 @@ def test_a_second_training_in_the_same_run_folder_is_refused_and_changes_nothing
         assert second.stderr.startswith("dbnb: ") and "Traceback" not in second.stderr
         assert f"in use by another training (pid {proc.pid}" in second.stderr
         assert "train.lock" in second.stderr and "run_name" in second.stderr
-    assert json.loads((run / "config.json").read_text()) == first.to_dict()
+    assert {k: v for k, v in json.loads((run / "config.json").read_text()).items() if k != "run_id"} \
+        == first.to_dict()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
