@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from dbnb import weights
 from dbnb.errors import DbnbError
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -124,11 +125,23 @@ class RunFolder:
             if not found:
                 raise RunFolderError(f"--resume latest: {self.root} has no checkpoint with a resume state yet. "
                                      "Start without --resume (or check output_dir / run_name).")
-            return found[-1][1]
+            newest = found[-1][1]
+            problem = damage(newest)
+            if problem:  # never fall back silently: the user decides to lose the newest steps
+                earlier = next((p for _, p in reversed(found[:-1]) if not damage(p)), None)
+                raise RunFolderError(
+                    f"--resume latest: the newest checkpoint {newest} is damaged, so nothing was loaded: "
+                    f"{problem} " + (f"Resume from the previous complete one, {earlier.name}: --resume {earlier} "
+                                     f"(or delete {newest} and resume latest again)." if earlier else
+                                     "No earlier checkpoint with a resume state is complete: start a new run_name."))
+            return newest
         path = Path(resume)
         if not (path / "state" / "trainer.json").is_file():
             raise RunFolderError(f"--resume {resume}: not a checkpoint folder with state/trainer.json "
                                  "(its resume state may have been pruned by keep_last_n).")
+        if problem := damage(path):
+            raise RunFolderError(f"--resume {resume}: this checkpoint is damaged, so nothing was loaded: {problem} "
+                                 "Choose another checkpoint of the run.")
         self.check_owns(path)
         return path
 
@@ -294,6 +307,24 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def damage(checkpoint: Path) -> str:
+    """What is wrong with a checkpoint's files ("" when every one looks whole); cheap: headers
+    and zip directories only."""
+    for path in sorted(checkpoint.rglob("*")):
+        if path.suffix in (".safetensors", ".pt", ".bin"):
+            try:
+                weights.check(path)
+            except weights.WeightFileError as e:
+                return str(e)
+    trainer = checkpoint / "state" / "trainer.json"
+    if trainer.is_file():
+        try:
+            json.loads(trainer.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return f"{trainer} cannot be read ({e})."
+    return ""
+
+
 def dir_size(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -337,18 +368,18 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
 def load_checkpoint(path: Path, unet, text_encoder, ema, config) -> dict:
     """Weights (before accelerate wraps the models); returns trainer.json."""
     from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
 
-    unet.load_state_dict(load_file(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    unet.load_state_dict(weights.read_safetensors(path / "unet" / "diffusion_pytorch_model.safetensors"))
     if config.train_text_encoder:
-        text_encoder.load_state_dict(load_file(path / "text_encoder" / "model.safetensors"), strict=False)
+        text_encoder.load_state_dict(weights.read_safetensors(path / "text_encoder" / "model.safetensors"),
+                                     strict=False)
     if ema is not None:
         shadow = UNet2DConditionModel.from_pretrained(path / "unet_ema")
-        ema_state = torch.load(path / "state" / "ema.pt", weights_only=True)
+        ema_state = weights.read_pickle(path / "state" / "ema.pt")
         ema.load_state_dict({**ema_state, "shadow_params": [p.detach() for p in shadow.parameters()]})
     return json.loads((path / "state" / "trainer.json").read_text())
 
 
 def load_optimizer_state(path: Path, optimizer, lr_scheduler) -> None:
-    optimizer.load_state_dict(torch.load(path / "state" / "optimizer.pt", weights_only=True))
-    lr_scheduler.load_state_dict(torch.load(path / "state" / "lr_scheduler.pt", weights_only=True))
+    optimizer.load_state_dict(weights.read_pickle(path / "state" / "optimizer.pt"))
+    lr_scheduler.load_state_dict(weights.read_pickle(path / "state" / "lr_scheduler.pt"))

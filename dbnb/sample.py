@@ -257,7 +257,7 @@ class TestPipeline:
         self.current = "base"
 
     def use(self, row: Row) -> None:
-        from safetensors.torch import load_file
+        from dbnb.weights import read_safetensors as load_file
 
         if row.name == self.current:
             return

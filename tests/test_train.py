@@ -210,6 +210,24 @@ def test_resume_refuses_another_runs_checkpoint(make_config, tmp_path):
     assert load_config(b / "config.json") == b_config
 
 
+def test_resume_latest_names_a_damaged_checkpoint_and_the_one_to_resume_from(make_config, tmp_path):
+    config = make_config(max_train_steps=3, save_every_steps=1, run_name="cut")
+    run = train(config, progress=False).run_dir
+    newest = run / "checkpoints" / "step-000003"
+    unet = newest / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:1000])  # a Drive copy that did not finish
+    longer = config.replace(max_train_steps=4)
+    done = subprocess.run(_cli(longer, tmp_path, "--resume", "latest"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"dbnb: --resume latest: the newest checkpoint {newest} is damaged")
+    assert str(unet) in message and f"--resume {run / 'checkpoints' / 'step-000002'}" in message
+    assert unet.stat().st_size == 1000  # nothing was touched, nothing fell back silently
+    result = train(longer, resume=str(run / "checkpoints" / "step-000002"), progress=False)
+    assert result.step == 4 and result.checkpoints[0].name == "step-000003"
+    assert unet.stat().st_size > 1000  # step 3 written again, whole
+
+
 def _cli(config, tmp_path, *extra):
     path = config.save(tmp_path / f"{config.run_name}.json")
     return [sys.executable, "-m", "dbnb", "train", str(path), "--no-progress", *extra]
