@@ -331,15 +331,49 @@ def dir_size(path: Path) -> int:
 
 # --- what the trainer writes into a checkpoint, and reads back on resume ------------------------
 
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def expected_size(run: RunFolder, *parts) -> int:
+    """Bytes the next checkpoint will take: the last full one's real size once there is one,
+    else the tensors it will hold (weights, EMA, optimizer state); with a margin for headers,
+    configs and the zip containers."""
+    previous = run.resumable()
+    if previous:
+        return int(dir_size(previous[-1][1]) * 1.02) + (1 << 20)
+    tensors = sum(t.numel() * t.element_size() for part in parts for t in _tensors(part))
+    return int(tensors * 1.05) + (1 << 20)
+
+
+def disk_full(run: RunFolder, what: str, needed: int = 0):
+    """The DiskFullError for a write that ran out of disk during training."""
+    from dbnb.env import DiskFullError, format_bytes, free_disk_bytes
+
+    found = run.checkpoints()
+    free = free_disk_bytes(run.root)
+    return DiskFullError(
+        f"Disk full at {run.root} while {what}: " + (f"need ~{format_bytes(needed)}, " if needed else "")
+        + f"free {format_bytes(free)}. "
+        + (f"The previous checkpoint {found[-1][1]} is intact. " if found else "No checkpoint was saved yet. ")
+        + "Free some space (or lower keep_last_n, or choose another output_dir), then resume "
+        "(notebook: resume = True; CLI: --resume latest).", needed=needed, free=free, path=run.root)
+
+
 def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encoder, optimizer,
                     lr_scheduler, ema, config) -> Path:
-    from dbnb.env import check_free_space
+    from dbnb.env import DiskFullError, check_free_space, is_disk_full
 
-    trained = sum(p.numel() * 4 for p in unet.parameters())
-    if config.train_text_encoder:
-        trained += sum(p.numel() * 4 for p in text_encoder.parameters())
-    # weights + EMA copy + Adam's two moments (an upper bound with 8-bit states)
-    check_free_space(run.root, trained * (3 + (1 if ema else 0)), f"checkpoint step {step}")
+    trained = [unet.state_dict()] + ([text_encoder.state_dict()] if config.train_text_encoder else [])
+    needed = expected_size(run, *trained, ema.shadow_params if ema is not None else [], optimizer.state_dict())
+    check_free_space(run.root, needed, f"checkpoint step {step}")
 
     run_id = run.run_id()
 
@@ -360,7 +394,12 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
                                                         "seed": config.seed, "run_id": run_id,
                                                         "run_name": config.run_name}))
 
-    path = run.write_checkpoint(step, write)
+    try:
+        path = run.write_checkpoint(step, write)  # a failed write leaves the previous checkpoints as they were
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, DiskFullError) or not is_disk_full(e):
+            raise
+        raise disk_full(run, f"saving checkpoint step {step}", needed) from None
     run.prune_states(config.keep_last_n)
     return path
 

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
 from dbnb import data
-from dbnb.checkpoints import RunFolder, RunFolderError, load_checkpoint, load_optimizer_state, save_checkpoint
+from dbnb.checkpoints import (RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
+                              save_checkpoint)
 from dbnb.config import FIELDS, Config, ConfigError
+from dbnb.env import is_disk_full
 
 # Settings that may differ between a run and its resumption: they change what is saved or
 # shown, or extend the run, not what has been learnt so far.
@@ -471,6 +473,10 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                     acc.wait_for_everyone()
         except torch.OutOfMemoryError as e:
             raise TrainingError(f"Out of GPU memory at step {s.step + 1}. {memory_advice(config)}") from e
+        except OSError as e:  # the log or a preview, written every few steps
+            if isinstance(e, DbnbError) or not is_disk_full(e):
+                raise
+            raise disk_full(s.run, f"writing step {s.step}'s log and previews") from None
         finally:
             bar.close()
     acc.wait_for_everyone()

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -226,6 +227,64 @@ def test_resume_latest_names_a_damaged_checkpoint_and_the_one_to_resume_from(mak
     result = train(longer, resume=str(run / "checkpoints" / "step-000002"), progress=False)
     assert result.step == 4 and result.checkpoints[0].name == "step-000003"
     assert unet.stat().st_size > 1000  # step 3 written again, whole
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(make_config, monkeypatch):
+    from dbnb.env import DiskFullError
+
+    config = make_config(max_train_steps=3, save_every_steps=1, run_name="full")
+    real_save = torch.save
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if "step-000002" in str(f) and str(f).endswith("optimizer.pt"):
+            Path(f).write_bytes(b"PK\x03\x04 half")  # what torch.save leaves when the disk fills
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3200 vs 3136")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(DiskFullError) as e:
+        train(config, progress=False)
+    run = Path(config.output_dir) / "full"
+    first = run / "checkpoints" / "step-000001"
+    message = str(e.value)
+    assert message.startswith(f"Disk full at {run} while saving checkpoint step 2: need ~")
+    assert f"The previous checkpoint {first} is intact" in message and "--resume latest" in message
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]  # no half-written folder
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train(config, resume="latest", progress=False).step == 3
+
+
+def test_disk_full_while_logging_stops_with_the_same_message(make_config, monkeypatch):
+    import errno
+
+    from dbnb.checkpoints import RunFolder
+    from dbnb.env import DiskFullError
+
+    real_append = RunFolder.append_log
+
+    def append_on_a_full_disk(self, record):
+        if record["step"] == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.log_path))
+        real_append(self, record)
+    monkeypatch.setattr(RunFolder, "append_log", append_on_a_full_disk)
+    config = make_config(max_train_steps=4, save_every_steps=2, run_name="fulllog")
+    with pytest.raises(DiskFullError, match=r"Disk full at .* while writing step 3's log.*step-000002 is intact"):
+        train(config, progress=False)
+    monkeypatch.setattr(RunFolder, "append_log", real_append)
+    assert train(config, resume="latest", progress=False).step == 4
+
+
+def test_the_free_space_estimate_is_not_below_the_real_checkpoint_size(make_config, monkeypatch):
+    from dbnb import checkpoints
+
+    asked = []
+    real_check = checkpoints.expected_size
+    monkeypatch.setattr(checkpoints, "expected_size", lambda *a: asked.append(real_check(*a)) or asked[-1])
+    result = train(make_config(max_train_steps=2, save_every_steps=1, use_ema=True, train_text_encoder=True),
+                   progress=False)
+    sizes = [checkpoints.dir_size(p) for p in result.checkpoints]
+    for estimate, real in zip(asked, sizes):
+        print(f"checkpoint {real:,} B, estimated {estimate:,} B")
+        assert real <= estimate <= real * 1.1 + (1 << 20), (estimate, real)
 
 
 def _cli(config, tmp_path, *extra):
