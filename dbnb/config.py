@@ -243,6 +243,12 @@ class Config:
                                     "Colour that transparent pixels are put on (name or #rrggbb). "
                                     "Transparent class images become this colour.",
                                     help_ja="透過部分を置く背景色（色名か #rrggbb）。透過の正則化画像はこの色になります。", step="dataset")
+    skip_bad_images: bool = setting(
+        False, "Image Processing", "Skip Unreadable Images",
+        "Train without pictures that cannot be read (damaged, truncated, not a picture), with a warning "
+        "naming each. Off: such a picture stops training before the model loads.",
+        help_ja="読み込めない画像（破損・途中で切れたファイル・画像でないもの）を警告付きで除いて学習します。"
+                "オフなら、そのような画像があるとモデルを読み込む前に学習を止めます。")
 
     # --- Tuning --------------------------------------------------------------------------
     train_batch_size: int = setting(1, "Tuning", "Batch Size", "Images per step (per GPU).",
@@ -411,6 +417,10 @@ class Config:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# Keys a run folder adds to its config.json beside the settings (dbnb.checkpoints writes
+# them). Reading a config file drops them, so a run's config.json can start another run.
+RUN_KEYS = ("run_id",)
+
 # The seed's two presets (the extension's "Person" and "Object/Style" buttons). Only what
 # differs from the defaults, which already are the seed's character settings.
 PRESETS = {
@@ -573,7 +583,7 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"Cannot read config file {path}: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file {path} must hold a mapping of setting: value, not {type(data).__name__}.")
-    return data
+    return {k: v for k, v in data.items() if k not in RUN_KEYS}
 
 
 def load_workspace(folder: str | Path, namespace: dict | None = None, step: str | None = None) -> Config:

@@ -80,13 +80,29 @@ def list_images(folder: str | Path, what: str) -> list[Path]:
 # --- prompts ---------------------------------------------------------------------------------
 
 def caption_for(image: Path) -> str:
-    """The image's caption: its `.txt` beside it, else its file name made readable
-    ('hanatsuki_smile (2).png' → 'hanatsuki smile'), as the extension does for [filewords]."""
+    """The image's caption: the `.txt` beside it, or "" when there is none. A file name is no
+    caption ('img_0001.png' would have trained on "img"); `check_captions` says which lack one."""
     txt = image.with_suffix(".txt")
     if txt.is_file():
         return " ".join(txt.read_text(encoding="utf-8").split())
-    name = re.sub(r"\s*\(\d+\)$|[-_ ]*\d+$", "", image.stem)
-    return " ".join(name.replace("_", " ").split())
+    return ""
+
+
+def check_captions(template: str, images: list[Path], token: str, token_name: str, what: str) -> None:
+    """With `[filewords]` in the prompt, pictures without a caption would train on a prompt
+    without them: an error naming them, or (with the token set) the token alone and a warning."""
+    if FILEWORDS not in template:
+        return
+    missing = [p for p in images if not caption_for(p)]
+    if not missing:
+        return
+    names = ", ".join(p.name for p in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    where = f"{len(missing)} of {len(images)} pictures in {what} {images[0].parent} have no caption (.txt)"
+    if not token:
+        raise DatasetError(f"{where} but the prompt {template!r} uses [filewords]: {names}. Write their "
+                           f"captions (`dbnb prep` does), set {token_name} to train them on it alone, or take "
+                           "[filewords] out of the prompt.")
+    warnings.warn(f"{where}: they train on {token_name} {token!r} alone ({names}).", stacklevel=3)
 
 
 def build_prompt(template: str, image: Path, instance_token: str = "", class_token: str = "",
@@ -99,7 +115,7 @@ def build_prompt(template: str, image: Path, instance_token: str = "", class_tok
     """
     if FILEWORDS not in template:
         return template
-    words = caption_for(image)
+    words = caption_for(image) or (class_token if is_class else "")
     if instance_token:
         if is_class:
             words = re.sub(rf"\b{re.escape(instance_token)}\b\s*", "", words)
@@ -112,16 +128,48 @@ def build_prompt(template: str, image: Path, instance_token: str = "", class_tok
     return " ".join(prompt.replace(" ,", ",").split()).strip(", ")
 
 
-def examples_for(concepts: list[Concept], with_class: bool) -> tuple[list[Example], list[Example]]:
+def usable_images(images: list[Path], what: str, skip_bad: bool) -> list[Path]:
+    """The pictures that decode, checked as `dbnb prep` checks them. A bad one is an error
+    naming every bad file and its reason, or with `skip_bad` left out with a warning."""
+    from dbnb.prep.images import BadImage, load_image
+
+    bad = []
+    for path in images:
+        try:
+            load_image(path)
+        except BadImage as e:
+            bad.append(f"{path.name}: {e}")
+        except OSError as e:
+            bad.append(f"{path.name}: cannot be read ({e.strerror or e})")
+    if not bad:
+        return images
+    listing = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+    where = f"{len(bad)} of {len(images)} pictures in {what} {images[0].parent} cannot be used"
+    if not skip_bad:
+        raise DatasetError(f"{where} — {listing}. Replace or remove them (`dbnb prep` checks and converts "
+                           "pictures), or set skip_bad_images=true to train without them.")
+    kept = [p for p in images if not any(b.startswith(f"{p.name}: ") for b in bad)]
+    if not kept:
+        raise DatasetError(f"{where}: none is left to train on — {listing}.")
+    warnings.warn(f"skip_bad_images: training without {where.split(' cannot')[0]} — {listing}.", stacklevel=3)
+    return kept
+
+
+def examples_for(concepts: list[Concept], with_class: bool,
+                 skip_bad: bool = False) -> tuple[list[Example], list[Example]]:
     instance, klass = [], []
     for c in concepts:
         if not c.instance_prompt:
             raise DatasetError(f"instance_prompt is empty for {c.instance_data_dir}: set the prompt that "
                                "will call the character (e.g. 'nanU Unan').")
-        for p in list_images(c.instance_data_dir, "instance_data_dir"):
+        images = usable_images(list_images(c.instance_data_dir, "instance_data_dir"), "instance_data_dir", skip_bad)
+        check_captions(c.instance_prompt, images, c.instance_token, "instance_token", "instance_data_dir")
+        for p in images:
             instance.append(Example(p, build_prompt(c.instance_prompt, p, c.instance_token, c.class_token)))
         if with_class:
-            for p in list_images(c.class_data_dir, "class_data_dir"):
+            images = usable_images(list_images(c.class_data_dir, "class_data_dir"), "class_data_dir", skip_bad)
+            check_captions(c.class_prompt, images, c.class_token, "class_token", "class_data_dir")
+            for p in images:
                 klass.append(Example(p, build_prompt(c.class_prompt, p, c.instance_token, c.class_token,
                                                      is_class=True)))
     return instance, klass

@@ -187,6 +187,16 @@ def check_free_space(path: str | os.PathLike[str], needed_bytes: int, what: str)
     return free
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """Whether a failed write ran out of disk. torch.save says so only as 'unexpected pos'
+    (its zip writer), safetensors as 'os error 28'."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return isinstance(e, (OSError, RuntimeError)) and any(
+        part in text for part in ("unexpected pos", "No space left", "os error 28", "Disk quota exceeded"))
+
+
 def format_bytes(n: float) -> str:
     """1536 → '1.50 KiB'; GiB is the largest unit (disks and VRAM read best in it)."""
     for unit in ("B", "KiB", "MiB"):

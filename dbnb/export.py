@@ -53,10 +53,9 @@ def pick_checkpoint(run: RunFolder, step: int | None) -> tuple[int, Path]:
 
 def _load_trained(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """A saved safetensors state dict, cast tensor by tensor (never two full copies in RAM)."""
-    from safetensors import safe_open
+    from dbnb.weights import read_safetensors
 
-    with safe_open(path, "pt") as f:
-        return {k: f.get_tensor(k).to(dtype) for k in f.keys()}
+    return read_safetensors(path, dtype)
 
 
 def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dtype, vae: str = ""):

@@ -53,6 +53,7 @@ from dbnb.errors import DbnbError
 from dbnb import __version__
 from dbnb.layout import (ORIGINAL_PREFIXES, vae_tensor, text_encoder_key_map, unet_key_map, vae_key_map,
                          write_single_file)
+from dbnb import weights
 from dbnb.models import ModelLoadError, load_checkpoint_file, resolve_source, sd1_variant
 
 MODES = ("weighted_sum", "add_difference")
@@ -209,6 +210,7 @@ class _Reader:
     keeps its own pages valid until it is dropped."""
 
     def __init__(self, path: Path):
+        weights.check(path)  # a damaged or non-weight file is named here, before any work
         self.path, self.since, self._handle = path, 0, None
         self.safetensors = path.suffix.lower() == ".safetensors"
         # A legacy (non-zip) .ckpt cannot be mapped, only read whole: reopening would re-read it.

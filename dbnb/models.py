@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pickle
 import re
 import tempfile
 import urllib.parse
@@ -20,6 +19,8 @@ from pathlib import Path
 import torch
 
 from dbnb.errors import DbnbError
+from dbnb.weights import UnsafeCheckpointError, WeightFileError, read_state_dict  # noqa: F401 (re-exported)
+from dbnb import weights
 from dbnb.tiny import SKELETON, VARIANTS, skeleton_config, save_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -30,8 +31,6 @@ class ModelLoadError(DbnbError, RuntimeError):
     """The base model could not be loaded; the message says which source and what to do."""
 
 
-class UnsafeCheckpointError(ModelLoadError):
-    """A .ckpt needs arbitrary unpickling (it could run code), so it was not opened."""
 
 
 def default_cache_dir() -> Path:
@@ -121,33 +120,8 @@ def _sniff_suffix(path: Path) -> str:
 # --- reading single files safely -----------------------------------------------------------
 
 def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a single file, never executing code from a pickle.
-
-    `.ckpt` files are pickles; `weights_only=True` lets through tensors and plain containers
-    only. Anything else is refused: we ask for the `.safetensors` version instead.
-    """
-    path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(path)
-    try:
-        try:  # mmap keeps a 4 GB file out of RAM until a tensor is used
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e) and "zip" not in str(e):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        culprit = next((line for line in str(e).splitlines() if "GLOBAL" in line), "")
-        raise UnsafeCheckpointError(
-            f"{path} is a .ckpt whose pickle asks to run code or build objects other than tensors, "
-            "so dbnb did not open it (it could run anything). Use the model's .safetensors version, "
-            f"or convert it on a machine you trust. {culprit}".strip()) from None
-    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path} holds a {type(data).__name__}, not a state dict of tensors.")
-    return {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    """The state dict of a single file, never executing code from a pickle (dbnb.weights)."""
+    return read_state_dict(path)
 
 
 # The two UNet shapes that tell SD 1.5 and dbnb's small models apart (original layout).
@@ -207,8 +181,7 @@ def skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
 
 def file_keys_and_shapes(path: Path) -> tuple[list[str], dict]:
     if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-        with safe_open(path, "pt") as f:  # header only: no tensor is read
+        with weights.open_safetensors(path) as f:  # header only: no tensor is read
             keys = list(f.keys())
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in (CONV_IN, LEVEL1_CONV)}
         return keys, shapes
@@ -238,6 +211,7 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
             extra = {"revision": revision} if revision else {}
             if kind == "folder":
                 extra["local_files_only"] = True
+                check_folder(Path(where))
             pipe = StableDiffusionPipeline.from_pretrained(where, token=os.environ.get("HF_TOKEN") or None,
                                                            **extra, **common)
     except ModelLoadError:
@@ -248,6 +222,14 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
     if vae:
         pipe.vae = load_vae(vae, revision=revision, dtype=dtype, cache_dir=cache_dir)
     return pipe
+
+
+def check_folder(folder: Path) -> None:
+    """Every weight file of a diffusers folder whole, so a damaged one is named (diffusers'
+    own error names none)."""
+    for path in sorted(folder.glob("*/*")):
+        if path.suffix in (".safetensors", ".bin"):
+            weights.check(path)
 
 
 def _check_unet_is_sd1(unet, source: str) -> None:
@@ -262,6 +244,8 @@ def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path 
     from diffusers import AutoencoderKL
 
     kind, where = resolve_source_vae(source, cache_dir)
+    if kind == "file":
+        weights.check(where)
     try:
         if kind == "file":
             return AutoencoderKL.from_single_file(where, config=str(SKELETON), subfolder="vae",

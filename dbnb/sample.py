@@ -126,6 +126,30 @@ def _plain(prompt: str, words: str) -> str:
     return " ".join(prompt.replace("[filewords]", words).split()).strip(" ,")
 
 
+def _identity_words(c) -> str:
+    """What `[filewords]` stands for in a test prompt: the tokens training put into every
+    caption, or, without tokens, the captions' most common first tag (prep writes the
+    character's name there)."""
+    from collections import Counter
+
+    from dbnb.data import FILEWORDS, DatasetError, caption_for, list_images
+
+    words = f"{c.instance_token} {c.class_token}".strip()
+    if words or FILEWORDS not in c.instance_prompt:
+        return words
+    try:
+        captions = [caption_for(p) for p in list_images(c.instance_data_dir, "instance_data_dir")]
+    except DatasetError as e:
+        raise SampleError(f"instance_prompt {c.instance_prompt!r} takes its words from the captions, and they "
+                          f"cannot be read here ({e}) Pass instance_prompt=... (the character's words) after the "
+                          "run folder, or instance_token=...") from None
+    firsts = Counter(cap.split(",")[0].strip() for cap in captions if cap)
+    if not firsts:
+        raise SampleError(f"instance_prompt {c.instance_prompt!r} takes its words from the captions, but "
+                          f"{c.instance_data_dir} has none: pass instance_prompt=... after the run folder.")
+    return firsts.most_common(1)[0][0]
+
+
 def fill_template(template: str, instance_prompt: str, class_prompt: str) -> str:
     text = template.replace("{instance_prompt}", instance_prompt).replace("{class_prompt}", class_prompt)
     return ", ".join(part.strip() for part in text.split(",") if part.strip())  # no ", ," when one is empty
@@ -137,7 +161,7 @@ def prompt_set(config) -> list[TestPrompt]:
     from dbnb.data import concepts_from_config
 
     c = concepts_from_config(config)[0]
-    instance = _plain(c.instance_prompt, f"{c.instance_token} {c.class_token}")
+    instance = _plain(c.instance_prompt, _identity_words(c))
     klass = _plain(c.class_prompt, c.class_token)
     if not instance:
         raise SampleError("instance_prompt is empty in the run's config.json: test prompts need it "
@@ -233,7 +257,7 @@ class TestPipeline:
         self.current = "base"
 
     def use(self, row: Row) -> None:
-        from safetensors.torch import load_file
+        from dbnb.weights import read_safetensors as load_file
 
         if row.name == self.current:
             return

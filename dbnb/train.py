@@ -27,10 +27,12 @@ import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
 from dbnb import data
-from dbnb.checkpoints import RunFolder, RunFolderError, load_checkpoint, load_optimizer_state, save_checkpoint
+from dbnb.checkpoints import (RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
+                              save_checkpoint)
 from dbnb.config import FIELDS, Config, ConfigError
 from dbnb.env import shown
 from dbnb.memory import apply_memory_profile
+from dbnb.env import is_disk_full
 
 # Settings that may differ between a run and its resumption: they change what is saved or
 # shown, or extend the run, not what has been learnt so far.
@@ -155,11 +157,18 @@ class Batches:
         return max(len(self.instance), len(self.klass)) if self.klass else len(self.instance)
 
 
-def read_images(config: Config, tokenizer) -> Batches:
+def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Example]]:
+    """The instance and class pictures with their prompts, checked before the model loads or
+    the run folder is made: a missing folder or caption stops here, leaving nothing behind."""
     concepts = data.concepts_from_config(config)
-    instance, klass = data.examples_for(concepts, config.with_prior_preservation)
+    instance, klass = data.examples_for(concepts, config.with_prior_preservation, config.skip_bad_images)
     if config.with_prior_preservation:
         klass = data.select_class_images(klass, config.num_class_images)
+    return instance, klass
+
+
+def read_images(config: Config, tokenizer, examples=None) -> Batches:
+    instance, klass = examples or gather_examples(config)
     make = lambda ex: data.ImageSet(ex, tokenizer, config.resolution, config.center_crop,  # noqa: E731
                                     config.background_color, config.hflip)
     return Batches(make(instance), make(klass) if klass else None, None)
@@ -331,7 +340,7 @@ def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFold
         run.create()
         run.remove_partial()
         if resume_from is None:
-            config.save(run.config_path)
+            run.write_config(config)
     return run, resume_from
 
 
@@ -367,15 +376,17 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     try:
-        session = setup(config, accelerator, resume)
-        return loop(session, progress, on_step)
+        examples = gather_examples(config)
+        with RunFolder.for_config(config).hold(accelerator.is_main_process):
+            session = setup(config, accelerator, resume, examples)
+            return loop(session, progress, on_step)
     finally:
         accelerator.end_training()
         if accelerator.num_processes == 1:
             forget_accelerator_state()
 
 
-def setup(config: Config, accelerator, resume: str | None) -> Session:
+def setup(config: Config, accelerator, resume: str | None, examples=None) -> Session:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -393,7 +404,7 @@ def setup(config: Config, accelerator, resume: str | None) -> Session:
     # 3. Base model and training images.
     pipe, noise_scheduler = load_models(config, device, weight_dtype)
     unet, text_encoder = pipe.unet, pipe.text_encoder
-    batches = read_images(config, pipe.tokenizer)
+    batches = read_images(config, pipe.tokenizer, examples)
     max_steps = total_steps(config, batches.epoch_len, world)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.
@@ -466,6 +477,10 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                     acc.wait_for_everyone()
         except torch.OutOfMemoryError as e:
             raise TrainingError(f"Out of GPU memory at step {s.step + 1}. {memory_advice(config)}") from e
+        except OSError as e:  # the log or a preview, written every few steps
+            if isinstance(e, DbnbError) or not is_disk_full(e):
+                raise
+            raise disk_full(s.run, f"writing step {s.step}'s log and previews") from None
         finally:
             bar.close()
     acc.wait_for_everyone()

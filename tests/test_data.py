@@ -14,12 +14,40 @@ def tokenizer():
     return CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77)
 
 
-def test_caption_from_txt_or_file_name(tmp_path):
+def test_caption_from_txt_never_from_the_file_name(tmp_path):
     (tmp_path / "a.png").touch()
     (tmp_path / "a.txt").write_text("1girl,  smile\n")
     assert caption_for(tmp_path / "a.png") == "1girl, smile"
-    assert caption_for(tmp_path / "hanatsuki_smile (2).png") == "hanatsuki smile"
-    assert caption_for(tmp_path / "pink_hair_003.png") == "pink hair"
+    assert caption_for(tmp_path / "img_0001.png") == ""  # "img" is no caption
+
+
+def _pictures(folder, names, captions=()):
+    folder.mkdir()
+    for name in names:
+        Image.new("RGB", (8, 8)).save(folder / name)
+    for name, text in captions:
+        (folder / name).write_text(text)
+    return folder
+
+
+def test_filewords_without_captions_is_an_error_naming_the_pictures(tmp_path):
+    folder = _pictures(tmp_path / "inst", ["img.png", "b.png", "c.png"], [("b.txt", "1girl, smile")])
+    concept = data.Concept(str(folder), "[filewords]")
+    with pytest.raises(DatasetError, match=r"2 of 3 pictures in instance_data_dir .* have no caption .* "
+                                           r"uses \[filewords\]: c.png, img.png.*instance_token"):
+        data.examples_for([concept], with_class=False)
+    # with the token set, those pictures train on the token alone, and say so
+    with pytest.warns(UserWarning, match=r"2 of 3 .* train on instance_token 'nanU' alone \(c.png, img.png\)"):
+        instance, _ = data.examples_for([data.Concept(str(folder), "[filewords]", instance_token="nanU")], False)
+    assert [e.prompt for e in instance] == ["nanU 1girl, smile", "nanU", "nanU"]
+    # class pictures fall back on class_token the same way
+    klass = _pictures(tmp_path / "class", ["k.png"])
+    concept = data.Concept(str(folder), "[filewords]", str(klass), "[filewords]", "nanU", "1girl")
+    with pytest.warns(UserWarning, match="class_token '1girl' alone"):
+        _, class_examples = data.examples_for([concept], True)
+    assert [e.prompt for e in class_examples] == ["1girl"]
+    with pytest.raises(DatasetError, match="class_data_dir .* set class_token"):
+        data.examples_for([data.Concept(str(folder), "x", str(klass), "[filewords]")], True)
 
 
 @pytest.mark.parametrize("caption, template, expected", [

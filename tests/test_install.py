@@ -28,6 +28,7 @@ def test_a_checkout_or_a_wheel_is_installed_with_the_platform_torch_pinned(tmp_p
         commands.append(pins)
         return subprocess.CompletedProcess(command, 0)
 
+    monkeypatch.setattr(install, "_forget_source", lambda wheel: None)
     monkeypatch.setattr(install, "origin", lambda: ("checkout", ROOT))
     install.ensure(run=pip)
     assert commands[0][:4] == [sys.executable, "-m", "pip", "install"]
@@ -36,9 +37,11 @@ def test_a_checkout_or_a_wheel_is_installed_with_the_platform_torch_pinned(tmp_p
     assert f"torch=={torch.__version__.split('+')[0]}" in commands[1] or f"torch=={torch.__version__}" in commands[1]
 
     wheel = tmp_path / "dbnb-0.1.0-py3-none-any.whl"
+    forgotten = []  # the real one would drop this test session's dbnb modules
+    monkeypatch.setattr(install, "_forget_source", forgotten.append)
     monkeypatch.setattr(install, "origin", lambda: ("wheel", wheel))
     install.ensure(run=pip)
-    assert commands[2][-1] == f"{wheel}[{install.EXTRAS}]"
+    assert commands[2][-1] == f"{wheel}[{install.EXTRAS}]" and forgotten == [wheel]
 
 
 def test_a_failed_pip_names_the_ways_to_get_dbnb(monkeypatch):

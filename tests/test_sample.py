@@ -62,6 +62,16 @@ def test_prompt_set_reads_filewords_prompts_and_no_class_prompt():
         prompt_set(Config())
 
 
+def test_prompt_set_reads_filewords_from_the_captions_when_no_token_is_set(tmp_path):
+    for name, caption in (("a", "hnzk girl, smile"), ("b", "hnzk girl, from side"), ("c", "smile, hnzk girl")):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+        (tmp_path / f"{name}.txt").write_text(caption)
+    config = Config(instance_prompt="masterpiece, [filewords]", instance_data_dir=str(tmp_path))
+    assert prompt_set(config)[0].text == "masterpiece, hnzk girl, 1girl, solo"
+    with pytest.raises(SampleError, match=r"takes its words from the captions.*does not exist.*instance_prompt="):
+        prompt_set(config.replace(instance_data_dir=str(tmp_path / "moved")))
+
+
 def test_choose_checkpoints_by_test_steps(run_dir):
     run = RunFolder(run_dir)
     assert [s for s, _ in choose_checkpoints(run, "all")] == [1, 2]
