@@ -43,7 +43,10 @@ torch 2.11): download their wheels where pip works, with `--no-deps` (diffusers 
 py3-none-any, bitsandbytes 0.50.2 manylinux_2_24, xformers only if its wheel matches that torch),
 take them along, then
 `python3 -m pip install --no-index --no-deps --target /tmp/site *.whl && PYTHONPATH=/tmp/site python3 bench/gpu_suite.py`.
-Commit the results file and this page.
+Commit the results file and this page. Runs with `--only` on the same GPU and day add to its
+table, so a short device lease can take the suite in two calls, e.g. `--only 1,2,3,4,5,export,load`
+then `--only 6,7,8,9,classimages,preview,hf` (each call on a fresh machine builds the model again,
+about a minute).
 """
 
 

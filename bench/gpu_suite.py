@@ -456,6 +456,15 @@ def summary_line(row: dict) -> str:
     return text
 
 
+def merge(old: dict, new: dict) -> dict:
+    """`new`'s rows and extras over `old`'s, in profile / extra order."""
+    rows = {r["id"]: r for r in old["profiles"]} | {r["id"]: r for r in new["profiles"]}
+    extras = old["extras"] | new["extras"]
+    return {**new, "profiles": [rows[k] for k in sorted(rows)],
+            "extras": {k: extras[k] for k in EXTRAS if k in extras},
+            "seconds": old.get("seconds", 0) + new.get("seconds", 0)}
+
+
 def slug(machine: dict) -> str:
     if machine["dry_run"]:
         return "dry-run-cpu"
@@ -527,6 +536,8 @@ def main(argv=None) -> int:
     folder = out / "gpu-results"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{slug(machine)}.json"
+    if path.exists():  # an --only run the same day on the same GPU adds to (or redoes part of) the table
+        results = merge(json.loads(path.read_text()), results)
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
     print(f"results: {path}\ndoc: {write_doc(out)} ({results['seconds']:.0f} s in all)")
     return 0

@@ -116,6 +116,21 @@ def test_a_gpu_run_names_the_missing_packages_first():
     assert "missing packages: bitsandbytes" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_an_only_run_adds_to_the_days_table(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gpu_suite import merge
+    finally:
+        sys.path.pop(0)
+    first = {"profiles": [{"id": 1, "status": "ok"}, {"id": 2, "status": "failed"}], "extras": {"load": {}},
+             "seconds": 10}
+    second = {"profiles": [{"id": 2, "status": "ok"}, {"id": 6, "status": "ok"}], "extras": {"classimages": {}},
+              "seconds": 5, "machine": {}}
+    merged = merge(first, second)
+    assert [(r["id"], r["status"]) for r in merged["profiles"]] == [(1, "ok"), (2, "ok"), (6, "ok")]
+    assert list(merged["extras"]) == ["classimages", "load"] and merged["seconds"] == 15
+
+
 def test_only_rejects_unknown_names():
     done = run_suite("--dry-run", "--only", "1,12,bogus", timeout=60)
     assert done.returncode != 0 and "unknown 12, bogus" in done.stderr
