@@ -503,7 +503,7 @@ def main(argv=None) -> int:
                  "network: carry them as wheels, see docs/performance.md), or use --dry-run on a CPU.")
     if args.hf_script and not Path(args.hf_script).is_file():
         sys.exit(f"gpu_suite: --hf-script {args.hf_script}: no such file.")
-    from gpu_report import write_doc
+    from gpu_report import profile_table, write_doc
 
     cache = Path(args.cache) / ("dry" if args.dry_run else "gpu")
     out = Path(args.out) if args.out else (cache / "docs" if args.dry_run else ROOT / "docs")
@@ -539,6 +539,7 @@ def main(argv=None) -> int:
     if path.exists():  # an --only run the same day on the same GPU adds to (or redoes part of) the table
         results = merge(json.loads(path.read_text()), results)
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print("\n" + "\n".join(profile_table(results)) + "\n")
     print(f"results: {path}\ndoc: {write_doc(out)} ({results['seconds']:.0f} s in all)")
     return 0
 

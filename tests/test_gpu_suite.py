@@ -50,6 +50,8 @@ def test_dry_run_trains_every_profile_it_can_and_says_why_not_the_others(dry_run
     assert rows[6]["settings"]["with_prior_preservation"] is True
     assert rows[9]["settings"]["optimizer_in_backward"] is True
     assert (rows[7]["status"], rows[7]["reason"]) == ("skipped", "LoRA not in dbnb yet")
+    printed = [line for line in dry_run[2].splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(printed) >= 6 and any(line.startswith("| 7 | LoRA") for line in printed)
     assert rows[8]["status"] == "skipped" and "CUDA" in rows[8]["reason"]
     # Without 8-bit Adam (CUDA only) profile 3 would repeat profile 1.
     assert rows[3] == {"id": 3, "name": rows[3]["name"], "status": "skipped",
