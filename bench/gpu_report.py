@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dbnb.memory import BASIS, NO_GPU, PUBLISHED, TIERS  # noqa: E402
+from dbnb.memory import BASIS, NO_8BIT_FIGURE, NO_GPU, PUBLISHED, TIERS, settings_text  # noqa: E402
 
 T4_CARD = "T4 15 GB"
 EXTRA_NAMES = {"classimages": "class images", "preview": "preview during training", "export": "export fp16",
@@ -43,7 +43,10 @@ torch 2.11): download their wheels where pip works, with `--no-deps` (diffusers 
 py3-none-any, bitsandbytes 0.50.2 manylinux_2_24, xformers only if its wheel matches that torch),
 take them along, then
 `python3 -m pip install --no-index --no-deps --target /tmp/site *.whl && PYTHONPATH=/tmp/site python3 bench/gpu_suite.py`.
-Commit the results file and this page.
+Commit the results file and this page. Runs with `--only` on the same GPU and day add to its
+table, so a short device lease can take the suite in two calls, e.g. `--only 1,2,3,4,5,export,load`
+then `--only 6,7,8,9,classimages,preview,hf` (each call on a fresh machine builds the model again,
+about a minute).
 """
 
 
@@ -154,11 +157,14 @@ def published_section() -> list[str]:
 def auto_section() -> list[str]:
     lines = ["## What memory_profile=auto chooses", "", f"From dbnb/memory.py; based on {BASIS}.", "",
              "| GPU VRAM (as torch reports it) | cards | settings | expected VRAM (published) |", "|---|---|---|---|"]
+    above = None
     for tier in TIERS:
-        settings = ", ".join(f"{k}={v}" for k, v in tier.settings.items())
-        lines.append(f"| ≥ {tier.min_vram_gib:g} GiB | {tier.cards} | {settings} | {tier.expected.vram_gb:g} GB "
-                     f"({tier.expected.settings}) |")
-    lines.append(f"| no CUDA GPU | CPU | {', '.join(f'{k}={v}' for k, v in NO_GPU.items())} | - |")
+        vram = f"≥ {tier.min_vram_gib:g} GiB" if tier.min_vram_gib else f"< {above:g} GiB"
+        expected = (f"{tier.expected.vram_gb:g} GB ({tier.expected.settings})" if tier.expected else
+                    f"none published (more than {NO_8BIT_FIGURE.vram_gb:g} GB, the figure with checkpointing on)")
+        lines.append(f"| {vram} | {tier.cards} | {settings_text(tier.settings)} | {expected} |")
+        above = tier.min_vram_gib
+    lines.append(f"| no CUDA GPU | CPU | {settings_text(NO_GPU)} | - |")
     return lines + ["", "bf16 only where the GPU has it (else fp16)."] + [""]
 
 

@@ -275,8 +275,35 @@ def build_inputs(plan: Plan, task: dict) -> dict:
     return {"seconds": time.perf_counter() - t}
 
 
-TASKS = {"build": build_inputs, "train": train_profile, "preview": preview, "classimages": class_images,
-         "export": export_fp16, "load": load_single_file, "hf": hf_script}
+def machine_info(plan: Plan, task: dict) -> dict:
+    """In a child too: the CUDA checks would otherwise leave a CUDA context in the parent, counted
+    in every child's free-VRAM figure."""
+    import platform
+
+    import torch
+
+    from dbnb.env import check_bitsandbytes, check_xformers, cuda_summary
+
+    def version(module: str) -> str:
+        try:
+            return importlib.import_module(module).__version__
+        except Exception:  # noqa: BLE001 — absent or broken: the doc says so
+            return "-"
+
+    gpu = cuda_summary()
+    info = {"date": time.strftime("%Y-%m-%d"), "dry_run": plan.dry_run, "cuda": gpu is not None,
+            "gpu": gpu["name"] if gpu else f"CPU ({os.cpu_count()} cores)",
+            "vram_gib": gpu["total_vram_gib"] if gpu else None, "bf16": bool(gpu and gpu["bf16"]),
+            "python": platform.python_version(), "torch": torch.__version__, "cuda_version": torch.version.cuda or "-",
+            **{m: version(m) for m in ("diffusers", "transformers", "accelerate", "bitsandbytes", "xformers")}}
+    xformers = check_xformers()
+    info.update(xformers_check=xformers.detail, xformers_ok=xformers.ok,
+                bitsandbytes_check=check_bitsandbytes().detail)
+    return info
+
+
+TASKS = {"machine": machine_info, "build": build_inputs, "train": train_profile, "preview": preview,
+         "classimages": class_images, "export": export_fp16, "load": load_single_file, "hf": hf_script}
 
 
 def child(kind: str, plan: Plan, task: dict, out_path: str) -> None:
@@ -296,31 +323,6 @@ def child(kind: str, plan: Plan, task: dict, out_path: str) -> None:
 
 
 # --- the parent: one child per profile / extra, then the results file and the doc ------------------
-
-def machine_info(dry_run: bool) -> dict:
-    import platform
-
-    import torch
-
-    from dbnb.env import check_bitsandbytes, check_xformers, cuda_summary
-
-    def version(module: str) -> str:
-        try:
-            return importlib.import_module(module).__version__
-        except Exception:  # noqa: BLE001 — absent or broken: the doc says so
-            return "-"
-
-    gpu = cuda_summary()
-    info = {"date": time.strftime("%Y-%m-%d"), "dry_run": dry_run, "cuda": gpu is not None,
-            "gpu": gpu["name"] if gpu else f"CPU ({os.cpu_count()} cores)",
-            "vram_gib": gpu["total_vram_gib"] if gpu else None, "bf16": bool(gpu and gpu["bf16"]),
-            "python": platform.python_version(), "torch": torch.__version__, "cuda_version": torch.version.cuda or "-",
-            **{m: version(m) for m in ("diffusers", "transformers", "accelerate", "bitsandbytes", "xformers")}}
-    xformers = check_xformers()
-    info.update(xformers_check=xformers.detail, xformers_ok=xformers.ok,
-                bitsandbytes_check=check_bitsandbytes().detail)
-    return info
-
 
 def skip_reason(profile: Profile, machine: dict) -> str:
     if profile.needs == "lora":
@@ -358,14 +360,18 @@ def fits(row: dict) -> dict:
     return {"need_gib": need, "fits": {card: need <= total for card, total in CARDS.items()}}
 
 
-def run_suite(plan: Plan, machine: dict, selected: set[str], timeout: float, jobs: int = 1) -> dict:
+def process_context(dry_run: bool):
     import multiprocessing as mp
 
     # A GPU child starts from a fresh interpreter; on the CPU the children fork from a server that
     # already imported the libraries (~6 s a process saved on a small box; no CUDA there to share).
-    ctx = mp.get_context("spawn" if machine["cuda"] else "forkserver")
-    if not machine["cuda"]:
+    ctx = mp.get_context("forkserver" if dry_run else "spawn")
+    if dry_run:
         ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def run_suite(ctx, plan: Plan, machine: dict, selected: set[str], timeout: float, jobs: int = 1) -> dict:
     built = run_child(ctx, "build", plan, {}, max(timeout, 600))
     if built["status"] != "ok":
         sys.exit(f"gpu_suite: building the model and pictures failed: {built['reason']}\n{built.get('traceback', '')}")
@@ -433,6 +439,8 @@ def run_extra(ctx, name: str, plan: Plan, machine: dict, futures: dict, timeout:
         result = run_child(ctx, name, plan, task, timeout)
     if name == "preview" and result.get("run_dir"):
         shutil.rmtree(result["run_dir"], ignore_errors=True)
+    if name == "hf":
+        shutil.rmtree(plan.cache / "hf-run", ignore_errors=True)  # its saved pipeline: GBs
     print(f"{name}: {result['status']} {result.get('reason', '')}", flush=True)
     return result
 
@@ -446,6 +454,15 @@ def summary_line(row: dict) -> str:
     if row.get("vram_reserved_gib") is not None:
         text += f", VRAM {row['vram_allocated_gib']:.2f} / {row['vram_reserved_gib']:.2f} GiB allocated / reserved"
     return text
+
+
+def merge(old: dict, new: dict) -> dict:
+    """`new`'s rows and extras over `old`'s, in profile / extra order."""
+    rows = {r["id"]: r for r in old["profiles"]} | {r["id"]: r for r in new["profiles"]}
+    extras = old["extras"] | new["extras"]
+    return {**new, "profiles": [rows[k] for k in sorted(rows)],
+            "extras": {k: extras[k] for k in EXTRAS if k in extras},
+            "seconds": old.get("seconds", 0) + new.get("seconds", 0)}
 
 
 def slug(machine: dict) -> str:
@@ -486,17 +503,15 @@ def main(argv=None) -> int:
                  "network: carry them as wheels, see docs/performance.md), or use --dry-run on a CPU.")
     if args.hf_script and not Path(args.hf_script).is_file():
         sys.exit(f"gpu_suite: --hf-script {args.hf_script}: no such file.")
-    from gpu_report import write_doc
+    from gpu_report import profile_table, write_doc
 
     cache = Path(args.cache) / ("dry" if args.dry_run else "gpu")
     out = Path(args.out) if args.out else (cache / "docs" if args.dry_run else ROOT / "docs")
     if args.write_doc:
         print(f"wrote {write_doc(out)}")
         return 0
-    import torch
-
-    if not args.dry_run and not torch.cuda.is_available():
-        sys.exit("gpu_suite: no CUDA GPU here. --dry-run runs the same code paths on the tiny model on the CPU.")
+    if args.jobs and args.jobs > 1 and not args.dry_run:
+        sys.exit("gpu_suite: --jobs is for --dry-run: on a GPU two profiles at once would mix their memory figures.")
     cache.mkdir(parents=True, exist_ok=True)
     dry = args.dry_run
     steps = args.steps or (3 if dry else 30)
@@ -507,18 +522,24 @@ def main(argv=None) -> int:
                 hf_script=str(Path(args.hf_script).resolve()) if args.hf_script else "")
     if plan.warmup >= plan.steps - 1:
         sys.exit(f"gpu_suite: --warmup {plan.warmup} leaves fewer than 2 timed steps of {plan.steps}.")
-    machine = machine_info(dry)
+    ctx = process_context(dry)
+    machine = run_child(ctx, "machine", plan, {}, args.timeout)
+    if machine["status"] != "ok":
+        sys.exit(f"gpu_suite: reading the machine failed: {machine['reason']}\n{machine.get('traceback', '')}")
+    if not dry and not machine["cuda"]:
+        sys.exit("gpu_suite: no CUDA GPU here. --dry-run runs the same code paths on the tiny model on the CPU.")
     print(f"{machine['gpu']}, torch {machine['torch']} (CUDA {machine['cuda_version']}), diffusers "
           f"{machine['diffusers']}, bitsandbytes {machine['bitsandbytes']}, xformers {machine['xformers']}", flush=True)
     started = time.perf_counter()
-    if args.jobs and args.jobs > 1 and not dry:
-        sys.exit("gpu_suite: --jobs is for --dry-run: on a GPU two profiles at once would mix their memory figures.")
-    results = run_suite(plan, machine, selected, args.timeout, args.jobs or (2 if dry else 1))
+    results = run_suite(ctx, plan, machine, selected, args.timeout, args.jobs or (2 if dry else 1))
     results["seconds"] = time.perf_counter() - started
     folder = out / "gpu-results"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{slug(machine)}.json"
+    if path.exists():  # an --only run the same day on the same GPU adds to (or redoes part of) the table
+        results = merge(json.loads(path.read_text()), results)
     path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    print("\n" + "\n".join(profile_table(results)) + "\n")
     print(f"results: {path}\ndoc: {write_doc(out)} ({results['seconds']:.0f} s in all)")
     return 0
 

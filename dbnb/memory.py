@@ -47,14 +47,15 @@ class Tier:
     min_vram_gib: float  # what torch reports as the card's total (a "40 GB" A100 shows 39.4)
     cards: str
     settings: dict
-    expected: Published  # the figure these settings are expected to need
+    expected: Published | None  # the published figure closest to these settings, None where none is
 
 
 # Highest first. Each step up spends the VRAM that the published figures say it costs on
-# speed: no checkpointing (+1.3 GB, +23 % it/s), then no 8-bit Adam (+5.9 GB) and bf16.
+# speed: no checkpointing (+1.3 GB, +23 % it/s), then no 8-bit Adam (+5.9 GB with checkpointing on;
+# nobody publishes both off) and bf16.
 TIERS = (
     Tier(36.0, "40 GB or more (A100, H100)",
-         {"mixed_precision": "bf16", "use_8bit_adam": False, "gradient_checkpointing": False}, NO_8BIT_FIGURE),
+         {"mixed_precision": "bf16", "use_8bit_adam": False, "gradient_checkpointing": False}, None),
     Tier(20.0, "24 GB (A10G, L4, RTX 3090 / 4090)",
          {"mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": False},
          NO_CHECKPOINTING_FIGURE),
@@ -75,7 +76,7 @@ def choose(gpu: dict | None) -> Choice:
     """The memory settings for `gpu` (as `dbnb.env.cuda_summary()` returns it: name,
     total_vram_gib, bf16), or for no CUDA GPU when None."""
     if gpu is None:
-        return Choice(dict(NO_GPU), "no CUDA GPU: " + _settings_text(NO_GPU))
+        return Choice(dict(NO_GPU), "no CUDA GPU: " + settings_text(NO_GPU))
     vram = float(gpu["total_vram_gib"])
     tier = next(t for t in TIERS if vram >= t.min_vram_gib)
     settings = dict(tier.settings)
@@ -83,10 +84,10 @@ def choose(gpu: dict | None) -> Choice:
     if settings["mixed_precision"] == "bf16" and not gpu.get("bf16", False):
         settings["mixed_precision"] = "fp16"
         notes.append("this GPU has no bf16, so fp16")
-    if tier.expected.vram_gb and tier.expected.vram_gb > vram:
+    if tier.expected and tier.expected.vram_gb and tier.expected.vram_gb > vram:
         notes.append(f"the published figure for these settings is {tier.expected.vram_gb:g} GB, more than this "
                      "GPU has: it may run out of memory (lower resolution, or a GPU with more VRAM)")
-    text = (f"{gpu.get('name', 'GPU')} with {vram:.1f} GiB → the tier for {tier.cards}: {_settings_text(settings)}"
+    text = (f"{gpu.get('name', 'GPU')} with {vram:.1f} GiB → the tier for {tier.cards}: {settings_text(settings)}"
             + "".join(f"; {n}" for n in notes) + f". Based on {BASIS}.")
     return Choice(settings, text)
 
@@ -108,5 +109,6 @@ def apply_memory_profile(config: Config, gpu: dict | None | str = "detect") -> C
     return config.replace(**choice.settings)
 
 
-def _settings_text(settings: dict) -> str:
+def settings_text(settings: dict) -> str:
+    """`key=value, ...` as the command line writes them."""
     return ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())

@@ -314,6 +314,8 @@ def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Pat
     sampler.set_progress_bar_config(disable=True)
     was_training = unet.training
     unet.eval()
+    vae_device = pipe.vae.device  # the latent cache moved it off the GPU; decoding needs it beside the UNet
+    pipe.vae.to(unet.device)
     try:
         with torch.autocast(unet.device.type, enabled=config.mixed_precision != "no",
                             dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16):
@@ -322,6 +324,7 @@ def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Pat
                              config.sample_guidance_scale, config.sample_steps, config.resolution)
     finally:
         unet.train(was_training)
+        pipe.vae.to(vae_device)
     return save_previews(results, run.samples_dir(step), cols=config.num_samples)
 
 

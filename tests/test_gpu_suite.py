@@ -50,6 +50,8 @@ def test_dry_run_trains_every_profile_it_can_and_says_why_not_the_others(dry_run
     assert rows[6]["settings"]["with_prior_preservation"] is True
     assert rows[9]["settings"]["optimizer_in_backward"] is True
     assert (rows[7]["status"], rows[7]["reason"]) == ("skipped", "LoRA not in dbnb yet")
+    printed = [line for line in dry_run[2].splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert len(printed) >= 6 and any(line.startswith("| 7 | LoRA") for line in printed)
     assert rows[8]["status"] == "skipped" and "CUDA" in rows[8]["reason"]
     # Without 8-bit Adam (CUDA only) profile 3 would repeat profile 1.
     assert rows[3] == {"id": 3, "name": rows[3]["name"], "status": "skipped",
@@ -114,6 +116,21 @@ def test_a_gpu_run_names_the_missing_packages_first():
     done = run_suite(timeout=60)
     assert done.returncode != 0
     assert "missing packages: bitsandbytes" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_only_run_adds_to_the_days_table(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from gpu_suite import merge
+    finally:
+        sys.path.pop(0)
+    first = {"profiles": [{"id": 1, "status": "ok"}, {"id": 2, "status": "failed"}], "extras": {"load": {}},
+             "seconds": 10}
+    second = {"profiles": [{"id": 2, "status": "ok"}, {"id": 6, "status": "ok"}], "extras": {"classimages": {}},
+              "seconds": 5, "machine": {}}
+    merged = merge(first, second)
+    assert [(r["id"], r["status"]) for r in merged["profiles"]] == [(1, "ok"), (2, "ok"), (6, "ok")]
+    assert list(merged["extras"]) == ["classimages", "load"] and merged["seconds"] == 15
 
 
 def test_only_rejects_unknown_names():
