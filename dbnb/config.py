@@ -99,6 +99,27 @@ class Config:
                                   "With [filewords]: the character's token, inserted into captions that lack it.")
     class_token: str = setting("", "Prompts", "Class Token",
                                "With [filewords]: the class word that the instance token is put in front of.")
+    # kohya sd-scripts' caption options, with its names and meaning (`process_caption`).
+    shuffle_caption: bool = setting(
+        False, "Prompts", "Shuffle Caption",
+        "Each step, shuffle the comma-separated tags of the prompt (after [filewords] is filled in), so no "
+        "tag order is learnt. The first keep_tokens tags stay in place. Class prompts are treated the same.",
+        help_ja="ステップごとにプロンプトのタグ（カンマ区切り、[filewords] 展開後）の順番を入れ替えます。"
+                "先頭の keep_tokens 個は固定。クラス画像のプロンプトも同様です。")
+    keep_tokens: int = setting(
+        0, "Prompts", "Keep N Tokens",
+        "With shuffle_caption / caption_tag_dropout_rate: the first N comma-separated tags stay first and "
+        "are never dropped. 1 keeps 'nanU Unan' (the trigger) in front.",
+        help_ja="先頭の N 個のタグ（カンマ区切り）は並べ替えもドロップもしません。1 ならトリガーワード"
+                "（例: nanU Unan）が常に先頭に残ります。")
+    caption_dropout_rate: float = setting(
+        0.0, "Prompts", "Rate of Caption Dropout",
+        "Share of steps (0-1) in which a picture's whole prompt is replaced by the empty prompt.",
+        help_ja="プロンプト全体を空にする割合（0〜1）。")
+    caption_tag_dropout_rate: float = setting(
+        0.0, "Prompts", "Rate of Tag Dropout",
+        "Each step, each tag after the first keep_tokens is left out with this probability (0-1).",
+        help_ja="ステップごとに、keep_tokens より後の各タグをこの確率（0〜1）で省きます。")
 
     # --- Class Images --------------------------------------------------------------------
     with_prior_preservation: bool = setting(
@@ -345,6 +366,11 @@ def _value_problems(c: Config) -> list[str]:
             p.append(f"{name}: {getattr(c, name)} must not be negative.")
     if c.keep_last_n < 1:
         p.append(f"keep_last_n: {c.keep_last_n} must be at least 1 (the last state is what resume needs).")
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0.0 <= getattr(c, name) <= 1.0:
+            p.append(f"{name}: {getattr(c, name)} is a probability; use 0 to 1 (kohya's default is 0).")
+    if c.keep_tokens < 0:
+        p.append(f"keep_tokens: {c.keep_tokens} must not be negative (0: no tag is kept in place).")
     if not 0.0 <= c.stop_text_encoder <= 1.0:
         p.append(f"stop_text_encoder: {c.stop_text_encoder} is a fraction of the run; use 0 to 1.")
     if not 0.0 < c.ema_decay < 1.0:

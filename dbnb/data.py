@@ -127,6 +127,49 @@ def examples_for(concepts: list[Concept], with_class: bool) -> tuple[list[Exampl
     return instance, klass
 
 
+# --- captions in training (kohya's shuffle_caption / keep_tokens / dropouts) -------------------
+
+@dataclass(frozen=True)
+class CaptionRules:
+    """How each step varies a prompt, with kohya sd-scripts' meaning (`process_caption`):
+    the whole caption is dropped (made empty) with `dropout_rate`; otherwise it is split at
+    commas, the first `keep_tokens` tags stay in place, the rest are shuffled
+    (`shuffle`) and then each of them is dropped with `tag_dropout_rate`. Kept tags are never
+    dropped. Without shuffle and tag dropout the caption is left as written."""
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout_rate: float = 0.0
+    tag_dropout_rate: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> "CaptionRules":
+        return cls(config.shuffle_caption, config.keep_tokens, config.caption_dropout_rate,
+                   config.caption_tag_dropout_rate)
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout_rate > 0 or self.tag_dropout_rate > 0
+
+
+def vary_caption(prompt: str, rules: CaptionRules, generator: torch.Generator) -> str:
+    """One step's version of `prompt`. Every draw comes from `generator` (the trainer makes it
+    from (seed, step)), a fixed number of draws per caption, so a resumed run varies exactly
+    as the uninterrupted one did."""
+    drop = float(torch.rand(1, generator=generator)) < rules.dropout_rate
+    tags = [t.strip() for t in prompt.split(",")]
+    fixed, flex = tags[:rules.keep_tokens], tags[rules.keep_tokens:]
+    order = torch.randperm(len(flex), generator=generator).tolist()
+    keep = (torch.rand(len(flex), generator=generator) >= rules.tag_dropout_rate).tolist()
+    if drop:
+        return ""
+    if not (rules.shuffle or rules.tag_dropout_rate > 0):
+        return prompt
+    if rules.shuffle:
+        flex = [flex[i] for i in order]
+    flex = [t for t, k in zip(flex, keep) if k]
+    return ", ".join(t for t in fixed + flex if t)
+
+
 def tokenize(tokenizer, examples: list[Example]) -> torch.Tensor:
     """Token ids [N, 77]; prompts past CLIP's 75 tokens are cut, with a warning naming the file."""
     ids = []
@@ -173,9 +216,10 @@ class ImageSet:
     """Examples of one kind (instance or class) as ready tensors, unflipped and flipped."""
 
     def __init__(self, examples: list[Example], tokenizer, resolution: int, center_crop: bool,
-                 background: str, hflip: bool):
+                 background: str, hflip: bool, captions: CaptionRules = CaptionRules()):
         self.examples = examples
-        self.input_ids = tokenize(tokenizer, examples)
+        self.tokenizer, self.captions = tokenizer, captions
+        self.input_ids = tokenize(tokenizer, examples)  # warns once about prompts past 75 tokens
         self.images = torch.stack([pixels(to_square(load_rgb(e.path, background), resolution, center_crop))
                                    for e in examples])
         self.hflip = hflip
@@ -188,6 +232,16 @@ class ImageSet:
         if not self.hflip:
             return torch.zeros(n, dtype=torch.bool)
         return torch.rand(n, generator=generator) < 0.5
+
+    def token_ids(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        """Token ids of the picks' prompts, varied by the caption rules when they are on (cut at
+        CLIP's 75 tokens from the end; the warning was given once, for the full prompt)."""
+        if not self.captions.active:
+            return self.input_ids[indices]
+        prompts = [vary_caption(self.examples[i].prompt, self.captions, generator) for i in indices]
+        limit = self.tokenizer.model_max_length
+        return torch.tensor(self.tokenizer(prompts, truncation=True, padding="max_length",
+                                           max_length=limit).input_ids, dtype=torch.long)
 
     def batch(self, indices: list[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.images[indices]

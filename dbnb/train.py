@@ -57,6 +57,12 @@ def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 64 + rank)
 
 
+def caption_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """Caption shuffling / dropout draw from their own stream, so turning them on leaves the
+    flips, noise and timesteps of every step as they were."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 62))
+
+
 # --- machine and settings --------------------------------------------------------------------
 
 def check_machine(config: Config, device: torch.device) -> None:
@@ -159,7 +165,7 @@ def read_images(config: Config, tokenizer) -> Batches:
     if config.with_prior_preservation:
         klass = data.select_class_images(klass, config.num_class_images)
     make = lambda ex: data.ImageSet(ex, tokenizer, config.resolution, config.center_crop,  # noqa: E731
-                                    config.background_color, config.hflip)
+                                    config.background_color, config.hflip, data.CaptionRules.from_config(config))
     return Batches(make(instance), make(klass) if klass else None, None)
 
 
@@ -198,6 +204,7 @@ def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tenso
 def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae, device, dtype):
     """Latents, token ids and the class/instance split for one process's micro-batch."""
     g = step_generator(config.seed, micro_step, rank)
+    captions = caption_generator(config.seed, micro_step, rank)
     pos = data.batch_positions(micro_step, config.train_batch_size, rank, world, batches.epoch_len, config.seed)
     parts = [("instance", batches.instance, [p % len(batches.instance) for p in pos])]
     if batches.klass is not None:
@@ -208,7 +215,7 @@ def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, wor
         mean, std = latent_batch(batches, kind, idx, flips, vae, device, dtype)
         means.append(mean)
         stds.append(std)
-        ids.append(images.input_ids[idx])
+        ids.append(images.token_ids(idx, captions))
     mean, std = torch.cat(means), torch.cat(stds)
     latents = mean + std * torch.randn(mean.shape, generator=g)
     return latents, torch.cat(ids), g

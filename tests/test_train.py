@@ -224,3 +224,22 @@ def test_optimizer_in_backward_trains_like_the_normal_path(make_config):
     assert log["grad_norm"] > 0  # measured in the hooks
     with pytest.raises(ConfigError, match="max_grad_norm"):
         train(make_config(optimizer_in_backward=True, run_name="clip"), progress=False)
+
+
+def test_shuffled_captions_resume_exactly(make_config, tmp_path):
+    instance = tmp_path / "data" / "instance"
+    tags = ["1girl", "pink hair", "smile", "school uniform", "classroom", "blue eyes"]
+    for i, image in enumerate(sorted(instance.glob("*.png"))):
+        image.with_suffix(".txt").write_text(", ".join(["hnzk girl"] + tags[i:] + tags[:i]))
+    config = make_config(instance_prompt="[filewords]", max_train_steps=4, save_every_steps=2, train_batch_size=2,
+                         shuffle_caption=True, keep_tokens=1, caption_tag_dropout_rate=0.3,
+                         caption_dropout_rate=0.2, learning_rate=5e-4)
+    straight = train(config.replace(run_name="straight"), progress=False)
+    train(config.replace(run_name="resumed", max_train_steps=2), progress=False)
+    resumed = train(config.replace(run_name="resumed"), resume="latest", progress=False)
+    plain = train(config.replace(run_name="plain", shuffle_caption=False, caption_tag_dropout_rate=0.0,
+                                 caption_dropout_rate=0.0), progress=False)
+    a, b, c = (unet_weights(r.run_dir, 4) for r in (straight, resumed, plain))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # the captions did vary
