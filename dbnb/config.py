@@ -88,6 +88,39 @@ class Config:
     caption_template: str = setting("[instance_token] [class_token]", "Dataset", "Caption Template",
                                     "Text written to each image's .txt for [filewords]; [instance_token] and "
                                     "[class_token] are filled in, add tags after them.")
+    caption_mode: str = setting(
+        "template", "Dataset", "Caption Mode",
+        "template: caption_template for every picture. tags: booru tags from a WD14 tagger (tagger_model), "
+        "as 'instance_token, class_token, tags…' (kohya's and the webui's tag style; caption_template is "
+        "not used).",
+        choices=("template", "tags"),
+        help_ja="template: すべての画像に caption_template を書きます。tags: WD14 タガー（tagger_model）の"
+                "booru タグで「instance_token, class_token, タグ…」と書きます（caption_template は使いません）。")
+    tagger_model: str = setting(
+        "SmilingWolf/wd-swinv2-tagger-v3", "Dataset", "WD14 Tagger Model",
+        "WD14-family tagger for caption_mode=tags: a Hub repo id or a local folder holding model.onnx + "
+        "selected_tags.csv. Runs with onnxruntime (on the GPU with onnxruntime-gpu).",
+        help_ja="caption_mode=tags で使う WD14 系タガー。Hub のリポジトリ ID か、model.onnx と "
+                "selected_tags.csv を置いたローカルフォルダ。onnxruntime で動きます。")
+    tag_threshold: float = setting(
+        0.35, "Dataset", "General Tag Threshold",
+        "A general tag is written when the tagger's probability is above this (kohya's --general_threshold).",
+        help_ja="一般タグを書くしきい値（タガーの確率がこれを超えたら採用。kohya の --general_threshold）。")
+    character_tag_threshold: float = setting(
+        0.85, "Dataset", "Character Tag Threshold",
+        "A character-name tag is written when its probability is above this (kohya's --character_threshold).",
+        help_ja="キャラクター名タグを書くしきい値（kohya の --character_threshold）。")
+    prune_core_tags: bool = setting(
+        True, "Dataset", "Prune Core Tags",
+        "Leave out of the captions the body-trait tags (hair, eyes, ears, …) and character-name tags found in "
+        "at least core_tag_share of the pictures, so the trigger word learns them (the usual practice for "
+        "character models). The prep report lists what was left out.",
+        help_ja="画像の core_tag_share 以上に付いた髪・目などの身体的特徴タグとキャラ名タグをキャプションから"
+                "外し、トリガーワードに覚えさせます（キャラ学習の定番）。外したタグはレポートに出ます。")
+    core_tag_share: float = setting(
+        0.8, "Dataset", "Core Tag Share",
+        "With prune_core_tags: the share of pictures (0-1) a body-trait tag must appear in to be left out.",
+        help_ja="prune_core_tags で外す基準：そのタグが付いている画像の割合（0〜1）。")
 
     # --- Prompts -------------------------------------------------------------------------
     instance_prompt: str = setting("", "Prompts", "Instance Prompt",
@@ -324,7 +357,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 PRESETS = {
     "person": {},
     "object_style": {"learning_rate": 2e-6, "hflip": True, "with_prior_preservation": False,
-                     "remove_background": False},
+                     "remove_background": False, "prune_core_tags": False},
 }
 
 
@@ -366,6 +399,9 @@ def _value_problems(c: Config) -> list[str]:
             p.append(f"{name}: {getattr(c, name)} must not be negative.")
     if c.keep_last_n < 1:
         p.append(f"keep_last_n: {c.keep_last_n} must be at least 1 (the last state is what resume needs).")
+    for name in ("tag_threshold", "character_tag_threshold", "core_tag_share"):
+        if not 0.0 < getattr(c, name) <= 1.0:
+            p.append(f"{name}: {getattr(c, name)} must be above 0 and at most 1.")
     for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not 0.0 <= getattr(c, name) <= 1.0:
             p.append(f"{name}: {getattr(c, name)} is a probability; use 0 to 1 (kohya's default is 0).")

@@ -36,6 +36,8 @@ class FileResult:
     sha256: str = ""
     dhash: str = ""
     key: str = ""                                # settings fingerprint the outputs were made with
+    tags: dict[str, dict[str, float]] = field(default_factory=dict)  # output -> tagger tag -> probability
+    tagger: str = ""                             # tagger and thresholds the tags were made with
 
     @property
     def usable(self) -> bool:
@@ -48,6 +50,8 @@ class PrepReport:
     files: list[FileResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    tags: dict | None = None                     # caption_mode=tags: TagTable.to_dict()
+    tag_frequency: dict[str, int] = field(default_factory=dict)  # caption tag -> pictures (ss_tag_frequency)
 
     @property
     def images(self) -> list[Path]:
@@ -63,7 +67,7 @@ class PrepReport:
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "counts": self.counts, "warnings": self.warnings,
-                "files": [asdict(f) for f in self.files]}
+                "tags": self.tags, "tag_frequency": self.tag_frequency, "files": [asdict(f) for f in self.files]}
 
     def summary(self) -> str:
         by = Counter(f.status for f in self.files)
@@ -72,6 +76,10 @@ class PrepReport:
                  "framings: " + ", ".join(f"{k} {v}" for k, v in self.counts.items())]
         lines += [f"  ! {f.source}: {f.status}: {'; '.join(f.warnings)}" for f in self.files
                   if f.status in ("failed", "duplicate")]
+        if self.tags:
+            pruned = self.tags["pruned"]
+            lines.append(f"tags: {len(self.tags['detected'])} distinct over {self.tags['pictures']} pictures"
+                         + (f"; core tags left for the trigger word to learn: {', '.join(pruned)}" if pruned else ""))
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -86,7 +94,20 @@ class PrepReport:
         counts = ", ".join(f"{k}: {v}" for k, v in self.counts.items())
         return "\n".join([f"# dbnb prep report: {self.out_dir.name}", "", f"Framings: {counts}", "",
                           f"Contact sheet: {CONTACT_SHEET}", "",
-                          "## Warnings", *advice, "", "## Files", *rows, ""])
+                          "## Warnings", *advice, "", *self._tag_table(), "## Files", *rows, ""])
+
+    def _tag_table(self) -> list[str]:
+        """Every detected tag, how many pictures have it and whether the captions keep it."""
+        if not self.tags:
+            return []
+        n, pruned = self.tags["pictures"] or 1, set(self.tags["pruned"])
+        rows = ["## Tags", "", f"{len(self.tags['detected'])} tags over {self.tags['pictures']} training pictures. "
+                "Core tags (body traits shared by most pictures) are left out of the captions so the trigger word "
+                "learns them.", "", "| tag | pictures | share | in captions |", "|---|---|---|---|"]
+        for tag, count in self.tags["detected"].items():
+            kept = "no (core tag)" if tag in pruned else "yes"
+            rows.append(f"| {tag.replace('|', chr(92) + '|')} | {count} | {count / n:.0%} | {kept} |")
+        return rows + [""]
 
     def write(self) -> None:
         (self.out_dir / REPORT_JSON).write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n",
