@@ -85,6 +85,13 @@ class Config:
     extra_framings: bool = setting(False, "Dataset", "Add Bust-up / Cowboy-shot Crops",
                                    "Also derive bust-up and cowboy-shot crops from full-body pictures (the seed's "
                                    "花月 workflow). Face-only close-ups are never made: the seed found they hurt.")
+    keep_alpha: bool = setting(
+        False, "Dataset", "Keep Transparency",
+        "Write the cut-out (from remove_background or the picture's own transparency) as an RGBA PNG instead "
+        "of putting it on background_color, padding transparent too. With alpha_mask_loss the trainer then "
+        "learns only the character, not the background.",
+        help_ja="切り抜き（背景除去または元画像の透過）を background_color に合成せず、透過 PNG のまま書きます"
+                "（余白も透明）。alpha_mask_loss と併用すると背景を学習せずキャラだけを学習します。")
     caption_template: str = setting("[instance_token] [class_token]", "Dataset", "Caption Template",
                                     "Text written to each image's .txt for [filewords]; [instance_token] and "
                                     "[class_token] are filled in, add tags after them.")
@@ -232,6 +239,15 @@ class Config:
     hflip: bool = setting(False, "Image Processing", "Apply Horizontal Flip",
                           "Randomly mirror images. Off by default: the seed found it mixes the left and right "
                           "colours of asymmetric designs.")
+    alpha_mask_loss: bool = setting(
+        False, "Image Processing", "Alpha Mask",
+        "Weight the loss of each pixel by the picture's alpha, scaled to latent size (kohya's --alpha_mask): "
+        "transparent parts are not learnt. The picture itself is still put on background_color for the VAE; "
+        "pictures without alpha count everywhere. Fully transparent class images are refused (they would add "
+        "no loss at all).",
+        help_ja="各ピクセルの損失を画像のアルファ値（潜在サイズに縮小）で重み付けします（kohya の --alpha_mask）。"
+                "透明部分は学習されません。VAE には background_color に合成した画像を渡します。完全に透明な"
+                "クラス画像は損失が 0 になるため使えません。")
     background_color: str = setting("white", "Image Processing", "Background Colour",
                                     "Colour that transparent pixels are put on (name or #rrggbb). "
                                     "Transparent class images become this colour.")

@@ -21,6 +21,7 @@ from dbnb.errors import DbnbError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILEWORDS = "[filewords]"
+LATENT_SCALE = 8  # SD 1.x's VAE: 8 pixels per latent
 
 
 class DatasetError(DbnbError, ValueError):
@@ -198,6 +199,24 @@ def load_rgb(path: Path, background: str = "white") -> Image.Image:
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
+def load_alpha(path: Path) -> Image.Image | None:
+    """The picture's alpha ("L"), or None when it has no transparency."""
+    image = ImageOps.exif_transpose(Image.open(path))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def latent_mask(alpha: Image.Image | None, resolution: int, center_crop: bool) -> torch.Tensor:
+    """[1, resolution/8, resolution/8] in 0..1: the alpha squared like the picture, then
+    area-averaged to the latent grid (kohya's --alpha_mask); ones without alpha."""
+    side = resolution // LATENT_SCALE
+    if alpha is None:
+        return torch.ones(1, side, side)
+    full = torch.from_numpy(np.asarray(to_square(alpha, resolution, center_crop), dtype=np.float32) / 255.0)
+    return torch.nn.functional.interpolate(full[None, None], size=(side, side), mode="area")[0]
+
+
 def to_square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
     """Resize the short side to `resolution`, then take the center square (center_crop) or
     squeeze the whole image (the extension's behaviour without Center Crop on non-square input)."""
@@ -216,13 +235,17 @@ class ImageSet:
     """Examples of one kind (instance or class) as ready tensors, unflipped and flipped."""
 
     def __init__(self, examples: list[Example], tokenizer, resolution: int, center_crop: bool,
-                 background: str, hflip: bool, captions: CaptionRules = CaptionRules()):
+                 background: str, hflip: bool, captions: CaptionRules = CaptionRules(), alpha_mask: bool = False):
         self.examples = examples
         self.tokenizer, self.captions = tokenizer, captions
         self.input_ids = tokenize(tokenizer, examples)  # warns once about prompts past 75 tokens
         self.images = torch.stack([pixels(to_square(load_rgb(e.path, background), resolution, center_crop))
                                    for e in examples])
         self.hflip = hflip
+        # alpha_mask_loss: the loss weights at latent size, made once (they need no VAE, so they
+        # serve cached and uncached latents alike); flipped with the picture in `mask_batch`.
+        self.masks = torch.stack([latent_mask(load_alpha(e.path), resolution, center_crop)
+                                  for e in examples]) if alpha_mask else None
 
     def __len__(self):
         return len(self.examples)
@@ -242,6 +265,18 @@ class ImageSet:
         limit = self.tokenizer.model_max_length
         return torch.tensor(self.tokenizer(prompts, truncation=True, padding="max_length",
                                            max_length=limit).input_ids, dtype=torch.long)
+
+    def mask_batch(self, indices: list[int], flips: torch.Tensor) -> torch.Tensor | None:
+        if self.masks is None:
+            return None
+        masks = self.masks[indices]
+        return torch.where(flips[:, None, None, None], masks.flip(-1), masks)
+
+    def without_loss(self) -> list[Path]:
+        """Pictures whose mask is zero everywhere (fully transparent): they would add no loss."""
+        if self.masks is None:
+            return []
+        return [e.path for e, m in zip(self.examples, self.masks) if not m.any()]
 
     def batch(self, indices: list[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.images[indices]
@@ -267,6 +302,18 @@ def batch_positions(micro_step: int, batch_size: int, rank: int, world: int, epo
         epoch, offset = divmod(pos, epoch_len)
         out.append(epoch_order(epoch_len, seed, epoch)[offset])
     return out
+
+
+def refuse_masked_out_class_images(klass: ImageSet) -> None:
+    """alpha_mask_loss with fully transparent class images (class_images_mode=transparent):
+    their mask is zero everywhere, so prior preservation would silently do nothing."""
+    empty = klass.without_loss()
+    if empty:
+        raise DatasetError(
+            f"alpha_mask_loss is on, but {len(empty)} class image(s) in {empty[0].parent} are fully transparent "
+            f"(e.g. {empty[0].name}): the alpha mask gives them no loss at all, so the class images would do "
+            "nothing. Generate class images (class_images_mode=generate), or turn alpha_mask_loss off (the "
+            "transparent images then train as plain background_color pictures).")
 
 
 def select_class_images(examples: list[Example], wanted: int) -> list[Example]:

@@ -167,3 +167,28 @@ def test_caption_variants_depend_only_on_the_generator(tokenizer, tmp_path):
     assert a.tolist() == [tokenizer(p, padding="max_length", max_length=77).input_ids for p in expected]
     plain = data.ImageSet([Example(tmp_path / "a.png", CAPTION)], tokenizer, 8, False, "white", False)
     assert torch.equal(plain.token_ids([0], torch.Generator()), plain.input_ids[[0]])
+
+
+# --- alpha_mask_loss ---------------------------------------------------------------------------------
+
+def test_alpha_mask_is_the_alpha_at_latent_size_and_flips_with_the_picture(tokenizer, tmp_path):
+    cut = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
+    cut.paste((0, 0, 0, 0), (0, 0, 32, 64))  # left half transparent
+    cut.save(tmp_path / "cut.png")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "opaque.png")
+    images = data.ImageSet([Example(tmp_path / "cut.png", "x"), Example(tmp_path / "opaque.png", "x")], tokenizer,
+                           64, False, "white", True, alpha_mask=True)
+    assert images.masks.shape == (2, 1, 8, 8)
+    cut_mask = images.masks[0, 0]
+    assert torch.equal(cut_mask[:, :4], torch.zeros(8, 4)) and torch.equal(cut_mask[:, 4:], torch.ones(8, 4))
+    assert torch.equal(images.masks[1], torch.ones(1, 8, 8))  # no alpha: counts everywhere
+    masks = images.mask_batch([0, 0], torch.tensor([False, True]))
+    assert torch.equal(masks[1], masks[0].flip(-1))
+    pixels, _ = images.batch([0], torch.tensor([False]))
+    assert pixels[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]  # the VAE still sees the picture on white
+    assert images.without_loss() == []
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    clear = data.ImageSet([Example(tmp_path / "clear.png", "x")], tokenizer, 64, False, "white", False,
+                          alpha_mask=True)
+    assert clear.without_loss() == [tmp_path / "clear.png"]
+    assert data.ImageSet([Example(tmp_path / "cut.png", "x")], tokenizer, 64, False, "white", False).masks is None

@@ -146,6 +146,8 @@ class _Job:
         fields = dict(v=PREP_VERSION, resolution=cfg.resolution, background=cfg.background_color,
                       remove_background=cfg.remove_background, segmenter=seg_id, square_mode=cfg.square_mode,
                       extra_framings=cfg.extra_framings, detector=det_id)
+        if cfg.keep_alpha:  # only when on, so the outputs of earlier runs keep their key
+            fields["keep_alpha"] = True
         self.key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def run(self, name: str, path: Path) -> FileResult:
@@ -184,6 +186,10 @@ class _Job:
         face = main_face(self.detector, rgb) if self.detector else None
         subject = subject_box(mask, rgb.size)
         row.framing = framing_of(face, subject)
+        if cfg.keep_alpha and mask is not None:  # the cut-out's alpha travels with every square and crop
+            rgb = rgb.copy()
+            rgb.putalpha(mask)
+            row.done.append("alpha kept")
         square, done, warns = make_square(rgb, cfg.square_mode, cfg.resolution, cfg.background_color, face)
         row.done += done
         row.warnings += warns

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from dbnb.prep.images import flatten
+
 REPORT_JSON = "prep_report.json"
 REPORT_MD = "report.md"
 # In a subfolder: the trainer takes every picture directly in instance_data_dir.
@@ -173,7 +175,8 @@ def contact_sheet(paths: list[Path], target: Path, thumb: int = THUMB) -> Path |
     for i, p in enumerate(paths):
         x, y = (i % cols) * thumb, (i // cols) * (thumb + label)
         with Image.open(p) as im:
-            sheet.paste(im.convert("RGB").resize((thumb - 4, thumb - 4), Image.Resampling.BILINEAR), (x + 2, y + 2))
+            sheet.paste(flatten(im, "white").resize((thumb - 4, thumb - 4), Image.Resampling.BILINEAR),
+                        (x + 2, y + 2))
         # ASCII: Pillow's built-in font has no Japanese glyphs; the hash suffix identifies the file.
         name = p.stem.encode("ascii", "replace").decode()
         name = name if len(name) <= 24 else name[:11] + "~" + name[-11:]
