@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import types
 import typing
@@ -332,9 +333,23 @@ class Config:
                               "DINO ViT for the DINO fidelity score (Hub id or local folder).")
     score_with: str = setting(
         "clip", "Test Prompts", "Score With",
-        "clip: CLIP-I / DINO / CLIP-T (any model). world: pixel analysis of dbnb's tiny world (the demo "
-        "model): identity, swapped sides, copied poses, hair following the prompt, class drift.",
-        choices=("clip", "world"))
+        "clip: CLIP-I / DINO / CLIP-T (any model). ccip: anime characters — fidelity by deepghs' CCIP "
+        "(share of test images judged the same character as the instance pictures), flexibility by tag "
+        "adherence (the WD14 tagger, tagger_model, finds the prompt's asked-for tags). world: pixel analysis "
+        "of dbnb's tiny world (the demo model): identity, swapped sides, copied poses, hair following the "
+        "prompt, class drift.",
+        choices=("clip", "ccip", "world"),
+        help_ja="clip: CLIP-I / DINO / CLIP-T。ccip: アニメキャラ向け。忠実度は deepghs の CCIP（同じキャラと"
+                "判定された割合）、柔軟性はタグ再現率（WD14 タガーがプロンプトの指定タグを検出した割合）。"
+                "world: dbnb の小さな世界モデル用の画素解析。")
+    ccip_model: str = setting(
+        "deepghs/ccip_onnx", "Test Prompts", "CCIP Model",
+        "For score_with=ccip: the Hub repo deepghs/ccip_onnx (its default model), deepghs/ccip_onnx/<model> "
+        "for another of its models, or a local folder holding model_feat.onnx, model_metrics.onnx and "
+        "metrics.json.",
+        help_ja="score_with=ccip で使う CCIP モデル。Hub の deepghs/ccip_onnx（既定モデル）、"
+                "deepghs/ccip_onnx/<モデル名>、または model_feat.onnx・model_metrics.onnx・metrics.json を"
+                "置いたローカルフォルダ。")
     flexibility_tolerance: float = setting(
         0.01, "Test Prompts", "Flexibility Tolerance",
         "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.")
@@ -371,7 +386,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # The seed's two presets (the extension's "Person" and "Object/Style" buttons). Only what
 # differs from the defaults, which already are the seed's character settings.
 PRESETS = {
-    "person": {},
+    # CCIP scores anime characters far better than CLIP, where onnxruntime can run it.
+    "person": {"score_with": "ccip"} if importlib.util.find_spec("onnxruntime") else {},
     "object_style": {"learning_rate": 2e-6, "hflip": True, "with_prior_preservation": False,
                      "remove_background": False, "prune_core_tags": False},
 }
