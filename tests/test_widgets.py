@@ -31,7 +31,7 @@ def test_labels_are_the_extension_names_with_help_as_tooltip():
     form = ConfigForm(Config(), sections=("Image Processing",))
     flip = form.fields["hflip"]
     assert flip.description == "Apply Horizontal Flip" and "asymmetric" in flip.tooltip
-    assert set(form.fields) == {"resolution", "center_crop", "hflip", "background_color"}
+    assert set(form.fields) == {"resolution", "center_crop", "hflip", "alpha_mask_loss", "background_color"}
 
 
 def test_training_view_draws_the_curve_and_shows_previews(tmp_path):

@@ -79,3 +79,23 @@ def write_all(rows, sidecars: dict[str, str], previous: dict, out: Path, cfg, ta
 
 def _read(txt: Path) -> str:
     return " ".join(txt.read_text(encoding="utf-8").split())
+
+
+def edit_tag_everywhere(folder: Path, tag: str, add: bool, suffixes: tuple[str, ...] = (".png",)) -> int:
+    """Remove `tag` from every caption in `folder`, or add it after the first tag (the trigger)
+    where it is missing; returns how many captions changed. Used by the caption editor."""
+    tag, changed = " ".join(tag.split()).strip(", "), 0
+    if not tag:
+        return 0
+    for image in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes):
+        txt = image.with_suffix(".txt")
+        tags = [t for t in (" ".join(x.split()) for x in (_read(txt) if txt.is_file() else "").split(",")) if t]
+        if add and tag not in tags:
+            tags.insert(min(1, len(tags)), tag)
+        elif not add and tag in tags:
+            tags = [t for t in tags if t != tag]
+        else:
+            continue
+        txt.write_text(", ".join(tags) + "\n", encoding="utf-8")
+        changed += 1
+    return changed
