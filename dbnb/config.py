@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import json
 import types
 import typing
@@ -112,10 +113,50 @@ class Config:
                                    "Also derive bust-up and cowboy-shot crops from full-body pictures (the seed's "
                                    "花月 workflow). Face-only close-ups are never made: the seed found they hurt.",
                                    help_ja="全身画像からバストアップとカウボーイショットの切り抜きも作ります（ガイドの花月での手順）。顔だけのドアップは悪影響があったため作りません。")
+    keep_alpha: bool = setting(
+        False, "Dataset", "Keep Transparency",
+        "Write the cut-out (from remove_background or the picture's own transparency) as an RGBA PNG instead "
+        "of putting it on background_color, padding transparent too. With alpha_mask_loss the trainer then "
+        "learns only the character, not the background.",
+        help_ja="切り抜き（背景除去または元画像の透過）を background_color に合成せず、透過 PNG のまま書きます"
+                "（余白も透明）。alpha_mask_loss と併用すると背景を学習せずキャラだけを学習します。")
     caption_template: str = setting("[instance_token] [class_token]", "Dataset", "Caption Template",
                                     "Text written to each image's .txt for [filewords]; [instance_token] and "
                                     "[class_token] are filled in, add tags after them.",
                                     help_ja="[filewords] 用に各画像の .txt に書く文。[instance_token] と [class_token] は自動で埋まるので、その後ろにタグを追加します。")
+    caption_mode: str = setting(
+        "template", "Dataset", "Caption Mode",
+        "template: caption_template for every picture. tags: booru tags from a WD14 tagger (tagger_model), "
+        "as 'instance_token, class_token, tags…' (kohya's and the webui's tag style; caption_template is "
+        "not used).",
+        choices=("template", "tags"),
+        help_ja="template: すべての画像に caption_template を書きます。tags: WD14 タガー（tagger_model）の"
+                "booru タグで「instance_token, class_token, タグ…」と書きます（caption_template は使いません）。")
+    tagger_model: str = setting(
+        "SmilingWolf/wd-swinv2-tagger-v3", "Dataset", "WD14 Tagger Model",
+        "WD14-family tagger for caption_mode=tags: a Hub repo id or a local folder holding model.onnx + "
+        "selected_tags.csv. Runs with onnxruntime (on the GPU with onnxruntime-gpu).",
+        help_ja="caption_mode=tags で使う WD14 系タガー。Hub のリポジトリ ID か、model.onnx と "
+                "selected_tags.csv を置いたローカルフォルダ。onnxruntime で動きます。")
+    tag_threshold: float = setting(
+        0.35, "Dataset", "General Tag Threshold",
+        "A general tag is written when the tagger's probability is above this (kohya's --general_threshold).",
+        help_ja="一般タグを書くしきい値（タガーの確率がこれを超えたら採用。kohya の --general_threshold）。")
+    character_tag_threshold: float = setting(
+        0.85, "Dataset", "Character Tag Threshold",
+        "A character-name tag is written when its probability is above this (kohya's --character_threshold).",
+        help_ja="キャラクター名タグを書くしきい値（kohya の --character_threshold）。")
+    prune_core_tags: bool = setting(
+        True, "Dataset", "Prune Core Tags",
+        "Leave out of the captions the body-trait tags (hair, eyes, ears, …) and character-name tags found in "
+        "at least core_tag_share of the pictures, so the trigger word learns them (the usual practice for "
+        "character models). The prep report lists what was left out.",
+        help_ja="画像の core_tag_share 以上に付いた髪・目などの身体的特徴タグとキャラ名タグをキャプションから"
+                "外し、トリガーワードに覚えさせます（キャラ学習の定番）。外したタグはレポートに出ます。")
+    core_tag_share: float = setting(
+        0.8, "Dataset", "Core Tag Share",
+        "With prune_core_tags: the share of pictures (0-1) a body-trait tag must appear in to be left out.",
+        help_ja="prune_core_tags で外す基準：そのタグが付いている画像の割合（0〜1）。")
 
     # --- Prompts -------------------------------------------------------------------------
     instance_prompt: str = setting("", "Prompts", "Instance Prompt",
@@ -131,6 +172,27 @@ class Config:
     class_token: str = setting("", "Prompts", "Class Token",
                                "With [filewords]: the class word that the instance token is put in front of.",
                                help_ja="[filewords] 使用時のクラスの単語。instance token はこの単語の前に置かれます。", step="dataset")
+    # kohya sd-scripts' caption options, with its names and meaning (`process_caption`).
+    shuffle_caption: bool = setting(
+        False, "Prompts", "Shuffle Caption",
+        "Each step, shuffle the comma-separated tags of the prompt (after [filewords] is filled in), so no "
+        "tag order is learnt. The first keep_tokens tags stay in place. Class prompts are treated the same.",
+        help_ja="ステップごとにプロンプトのタグ（カンマ区切り、[filewords] 展開後）の順番を入れ替えます。"
+                "先頭の keep_tokens 個は固定。クラス画像のプロンプトも同様です。")
+    keep_tokens: int = setting(
+        0, "Prompts", "Keep N Tokens",
+        "With shuffle_caption / caption_tag_dropout_rate: the first N comma-separated tags stay first and "
+        "are never dropped. 1 keeps 'nanU Unan' (the trigger) in front.",
+        help_ja="先頭の N 個のタグ（カンマ区切り）は並べ替えもドロップもしません。1 ならトリガーワード"
+                "（例: nanU Unan）が常に先頭に残ります。")
+    caption_dropout_rate: float = setting(
+        0.0, "Prompts", "Rate of Caption Dropout",
+        "Share of steps (0-1) in which a picture's whole prompt is replaced by the empty prompt.",
+        help_ja="プロンプト全体を空にする割合（0〜1）。")
+    caption_tag_dropout_rate: float = setting(
+        0.0, "Prompts", "Rate of Tag Dropout",
+        "Each step, each tag after the first keep_tokens is left out with this probability (0-1).",
+        help_ja="ステップごとに、keep_tokens より後の各タグをこの確率（0〜1）で省きます。")
 
     # --- Class Images --------------------------------------------------------------------
     with_prior_preservation: bool = setting(
@@ -239,6 +301,15 @@ class Config:
                           "Randomly mirror images. Off by default: the seed found it mixes the left and right "
                           "colours of asymmetric designs.",
                           help_ja="ランダムに左右反転します。デフォルトはオフ：ガイドでは左右非対称なデザインの左右の色が混ざるとされています。")
+    alpha_mask_loss: bool = setting(
+        False, "Image Processing", "Alpha Mask",
+        "Weight the loss of each pixel by the picture's alpha, scaled to latent size (kohya's --alpha_mask): "
+        "transparent parts are not learnt. The picture itself is still put on background_color for the VAE; "
+        "pictures without alpha count everywhere. Fully transparent class images are refused (they would add "
+        "no loss at all).",
+        help_ja="各ピクセルの損失を画像のアルファ値（潜在サイズに縮小）で重み付けします（kohya の --alpha_mask）。"
+                "透明部分は学習されません。VAE には background_color に合成した画像を渡します。完全に透明な"
+                "クラス画像は損失が 0 になるため使えません。")
     background_color: str = setting("white", "Image Processing", "Background Colour",
                                     "Colour that transparent pixels are put on (name or #rrggbb). "
                                     "Transparent class images become this colour.",
@@ -379,10 +450,23 @@ class Config:
                               help_ja="DINO 忠実度スコア用の DINO ViT（Hub の id かローカルのフォルダ）。")
     score_with: str = setting(
         "clip", "Test Prompts", "Score With",
-        "clip: CLIP-I / DINO / CLIP-T (any model). world: pixel analysis of dbnb's tiny world (the demo "
-        "model): identity, swapped sides, copied poses, hair following the prompt, class drift.",
-        choices=("clip", "world"),
-        help_ja="clip: CLIP-I / DINO / CLIP-T（どのモデルでも可）。world: dbnb の小さなデモモデル用のピクセル解析（本人らしさ、左右の入れ替わり、ポーズのコピー、髪がプロンプトに従うか、クラスのずれ）。")
+        "clip: CLIP-I / DINO / CLIP-T (any model). ccip: anime characters — fidelity by deepghs' CCIP "
+        "(share of test images judged the same character as the instance pictures), flexibility by tag "
+        "adherence (the WD14 tagger, tagger_model, finds the prompt's asked-for tags). world: pixel analysis "
+        "of dbnb's tiny world (the demo model): identity, swapped sides, copied poses, hair following the "
+        "prompt, class drift.",
+        choices=("clip", "ccip", "world"),
+        help_ja="clip: CLIP-I / DINO / CLIP-T。ccip: アニメキャラ向け。忠実度は deepghs の CCIP（同じキャラと"
+                "判定された割合）、柔軟性はタグ再現率（WD14 タガーがプロンプトの指定タグを検出した割合）。"
+                "world: dbnb の小さな世界モデル用の画素解析。")
+    ccip_model: str = setting(
+        "deepghs/ccip_onnx", "Test Prompts", "CCIP Model",
+        "For score_with=ccip: the Hub repo deepghs/ccip_onnx (its default model), deepghs/ccip_onnx/<model> "
+        "for another of its models, or a local folder holding model_feat.onnx, model_metrics.onnx and "
+        "metrics.json.",
+        help_ja="score_with=ccip で使う CCIP モデル。Hub の deepghs/ccip_onnx（既定モデル）、"
+                "deepghs/ccip_onnx/<モデル名>、または model_feat.onnx・model_metrics.onnx・metrics.json を"
+                "置いたローカルフォルダ。")
     flexibility_tolerance: float = setting(
         0.01, "Test Prompts", "Flexibility Tolerance",
         "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.",
@@ -424,9 +508,10 @@ RUN_KEYS = ("run_id",)
 # The seed's two presets (the extension's "Person" and "Object/Style" buttons). Only what
 # differs from the defaults, which already are the seed's character settings.
 PRESETS = {
-    "person": {},
+    # CCIP scores anime characters far better than CLIP, where onnxruntime can run it.
+    "person": {"score_with": "ccip"} if importlib.util.find_spec("onnxruntime") else {},
     "object_style": {"learning_rate": 2e-6, "hflip": True, "with_prior_preservation": False,
-                     "remove_background": False},
+                     "remove_background": False, "prune_core_tags": False},
 }
 
 
@@ -468,6 +553,14 @@ def _value_problems(c: Config) -> list[str]:
             p.append(f"{name}: {getattr(c, name)} must not be negative.")
     if c.keep_last_n < 1:
         p.append(f"keep_last_n: {c.keep_last_n} must be at least 1 (the last state is what resume needs).")
+    for name in ("tag_threshold", "character_tag_threshold", "core_tag_share"):
+        if not 0.0 < getattr(c, name) <= 1.0:
+            p.append(f"{name}: {getattr(c, name)} must be above 0 and at most 1.")
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        if not 0.0 <= getattr(c, name) <= 1.0:
+            p.append(f"{name}: {getattr(c, name)} is a probability; use 0 to 1 (kohya's default is 0).")
+    if c.keep_tokens < 0:
+        p.append(f"keep_tokens: {c.keep_tokens} must not be negative (0: no tag is kept in place).")
     if not 0.0 <= c.stop_text_encoder <= 1.0:
         p.append(f"stop_text_encoder: {c.stop_text_encoder} is a fraction of the run; use 0 to 1.")
     if not 0.0 < c.ema_decay < 1.0:

@@ -21,6 +21,7 @@ from dbnb.errors import DbnbError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILEWORDS = "[filewords]"
+LATENT_SCALE = 8  # SD 1.x's VAE: 8 pixels per latent
 
 
 class DatasetError(DbnbError, ValueError):
@@ -175,6 +176,49 @@ def examples_for(concepts: list[Concept], with_class: bool,
     return instance, klass
 
 
+# --- captions in training (kohya's shuffle_caption / keep_tokens / dropouts) -------------------
+
+@dataclass(frozen=True)
+class CaptionRules:
+    """How each step varies a prompt, with kohya sd-scripts' meaning (`process_caption`):
+    the whole caption is dropped (made empty) with `dropout_rate`; otherwise it is split at
+    commas, the first `keep_tokens` tags stay in place, the rest are shuffled
+    (`shuffle`) and then each of them is dropped with `tag_dropout_rate`. Kept tags are never
+    dropped. Without shuffle and tag dropout the caption is left as written."""
+    shuffle: bool = False
+    keep_tokens: int = 0
+    dropout_rate: float = 0.0
+    tag_dropout_rate: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> "CaptionRules":
+        return cls(config.shuffle_caption, config.keep_tokens, config.caption_dropout_rate,
+                   config.caption_tag_dropout_rate)
+
+    @property
+    def active(self) -> bool:
+        return self.shuffle or self.dropout_rate > 0 or self.tag_dropout_rate > 0
+
+
+def vary_caption(prompt: str, rules: CaptionRules, generator: torch.Generator) -> str:
+    """One step's version of `prompt`. Every draw comes from `generator` (the trainer makes it
+    from (seed, step)), a fixed number of draws per caption, so a resumed run varies exactly
+    as the uninterrupted one did."""
+    drop = float(torch.rand(1, generator=generator)) < rules.dropout_rate
+    tags = [t.strip() for t in prompt.split(",")]
+    fixed, flex = tags[:rules.keep_tokens], tags[rules.keep_tokens:]
+    order = torch.randperm(len(flex), generator=generator).tolist()
+    keep = (torch.rand(len(flex), generator=generator) >= rules.tag_dropout_rate).tolist()
+    if drop:
+        return ""
+    if not (rules.shuffle or rules.tag_dropout_rate > 0):
+        return prompt
+    if rules.shuffle:
+        flex = [flex[i] for i in order]
+    flex = [t for t, k in zip(flex, keep) if k]
+    return ", ".join(t for t in fixed + flex if t)
+
+
 def tokenize(tokenizer, examples: list[Example]) -> torch.Tensor:
     """Token ids [N, 77]; prompts past CLIP's 75 tokens are cut, with a warning naming the file."""
     ids = []
@@ -203,6 +247,24 @@ def load_rgb(path: Path, background: str = "white") -> Image.Image:
     return Image.alpha_composite(canvas, rgba).convert("RGB")
 
 
+def load_alpha(path: Path) -> Image.Image | None:
+    """The picture's alpha ("L"), or None when it has no transparency."""
+    image = ImageOps.exif_transpose(Image.open(path))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        return image.convert("RGBA").getchannel("A")
+    return None
+
+
+def latent_mask(alpha: Image.Image | None, resolution: int, center_crop: bool) -> torch.Tensor:
+    """[1, resolution/8, resolution/8] in 0..1: the alpha squared like the picture, then
+    area-averaged to the latent grid (kohya's --alpha_mask); ones without alpha."""
+    side = resolution // LATENT_SCALE
+    if alpha is None:
+        return torch.ones(1, side, side)
+    full = torch.from_numpy(np.asarray(to_square(alpha, resolution, center_crop), dtype=np.float32) / 255.0)
+    return torch.nn.functional.interpolate(full[None, None], size=(side, side), mode="area")[0]
+
+
 def to_square(image: Image.Image, resolution: int, center_crop: bool) -> Image.Image:
     """Resize the short side to `resolution`, then take the center square (center_crop) or
     squeeze the whole image (the extension's behaviour without Center Crop on non-square input)."""
@@ -221,12 +283,17 @@ class ImageSet:
     """Examples of one kind (instance or class) as ready tensors, unflipped and flipped."""
 
     def __init__(self, examples: list[Example], tokenizer, resolution: int, center_crop: bool,
-                 background: str, hflip: bool):
+                 background: str, hflip: bool, captions: CaptionRules = CaptionRules(), alpha_mask: bool = False):
         self.examples = examples
-        self.input_ids = tokenize(tokenizer, examples)
+        self.tokenizer, self.captions = tokenizer, captions
+        self.input_ids = tokenize(tokenizer, examples)  # warns once about prompts past 75 tokens
         self.images = torch.stack([pixels(to_square(load_rgb(e.path, background), resolution, center_crop))
                                    for e in examples])
         self.hflip = hflip
+        # alpha_mask_loss: the loss weights at latent size, made once (they need no VAE, so they
+        # serve cached and uncached latents alike); flipped with the picture in `mask_batch`.
+        self.masks = torch.stack([latent_mask(load_alpha(e.path), resolution, center_crop)
+                                  for e in examples]) if alpha_mask else None
 
     def __len__(self):
         return len(self.examples)
@@ -236,6 +303,28 @@ class ImageSet:
         if not self.hflip:
             return torch.zeros(n, dtype=torch.bool)
         return torch.rand(n, generator=generator) < 0.5
+
+    def token_ids(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        """Token ids of the picks' prompts, varied by the caption rules when they are on (cut at
+        CLIP's 75 tokens from the end; the warning was given once, for the full prompt)."""
+        if not self.captions.active:
+            return self.input_ids[indices]
+        prompts = [vary_caption(self.examples[i].prompt, self.captions, generator) for i in indices]
+        limit = self.tokenizer.model_max_length
+        return torch.tensor(self.tokenizer(prompts, truncation=True, padding="max_length",
+                                           max_length=limit).input_ids, dtype=torch.long)
+
+    def mask_batch(self, indices: list[int], flips: torch.Tensor) -> torch.Tensor | None:
+        if self.masks is None:
+            return None
+        masks = self.masks[indices]
+        return torch.where(flips[:, None, None, None], masks.flip(-1), masks)
+
+    def without_loss(self) -> list[Path]:
+        """Pictures whose mask is zero everywhere (fully transparent): they would add no loss."""
+        if self.masks is None:
+            return []
+        return [e.path for e, m in zip(self.examples, self.masks) if not m.any()]
 
     def batch(self, indices: list[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.images[indices]
@@ -261,6 +350,18 @@ def batch_positions(micro_step: int, batch_size: int, rank: int, world: int, epo
         epoch, offset = divmod(pos, epoch_len)
         out.append(epoch_order(epoch_len, seed, epoch)[offset])
     return out
+
+
+def refuse_masked_out_class_images(klass: ImageSet) -> None:
+    """alpha_mask_loss with fully transparent class images (class_images_mode=transparent):
+    their mask is zero everywhere, so prior preservation would silently do nothing."""
+    empty = klass.without_loss()
+    if empty:
+        raise DatasetError(
+            f"alpha_mask_loss is on, but {len(empty)} class image(s) in {empty[0].parent} are fully transparent "
+            f"(e.g. {empty[0].name}): the alpha mask gives them no loss at all, so the class images would do "
+            "nothing. Generate class images (class_images_mode=generate), or turn alpha_mask_loss off (the "
+            "transparent images then train as plain background_color pictures).")
 
 
 def select_class_images(examples: list[Example], wanted: int) -> list[Example]:

@@ -19,6 +19,11 @@ The recommendation: among trained checkpoints, the highest fidelity whose CLIP-T
 Images come from `dbnb.sample.sample_run` (made only when missing); embeddings from
 transformers' CLIP and DINO ViT, preprocessed here with PIL/numpy (no torchvision).
 
+`score_with=ccip` (anime characters): fidelity = the share of (fidelity image, instance
+picture) pairs that deepghs' CCIP judges the same character (`dbnb.ccip`), flexibility = tag
+adherence, the share of the flexibility prompts' asked-for tags ("school uniform", "beach")
+that the WD14 tagger finds in their images. The same recommendation rule.
+
 `score_with=world` scores runs on dbnb's tiny world model (the demo) by pixel analysis
 instead (`dbnb.world.metrics`): identity, sides kept / swapped, copied poses, hair following the
 prompt, class drift and variety. No other model is needed.
@@ -228,6 +233,56 @@ def world_table(samples, instance: list[Image.Image]) -> list[dict]:
     return rows
 
 
+# --- CCIP and tag adherence (score_with=ccip: anime characters) -----------------------------------
+
+CCIP_COLUMNS = ("checkpoint", "step", "ccip", "ccip_difference", "tag_adherence", "class_ccip")
+CCIP_SCORES = ("ccip", "tag_adherence", "CCIP (share of (test image, instance picture) pairs judged the same "
+               "character)", "tag adherence")
+
+
+def asked_tags(prompt: str, fidelity_prompts: list[str], vocabulary) -> list[str]:
+    """The tagger names of what a flexibility prompt asks for beyond the fidelity prompts
+    ("…, 1girl, solo, school uniform, classroom" → school_uniform, classroom): its
+    comma-separated parts that are tagger tags and in no fidelity prompt."""
+    def names(text):
+        return [" ".join(t.split()).lower().replace(r"\(", "(").replace(r"\)", ")").replace(" ", "_")
+                for t in text.split(",")]
+    common = {n for f in fidelity_prompts for n in names(f)}
+    return [n for n in dict.fromkeys(names(prompt)) if n in vocabulary and n not in common]
+
+
+def tag_adherence(tagger, images: list[tuple[str, Image.Image]], fidelity_prompts: list[str], config) -> float:
+    """Share of (flexibility image, asked-for tag) pairs in which the tagger finds the tag."""
+    asked = [asked_tags(text, fidelity_prompts, tagger.categories) for text, _ in images]
+    if not any(asked):
+        return math.nan
+    found = tagger.detect([im for _, im in images], config.tag_threshold, config.character_tag_threshold)
+    hits = [tag in tags for wanted, tags in zip(asked, found) for tag in wanted]
+    return sum(hits) / len(hits)
+
+
+def ccip_table(samples, instance: list[Image.Image], ccip, tagger, config) -> list[dict]:
+    """CCIP fidelity per row (and of the class-prompt images: the class word turning into the
+    character), tag adherence of the flexibility images."""
+    from dbnb.ccip import fidelity
+
+    reference = ccip.features(instance)
+    fidelity_texts = [p.text for p in samples.prompts if p.kind == "fidelity"]
+    rows = []
+    for row in samples.rows:
+        def images(kind):
+            return [(p.text, Image.open(samples.image_path(row, p, s)).convert("RGB"))
+                    for p in samples.prompts if p.kind == kind for s in samples.seeds]
+        same, diff = fidelity(ccip, ccip.features([im for _, im in images("fidelity")]), reference)
+        klass = [im for _, im in images("class")]
+        flex = images("flexibility")
+        rows.append(dict(checkpoint="base" if row.step is None else row.name, step=row.step or 0, ccip=same,
+                         ccip_difference=diff,
+                         tag_adherence=tag_adherence(tagger, flex, fidelity_texts, config) if flex else math.nan,
+                         class_ccip=fidelity(ccip, ccip.features(klass), reference)[0] if klass else math.nan))
+    return rows
+
+
 # --- outputs --------------------------------------------------------------------------------------
 
 def format_table(rows: list[dict], columns=COLUMNS) -> str:
@@ -256,6 +311,9 @@ WORLD_PANELS = ((("identity", "identity", (31, 119, 180)), ("sides", "left side 
                  ("copies", "copied poses", (90, 90, 90))),
                 (("flexibility", "hair follows prompt", (44, 160, 44)), ("drift", "class drift", (214, 39, 40)),
                  ("variety", "class variety", (148, 103, 189))))
+CCIP_PANELS = ((("ccip", "CCIP same character", (31, 119, 180)),
+                 ("class_ccip", "class images as character", (214, 39, 40))),
+               (("tag_adherence", "tag adherence", (44, 160, 44)),))
 
 
 def plot_scores(rows: list[dict], path: Path, recommended: int | None = None, size=(720, 520),
@@ -346,17 +404,27 @@ def score_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: s
         raise ScoreError("test_fidelity_prompts is empty: fidelity (CLIP-I, DINO) needs at least one prompt, "
                          "e.g. test_fidelity_prompts=['{instance_prompt}, 1girl, solo'].")
     instance = instance_images(config)
+    if config.score_with == "ccip":  # loaded first: a missing model must not wait for the sampling
+        from dbnb.ccip import load_ccip
+        from dbnb.prep.tagger import load_tagger
+
+        ccip = load_ccip(config.ccip_model)
+        tagger = load_tagger(config.tagger_model) if config.test_flexibility_prompts else None
     samples = sample_run(run, overrides, ema=ema, device=device, progress=progress)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if world:
         rows, columns, panels = world_table(samples, instance), WORLD_COLUMNS, WORLD_PANELS
+    elif config.score_with == "ccip":
+        rows, columns, panels = ccip_table(samples, instance, ccip, tagger, config), CCIP_COLUMNS, CCIP_PANELS
     else:
         rows = score_table(samples, instance, load_clip(config.clip_model, device),
                            load_dino(config.dino_model, device))
         columns, panels = COLUMNS, CLIP_PANELS
-    rec = recommend(rows, config.flexibility_tolerance, WORLD_SCORES if world else CLIP_SCORES)
+    rec = recommend(rows, config.flexibility_tolerance,
+                    {"world": WORLD_SCORES, "ccip": CCIP_SCORES}.get(config.score_with, CLIP_SCORES))
     data = dict(columns=list(columns), rows=rows, recommendation=rec, score_with=config.score_with,
-                clip_model=config.clip_model, dino_model=config.dino_model, instance_images=len(instance),
+                clip_model=config.clip_model, dino_model=config.dino_model, ccip_model=config.ccip_model,
+                instance_images=len(instance),
                 seeds=samples.seeds,
                 prompts=[dict(index=p.index, kind=p.kind, text=p.text, clip_text=p.clip_text) for p in samples.prompts],
                 ema=ema)

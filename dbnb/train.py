@@ -61,6 +61,12 @@ def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 64 + rank)
 
 
+def caption_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """Caption shuffling / dropout draw from their own stream, so turning them on leaves the
+    flips, noise and timesteps of every step as they were."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 62))
+
+
 # --- machine and settings --------------------------------------------------------------------
 
 def check_machine(config: Config, device: torch.device) -> None:
@@ -170,8 +176,12 @@ def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Examp
 def read_images(config: Config, tokenizer, examples=None) -> Batches:
     instance, klass = examples or gather_examples(config)
     make = lambda ex: data.ImageSet(ex, tokenizer, config.resolution, config.center_crop,  # noqa: E731
-                                    config.background_color, config.hflip)
-    return Batches(make(instance), make(klass) if klass else None, None)
+                                    config.background_color, config.hflip, data.CaptionRules.from_config(config),
+                                    config.alpha_mask_loss)
+    batches = Batches(make(instance), make(klass) if klass else None, None)
+    if batches.klass is not None:
+        data.refuse_masked_out_class_images(batches.klass)
+    return batches
 
 
 @torch.no_grad()
@@ -209,26 +219,28 @@ def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tenso
 def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae, device, dtype):
     """Latents, token ids and the class/instance split for one process's micro-batch."""
     g = step_generator(config.seed, micro_step, rank)
+    captions = caption_generator(config.seed, micro_step, rank)
     pos = data.batch_positions(micro_step, config.train_batch_size, rank, world, batches.epoch_len, config.seed)
     parts = [("instance", batches.instance, [p % len(batches.instance) for p in pos])]
     if batches.klass is not None:
         parts.append(("class", batches.klass, [p % len(batches.klass) for p in pos]))
-    means, stds, ids = [], [], []
+    means, stds, ids, masks = [], [], [], []
     for kind, images, idx in parts:
         flips = images.flips(len(idx), g)
         mean, std = latent_batch(batches, kind, idx, flips, vae, device, dtype)
         means.append(mean)
         stds.append(std)
-        ids.append(images.input_ids[idx])
+        ids.append(images.token_ids(idx, captions))
+        masks.append(images.mask_batch(idx, flips))
     mean, std = torch.cat(means), torch.cat(stds)
     latents = mean + std * torch.randn(mean.shape, generator=g)
-    return latents, torch.cat(ids), g
+    return latents, torch.cat(ids), g, (torch.cat(masks) if masks[0] is not None else None)
 
 
 # --- the loss ------------------------------------------------------------------------------------
 
 def diffusion_loss(unet, text_encoder, noise_scheduler, latents, input_ids, g, config: Config,
-                   scaling_factor: float, device, encode_with_grad: bool) -> torch.Tensor:
+                   scaling_factor: float, device, encode_with_grad: bool, mask=None) -> torch.Tensor:
     latents = (latents * scaling_factor).to(device)
     noise = torch.randn(latents.shape, generator=g)
     if config.offset_noise:
@@ -244,7 +256,10 @@ def diffusion_loss(unet, text_encoder, noise_scheduler, latents, input_ids, g, c
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    per_sample = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    per_pixel = F.mse_loss(pred, target.float(), reduction="none")
+    if mask is not None:  # alpha_mask_loss: kohya's apply_masked_loss (weights, then the plain mean)
+        per_pixel = per_pixel * F.interpolate(mask.to(per_pixel), size=per_pixel.shape[-2:], mode="area")
+    per_sample = per_pixel.mean(dim=(1, 2, 3))
     if config.snr_gamma:
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
     if config.with_prior_preservation:
@@ -504,10 +519,10 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     encoder.train(train_te)
     while True:
         with acc.accumulate(s.unet):
-            latents, ids, g = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae, acc.device,
-                                         s.weight_dtype)
+            latents, ids, g, mask = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae,
+                                               acc.device, s.weight_dtype)
             loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, latents, ids, g, config,
-                                  s.pipe.vae.config.scaling_factor, acc.device, train_te)
+                                  s.pipe.vae.config.scaling_factor, acc.device, train_te, mask)
             if not torch.isfinite(loss):
                 raise diverged(s, loss.item())
             acc.backward(loss)

@@ -199,14 +199,33 @@ def upload_widget(dest: str | Path):
 
 
 def caption_editor(folder: str | Path, suffixes: tuple[str, ...] = (".png",)):
-    """Each prepared picture beside its caption, with a Save button per picture."""
+    """Each prepared picture beside its caption (tags, comma-separated), with a Save button per
+    picture; above them, one tag removed from / added to every caption at once."""
     rows = []
     for image in sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in suffixes
                         and p.name != "contact_sheet.png"):
         rows.append(_editor_row(image))
     if not rows:
         return w.HTML(f"No pictures in {folder}: run prep first.")
-    return w.VBox(rows)
+    return w.VBox([_bulk_row(Path(folder), rows, suffixes), *rows])
+
+
+def _bulk_row(folder: Path, rows, suffixes):
+    from dbnb.prep.captions import edit_tag_everywhere
+
+    tag = w.Text(placeholder="tag, e.g. white background", layout=w.Layout(width="300px"))
+    remove, add, status = w.Button(description="Remove everywhere"), w.Button(description="Add to all"), w.Label()
+
+    def apply(adding):
+        n = edit_tag_everywhere(folder, tag.value, adding, suffixes)
+        for row in rows:  # show the new captions
+            txt = folder / Path(row.children[1].children[0].value).with_suffix(".txt")
+            row.children[1].children[1].value = txt.read_text(encoding="utf-8").strip() if txt.is_file() else ""
+        status.value = f"{'added to' if adding else 'removed from'} {n} caption(s)"
+
+    remove.on_click(lambda _: apply(False))
+    add.on_click(lambda _: apply(True))
+    return w.HBox([tag, remove, add, status])
 
 
 def _editor_row(image: Path):
@@ -214,8 +233,10 @@ def _editor_row(image: Path):
 
     txt = image.with_suffix(".txt")
     buf = io.BytesIO()
-    with Image.open(image) as im:
-        im.convert("RGB").resize((CAPTION_THUMB, CAPTION_THUMB)).save(buf, "PNG")
+    with Image.open(image) as im:  # keep_alpha pictures shown on white, not on black
+        canvas = Image.new("RGBA", im.size, "white")
+        Image.alpha_composite(canvas, im.convert("RGBA")).convert("RGB").resize(
+            (CAPTION_THUMB, CAPTION_THUMB)).save(buf, "PNG")
     text = w.Textarea(value=txt.read_text(encoding="utf-8").strip() if txt.is_file() else "",
                       layout=w.Layout(width="420px", height="120px"))
     save, status = w.Button(description="Save"), w.Label()

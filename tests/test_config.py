@@ -51,6 +51,9 @@ def test_overrides_apply_after_preset_and_file(tmp_path):
     ("train_batch_size=0", "train_batch_size"),
     ("ema_decay=1", "ema_decay"),
     ("save_every_steps=-1", "save_every_steps"),
+    ("caption_dropout_rate=1.5", "caption_dropout_rate"),
+    ("caption_tag_dropout_rate=-0.1", "caption_tag_dropout_rate"),
+    ("keep_tokens=-1", "keep_tokens"),
 ])
 def test_each_bad_value_names_its_field(override, field):
     with pytest.raises(ConfigError, match=field):

@@ -146,3 +146,77 @@ def test_concepts_list(tmp_path):
     path.write_text(json.dumps([{"instance_dir": "a"}]))
     with pytest.raises(DatasetError, match="instance_dir"):
         data.concepts_from_config(Config(concepts_list=str(path)))
+
+
+# --- captions in training (kohya's shuffle_caption / keep_tokens / dropouts) -----------------------
+
+CAPTION = "nanU Unan, 1girl, pink hair, smile, school uniform, classroom"
+
+
+def _variants(rules, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [data.vary_caption(CAPTION, rules, g) for _ in range(n)]
+
+
+def test_shuffle_keeps_the_first_tokens_and_permutes_the_rest():
+    tags = CAPTION.split(", ")
+    out = _variants(data.CaptionRules(shuffle=True, keep_tokens=1))
+    assert all(v.split(", ")[0] == "nanU Unan" and sorted(v.split(", ")) == sorted(tags) for v in out)
+    assert {v.split(", ")[1] for v in out} == set(tags[1:])  # every other tag reaches the second place
+    assert len(set(out)) > 50
+    two = _variants(data.CaptionRules(shuffle=True, keep_tokens=2))
+    assert all(v.split(", ")[:2] == tags[:2] for v in two)
+    assert _variants(data.CaptionRules(keep_tokens=3), n=5) == [CAPTION] * 5  # keep_tokens alone: as written
+
+
+def test_caption_and_tag_dropout_rates_mean_what_kohya_says():
+    assert set(_variants(data.CaptionRules(dropout_rate=1.0), n=20)) == {""}
+    some = _variants(data.CaptionRules(dropout_rate=0.25))
+    assert 60 <= some.count("") <= 140 and set(some) == {"", CAPTION}  # otherwise untouched
+    assert set(_variants(data.CaptionRules(tag_dropout_rate=1.0, keep_tokens=2), n=20)) == {"nanU Unan, 1girl"}
+    half = _variants(data.CaptionRules(tag_dropout_rate=0.5, keep_tokens=1))
+    assert all(v.startswith("nanU Unan") for v in half)  # kept tags are never dropped
+    kept = sum(len(v.split(", ")) - 1 for v in half) / (len(half) * 5)
+    assert 0.4 < kept < 0.6
+    # without shuffle the surviving tags keep their order
+    assert all(v.split(", ") == [t for t in CAPTION.split(", ") if t in v.split(", ")] for v in half)
+
+
+def test_caption_variants_depend_only_on_the_generator(tokenizer, tmp_path):
+    rules = data.CaptionRules(shuffle=True, keep_tokens=1, tag_dropout_rate=0.2, dropout_rate=0.1)
+    assert _variants(rules, seed=5) == _variants(rules, seed=5) != _variants(rules, seed=6)
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "a.png")
+    images = data.ImageSet([Example(tmp_path / "a.png", CAPTION)], tokenizer, 8, False, "white", False, rules)
+    a = images.token_ids([0, 0, 0], torch.Generator().manual_seed(3))
+    b = images.token_ids([0, 0, 0], torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == (3, 77)
+    g = torch.Generator().manual_seed(3)
+    expected = [data.vary_caption(CAPTION, rules, g) for _ in range(3)]
+    assert a.tolist() == [tokenizer(p, padding="max_length", max_length=77).input_ids for p in expected]
+    plain = data.ImageSet([Example(tmp_path / "a.png", CAPTION)], tokenizer, 8, False, "white", False)
+    assert torch.equal(plain.token_ids([0], torch.Generator()), plain.input_ids[[0]])
+
+
+# --- alpha_mask_loss ---------------------------------------------------------------------------------
+
+def test_alpha_mask_is_the_alpha_at_latent_size_and_flips_with_the_picture(tokenizer, tmp_path):
+    cut = Image.new("RGBA", (64, 64), (255, 0, 0, 255))
+    cut.paste((0, 0, 0, 0), (0, 0, 32, 64))  # left half transparent
+    cut.save(tmp_path / "cut.png")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "opaque.png")
+    images = data.ImageSet([Example(tmp_path / "cut.png", "x"), Example(tmp_path / "opaque.png", "x")], tokenizer,
+                           64, False, "white", True, alpha_mask=True)
+    assert images.masks.shape == (2, 1, 8, 8)
+    cut_mask = images.masks[0, 0]
+    assert torch.equal(cut_mask[:, :4], torch.zeros(8, 4)) and torch.equal(cut_mask[:, 4:], torch.ones(8, 4))
+    assert torch.equal(images.masks[1], torch.ones(1, 8, 8))  # no alpha: counts everywhere
+    masks = images.mask_batch([0, 0], torch.tensor([False, True]))
+    assert torch.equal(masks[1], masks[0].flip(-1))
+    pixels, _ = images.batch([0], torch.tensor([False]))
+    assert pixels[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]  # the VAE still sees the picture on white
+    assert images.without_loss() == []
+    Image.new("RGBA", (64, 64), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    clear = data.ImageSet([Example(tmp_path / "clear.png", "x")], tokenizer, 64, False, "white", False,
+                          alpha_mask=True)
+    assert clear.without_loss() == [tmp_path / "clear.png"]
+    assert data.ImageSet([Example(tmp_path / "cut.png", "x")], tokenizer, 64, False, "white", False).masks is None

@@ -522,9 +522,52 @@ def test_upload_and_caption_editor(tmp_path):
 
     report = prep(tmp_path / "up", tmp_path / "out", instance_token="nanU")
     editor = caption_editor(tmp_path / "out")
-    first = editor.children[0]
+    first = editor.children[1]  # children[0]: the bulk tag row
     text, save = first.children[1].children[1], first.children[1].children[2]
     assert text.value == caption_for(report.images[0])
     text.value = "nanU girl,  waving"
     save.click()
     assert caption_for(report.images[0]) == "nanU girl, waving"
+
+
+def test_keep_alpha_writes_the_cut_out_with_transparent_padding(tmp_path, segmenter):
+    src = tmp_path / "src"
+    src.mkdir()
+    cut = Image.new("RGBA", (40, 80), (0, 0, 0, 0))
+    ImageDraw.Draw(cut).rectangle((10, 10, 30, 70), fill=(0, 0, 255, 255))
+    cut.save(src / "cut.png")
+    _red_on_green().save(src / "seg.png")
+    report = prep(src, tmp_path / "out", keep_alpha=True, remove_background=True, segmenter=segmenter)
+    row = {f.source: f for f in report.files}
+    out = Image.open(tmp_path / "out" / next(iter(row["cut.png"].outputs)))
+    assert out.mode == "RGBA" and out.size == (64, 64)
+    assert px(out, (2, 32))[3] == 0 and px(out, (32, 2))[3] == 0  # padding and background: transparent
+    assert px(out, (32, 32)) == pytest.approx((0, 0, 255, 255), abs=3)
+    seg = Image.open(tmp_path / "out" / next(iter(row["seg.png"].outputs)))
+    # 300x150 padded to 300² (picture at y 75-225), scaled by 64/300: the red box stays, green goes
+    assert seg.mode == "RGBA" and px(seg, (12, 32))[3] > 250 and px(seg, (50, 32))[3] < 5
+    assert "alpha kept" in row["seg.png"].done
+    flat = prep(src, tmp_path / "flat", remove_background=True, segmenter=segmenter)
+    assert {Image.open(p).mode for p in flat.images} == {"RGB"}  # off: composited, as before
+    assert Image.open(report.contact_sheet).convert("RGB").getpixel((5, 5)) == (255, 255, 255)  # not black
+
+
+def test_caption_editor_removes_and_adds_a_tag_everywhere(tmp_path):
+    from dbnb.widgets import caption_editor
+
+    for i, tags in enumerate(("nanU, 1girl, white background, smile", "nanU, white background", "nanU, solo")):
+        figure(body=(i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(tags + "\n")
+    editor = caption_editor(tmp_path)
+    tag, remove, add, status = editor.children[0].children
+    tag.value = "white background"
+    remove.click()
+    assert [caption_for(tmp_path / f"{i}.png") for i in range(3)] == ["nanU, 1girl, smile", "nanU", "nanU, solo"]
+    assert status.value == "removed from 2 caption(s)"
+    assert editor.children[1].children[1].children[1].value == "nanU, 1girl, smile"  # the boxes show it
+    tag.value = "school uniform"
+    add.click()
+    assert [caption_for(tmp_path / f"{i}.png") for i in range(3)] == [
+        "nanU, school uniform, 1girl, smile", "nanU, school uniform", "nanU, school uniform, solo"]
+    add.click()  # already there: nothing doubles
+    assert status.value == "added to 0 caption(s)"

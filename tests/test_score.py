@@ -118,3 +118,26 @@ def test_score_run_writes_the_table_plot_and_recommendation(run_dir, embedders, 
 def test_score_run_needs_a_fidelity_prompt(run_dir):
     with pytest.raises(ScoreError, match="test_fidelity_prompts"):
         score_run(run_dir, ["test_fidelity_prompts=[]"], progress=False)
+
+
+def test_score_run_with_ccip_and_tag_adherence(run_dir, tmp_path, monkeypatch):
+    from dbnb.ccip import CCIPError, write_stand_in_ccip
+    from dbnb.prep.tagger import write_stand_in_tagger
+    from dbnb.score import CCIP_COLUMNS, CCIP_SCORES
+
+    ccip, wd14 = write_stand_in_ccip(tmp_path / "ccip", size=64), write_stand_in_tagger(tmp_path / "wd14", size=64)
+    overrides = [*FAST, "score_with=ccip", f"ccip_model={ccip}", f"tagger_model={wd14}",
+                 "test_flexibility_prompts=['{instance_prompt}, 1girl, solo, school uniform']"]
+    result = score_run(run_dir, overrides, progress=False)
+    assert [r["checkpoint"] for r in result.rows] == ["base", "step-000001", "step-000002"]
+    for r in result.rows:
+        assert 0.0 <= r["ccip"] <= 1.0 and r["ccip_difference"] >= 0.0 and 0.0 <= r["tag_adherence"] <= 1.0
+        assert 0.0 <= r["class_ccip"] <= 1.0
+    assert result.recommendation == recommend(result.rows, Config().flexibility_tolerance, CCIP_SCORES)
+    with open(result.csv, newline="") as f:
+        assert list(next(csv.DictReader(f))) == list(CCIP_COLUMNS)
+    assert json.loads(result.json.read_text())["score_with"] == "ccip"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CCIPError, match="ccip_model 'no/such-ccip'"):
+        score_run(run_dir, [*overrides, "ccip_model=no/such-ccip", "test_seeds=3"], progress=False)
+    assert not list(run_dir.rglob("*-s2.png"))  # refused before any test image was made

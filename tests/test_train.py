@@ -421,3 +421,64 @@ def test_optimizer_in_backward_trains_like_the_normal_path(make_config):
     assert log["grad_norm"] > 0  # measured in the hooks
     with pytest.raises(ConfigError, match="max_grad_norm"):
         train(make_config(optimizer_in_backward=True, run_name="clip"), progress=False)
+
+
+def test_shuffled_captions_resume_exactly(make_config, tmp_path):
+    instance = tmp_path / "data" / "instance"
+    tags = ["1girl", "pink hair", "smile", "school uniform", "classroom", "blue eyes"]
+    for i, image in enumerate(sorted(instance.glob("*.png"))):
+        image.with_suffix(".txt").write_text(", ".join(["hnzk girl"] + tags[i:] + tags[:i]))
+    config = make_config(instance_prompt="[filewords]", max_train_steps=4, save_every_steps=2, train_batch_size=2,
+                         shuffle_caption=True, keep_tokens=1, caption_tag_dropout_rate=0.3,
+                         caption_dropout_rate=0.2, learning_rate=5e-4)
+    straight = train(config.replace(run_name="straight"), progress=False)
+    train(config.replace(run_name="resumed", max_train_steps=2), progress=False)
+    resumed = train(config.replace(run_name="resumed"), resume="latest", progress=False)
+    plain = train(config.replace(run_name="plain", shuffle_caption=False, caption_tag_dropout_rate=0.0,
+                                 caption_dropout_rate=0.0), progress=False)
+    a, b, c = (unet_weights(r.run_dir, 4) for r in (straight, resumed, plain))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.allclose(a[k], c[k], atol=1e-6) for k in a)  # the captions did vary
+
+
+def test_alpha_mask_loss_equals_the_plain_loss_when_opaque_and_ignores_transparent_pixels(make_config):
+    from dbnb.models import load_pipeline
+
+    config = make_config()
+    pipe = load_pipeline(config.pretrained_model_name_or_path)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = read_images(config, pipe.tokenizer).instance.input_ids[:2]
+
+    class Spy(torch.nn.Module):  # the real UNet; keeps the gradient that reaches its prediction
+        def __init__(self, unet):
+            super().__init__()
+            self.unet, self.grad = unet, None
+
+        def forward(self, *args):
+            out = self.unet(*args)
+            out.sample.register_hook(lambda g: setattr(self, "grad", g))
+            return out
+
+    def loss(mask, unet=pipe.unet):
+        return diffusion_loss(unet, pipe.text_encoder, _ddpm(pipe), latents, ids, torch.Generator().manual_seed(1),
+                              config, 1.0, "cpu", False, mask)
+    assert loss(torch.ones(2, 1, 8, 8)).item() == loss(None).item()
+    half = torch.ones(2, 1, 8, 8)
+    half[..., :4] = 0.0  # the left half transparent
+    spy = Spy(pipe.unet)
+    loss(half, spy).backward()
+    assert torch.count_nonzero(spy.grad[..., :4]) == 0 and torch.count_nonzero(spy.grad[..., 4:]) > 0
+    assert 0 < loss(half).item() < loss(None).item()
+
+
+def test_alpha_mask_loss_trains_like_plain_on_opaque_pictures_and_refuses_transparent_class_images(make_config):
+    plain = train(make_config(max_train_steps=2, hflip=True, run_name="plain"), progress=False)
+    masked = train(make_config(max_train_steps=2, hflip=True, run_name="masked", alpha_mask_loss=True),
+                   progress=False)
+    a, b = unet_weights(plain.run_dir, 2), unet_weights(masked.run_dir, 2)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    with pytest.raises(data.DatasetError, match="alpha_mask_loss is on.*fully transparent.*no loss at all"):
+        train(make_config(with_prior_preservation=True, num_class_images=6, alpha_mask_loss=True,
+                          run_name="refused"), progress=False)

@@ -5,7 +5,8 @@
     report = prepare_dataset(src="pics.zip", out="prepared", remove_background=False)
 
 Modules: images (decode / normalise / hashes), segment (anime-segmentation ONNX),
-framing (squares, faces, bust-up / cowboy crops), captions, report, pipeline (the run).
+framing (squares, faces, bust-up / cowboy crops), tagger (WD14 ONNX), tags (tags as caption
+text, core tags), captions, report, pipeline (the run).
 The notebook's upload box and caption editor are in dbnb.widgets.
 """
 from dbnb.fetch import FetchError, fetch_images
@@ -16,8 +17,10 @@ from dbnb.prep.images import BadImage, load_image
 from dbnb.prep.pipeline import PrepError, gather, prepare_dataset
 from dbnb.prep.report import FileResult, PrepReport, contact_sheet
 from dbnb.prep.segment import Segmenter, SegmenterError, composite, load_segmenter, write_stand_in_model
+from dbnb.prep.tagger import Tagger, TaggerError, load_tagger, write_stand_in_tagger
 
 __all__ = ["BadImage", "FetchError", "FileResult", "PrepError", "PrepReport", "Segmenter", "SegmenterError",
-           "animeface_detector", "caption", "composite", "contact_sheet", "fetch_images", "framing_crops",
-           "framing_of", "framing_regions", "gather", "load_image", "load_segmenter", "main_face", "make_square",
-           "pad_square", "prepare_dataset", "write_stand_in_model"]
+           "Tagger", "TaggerError", "animeface_detector", "caption", "composite", "contact_sheet", "fetch_images",
+           "framing_crops", "framing_of", "framing_regions", "gather", "load_image", "load_segmenter", "load_tagger",
+           "main_face", "make_square", "pad_square", "prepare_dataset", "write_stand_in_model",
+           "write_stand_in_tagger"]

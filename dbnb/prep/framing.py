@@ -87,6 +87,10 @@ def pad_square(rgb: Image.Image, background: str) -> tuple[Image.Image, str]:
     w, h = rgb.size
     if w == h:
         return rgb, ""
+    if rgb.mode == "RGBA":  # keep_alpha: the padding is transparent, so the masked loss ignores it
+        canvas = Image.new("RGBA", (max(w, h), max(w, h)), ImageColor.getrgb(background)[:3] + (0,))
+        canvas.paste(rgb, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+        return canvas, ""
     a = np.asarray(rgb, dtype=np.float32)
     edges = np.concatenate([a[:, 0], a[:, -1]]) if w < h else np.concatenate([a[0], a[-1]])
     if edges.std(axis=0).max() <= EDGE_STD:
@@ -111,9 +115,11 @@ def place(centre_x: float, top: float, side: int, size: tuple[int, int]) -> tupl
 
 
 def crop_square(rgb: Image.Image, region: tuple[int, int, int], background: str) -> Image.Image:
-    """The region; parts outside the picture are background colour (PIL's crop gives black)."""
+    """The region; parts outside the picture are background colour (PIL's crop gives black),
+    transparent for an RGBA picture (keep_alpha)."""
     left, top, side = region
-    canvas = Image.new("RGB", (side, side), ImageColor.getrgb(background)[:3])
+    fill = ImageColor.getrgb(background)[:3] + ((0,) if rgb.mode == "RGBA" else ())
+    canvas = Image.new(rgb.mode, (side, side), fill)
     inside = (max(left, 0), max(top, 0), min(left + side, rgb.width), min(top + side, rgb.height))
     canvas.paste(rgb.crop(inside), (inside[0] - left, inside[1] - top))
     return canvas

@@ -29,6 +29,8 @@ from dbnb.prep.images import BadImage, dhash, file_sha256, flatten, hamming, loa
 from dbnb.prep.report import (CONTACT_SHEET, FileResult, PrepReport, advice, contact_sheet, count_framings,
                               read_previous)
 from dbnb.prep.segment import SegmenterError, composite, load_segmenter
+from dbnb.prep.tagger import load_tagger
+from dbnb.prep.tags import frequency, tag_outputs
 
 PREP_VERSION = 1      # bump when the processing changes, so old outputs are redone
 NEAR_DUPLICATE = 5    # dHash bits; resized / re-encoded copies differ by 0-3
@@ -41,20 +43,27 @@ class PrepError(DbnbError, ValueError):
 
 
 def prepare_dataset(config=None, src: str | Path | None = None, out: str | Path | None = None,
-                    progress: bool = True, *, segmenter=None, face_detector=AUTO, **settings) -> PrepReport:
+                    progress: bool = True, *, segmenter=None, face_detector=AUTO, tagger=None,
+                    **settings) -> PrepReport:
     """Prepare `src` (default config.dataset_source) into `out` (default config.instance_data_dir).
 
     `config` is a dbnb Config (default: the defaults); `settings` are Config field names that
     override it (`remove_background=False`, `resolution=768`, …). `segmenter` is any callable
-    rgb -> "L" mask (default: loaded from `segmentation_model` when first needed);
-    `face_detector` any callable rgb -> [(x, y, w, h)] (default: animeface when installed,
-    None for no face detection)."""
+    rgb -> "L" mask (default: loaded from `segmentation_model`); `face_detector` any callable
+    rgb -> [(x, y, w, h)] (default: animeface when installed, None for no face detection);
+    `tagger` a `dbnb.prep.tagger.Tagger` (default: loaded from `tagger_model` when
+    caption_mode=tags). Models are loaded before the first picture, so a missing one stops
+    prep before it has done anything."""
     cfg = _config(config, settings)
     src, out = _paths(cfg, src, out)
     detector = animeface_detector() if isinstance(face_detector, str) and face_detector == AUTO else face_detector
     job = _Job(cfg, out, read_previous(out), segmenter, detector)
     with tempfile.TemporaryDirectory(prefix="dbnb-prep-") as staging:
         sources, ignored = gather(src, out, Path(staging))
+        if cfg.remove_background and job.segmenter is None:
+            job.segmenter = load_segmenter(cfg.segmentation_model)
+        if cfg.caption_mode == "tags" and tagger is None:
+            tagger = load_tagger(cfg.tagger_model)
         out.mkdir(parents=True, exist_ok=True)  # only now: a wrong SRC leaves no empty folder behind
         from dbnb.progress import bar as tqdm
 
@@ -62,11 +71,13 @@ def prepare_dataset(config=None, src: str | Path | None = None, out: str | Path 
         sidecars = {name: captions.sidecar(path) for name, path in sources}
     rows = sorted(rows + ignored, key=lambda r: r.source)
     _mark_near_duplicates(rows)
-    set_warnings = job.notes + captions.write_all(rows, sidecars, job.previous, out, cfg)
+    tagged = tag_outputs(rows, out, tagger, cfg) if cfg.caption_mode == "tags" else None
+    set_warnings = job.notes + captions.write_all(rows, sidecars, job.previous, out, cfg, tagged)
     _remove_stale(job.previous, rows, out)
     set_warnings += _strangers(rows, out)
     counts = count_framings(rows)
-    report = PrepReport(out, rows, set_warnings + advice(rows, counts, cfg.resolution), counts)
+    report = PrepReport(out, rows, set_warnings + advice(rows, counts, cfg.resolution), counts,
+                        tagged.to_dict() if tagged else None, caption_frequency(rows, out))
     contact_sheet(report.images, out / CONTACT_SHEET)
     report.write()
     if progress:
@@ -138,6 +149,8 @@ class _Job:
         fields = dict(v=PREP_VERSION, resolution=cfg.resolution, background=cfg.background_color,
                       remove_background=cfg.remove_background, segmenter=seg_id, square_mode=cfg.square_mode,
                       extra_framings=cfg.extra_framings, detector=det_id)
+        if cfg.keep_alpha:  # only when on, so the outputs of earlier runs keep their key
+            fields["keep_alpha"] = True
         self.key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def run(self, name: str, path: Path) -> FileResult:
@@ -176,6 +189,10 @@ class _Job:
         face = main_face(self.detector, rgb) if self.detector else None
         subject = subject_box(mask, rgb.size)
         row.framing = framing_of(face, subject)
+        if cfg.keep_alpha and mask is not None:  # the cut-out's alpha travels with every square and crop
+            rgb = rgb.copy()
+            rgb.putalpha(mask)
+            row.done.append("alpha kept")
         square, done, warns = make_square(rgb, cfg.square_mode, cfg.resolution, cfg.background_color, face)
         row.done += done
         row.warnings += warns
@@ -210,11 +227,16 @@ class _Job:
         rgb = rgba.convert("RGB")
         if not self.cfg.remove_background:
             return rgb, None
-        if self.segmenter is None:
-            self.segmenter = load_segmenter(self.cfg.segmentation_model)
         mask = self.segmenter(rgb)
         row.done.append(f"background removed, put on {bg}")
         return composite(rgb, mask, bg), mask
+
+
+def caption_frequency(rows: list[FileResult], out: Path) -> dict[str, int]:
+    """Tag counts of the captions as the trainer will read them (hand edits included)."""
+    from dbnb.data import caption_for
+
+    return frequency([caption_for(out / name) for r in rows if r.usable for name in r.outputs])
 
 
 def _slug(stem: str) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from dbnb.env import shown
+from dbnb.prep.images import flatten
 
 REPORT_JSON = "prep_report.json"
 REPORT_MD = "report.md"
@@ -38,6 +39,8 @@ class FileResult:
     sha256: str = ""
     dhash: str = ""
     key: str = ""                                # settings fingerprint the outputs were made with
+    tags: dict[str, dict[str, float]] = field(default_factory=dict)  # output -> tagger tag -> probability
+    tagger: str = ""                             # tagger and thresholds the tags were made with
 
     @property
     def usable(self) -> bool:
@@ -50,6 +53,8 @@ class PrepReport:
     files: list[FileResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    tags: dict | None = None                     # caption_mode=tags: TagTable.to_dict()
+    tag_frequency: dict[str, int] = field(default_factory=dict)  # caption tag -> pictures (ss_tag_frequency)
 
     @property
     def images(self) -> list[Path]:
@@ -65,7 +70,7 @@ class PrepReport:
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "counts": self.counts, "warnings": self.warnings,
-                "files": [asdict(f) for f in self.files]}
+                "tags": self.tags, "tag_frequency": self.tag_frequency, "files": [asdict(f) for f in self.files]}
 
     def summary(self) -> str:
         by = Counter(f.status for f in self.files)
@@ -73,6 +78,10 @@ class PrepReport:
                  f"({', '.join(f'{n} {s}' for s, n in sorted(by.items()))}).", self.framing_line()]
         lines += [f"  ! {f.source}: {f.status}: {'; '.join(f.warnings)}" for f in self.files
                   if f.status in ("failed", "duplicate")]
+        if self.tags:
+            pruned = self.tags["pruned"]
+            lines.append(f"tags: {len(self.tags['detected'])} distinct over {self.tags['pictures']} pictures"
+                         + (f"; core tags left for the trigger word to learn: {', '.join(pruned)}" if pruned else ""))
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -95,7 +104,20 @@ class PrepReport:
         advice = [f"- {w}" for w in self.warnings] or ["- none"]
         return "\n".join([f"# dbnb prep report: {self.out_dir.name}", "", self.framing_line().capitalize(), "",
                           f"Contact sheet: {CONTACT_SHEET}", "",
-                          "## Warnings", *advice, "", "## Files", *rows, ""])
+                          "## Warnings", *advice, "", *self._tag_table(), "## Files", *rows, ""])
+
+    def _tag_table(self) -> list[str]:
+        """Every detected tag, how many pictures have it and whether the captions keep it."""
+        if not self.tags:
+            return []
+        n, pruned = self.tags["pictures"] or 1, set(self.tags["pruned"])
+        rows = ["## Tags", "", f"{len(self.tags['detected'])} tags over {self.tags['pictures']} training pictures. "
+                "Core tags (body traits shared by most pictures) are left out of the captions so the trigger word "
+                "learns them.", "", "| tag | pictures | share | in captions |", "|---|---|---|---|"]
+        for tag, count in self.tags["detected"].items():
+            kept = "no (core tag)" if tag in pruned else "yes"
+            rows.append(f"| {tag.replace('|', chr(92) + '|')} | {count} | {count / n:.0%} | {kept} |")
+        return rows + [""]
 
     def write(self) -> None:
         (self.out_dir / REPORT_JSON).write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n",
@@ -161,7 +183,8 @@ def contact_sheet(paths: list[Path], target: Path, thumb: int = THUMB) -> Path |
     for i, p in enumerate(paths):
         x, y = (i % cols) * thumb, (i // cols) * (thumb + label)
         with Image.open(p) as im:
-            sheet.paste(im.convert("RGB").resize((thumb - 4, thumb - 4), Image.Resampling.BILINEAR), (x + 2, y + 2))
+            sheet.paste(flatten(im, "white").resize((thumb - 4, thumb - 4), Image.Resampling.BILINEAR),
+                        (x + 2, y + 2))
         # ASCII: Pillow's built-in font has no Japanese glyphs; the hash suffix identifies the file.
         name = p.stem.encode("ascii", "replace").decode()
         name = name if len(name) <= 24 else name[:11] + "~" + name[-11:]

@@ -7,19 +7,18 @@ padding is cut off again and the mask scaled back to the picture's size.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageColor
 
-from dbnb.errors import DbnbError
+from dbnb.onnxrun import OnnxModel, OnnxModelError, model_files
 
 MODEL_FILE = "isnetis.onnx"
 DEFAULT_SIZE = 1024
 
 
-class SegmenterError(DbnbError, RuntimeError):
+class SegmenterError(OnnxModelError):
     """The segmentation model cannot be loaded; the message names the setting and the fix."""
 
 
@@ -27,37 +26,19 @@ class Segmenter:
     """`segmenter(rgb) -> mask` ("L", same size as the picture, 255 = character)."""
 
     def __init__(self, model_path: str | Path, providers: list[str] | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise SegmenterError("Background removal needs onnxruntime: pip install 'dbnb[prep]' "
-                                 "(onnxruntime-gpu on a GPU machine), or set remove_background=false.") from None
-        path = Path(model_path)
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers or _providers(ort))
-        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own exception types
-            raise SegmenterError(f"segmentation_model {path}: onnxruntime cannot load it ({e}). Use "
-                                 f"{MODEL_FILE} from the skytnt/anime-seg repo.") from None
-        inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
-        self.size = inp.shape[-1] if isinstance(inp.shape[-1], int) else DEFAULT_SIZE
-        # What a cached result depends on: the model file's content, cheaply (size + head).
-        with open(path, "rb") as f:
-            head = f.read(1 << 16)
-        self.name = f"{path.name}:{path.stat().st_size}:{hashlib.sha1(head).hexdigest()[:10]}"
+        self.model = OnnxModel(model_path, "segmentation_model", SegmenterError,
+                               hint=f"Use {MODEL_FILE} from the skytnt/anime-seg repo.",
+                               purpose="Background removal", alternative="set remove_background=false",
+                               session_providers=providers)
+        self.input_name, self.name = self.model.input_name, self.model.name
+        self.size = self.model.dim(-1, DEFAULT_SIZE)
 
     def __call__(self, rgb: Image.Image) -> Image.Image:
         batch, (top, left, h, w) = letterbox(rgb, self.size)
-        out = self.session.run(None, {self.input_name: batch})[0]
+        out = self.model.run(batch)
         mask = np.asarray(out, dtype=np.float32).reshape(out.shape[-2:])[top:top + h, left:left + w]
         mask = Image.fromarray(np.ascontiguousarray(mask)).resize(rgb.size, Image.Resampling.BILINEAR)
         return Image.fromarray((np.clip(np.asarray(mask), 0, 1) * 255 + 0.5).astype(np.uint8))
-
-
-def _providers(ort) -> list[str]:
-    """CUDA when onnxruntime-gpu sees a GPU, else CPU (never TensorRT: it compiles for minutes)."""
-    available = ort.get_available_providers()
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def letterbox(rgb: Image.Image, size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
@@ -79,24 +60,8 @@ def composite(rgb: Image.Image, mask: Image.Image, background: str) -> Image.Ima
 
 def model_path(setting: str) -> Path:
     """`segmentation_model`: a local .onnx, a folder holding isnetis.onnx, or a Hub repo id."""
-    local = Path(setting).expanduser()
-    if local.is_file():
-        return local
-    if local.is_dir():
-        if (local / MODEL_FILE).is_file():
-            return local / MODEL_FILE
-        raise SegmenterError(f"segmentation_model {local} is a folder without {MODEL_FILE}.")
-    if setting.count("/") != 1 or setting.endswith(".onnx"):
-        raise SegmenterError(f"segmentation_model {setting!r} is neither an existing .onnx file nor a Hub repo "
-                             "id like 'skytnt/anime-seg'. Check the path (on Colab: is Drive mounted?).")
-    from huggingface_hub import hf_hub_download
-
-    try:
-        return Path(hf_hub_download(setting, MODEL_FILE))
-    except Exception as e:  # noqa: BLE001 — offline, 404, auth: the advice is the same
-        raise SegmenterError(f"segmentation_model {setting!r}: cannot download {MODEL_FILE} ({e}). "
-                             f"Download it once and set segmentation_model=/path/to/{MODEL_FILE}, "
-                             "or set remove_background=false.") from None
+    return model_files("segmentation_model", setting, (MODEL_FILE,), SegmenterError,
+                       offline_hint="set remove_background=false")[MODEL_FILE]
 
 
 def load_segmenter(setting: str) -> Segmenter:
