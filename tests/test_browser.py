@@ -55,6 +55,10 @@ def train_notebook(tmp_path):
     parameters cell, as papermill injects it."""
     import nbformat
 
+    from dbnb.config import Config
+
+    (tmp_path / "ws").mkdir()
+    Config().save(tmp_path / "ws" / "config.yaml")  # what notebook 01 leaves in the workspace
     nb = nbformat.read(ROOT / "notebooks" / "04_train.ipynb", as_version=4)
     parameters = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(parameters + 1, nbformat.v4.new_code_cell(f"workspace = {str(tmp_path / 'ws')!r}"))
@@ -165,6 +169,11 @@ def test_train_notebook_form_renders_and_edits_reach_the_config(lab, chromium, t
         field.send_keys(Keys.CONTROL, "a")
         field.send_keys("2e-06", Keys.TAB)
         time.sleep(1)  # the widget syncs its value to the kernel on change
+        # Its help is a line on screen under the field (a tooltip would not show in JupyterLab 4).
+        help_line = chromium.find_element(By.XPATH, "//div[contains(@class,'dbnb-help')][code='learning_rate']")
+        chromium.execute_script("arguments[0].scrollIntoView({block: 'center'})", help_line)
+        assert help_line.is_displayed() and help_line.size["height"] >= 20, help_line.size
+        assert "1e-6" in help_line.text and "学習率" in help_line.text, help_line.text
         chromium.save_screenshot(str(tmp_path / "form-edited.png"))
         printed = chromium.execute_async_script(IN_KERNEL, "print(form.config().learning_rate)")
         assert printed.strip() == "2e-06", printed
