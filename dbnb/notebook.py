@@ -83,9 +83,10 @@ def open_step(step: str, workspace: str = "", namespace: dict | None = None) -> 
               f"/ {name} はノート {STEPS[owner(name)]} で設定します。")
     known = {**Config().to_dict(), **(read_config_file(saved) if saved.is_file() else {}), **values}
     for name, pattern in FROM_TOKENS.items():
-        if owner(name) == step and not known.get(name):
-            values[name] = pattern.format(**known).strip()
-            print(f"{name}: {values[name]!r} (from the tokens of notebook {STEPS['dataset']})")
+        filled = pattern.format(**known).strip()
+        if owner(name) == step and not known.get(name) and filled:
+            values[name] = filled
+            print(f"{name}: {filled!r} (from the tokens of notebook {STEPS['dataset']})")
     config = load_workspace(ws, values, step=step)
     return ws, config
 
