@@ -466,6 +466,8 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                         on_step({**record, "last": cancelled or s.step == s.max_steps})
                 due = config.save_every_steps and s.step % config.save_every_steps == 0
                 if due or cancelled or s.step == s.max_steps:
+                    if bad := non_finite_part(s):
+                        raise diverged(s, f"A value in the {bad}", "inf or NaN", at=s.step)
                     if acc.is_main_process:
                         saved.append(save_checkpoint(s.run, s.step, s.micro_step, acc.unwrap_model(s.unet),
                                                      acc.unwrap_model(s.text_encoder), s.optimizer,
@@ -502,15 +504,19 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
             loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, latents, ids, g, config,
                                   s.pipe.vae.config.scaling_factor, acc.device, train_te)
             if not torch.isfinite(loss):
-                raise diverged(s, loss.item())
+                raise diverged(s, "Loss", loss.item())
             acc.backward(loss)
             grad_norm = None
-            if acc.sync_gradients and config.max_grad_norm > 0:
-                params = [p for group in s.optimizer.param_groups for p in group["params"]]
-                grad_norm = float(acc.clip_grad_norm_(params, config.max_grad_norm))
+            if acc.sync_gradients and not config.optimizer_in_backward:
+                grad_norm = gradient_norm(acc, s.optimizer, config.max_grad_norm)
+                # before the step, so the weights in memory stay the last good ones
+                if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+                    raise diverged(s, "The gradient norm", grad_norm)
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             grad_norm = getattr(s.optimizer, "grad_norm", grad_norm)  # in-backward: measured in the hooks
+            if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+                raise diverged(s, "The gradient norm", grad_norm)
         s.micro_step += 1
         if acc.sync_gradients:
             break
@@ -521,13 +527,49 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     return loss.item(), grad_norm
 
 
-def diverged(s: Session, loss: float) -> TrainingError:
+def gradient_norm(acc, optimizer, max_norm: float) -> float | None:
+    """The global gradient norm before clipping (and clip when max_norm > 0). Under fp16's
+    loss scaling an inf norm is routine (the scaler skips that step), so it is measured only
+    where clipping unscales the gradients anyway."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if max_norm > 0:
+        return float(acc.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    if acc.scaler is not None or not grads:
+        return None
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
+def non_finite_part(s: Session) -> str:
+    """Which trained tensors hold an inf or NaN ("" when none): checked before every save."""
+    acc = s.accelerator
+    parts = {"UNet weights": list(acc.unwrap_model(s.unet).parameters())}
+    if s.config.train_text_encoder:
+        parts["text encoder weights"] = list(acc.unwrap_model(s.text_encoder).parameters())
+    if s.ema is not None:
+        parts["EMA weights"] = list(s.ema.shadow_params)
+    parts["optimizer state"] = [t for state in s.optimizer.state_dict()["state"].values()
+                                for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    for name, tensors in parts.items():
+        if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            return name
+    return ""
+
+
+def diverged(s: Session, what: str, value, at: int | None = None) -> TrainingError:
+    # The checkpoint of the last completed step holds the weights that led to this value, so
+    # the last good one is older.
     found = s.run.checkpoints()
-    last = found[-1][1] if found else "none yet"
+    led_here = [p for step, p in found if step == s.step]
+    good = [p for step, p in found if step < s.step]
     return TrainingError(
-        f"Loss became {loss} at step {s.step + 1}: training diverged. Likely cause: learning_rate "
+        f"{what} became {value} at step {at or s.step + 1}: training diverged. Likely cause: learning_rate "
         f"{s.config.learning_rate:g} too high, or fp16 overflow (try mixed_precision=bf16 on A100/H100, "
-        f"or no). Nothing after the last good checkpoint was saved; last checkpoint: {last}.")
+        "or no). Nothing from this step was saved"
+        + (f"; {led_here[0].name} holds the weights that led here" if led_here else "")
+        + (f". The last good checkpoint is {good[-1]} (sample or export it with its step)" if good else
+           ". No earlier checkpoint is good")
+        + ". Start a new run_name with a lower learning_rate.")
 
 
 def forget_accelerator_state() -> None:
