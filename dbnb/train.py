@@ -86,6 +86,16 @@ def check_resume_config(run: RunFolder, config: Config) -> None:
                           "or start a new run_name.")
 
 
+def check_steps_left(checkpoint: Path, max_steps: int, config: Config) -> None:
+    done = json.loads((checkpoint / "state" / "trainer.json").read_text(encoding="utf-8"))["step"]
+    if done >= max_steps:
+        what = (f"num_train_epochs={config.num_train_epochs} ({max_steps} steps)" if config.num_train_epochs > 0
+                else f"max_train_steps={max_steps}")
+        raise TrainingError(f"Resuming {checkpoint}: the run is already at step {done}, "
+                            + ("which is" if done == max_steps else "past") + f" {what}; nothing to train. "
+                            "Raise it to train further, or sample / export the run as it is.")
+
+
 # --- models ------------------------------------------------------------------------------------
 
 def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype):
@@ -402,6 +412,8 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     unet, text_encoder = pipe.unet, pipe.text_encoder
     batches = read_images(config, pipe.tokenizer, examples)
     max_steps = total_steps(config, batches.epoch_len, world)
+    if resume_from is not None:
+        check_steps_left(resume_from, max_steps, config)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.
     optimizer = make_optimizer(config, unet, text_encoder, world, device)
@@ -473,6 +485,12 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                                                      acc.unwrap_model(s.text_encoder), s.optimizer,
                                                      s.lr_scheduler, s.ema, config))
                     acc.wait_for_everyone()
+        except KeyboardInterrupt:
+            if not flag["cancel"]:  # not ours (a notebook's interrupt outside the handler): as it was
+                raise
+            found = s.run.checkpoints()
+            raise TrainingError(f"Stopped at step {s.step} without saving (Ctrl-C twice); last checkpoint: "
+                                f"{found[-1][1] if found else 'none'}.") from None
         except torch.OutOfMemoryError as e:
             raise TrainingError(f"Out of GPU memory at step {s.step + 1}. {memory_advice(config)}") from e
         except OSError as e:  # the log or a preview, written every few steps

@@ -241,6 +241,9 @@ def test_an_existing_run_needs_resume(make_config):
         train(config, progress=False)
     with pytest.raises(ConfigError, match="learning_rate"):
         train(config.replace(learning_rate=2e-4, max_train_steps=3), resume="latest", progress=False)
+    for steps, said in ((1, "past max_train_steps=1"), (2, "which is max_train_steps=2")):
+        with pytest.raises(TrainingError, match=f"already at step 2, {said}; nothing to train"):
+            train(config.replace(max_train_steps=steps), resume="latest", progress=False)
     result = train(config.replace(max_train_steps=3), resume="latest", progress=False)
     assert result.step == 3
 
@@ -449,6 +452,20 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch,
         os.utime(run.lock_path, (old, old))
         time.sleep(0.5)
         assert time.time() - run.lock_path.stat().st_mtime < 5
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(make_config, tmp_path):
+    config = make_config(max_train_steps=500, save_every_steps=0, run_name="twice")
+    proc = subprocess.Popen(_cli(config, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "runs" / "twice" / "logs" / "train.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("dbnb: Stopped at step ")
+    assert "without saving (Ctrl-C twice); last checkpoint: none." in err
+    assert not list((tmp_path / "runs" / "twice" / "checkpoints").iterdir())  # no half-written save either
 
 
 def test_two_process_cpu_ddp_completes(make_config, tmp_path):
