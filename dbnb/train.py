@@ -311,15 +311,30 @@ def memory_advice(config: Config) -> str:
         "Every memory option is already on: use a GPU with more VRAM or a lower resolution."
 
 
-def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Path:
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def preview_pipeline(pipe, unet):
+    """The pipeline previews render with: the training UNet, and every other part on its
+    device (cache_latents parks the VAE on the CPU, where a CUDA UNet's latents cannot reach it)."""
     from diffusers import DPMSolverMultistepScheduler
 
+    parts = {**pipe.components, "unet": unet,
+             "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)}
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module) and _device(part) != _device(unet):
+            part.to(_device(unet))
+    sampler = pipe.__class__(**parts, requires_safety_checker=False)
+    sampler.set_progress_bar_config(disable=True)
+    return sampler
+
+
+def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Path:
     from dbnb.sample import render, save_previews
 
-    sampler = pipe.__class__(**{**pipe.components, "unet": unet,
-                                "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)},
-                             requires_safety_checker=False)
-    sampler.set_progress_bar_config(disable=True)
+    parked = {name: _device(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    sampler = preview_pipeline(pipe, unet)
     was_training = unet.training
     unet.eval()
     try:
@@ -330,6 +345,9 @@ def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Pat
                              config.sample_guidance_scale, config.sample_steps, config.resolution)
     finally:
         unet.train(was_training)
+        for name, device in parked.items():  # back where they were parked, to free the VRAM again
+            if name != "unet" and _device(pipe.components[name]) != device:
+                pipe.components[name].to(device)
     return save_previews(results, run.samples_dir(step), cols=config.num_samples)
 
 

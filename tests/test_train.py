@@ -189,6 +189,21 @@ def test_gradient_clipping_really_clips(make_config):
     assert clipped < 0.1 * free
 
 
+def test_the_preview_pipeline_has_every_part_on_the_unets_device(tiny_dir):
+    """cache_latents parks the VAE on the CPU while the UNet trains on the GPU; previews must
+    not mix the two. The meta device stands in for the GPU, so CPU-only CI guards it."""
+    from dbnb.models import load_pipeline
+    from dbnb.train import preview_pipeline
+
+    pipe = load_pipeline(str(tiny_dir))
+    unet = pipe.unet.to("meta")
+    sampler = preview_pipeline(pipe, unet)
+    modules = {name: part for name, part in sampler.components.items() if isinstance(part, torch.nn.Module)}
+    assert set(modules) >= {"unet", "vae", "text_encoder"}
+    assert {name: next(m.parameters()).device.type for name, m in modules.items()} == \
+        {name: "meta" for name in modules}
+
+
 def test_settings_that_cannot_work_say_what_to_change(make_config):
     with pytest.raises(ConfigError, match="mixed_precision=no"):
         train(make_config(mixed_precision="fp16"), progress=False)
