@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
-from dbnb import data
+from dbnb import data, divergence
 from dbnb.checkpoints import (RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
 from dbnb.config import FIELDS, Config, ConfigError
@@ -544,7 +544,7 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
             acc.backward(loss)
             grad_norm = None
             if acc.sync_gradients and not config.optimizer_in_backward:
-                grad_norm = gradient_norm(acc, s.optimizer, config.max_grad_norm)
+                grad_norm = divergence.gradient_norm(acc, s.optimizer, config.max_grad_norm)
                 # before the step, so the weights in memory stay the last good ones
                 if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
                     raise diverged(s, "The gradient norm", grad_norm)
@@ -563,19 +563,6 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     return loss.item(), grad_norm
 
 
-def gradient_norm(acc, optimizer, max_norm: float) -> float | None:
-    """The global gradient norm before clipping (and clip when max_norm > 0). Under fp16's
-    loss scaling an inf norm is routine (the scaler skips that step), so it is measured only
-    where clipping unscales the gradients anyway."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    if max_norm > 0:
-        return float(acc.clip_grad_norm_(params, max_norm))
-    grads = [p.grad for p in params if p.grad is not None]
-    if acc.scaler is not None or not grads:
-        return None
-    return float(torch.nn.utils.get_total_norm(grads))
-
-
 def non_finite_part(s: Session) -> str:
     """Which trained tensors hold an inf or NaN ("" when none): checked before every save."""
     acc = s.accelerator
@@ -584,28 +571,13 @@ def non_finite_part(s: Session) -> str:
         parts["text encoder weights"] = list(acc.unwrap_model(s.text_encoder).parameters())
     if s.ema is not None:
         parts["EMA weights"] = list(s.ema.shadow_params)
-    parts["optimizer state"] = [t for state in s.optimizer.state_dict()["state"].values()
-                                for t in state.values() if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    for name, tensors in parts.items():
-        if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
-            return name
-    return ""
+    parts["optimizer state"] = divergence.optimizer_tensors(s.optimizer)
+    return divergence.first_non_finite(parts)
 
 
 def diverged(s: Session, what: str, value, at: int | None = None) -> TrainingError:
-    # The checkpoint of the last completed step holds the weights that led to this value, so
-    # the last good one is older.
-    found = s.run.checkpoints()
-    led_here = [p for step, p in found if step == s.step]
-    good = [p for step, p in found if step < s.step]
-    return TrainingError(
-        f"{what} became {value} at step {at or s.step + 1}: training diverged. Likely cause: learning_rate "
-        f"{s.config.learning_rate:g} too high, or fp16 overflow (try mixed_precision=bf16 on A100/H100, "
-        "or no). Nothing from this step was saved"
-        + (f"; {led_here[0].name} holds the weights that led here" if led_here else "")
-        + (f". The last good checkpoint is {good[-1]} (sample or export it with its step)" if good else
-           ". No earlier checkpoint is good")
-        + ". Start a new run_name with a lower learning_rate.")
+    return TrainingError(divergence.message(what, value, at or s.step + 1, s.step, s.run.checkpoints(),
+                                            s.config.learning_rate))
 
 
 def forget_accelerator_state() -> None:
