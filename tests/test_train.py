@@ -93,6 +93,68 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
     assert two - one == pytest.approx(class_term, rel=1e-5)
 
 
+def _text_encoder(run_dir, step):
+    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "text_encoder" / "model.safetensors")
+
+
+def _differ(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_text_encoder_freezes_it_after_its_fraction_of_the_run(make_config):
+    result = train(make_config(max_train_steps=4, save_every_steps=1, train_text_encoder=True,
+                               text_encoder_lr=1e-3, stop_text_encoder=0.5), progress=False)
+    te = [_text_encoder(result.run_dir, s) for s in range(1, 5)]
+    unet = [unet_weights(result.run_dir, s) for s in range(1, 5)]
+    assert _differ(te[0], te[1])  # trained for the first half
+    assert not _differ(te[1], te[2]) and not _differ(te[2], te[3])  # then frozen
+    assert _differ(unet[2], unet[3])  # while the UNet goes on
+
+
+def test_gradient_accumulation_steps_once_per_group_and_scale_lr_multiplies(make_config):
+    result = train(make_config(max_train_steps=3, gradient_accumulation_steps=2, scale_lr=True,
+                               save_every_steps=0), progress=False)
+    state = result.run_dir / "checkpoints" / "step-000003" / "state"
+    assert json.loads((state / "trainer.json").read_text())["micro_step"] == 6
+    optimizer = torch.load(state / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {3.0}  # 3 updates from 6 micro-batches
+    log = [json.loads(x) for x in (result.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[0]["lr"] == pytest.approx(1e-4 * 1 * 2)  # learning_rate x batch x accumulation x processes
+
+
+def test_num_train_epochs_sets_the_length_from_the_dataset(make_config):
+    # 3 instance images, batch 2: 2 steps an epoch, 3 epochs
+    result = train(make_config(num_train_epochs=3, train_batch_size=2, max_train_steps=1), progress=False)
+    assert result.step == result.max_steps == 6
+
+
+def test_without_the_latent_cache_training_computes_the_same(make_config):
+    cached = train(make_config(max_train_steps=4, run_name="cached", hflip=True), progress=False)
+    live = train(make_config(max_train_steps=4, run_name="live", hflip=True, cache_latents=False), progress=False)
+    # the losses tell the batches apart (a missed flip or scaling moves them by far more); Adam
+    # turns float noise in near-zero gradients into up to one lr step, so weights only roughly
+    losses = [[json.loads(x)["loss"] for x in (r.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
+              for r in (cached, live)]
+    assert losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)  # (nearly) the same weights yet
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    a, b = unet_weights(cached.run_dir, 4), unet_weights(live.run_dir, 4)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
+
+
+def test_resume_with_a_trained_text_encoder_matches_the_straight_run(make_config):
+    settings = dict(save_every_steps=2, train_text_encoder=True, text_encoder_lr=1e-3)
+    straight = train(make_config(max_train_steps=4, run_name="straight", **settings), progress=False)
+    half = make_config(max_train_steps=2, run_name="halves", **settings)
+    train(half, progress=False)
+    resumed = train(half.replace(max_train_steps=4), resume="latest", progress=False)
+    for load in (unet_weights, _text_encoder):
+        a, b = load(straight.run_dir, 4), load(resumed.run_dir, 4)
+        assert _differ(load(straight.run_dir, 2), a)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_ema_is_saved_and_differs_from_the_raw_weights(make_config):
     result = train(make_config(use_ema=True, ema_decay=0.5, max_train_steps=3), progress=False)
     raw, ema = unet_weights(result.run_dir, 3), unet_weights(result.run_dir, 3, "unet_ema")
