@@ -168,9 +168,9 @@ def save_numbered(folder: Path, k: int, png: bytes, caption: str) -> Path:
 
 
 def prepare_folder(folder: Path, count: int, resolution: int) -> None:
-    from dbnb.env import check_free_space
+    from dbnb.env import check_free_space, check_writable
 
-    folder.mkdir(parents=True, exist_ok=True)
+    check_writable(folder, "class images")
     check_free_space(folder, int(count * PNG_BYTES_512 * (resolution / 512) ** 2), f"{count} class images")
 
 
@@ -351,7 +351,9 @@ def import_class_images(config) -> list[Path]:
     folder = class_folder(config)
     if Path(source).expanduser().resolve() == folder.resolve():
         return existing_images(folder)  # already in place: nothing to copy
-    folder.mkdir(parents=True, exist_ok=True)
+    from dbnb.env import check_writable
+
+    check_writable(folder, "class images")
     with tempfile.TemporaryDirectory(prefix="dbnb-classimport-") as tmp:
         try:
             fetched = fetch_images(source, Path(tmp))

@@ -577,6 +577,13 @@ def _value_problems(c: Config) -> list[str]:
                      "images to use (the seed: 10x the instance images).")
     if not c.pretrained_model_name_or_path:
         p.append("pretrained_model_name_or_path is empty: name the base model (folder, repo id, file or URL).")
+    if not c.run_name.strip() or c.run_name.strip() in (".", "..") or any(ch in c.run_name for ch in "/\\"):
+        p.append(f"run_name: {c.run_name!r} must be a plain folder name (no '/', '..' or absolute path; not "
+                 "empty): the run folder is output_dir/run_name, so put the path in output_dir.")
+    for name in ("instance_prompt", "class_prompt", "instance_token", "class_token"):
+        value = getattr(c, name)
+        if value and not value.strip():
+            p.append(f"{name}: {value!r} is only spaces; set the words (or leave it empty).")
     return p
 
 

@@ -160,7 +160,7 @@ def examples_for(concepts: list[Concept], with_class: bool,
                  skip_bad: bool = False) -> tuple[list[Example], list[Example]]:
     instance, klass = [], []
     for c in concepts:
-        if not c.instance_prompt:
+        if not c.instance_prompt.strip():
             raise DatasetError(f"instance_prompt is empty for {c.instance_data_dir}: set the prompt that "
                                "will call the character (e.g. 'nanU Unan').")
         images = usable_images(list_images(c.instance_data_dir, "instance_data_dir"), "instance_data_dir", skip_bad)

@@ -187,6 +187,24 @@ def check_free_space(path: str | os.PathLike[str], needed_bytes: int, what: str)
     return free
 
 
+class NotWritableError(DbnbError, OSError):
+    """A folder dbnb must write into cannot be written (read-only, a file in the path, Drive gone)."""
+
+
+def check_writable(folder: str | os.PathLike[str], what: str) -> None:
+    """Make `folder` (and its parents) and prove a file can be written there, before the
+    minutes of work whose result would go there."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".dbnb-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise NotWritableError(f"Cannot write {what} to {folder}: {e.strerror or e}. Choose another folder, or "
+                               "check the mount (on Colab: is Drive still mounted?).") from None
+
+
 def is_disk_full(e: BaseException) -> bool:
     """Whether a failed write ran out of disk. torch.save says so only as 'unexpected pos'
     (its zip writer), safetensors as 'os error 28'."""

@@ -19,7 +19,7 @@ import torch
 from dbnb.errors import DbnbError
 from dbnb import __version__
 from dbnb.checkpoints import RunFolder
-from dbnb.layout import original_state_dict, write_single_file
+from dbnb.layout import original_state_dict, remove_leftovers, write_single_file
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = ("safetensors", "ckpt")
@@ -191,6 +191,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
         default, base_model, info, step = Path("exports"), str(source), {}, None
     state = original_state_dict(unet, vae_sd, text)
     folder = destination_folder(to, label, default)
+    remove_leftovers(folder)  # an export killed earlier: its hidden half-file holds the disk
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder, stem, f".{fmt}", overwrite)
     metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": base_model,
@@ -224,9 +225,12 @@ def convert(single_file: str | Path, out_dir: str | Path) -> Path:
     from dbnb.models import load_pipeline
     from dbnb.tiny import save_tokenizer
 
+    from dbnb.env import check_writable
+
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new folder.")
+    check_writable(out_dir.parent, "the diffusers folder")
     pipe = load_pipeline(str(single_file))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)

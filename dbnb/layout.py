@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import uuid
 from pathlib import Path
@@ -322,6 +323,26 @@ def _save_ckpt(tmp: Path, state_dict: Mapping[str, torch.Tensor],
 
 
 _WRITERS = {".safetensors": _save_safetensors, ".ckpt": _save_ckpt}
+
+
+# What write_single_file names its file while writing it; and how long a live writer's file
+# can go unchanged before a leftover of a killed one is assumed.
+TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
+IDLE_WRITER_S = 120
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden temporary files a killed write left in `folder` (a GB each)."""
+    import time
+
+    folder, removed = Path(folder), []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if TMP_NAME.match(p.name) and p.is_file() and time.time() - p.stat().st_mtime > IDLE_WRITER_S:
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],

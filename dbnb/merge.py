@@ -51,8 +51,8 @@ import torch
 
 from dbnb.errors import DbnbError
 from dbnb import __version__
-from dbnb.layout import (ORIGINAL_PREFIXES, vae_tensor, text_encoder_key_map, unet_key_map, vae_key_map,
-                         write_single_file)
+from dbnb.layout import (ORIGINAL_PREFIXES, remove_leftovers, text_encoder_key_map, unet_key_map, vae_key_map,
+                         vae_tensor, write_single_file)
 from dbnb import weights
 from dbnb.models import ModelLoadError, load_checkpoint_file, resolve_source, sd1_variant
 
@@ -176,7 +176,7 @@ def coefficients(n: int, weights: Sequence[float] | None = None, *, mode: str = 
     total = sum(weights)
     if abs(total) < 1e-12:
         raise MergeError(f"weights {weights} sum to 0, so they cannot be normalised; use normalize=False "
-                         "to apply them as given.")
+                         "(CLI: --as-given) to apply them as given.")
     return [w / total for w in weights]
 
 
@@ -457,10 +457,15 @@ def _outputs(out_file, out_dir, name: str, overwrite: bool) -> tuple[Path | None
     if file is not None and file.suffix.lower() not in (".safetensors", ".ckpt"):
         raise MergeError(f"{file}: the merged file must end in .safetensors or .ckpt.")
     if file is not None and file.exists() and not overwrite:
-        raise MergeError(f"{file} exists; choose another name or pass overwrite=True.")
+        raise MergeError(f"{file} exists; choose another name or pass overwrite=True (CLI: --overwrite).")
     folder = Path(out_dir).expanduser() if out_dir is not None else None
     if folder is not None and folder.exists() and any(folder.iterdir()):
         raise MergeError(f"{folder} exists and is not empty; choose a new folder for the diffusers model.")
+    from dbnb.env import check_writable
+
+    for target in (file, folder):
+        if target is not None:  # before the inputs are read and merged, which takes minutes
+            check_writable(target.parent, "the merged model")
     return file, folder
 
 
@@ -519,6 +524,7 @@ def _write(state, info, file: Path | None, folder: Path | None, log) -> tuple[st
     from dbnb.env import check_free_space
 
     target = file or folder.with_name(f".{folder.name}.merge.safetensors")  # folder only: a scratch file
+    remove_leftovers(target.parent)  # a merge killed earlier: its hidden half-file holds the disk
     check_free_space(target.parent, sum(t.numel() * t.element_size() for t in state.values()), "the merged model")
     write_single_file(target, state, metadata=_metadata(info))
     state.clear()  # the caller's dict: frees the result before the folder is built from the file

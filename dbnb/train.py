@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
-from dbnb import data
+from dbnb import data, divergence
 from dbnb.checkpoints import (RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
 from dbnb.config import FIELDS, Config, ConfigError
@@ -92,6 +92,16 @@ def check_resume_config(run: RunFolder, config: Config) -> None:
         raise ConfigError(f"Resuming {run.root} with different settings: {', '.join(changed)} "
                           f"(saved in {run.config_path}). Use the run's own config to resume, "
                           "or start a new run_name.")
+
+
+def check_steps_left(checkpoint: Path, max_steps: int, config: Config) -> None:
+    done = json.loads((checkpoint / "state" / "trainer.json").read_text(encoding="utf-8"))["step"]
+    if done >= max_steps:
+        what = (f"num_train_epochs={config.num_train_epochs} ({max_steps} steps)" if config.num_train_epochs > 0
+                else f"max_train_steps={max_steps}")
+        raise TrainingError(f"Resuming {checkpoint}: the run is already at step {done}, "
+                            + ("which is" if done == max_steps else "past") + f" {what}; nothing to train. "
+                            "Raise it to train further, or sample / export the run as it is.")
 
 
 # --- models ------------------------------------------------------------------------------------
@@ -318,19 +328,32 @@ def memory_advice(config: Config) -> str:
         "Every memory option is already on: use a GPU with more VRAM or a lower resolution."
 
 
-def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Path:
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def preview_pipeline(pipe, unet):
+    """The pipeline previews render with: the training UNet, and every other part on its
+    device (cache_latents parks the VAE on the CPU, where a CUDA UNet's latents cannot reach it)."""
     from diffusers import DPMSolverMultistepScheduler
 
+    parts = {**pipe.components, "unet": unet,
+             "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)}
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module) and _device(part) != _device(unet):
+            part.to(_device(unet))
+    sampler = pipe.__class__(**parts, requires_safety_checker=False)
+    sampler.set_progress_bar_config(disable=True)
+    return sampler
+
+
+def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Path:
     from dbnb.sample import render, save_previews
 
-    sampler = pipe.__class__(**{**pipe.components, "unet": unet,
-                                "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)},
-                             requires_safety_checker=False)
-    sampler.set_progress_bar_config(disable=True)
+    parked = {name: _device(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    sampler = preview_pipeline(pipe, unet)
     was_training = unet.training
     unet.eval()
-    vae_device = pipe.vae.device  # the latent cache moved it off the GPU; decoding needs it beside the UNet
-    pipe.vae.to(unet.device)
     try:
         with torch.autocast(unet.device.type, enabled=config.mixed_precision != "no",
                             dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16):
@@ -339,7 +362,9 @@ def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Pat
                              config.sample_guidance_scale, config.sample_steps, config.resolution)
     finally:
         unet.train(was_training)
-        pipe.vae.to(vae_device)
+        for name, device in parked.items():  # back where they were parked, to free the VRAM again
+            if name != "unet" and _device(pipe.components[name]) != device:
+                pipe.components[name].to(device)
     return save_previews(results, run.samples_dir(step), cols=config.num_samples)
 
 
@@ -424,6 +449,8 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     unet, text_encoder = pipe.unet, pipe.text_encoder
     batches = read_images(config, pipe.tokenizer, examples)
     max_steps = total_steps(config, batches.epoch_len, world)
+    if resume_from is not None:
+        check_steps_left(resume_from, max_steps, config)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.
     optimizer = make_optimizer(config, unet, text_encoder, world, device)
@@ -488,11 +515,19 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                         on_step({**record, "max_steps": s.max_steps, "last": cancelled or s.step == s.max_steps})
                 due = config.save_every_steps and s.step % config.save_every_steps == 0
                 if due or cancelled or s.step == s.max_steps:
+                    if bad := non_finite_part(s):
+                        raise diverged(s, f"A value in the {bad}", "inf or NaN", at=s.step)
                     if acc.is_main_process:
                         saved.append(save_checkpoint(s.run, s.step, s.micro_step, acc.unwrap_model(s.unet),
                                                      acc.unwrap_model(s.text_encoder), s.optimizer,
                                                      s.lr_scheduler, s.ema, config))
                     acc.wait_for_everyone()
+        except KeyboardInterrupt:
+            if not flag["cancel"]:  # not ours (a notebook's interrupt outside the handler): as it was
+                raise
+            found = s.run.checkpoints()
+            raise TrainingError(f"Stopped at step {s.step} without saving (Ctrl-C twice); last checkpoint: "
+                                f"{found[-1][1] if found else 'none'}.") from None
         except torch.OutOfMemoryError as e:
             raise TrainingError(f"Out of GPU memory at step {s.step + 1}. {memory_advice(config)}") from e
         except OSError as e:  # the log or a preview, written every few steps
@@ -524,15 +559,19 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
             loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, latents, ids, g, config,
                                   s.pipe.vae.config.scaling_factor, acc.device, train_te, mask)
             if not torch.isfinite(loss):
-                raise diverged(s, loss.item())
+                raise diverged(s, "Loss", loss.item())
             acc.backward(loss)
             grad_norm = None
-            if acc.sync_gradients and config.max_grad_norm > 0:
-                params = [p for group in s.optimizer.param_groups for p in group["params"]]
-                grad_norm = float(acc.clip_grad_norm_(params, config.max_grad_norm))
+            if acc.sync_gradients and not config.optimizer_in_backward:
+                grad_norm = divergence.gradient_norm(acc, s.optimizer, config.max_grad_norm)
+                # before the step, so the weights in memory stay the last good ones
+                if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+                    raise diverged(s, "The gradient norm", grad_norm)
             s.optimizer.step()
             s.optimizer.zero_grad(set_to_none=True)
             grad_norm = getattr(s.optimizer, "grad_norm", grad_norm)  # in-backward: measured in the hooks
+            if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+                raise diverged(s, "The gradient norm", grad_norm)
         s.micro_step += 1
         if acc.sync_gradients:
             break
@@ -543,13 +582,21 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     return loss.item(), grad_norm
 
 
-def diverged(s: Session, loss: float) -> TrainingError:
-    found = s.run.checkpoints()
-    last = found[-1][1] if found else "none yet"
-    return TrainingError(
-        f"Loss became {loss} at step {s.step + 1}: training diverged. Likely cause: learning_rate "
-        f"{s.config.learning_rate:g} too high, or fp16 overflow (try mixed_precision=bf16 on A100/H100, "
-        f"or no). Nothing after the last good checkpoint was saved; last checkpoint: {last}.")
+def non_finite_part(s: Session) -> str:
+    """Which trained tensors hold an inf or NaN ("" when none): checked before every save."""
+    acc = s.accelerator
+    parts = {"UNet weights": list(acc.unwrap_model(s.unet).parameters())}
+    if s.config.train_text_encoder:
+        parts["text encoder weights"] = list(acc.unwrap_model(s.text_encoder).parameters())
+    if s.ema is not None:
+        parts["EMA weights"] = list(s.ema.shadow_params)
+    parts["optimizer state"] = divergence.optimizer_tensors(s.optimizer)
+    return divergence.first_non_finite(parts)
+
+
+def diverged(s: Session, what: str, value, at: int | None = None) -> TrainingError:
+    return TrainingError(divergence.message(what, value, at or s.step + 1, s.step, s.run.checkpoints(),
+                                            s.config.learning_rate))
 
 
 def forget_accelerator_state() -> None:

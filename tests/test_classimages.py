@@ -77,6 +77,18 @@ def test_generate_writes_numbered_pngs_with_captions_of_the_right_size(make_conf
     assert ci.check_class_images(config).ok
 
 
+def test_an_unwritable_class_folder_is_named_before_the_model_loads(make_config, loads, tmp_path):
+    from dbnb.env import NotWritableError
+
+    (tmp_path / "a-file").write_text("x")
+    config = make_config(class_data_dir=str(tmp_path / "a-file" / "class"))
+    with pytest.raises(NotWritableError, match=r"Cannot write class images to .*a-file/class"):
+        ci.generate_class_images(config, progress=False)
+    with pytest.raises(NotWritableError, match="Cannot write class images"):
+        ci.make_class_images(config.replace(class_images_mode="transparent"))
+    assert loads == []
+
+
 def test_rerun_after_deleting_two_regenerates_only_those_two(make_config, loads):
     # Ancestral sampling draws fresh noise at every step but the last: the hard case.
     config = make_config(class_sampler="euler_a", class_infer_steps=3)

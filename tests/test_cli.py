@@ -28,10 +28,21 @@ def test_make_tiny_model_writes_both_layouts(tmp_path, capsys):
     assert (tmp_path / "m" / "tokenizer" / "vocab.json").is_file()
 
 
-def test_doctor_reports_cpu_only_and_fallbacks(capsys):
-    assert main(["doctor"]) == 0
+def test_doctor_reports_the_device_and_the_fallbacks_it_will_use(capsys):
+    import torch
+
+    from dbnb import env
+
+    code = main(["doctor"])
     out = capsys.readouterr().out
-    assert "training will run on CPU only" in out and "SDPA" in out and "AdamW" in out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        assert code == 0 and "training will run on CPU only" in out
+    else:  # a GPU machine: named, never called CPU-only
+        assert torch.cuda.get_device_name() in out and "CPU only" not in out
+    # a fallback is named exactly when the accelerator does not work here
+    assert ("SDPA" in out) == (not env.check_xformers(device).ok)
+    assert ("torch.optim.AdamW" in out) == (not env.check_bitsandbytes(device).ok)
 
 
 def test_train_errors_are_one_clear_line(tmp_path, capsys):

@@ -60,6 +60,19 @@ def test_each_bad_value_names_its_field(override, field):
         load_config(overrides=[override])
 
 
+@pytest.mark.parametrize("run_name", ["../x", "/abs/run", "", "  ", "a/b", "..", "a\\b"])
+def test_run_name_is_one_folder_name_inside_output_dir(run_name):
+    with pytest.raises(ConfigError, match="run_name: .* must be a plain folder name"):
+        Config(run_name=run_name)
+    assert Config(run_name="花月 run (2)").run_name == "花月 run (2)"
+
+
+@pytest.mark.parametrize("field", ["instance_prompt", "class_prompt", "instance_token", "class_token"])
+def test_whitespace_only_prompts_are_refused(field):
+    with pytest.raises(ConfigError, match=f"{field}: '   ' is only spaces"):
+        Config(**{field: "   "})
+
+
 def test_prior_preservation_needs_class_prompt_folder_and_count():
     with pytest.raises(ConfigError) as e:
         Config(with_prior_preservation=True)

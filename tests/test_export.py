@@ -97,6 +97,31 @@ def test_unwritable_destination_fails_clearly(run_dir, tmp_path):
         export(run_dir, to=str(tmp_path / "a-file" / "exports"))
 
 
+def test_a_killed_exports_hidden_half_file_is_removed_by_the_next_export(run_dir, tmp_path):
+    import os
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = out / ".hnzk_3.safetensors.0123abcd.tmp"  # what write_single_file names it while writing
+    killed.write_bytes(b"\0" * 1000)
+    long_ago = time.time() - 3600
+    os.utime(killed, (long_ago, long_ago))
+    writing = out / ".other.safetensors.89abcdef.tmp"  # another export still writing: left alone
+    writing.write_bytes(b"\0")
+    export(run_dir, to=str(out), precision="fp32")
+    assert not killed.exists() and writing.exists()
+
+
+def test_convert_into_an_unwritable_folder_says_so_before_loading(tiny_dir, tmp_path, capsys):
+    from dbnb.cli import main
+
+    (tmp_path / "a-file").write_text("x")
+    assert main(["convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "a-file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dbnb: Cannot write the diffusers folder to ") and "a-file" in err
+
+
 def test_a_file_that_does_not_verify_is_removed(run_dir, tmp_path, monkeypatch):
     real = export_mod.original_state_dict
 

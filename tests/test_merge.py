@@ -261,8 +261,23 @@ def test_outputs_are_never_silently_replaced(tiny, tmp_path):
     with pytest.raises(MergeError, match="is one of the inputs"):
         run(files[:2], tmp_path, out_file=files[0], overwrite=True)
     run(files[:2], tmp_path)
-    with pytest.raises(MergeError, match="exists"):
+    with pytest.raises(MergeError, match=r"exists; .*overwrite=True \(CLI: --overwrite\)"):
         run(files[:2], tmp_path)
+    with pytest.raises(MergeError, match=r"normalize=False \(CLI: --as-given\)"):
+        run(files[:2], tmp_path, weights=[1.0, -1.0], overwrite=True)
+
+
+def test_an_unwritable_destination_is_named_before_any_work(tiny, tmp_path, capsys):
+    from dbnb.cli import main
+
+    files, _ = tiny
+    (tmp_path / "a-file").write_text("x")
+    for flag in ("--out", "--diffusers"):
+        target = tmp_path / "a-file" / ("m.safetensors" if flag == "--out" else "m")
+        assert main(["merge", str(files[0]), str(files[1]), flag, str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"dbnb: Cannot write the merged model to {target.parent}"), err
+        assert "input" not in err  # refused before reading the inputs
 
 
 # --- hashes, names and the merged model in use ----------------------------------------------------

@@ -1,5 +1,6 @@
 """The trainer on the tiny model, on CPU: real training runs, nothing mocked."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -92,6 +93,68 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
     assert two - one == pytest.approx(class_term, rel=1e-5)
 
 
+def _text_encoder(run_dir, step):
+    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "text_encoder" / "model.safetensors")
+
+
+def _differ(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stop_text_encoder_freezes_it_after_its_fraction_of_the_run(make_config):
+    result = train(make_config(max_train_steps=4, save_every_steps=1, train_text_encoder=True,
+                               text_encoder_lr=1e-3, stop_text_encoder=0.5), progress=False)
+    te = [_text_encoder(result.run_dir, s) for s in range(1, 5)]
+    unet = [unet_weights(result.run_dir, s) for s in range(1, 5)]
+    assert _differ(te[0], te[1])  # trained for the first half
+    assert not _differ(te[1], te[2]) and not _differ(te[2], te[3])  # then frozen
+    assert _differ(unet[2], unet[3])  # while the UNet goes on
+
+
+def test_gradient_accumulation_steps_once_per_group_and_scale_lr_multiplies(make_config):
+    result = train(make_config(max_train_steps=3, gradient_accumulation_steps=2, scale_lr=True,
+                               save_every_steps=0), progress=False)
+    state = result.run_dir / "checkpoints" / "step-000003" / "state"
+    assert json.loads((state / "trainer.json").read_text())["micro_step"] == 6
+    optimizer = torch.load(state / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {3.0}  # 3 updates from 6 micro-batches
+    log = [json.loads(x) for x in (result.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert log[0]["lr"] == pytest.approx(1e-4 * 1 * 2)  # learning_rate x batch x accumulation x processes
+
+
+def test_num_train_epochs_sets_the_length_from_the_dataset(make_config):
+    # 3 instance images, batch 2: 2 steps an epoch, 3 epochs
+    result = train(make_config(num_train_epochs=3, train_batch_size=2, max_train_steps=1), progress=False)
+    assert result.step == result.max_steps == 6
+
+
+def test_without_the_latent_cache_training_computes_the_same(make_config):
+    cached = train(make_config(max_train_steps=4, run_name="cached", hflip=True), progress=False)
+    live = train(make_config(max_train_steps=4, run_name="live", hflip=True, cache_latents=False), progress=False)
+    # the losses tell the batches apart (a missed flip or scaling moves them by far more); Adam
+    # turns float noise in near-zero gradients into up to one lr step, so weights only roughly
+    losses = [[json.loads(x)["loss"] for x in (r.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
+              for r in (cached, live)]
+    assert losses[1][:2] == pytest.approx(losses[0][:2], rel=1e-5)  # (nearly) the same weights yet
+    assert losses[1] == pytest.approx(losses[0], rel=1e-3)
+    a, b = unet_weights(cached.run_dir, 4), unet_weights(live.run_dir, 4)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 2e-4
+
+
+def test_resume_with_a_trained_text_encoder_matches_the_straight_run(make_config):
+    settings = dict(save_every_steps=2, train_text_encoder=True, text_encoder_lr=1e-3)
+    straight = train(make_config(max_train_steps=4, run_name="straight", **settings), progress=False)
+    half = make_config(max_train_steps=2, run_name="halves", **settings)
+    train(half, progress=False)
+    resumed = train(half.replace(max_train_steps=4), resume="latest", progress=False)
+    for load in (unet_weights, _text_encoder):
+        a, b = load(straight.run_dir, 4), load(resumed.run_dir, 4)
+        assert _differ(load(straight.run_dir, 2), a)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
 def test_ema_is_saved_and_differs_from_the_raw_weights(make_config):
     result = train(make_config(use_ema=True, ema_decay=0.5, max_train_steps=3), progress=False)
     raw, ema = unet_weights(result.run_dir, 3), unet_weights(result.run_dir, 3, "unet_ema")
@@ -107,15 +170,71 @@ def test_keep_last_n_drops_old_resume_states_but_keeps_weights(make_config):
     assert [f.name for f in folders if (f / "state").exists()] == ["step-000004", "step-000005"]
 
 
-def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(make_config):
-    config = make_config(max_train_steps=6, save_every_steps=1, learning_rate=1e30, max_grad_norm=0.0)
+def test_nan_guard_names_the_last_checkpoint_that_really_is_good(make_config):
+    # the learning rate climbs until the loss turns NaN (step 12 on the tiny model)
+    config = make_config(max_train_steps=30, save_every_steps=1, learning_rate=10.0, max_grad_norm=0.0,
+                         lr_scheduler="constant_with_warmup", lr_warmup_steps=1000)
     with pytest.raises(TrainingError, match=r"diverged.*learning_rate.*fp16") as e:
         train(config, progress=False)
-    run = config.output_dir + "/run/checkpoints"
+    run = Path(config.output_dir) / "run" / "checkpoints"
     saved = sorted(os.listdir(run))
     failed_at = int(str(e.value).split(" at step ")[1].split(":")[0])
-    assert saved == [f"step-{s:06d}" for s in range(1, failed_at)]  # nothing after the last good step
-    assert f"last checkpoint: {run}/{saved[-1]}" in str(e.value)
+    assert failed_at > 3 and saved == [f"step-{s:06d}" for s in range(1, failed_at)]
+    # the newest checkpoint holds the weights that gave the NaN: the good one is older
+    good = run / f"step-{failed_at - 2:06d}"
+    assert f"step-{failed_at - 1:06d} holds the weights that led here" in str(e.value)
+    assert f"The last good checkpoint is {good}" in str(e.value) and "lower learning_rate" in str(e.value)
+    weights = unet_weights(run.parent, failed_at - 2)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert math.isfinite(fixed_loss(config, weights))
+
+
+def _poison_gradients_at(monkeypatch, call):
+    """A finite loss whose gradient is NaN at the `call`-th micro-step: 0 * sqrt(0) is 0, its
+    derivative 0 * inf."""
+    from dbnb import train as train_module
+
+    real, calls = train_module.diffusion_loss, []
+
+    def loss(unet, *args, **kwargs):
+        value = real(unet, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == call:
+            w = next(unet.parameters())
+            value = value + 0 * torch.sqrt((w - w.detach()).sum())
+        return value
+    monkeypatch.setattr(train_module, "diffusion_loss", loss)
+
+
+def test_a_non_finite_gradient_stops_before_the_step_even_without_clipping(make_config, monkeypatch):
+    _poison_gradients_at(monkeypatch, 3)
+    config = make_config(max_train_steps=5, save_every_steps=1, max_grad_norm=0.0)
+    with pytest.raises(TrainingError, match=r"The gradient norm became nan at step 3: training diverged") as e:
+        train(config, progress=False)
+    run = Path(config.output_dir) / "run"
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-000001", "step-000002"]
+    assert f"The last good checkpoint is {run / 'checkpoints' / 'step-000001'}" in str(e.value)
+    log = [json.loads(x) for x in (run / "logs" / "train.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(r["grad_norm"] > 0 for r in log)  # measured unclipped too
+
+
+def test_non_finite_weights_are_never_saved(make_config, monkeypatch):
+    from dbnb import train as train_module
+
+    real, seen = train_module.diffusion_loss, {}
+    monkeypatch.setattr(train_module, "diffusion_loss", lambda unet, *a, **k: seen.setdefault("unet", unet)
+                        and real(unet, *a, **k))
+
+    def break_a_weight(record):  # a NaN that reached the weights unseen (e.g. a kernel bug)
+        if record["step"] == 2:
+            with torch.no_grad():
+                next(seen["unet"].parameters()).view(-1)[0] = float("nan")
+    config = make_config(max_train_steps=3, save_every_steps=1)
+    with pytest.raises(TrainingError, match=r"A value in the UNet weights became inf or NaN at step 2") as e:
+        train(config, progress=False, on_step=break_a_weight)
+    run = Path(config.output_dir) / "run" / "checkpoints"
+    assert os.listdir(run) == ["step-000001"]
+    assert f"The last good checkpoint is {run / 'step-000001'}" in str(e.value)
 
 
 def test_gradient_clipping_really_clips(make_config):
@@ -128,8 +247,23 @@ def test_gradient_clipping_really_clips(make_config):
         return sum((after[k] - base[k]).abs().sum().item() for k in base), log["grad_norm"]
     free, norm_free = change(0.0, "free")
     clipped, norm = change(1e-9, "clipped")
-    assert norm_free is None and norm > 1e-9  # the pre-clip norm is logged when clipping
+    assert norm_free > 0 and norm > 1e-9  # the pre-clip norm is logged, clipping or not
     assert clipped < 0.1 * free
+
+
+def test_the_preview_pipeline_has_every_part_on_the_unets_device(tiny_dir):
+    """cache_latents parks the VAE on the CPU while the UNet trains on the GPU; previews must
+    not mix the two. The meta device stands in for the GPU, so CPU-only CI guards it."""
+    from dbnb.models import load_pipeline
+    from dbnb.train import preview_pipeline
+
+    pipe = load_pipeline(str(tiny_dir))
+    unet = pipe.unet.to("meta")
+    sampler = preview_pipeline(pipe, unet)
+    modules = {name: part for name, part in sampler.components.items() if isinstance(part, torch.nn.Module)}
+    assert set(modules) >= {"unet", "vae", "text_encoder"}
+    assert {name: next(m.parameters()).device.type for name, m in modules.items()} == \
+        {name: "meta" for name in modules}
 
 
 def test_settings_that_cannot_work_say_what_to_change(make_config):
@@ -184,6 +318,9 @@ def test_an_existing_run_needs_resume(make_config):
         train(config, progress=False)
     with pytest.raises(ConfigError, match="learning_rate"):
         train(config.replace(learning_rate=2e-4, max_train_steps=3), resume="latest", progress=False)
+    for steps, said in ((1, "past max_train_steps=1"), (2, "which is max_train_steps=2")):
+        with pytest.raises(TrainingError, match=f"already at step 2, {said}; nothing to train"):
+            train(config.replace(max_train_steps=steps), resume="latest", progress=False)
     result = train(config.replace(max_train_steps=3), resume="latest", progress=False)
     assert result.step == 3
 
@@ -392,6 +529,20 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch,
         os.utime(run.lock_path, (old, old))
         time.sleep(0.5)
         assert time.time() - run.lock_path.stat().st_mtime < 5
+
+
+def test_a_second_ctrl_c_stops_at_once_with_one_line(make_config, tmp_path):
+    config = make_config(max_train_steps=500, save_every_steps=0, run_name="twice")
+    proc = subprocess.Popen(_cli(config, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "runs" / "twice" / "logs" / "train.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("dbnb: Stopped at step ")
+    assert "without saving (Ctrl-C twice); last checkpoint: none." in err
+    assert not list((tmp_path / "runs" / "twice" / "checkpoints").iterdir())  # no half-written save either
 
 
 def test_two_process_cpu_ddp_completes(make_config, tmp_path):

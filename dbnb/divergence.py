@@ -1,0 +1,49 @@
+"""Telling that a run diverged before its bad weights are saved: the gradient norm before
+each optimizer step, a finiteness check of everything a checkpoint would hold, and which
+saved checkpoint is still good."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def gradient_norm(acc, optimizer, max_norm: float) -> float | None:
+    """The global gradient norm before clipping (and clip when max_norm > 0). Under fp16's
+    loss scaling an inf norm is routine (the scaler skips that step), so there it is measured
+    only where clipping unscales the gradients anyway."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if max_norm > 0:
+        return float(acc.clip_grad_norm_(params, max_norm))
+    grads = [p.grad for p in params if p.grad is not None]
+    if acc.scaler is not None or not grads:
+        return None
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
+def first_non_finite(parts: dict[str, list[torch.Tensor]]) -> str:
+    """The name of the first part holding an inf or NaN, "" when none (one sync per part)."""
+    for name, tensors in parts.items():
+        if tensors and not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            return name
+    return ""
+
+
+def optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [t for state in optimizer.state_dict()["state"].values() for t in state.values()
+            if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def message(what: str, value, at: int, steps_done: int, checkpoints: list[tuple[int, Path]],
+            learning_rate: float) -> str:
+    # The checkpoint of the last completed step holds the weights that led to this value, so
+    # the last good one is older.
+    led_here = [p for step, p in checkpoints if step == steps_done]
+    good = [p for step, p in checkpoints if step < steps_done]
+    return (f"{what} became {value} at step {at}: training diverged. Likely cause: learning_rate "
+            f"{learning_rate:g} too high, or fp16 overflow (try mixed_precision=bf16 on A100/H100, or no). "
+            "Nothing from this step was saved"
+            + (f"; {led_here[0].name} holds the weights that led here" if led_here else "")
+            + (f". The last good checkpoint is {good[-1]} (sample or export it with its step)" if good else
+               ". No earlier checkpoint is good")
+            + ". Start a new run_name with a lower learning_rate.")
