@@ -49,22 +49,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def train_notebook(tmp_path):
-    """The train notebook with the workspace pointed at a temp folder by a cell after the
-    parameters cell, as papermill injects it."""
+def write_train_notebook(folder: Path, config, **parameters) -> tuple[Path, int, int]:
+    """The train notebook with the workspace (holding `config` as notebook 01–03 leave it)
+    and `parameters` set by a cell after the parameters cell, as papermill injects them.
+    Returns the file and the indices of the form cell and the train cell."""
     import nbformat
 
+    ws = folder / "ws"
+    ws.mkdir(exist_ok=True)
+    config.save(ws / "config.yaml")
+    nb = nbformat.read(ROOT / "notebooks" / "04_train.ipynb", as_version=4)
+    index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    source = "\n".join(f"{k} = {v!r}" for k, v in {"workspace": str(ws), **parameters}.items())
+    nb.cells.insert(index + 1, nbformat.v4.new_code_cell(source))
+    nbformat.write(nb, folder / "train.ipynb")
+    form = next(i for i, c in enumerate(nb.cells) if "ConfigForm(" in c.source)
+    train = next(i for i, c in enumerate(nb.cells) if "TrainingView(" in c.source)
+    return folder / "train.ipynb", form, train
+
+
+@pytest.fixture
+def train_notebook(tmp_path):
     from dbnb.config import Config
 
-    (tmp_path / "ws").mkdir()
-    Config().save(tmp_path / "ws" / "config.yaml")  # what notebook 01 leaves in the workspace
-    nb = nbformat.read(ROOT / "notebooks" / "04_train.ipynb", as_version=4)
-    parameters = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    nb.cells.insert(parameters + 1, nbformat.v4.new_code_cell(f"workspace = {str(tmp_path / 'ws')!r}"))
-    nbformat.write(nb, tmp_path / "train.ipynb")
-    form_cell = next(i for i, c in enumerate(nb.cells) if "ConfigForm(" in c.source)
-    return tmp_path / "train.ipynb", form_cell
+    path, form, _ = write_train_notebook(tmp_path, Config())
+    return path, form
 
 
 @pytest.fixture
@@ -124,12 +133,16 @@ PANEL = "const p = window.jupyterapp && window.jupyterapp.shell.currentWidget;"
 KERNEL_IDLE = PANEL + """
     const k = p && p.sessionContext && p.sessionContext.session && p.sessionContext.session.kernel;
     return k && k.status === 'idle'"""
+# Starts the cells and returns at once: waiting here for a long cell would outlast the
+# WebDriver connection's own read timeout (120 s) on a loaded box; callers poll instead.
 RUN_UP_TO = PANEL + """
     const [index, done] = [arguments[0], arguments[arguments.length - 1]];
     p.content.activeCellIndex = index;
+    window.dbnbRunError = null;
     window.jupyterapp.commands.execute('notebook:run-all-above')
       .then(() => window.jupyterapp.commands.execute('notebook:run-cell'))
-      .then(() => done(null), e => done(String(e)));"""
+      .catch(e => { window.dbnbRunError = String(e); });
+    setTimeout(() => done(null), 2000);"""
 # Asks the kernel directly, as the next notebook cell would, and hands back what it printed.
 IN_KERNEL = PANEL + """
     const [code, done] = [arguments[0], arguments[arguments.length - 1]];
@@ -154,6 +167,7 @@ def test_train_notebook_form_renders_and_edits_reach_the_config(lab, chromium, t
         assert error is None, error
         wait_for(chromium, KERNEL_IDLE + " && document.querySelectorAll('.jp-OutputArea .widget-text').length",
                  240, "the form cell to finish and its widgets to render")
+        assert not chromium.execute_script("return window.dbnbRunError")
         chromium.save_screenshot(str(tmp_path / "form.png"))
 
         page = chromium.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel").text
@@ -181,3 +195,46 @@ def test_train_notebook_form_renders_and_edits_reach_the_config(lab, chromium, t
         chromium.save_screenshot(str(tmp_path / "failure.png"))
         raise
     assert (tmp_path / "form.png").stat().st_size > 10_000
+
+
+def test_train_notebook_shows_the_live_view_and_keeps_the_final_plot_and_preview(lab, chromium, tiny_dir, tmp_path):
+    """The train cell run in the browser on the tiny model: while it runs the live view is the
+    only output; when it ends the loss plot and the last preview are plain pictures, the
+    preview at its own aspect ratio (it once showed 64x78 stretched to 65x232)."""
+    from selenium.webdriver.common.by import By
+
+    from dbnb.config import Config
+    from dbnb.demo import write_dataset
+
+    instance, _ = write_dataset(tmp_path / "data", n_instance=3, class_images=False)
+    config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
+                    output_dir=str(tmp_path / "ws" / "runs"), resolution=64, instance_token="hnzk",
+                    class_token="girl")
+    path, _, train_cell = write_train_notebook(
+        tmp_path, config, run_name="live", max_train_steps=4, sample_every_steps=2, save_every_steps=4,
+        mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False, learning_rate=1e-4)
+    chromium.get(f"{lab}/lab/tree/{path.name}?token={TOKEN}")
+    try:
+        wait_for(chromium, KERNEL_IDLE, 180, "JupyterLab to open the notebook and start its kernel")
+        error = chromium.execute_async_script(RUN_UP_TO, train_cell)
+        assert error is None, error
+        pictures = wait_for(chromium, KERNEL_IDLE + """ && (() => {
+            const cell = p.content.widgets[arguments[0]].node;
+            const shown = [...cell.querySelectorAll('.jp-OutputArea-output > img')].filter(i => i.naturalWidth);
+            return shown.length >= 2 && shown.map(i => [i.naturalWidth, i.naturalHeight, i.width, i.height]);
+        })()""".replace("arguments[0]", str(train_cell)), 420, "the train cell to end with its plot and preview")
+        assert not chromium.execute_script("return window.dbnbRunError")
+        chromium.execute_script(PANEL + f"p.content.widgets[{train_cell}].node.scrollIntoView({{block: 'start'}})")
+        chromium.save_screenshot(str(tmp_path / "live-view.png"))
+        page = chromium.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel").text
+        assert "Traceback" not in page and "error displaying widget" not in page.lower()
+        plot, preview = pictures[0], pictures[-1]
+        grid = tmp_path / "ws" / "runs" / "live" / "samples" / "step-000004" / "grid.png"
+        from PIL import Image
+        with Image.open(grid) as im:
+            assert (preview[0], preview[1]) == im.size  # the last preview, as written
+        assert abs(preview[2] / preview[3] - preview[0] / preview[1]) < 0.02, preview  # not stretched
+        assert plot[0] > 300 and plot[2] / plot[3] > 1.2, plot  # the matplotlib loss plot
+    except Exception:
+        chromium.save_screenshot(str(tmp_path / "failure.png"))
+        raise
