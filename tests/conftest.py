@@ -7,6 +7,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# One CPU thread, here and in every process a test starts (kernels, CLI runs, DDP workers):
+# with two, torch's CPU kernels sum in a varying order, so two identical tiny runs differ by
+# ~1e-5 and the exact-resume / same-update tests fail at random; the tiny models are faster
+# on one thread anyway. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
