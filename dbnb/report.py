@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dbnb.checkpoints import RunFolder
 from dbnb.config import FIELDS, PRESETS, Config, from_dict, load_config
+from dbnb.prep.report import framing_line
 
 USER_FIELD = "<!-- dbnb: write your own verdict here / ここに記入 -->"
 # Settings that are paths or prompts are reported under their own headings, not as "settings".
@@ -95,8 +96,8 @@ def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[s
     source = [f"{len(files)} source files" + (f" from `{config.dataset_source}`" if config.dataset_source else "")
               + " (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"]
     processing = [f"{step} ({n} files)" for step, n in done.most_common()] or ["nothing beyond checks"]
-    counts = ", ".join(f"{k} {v}" for k, v in prep.get("counts", {}).items())
-    processed = [f"{count} images, {config.resolution}×{config.resolution}" + (f"; framings: {counts}" if counts else "")]
+    counts = prep.get("counts", {})
+    processed = [f"{count} images, {config.resolution}×{config.resolution}" + (f"; {framing_line(counts)}" if counts else "")]
     processed += [f"warning: {w}" for w in prep.get("warnings", [])]
     return source, processing, processed
 

@@ -94,8 +94,9 @@ class ConfigForm:
 class TrainingView:
     """Live loss curve and latest preview during `dbnb.train.train(config, on_step=view)`.
 
-    Widgets only while training runs; when it ends the final loss plot and the last preview
-    are displayed as ordinary outputs, which a saved notebook keeps. With `plain` (default on
+    Widgets only while training runs; `finish()` after it displays the final loss plot and
+    the last preview as ordinary outputs, which a saved notebook keeps (after the progress
+    bar's last line, so they end the cell's output). With `plain` (default on
     Paperspace, whose own IDE does not render widgets) a text line every tenth of the run says
     the same."""
 
@@ -134,8 +135,6 @@ class TrainingView:
         if self.plain and (record["step"] % max(1, total // 10) == 0 or record.get("last")):
             print(f"step {record['step']}/{total}  loss {record['loss']:.4f}  lr {self.lr:.2e}  "
                   f"{self.rate:.2f} it/s", flush=True)
-        if record.get("last"):
-            self.finish()
 
     @property
     def rate(self) -> float:

@@ -63,6 +63,7 @@ def test_training_view_draws_the_curve_shows_previews_and_keeps_them_as_outputs(
     assert view.rate == 2.0
     assert not shown
     view({"step": 3, "loss": 0.3, "lr": 1e-6, "time": 1.5, "max_steps": 3, "last": True})
+    view.finish()
     # The end of the run leaves ordinary outputs: the loss plot, then the last preview.
     assert [type(o).__name__ for o in shown] == ["Image", "Image"]
     assert shown[1].data == (tmp_path / "grid.png").read_bytes()

@@ -86,13 +86,7 @@ class PrepReport:
         return "\n".join(lines)
 
     def framing_line(self) -> str:
-        shown = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v and k != "unknown")
-        unknown = self.counts.get("unknown", 0)
-        line = "framings (from the face's size): " + (shown or "none told")
-        if unknown:
-            line += (f"; {unknown} picture(s) with no face found, framing not told (no face detector installed, "
-                     "or none found: `pip install animeface` reads anime faces)")
-        return line
+        return framing_line(self.counts)
 
     def markdown(self) -> str:
         rows = ["| source file | size | status | what was done | outputs | warnings |",
@@ -132,6 +126,16 @@ def read_previous(out_dir: Path) -> dict[str, FileResult]:
         return {r["source"]: FileResult(**r) for r in data["files"]}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def framing_line(counts: dict[str, int]) -> str:
+    """The framing counts as a user reads them: "unknown" is said to mean no face was found."""
+    shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "unknown")
+    line = "framings (from the face's size): " + (shown or "none told")
+    if counts.get("unknown"):
+        line += (f"; {counts['unknown']} picture(s) with no face found, framing not told (no face detector "
+                 "installed, or none found: `pip install animeface` reads anime faces)")
+    return line
 
 
 def count_framings(files: list[FileResult]) -> dict[str, int]:
