@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func not in (cmd_doctor, cmd_config, cmd_report):  # these load no model: spare the import
+        from dbnb.quiet import library_noise
+        library_noise()
     try:
         return args.func(args)
     except DbnbError as e:  # its message names what was wrong and the fix: no traceback
