@@ -161,7 +161,8 @@ def test_fetch_model_keeps_local_sources_and_downloads_urls_once(tiny_dir, tmp_p
 
     make_tiny_model(tmp_path / "folder", single_file=tmp_path / "tiny.safetensors")
     assert fetch_model(str(tiny_dir), cache_dir=tmp_path / "c") == str(tiny_dir)
-    assert fetch_model(str(tmp_path / "tiny.safetensors"), cache_dir=tmp_path / "c") == str(tmp_path / "tiny.safetensors")
+    single = str(tmp_path / "tiny.safetensors")
+    assert fetch_model(single, cache_dir=tmp_path / "c") == single
     assert not (tmp_path / "c").exists()  # nothing copied
 
     data = (tmp_path / "tiny.safetensors").read_bytes()
