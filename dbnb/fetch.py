@@ -21,6 +21,8 @@ from dbnb.errors import DbnbError
 # Wider than the trainer's list: prep normalises these (GIF first frame, 16-bit TIFF) to PNG.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CHUNK = 1 << 20
+# Seconds a download may go without a byte before it is given up (a stalled server, not a slow one).
+DOWNLOAD_TIMEOUT_S = 60
 
 # on_skip(name, reason): told about every file that was left out, so a report can list it.
 SkipHook = Callable[[str, str], None]
@@ -271,7 +273,7 @@ def _download(url: str, tmp: Path, max_bytes: int) -> Path:
     target = _free_name(tmp / name)
     request = urllib.request.Request(url, headers={"User-Agent": "dbnb"})
     try:
-        with urllib.request.urlopen(request, timeout=60) as response, open(target, "wb") as out:
+        with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(target, "wb") as out:
             size = 0
             while chunk := response.read(CHUNK):
                 size += len(chunk)

@@ -127,6 +127,8 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
 # The two UNet shapes that tell SD 1.5 and dbnb's small models apart (original layout).
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 LEVEL1_CONV = "model.diffusion_model.input_blocks.4.0.in_layers.2.weight"
+# A VAE file's first conv, bare (a VAE-only file) or inside a whole checkpoint.
+VAE_CONV_IN = ("encoder.conv_in.weight", "first_stage_model.encoder.conv_in.weight")
 
 
 def sd1_variant(keys, shapes: dict) -> str:
@@ -151,6 +153,19 @@ def sd1_variant(keys, shapes: dict) -> str:
         if width == widths[0] and (level1 is None or level1[0] == widths[1]):
             return variant
     raise ModelLoadError(f"UNet width {width} is not SD 1.x's 320; dbnb supports SD 1.x models only.")
+
+
+def vae_variant(shapes: dict, source: str) -> str:
+    """'sd15', 'tiny' or 'world' for a VAE file, by its first conv's width."""
+    conv_in = next((shapes[k] for k in VAE_CONV_IN if k in shapes), None)
+    if conv_in is None:
+        raise ModelLoadError(f"VAE {source!r}: no encoder.conv_in.weight, so this is not an SD 1.x VAE file. "
+                             "Set pretrained_vae_name_or_path to a VAE .safetensors, a VAE folder or ''.")
+    widths = {"sd15": skeleton_config("vae")} | {v: skeleton_config("vae", **w[1]) for v, w in VARIANTS.items()}
+    for variant, config in widths.items():
+        if conv_in[0] == config["block_out_channels"][0]:
+            return variant
+    raise ModelLoadError(f"VAE {source!r}: encoder width {conv_in[0]} is not SD 1.x's 128; use an SD 1.x VAE.")
 
 
 def skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
@@ -183,7 +198,8 @@ def file_keys_and_shapes(path: Path) -> tuple[list[str], dict]:
     if path.suffix.lower() == ".safetensors":
         with weights.open_safetensors(path) as f:  # header only: no tensor is read
             keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys if k in (CONV_IN, LEVEL1_CONV)}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys
+                      if k in (CONV_IN, LEVEL1_CONV, *VAE_CONV_IN)}
         return keys, shapes
     state = load_checkpoint_file(path)  # refuses unsafe pickles; mmap keeps it cheap
     return list(state), {k: tuple(v.shape) for k, v in state.items()}
@@ -246,9 +262,11 @@ def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path 
     kind, where = resolve_source_vae(source, cache_dir)
     if kind == "file":
         weights.check(where)
+        # The config must match the file's widths; SD 1.5's alone would refuse dbnb's small VAEs.
+        config = skeleton_folder(vae_variant(file_keys_and_shapes(Path(where))[1], source), cache_dir)
     try:
         if kind == "file":
-            return AutoencoderKL.from_single_file(where, config=str(SKELETON), subfolder="vae",
+            return AutoencoderKL.from_single_file(where, config=str(config), subfolder="vae",
                                                   local_files_only=True, dtype=dtype)
         sub = "vae" if (Path(where) / "vae").is_dir() else None
         extra = {"revision": revision} if revision else {}

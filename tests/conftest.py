@@ -72,3 +72,46 @@ def two_checkpoint_run(tiny_dir, folder, **overrides):
                     learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
                     use_8bit_adam=False, gradient_checkpointing=False, **overrides)
     return train(config, progress=False).run_dir
+
+
+@pytest.fixture
+def http_server():
+    """A web server on 127.0.0.1 in a thread, so the real downloaders run without the network.
+    `routes[path] = (body, headers)`; a body that is a callable writes the response itself
+    (to stall, or send more than it said). `hits` counts requests per path."""
+    import http.server
+    import threading
+
+    routes, hits, release = {}, {}, threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits[self.path] = hits.get(self.path, 0) + 1
+            if self.path not in routes:
+                self.send_error(404)
+                return
+            body, headers = routes[self.path]
+            self.send_response(200)
+            for name, value in headers.items():
+                self.send_header(name, value)
+            if callable(body):
+                self.end_headers()
+                body(self.wfile, release)
+                return
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    server.routes, server.hits = routes, hits
+    server.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield server
+    release.set()  # a stalled handler returns
+    server.shutdown()
+    server.server_close()

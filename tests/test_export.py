@@ -11,7 +11,6 @@ from dbnb.config import Config
 from dbnb.demo import write_dataset
 from dbnb.env import DiskFullError
 from dbnb.export import ExportError, convert, export
-from dbnb.layout import ORIGINAL_PREFIXES, text_encoder_key_map, unet_key_map, vae_key_map
 from dbnb.models import load_checkpoint_file, load_pipeline
 from dbnb.train import train
 
@@ -48,17 +47,55 @@ def test_export_reads_back_equal_to_the_runs_weights(run_dir, fmt, precision, em
             assert torch.equal(got[k], v.to(dtype)), f"{name}.{k}"
 
 
+# Original SD 1.x names (CompVis ldm / the webui), written out here rather than taken from
+# dbnb.layout's maps: a wrong rule in the maps would otherwise be checked against itself.
+# Value: the shape's rank where it tells the layouts apart (1x1 convs where diffusers has linears).
+SD1_KEYS = {
+    "model.diffusion_model.time_embed.0.weight": 2,
+    "model.diffusion_model.input_blocks.0.0.weight": 4,
+    "model.diffusion_model.input_blocks.1.0.in_layers.2.weight": 4,
+    "model.diffusion_model.input_blocks.1.1.proj_in.weight": 4,
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": 2,
+    "model.diffusion_model.input_blocks.3.0.op.weight": 4,
+    "model.diffusion_model.input_blocks.7.0.skip_connection.weight": 4,
+    "model.diffusion_model.middle_block.1.transformer_blocks.0.attn1.to_q.weight": 2,
+    "model.diffusion_model.middle_block.2.out_layers.3.weight": 4,
+    "model.diffusion_model.output_blocks.2.1.conv.weight": 4,
+    "model.diffusion_model.output_blocks.5.2.conv.weight": 4,
+    "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight": 2,
+    "model.diffusion_model.output_blocks.11.1.proj_out.weight": 4,
+    "model.diffusion_model.out.2.weight": 4,
+    "first_stage_model.encoder.conv_in.weight": 4,
+    "first_stage_model.encoder.down.0.downsample.conv.weight": 4,
+    "first_stage_model.encoder.mid.attn_1.q.weight": 4,
+    "first_stage_model.encoder.mid.attn_1.proj_out.weight": 4,
+    "first_stage_model.decoder.up.3.upsample.conv.weight": 4,
+    "first_stage_model.decoder.norm_out.weight": 1,
+    "first_stage_model.quant_conv.weight": 4,
+    "first_stage_model.post_quant_conv.weight": 4,
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": 2,
+    "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn.out_proj.weight": 2,
+    "cond_stage_model.transformer.text_model.final_layer_norm.weight": 1,
+}
+# SD 1.5's file has 686 UNet and 248 VAE keys, and 196 text-encoder ones (12 layers x 16 + 4,
+# position_ids aside). The tiny model has the same blocks, fewer only where its widths do not
+# change: no skip_connection at input_blocks.4.0 (UNet 686 - 2), no nin_shortcut at all (VAE
+# 248 - 8), and 2 text layers (2 x 16 + 4).
+TINY_KEY_COUNTS = {"unet": 684, "vae": 240, "text_encoder": 36}
+
+
 def test_exported_keys_are_the_original_sd_names(run_dir, tiny_dir):
     path = export(run_dir, step=2, overwrite=True).path
     with safe_open(path, "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
-    counts = {part: sum(k.startswith(prefix) for k in keys) for part, prefix in ORIGINAL_PREFIXES.items()}
-    base = load_pipeline(str(tiny_dir))
-    assert counts == {"unet": len(unet_key_map(base.unet.state_dict())),
-                      "vae": len(vae_key_map(base.vae.state_dict())),
-                      "text_encoder": len(text_encoder_key_map(base.text_encoder.state_dict()))}
-    assert sum(counts.values()) == len(keys)
-    assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in keys
+        ranks = {k: len(f.get_slice(k).get_shape()) for k in SD1_KEYS if k in keys}
+    assert ranks == SD1_KEYS
+    prefixes = {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+                "text_encoder": "cond_stage_model.transformer.text_model."}
+    assert {part: sum(k.startswith(p) for k in keys) for part, p in prefixes.items()} == TINY_KEY_COUNTS
+    assert len(keys) == sum(TINY_KEY_COUNTS.values())  # nothing outside the three parts
+    diffusers_words = ("down_blocks", "up_blocks", "mid_block", "attentions", "resnets", "conv_shortcut")
+    assert not [k for k in keys if any(w in k for w in diffusers_words)]
     assert meta["global_step"] == "2" and meta["dbnb_instance_prompt"] == "hnzk girl"
     assert meta["dbnb_base_model"] == str(tiny_dir) and meta["dbnb_resolution"] == "64" and meta["dbnb_version"]
 

@@ -187,3 +187,39 @@ def test_drive_links_go_through_gdown(tmp_path, monkeypatch):
     monkeypatch.setattr(gdown, "download", lambda *a, **k: None)
     with pytest.raises(FetchError, match="anyone with the link"):
         fetch_images("https://drive.google.com/file/d/abc/view", tmp_path / "d3")
+
+
+def test_url_download_is_real_and_named_by_its_type(tmp_path, http_server):
+    http_server.routes["/pic"] = (_png_bytes((0, 255, 0)), {"Content-Type": "image/png"})
+    got = fetch_images(http_server.url + "/pic", tmp_path / "dest")
+    assert [p.name for p in got] == ["pic.png"] and got[0].read_bytes() == _png_bytes((0, 255, 0))
+
+
+def test_url_download_over_the_size_cap_is_refused(tmp_path, http_server):
+    def endless(out, release):  # no Content-Length: only the bytes that arrive can tell
+        for _ in range(64):
+            out.write(b"\0" * 1024)
+
+    http_server.routes["/big.png"] = (endless, {"Content-Type": "image/png"})
+    http_server.routes["/said-big.png"] = (b"\0" * 5000, {"Content-Type": "image/png"})
+    for path in ("/big.png", "/said-big.png"):
+        with pytest.raises(FetchError, match="larger than 4,096 bytes"):
+            fetch_images(http_server.url + path, tmp_path / "dest", max_bytes=4096)
+    assert not list((tmp_path / "dest").iterdir())
+
+
+def test_stalled_download_times_out(tmp_path, http_server, monkeypatch):
+    import time
+
+    def stall(out, release):
+        out.write(b"\x89PNG")
+        out.flush()
+        release.wait(30)
+
+    http_server.routes["/slow.png"] = (stall, {"Content-Type": "image/png"})
+    monkeypatch.setattr(fetch, "DOWNLOAD_TIMEOUT_S", 0.5)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="slow.png failed: timed out"):
+        fetch_images(http_server.url + "/slow.png", tmp_path / "dest")
+    assert time.monotonic() - start < 5
+    assert not list((tmp_path / "dest").iterdir())

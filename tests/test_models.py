@@ -3,6 +3,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,79 @@ def test_ckpt_written_with_torch_save_loads(tmp_path, reference):
     pipe = load_pipeline(str(tmp_path / "tiny.ckpt"))
     assert_same_weights(pipe, reference)
     assert len(load_checkpoint_file(tmp_path / "tiny.ckpt")) == len(state)
+
+
+def _vae_only(vae, prefix=""):
+    """A VAE alone in the original layout, as VAE files are shared (optionally with the
+    first_stage_model. prefix a whole checkpoint gives it)."""
+    from dbnb.layout import original_state_dict
+
+    state = original_state_dict({}, vae.state_dict())
+    return {prefix + k[len("first_stage_model."):]: v for k, v in state.items()}
+
+
+def test_a_separate_vae_is_the_one_used(tiny_dir, tmp_path, reference):
+    from safetensors.torch import save_file
+
+    from dbnb.models import load_vae
+
+    other = build_tiny_pipeline(seed=1).vae
+    other.save_pretrained(tmp_path / "bare")  # a VAE folder: config.json, no model_index.json
+    other.save_pretrained(tmp_path / "model" / "vae")  # a model folder's vae/
+    save_file(_vae_only(other), tmp_path / "vae.safetensors")
+    save_file(_vae_only(other, "first_stage_model."), tmp_path / "prefixed.safetensors")
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        wanted, base = other.decode(latent).sample, reference.vae.decode(latent).sample
+    assert not torch.allclose(wanted, base, atol=1e-3)
+    for source in ("bare", "model", "vae.safetensors", "prefixed.safetensors"):
+        pipe = load_pipeline(str(tiny_dir), vae=str(tmp_path / source))
+        with torch.no_grad():
+            got = pipe.vae.decode(latent).sample
+        torch.testing.assert_close(got, wanted, rtol=0, atol=1e-5, msg=source)
+        assert torch.equal(pipe.unet.conv_in.weight, reference.unet.conv_in.weight)  # only the VAE changed
+    save_file({"decoder.conv_in.weight": torch.zeros(1)}, tmp_path / "lora.safetensors")
+    with pytest.raises(ModelLoadError, match="not an SD 1.x VAE file"):
+        load_vae(str(tmp_path / "lora.safetensors"))
+
+
+def test_fetch_model_keeps_local_sources_and_downloads_urls_once(tiny_dir, tmp_path, http_server, monkeypatch):
+    import gdown
+
+    from dbnb.models import fetch_model
+
+    from dbnb.tiny import make_tiny_model
+
+    make_tiny_model(tmp_path / "folder", single_file=tmp_path / "tiny.safetensors")
+    assert fetch_model(str(tiny_dir), cache_dir=tmp_path / "c") == str(tiny_dir)
+    single = str(tmp_path / "tiny.safetensors")
+    assert fetch_model(single, cache_dir=tmp_path / "c") == single
+    assert not (tmp_path / "c").exists()  # nothing copied
+
+    data = (tmp_path / "tiny.safetensors").read_bytes()
+    http_server.routes["/m/tiny.safetensors"] = (data, {})
+    url = http_server.url + "/m/tiny.safetensors"
+    got = Path(fetch_model(url, cache_dir=tmp_path / "c"))
+    assert got.parent == tmp_path / "c" / "downloads" and got.name.endswith("-tiny.safetensors")
+    assert got.read_bytes() == data and not list(got.parent.glob("*.part"))
+    assert fetch_model(url, cache_dir=tmp_path / "c") == str(got)
+    assert http_server.hits == {"/m/tiny.safetensors": 1}  # the second call reads the cache
+    assert_same_weights(load_pipeline(str(got)), build_tiny_pipeline(seed=0))
+
+    asked = []
+
+    def fake_gdown(url, output, fuzzy, quiet):
+        asked.append(url)
+        Path(output).write_bytes(data)
+        return output
+
+    monkeypatch.setattr(gdown, "download", fake_gdown)
+    drive = "https://drive.google.com/file/d/abc/view?usp=sharing"
+    got = Path(fetch_model(drive, cache_dir=tmp_path / "c"))
+    assert got.parent == tmp_path / "c" / "downloads" and got.suffix == ".safetensors"
+    assert got.read_bytes() == data and fetch_model(drive, cache_dir=tmp_path / "c") == str(got)
+    assert asked == [drive]
+    http_server.routes.clear()
+    with pytest.raises(ModelLoadError, match="404"):
+        fetch_model(http_server.url + "/gone.safetensors", cache_dir=tmp_path / "c")
+    assert not [p for p in (tmp_path / "c" / "downloads").iterdir() if "gone" in p.name]

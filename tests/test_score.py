@@ -3,7 +3,9 @@ loaded through the same `from_pretrained(folder)` path as the real ones."""
 import csv
 import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import two_checkpoint_run
@@ -25,30 +27,66 @@ def run_dir(tiny_dir, tmp_path_factory):
     return two_checkpoint_run(tiny_dir, tmp_path_factory.mktemp("score"))
 
 
-def test_preprocess_normalizes_like_the_models_processors():
-    mean, std = (0.5, 0.25, 0.75), (0.5, 0.5, 0.25)
-    grey = Image.new("RGB", (100, 60), (128, 64, 191))
-    batch = preprocess([grey, grey.convert("RGBA")], 32, mean, std)
-    assert batch.shape == (2, 3, 32, 32)
-    expected = torch.tensor([(128 / 255 - 0.5) / 0.5, (64 / 255 - 0.25) / 0.5, (191 / 255 - 0.75) / 0.25])
-    assert torch.allclose(batch[:, :, 5, 5], expected.expand(2, 3), atol=1e-5)
+def _wide_picture() -> Image.Image:
+    """The demo character in the middle of a wider canvas of noise: the centre square is what counts."""
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (64, 128, 3), dtype=np.uint8))
+    wide.paste(draw_character(0), (32, 0))
+    return wide
 
 
-def test_identical_images_score_one_and_all_scores_are_cosines(embedders):
+def test_preprocess_normalizes_like_the_models_processors(embedders):
+    """What each model is fed equals what transformers' own processor makes of the picture, set up
+    as the model cards' preprocessor_config.json is: CLIP's (OpenAI mean/std, shortest side,
+    centre crop, bicubic) and DINO's (ImageNet mean/std, bicubic)."""
+    from transformers import CLIPImageProcessor, ViTImageProcessor
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
     clip, dino = load_clip(str(embedders[0])), load_dino(str(embedders[1]))
-    images = [draw_character(i) for i in range(3)] + [Image.new("RGB", (64, 64), "white")]
+    size = clip.size
+    clip_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    dino_processor = ViTImageProcessor(size={"height": dino.size, "width": dino.size}, resample=3,
+                                       image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+    square, wide = draw_character(0), _wide_picture()
+    with torch.no_grad():
+        for images in ([square, square.convert("RGBA")], [wide]):  # ViT's processor squashes, so square only
+            pixels = clip_processor(images, return_tensors="pt")["pixel_values"]
+            torch.testing.assert_close(preprocess(images, clip.size, clip.mean, clip.std), pixels, atol=1e-5, rtol=0)
+            wanted = clip.model.get_image_features(pixel_values=pixels)
+            wanted = wanted if isinstance(wanted, torch.Tensor) else wanted.pooler_output
+            torch.testing.assert_close(clip.images(images), torch.nn.functional.normalize(wanted, dim=-1))
+        pixels = dino_processor([square], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(preprocess([square], dino.size, dino.mean, dino.std), pixels, atol=1e-5, rtol=0)
+        wanted = dino.model(pixel_values=pixels).last_hidden_state[:, 0]
+        torch.testing.assert_close(dino.images([square]), torch.nn.functional.normalize(wanted, dim=-1))
+
+
+def test_identical_images_score_one_and_different_ones_lower(embedders):
+    clip, dino = load_clip(str(embedders[0])), load_dino(str(embedders[1]))
+    picture = draw_character(0)
+    # The same picture in ways the score must ignore: its size, a mode with transparency or a
+    # palette, and what lies outside the centre square.
+    same = [picture.resize((128, 128), Image.Resampling.NEAREST), picture.convert("RGBA"),
+            picture.convert("P", palette=Image.Palette.ADAPTIVE, colors=255), _wide_picture()]
+    different = [draw_character(1), picture.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+                 Image.new("RGB", (64, 64), "white")]
     for model in (clip, dino):
-        emb = model.images(images)
-        assert emb.shape[0] == 4 and torch.isfinite(emb).all()
-        sims = cosine(emb, emb)
-        assert torch.allclose(sims.diagonal(), torch.ones(4), atol=1e-5)
-        assert (sims >= -1).all() and (sims <= 1).all()
-        assert mean_similarity(model.images(images[:1]), model.images(images[:1])) == pytest.approx(1.0, abs=1e-5)
-        assert -1.0 <= mean_similarity(emb[:2], emb[2:]) <= 1.0
-    texts = clip.texts(["girl, 1girl, solo, swimsuit", "a cat"] * 2)
-    assert texts.shape == (4, 16) and torch.isfinite(texts).all()
-    assert -1.0 <= paired_similarity(clip.images(images), texts) <= 1.0
-    assert paired_similarity(texts, texts) == pytest.approx(1.0, abs=1e-5)
+        reference = model.images([picture])
+        to_same = cosine(reference, model.images(same))[0]
+        to_different = cosine(reference, model.images(different))[0]
+        assert (to_same > 1 - 1e-4).all(), (model.kind, to_same)
+        assert to_different.max() < to_same.min(), (model.kind, to_same, to_different)
+        assert mean_similarity(reference, model.images(same)) == pytest.approx(1.0, abs=1e-4)
+    # CLIP-I is the mean over all pairs; CLIP-T pairs image i with text i only.
+    images, texts = clip.images(different), clip.texts(["girl, 1girl, solo, swimsuit", "a cat", "a white wall"])
+    a, b = images.numpy(), texts.numpy()
+    by_hand = a @ b.T / np.outer(np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1))
+    assert mean_similarity(images, texts) == pytest.approx(by_hand.mean(), abs=1e-6)
+    assert paired_similarity(images, texts) == pytest.approx(np.diag(by_hand).mean(), abs=1e-6)
+    assert abs(by_hand.mean() - np.diag(by_hand).mean()) > 1e-4  # the two rules give different numbers here
+    # a text embeds the same alone or padded in a batch with longer ones
+    torch.testing.assert_close(clip.texts(["a cat"])[0], texts[1], atol=1e-5, rtol=0)
+    assert not torch.allclose(texts[0], texts[1], atol=1e-3)
 
 
 def test_loading_errors_name_the_setting(tmp_path):
@@ -81,35 +119,130 @@ def test_recommendation_is_the_most_faithful_checkpoint_within_the_flexibility_t
         recommend(table((0, 0.9, 0.3)), 0.01)
 
 
-def test_plot_draws_scores_against_step_even_with_gaps(tmp_path):
-    rows = table((0, 0.5, 0.3), (500, 0.6, math.nan), (1000, 0.7, 0.25))
-    path = plot_scores(rows, tmp_path / "scores.png", recommended=1000)
-    image = Image.open(path)
+def _dots(image: Image.Image, colour, right: int) -> list[tuple[float, float]]:
+    """Centres of the filled markers of one colour left of `right` (the legend): a 5x5 block of the
+    colour fits inside a 7 px marker, never inside a 2 px line."""
+    mask = np.all(np.asarray(image.convert("RGB"))[:, :right] == colour, axis=-1)
+    full = np.lib.stride_tricks.sliding_window_view(mask, (5, 5)).all(axis=(2, 3))
+    ys, xs = np.nonzero(full)
+    dots = []
+    for x, y in sorted(zip(xs + 2, ys + 2)):
+        if dots and abs(x - dots[-1][-1][0]) <= 3 and abs(y - dots[-1][-1][1]) <= 3:
+            dots[-1].append((x, y))
+        else:
+            dots.append([(x, y)])
+    return sorted((float(np.mean([p[0] for p in d])), float(np.mean([p[1] for p in d]))) for d in dots)
+
+
+def test_plot_draws_each_score_where_its_value_and_step_are(tmp_path):
+    from dbnb.score import FIDELITY_SERIES, FLEXIBILITY_SERIES
+
+    rows = table((0, 0.5, 0.30), (250, 0.6, math.nan), (1000, 0.7, 0.25))
+    for r, dino in zip(rows, (0.55, 0.65, 0.6)):
+        r["dino"], r["fidelity"], r["class_clip_t"] = dino, (r["clip_i"] + dino) / 2, 0.28
+    image = Image.open(plot_scores(rows, tmp_path / "scores.png"))  # no recommended line across a marker
     assert image.size == (720, 520)
-    assert len(image.convert("RGB").getcolors(1 << 16)) > 5  # axes, labels and coloured series were drawn
+    # later series' lines may cross a marker and move its found centre by a pixel or two: 3 px slack
+    colour = {key: c for key, _, c in FIDELITY_SERIES + FLEXIBILITY_SERIES}
+    clip_i, dino, clip_t = (_dots(image, colour[k], right=537) for k in ("clip_i", "dino", "clip_t"))
+    assert len(clip_i) == len(dino) == 3 and len(clip_t) == 2  # the NaN at step 250 is left out
+    x0, x250, x1000 = (x for x, _ in clip_i)
+    assert x0 < x250 < x1000 and x250 - x0 == pytest.approx((x1000 - x0) / 4, abs=3)  # x is the step
+    assert [x for x, _ in dino] == pytest.approx([x0, x250, x1000], abs=3)
+    assert [x for x, _ in clip_t] == pytest.approx([x0, x1000], abs=3)
+    (_, y5), (_, y6), (_, y7) = clip_i
+    assert y5 > y6 > y7 and y5 - y6 == pytest.approx(y6 - y7, abs=3)  # higher scores are drawn higher, linearly
+    assert dino[1][1] == pytest.approx(y6 - (y6 - y7) / 2, abs=3)  # 0.65 on the same scale as CLIP-I
+    assert dino[2][1] == pytest.approx(y6, abs=3)
+    # CLIP-T has its own panel below, with a scale of its own: 0.05 is spread like 0.2 above
+    assert min(y for _, y in clip_t) > max(y5, dino[0][1]) and clip_t[0][1] < clip_t[1][1]
+    assert clip_t[1][1] - clip_t[0][1] > (y5 - y7) / 2
+    marked = Image.open(plot_scores(rows, tmp_path / "marked.png", recommended=250))
+    red = np.all(np.asarray(marked)[:, :537] == (214, 39, 40), axis=-1)
+    line = np.nonzero(red.sum(axis=0) > 400)[0]  # the recommended step: a line top to bottom
+    assert len(line) and abs(line.mean() - x250) <= 2
+
+
+def _scores_by_hand(run_dir, embedders, data) -> dict[str, dict]:
+    """The table's numbers straight from transformers (its own processors, models and tokenizer)
+    and the images on disk, as the DreamBooth paper defines them: no dbnb.score code."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTImageProcessor, ViTModel
+    from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    clip, dino = CLIPModel.from_pretrained(embedders[0]).eval(), ViTModel.from_pretrained(embedders[1]).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(embedders[0])
+    size = clip.config.vision_config.image_size
+    clip_pixels = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    dino_pixels = ViTImageProcessor(size={"height": dino.config.image_size, "width": dino.config.image_size},
+                                    resample=3, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+
+    def unit(t):
+        t = t if isinstance(t, torch.Tensor) else t.pooler_output
+        return (t / t.norm(dim=-1, keepdim=True)).numpy()
+
+    @torch.no_grad()
+    def embed(images):
+        return (unit(clip.get_image_features(**clip_pixels(images, return_tensors="pt"))),
+                unit(dino(**dino_pixels(images, return_tensors="pt")).last_hidden_state[:, 0]))
+
+    @torch.no_grad()
+    def text(words):
+        return unit(clip.get_text_features(**tokenizer([words], return_tensors="pt")))[0]
+
+    config = json.loads((run_dir / "config.json").read_text())
+    instance = [Image.open(p).convert("RGB") for p in sorted(Path(config["instance_data_dir"]).glob("*.png"))]
+    inst_clip, inst_dino = embed(instance)
+    table = {}
+    for row in [r["checkpoint"] for r in data["rows"]]:
+        def of(kind):
+            pairs = [(p, s) for p in data["prompts"] if p["kind"] == kind for s in data["seeds"]]
+            images = [Image.open(run_dir / "tests" / row / f"p{p['index']}-s{s}.png").convert("RGB") for p, s in pairs]
+            return embed(images), [text(p["clip_text"]) for p, _ in pairs]
+        (fid_clip, fid_dino), _ = of("fidelity")
+        (flex_clip, _), flex_texts = of("flexibility")
+        (class_clip, _), class_texts = of("class")
+        clip_i, dino_i = float((fid_clip @ inst_clip.T).mean()), float((fid_dino @ inst_dino.T).mean())
+        table[row] = dict(clip_i=clip_i, dino=dino_i, fidelity=(clip_i + dino_i) / 2,
+                          clip_t=float(np.mean([a @ t for a, t in zip(flex_clip, flex_texts)])),
+                          class_clip_t=float(np.mean([a @ t for a, t in zip(class_clip, class_texts)])),
+                          class_clip_i=float((class_clip @ inst_clip.T).mean()))
+    for r in table.values():
+        r["drift"] = table["base"]["class_clip_t"] - r["class_clip_t"]
+    return table
 
 
 def test_score_run_writes_the_table_plot_and_recommendation(run_dir, embedders, capsys):
     overrides = [*FAST, f"clip_model={embedders[0]}", f"dino_model={embedders[1]}"]
     result = score_run(run_dir, overrides, progress=False)
     assert [r["checkpoint"] for r in result.rows] == ["base", "step-000001", "step-000002"]
+    assert [r["step"] for r in result.rows] == [0, 1, 2]
+    data = json.loads(result.json.read_text())
+    assert {p["kind"] for p in data["prompts"]} == {"fidelity", "flexibility", "class"} and data["seeds"] == [0, 1]
+    by_hand = _scores_by_hand(run_dir, embedders, data)
     for r in result.rows:
-        for key in ("clip_i", "dino", "fidelity", "clip_t", "class_clip_t", "class_clip_i"):
-            assert math.isfinite(r[key]) and -1.0 <= r[key] <= 1.0, (r["checkpoint"], key, r[key])
-        assert r["drift"] == pytest.approx(result.rows[0]["class_clip_t"] - r["class_clip_t"])
-    assert result.rows[0]["drift"] == 0.0
-    assert result.recommendation == recommend(result.rows, Config().flexibility_tolerance)
-    assert result.recommendation["step"] in (1, 2)
+        for key, value in by_hand[r["checkpoint"]].items():
+            assert r[key] == pytest.approx(value, abs=1e-5), (r["checkpoint"], key)
+    # The recommendation follows from those numbers: with no flexibility to spare, the trained
+    # checkpoint with the best CLIP-T; with any amount, the most faithful one.
+    trained = {r["checkpoint"]: r for r in result.rows[1:]}
+    def picked(tolerance):
+        return score_run(run_dir, [*overrides, f"flexibility_tolerance={tolerance}"], progress=False).recommendation
+    assert picked(0.0)["checkpoint"] == max(trained, key=lambda c: by_hand[c]["clip_t"])
+    assert picked(2.0)["checkpoint"] == max(trained, key=lambda c: by_hand[c]["fidelity"])
+    rec, tolerance = result.recommendation, Config().flexibility_tolerance
+    best = max(by_hand[c]["clip_t"] for c in trained)
+    within = [c for c in trained if by_hand[c]["clip_t"] >= best - tolerance]
+    assert rec["checkpoint"] == max(within, key=lambda c: by_hand[c]["fidelity"]) and rec["tolerance"] == tolerance
     with open(result.csv, newline="") as f:
         saved = list(csv.DictReader(f))
     assert list(saved[0]) == list(COLUMNS) and [r["step"] for r in saved] == ["0", "1", "2"]
-    data = json.loads(result.json.read_text())
-    assert data["recommendation"]["step"] == result.recommendation["step"] and data["rows"][1]["step"] == 1
+    assert [float(r["clip_t"]) for r in saved] == pytest.approx([by_hand[c]["clip_t"] for c in by_hand], abs=1e-5)
+    assert data["recommendation"]["step"] == rec["step"] and data["rows"][1]["step"] == 1
     assert Image.open(result.plot).size == (720, 520)
     page = result.html.read_text(encoding="utf-8")
-    assert "Recommended: step" in page and "../scores.png" in page
+    assert f"Recommended: step {rec['step']}" in page and "../scores.png" in page
     printed = capsys.readouterr().out
-    assert "recommended checkpoint:" in printed and "rule:" in printed and "clip_i" in printed
+    assert f"recommended checkpoint: {rec['checkpoint']}" in printed and "rule:" in printed and "clip_i" in printed
     # the test images were made once; scoring again reuses them and gives the same numbers
     again = score_run(run_dir, overrides, progress=False)
     assert again.rows == result.rows

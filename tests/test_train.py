@@ -155,6 +155,27 @@ def test_resume_with_a_trained_text_encoder_matches_the_straight_run(make_config
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+def test_snr_gamma_and_offset_noise_change_the_loss_as_defined(make_config):
+    from dbnb.models import load_pipeline
+
+    pipe = load_pipeline(make_config().pretrained_model_name_or_path)
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    ids = read_images(make_config(), pipe.tokenizer).instance.input_ids[[0, 1, 2, 0]]
+
+    def loss(scheduler=None, **kw):
+        return diffusion_loss(pipe.unet, pipe.text_encoder, scheduler or _ddpm(pipe), latents, ids,
+                              torch.Generator().manual_seed(3), make_config(**kw), 1.0, "cpu", False).item()
+    plain = loss()
+    # Min-SNR weights are min(SNR, γ) / SNR ≤ 1: a huge γ changes nothing, a small one lowers the loss
+    assert loss(snr_gamma=1e9) == pytest.approx(plain, rel=1e-6)
+    assert loss(snr_gamma=0.01) < plain and loss(snr_gamma=0.01) <= loss(snr_gamma=0.1) <= plain
+    assert loss(offset_noise=0.5) != pytest.approx(plain, rel=1e-3)
+    # v-prediction trains towards the velocity, not the noise
+    from diffusers import DDPMScheduler
+    v = DDPMScheduler.from_config({**pipe.scheduler.config, "prediction_type": "v_prediction"})
+    assert loss(v) != pytest.approx(plain, rel=1e-3)
+
+
 def test_ema_is_saved_and_differs_from_the_raw_weights(make_config):
     result = train(make_config(use_ema=True, ema_decay=0.5, max_train_steps=3), progress=False)
     raw, ema = unet_weights(result.run_dir, 3), unet_weights(result.run_dir, 3, "unet_ema")
