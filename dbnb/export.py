@@ -39,43 +39,22 @@ class ExportResult:
 
 # --- what to export ----------------------------------------------------------------------------
 
-def pick_checkpoint(run: RunFolder, step: int | None) -> tuple[int, Path]:
-    found = run.checkpoints()
-    if not found:
-        raise ExportError(f"{run.root} has no checkpoints yet: train first (dbnb train), or export a model folder.")
-    if step is None:
-        return found[-1]
-    for s, path in found:
-        if s == step:
-            return s, path
-    raise ExportError(f"{run.root} has no checkpoint at step {step}; saved steps: {', '.join(str(s) for s, _ in found)}.")
-
-
-def _load_trained(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A saved safetensors state dict, cast tensor by tensor (never two full copies in RAM)."""
-    from dbnb.weights import read_safetensors
-
-    return read_safetensors(path, dtype)
-
-
 def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dtype, vae: str = ""):
     """(unet, vae, text_encoder) diffusers state dicts of a run's checkpoint, plus (step, config)."""
     from dbnb.config import load_config
     from dbnb.models import load_pipeline
 
     config = load_config(run.config_path)
-    step, folder = pick_checkpoint(run, step)
-    unet_dir = folder / ("unet_ema" if ema else "unet")
-    if not unet_dir.is_dir():
-        raise ExportError(f"{folder} has no {unet_dir.name}/: " + ("this run was trained without use_ema; "
-                          "export without --ema." if ema else "the checkpoint is incomplete."))
+    checkpoint = run.pick(step)
+    checkpoint.require(ema)
     base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
                          revision=config.revision, dtype=dtype)
     del base.unet  # replaced by the trained one; dropping it first keeps peak RAM down
-    unet = _load_trained(unet_dir / "diffusion_pytorch_model.safetensors", dtype)
-    te_file = folder / "text_encoder" / "model.safetensors"
-    text = _load_trained(te_file, dtype) if te_file.is_file() else base.text_encoder.state_dict()
-    return unet, base.vae.state_dict(), text, step, config
+    # cast tensor by tensor while reading: never two full copies in RAM
+    unet = checkpoint.unet_state(ema, dtype)
+    text = checkpoint.text_encoder_state(dtype)
+    return unet, base.vae.state_dict(), text if text is not None else base.text_encoder.state_dict(), \
+        checkpoint.step, config
 
 
 def model_state_dicts(source: str, dtype: torch.dtype, vae: str = ""):

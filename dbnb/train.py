@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
 from dbnb import data, divergence
-from dbnb.checkpoints import (RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
+from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
 from dbnb.config import FIELDS, Config, ConfigError
 from dbnb.env import shown
@@ -94,12 +94,12 @@ def check_resume_config(run: RunFolder, config: Config) -> None:
                           "or start a new run_name.")
 
 
-def check_steps_left(checkpoint: Path, max_steps: int, config: Config) -> None:
-    done = json.loads((checkpoint / "state" / "trainer.json").read_text(encoding="utf-8"))["step"]
+def check_steps_left(checkpoint: Checkpoint, max_steps: int, config: Config) -> None:
+    done = checkpoint.trainer_state()["step"]
     if done >= max_steps:
         what = (f"num_train_epochs={config.num_train_epochs} ({max_steps} steps)" if config.num_train_epochs > 0
                 else f"max_train_steps={max_steps}")
-        raise TrainingError(f"Resuming {checkpoint}: the run is already at step {done}, "
+        raise TrainingError(f"Resuming {checkpoint.path}: the run is already at step {done}, "
                             + ("which is" if done == max_steps else "past") + f" {what}; nothing to train. "
                             "Raise it to train further, or sample / export the run as it is.")
 
@@ -370,7 +370,7 @@ def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Pat
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFolder, Path | None]:
+def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFolder, Checkpoint | None]:
     run = RunFolder.for_config(config)
     resume_from = run.resolve_resume(resume) if resume else None
     if resume_from is not None:
@@ -527,7 +527,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                 raise
             found = s.run.checkpoints()
             raise TrainingError(f"Stopped at step {s.step} without saving (Ctrl-C twice); last checkpoint: "
-                                f"{found[-1][1] if found else 'none'}.") from None
+                                f"{found[-1].path if found else 'none'}.") from None
         except torch.OutOfMemoryError as e:
             raise TrainingError(f"Out of GPU memory at step {s.step + 1}. {memory_advice(config)}") from e
         except OSError as e:  # the log or a preview, written every few steps
