@@ -415,18 +415,27 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
                     lr_scheduler, ema, config) -> Path:
     from dbnb.env import DiskFullError, check_free_space, is_disk_full
 
-    trained = [unet.state_dict()] + ([text_encoder.state_dict()] if config.train_text_encoder else [])
+    from dbnb import lora
+
+    if config.use_lora:  # only the adapters are saved: tens of MB, not a UNet
+        trained = [lora.adapter_state(unet), lora.adapter_state(text_encoder)]
+    else:
+        trained = [unet.state_dict()] + ([text_encoder.state_dict()] if config.train_text_encoder else [])
     needed = expected_size(run, *trained, ema.shadow_params if ema is not None else [], optimizer.state_dict())
     check_free_space(run.root, needed, f"checkpoint step {step}")
 
     run_id = run.run_id()
 
     def write(folder: Path):
-        unet.save_pretrained(folder / UNET)
-        if config.train_text_encoder:
-            text_encoder.save_pretrained(folder / TEXT_ENCODER)
-        if ema is not None:
-            ema.save_pretrained(folder / UNET_EMA)
+        if config.use_lora:
+            lora.save(folder / LORA, unet, text_encoder, lora.Spec.from_config(config),
+                      lora.ema_state(ema.shadow_params, unet, text_encoder) if ema is not None else None)
+        else:
+            unet.save_pretrained(folder / UNET)
+            if config.train_text_encoder:
+                text_encoder.save_pretrained(folder / TEXT_ENCODER)
+            if ema is not None:
+                ema.save_pretrained(folder / UNET_EMA)
         write_state(folder, step, micro_step, optimizer, lr_scheduler, ema, config, run_id)
 
     try:
@@ -456,6 +465,16 @@ def load_checkpoint(checkpoint: Checkpoint, unet, text_encoder, ema, config) -> 
     from diffusers import UNet2DConditionModel
 
     path = checkpoint.path
+    if checkpoint.kind == LORA:
+        from dbnb import lora
+
+        unet_state, text_state = lora.read(path / LORA)
+        lora.set_adapter_state(unet, unet_state, path / LORA)
+        if config.trains_text_encoder:
+            lora.set_adapter_state(text_encoder, text_state, path / LORA)
+        if ema is not None:
+            load_ema_state(checkpoint, ema, lora.read_ema_shadow(path / LORA, unet, text_encoder))
+        return checkpoint.trainer_state()
     load_strict(unet, checkpoint.unet_state())
     if config.train_text_encoder:
         load_strict(text_encoder, checkpoint.text_encoder_state())

@@ -1,0 +1,168 @@
+"""LoRA / LoCon DreamBooth on the tiny model, on CPU: real training runs, nothing mocked."""
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dbnb import lora
+from dbnb.checkpoints import RunFolder, dir_size
+from dbnb.config import Config, ConfigError
+from dbnb.demo import write_dataset
+from dbnb.models import load_pipeline
+from dbnb.tiny import build_tiny_pipeline
+from dbnb.train import diffusion_loss, read_images, train
+
+LORA = dict(use_lora=True, lora_rank=4, lora_conv_rank=2, lora_text_encoder_rank=2)
+
+
+@pytest.fixture
+def make_config(tiny_dir, tmp_path):
+    instance, klass = write_dataset(tmp_path / "data", n_instance=3, class_per_instance=2)
+
+    def make(**overrides):
+        base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
+                    class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
+                    output_dir=str(tmp_path / "runs"), run_name="run", resolution=64, max_train_steps=4,
+                    save_every_steps=0, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
+                    use_8bit_adam=False, gradient_checkpointing=False, **LORA)
+        return Config(**{**base, **overrides})
+    return make
+
+
+def fixed_loss(config, checkpoint=None):
+    """Mean training-set loss at fixed noise and timesteps, of the base model or a checkpoint on it."""
+    from diffusers import DDPMScheduler
+
+    pipe = load_pipeline(config.pretrained_model_name_or_path)
+    if checkpoint is not None:
+        checkpoint.load_into(pipe)
+    plain = config.replace(with_prior_preservation=False)
+    batches = read_images(plain, pipe.tokenizer)
+    with torch.no_grad():
+        latents = pipe.vae.encode(batches.instance.images).latent_dist.mean
+        losses = [diffusion_loss(pipe.unet, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config),
+                                 latents, batches.instance.input_ids, torch.Generator().manual_seed(k), plain,
+                                 pipe.vae.config.scaling_factor, "cpu", False).item() for k in range(8)]
+    return sum(losses) / len(losses)
+
+
+def test_lora_with_conv_and_text_encoder_trains_and_the_loss_drops(make_config):
+    config = make_config(max_train_steps=40, lora_learning_rate=3e-3, lora_text_encoder_learning_rate=1e-3,
+                         train_batch_size=2, gradient_checkpointing=True)
+    before = fixed_loss(config)
+    result = train(config, progress=False)
+    checkpoint = RunFolder(result.run_dir).pick(40)
+    after = fixed_loss(config, checkpoint)
+    print(f"fixed-noise training loss: before {before:.4f}, after {after:.4f}")
+    assert after <= 0.7 * before, (before, after)
+    # the text encoder's adapters learnt too (they start at zero: lora_B is zero-initialised)
+    _, text = lora.read(checkpoint.path / "lora")
+    assert text and max(v.abs().max().item() for k, v in text.items() if "lora_B" in k) > 0
+
+
+def test_a_lora_checkpoint_holds_only_the_adapters_and_its_size_is_estimated(make_config, monkeypatch):
+    from dbnb import checkpoints
+
+    asked = []
+    real = checkpoints.expected_size
+    monkeypatch.setattr(checkpoints, "expected_size", lambda *a: asked.append(real(*a)) or asked[-1])
+    result = train(make_config(max_train_steps=2, save_every_steps=1, use_ema=True), progress=False)
+    run = RunFolder(result.run_dir)
+    checkpoint = run.pick(2)
+    assert checkpoint.kind == "lora" and checkpoint.parts == {"unet", "text_encoder", "ema", "state"}
+    assert sorted(p.name for p in checkpoint.path.iterdir()) == ["lora", "state"]  # no UNet, no text encoder
+    unet_file = Path(make_config().pretrained_model_name_or_path) / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = dir_size(checkpoint.path / "lora")
+    print(f"LoRA weights {weights:,} B (+ EMA), UNet {unet_file.stat().st_size:,} B")
+    assert weights < 0.5 * unet_file.stat().st_size
+    for estimate, path in zip(asked, result.checkpoints):
+        assert dir_size(path) <= estimate <= dir_size(path) * 1.1 + (1 << 20)
+    with pytest.raises(checkpoints.CheckpointError, match="LoRA checkpoint"):
+        checkpoint.unet_state()
+
+
+def test_every_text_encoder_layer_and_every_transformer_block_gets_its_adapters():
+    pipe = build_tiny_pipeline()
+    spec = lora.Spec(rank=4, alpha=4.0, conv_rank=2, text_encoder_rank=2)
+    lora.add_adapters(pipe.unet, pipe.text_encoder, spec, seed=0)
+    # kohya once trained a third of the encoder's modules: every layer must have all six
+    per_layer = {}
+    for key in lora.adapter_state(pipe.text_encoder):
+        m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.lora_A\.weight$", key)
+        if m:
+            per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
+    layers = pipe.text_encoder.config.num_hidden_layers
+    assert sorted(per_layer) == list(range(layers))
+    assert all(v == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                     "mlp.fc1", "mlp.fc2"} for v in per_layer.values()), per_layer
+    unet_keys = {k.rsplit(".lora_", 1)[0] for k in lora.adapter_state(pipe.unet)}
+    blocks = [n for n, m in pipe.unet.named_modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for block in blocks:
+        for leaf in ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k",
+                     "attn2.to_v", "attn2.to_out.0", "ff.net.0.proj", "ff.net.2"):
+            assert f"{block}.{leaf}" in unet_keys
+    resnets = [n for n, m in pipe.unet.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert blocks and resnets and all(f"{r}.conv1" in unet_keys and f"{r}.conv2" in unet_keys for r in resnets)
+    samplers = [n for n, m in pipe.unet.named_modules() if type(m).__name__ in ("Downsample2D", "Upsample2D")]
+    assert samplers and all(f"{s}.conv" in unet_keys for s in samplers)
+    # LoCon's convs at their own rank; nothing outside the kohya set (conv_in, time embedding)
+    state = lora.adapter_state(pipe.unet)
+    assert state[f"{resnets[0]}.conv1.lora_A.weight"].shape[0] == 2
+    assert state[f"{blocks[0]}.attn1.to_q.lora_A.weight"].shape[0] == 4
+    assert not any(k.startswith(("conv_in", "conv_out", "time_embedding")) for k in unet_keys)
+    # only the adapters learn
+    assert all("lora_" in n for n, p in pipe.unet.named_parameters() if p.requires_grad)
+
+
+def test_lora_settings_that_cannot_work_name_the_fix():
+    with pytest.raises(ConfigError, match=r"use_lora with train_text_encoder.*lora_text_encoder_rank"):
+        Config(use_lora=True, train_text_encoder=True)
+    with pytest.raises(ConfigError, match="lora_rank: 0 must be at least 1"):
+        Config(use_lora=True, lora_rank=0)
+    with pytest.raises(ConfigError, match="lora_conv_rank: -1"):
+        Config(lora_conv_rank=-1)
+    with pytest.raises(ConfigError, match="lora_dropout"):
+        Config(lora_dropout=1.0)
+    assert Config(use_lora=True, lora_text_encoder_rank=8).trains_text_encoder
+    assert not Config(use_lora=True).trains_text_encoder
+
+
+def _cli(config, tmp_path):
+    path = config.save(tmp_path / f"{config.run_name}.json")
+    return [sys.executable, "-m", "dbnb", "train", str(path), "--no-progress"]
+
+
+def test_kill_9_then_resume_of_a_lora_run_matches_the_uninterrupted_run(make_config, tmp_path):
+    from test_train import _wait_for
+
+    steps = 12
+    killed = make_config(max_train_steps=steps, save_every_steps=3, run_name="killed", use_ema=True,
+                         with_prior_preservation=True, num_class_images=6, hflip=True, train_batch_size=2,
+                         lr_scheduler="polynomial", lr_warmup_steps=4, lora_dropout=0.1)
+    proc = subprocess.Popen(_cli(killed, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(tmp_path / "runs" / "killed" / "checkpoints" / "step-000006", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = train(killed, resume="latest", progress=False)
+    assert resumed.step == steps and resumed.checkpoints[0].name > "step-000006"
+    straight = train(killed.replace(run_name="straight"), progress=False)
+    for ema in (False, True):
+        a = lora.read(RunFolder(resumed.run_dir).pick(steps).path / "lora", ema)
+        b = lora.read(RunFolder(straight.run_dir).pick(steps).path / "lora", ema)
+        for part_a, part_b in zip(a, b):
+            assert part_a.keys() == part_b.keys() and part_a
+            for k in part_a:
+                torch.testing.assert_close(part_a[k], part_b[k], rtol=0, atol=1e-6, msg=f"ema={ema} {k}")
+
+
+def test_the_ema_of_the_adapters_differs_from_them(make_config):
+    result = train(make_config(use_ema=True, ema_decay=0.5, max_train_steps=3, lora_learning_rate=1e-2),
+                   progress=False)
+    folder = RunFolder(result.run_dir).pick(3).path / "lora"
+    (raw_unet, raw_text), (ema_unet, ema_text) = lora.read(folder), lora.read(folder, ema=True)
+    assert raw_unet.keys() == ema_unet.keys() and raw_text.keys() == ema_text.keys()
+    assert any(not torch.equal(raw_unet[k], ema_unet[k]) for k in raw_unet)
