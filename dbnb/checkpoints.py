@@ -20,11 +20,15 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dbnb import weights
 from dbnb.runlock import RunFolderError, RunInUseError, RunLock  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from dbnb.lora import Spec
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
@@ -108,6 +112,15 @@ class Checkpoint:
         self._require_full("the text encoder's weights")
         file = self.path / TEXT_ENCODER / TEXT_ENCODER_FILE
         return weights.read_safetensors(file, dtype) if file.is_file() else None
+
+    def adapters(self, ema: bool = False) -> tuple["Spec", dict, dict]:
+        """(shapes, UNet adapters, text-encoder adapters) of a LoRA checkpoint, in peft's layout."""
+        from dbnb import lora
+
+        self.require(ema)
+        if self.kind != LORA:
+            raise CheckpointError(f"{self.path} holds the trained models, not LoRA adapters.")
+        return (lora.Spec.read(self.path / LORA), *lora.read(self.path / LORA, ema))
 
     def _require_full(self, what: str) -> None:
         if self.kind != FULL:

@@ -254,3 +254,14 @@ def load_into(folder: Path, pipe, ema: bool = False, scale: float = 1.0) -> None
         set_adapter_state(pipe.text_encoder, text_sd, folder)
     for model in (pipe.unet, pipe.text_encoder):
         set_scale(model, scale)
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's plain state dict with its adapters merged into the weights (base + LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge(adapter_names=[ADAPTER])
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}

@@ -166,3 +166,102 @@ def test_the_ema_of_the_adapters_differs_from_them(make_config):
     (raw_unet, raw_text), (ema_unet, ema_text) = lora.read(folder), lora.read(folder, ema=True)
     assert raw_unet.keys() == ema_unet.keys() and raw_text.keys() == ema_text.keys()
     assert any(not torch.equal(raw_unet[k], ema_unet[k]) for k in raw_unet)
+
+
+# --- export: the kohya / webui file ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora-export")
+    instance, _ = write_dataset(root / "data", n_instance=2, class_per_instance=1)
+    config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
+                    instance_prompt="hnzk girl", output_dir=str(root / "runs"), run_name="hnzk", resolution=64,
+                    max_train_steps=3, save_every_steps=0, lora_learning_rate=1e-2,
+                    lora_text_encoder_learning_rate=1e-2, mixed_precision="no", use_8bit_adam=False,
+                    gradient_checkpointing=False, use_ema=True, ema_decay=0.5, **{**LORA, "lora_alpha": 2.0})
+    return train(config, progress=False).run_dir
+
+
+def _checkpoint_outputs(run_dir, ema=False):
+    from dbnb import kohya
+
+    pipe = load_pipeline(_base(run_dir))
+    RunFolder(run_dir).pick(None).load_into(pipe, ema=ema)
+    return kohya.outputs(pipe)
+
+
+def _base(run_dir):
+    import json
+    return json.loads((Path(run_dir) / "config.json").read_text())["pretrained_model_name_or_path"]
+
+
+def test_the_lora_export_has_kohyas_keys_and_metadata(lora_run):
+    from safetensors import safe_open
+
+    from dbnb.export import export
+
+    result = export(lora_run, precision="fp16", overwrite=True)
+    assert result.verified and result.path == lora_run / "exports" / "hnzk_3.safetensors"
+    with safe_open(str(result.path), "pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+        alpha = f.get_tensor(next(k for k in keys if k.endswith("attn1_to_q.alpha")))
+        conv_alpha = f.get_tensor(next(k for k in keys if k.endswith("resnets_0_conv1.alpha")))
+    modules = {k.split(".")[0] for k in keys}
+    assert all({f"{m}.lora_down.weight", f"{m}.lora_up.weight", f"{m}.alpha"} <= keys for m in modules)
+    assert len(keys) == 3 * len(modules)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in modules
+    assert "lora_unet_down_blocks_0_resnets_0_conv1" in modules  # LoCon
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in modules
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc2" in modules
+    assert all(m.startswith(("lora_unet_", "lora_te_text_model_encoder_layers_")) for m in modules)
+    assert alpha.item() == pytest.approx(2.0) and conv_alpha.item() == pytest.approx(1.0)  # alpha/rank kept
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_num_train_images"] == "2" and meta["ss_output_name"] == "hnzk_3"
+    assert "conv_dim" in meta["ss_network_args"] and meta["dbnb_version"]
+    assert result.size < 1 << 20
+
+
+def test_diffusers_reads_the_lora_file_back_equal_to_the_checkpoint(lora_run):
+    from dbnb import kohya
+    from dbnb.export import export
+
+    for ema in (False, True):
+        path = export(lora_run, precision="fp32", ema=ema, overwrite=True).path
+        expected = _checkpoint_outputs(lora_run, ema)
+        pipe = load_pipeline(_base(lora_run))
+        base = kohya.outputs(pipe, hidden=expected[0])
+        kohya.load_file_into(pipe, path)
+        got = kohya.outputs(pipe, hidden=expected[0])
+        for e, g, b in zip(expected, got, base):
+            assert (e - g).abs().max().item() <= 1e-4
+            assert (e - b).abs().max().item() > 1e-3  # the LoRA changes both models: the check can fail
+
+
+def test_a_key_diffusers_would_ignore_is_an_error(lora_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dbnb import kohya
+    from dbnb.export import export
+
+    path = export(lora_run, precision="fp32", overwrite=True).path
+    state = load_file(str(path))
+    state.pop(next(k for k in state if k.startswith("lora_te_") and k.endswith("lora_up.weight")))
+    save_file({**state, "lora_unet_conv_in.lora_down.weight": torch.zeros(1)}, str(tmp_path / "odd.safetensors"))
+    save_file({**load_file(str(path)), "model.diffusion_model.x": torch.zeros(1)}, str(tmp_path / "x.safetensors"))
+    for bad in ("odd", "x"):
+        with pytest.raises(kohya.KohyaError):
+            kohya.verify(tmp_path / f"{bad}.safetensors", _checkpoint_outputs(lora_run),
+                         lambda: load_pipeline(_base(lora_run)))
+
+
+def test_bake_writes_a_full_model_equal_to_base_plus_lora(lora_run):
+    from dbnb import kohya
+    from dbnb.export import export
+
+    result = export(lora_run, bake=True, precision="fp32", overwrite=True)
+    assert result.verified and result.size > 4 << 20
+    baked = load_pipeline(str(result.path))
+    expected = _checkpoint_outputs(lora_run)
+    for e, g in zip(expected, kohya.outputs(baked, hidden=expected[0])):
+        assert (e - g).abs().max().item() <= 1e-4
