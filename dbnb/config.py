@@ -473,6 +473,10 @@ class Config:
     test_steps: str = setting("all", "Test Prompts", "Checkpoints to Test",
                               "'all', or step numbers like '1000,2000,3000'. The base model is always a baseline row.",
                               help_ja="'all' か '1000,2000,3000' のようなステップ数。ベースモデルは比較用に必ず含まれます。")
+    lora_scale: float = setting(1.0, "Test Prompts", "LoRA Weight",
+                                "LoRA runs: the adapters' strength in test images and scores (the webui's "
+                                "<lora:name:1.0>).",
+                                help_ja="LoRA の学習結果: テスト画像とスコアでのアダプタの強さ（webui の <lora:名前:1.0>）。")
     test_guidance_scale: float = setting(7.5, "Test Prompts", "Test CFG Scale", "CFG scale of the test images.",
                                          help_ja="テスト画像の CFG スケール。")
     test_infer_steps: int = setting(28, "Test Prompts", "Test Sampling Steps", "Sampling steps of the test images.",

@@ -190,10 +190,11 @@ def _fingerprint(path: Path) -> list:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _weights_key(row: Row, ema: bool) -> list:
+def _weights_key(row: Row, ema: bool, lora_scale: float) -> list:
     if row.checkpoint is None:
         return ["base"]
-    return [_fingerprint(f) for f in row.checkpoint.files(ema)]
+    key = [_fingerprint(f) for f in row.checkpoint.files(ema)]
+    return key + ([lora_scale] if row.checkpoint.kind == "lora" else [])
 
 
 def _image_key(settings: dict, weights: list, prompt: TestPrompt, seed: int) -> str:
@@ -238,7 +239,7 @@ class TestPipeline:
             self.base_text = {k: v.detach().to("cpu", copy=True) for k, v in self.pipe.text_encoder.state_dict().items()}
         elif "text_encoder" not in ckpt.parts and self.base_text is not None:
             self.pipe.text_encoder.load_state_dict(self.base_text)
-        ckpt.load_into(self.pipe, ema=self.ema)
+        ckpt.load_into(self.pipe, ema=self.ema, scale=self.config.lora_scale)
         self.current = row.name
 
     @torch.no_grad()
@@ -280,7 +281,7 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
     # The manifest keeps what every image on disk was made from, so a later call (more seeds,
     # new checkpoints, `dbnb score`) only makes what is missing or out of date.
     made = {n: k for n, k in _read_manifest(folder).get("images", {}).items() if (folder / n).is_file()}
-    keys = {image_name(r, p, s): _image_key(settings, _weights_key(r, ema), p, s)
+    keys = {image_name(r, p, s): _image_key(settings, _weights_key(r, ema, config.lora_scale), p, s)
             for r in rows for p in prompts for s in seeds}
     todo = set(keys) if force else {n for n, k in keys.items() if made.get(n) != k}
     _render_missing(config, result, todo, device, dtype, ema, batch_size, progress)

@@ -265,3 +265,31 @@ def test_bake_writes_a_full_model_equal_to_base_plus_lora(lora_run):
     expected = _checkpoint_outputs(lora_run)
     for e, g in zip(expected, kohya.outputs(baked, hidden=expected[0])):
         assert (e - g).abs().max().item() <= 1e-4
+
+
+def test_sampling_a_lora_checkpoint_differs_from_the_base_and_follows_lora_scale(lora_run):
+    import numpy as np
+    from PIL import Image
+
+    from dbnb.sample import sample_run
+
+    fast = ["test_seeds=1", "test_infer_steps=2", "test_flexibility_prompts=[]"]
+    first = sample_run(lora_run, fast, progress=False)
+    base_row, trained = first.rows
+    prompt = first.prompts[0]
+    pixels = lambda r: np.asarray(Image.open(first.image_path(r, prompt, 0)).convert("RGB"), dtype=float)  # noqa: E731
+    full = pixels(trained)
+    assert np.abs(full - pixels(base_row)).max() > 0
+    zero = sample_run(lora_run, fast + ["lora_scale=0"], progress=False)
+    assert zero.rendered == 1  # only the LoRA row is made again
+    assert np.array_equal(pixels(trained), pixels(base_row))  # scale 0: the base model's image
+
+
+def test_the_report_of_a_lora_run_names_its_ranks_and_file_size(lora_run):
+    from dbnb.export import export
+    from dbnb.report import report_markdown
+
+    path = export(lora_run, overwrite=True).path
+    text = report_markdown(lora_run)
+    assert "LoRA: rank 4, alpha 2, conv rank (LoCon) 2, text-encoder rank 2" in text
+    assert f"file {path.name} {path.stat().st_size / 2**20:.1f} MiB" in text
