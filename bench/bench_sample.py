@@ -34,7 +34,7 @@ def make_run(model: Path, folder: Path, checkpoints: int, resolution: int) -> Pa
     """A run folder as training leaves it: config.json and checkpoints/step-NNNNNN/unet/."""
     from diffusers import UNet2DConditionModel
 
-    from dbnb.checkpoints import RunFolder
+    from dbnb.checkpoints import UNET, RunFolder
     from dbnb.config import Config
     from dbnb.demo import write_dataset
 
@@ -50,7 +50,7 @@ def make_run(model: Path, folder: Path, checkpoints: int, resolution: int) -> Pa
     for k in range(1, checkpoints + 1):
         if not run.checkpoint_dir(500 * k).exists():
             unet.load_state_dict({name: v * (1 + 1e-3 * k) for name, v in base.items()})
-            run.write_checkpoint(500 * k, lambda f: unet.save_pretrained(f / "unet"))
+            run.write_checkpoint(500 * k, lambda f: unet.save_pretrained(f / UNET))
     return run.root
 
 

@@ -2,7 +2,7 @@
 
     <output_dir>/<run_name>/
       config.json                 the frozen config this run used
-      checkpoints/step-000500/    unet/ [text_encoder/] [unet_ema/] + state/ (resume only)
+      checkpoints/step-000500/    a Checkpoint: the trained models or LoRA adapters + state/ (resume only)
       samples/step-000500/        preview PNGs + grid.png
       logs/train.jsonl            step, loss, lr, time
       train.lock                  while a training writes here: its pid, host, start time
@@ -16,34 +16,145 @@ import json
 import os
 import re
 import shutil
-import socket
-import threading
-import time
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from dbnb import weights
-from dbnb.errors import DbnbError
+from dbnb.runlock import RunFolderError, RunInUseError, RunLock  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from dbnb.lora import Spec
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
 
-
-# The lock's holder touches it this often; a lock not touched for STALE_AFTER_S belongs to a
-# session that is gone (a Colab VM that was recycled has another host name and no pid to ask).
-HEARTBEAT_S = 30.0
-STALE_AFTER_S = 600.0
-
-
-class RunFolderError(DbnbError, RuntimeError):
-    """The run folder is not in the state an action needs; the message says what to do."""
+# A checkpoint folder's layout. Only this module spells it: everything else asks a Checkpoint.
+#   full: unet/ [text_encoder/] [unet_ema/]   diffusers folders of the trained models
+#   lora: lora/ adapters.json unet.safetensors [text_encoder.safetensors] [ema.safetensors]
+#   both: state/ optimizer.pt lr_scheduler.pt [ema.pt] trainer.json   (resume only)
+UNET, TEXT_ENCODER, UNET_EMA, LORA, STATE = "unet", "text_encoder", "unet_ema", "lora", "state"
+UNET_FILE, TEXT_ENCODER_FILE = "diffusion_pytorch_model.safetensors", "model.safetensors"
+FULL = "full"
 
 
-class RunInUseError(RunFolderError):
-    """Another training holds the run folder's lock."""
+class CheckpointError(RunFolderError):
+    """A checkpoint lacks what was asked of it, or does not fit the model; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One saved step of a run: what it holds and how it goes into a pipeline."""
+    step: int
+    path: Path
+
+    @classmethod
+    def at(cls, path: Path) -> "Checkpoint | None":
+        m = STEP_DIR.match(Path(path).name)
+        return cls(int(m.group(1)), Path(path)) if m and Path(path).is_dir() else None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def kind(self) -> str:
+        """"full" (the trained models) or "lora" (adapters on the base model)."""
+        return LORA if (self.path / LORA).is_dir() else FULL
+
+    @property
+    def parts(self) -> frozenset[str]:
+        """What it holds: "unet", "text_encoder", "ema" (as weights, or as adapters for kind lora),
+        and "state" when it can be resumed."""
+        if self.kind == LORA:
+            from dbnb import lora
+            held = lora.held_parts(self.path / LORA)
+        else:
+            held = {n for n, sub, f in ((UNET, UNET, UNET_FILE), (TEXT_ENCODER, TEXT_ENCODER, TEXT_ENCODER_FILE),
+                                        ("ema", UNET_EMA, UNET_FILE)) if (self.path / sub / f).is_file()}
+        return frozenset(held | ({"state"} if self.resumable else set()))
+
+    @property
+    def resumable(self) -> bool:
+        return (self.path / STATE / "trainer.json").is_file()
+
+    def trainer_state(self) -> dict:
+        return json.loads((self.path / STATE / "trainer.json").read_text(encoding="utf-8"))
+
+    def require(self, ema: bool = False) -> None:
+        """Raise unless this checkpoint has trained weights (their EMA when `ema`)."""
+        if ema and "ema" not in self.parts:
+            raise CheckpointError(f"{self.path} has no EMA weights: this run was trained without use_ema; "
+                                  "leave out --ema (notebook: ema = False).")
+        if "unet" not in self.parts:
+            raise CheckpointError(f"{self.path} has no trained UNet: the checkpoint is incomplete; choose another "
+                                  "step.")
+
+    def files(self, ema: bool = False) -> list[Path]:
+        """The weight files that `load_into(pipe, ema)` reads (to tell when they change)."""
+        if self.kind == LORA:
+            return sorted((self.path / LORA).glob("*"))
+        unet = self.path / (UNET_EMA if ema else UNET) / UNET_FILE
+        return [f for f in (unet, self.path / TEXT_ENCODER / TEXT_ENCODER_FILE) if f.is_file()]
+
+    def unet_state(self, ema: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The trained UNet's diffusers state dict (kind full)."""
+        self.require(ema)
+        self._require_full("the UNet's weights")
+        return weights.read_safetensors(self.path / (UNET_EMA if ema else UNET) / UNET_FILE, dtype)
+
+    def text_encoder_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """The trained text encoder's state dict, or None when it was not trained (kind full)."""
+        self._require_full("the text encoder's weights")
+        file = self.path / TEXT_ENCODER / TEXT_ENCODER_FILE
+        return weights.read_safetensors(file, dtype) if file.is_file() else None
+
+    def adapters(self, ema: bool = False) -> tuple["Spec", dict, dict]:
+        """(shapes, UNet adapters, text-encoder adapters) of a LoRA checkpoint, in peft's layout."""
+        from dbnb import lora
+
+        self.require(ema)
+        if self.kind != LORA:
+            raise CheckpointError(f"{self.path} holds the trained models, not LoRA adapters.")
+        return (lora.Spec.read(self.path / LORA), *lora.read(self.path / LORA, ema))
+
+    def _require_full(self, what: str) -> None:
+        if self.kind != FULL:
+            raise CheckpointError(f"{self.path} is a LoRA checkpoint: it holds adapters, not {what}.")
+
+    def load_into(self, pipe, ema: bool = False, scale: float = 1.0) -> None:
+        """Put what this checkpoint holds into `pipe` (a pipeline of the run's base model): the
+        trained UNet / text encoder for kind full; for kind lora, its adapters at `scale`."""
+        self.require(ema)
+        if self.kind == LORA:
+            from dbnb import lora
+            lora.load_into(self.path / LORA, pipe, ema=ema, scale=scale)
+            return
+        self._load(pipe.unet, self.unet_state(ema), "UNet")
+        text = self.text_encoder_state()
+        if text is not None:
+            self._load(pipe.text_encoder, text, "text encoder")
+
+    def _load(self, module, state: dict, what: str) -> None:
+        try:
+            load_strict(module, state)
+        except RuntimeError as e:
+            raise CheckpointError(f"{self.path}: its {what} does not fit this base model: was the run trained "
+                                  f"from another one? ({str(e).splitlines()[0]})") from None
+
+
+def load_strict(module: torch.nn.Module, state: dict) -> None:
+    """load_state_dict(strict=True), except for `position_ids`: a buffer that some transformers
+    versions save and others do not, and that no training changes."""
+    own = module.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("position_ids")}
+    state.update({k: v for k, v in own.items() if k.endswith("position_ids") and k not in state})
+    module.load_state_dict(state)
+
 
 
 class RunFolder:
@@ -107,18 +218,57 @@ class RunFolder:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     # --- reading --------------------------------------------------------------------------
-    def checkpoints(self) -> list[tuple[int, Path]]:
+    def checkpoints(self) -> list["Checkpoint"]:
         """Complete checkpoints, oldest first. Temporary (half-written) folders are not listed."""
         folder = self.root / "checkpoints"
         if not folder.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-        return sorted(found)
+        found = [Checkpoint(int(m.group(1)), p) for p in folder.iterdir()
+                 if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+        return sorted(found, key=lambda c: c.step)
 
-    def resumable(self) -> list[tuple[int, Path]]:
-        return [(s, p) for s, p in self.checkpoints() if (p / "state" / "trainer.json").is_file()]
+    def resumable(self) -> list["Checkpoint"]:
+        return [c for c in self.checkpoints() if c.resumable]
 
-    def resolve_resume(self, resume: str) -> Path:
+    def _none_yet(self) -> CheckpointError:
+        return CheckpointError(f"{self.root} has no checkpoints yet: train first (dbnb train), or check the run "
+                               "folder (<output_dir>/<run_name>).")
+
+    def pick(self, step: int | None) -> "Checkpoint":
+        """The checkpoint at `step`; None: the newest."""
+        found = self.checkpoints()
+        if not found:
+            raise self._none_yet()
+        if step is None:
+            return found[-1]
+        for c in found:
+            if c.step == step:
+                return c
+        raise CheckpointError(f"{self.root} has no checkpoint at step {step}; saved steps: "
+                              f"{', '.join(str(c.step) for c in found)}.")
+
+    def choose(self, steps: str, setting: str = "test_steps") -> list["Checkpoint"]:
+        """The checkpoints named by `steps`: 'all', 'latest' or '1000,2000'."""
+        found = self.checkpoints()
+        if not found:
+            raise self._none_yet()
+        spec = steps.strip().lower()
+        if spec in ("", "all"):
+            return found
+        if spec == "latest":
+            return found[-1:]
+        try:
+            wanted = sorted({int(s) for s in spec.replace(" ", "").split(",") if s})
+        except ValueError:
+            raise CheckpointError(f"{setting}: {steps!r} is not 'all', 'latest' or steps like '1000,2000'.") from None
+        by_step = {c.step: c for c in found}
+        missing = [s for s in wanted if s not in by_step]
+        if missing:
+            raise CheckpointError(f"{setting}: no checkpoint at step {', '.join(map(str, missing))}; saved steps: "
+                                  f"{', '.join(str(c.step) for c in found)}.")
+        return [by_step[s] for s in wanted]
+
+    def resolve_resume(self, resume: str) -> "Checkpoint":
         """`latest` → the newest checkpoint with a resume state; otherwise a checkpoint path."""
         if resume == "latest":
             found = self.resumable()
@@ -126,31 +276,32 @@ class RunFolder:
                 raise RunFolderError(f"resume: {self.root} has no checkpoint with a resume state yet. Start "
                                      "without resuming (notebook: resume = False; command line: no --resume), "
                                      "or check output_dir / run_name.")
-            newest = found[-1][1]
-            problem = damage(newest)
+            newest = found[-1]
+            problem = damage(newest.path)
             if problem:  # never fall back silently: the user decides to lose the newest steps
-                earlier = next((p for _, p in reversed(found[:-1]) if not damage(p)), None)
+                earlier = next((c.path for c in reversed(found[:-1]) if not damage(c.path)), None)
                 raise RunFolderError(
-                    f"resume latest: the newest checkpoint {newest} is damaged, so nothing was loaded: "
+                    f"resume latest: the newest checkpoint {newest.path} is damaged, so nothing was loaded: "
                     f"{problem} " + (f"Resume from the previous complete one, {earlier.name}: --resume {earlier} "
-                                     f"(or delete {newest} and resume latest again)." if earlier else
+                                     f"(or delete {newest.path} and resume latest again)." if earlier else
                                      "No earlier checkpoint with a resume state is complete: start a new run_name."))
             return newest
         path = Path(resume)
-        if not (path / "state" / "trainer.json").is_file():
+        found = Checkpoint.at(path)
+        if found is None or not found.resumable:
             raise RunFolderError(f"--resume {resume}: not a checkpoint folder with state/trainer.json "
                                  "(its resume state may have been pruned by keep_last_n).")
         if problem := damage(path):
             raise RunFolderError(f"--resume {resume}: this checkpoint is damaged, so nothing was loaded: {problem} "
                                  "Choose another checkpoint of the run.")
         self.check_owns(path)
-        return path
+        return found
 
     def check_owns(self, checkpoint: Path) -> None:
         """Refuse another run's checkpoint: resuming it here would mix two runs and overwrite
         this run's later steps. A checkpoint names its run by the run id in trainer.json;
         older ones without it must at least lie in this run's checkpoints/."""
-        state = json.loads((checkpoint / "state" / "trainer.json").read_text(encoding="utf-8"))
+        state = json.loads((checkpoint / STATE / "trainer.json").read_text(encoding="utf-8"))
         theirs, mine = state.get("run_id"), self.run_id()
         inside = checkpoint.resolve().parent == (self.root / "checkpoints").resolve()
         if (theirs and mine and theirs == mine) or (not (theirs and mine) and inside):
@@ -195,9 +346,9 @@ class RunFolder:
         """Drop resume states (optimizer etc., the bulk) of all but the newest `keep_last_n`;
         trained weights stay so every saved step can still be sampled and exported."""
         pruned = []
-        for _, path in self.resumable()[:-keep_last_n]:
-            shutil.rmtree(path / "state")
-            pruned.append(path)
+        for c in self.resumable()[:-keep_last_n]:
+            shutil.rmtree(c.path / STATE)
+            pruned.append(c.path)
         return pruned
 
     def truncate_log(self, step: int) -> None:
@@ -213,101 +364,6 @@ class RunFolder:
             f.write(json.dumps(record) + "\n")
 
 
-class RunLock:
-    """train.lock: {pid, host, started}; its mtime is the holder's heartbeat."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._stop = threading.Event()
-        self._beat: threading.Thread | None = None
-        self._made_root = False
-
-    def acquire(self) -> None:
-        self._made_root = not self.path.parent.exists()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunFolderError(f"Cannot write the run folder {self.path.parent}: {e.strerror or e}. "
-                                 "Choose another output_dir (on Colab: is Drive still mounted?).") from None
-        for _ in range(2):  # the second try follows taking over a stale lock
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                           "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-            self._beat = threading.Thread(target=self._heartbeat, name="dbnb-run-lock", daemon=True)
-            self._beat.start()
-            return
-        raise RunInUseError(f"{self.path.parent} was just taken by another training ({self.path}); "
-                            "wait for it to finish or choose another run_name.")
-
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:  # Drive briefly unavailable: the next beat tries again
-                pass
-
-    def _take_over_if_stale(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text(encoding="utf-8") or "{}")
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:  # released meanwhile
-            return
-        except (OSError, ValueError):  # being written right now, or garbage
-            holder, age = {}, time.time() - self.path.stat().st_mtime
-        gone = _stale_reason(holder, age)
-        who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}")
-        if gone is None:
-            raise RunInUseError(
-                f"{self.path.parent} is in use by another training ({who}; lock file {self.path}). Two "
-                "trainings in one run folder would mix their logs and checkpoints: wait for that one to "
-                "finish or stop it, or choose another run_name. If that training is surely gone (its "
-                f"session ended), delete {self.path}; it is taken over by itself "
-                f"{STALE_AFTER_S / 60:.0f} minutes after its last heartbeat.")
-        print(f"[dbnb] taking over the stale lock {self.path} ({who}): {gone}.", flush=True)
-        self.path.unlink(missing_ok=True)
-
-    def release(self) -> None:
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join(timeout=5)
-        try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
-        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            self.path.unlink(missing_ok=True)
-            if self._made_root:  # a run refused before it wrote anything leaves no empty folder
-                try:
-                    self.path.parent.rmdir()
-                except OSError:
-                    pass
-
-
-def _stale_reason(holder: dict, age: float) -> str | None:
-    """Why a lock no longer guards anything, or None while its holder may still be training."""
-    pid = holder.get("pid")
-    if holder.get("host") == socket.gethostname() and isinstance(pid, int) and not _pid_alive(pid):
-        return f"process {pid} is no longer running"
-    if age > STALE_AFTER_S:
-        return f"no heartbeat for {age / 60:.0f} minutes"
-    return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def damage(checkpoint: Path) -> str:
     """What is wrong with a checkpoint's files ("" when every one looks whole); cheap: headers
     and zip directories only."""
@@ -317,7 +373,7 @@ def damage(checkpoint: Path) -> str:
                 weights.check(path)
             except weights.WeightFileError as e:
                 return str(e)
-    trainer = checkpoint / "state" / "trainer.json"
+    trainer = checkpoint / STATE / "trainer.json"
     if trainer.is_file():
         try:
             json.loads(trainer.read_text(encoding="utf-8"))
@@ -349,7 +405,7 @@ def expected_size(run: RunFolder, *parts) -> int:
     configs and the zip containers."""
     previous = run.resumable()
     if previous:
-        return int(dir_size(previous[-1][1]) * 1.02) + (1 << 20)
+        return int(dir_size(previous[-1].path) * 1.02) + (1 << 20)
     tensors = sum(t.numel() * t.element_size() for part in parts for t in _tensors(part))
     return int(tensors * 1.05) + (1 << 20)
 
@@ -363,7 +419,7 @@ def disk_full(run: RunFolder, what: str, needed: int = 0):
     return DiskFullError(
         f"Disk full at {run.root} while {what}: " + (f"need ~{format_bytes(needed)}, " if needed else "")
         + f"free {format_bytes(free)}. "
-        + (f"The previous checkpoint {found[-1][1]} is intact. " if found else "No checkpoint was saved yet. ")
+        + (f"The previous checkpoint {found[-1].path} is intact. " if found else "No checkpoint was saved yet. ")
         + "Free some space (or lower keep_last_n, or choose another output_dir), then resume "
         "(notebook: resume = True; CLI: --resume latest).", needed=needed, free=free, path=run.root)
 
@@ -372,28 +428,28 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
                     lr_scheduler, ema, config) -> Path:
     from dbnb.env import DiskFullError, check_free_space, is_disk_full
 
-    trained = [unet.state_dict()] + ([text_encoder.state_dict()] if config.train_text_encoder else [])
+    from dbnb import lora
+
+    if config.use_lora:  # only the adapters are saved: tens of MB, not a UNet
+        trained = [lora.adapter_state(unet), lora.adapter_state(text_encoder)]
+    else:
+        trained = [unet.state_dict()] + ([text_encoder.state_dict()] if config.train_text_encoder else [])
     needed = expected_size(run, *trained, ema.shadow_params if ema is not None else [], optimizer.state_dict())
     check_free_space(run.root, needed, f"checkpoint step {step}")
 
     run_id = run.run_id()
 
     def write(folder: Path):
-        unet.save_pretrained(folder / "unet")
-        if config.train_text_encoder:
-            text_encoder.save_pretrained(folder / "text_encoder")
-        if ema is not None:
-            ema.save_pretrained(folder / "unet_ema")
-        state = folder / "state"
-        state.mkdir()
-        torch.save(optimizer.state_dict(), state / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), state / "lr_scheduler.pt")
-        if ema is not None:
-            torch.save({k: v for k, v in ema.state_dict().items() if k != "shadow_params"}, state / "ema.pt")
-        # trainer.json last: its presence is what marks a state as resumable
-        (state / "trainer.json").write_text(json.dumps({"step": step, "micro_step": micro_step,
-                                                        "seed": config.seed, "run_id": run_id,
-                                                        "run_name": config.run_name}))
+        if config.use_lora:
+            lora.save(folder / LORA, unet, text_encoder, lora.Spec.from_config(config),
+                      lora.ema_state(ema.shadow_params, unet, text_encoder) if ema is not None else None)
+        else:
+            unet.save_pretrained(folder / UNET)
+            if config.train_text_encoder:
+                text_encoder.save_pretrained(folder / TEXT_ENCODER)
+            if ema is not None:
+                ema.save_pretrained(folder / UNET_EMA)
+        write_state(folder, step, micro_step, optimizer, lr_scheduler, ema, config, run_id)
 
     try:
         path = run.write_checkpoint(step, write)  # a failed write leaves the previous checkpoints as they were
@@ -405,21 +461,47 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
     return path
 
 
-def load_checkpoint(path: Path, unet, text_encoder, ema, config) -> dict:
+def write_state(folder: Path, step: int, micro_step: int, optimizer, lr_scheduler, ema, config, run_id) -> None:
+    state = folder / STATE
+    state.mkdir()
+    torch.save(optimizer.state_dict(), state / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), state / "lr_scheduler.pt")
+    if ema is not None:
+        torch.save({k: v for k, v in ema.state_dict().items() if k != "shadow_params"}, state / "ema.pt")
+    # trainer.json last: its presence is what marks a state as resumable
+    (state / "trainer.json").write_text(json.dumps({"step": step, "micro_step": micro_step, "seed": config.seed,
+                                                    "run_id": run_id, "run_name": config.run_name}))
+
+
+def load_checkpoint(checkpoint: Checkpoint, unet, text_encoder, ema, config) -> dict:
     """Weights (before accelerate wraps the models); returns trainer.json."""
     from diffusers import UNet2DConditionModel
 
-    unet.load_state_dict(weights.read_safetensors(path / "unet" / "diffusion_pytorch_model.safetensors"))
+    path = checkpoint.path
+    if checkpoint.kind == LORA:
+        from dbnb import lora
+
+        unet_state, text_state = lora.read(path / LORA)
+        lora.set_adapter_state(unet, unet_state, path / LORA)
+        if config.trains_text_encoder:
+            lora.set_adapter_state(text_encoder, text_state, path / LORA)
+        if ema is not None:
+            load_ema_state(checkpoint, ema, lora.read_ema_shadow(path / LORA, unet, text_encoder))
+        return checkpoint.trainer_state()
+    load_strict(unet, checkpoint.unet_state())
     if config.train_text_encoder:
-        text_encoder.load_state_dict(weights.read_safetensors(path / "text_encoder" / "model.safetensors"),
-                                     strict=False)
+        load_strict(text_encoder, checkpoint.text_encoder_state())
     if ema is not None:
-        shadow = UNet2DConditionModel.from_pretrained(path / "unet_ema")
-        ema_state = weights.read_pickle(path / "state" / "ema.pt")
-        ema.load_state_dict({**ema_state, "shadow_params": [p.detach() for p in shadow.parameters()]})
-    return json.loads((path / "state" / "trainer.json").read_text())
+        shadow = UNet2DConditionModel.from_pretrained(path / UNET_EMA)
+        load_ema_state(checkpoint, ema, [p.detach() for p in shadow.parameters()])
+    return checkpoint.trainer_state()
 
 
-def load_optimizer_state(path: Path, optimizer, lr_scheduler) -> None:
-    optimizer.load_state_dict(weights.read_pickle(path / "state" / "optimizer.pt"))
-    lr_scheduler.load_state_dict(weights.read_pickle(path / "state" / "lr_scheduler.pt"))
+def load_ema_state(checkpoint: Checkpoint, ema, shadow: list[torch.Tensor]) -> None:
+    ema_state = weights.read_pickle(checkpoint.path / STATE / "ema.pt")
+    ema.load_state_dict({**ema_state, "shadow_params": shadow})
+
+
+def load_optimizer_state(checkpoint: Checkpoint, optimizer, lr_scheduler) -> None:
+    optimizer.load_state_dict(weights.read_pickle(checkpoint.path / STATE / "optimizer.pt"))
+    lr_scheduler.load_state_dict(weights.read_pickle(checkpoint.path / STATE / "lr_scheduler.pt"))

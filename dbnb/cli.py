@@ -63,8 +63,9 @@ def cmd_export(args) -> int:
     from dbnb.export import export, upload_to_hub
 
     result = export(args.source, step=args.step, ema=args.ema, fmt=args.format, precision=args.precision,
-                    vae=args.vae, to=args.to, overwrite=args.overwrite, name=args.name)
-    print(f"{result.path}  {result.size / 2**30:.2f} GiB  verified")
+                    vae=args.vae, to=args.to, overwrite=args.overwrite, name=args.name, bake=args.bake)
+    size = f"{result.size / 2**30:.2f} GiB" if result.size > 2**30 else f"{result.size / 2**20:.1f} MiB"
+    print(f"{result.path}  {size}  verified")
     if args.hub:
         from dbnb.report import model_card
 
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hub", metavar="USER/REPO", help="also upload to this private Hugging Face repo")
     p.add_argument("--overwrite", action="store_true", help="replace a file of the same name (default: add -2, -3…)")
     p.add_argument("--name", default="", help="file name without suffix (default: {run}_{step})")
+    p.add_argument("--bake", action="store_true",
+                   help="LoRA runs: merge the LoRA into the base model and write a full model file")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="a single SD 1.x .safetensors / .ckpt → a diffusers folder")

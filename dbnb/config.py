@@ -290,6 +290,41 @@ class Config:
                                        "Fraction of the run (0-1) after which the text encoder is frozen.",
                                        help_ja="学習全体のこの割合（0〜1）を過ぎたらテキストエンコーダの学習を止めます。")
 
+    use_lora: bool = setting(
+        False, "Learning Rate", "Use LORA",
+        "Train LoRA adapters instead of the whole UNet: a file of tens of MB that the webui puts on any base "
+        "model (<lora:name:0.8>), less VRAM, faster steps. Uses lora_learning_rate, not learning_rate.",
+        help_ja="UNet 全体ではなく LoRA アダプタを学習します。数十 MB のファイルになり、webui でどのベースモデルにも"
+                "重ねられます（<lora:名前:0.8>）。VRAM が少なく、速く学習できます。学習率は learning_rate ではなく "
+                "lora_learning_rate を使います。")
+    lora_rank: int = setting(32, "Learning Rate", "Lora UNET Rank",
+                             "LoRA rank (kohya's network_dim) of the UNet's attention / feed-forward layers.",
+                             help_ja="UNet の attention / feed-forward 層の LoRA のランク（kohya の network_dim）。")
+    lora_alpha: float = setting(0.0, "Learning Rate", "Lora Alpha",
+                                "LoRA alpha (kohya's network_alpha): adapters act at alpha / rank. 0: the rank "
+                                "(scale 1).",
+                                help_ja="LoRA の alpha（kohya の network_alpha）。アダプタは alpha / rank の強さで効きます。"
+                                        "0: ランクと同じ（倍率 1）。")
+    lora_conv_rank: int = setting(0, "Learning Rate", "Lora Conv Rank (LoCon)",
+                                  "Rank of LoCon adapters on the ResNet convs and up/down samplers (kohya's "
+                                  "conv_dim; alpha keeps the alpha / rank ratio). 0: attention / linear layers only.",
+                                  help_ja="ResNet の畳み込み層と up/down サンプラーにも付ける LoCon のランク（kohya の "
+                                          "conv_dim。alpha は alpha / rank の比を保ちます）。0: attention / 線形層だけ。")
+    lora_text_encoder_rank: int = setting(0, "Learning Rate", "Lora Text Encoder Rank",
+                                          "Rank of LoRA adapters on every text-encoder layer (q/k/v/out and MLP). "
+                                          "0: the text encoder is not trained.",
+                                          help_ja="テキストエンコーダの全層（q/k/v/out と MLP）に付ける LoRA のランク。"
+                                                  "0: テキストエンコーダは学習しません。")
+    lora_learning_rate: float = setting(1e-4, "Learning Rate", "Lora UNET Learning Rate",
+                                        "Learning rate of the UNet's adapters (with use_lora).",
+                                        help_ja="UNet のアダプタの学習率（use_lora のとき）。")
+    lora_text_encoder_learning_rate: float = setting(5e-5, "Learning Rate", "Lora Text Encoder Learning Rate",
+                                                     "Learning rate of the text encoder's adapters (with use_lora).",
+                                                     help_ja="テキストエンコーダのアダプタの学習率（use_lora のとき）。")
+    lora_dropout: float = setting(0.0, "Learning Rate", "Lora Dropout",
+                                  "Dropout on the adapters' input (kohya's network_dropout). 0: off.",
+                                  help_ja="アダプタの入力に掛けるドロップアウト（kohya の network_dropout）。0: オフ。")
+
     # --- Image Processing ----------------------------------------------------------------
     resolution: int = setting(512, "Image Processing", "Resolution",
                               "Training size in pixels (multiple of 8). SD 1.x: 512.",
@@ -438,6 +473,10 @@ class Config:
     test_steps: str = setting("all", "Test Prompts", "Checkpoints to Test",
                               "'all', or step numbers like '1000,2000,3000'. The base model is always a baseline row.",
                               help_ja="'all' か '1000,2000,3000' のようなステップ数。ベースモデルは比較用に必ず含まれます。")
+    lora_scale: float = setting(1.0, "Test Prompts", "LoRA Weight",
+                                "LoRA runs: the adapters' strength in test images and scores (the webui's "
+                                "<lora:name:1.0>).",
+                                help_ja="LoRA の学習結果: テスト画像とスコアでのアダプタの強さ（webui の <lora:名前:1.0>）。")
     test_guidance_scale: float = setting(7.5, "Test Prompts", "Test CFG Scale", "CFG scale of the test images.",
                                          help_ja="テスト画像の CFG スケール。")
     test_infer_steps: int = setting(28, "Test Prompts", "Test Sampling Steps", "Sampling steps of the test images.",
@@ -478,6 +517,12 @@ class Config:
             problems = _value_problems(self)
         if problems:
             raise ConfigError("Invalid dbnb config:\n  - " + "\n  - ".join(problems))
+
+    # --- facts derived from the settings --------------------------------------------------------
+    @property
+    def trains_text_encoder(self) -> bool:
+        """The text encoder learns: fine-tuned whole, or through LoRA adapters."""
+        return self.train_text_encoder or (self.use_lora and self.lora_text_encoder_rank > 0)
 
     # --- views -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -539,7 +584,7 @@ def _value_problems(c: Config) -> list[str]:
         p.append(f"resolution: {c.resolution} must be a positive multiple of 8 (SD 1.x: 512).")
     if c.max_train_steps <= 0 and c.num_train_epochs <= 0:
         p.append(f"max_train_steps: {c.max_train_steps} must be > 0 (or set num_train_epochs > 0).")
-    for name in ("learning_rate", "text_encoder_lr"):
+    for name in ("learning_rate", "text_encoder_lr", "lora_learning_rate", "lora_text_encoder_learning_rate"):
         if getattr(c, name) <= 0:
             p.append(f"{name}: {getattr(c, name)} must be > 0 (the seed uses 1e-6).")
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_samples", "sample_steps",
@@ -551,6 +596,7 @@ def _value_problems(c: Config) -> list[str]:
                  "class_batch_size", "class_seed", "flexibility_tolerance"):
         if getattr(c, name) < 0:
             p.append(f"{name}: {getattr(c, name)} must not be negative.")
+    p += _lora_problems(c)
     if c.keep_last_n < 1:
         p.append(f"keep_last_n: {c.keep_last_n} must be at least 1 (the last state is what resume needs).")
     for name in ("tag_threshold", "character_tag_threshold", "core_tag_share"):
@@ -584,6 +630,27 @@ def _value_problems(c: Config) -> list[str]:
         value = getattr(c, name)
         if value and not value.strip():
             p.append(f"{name}: {value!r} is only spaces; set the words (or leave it empty).")
+    return p
+
+
+def _lora_problems(c: Config) -> list[str]:
+    p = []
+    for name in ("lora_conv_rank", "lora_text_encoder_rank", "lora_alpha"):
+        if getattr(c, name) < 0:
+            p.append(f"{name}: {getattr(c, name)} must not be negative (0: off).")
+    if not 0.0 <= c.lora_dropout < 1.0:
+        p.append(f"lora_dropout: {c.lora_dropout} is a probability below 1; use 0 to 0.5 (0: off).")
+    if not c.use_lora:
+        return p
+    if c.lora_rank < 1:
+        p.append(f"lora_rank: {c.lora_rank} must be at least 1 with use_lora (the seed-style default is 32).")
+    if c.train_text_encoder:
+        p.append("use_lora with train_text_encoder: the text encoder is either fine-tuned whole or given LoRA "
+                 "adapters. With use_lora set train_text_encoder=false and lora_text_encoder_rank (e.g. 8) to "
+                 "train it; or turn use_lora off.")
+    if c.optimizer_in_backward:
+        p.append("use_lora with optimizer_in_backward: that saves the full UNet's gradients, which LoRA does not "
+                 "have; set optimizer_in_backward=false.")
     return p
 
 

@@ -3,8 +3,6 @@ each optimizer step, a finiteness check of everything a checkpoint would hold, a
 saved checkpoint is still good."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 
@@ -34,12 +32,12 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
             if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def message(what: str, value, at: int, steps_done: int, checkpoints: list[tuple[int, Path]],
+def message(what: str, value, at: int, steps_done: int, checkpoints: list,
             learning_rate: float) -> str:
-    # The checkpoint of the last completed step holds the weights that led to this value, so
-    # the last good one is older.
-    led_here = [p for step, p in checkpoints if step == steps_done]
-    good = [p for step, p in checkpoints if step < steps_done]
+    # checkpoints: the run's Checkpoints. The one of the last completed step holds the weights
+    # that led to this value, so the last good one is older.
+    led_here = [c.path for c in checkpoints if c.step == steps_done]
+    good = [c.path for c in checkpoints if c.step < steps_done]
     return (f"{what} became {value} at step {at}: training diverged. Likely cause: learning_rate "
             f"{learning_rate:g} too high, or fp16 overflow (try mixed_precision=bf16 on A100/H100, or no). "
             "Nothing from this step was saved"

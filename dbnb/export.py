@@ -39,43 +39,32 @@ class ExportResult:
 
 # --- what to export ----------------------------------------------------------------------------
 
-def pick_checkpoint(run: RunFolder, step: int | None) -> tuple[int, Path]:
-    found = run.checkpoints()
-    if not found:
-        raise ExportError(f"{run.root} has no checkpoints yet: train first (dbnb train), or export a model folder.")
-    if step is None:
-        return found[-1]
-    for s, path in found:
-        if s == step:
-            return s, path
-    raise ExportError(f"{run.root} has no checkpoint at step {step}; saved steps: {', '.join(str(s) for s, _ in found)}.")
-
-
-def _load_trained(path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A saved safetensors state dict, cast tensor by tensor (never two full copies in RAM)."""
-    from dbnb.weights import read_safetensors
-
-    return read_safetensors(path, dtype)
-
-
 def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dtype, vae: str = ""):
-    """(unet, vae, text_encoder) diffusers state dicts of a run's checkpoint, plus (step, config)."""
+    """(unet, vae, text_encoder) diffusers state dicts of a run's checkpoint, plus (step, config).
+    A LoRA checkpoint is baked: its adapters merged into the base model."""
     from dbnb.config import load_config
     from dbnb.models import load_pipeline
 
     config = load_config(run.config_path)
-    step, folder = pick_checkpoint(run, step)
-    unet_dir = folder / ("unet_ema" if ema else "unet")
-    if not unet_dir.is_dir():
-        raise ExportError(f"{folder} has no {unet_dir.name}/: " + ("this run was trained without use_ema; "
-                          "export without --ema." if ema else "the checkpoint is incomplete."))
+    checkpoint = run.pick(step)
+    checkpoint.require(ema)
+    if checkpoint.kind == "lora":
+        from dbnb.lora import merged_state_dict
+
+        base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
+                             revision=config.revision, dtype=torch.float32)  # merged in fp32, then cast
+        checkpoint.load_into(base, ema=ema)
+        cast = lambda sd: {k: v.to(dtype) for k, v in sd.items()}  # noqa: E731
+        return (cast(merged_state_dict(base.unet)), cast(base.vae.state_dict()),
+                cast(merged_state_dict(base.text_encoder)), checkpoint.step, config)
     base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
                          revision=config.revision, dtype=dtype)
     del base.unet  # replaced by the trained one; dropping it first keeps peak RAM down
-    unet = _load_trained(unet_dir / "diffusion_pytorch_model.safetensors", dtype)
-    te_file = folder / "text_encoder" / "model.safetensors"
-    text = _load_trained(te_file, dtype) if te_file.is_file() else base.text_encoder.state_dict()
-    return unet, base.vae.state_dict(), text, step, config
+    # cast tensor by tensor while reading: never two full copies in RAM
+    unet = checkpoint.unet_state(ema, dtype)
+    text = checkpoint.text_encoder_state(dtype)
+    return unet, base.vae.state_dict(), text if text is not None else base.text_encoder.state_dict(), \
+        checkpoint.step, config
 
 
 def model_state_dicts(source: str, dtype: torch.dtype, vae: str = ""):
@@ -169,14 +158,18 @@ def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torc
 
 def export(source: str | Path, *, step: int | None = None, ema: bool = False, fmt: str = "safetensors",
            precision: str = "fp16", vae: str = "", to: str = "", overwrite: bool = False,
-           name: str = "") -> ExportResult:
-    """Export a run (its checkpoint `step`, default the latest) or a model folder / file."""
+           name: str = "", bake: bool = False) -> ExportResult:
+    """Export a run (its checkpoint `step`, default the latest) or a model folder / file. A LoRA
+    run's checkpoint becomes a LoRA file, or with `bake` a full model with the LoRA merged in."""
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r}: choose safetensors or ckpt.")
     if precision not in DTYPES:
         raise ExportError(f"precision {precision!r}: choose fp16, fp32 or bf16.")
     dtype = DTYPES[precision]
     run = RunFolder(source)
+    if run.config_path.is_file() and not bake and run.pick(step).kind == "lora":
+        return export_lora(run, run.pick(step), ema=ema, fmt=fmt, precision=precision, to=to,
+                           overwrite=overwrite, name=name)
     if run.config_path.is_file():
         unet, vae_sd, text, step, config = run_state_dicts(run, step, ema, dtype, vae)
         label = config.run_name
@@ -204,6 +197,46 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
         path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
         raise
     return ExportResult(path, path.stat().st_size, step, True)
+
+
+def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: str, to: str, overwrite: bool,
+                name: str) -> ExportResult:
+    """The checkpoint's adapters as one kohya-layout LoRA file, read back with diffusers'
+    `load_lora_weights` onto the base model: its outputs must be the checkpoint's."""
+    from dbnb import kohya, lora
+    from dbnb.config import load_config
+    from dbnb.models import load_pipeline
+
+    if fmt != "safetensors":
+        raise ExportError(f"format {fmt}: a LoRA is exported as .safetensors (what the webui's models/Lora "
+                          "folder takes); leave out --format, or add --bake for a full model file.")
+    config, dtype = load_config(run.config_path), DTYPES[precision]
+    spec, unet, text = checkpoint.adapters(ema)
+    state = kohya.kohya_state_dict(unet, text, spec, dtype)
+    stem = name or f"{config.run_name}_{checkpoint.step}" + ("_ema" if ema else "")
+    folder = destination_folder(to, config.run_name, run.root / "exports")
+    remove_leftovers(folder)
+    prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
+    path = free_name(folder, stem, ".safetensors", overwrite)
+    write_single_file(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
+                                             "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
+
+    def base():
+        return load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
+                             revision=config.revision, dtype=torch.float32)
+    try:
+        pipe = base()
+        checkpoint.load_into(pipe, ema=ema)
+        with torch.no_grad():  # what the file can hold: the adapters at its precision
+            for p in lora.trainable(pipe.unet, pipe.text_encoder):
+                p.copy_(p.to(dtype).float())
+        expected = kohya.outputs(pipe)
+        del pipe
+        kohya.verify(path, expected, base)
+    except Exception:
+        path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
+        raise
+    return ExportResult(path, path.stat().st_size, checkpoint.step, True)
 
 
 def upload_to_hub(path: Path, repo_id: str, api=None) -> str:

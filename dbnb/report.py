@@ -116,6 +116,18 @@ def section_class_images(config: Config) -> list[str]:
             f"class prompt: `{config.class_prompt}`, prior loss weight {config.prior_loss_weight:g}"]
 
 
+def section_lora(run: RunFolder, config: Config, exports: list[Path]) -> list[str]:
+    """A LoRA run's shape, and its file's size (what decides Drive quota and webui load time)."""
+    if not config.use_lora:
+        return []
+    alpha = config.lora_alpha or config.lora_rank
+    line = (f"LoRA: rank {config.lora_rank}, alpha {alpha:g}, conv rank (LoCon) {config.lora_conv_rank}, "
+            f"text-encoder rank {config.lora_text_encoder_rank}")
+    if exports:
+        line += f"; file {exports[-1].name} {exports[-1].stat().st_size / 2**20:.1f} MiB"
+    return [line]
+
+
 def section_result(run: RunFolder) -> tuple[list[str], list[str], dict | None]:
     """(安定した呼び出し方 suggestion, 結果 lines, recommendation) from scores.json when scored."""
     path = run.root / "scores.json"
@@ -169,7 +181,8 @@ def report_markdown(run_dir: str | Path) -> str:
     section("ベースモデル / Base model", [f"`{base['source']}`" + (f" [{base['hash']}]" if base["hash"] else "")]
             + ([f"merge: {base['recipe']}"] if base["recipe"] else []))
     section("LR等のステータス設定 / LR and other settings",
-            settings + [f"trained {step} of {config.max_train_steps} steps in {seconds / 60:.1f} min"])
+            settings + section_lora(run, config, exports)
+            + [f"trained {step} of {config.max_train_steps} steps in {seconds / 60:.1f} min"])
     section("安定した呼び出し方 / Stable call", call, user=True)
     section("結果 / Result", result + [f"grid: [{p.relative_to(run.root)}]({p.relative_to(run.root)})"
                                       for p in grids(run)], user=True)

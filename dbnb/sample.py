@@ -18,11 +18,15 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dbnb.errors import DbnbError
+
+if TYPE_CHECKING:
+    from dbnb.checkpoints import Checkpoint
 
 
 def make_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None) -> Image.Image:
@@ -97,8 +101,8 @@ class TestPrompt:
 class Row:
     name: str                 # folder under RUN/tests/: "base" or "step-000500"
     label: str                # "base model" or "step 500"
-    step: int | None = None   # None for the base model
-    path: Path | None = None  # the checkpoint folder
+    step: int | None = None                 # None for the base model
+    checkpoint: "Checkpoint | None" = None
 
 
 @dataclass
@@ -180,48 +184,17 @@ def prompt_set(config) -> list[TestPrompt]:
     return prompts
 
 
-def choose_checkpoints(run, test_steps: str, ema: bool = False) -> list[tuple[int, Path]]:
-    """The run's checkpoints named by `test_steps`: 'all', 'latest' or '1000,2000'."""
-    found = run.checkpoints()
-    if not found:
-        raise SampleError(f"{run.root} has no checkpoints yet: train first (dbnb train), or check the run folder.")
-    spec = test_steps.strip().lower()
-    if spec in ("", "all"):
-        chosen = found
-    elif spec == "latest":
-        chosen = found[-1:]
-    else:
-        try:
-            wanted = [int(s) for s in spec.replace(" ", "").split(",") if s]
-        except ValueError:
-            raise SampleError(f"test_steps: {test_steps!r} is not 'all', 'latest' or steps like '1000,2000'.") from None
-        by_step = dict(found)
-        missing = [s for s in wanted if s not in by_step]
-        if missing:
-            raise SampleError(f"test_steps: no checkpoint at step {', '.join(map(str, missing))}; saved steps: "
-                              f"{', '.join(str(s) for s, _ in found)}.")
-        chosen = [(s, by_step[s]) for s in sorted(set(wanted))]
-    unet = "unet_ema" if ema else "unet"
-    for step, path in chosen:
-        if not (path / unet / "diffusion_pytorch_model.safetensors").is_file():
-            raise SampleError(f"{path} has no {unet}/diffusion_pytorch_model.safetensors" +
-                              (": this run was trained without use_ema; sample without --ema." if ema else
-                               ": the checkpoint is incomplete; choose other steps with test_steps=..."))
-    return chosen
-
-
 def _fingerprint(path: Path) -> list:
     """Size and mtime: a checkpoint saved again at the same step gets its images remade."""
     stat = path.stat()
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def _weights_key(row: Row, ema: bool) -> list:
-    if row.path is None:
+def _weights_key(row: Row, ema: bool, lora_scale: float) -> list:
+    if row.checkpoint is None:
         return ["base"]
-    files = [row.path / ("unet_ema" if ema else "unet") / "diffusion_pytorch_model.safetensors",
-             row.path / "text_encoder" / "model.safetensors"]
-    return [_fingerprint(f) for f in files if f.is_file()]
+    key = [_fingerprint(f) for f in row.checkpoint.files(ema)]
+    return key + ([lora_scale] if row.checkpoint.kind == "lora" else [])
 
 
 def _image_key(settings: dict, weights: list, prompt: TestPrompt, seed: int) -> str:
@@ -257,26 +230,16 @@ class TestPipeline:
         self.current = "base"
 
     def use(self, row: Row) -> None:
-        from dbnb.weights import read_safetensors as load_file
-
         if row.name == self.current:
             return
-        if row.path is None:
+        if row.checkpoint is None:
             raise SampleError("The base row must be rendered before any checkpoint is swapped in.")
-        unet_file = row.path / ("unet_ema" if self.ema else "unet") / "diffusion_pytorch_model.safetensors"
-        try:
-            self.pipe.unet.load_state_dict(load_file(unet_file))
-        except RuntimeError as e:
-            raise SampleError(f"{unet_file} does not fit the base model {self.config.pretrained_model_name_or_path!r}: "
-                              f"was the run trained from another one? ({str(e).splitlines()[0]})") from None
-        text_file = row.path / "text_encoder" / "model.safetensors"
-        if text_file.is_file():
-            if self.base_text is None:
-                self.base_text = {k: v.detach().to("cpu", copy=True)
-                                  for k, v in self.pipe.text_encoder.state_dict().items()}
-            self.pipe.text_encoder.load_state_dict(load_file(text_file), strict=False)
-        elif self.base_text is not None:
+        ckpt = row.checkpoint
+        if ckpt.kind == "full" and "text_encoder" in ckpt.parts and self.base_text is None:
+            self.base_text = {k: v.detach().to("cpu", copy=True) for k, v in self.pipe.text_encoder.state_dict().items()}
+        elif "text_encoder" not in ckpt.parts and self.base_text is not None:
             self.pipe.text_encoder.load_state_dict(self.base_text)
+        ckpt.load_into(self.pipe, ema=self.ema, scale=self.config.lora_scale)
         self.current = row.name
 
     @torch.no_grad()
@@ -303,8 +266,10 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
     if not run.config_path.is_file():
         raise SampleError(f"{run.root} has no config.json: give the run folder (<output_dir>/<run_name>).")
     config = load_config(run.config_path, overrides)
-    rows = [Row("base", "base model")] + [Row(f"step-{s:06d}", f"step {s}", s, p)
-                                          for s, p in choose_checkpoints(run, config.test_steps, ema)]
+    chosen = run.choose(config.test_steps)
+    for c in chosen:
+        c.require(ema)
+    rows = [Row("base", "base model")] + [Row(c.name, f"step {c.step}", c.step, c) for c in chosen]
     prompts, seeds = prompt_set(config), list(range(config.test_seeds))
     device, dtype = _device_and_dtype(config, device)
     settings = dict(model=config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
@@ -316,7 +281,7 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
     # The manifest keeps what every image on disk was made from, so a later call (more seeds,
     # new checkpoints, `dbnb score`) only makes what is missing or out of date.
     made = {n: k for n, k in _read_manifest(folder).get("images", {}).items() if (folder / n).is_file()}
-    keys = {image_name(r, p, s): _image_key(settings, _weights_key(r, ema), p, s)
+    keys = {image_name(r, p, s): _image_key(settings, _weights_key(r, ema, config.lora_scale), p, s)
             for r in rows for p in prompts for s in seeds}
     todo = set(keys) if force else {n for n, k in keys.items() if made.get(n) != k}
     _render_missing(config, result, todo, device, dtype, ema, batch_size, progress)

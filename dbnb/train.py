@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
-from dbnb import data, divergence
-from dbnb.checkpoints import (RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
+from dbnb import data, divergence, lora
+from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
 from dbnb.config import FIELDS, Config, ConfigError
 from dbnb.env import shown
@@ -67,6 +67,10 @@ def caption_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 62))
 
 
+def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 61)
+
+
 # --- machine and settings --------------------------------------------------------------------
 
 def check_machine(config: Config, device: torch.device) -> None:
@@ -94,12 +98,12 @@ def check_resume_config(run: RunFolder, config: Config) -> None:
                           "or start a new run_name.")
 
 
-def check_steps_left(checkpoint: Path, max_steps: int, config: Config) -> None:
-    done = json.loads((checkpoint / "state" / "trainer.json").read_text(encoding="utf-8"))["step"]
+def check_steps_left(checkpoint: Checkpoint, max_steps: int, config: Config) -> None:
+    done = checkpoint.trainer_state()["step"]
     if done >= max_steps:
         what = (f"num_train_epochs={config.num_train_epochs} ({max_steps} steps)" if config.num_train_epochs > 0
                 else f"max_train_steps={max_steps}")
-        raise TrainingError(f"Resuming {checkpoint}: the run is already at step {done}, "
+        raise TrainingError(f"Resuming {checkpoint.path}: the run is already at step {done}, "
                             + ("which is" if done == max_steps else "past") + f" {what}; nothing to train. "
                             "Raise it to train further, or sample / export the run as it is.")
 
@@ -123,6 +127,10 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
         pipe.vae.to(dtype=weight_dtype)
         if not config.train_text_encoder:
             pipe.text_encoder.to(dtype=weight_dtype)
+        if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
+            pipe.unet.to(dtype=weight_dtype)
+    if config.use_lora:
+        lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec.from_config(config), seed=config.seed)
     if config.attention == "xformers":
         check = check_xformers(device.type)
         if check.ok:
@@ -131,8 +139,10 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
             warnings.warn(f"attention=xformers: {check.detail}; using PyTorch SDPA instead.", stacklevel=2)
     if config.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-        if config.train_text_encoder:
+        if config.trains_text_encoder:
             pipe.text_encoder.gradient_checkpointing_enable()
+            if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
+                pipe.text_encoder.enable_input_require_grads()
     return pipe, noise_scheduler
 
 
@@ -140,9 +150,11 @@ def make_optimizer(config: Config, unet, text_encoder, world: int, device: torch
     from dbnb.env import check_bitsandbytes
 
     scale = config.train_batch_size * config.gradient_accumulation_steps * world if config.scale_lr else 1
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": config.learning_rate * scale}]
-    if config.train_text_encoder:
-        groups.append({"params": list(text_encoder.parameters()), "lr": config.text_encoder_lr * scale})
+    unet_lr, text_lr = ((config.lora_learning_rate, config.lora_text_encoder_learning_rate) if config.use_lora
+                        else (config.learning_rate, config.text_encoder_lr))
+    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": unet_lr * scale}]
+    if config.trains_text_encoder:
+        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": text_lr * scale})
     kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                   eps=config.adam_epsilon)
     make = functools.partial(torch.optim.AdamW, fused=device.type == "cuda")
@@ -370,7 +382,7 @@ def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Pat
 
 # --- the run ---------------------------------------------------------------------------------------
 
-def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFolder, Path | None]:
+def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFolder, Checkpoint | None]:
     run = RunFolder.for_config(config)
     resume_from = run.resolve_resume(resume) if resume else None
     if resume_from is not None:
@@ -457,16 +469,20 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
-    ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet),
-                   model_config=unet.config) if config.use_ema else None
+    if not config.use_ema:
+        ema = None
+    elif config.use_lora:  # the EMA of the adapters, saved beside them
+        ema = EMAModel(lora.trainable(unet, text_encoder), decay=config.ema_decay)
+    else:
+        ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
     state = load_checkpoint(resume_from, unet, text_encoder, ema, config) if resume_from else {}
     # An optimizer that steps inside backward gains nothing from accelerate's wrapper.
-    parts = [unet] + ([text_encoder] if config.train_text_encoder else []) \
+    parts = [unet] + ([text_encoder] if config.trains_text_encoder else []) \
         + ([] if config.optimizer_in_backward else [optimizer])
     prepared = accelerator.prepare(*parts)
     prepared = list(prepared) if len(parts) > 1 else [prepared]  # one object comes back bare
     unet = prepared.pop(0)
-    text_encoder = prepared.pop(0) if config.train_text_encoder else text_encoder
+    text_encoder = prepared.pop(0) if config.trains_text_encoder else text_encoder
     optimizer = prepared.pop(0) if prepared else optimizer
     if resume_from is not None:
         load_optimizer_state(resume_from, optimizer, lr_scheduler)
@@ -527,7 +543,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                 raise
             found = s.run.checkpoints()
             raise TrainingError(f"Stopped at step {s.step} without saving (Ctrl-C twice); last checkpoint: "
-                                f"{found[-1][1] if found else 'none'}.") from None
+                                f"{found[-1].path if found else 'none'}.") from None
         except torch.OutOfMemoryError as e:
             raise TrainingError(f"Out of GPU memory at step {s.step + 1}. {memory_advice(config)}") from e
         except OSError as e:  # the log or a preview, written every few steps
@@ -548,7 +564,7 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     pre-clip gradient norm."""
     acc, config = s.accelerator, s.config
     rank, world = acc.process_index, acc.num_processes
-    train_te = config.train_text_encoder and s.step < int(config.stop_text_encoder * s.max_steps)
+    train_te = config.trains_text_encoder and s.step < int(config.stop_text_encoder * s.max_steps)
     # A frozen text encoder runs outside DDP, which would otherwise wait for its gradients.
     encoder = s.text_encoder if train_te else acc.unwrap_model(s.text_encoder)
     encoder.train(train_te)
@@ -556,6 +572,8 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
         with acc.accumulate(s.unet):
             latents, ids, g, mask = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae,
                                                acc.device, s.weight_dtype)
+            if config.use_lora and config.lora_dropout:  # peft's dropout draws from the global RNG
+                torch.manual_seed(dropout_seed(config.seed, s.micro_step, rank))
             loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, latents, ids, g, config,
                                   s.pipe.vae.config.scaling_factor, acc.device, train_te, mask)
             if not torch.isfinite(loss):
@@ -578,16 +596,25 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     s.lr_scheduler.step()
     s.step += 1
     if s.ema is not None:
-        s.ema.step(acc.unwrap_model(s.unet).parameters())
+        s.ema.step(trained_parameters(s))
     return loss.item(), grad_norm
+
+
+def trained_parameters(s: Session) -> list[torch.nn.Parameter]:
+    """What the EMA follows: the UNet, or with use_lora every adapter."""
+    unet = s.accelerator.unwrap_model(s.unet)
+    if s.config.use_lora:
+        return lora.trainable(unet, s.accelerator.unwrap_model(s.text_encoder))
+    return list(unet.parameters())
 
 
 def non_finite_part(s: Session) -> str:
     """Which trained tensors hold an inf or NaN ("" when none): checked before every save."""
     acc = s.accelerator
-    parts = {"UNet weights": list(acc.unwrap_model(s.unet).parameters())}
-    if s.config.train_text_encoder:
-        parts["text encoder weights"] = list(acc.unwrap_model(s.text_encoder).parameters())
+    unet, text_encoder = acc.unwrap_model(s.unet), acc.unwrap_model(s.text_encoder)
+    parts = {"UNet weights": [p for p in unet.parameters() if p.requires_grad]}
+    if s.config.trains_text_encoder:
+        parts["text encoder weights"] = [p for p in text_encoder.parameters() if p.requires_grad]
     if s.ema is not None:
         parts["EMA weights"] = list(s.ema.shadow_params)
     parts["optimizer state"] = divergence.optimizer_tensors(s.optimizer)

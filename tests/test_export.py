@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from dbnb import export as export_mod
+from dbnb.checkpoints import CheckpointError, RunFolder
 from dbnb.config import Config
 from dbnb.demo import write_dataset
 from dbnb.env import DiskFullError
@@ -27,9 +27,9 @@ def run_dir(tiny_dir, tmp_path_factory):
     return train(config, progress=False).run_dir
 
 
-def checkpoint_weights(run_dir, step, name):
-    file = "model.safetensors" if name == "text_encoder" else "diffusion_pytorch_model.safetensors"
-    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / name / file)
+def checkpoint_weights(run_dir, step, name, ema=False):
+    checkpoint = RunFolder(run_dir).pick(step)
+    return checkpoint.text_encoder_state() if name == "text_encoder" else checkpoint.unet_state(ema)
 
 
 @pytest.mark.parametrize("fmt, precision, ema", [
@@ -40,8 +40,8 @@ def test_export_reads_back_equal_to_the_runs_weights(run_dir, fmt, precision, em
     assert result.path == run_dir / "exports" / f"hnzk_3{'_ema' if ema else ''}.{fmt}"
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[precision]
     pipe = load_pipeline(str(result.path), dtype=dtype)
-    for name, part in (("unet_ema" if ema else "unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
-        want = checkpoint_weights(run_dir, 3, name)
+    for name, part in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
+        want = checkpoint_weights(run_dir, 3, name, ema)
         got = part.state_dict()
         for k, v in want.items():
             assert torch.equal(got[k], v.to(dtype)), f"{name}.{k}"
@@ -173,7 +173,7 @@ def test_a_file_that_does_not_verify_is_removed(run_dir, tmp_path, monkeypatch):
 
 
 def test_missing_ema_or_step_say_what_to_do(run_dir, tmp_path):
-    with pytest.raises(ExportError, match="saved steps: 2, 3"):
+    with pytest.raises(CheckpointError, match="saved steps: 2, 3"):
         export(run_dir, step=7)
     with pytest.raises(ExportError, match="safetensors or ckpt"):
         export(run_dir, fmt="pt")

@@ -21,3 +21,14 @@ def test_readme_has_two_commands_and_ci_runs_the_test_one():
 def test_cpu_install_pins_the_local_cpu_torch():
     for command in readme_commands():
         assert '"torch==2.13.0"' in command
+
+
+def test_only_the_checkpoint_class_spells_a_checkpoints_layout():
+    """Train, sample, score, export and report ask a Checkpoint; none builds its paths. And no
+    state dict is loaded with strict=False, which would hide a wrong file."""
+    for path in sorted((ROOT / "dbnb").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if path.name != "checkpoints.py":
+            assert "unet_ema" not in text, path
+            assert '"state" /' not in text and "/ \"state\"" not in text, path
+        assert "strict=False" not in text, path

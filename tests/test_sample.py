@@ -7,9 +7,9 @@ import pytest
 from conftest import two_checkpoint_run
 from PIL import Image
 
-from dbnb.checkpoints import RunFolder
+from dbnb.checkpoints import CheckpointError, RunFolder
 from dbnb.config import Config
-from dbnb.sample import SampleError, choose_checkpoints, labelled_grid, prompt_set, sample_run
+from dbnb.sample import SampleError, labelled_grid, prompt_set, sample_run
 
 # Few, small images: the whole module stays well under a minute on a CPU.
 FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
@@ -74,15 +74,18 @@ def test_prompt_set_reads_filewords_from_the_captions_when_no_token_is_set(tmp_p
 
 def test_choose_checkpoints_by_test_steps(run_dir):
     run = RunFolder(run_dir)
-    assert [s for s, _ in choose_checkpoints(run, "all")] == [1, 2]
-    assert [s for s, _ in choose_checkpoints(run, "latest")] == [2]
-    assert [s for s, _ in choose_checkpoints(run, "2, 1")] == [1, 2]
-    with pytest.raises(SampleError, match=r"test_steps: no checkpoint at step 500; saved steps: 1, 2"):
-        choose_checkpoints(run, "500")
-    with pytest.raises(SampleError, match="test_steps"):
-        choose_checkpoints(run, "last")
-    with pytest.raises(SampleError, match="without use_ema"):
-        choose_checkpoints(run, "all", ema=True)
+    assert [c.step for c in run.choose("all")] == [1, 2]
+    assert [c.step for c in run.choose("latest")] == [2]
+    assert [c.step for c in run.choose("2, 1")] == [1, 2]
+    with pytest.raises(CheckpointError, match=r"test_steps: no checkpoint at step 500; saved steps: 1, 2"):
+        run.choose("500")
+    with pytest.raises(CheckpointError, match="test_steps"):
+        run.choose("last")
+    with pytest.raises(CheckpointError, match="without use_ema"):
+        sample_run(run_dir, ema=True, progress=False)
+    assert [c.kind for c in run.checkpoints()] == ["full", "full"]
+    assert run.pick(2).parts >= {"unet", "text_encoder"} and "ema" not in run.pick(2).parts
+    assert run.pick(None).step == 2
 
 
 def test_grid_has_rows_of_steps_and_columns_of_seeds_with_labels(first):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from dbnb import data
-from dbnb.checkpoints import RunFolderError
+from dbnb.checkpoints import RunFolder, RunFolderError
 from dbnb.config import Config, ConfigError
 from dbnb.demo import write_dataset
 from dbnb.train import TrainingError, diffusion_loss, read_images, train
@@ -33,8 +33,8 @@ def make_config(tiny_dir, tmp_path):
     return make
 
 
-def unet_weights(run_dir, step, name="unet"):
-    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / name / "diffusion_pytorch_model.safetensors")
+def unet_weights(run_dir, step, ema=False):
+    return RunFolder(run_dir).pick(step).unet_state(ema)
 
 
 def fixed_loss(config, unet_state=None):
@@ -94,7 +94,7 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
 
 
 def _text_encoder(run_dir, step):
-    return load_file(run_dir / "checkpoints" / f"step-{step:06d}" / "text_encoder" / "model.safetensors")
+    return RunFolder(run_dir).pick(step).text_encoder_state()
 
 
 def _differ(a, b):
@@ -178,7 +178,7 @@ def test_snr_gamma_and_offset_noise_change_the_loss_as_defined(make_config):
 
 def test_ema_is_saved_and_differs_from_the_raw_weights(make_config):
     result = train(make_config(use_ema=True, ema_decay=0.5, max_train_steps=3), progress=False)
-    raw, ema = unet_weights(result.run_dir, 3), unet_weights(result.run_dir, 3, "unet_ema")
+    raw, ema = unet_weights(result.run_dir, 3), unet_weights(result.run_dir, 3, ema=True)
     assert raw.keys() == ema.keys()
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
 
@@ -473,10 +473,10 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(make_config, tmp_path)
     assert not list((resumed.run_dir / "checkpoints").glob(".tmp-*"))
 
     straight = train(killed.replace(run_name="straight"), progress=False)
-    for name in ("unet", "unet_ema"):
-        a, b = unet_weights(resumed.run_dir, steps, name), unet_weights(straight.run_dir, steps, name)
+    for ema in (False, True):
+        a, b = unet_weights(resumed.run_dir, steps, ema), unet_weights(straight.run_dir, steps, ema)
         for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"{name}.{k}")
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=f"ema={ema} {k}")
     log = [json.loads(x)["step"] for x in (resumed.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert log == list(range(1, steps + 1))
 
@@ -521,13 +521,13 @@ def test_a_second_training_in_the_same_run_folder_is_refused_and_changes_nothing
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch, capsys):
-    from dbnb import checkpoints
+    from dbnb import runlock
     from dbnb.checkpoints import RunFolder, RunInUseError
 
     run = RunFolder(tmp_path / "run")
     run.root.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    run.lock_path.write_text(json.dumps({"pid": int(dead.stdout), "host": checkpoints.socket.gethostname(),
+    run.lock_path.write_text(json.dumps({"pid": int(dead.stdout), "host": runlock.socket.gethostname(),
                                          "started": "x"}))
     with run.hold():  # a dead process on this host: taken over at once
         assert json.loads(run.lock_path.read_text())["pid"] == os.getpid()
@@ -538,14 +538,14 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch,
     with pytest.raises(RunInUseError, match="pid 1 on other-vm"):
         with run.hold():
             pass
-    old = time.time() - checkpoints.STALE_AFTER_S - 60
+    old = time.time() - runlock.STALE_AFTER_S - 60
     os.utime(run.lock_path, (old, old))
     with run.hold():
         assert json.loads(run.lock_path.read_text())["host"] != "other-vm"
     assert "no heartbeat for 11 minutes" in capsys.readouterr().out
 
     # the holder's heartbeat keeps its lock fresh
-    monkeypatch.setattr(checkpoints, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
     with run.hold():
         os.utime(run.lock_path, (old, old))
         time.sleep(0.5)
