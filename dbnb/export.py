@@ -106,16 +106,9 @@ def free_name(folder: Path, stem: str, suffix: str, overwrite: bool) -> Path:
 
 
 def prepare_folder(folder: Path, needed: int) -> None:
-    from dbnb.env import check_free_space
+    from dbnb.env import check_free_space, check_writable
 
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".dbnb-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ExportError(f"Cannot write to {folder}: {e.strerror or e}. Choose another destination "
-                          "(--to PATH), or check the mount (is Drive still mounted?).") from None
+    check_writable(folder, "the exported model")
     check_free_space(folder, needed, "the exported model")
 
 

@@ -130,7 +130,9 @@ def test_full_destination_fails_clearly_and_leaves_nothing(run_dir, tmp_path, mo
 
 def test_unwritable_destination_fails_clearly(run_dir, tmp_path):
     (tmp_path / "a-file").write_text("x")
-    with pytest.raises(ExportError, match="Cannot write to .*a-file"):
+    from dbnb.env import NotWritableError
+
+    with pytest.raises(NotWritableError, match="Cannot write the exported model to .*a-file"):
         export(run_dir, to=str(tmp_path / "a-file" / "exports"))
 
 
