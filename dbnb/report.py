@@ -124,7 +124,8 @@ def section_lora(run: RunFolder, config: Config, exports: list[Path]) -> list[st
     line = (f"LoRA: rank {config.lora_rank}, alpha {alpha:g}, conv rank (LoCon) {config.lora_conv_rank}, "
             f"text-encoder rank {config.lora_text_encoder_rank}")
     if exports:
-        line += f"; file {exports[-1].name} {exports[-1].stat().st_size / 2**20:.1f} MiB"
+        newest = max(exports, key=lambda p: p.stat().st_mtime_ns)
+        line += f"; file {newest.name} {newest.stat().st_size / 2**20:.1f} MiB"
     return [line]
 
 
