@@ -382,6 +382,7 @@ def run_doctor(output_dir: str | os.PathLike[str] = ".") -> DoctorReport:
     checks += [_guard(name, True, lambda name=name: _check_package(name))
                for name in REQUIRED_PACKAGES]
     checks += [
+        _guard("versions", False, _check_versions),
         _guard("cuda", False, _check_cuda),
         check_xformers(device),
         check_bitsandbytes(device),
@@ -422,6 +423,17 @@ def _check_package(module: str) -> Check:
         return Check(module, False, f"not importable ({_reason(exc)}): "
                      f"pip install -U {module}", required=True)
     return Check(module, True, version, required=True)
+
+
+def _check_versions() -> Check:
+    # Outside the tested range is a warning: it often works, and the line tells a bug report why not.
+    from dbnb import versions
+
+    problems = versions.outside_tested()
+    if problems:
+        return Check("versions", False, "; ".join(problems) + " (tested: setup.cfg's minimums up to "
+                     "dbnb.versions.NEWEST_TESTED). Include this line in a bug report.")
+    return Check("versions", True, f"all within the tested range: {versions.stack_line()}")
 
 
 def _check_cuda() -> Check:

@@ -20,6 +20,7 @@ from dbnb.errors import DbnbError
 from dbnb import __version__
 from dbnb.checkpoints import RunFolder
 from dbnb.layout import original_state_dict, remove_leftovers, write_single_file
+from dbnb.versions import dtype_argument
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 FORMATS = ("safetensors", "ckpt")
@@ -132,7 +133,7 @@ def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torc
     config = skeleton_folder(sd1_variant(keys, shapes), None)
     try:
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                        dtype=dtype, safety_checker=None,
+                                                        **dtype_argument("diffusers", dtype), safety_checker=None,
                                                         requires_safety_checker=False)
     except Exception as e:  # noqa: BLE001 — whatever the loader trips on, the file is bad
         raise ExportError(f"{path.name} does not load back with diffusers' from_single_file: {e}") from e

@@ -21,6 +21,7 @@ import torch
 from dbnb.errors import DbnbError
 from dbnb.weights import UnsafeCheckpointError, WeightFileError, read_state_dict  # noqa: F401 (re-exported)
 from dbnb import weights
+from dbnb.versions import dtype_argument
 from dbnb.tiny import SKELETON, VARIANTS, skeleton_config, save_tokenizer
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -215,8 +216,8 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
     kind, where = resolve_source(source, cache_dir)
     # fp32 unless asked: training needs fp32 master weights, and transformers 5 would otherwise
     # keep a text encoder saved in fp16 in fp16.
-    common = dict(dtype=dtype or torch.float32, safety_checker=None, feature_extractor=None,
-                  requires_safety_checker=False)
+    common = dict(**dtype_argument("diffusers", dtype or torch.float32), safety_checker=None,
+                  feature_extractor=None, requires_safety_checker=False)
     try:
         if kind == "file":
             keys, shapes = file_keys_and_shapes(Path(where))
@@ -267,10 +268,10 @@ def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path 
     try:
         if kind == "file":
             return AutoencoderKL.from_single_file(where, config=str(config), subfolder="vae",
-                                                  local_files_only=True, dtype=dtype)
+                                                  local_files_only=True, **dtype_argument("diffusers", dtype))
         sub = "vae" if (Path(where) / "vae").is_dir() else None
         extra = {"revision": revision} if revision else {}
-        return AutoencoderKL.from_pretrained(where, subfolder=sub, dtype=dtype, **extra)
+        return AutoencoderKL.from_pretrained(where, subfolder=sub, **dtype_argument("diffusers", dtype), **extra)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"Could not load VAE {source!r}: {e}") from e
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dbnb.versions import dtype_argument
+
 SKELETON = Path(__file__).parent / "assets" / "sd15"
 
 # Only the widths change; everything else comes from SD 1.5's own configs.
@@ -124,9 +126,10 @@ def make_world_model(out_dir: str | Path) -> Path:
     if not (WORLD / "unet" / "config.json").exists():
         raise FileNotFoundError(f"The pretrained world model is missing from {WORLD}: reinstall dbnb, or "
                                 "rebuild it with `python scripts/pretrain_world.py`.")
-    pipe = assemble(UNet2DConditionModel.from_pretrained(WORLD / "unet", torch_dtype=torch.float32),
-                    AutoencoderKL.from_pretrained(WORLD / "vae", torch_dtype=torch.float32),
-                    CLIPTextModel.from_pretrained(WORLD / "text_encoder", torch_dtype=torch.float32))
+    fp32, fp32_text = dtype_argument("diffusers", torch.float32), dtype_argument("transformers", torch.float32)
+    pipe = assemble(UNet2DConditionModel.from_pretrained(WORLD / "unet", **fp32),
+                    AutoencoderKL.from_pretrained(WORLD / "vae", **fp32),
+                    CLIPTextModel.from_pretrained(WORLD / "text_encoder", **fp32_text))
     out_dir = Path(out_dir)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(pipe.tokenizer, out_dir / "tokenizer")

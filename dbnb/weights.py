@@ -58,7 +58,9 @@ def open_safetensors(path: str | Path):
     except FileNotFoundError:
         raise _missing(path) from None
     except SafetensorError as e:
-        raise (not_weights(path) if "header too large" in str(e) else damaged(path, str(e))) from None
+        # safetensors 0.4 says 'HeaderTooLarge', later releases 'header too large'
+        too_large = "headertoolarge" in str(e).lower().replace(" ", "")
+        raise (not_weights(path) if too_large else damaged(path, str(e))) from None
     with handle as f:
         try:
             yield f

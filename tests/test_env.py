@@ -385,3 +385,21 @@ def test_a_crashing_check_becomes_a_failed_line(monkeypatch, tmp_path):
     assert not cuda.ok
     assert cuda.detail == "check failed (RuntimeError: CUDA driver version is insufficient)"
     assert report.ok  # CUDA is not required
+
+
+def test_doctor_prints_the_stack_and_warns_outside_the_tested_range(monkeypatch, tmp_path):
+    from dbnb import versions
+
+    fine = env.run_doctor(tmp_path).get("versions")
+    assert fine.ok and not fine.required
+    import diffusers
+    assert f"diffusers {diffusers.__version__}" in fine.detail and "matplotlib" in fine.detail
+
+    real = versions.installed_version
+    monkeypatch.setattr(versions, "installed_version",
+                        lambda name: "99.0.0" if name == "transformers" else real(name))
+    report = env.run_doctor(tmp_path)
+    check = report.get("versions")
+    assert not check.ok and check.marker == "!" and report.ok  # a warning, never a blocker
+    assert "transformers 99.0.0 is newer than the newest tested" in check.detail
+    assert "transformers 99.0.0" in report.format()

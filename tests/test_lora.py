@@ -92,7 +92,8 @@ def test_every_text_encoder_layer_and_every_transformer_block_gets_its_adapters(
     # kohya once trained a third of the encoder's modules: every layer must have all six
     per_layer = {}
     for key in lora.adapter_state(pipe.text_encoder):
-        m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.lora_A\.weight$", key)
+        # transformers 4 keeps the `text_model.` prefix, 5 drops it
+        m = re.search(r"(?:^|\.)encoder\.layers\.(\d+)\.(.+)\.lora_A\.weight$", key)
         if m:
             per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
     layers = pipe.text_encoder.config.num_hidden_layers

@@ -1,0 +1,74 @@
+"""dbnb.versions: the declared range, its tested ends, and the loader keyword that was renamed."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from dbnb import versions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def oldest_pins() -> dict[str, Version]:
+    lines = (ROOT / "constraints-oldest.txt").read_text().splitlines()
+    pins = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    return {versions._canonical(r.name): Version(str(r.specifier).removeprefix("==")) for r in pins}
+
+
+def test_every_declared_dependency_has_a_newest_tested_and_nothing_else_does():
+    assert set(versions.declared()) == set(versions.NEWEST_TESTED)
+    assert {"torch", "diffusers", "transformers", "huggingface-hub", "pyyaml"} <= set(versions.declared())
+
+
+def test_constraints_oldest_pins_each_declared_minimum():
+    pins, declared = oldest_pins(), versions.declared()
+    assert set(declared) <= set(pins)
+    for name, specifier in declared.items():
+        assert specifier.contains(pins[name]), (name, specifier, pins[name])
+        if name == "torch":  # this machine's CPU wheel; on the platforms it is theirs
+            continue
+        minimum = next(Version(s.version) for s in specifier if s.operator == ">=")
+        assert versions._series(pins[name]) == versions._series(minimum), name
+
+
+def test_the_environment_running_the_tests_is_within_the_tested_range():
+    # fails when CI's stack moves past NEWEST_TESTED: raise the entry once the suite passes there
+    assert versions.outside_tested() == []
+
+
+def _stack(**changed):
+    stack = {name: versions.installed_version(name) for name in versions.declared()}
+    return {**stack, **changed}
+
+
+def test_outside_tested_names_each_dependency_and_why():
+    newest = versions.NEWEST_TESTED["transformers"]
+    newer = f"{Version(newest).major}.{Version(newest).minor + 1}.0"
+    problems = versions.outside_tested(_stack(transformers=newer, diffusers="0.29.0", gdown=None,
+                                              torch="2.5.0"))
+    text = "\n".join(problems)
+    assert len(problems) == 4
+    assert f"transformers {newer} is newer than the newest tested ({newest}.x)" in text
+    assert "diffusers 0.29.0 is outside what dbnb declares (>=0.30)" in text
+    assert "gdown is not installed" in text
+    assert f"torch 2.5.0 is older than the oldest tested ({versions.OLDEST_TESTED['torch']})" in text
+
+
+def test_a_patch_release_of_a_tested_series_counts_as_tested():
+    newest = versions.NEWEST_TESTED["diffusers"]
+    assert versions.outside_tested(_stack(diffusers=f"{newest}.99")) == []
+    assert versions.outside_tested(_stack(torch="2.13.0+cu128")) == []
+
+
+@pytest.mark.parametrize("library, before, after", [("diffusers", "0.39.0", "0.40.0"),
+                                                     ("transformers", "4.55.4", "4.56.0")])
+def test_dtype_argument_follows_the_rename(monkeypatch, library, before, after):
+    import torch
+
+    monkeypatch.setattr(versions, "installed_version", lambda name: before)
+    assert versions.dtype_argument(library, torch.float16) == {"torch_dtype": torch.float16}
+    monkeypatch.setattr(versions, "installed_version", lambda name: after)
+    assert versions.dtype_argument(library, torch.float16) == {"dtype": torch.float16}
