@@ -24,11 +24,16 @@ from dbnb.tiny import TINY_RESOLUTION, make_world_model
 INSTANCE_PROMPT = "hnzk girl"
 CLASS_PROMPT = "girl"
 DEMO_STEPS = 400
+# The training pictures are all full body, so "upper body" is something the base model draws
+# on request and the trained token has never been shown: the demo's flexibility test, which
+# holds early on and fails once the token is overfit to its pictures (the seed's trade-off).
+INSTANCE_FRAMING = "full body"
+FLEXIBILITY_PROMPT = "{instance_prompt}, upper body"
 
 
 def draw_character(index: int, size: int = TINY_RESOLUTION) -> Image.Image:
     """Picture `index` of the demo character (world.HERO), each in its own seeded pose."""
-    return world.draw(world.pose(world.HERO, random.Random(index)), size)
+    return world.draw(world.pose(world.HERO, random.Random(index), framings=(INSTANCE_FRAMING,)), size)
 
 
 def write_dataset(folder: Path, n_instance: int = 5, class_per_instance: int = 10,
@@ -65,9 +70,9 @@ def demo_config(out: Path, steps: int, **overrides) -> Config:
         mixed_precision="fp16" if on_gpu else "no", use_8bit_adam=on_gpu,
         sample_prompts=(INSTANCE_PROMPT, CLASS_PROMPT), sample_negative_prompt="", num_samples=2,
         sample_steps=20, sample_guidance_scale=5.0,
-        # Scored by pixel analysis: the character's identity, its sides, hair colour on request.
+        # Scored by pixel analysis: the character's identity, its sides, a framing on request.
         score_with="world", test_fidelity_prompts=("{instance_prompt}",),
-        test_flexibility_prompts=("{instance_prompt}, blue hair",),
+        test_flexibility_prompts=(FLEXIBILITY_PROMPT,),
         test_negative_prompt="", test_seeds=8, test_infer_steps=20, test_guidance_scale=5.0,
         flexibility_tolerance=0.25)
     return Config(**{**settings, **overrides})
