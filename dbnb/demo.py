@@ -78,25 +78,42 @@ def demo_config(out: Path, steps: int, **overrides) -> Config:
     return Config(**{**settings, **overrides})
 
 
-def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool = True, **overrides) -> dict:
+def prepare_world(out: Path, config: Config) -> None:
+    """The model, the instance pictures and the generated class images (each made once per folder)."""
     from dbnb.classimages import ensure_class_images
+
+    if not (out / "model" / "model_index.json").exists():
+        make_world_model(out / "model")
+    write_dataset(out / "data", class_images=False)
+    ensure_class_images(config, fill=True)
+
+
+def export_recommended(run_dir: Path, step: int) -> Path:
+    """The recommended checkpoint as the webui's single file, read back through from_single_file."""
+    from dbnb.export import export
+
+    return export(run_dir, step=step, overwrite=True).path
+
+
+def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool = True, **overrides) -> dict:
+    from dbnb.report import write_report
     from dbnb.score import score_run
     from dbnb.train import train
 
     out = Path(out)
     started = time.time()
-    if not (out / "model" / "model_index.json").exists():
-        make_world_model(out / "model")
-    write_dataset(out / "data", class_images=False)
     config = demo_config(out, steps, **overrides)
-    ensure_class_images(config, fill=True)
+    prepare_world(out, config)
     resume = "latest" if (Path(config.output_dir) / config.run_name / "checkpoints").exists() else None
     if resume:
         print("[dbnb] demo run exists: resuming it (delete the folder for a fresh one).")
     result = train(config, resume=resume)
     scores = score_run(result.run_dir) if score else None
+    exported = export_recommended(result.run_dir, scores.recommendation["step"]) if scores else None
     elapsed = time.time() - started
     print(f"\n[dbnb] demo done in {elapsed:.0f} s")
+    if exported:
+        print(f"  for the webui:         {exported}  (recommended {scores.recommendation['checkpoint']}, verified)")
     print(f"  model (tiny world):    {out / 'model'}")
     print(f"  training images:       {config.instance_data_dir}  (class: {config.class_data_dir})")
     print(f"  run folder:            {result.run_dir}")
@@ -107,5 +124,6 @@ def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool
         print(f"  preview grid:          {path}")
     if scores:
         print(f"  test images:           {scores.html}")
+    print(f"  report:                {write_report(result.run_dir)}")
     return {"run_dir": result.run_dir, "seconds": elapsed, "checkpoints": result.checkpoints, "samples": samples,
-            "scores": scores}
+            "scores": scores, "export": exported}
