@@ -25,8 +25,8 @@ adherence, the share of the flexibility prompts' asked-for tags ("school uniform
 that the WD14 tagger finds in their images. The same recommendation rule.
 
 `score_with=world` scores runs on dbnb's tiny world model (the demo) by pixel analysis
-instead (`dbnb.world.metrics`): identity, sides kept / swapped, copied poses, hair following the
-prompt, class drift and variety. No other model is needed.
+instead (`dbnb.world.metrics`): identity, sides kept / swapped, copied poses, following the prompt
+(a framing the training pictures never show), class drift and variety. No other model is needed.
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ CLIP_SCORES = ("fidelity", "clip_t", "mean(CLIP-I, DINO)", "CLIP-T")
 WORLD_COLUMNS = ("checkpoint", "step", "identity", "sides", "swapped", "copies", "flexibility", "drift",
                  "variety")
 WORLD_SCORES = ("identity", "flexibility", "identity (share of samples with the character's hair and outfit sides)",
-                "hair-colour following")
+                "following the prompt (framing / hair)")
 
 
 def world_table(samples, instance: list[Image.Image]) -> list[dict]:

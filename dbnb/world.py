@@ -26,6 +26,8 @@ HAIR = {"pink": (240, 110, 180), "blue": (50, 100, 230), "green": (40, 160, 70),
 OUTFIT = {"yellow": (250, 215, 20), "black": (20, 20, 20), "red": (210, 30, 40), "blue": (50, 100, 230),
           "green": (40, 160, 70), "purple": (130, 60, 190)}
 FRAMINGS = ("full body", "upper body")
+# Figure pixels (not skin) in the bottom 4 rows that mark a picture cut at the waist.
+FRAMING_CUT_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,9 @@ def random_character(rng: random.Random) -> Character:
                      framing=rng.choice(FRAMINGS), dx=rng.randint(-6, 6), scale=rng.uniform(0.85, 1.1))
 
 
-def pose(character: Character, rng: random.Random) -> Character:
+def pose(character: Character, rng: random.Random, framings: tuple[str, ...] = FRAMINGS) -> Character:
     """The same character in another framing / position (what a user's 4–6 pictures vary)."""
-    return replace(character, framing=rng.choice(FRAMINGS), dx=rng.randint(-6, 6), scale=rng.uniform(0.85, 1.1))
+    return replace(character, framing=rng.choice(framings), dx=rng.randint(-6, 6), scale=rng.uniform(0.85, 1.1))
 
 
 def caption(character: Character, token: str = "") -> str:
@@ -127,7 +129,7 @@ def analyze(image: Image.Image) -> dict:
     labels = np.array(_nearest(rgb.reshape(-1, 3), palette)).reshape(SIZE, SIZE)
     figure = labels != "background"
     if figure.sum() < 40:
-        return {"hair": None, "left": None, "right": None, "coil": None}
+        return {"hair": None, "left": None, "right": None, "coil": None, "framing": None}
     ys, xs = np.nonzero(figure)
     cx = float(np.median(xs))
     coil_x = np.nonzero(labels == "coil")[1]
@@ -143,7 +145,11 @@ def analyze(image: Image.Image) -> dict:
     columns = np.arange(SIZE)[None, :].repeat(SIZE, 0)
     left = _majority(rgb[body & (columns < cx - 1)], OUTFIT)
     right = _majority(rgb[body & (columns > cx + 1)], OUTFIT)
-    return {"hair": hair, "left": left, "right": right, "coil": coil}
+    # An upper-body picture cuts the outfit at the image's bottom edge; a full figure stands
+    # on its legs (skin) well above it, at every scale the world draws.
+    cut = np.isin(labels[-4:], ["background", "skin", "coil"], invert=True).sum()
+    framing = "upper body" if cut >= FRAMING_CUT_PIXELS else "full body"
+    return {"hair": hair, "left": left, "right": right, "coil": coil, "framing": framing}
 
 
 def judge(analysis: dict, character: Character) -> dict:
@@ -192,9 +198,16 @@ def copies_pose(image: Image.Image, training_boxes: list[tuple]) -> bool:
                                    for t in training_boxes if t)
 
 
-def requested_hair(prompt: str) -> str | None:
+def requested(prompt: str) -> dict:
+    """The attributes a prompt asks for by the captions' words: {"hair": "blue", "framing": "upper body"}."""
     words = prompt.replace(",", " ").split()
-    return next((w for w, nxt in zip(words, words[1:]) if nxt == "hair" and w in HAIR), None)
+    asked = {"hair": next((w for w, nxt in zip(words, words[1:]) if nxt == "hair" and w in HAIR), None),
+             "framing": next((f for f in FRAMINGS if f in " ".join(words)), None)}
+    return {k: v for k, v in asked.items() if v}
+
+
+def follows(analysis: dict, asked: dict) -> bool:
+    return all(analysis[k] == v for k, v in asked.items())
 
 
 def metrics(fidelity: list[Image.Image], flexibility: list[tuple[str, Image.Image]], klass: list[Image.Image],
@@ -206,7 +219,8 @@ def metrics(fidelity: list[Image.Image], flexibility: list[tuple[str, Image.Imag
         this, training on both orientations blends the two sides' colours (the seed's warning);
     swapped — fidelity images with the outfit sides cleanly swapped;
     copies — fidelity images that are near-copies of a training image (overfitting);
-    flexibility — flexibility images whose hair follows the colour the prompt asks for;
+    flexibility — flexibility images that show what their prompt asks for (a hair colour, a
+        framing: "hnzk girl, upper body" when the training pictures are all full body);
     drift — class-prompt images that show the trained character (language drift);
     variety — distinct hair/outfit combinations among the class-prompt images, per image.
     """
@@ -215,7 +229,7 @@ def metrics(fidelity: list[Image.Image], flexibility: list[tuple[str, Image.Imag
         return sum(flags) / len(flags) if flags else float("nan")
 
     judged = [judge(analyze(im), character) for im in fidelity]
-    asked = [(requested_hair(p), im) for p, im in flexibility]
+    asked = [(requested(p), im) for p, im in flexibility]
     klass_readings = [analyze(im) for im in klass]
     boxes = [figure_box(t) for t in training]
     return dict(
@@ -223,7 +237,7 @@ def metrics(fidelity: list[Image.Image], flexibility: list[tuple[str, Image.Imag
         sides=share(j["left"] for j in judged),
         swapped=share(j["swapped"] for j in judged),
         copies=share(copies_pose(im, boxes) for im in fidelity),
-        flexibility=share(analyze(im)["hair"] == hair for hair, im in asked if hair),
+        flexibility=share(follows(analyze(im), want) for want, im in asked if want),
         drift=share(judge(r, character)["identity"] for r in klass_readings),
         variety=(len({(r["hair"], r["left"], r["right"]) for r in klass_readings}) / len(klass)
                  if klass else float("nan")))

@@ -1,5 +1,8 @@
 """Shared fixtures. Nothing here touches the network: models are the tiny SD 1.x model."""
+import contextlib
+import io
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -115,3 +118,41 @@ def http_server():
     release.set()  # a stalled handler returns
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture(scope="session")
+def world_folder(tmp_path_factory):
+    """The demo's world, made once per session: the pretrained world model, the instance
+    pictures and the class images generated from it. Every world run trains beside it."""
+    import torch
+
+    from dbnb.demo import DEMO_STEPS, demo_config, prepare_world
+
+    out = tmp_path_factory.mktemp("world") / "demo"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see one_thread
+    try:
+        prepare_world(out, demo_config(out, DEMO_STEPS))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+@pytest.fixture(scope="session")
+def world_demo(world_folder):
+    """`dbnb demo` as a user types it, run once per session on world_folder: the scored run, its
+    export and what it printed, read by the demo test and the world-effects tests."""
+    import torch
+
+    from dbnb.cli import main
+
+    printed = io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(printed):
+            code = main(["demo", "--out", str(world_folder)])
+    finally:
+        torch.set_num_threads(threads)
+    return SimpleNamespace(out=world_folder, run=world_folder / "runs" / "demo", code=code,
+                           printed=printed.getvalue())

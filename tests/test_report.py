@@ -14,8 +14,9 @@ HEADINGS = ["モデルハッシュ", "学習対象", "使用素材", "加工", "
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    return run_demo(tmp_path_factory.mktemp("report") / "demo", steps=2, score=False)["run_dir"]
+def demo_run(world_folder):
+    """A 2-step demo run beside the session's world (its model and class images made once)."""
+    return run_demo(world_folder, steps=2, score=False, run_name="report")["run_dir"]
 
 
 def section(text, heading):
@@ -77,4 +78,4 @@ def test_model_card_is_yaml_front_matter_and_markdown(demo_run):
     meta = yaml.safe_load(front)
     assert meta["instance_prompt"] == "hnzk girl" and "dreambooth" in meta["tags"] and meta["license"]
     assert "base_model" not in meta  # a local path means nothing on the Hub
-    assert exported.path.name in body and body.lstrip().startswith("# demo")
+    assert exported.path.name in body and body.lstrip().startswith("# report")

@@ -1,5 +1,6 @@
 """The tiny world: drawing, captions and the pixel analysis the world's scores rest on."""
 import random
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -15,7 +16,8 @@ def characters():
 
 def test_analysis_reads_back_every_drawn_attribute(characters):
     for c in characters + [world.HERO, world.HERO.flipped()]:
-        assert world.analyze(world.draw(c)) == {"hair": c.hair, "left": c.left, "right": c.right, "coil": c.coil}, c
+        assert world.analyze(world.draw(c)) == {"hair": c.hair, "left": c.left, "right": c.right, "coil": c.coil,
+                                                "framing": c.framing}, c
 
 
 def test_a_horizontal_flip_is_read_as_the_sides_swapped():
@@ -29,7 +31,8 @@ def test_captions_name_the_attributes_with_the_class_word_and_token():
     text = world.caption(world.HERO, token="hnzk")
     assert text.startswith("hnzk girl, pink hair, yellow and black outfit, coil on the left")
     assert world.caption(world.HERO).startswith("girl, pink hair")
-    assert world.requested_hair("hnzk girl, blue hair") == "blue" and world.requested_hair("hnzk girl") is None
+    assert world.requested("hnzk girl, blue hair") == {"hair": "blue"} and world.requested("hnzk girl") == {}
+    assert world.requested("hnzk girl, upper body") == {"framing": "upper body"}
 
 
 def test_blank_and_unreadable_images_give_no_reading():
@@ -43,9 +46,11 @@ def test_metrics_tell_the_character_its_flip_copies_and_drift_apart():
     training = [world.draw(world.pose(world.HERO, rng)) for _ in range(5)]
     flipped = [im.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for im in training]
     strangers = [world.draw(world.random_character(rng)) for _ in range(10)]
-    m = world.metrics(training + flipped, [("hnzk girl, blue hair", world.draw(world.HERO))], strangers,
-                      world.HERO, training)
-    assert m["identity"] == 0.5 and m["swapped"] == 0.5 and m["sides"] == 0.5 and m["flexibility"] == 0.0
+    upper = world.draw(replace(world.HERO, framing="upper body"))
+    asked = [("hnzk girl, blue hair", world.draw(world.HERO)), ("hnzk girl, upper body", upper),
+             ("hnzk girl, upper body", world.draw(world.HERO))]
+    m = world.metrics(training + flipped, asked, strangers, world.HERO, training)
+    assert m["identity"] == 0.5 and m["swapped"] == 0.5 and m["sides"] == 0.5 and m["flexibility"] == 1 / 3
     assert m["copies"] >= 0.5  # the training pictures themselves (flips may land on another pose)
     assert m["drift"] < 0.2 and m["variety"] > 0.8
     posed = [world.draw(world.pose(world.HERO, rng)) for _ in range(200)]
