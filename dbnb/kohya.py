@@ -32,8 +32,9 @@ def kohya_state_dict(unet: dict, text_encoder: dict, spec: Spec, dtype: torch.dt
     from diffusers.utils import convert_state_dict_to_kohya
 
     peft = {**{f"unet.{k}": v for k, v in unet.items()},
-            # the webui's CLIP keeps transformers' old `text_model.` level
-            **{f"text_encoder.text_model.{k}": v for k, v in text_encoder.items()}}
+            # the webui's CLIP keeps the `text_model.` level that transformers 5 dropped (4 has it)
+            **{"text_encoder." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+               for k, v in text_encoder.items()}}
     out = {}
     for key, value in convert_state_dict_to_kohya(peft).items():
         key = TEXT_PREFIX + key[len("lora_te1_"):] if key.startswith("lora_te1_") else key
@@ -106,7 +107,8 @@ def load_file_into(pipe, path: Path) -> None:
     if other:
         raise KohyaError(f"{path.name}: keys the webui does not read, e.g. {other[0]}.")
     if _transformers_takes_this_peft():
-        pipe.load_lora_weights(str(path), adapter_name="file")
+        # folder + weight_name: diffusers < 0.32 refuses a bare file path when the Hub is offline
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="file")
     else:
         _load_around_the_peft_pin(pipe, state)
     got_unet, got_text = _lora_modules(pipe.unet), _lora_modules(pipe.text_encoder)
