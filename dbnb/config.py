@@ -47,15 +47,27 @@ SECTION_STEPS = {"Model": "setup", "Directories": "train", "Dataset": "dataset",
 
 
 def setting(default, section: str, label: str, help: str, choices: tuple = (), help_ja: str = "",
-            step: str = ""):
-    """One setting. `label` is the webui extension's name; `help` (English) and `help_ja`
-    (Japanese, for the seed's readers) are shown under the field in the form and in
-    `dbnb config --list`; `step` is the notebook step that owns it (default: its section's)."""
+            step: str = "", minimum: float | None = None, above: float | None = None,
+            maximum: float | None = None,
+            resume_safe: bool = False, memory_saving=None, report: str = "if changed"):
+    """One setting and every fact about it.
+
+    `label` is the webui extension's name; `help` (English) and `help_ja` (Japanese, for the
+    seed's readers) are shown under the field in the form and in `dbnb config --list`; `step`
+    is the notebook step that owns it (default: its section's). The value must be at least
+    `minimum` / greater than `above`, and at most `maximum`. `resume_safe`: a resumed run may change it (it changes
+    what is saved or shown, or extends the run, not what has been learnt). `memory_saving`:
+    the value (or values) that lowers VRAM, named after an out-of-memory stop when not set.
+    `report`: in the training report "always", "if changed" from the preset, or "apart"
+    (paths and prompts, which have their own headings)."""
     assert section in SECTIONS, section
     step = step or SECTION_STEPS[section]
     assert step in STEPS, step
-    return field(default=default, metadata=dict(section=section, label=label, help=help,
-                                                 help_ja=help_ja, choices=choices, step=step))
+    assert report in ("always", "if changed", "apart"), report
+    return field(default=default, metadata=dict(section=section, label=label, help=help, help_ja=help_ja,
+                                                 choices=choices, step=step, minimum=minimum, above=above, maximum=maximum,
+                                                 resume_safe=resume_safe, memory_saving=memory_saving,
+                                                 report=report))
 
 
 @dataclass(frozen=True)
@@ -65,38 +77,38 @@ class Config:
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "Model", "Source Checkpoint",
         "Base model: a diffusers folder, a Hugging Face repo id, a single .safetensors/.ckpt "
         "file, an https:// URL or a Google Drive link. A merged model is fine.",
-        help_ja="ベースモデル。diffusers フォルダ、Hugging Face の repo id、単体の .safetensors/.ckpt ファイル、https:// の URL、Google Drive のリンクが使えます。マージモデルでもOK。")
+        help_ja="ベースモデル。diffusers フォルダ、Hugging Face の repo id、単体の .safetensors/.ckpt ファイル、https:// の URL、Google Drive のリンクが使えます。マージモデルでもOK。", resume_safe=True, report="apart")
     revision: str = setting("", "Model", "Revision",
                             "Hub revision (branch, tag or commit) when the base model is a repo id.",
-                            help_ja="ベースモデルが repo id のときに使う Hub のリビジョン（ブランチ、タグ、コミット）。")
+                            help_ja="ベースモデルが repo id のときに使う Hub のリビジョン（ブランチ、タグ、コミット）。", report="apart")
     pretrained_vae_name_or_path: str = setting(
         "", "Model", "Pretrained VAE Name or Path",
         "Optional separate VAE (folder, repo id or file). Empty: the base model's own VAE.",
-        help_ja="別の VAE を使う場合に指定（フォルダ、repo id、ファイル）。空欄ならベースモデル自身の VAE を使います。")
+        help_ja="別の VAE を使う場合に指定（フォルダ、repo id、ファイル）。空欄ならベースモデル自身の VAE を使います。", resume_safe=True, report="apart")
 
     # --- Directories ---------------------------------------------------------------------
     instance_data_dir: str = setting("", "Directories", "Dataset Directory",
                                      "Folder with the character's training images (+ optional .txt captions).",
-                                     help_ja="キャラの学習用画像を入れたフォルダ（.txt キャプションは任意）。", step="dataset")
+                                     help_ja="キャラの学習用画像を入れたフォルダ（.txt キャプションは任意）。", step="dataset", report="apart")
     class_data_dir: str = setting("", "Directories", "Classification Dataset Directory",
                                   "Folder with the class (regularization) images.",
-                                  help_ja="正則化画像（クラス画像）を入れたフォルダ。", step="class_images")
+                                  help_ja="正則化画像（クラス画像）を入れたフォルダ。", step="class_images", report="apart")
     output_dir: str = setting("dbnb-runs", "Directories", "Model Directory",
                               "Where run folders are written. On Colab put it on Drive so a lost session loses nothing.",
-                              help_ja="学習フォルダの書き出し先。Colab ではセッションが切れても失わないよう Drive 上にしてください。", step="setup")
+                              help_ja="学習フォルダの書き出し先。Colab ではセッションが切れても失わないよう Drive 上にしてください。", step="setup", resume_safe=True, report="apart")
     run_name: str = setting("run", "Directories", "Name",
                             "The run folder's name under output_dir; also the exported file's name.",
-                            help_ja="output_dir の下に作る学習フォルダの名前。書き出すモデルファイルの名前にもなります。")
+                            help_ja="output_dir の下に作る学習フォルダの名前。書き出すモデルファイルの名前にもなります。", report="apart")
     concepts_list: str = setting("", "Directories", "Concepts List",
                                  "Optional JSON file listing several concepts (instance_data_dir, instance_prompt, "
                                  "class_data_dir, class_prompt each). Replaces the single-concept fields.",
-                                 help_ja="複数のコンセプトを並べた JSON ファイル（各項目に instance_data_dir、instance_prompt、class_data_dir、class_prompt）。指定すると単一コンセプト用の欄の代わりに使われます。")
+                                 help_ja="複数のコンセプトを並べた JSON ファイル（各項目に instance_data_dir、instance_prompt、class_data_dir、class_prompt）。指定すると単一コンセプト用の欄の代わりに使われます。", report="apart")
 
     # --- Dataset -------------------------------------------------------------------------
     dataset_source: str = setting("", "Dataset", "Source Images",
                                   "Folder, .zip, Google Drive link or URL list (.txt) of the original pictures; "
                                   "`dbnb prep` writes the prepared set to instance_data_dir.",
-                                  help_ja="元画像の場所：フォルダ、.zip、Google Drive のリンク、URL 一覧（.txt）。`dbnb prep` が加工済みの画像を instance_data_dir に書き出します。")
+                                  help_ja="元画像の場所：フォルダ、.zip、Google Drive のリンク、URL 一覧（.txt）。`dbnb prep` が加工済みの画像を instance_data_dir に書き出します。", report="apart")
     remove_background: bool = setting(True, "Dataset", "Remove Background",
                                       "Cut the character out with anime-segmentation and put it on background_color "
                                       "(the seed: clutter and backgrounds get learnt too).",
@@ -141,11 +153,11 @@ class Config:
     tag_threshold: float = setting(
         0.35, "Dataset", "General Tag Threshold",
         "A general tag is written when the tagger's probability is above this (kohya's --general_threshold).",
-        help_ja="一般タグを書くしきい値（タガーの確率がこれを超えたら採用。kohya の --general_threshold）。")
+        help_ja="一般タグを書くしきい値（タガーの確率がこれを超えたら採用。kohya の --general_threshold）。", above=0, maximum=1)
     character_tag_threshold: float = setting(
         0.85, "Dataset", "Character Tag Threshold",
         "A character-name tag is written when its probability is above this (kohya's --character_threshold).",
-        help_ja="キャラクター名タグを書くしきい値（kohya の --character_threshold）。")
+        help_ja="キャラクター名タグを書くしきい値（kohya の --character_threshold）。", above=0, maximum=1)
     prune_core_tags: bool = setting(
         True, "Dataset", "Prune Core Tags",
         "Leave out of the captions the body-trait tags (hair, eyes, ears, …) and character-name tags found in "
@@ -156,22 +168,22 @@ class Config:
     core_tag_share: float = setting(
         0.8, "Dataset", "Core Tag Share",
         "With prune_core_tags: the share of pictures (0-1) a body-trait tag must appear in to be left out.",
-        help_ja="prune_core_tags で外す基準：そのタグが付いている画像の割合（0〜1）。")
+        help_ja="prune_core_tags で外す基準：そのタグが付いている画像の割合（0〜1）。", above=0, maximum=1)
 
     # --- Prompts -------------------------------------------------------------------------
     instance_prompt: str = setting("", "Prompts", "Instance Prompt",
                                    "Prompt that calls the character, e.g. 'nanU Unan' (the seed: a rare word pair). "
                                    "May contain [filewords].",
-                                   help_ja="キャラを呼び出すプロンプト。例: 'nanU Unan'（ガイドでは、あまり使われない2語の組み合わせ）。[filewords] も使えます。")
+                                   help_ja="キャラを呼び出すプロンプト。例: 'nanU Unan'（ガイドでは、あまり使われない2語の組み合わせ）。[filewords] も使えます。", report="apart")
     class_prompt: str = setting("", "Prompts", "Class Prompt",
                                 "Prompt of the class images, e.g. 'Unan' or '1girl'. May contain [filewords].",
-                                help_ja="正則化画像（クラス画像）のプロンプト。例: 'Unan' や '1girl'。[filewords] も使えます。", step="class_images")
+                                help_ja="正則化画像（クラス画像）のプロンプト。例: 'Unan' や '1girl'。[filewords] も使えます。", step="class_images", report="apart")
     instance_token: str = setting("", "Prompts", "Instance Token",
                                   "With [filewords]: the character's token, inserted into captions that lack it.",
-                                  help_ja="[filewords] 使用時のキャラのトークン。キャプションに含まれていなければ挿入されます。", step="dataset")
+                                  help_ja="[filewords] 使用時のキャラのトークン。キャプションに含まれていなければ挿入されます。", step="dataset", report="apart")
     class_token: str = setting("", "Prompts", "Class Token",
                                "With [filewords]: the class word that the instance token is put in front of.",
-                               help_ja="[filewords] 使用時のクラスの単語。instance token はこの単語の前に置かれます。", step="dataset")
+                               help_ja="[filewords] 使用時のクラスの単語。instance token はこの単語の前に置かれます。", step="dataset", report="apart")
     # kohya sd-scripts' caption options, with its names and meaning (`process_caption`).
     shuffle_caption: bool = setting(
         False, "Prompts", "Shuffle Caption",
@@ -184,15 +196,15 @@ class Config:
         "With shuffle_caption / caption_tag_dropout_rate: the first N comma-separated tags stay first and "
         "are never dropped. 1 keeps 'nanU Unan' (the trigger) in front.",
         help_ja="先頭の N 個のタグ（カンマ区切り）は並べ替えもドロップもしません。1 ならトリガーワード"
-                "（例: nanU Unan）が常に先頭に残ります。")
+                "（例: nanU Unan）が常に先頭に残ります。", minimum=0)
     caption_dropout_rate: float = setting(
         0.0, "Prompts", "Rate of Caption Dropout",
         "Share of steps (0-1) in which a picture's whole prompt is replaced by the empty prompt.",
-        help_ja="プロンプト全体を空にする割合（0〜1）。")
+        help_ja="プロンプト全体を空にする割合（0〜1）。", minimum=0, maximum=1)
     caption_tag_dropout_rate: float = setting(
         0.0, "Prompts", "Rate of Tag Dropout",
         "Each step, each tag after the first keep_tokens is left out with this probability (0-1).",
-        help_ja="ステップごとに、keep_tokens より後の各タグをこの確率（0〜1）で省きます。")
+        help_ja="ステップごとに、keep_tokens より後の各タグをこの確率（0〜1）で省きます。", minimum=0, maximum=1)
 
     # --- Class Images --------------------------------------------------------------------
     with_prior_preservation: bool = setting(
@@ -202,10 +214,10 @@ class Config:
     num_class_images: int = setting(0, "Class Images", "Total Number of Class/Reg Images",
                                     "How many class images to use. Must not exceed what the class folder holds "
                                     "(the seed warns: make it match the folder).",
-                                    help_ja="使う正則化画像の枚数。クラス画像フォルダにある枚数を超えないこと（ガイドでは「フォルダの枚数と必ず一致させて」と注意されています）。")
+                                    help_ja="使う正則化画像の枚数。クラス画像フォルダにある枚数を超えないこと（ガイドでは「フォルダの枚数と必ず一致させて」と注意されています）。", minimum=0)
     prior_loss_weight: float = setting(1.0, "Class Images", "Prior Loss Weight",
                                        "Weight of the class-image loss against the instance loss.",
-                                       help_ja="インスタンス画像の loss に対する正則化画像の loss の重み。")
+                                       help_ja="インスタンス画像の loss に対する正則化画像の loss の重み。", minimum=0)
     class_negative_prompt: str = setting(QUALITY_NEGATIVE, "Class Images", "Classification Image Negative Prompt",
                                          "Negative prompt when generating class images.",
                                          help_ja="正則化画像を生成するときのネガティブプロンプト。")
@@ -214,7 +226,7 @@ class Config:
                                           help_ja="正則化画像を生成するときの CFG スケール（ガイドでは 12）。")
     class_infer_steps: int = setting(28, "Class Images", "Classification Steps",
                                      "Sampling steps when generating class images (the seed: 28).",
-                                     help_ja="正則化画像を生成するときのサンプリングステップ数（ガイドでは 28）。")
+                                     help_ja="正則化画像を生成するときのサンプリングステップ数（ガイドでは 28）。", minimum=1)
     class_images_mode: str = setting(
         "generate", "Class Images", "Class Image Source",
         "generate: with the base model and class_prompt. transparent: fully transparent PNGs, the seed "
@@ -232,63 +244,63 @@ class Config:
                                  help_ja="正則化画像を生成するときのサンプラー。")
     class_seed: int = setting(0, "Class Images", "Classification Seed",
                               "Seed of class image k is class_seed + k, so a rerun regenerates the same images.",
-                              help_ja="k 枚目の正則化画像のシードは class_seed + k。やり直しても同じ画像が生成されます。")
+                              help_ja="k 枚目の正則化画像のシードは class_seed + k。やり直しても同じ画像が生成されます。", minimum=0)
     class_batch_size: int = setting(0, "Class Images", "Class Image Batch Size",
                                     "Images generated at once; 0 picks it from free VRAM.",
-                                    help_ja="一度に生成する枚数。0 なら空き VRAM から自動で決めます。")
+                                    help_ja="一度に生成する枚数。0 なら空き VRAM から自動で決めます。", minimum=0)
 
     # --- Intervals -----------------------------------------------------------------------
     max_train_steps: int = setting(3000, "Intervals", "Training Steps",
                                    "Total optimizer steps. The seed's runs: ~3000 for 3 images (7000 for 5 was called "
                                    "maybe too many); 10000-20000 for 20-100 images with detailed outfits. Aim for "
                                    "slightly overfit, then check flexibility (notebook 5).",
-                                   help_ja="合計の学習ステップ数。ガイドの実例: 3枚で約3000（5枚で7000は多すぎるかも）、衣装が細かい20〜100枚で10000〜20000。少し過学習気味が目安。")
+                                   help_ja="合計の学習ステップ数。ガイドの実例: 3枚で約3000（5枚で7000は多すぎるかも）、衣装が細かい20〜100枚で10000〜20000。少し過学習気味が目安。", resume_safe=True, report="always")
     num_train_epochs: int = setting(0, "Intervals", "Training Epochs",
                                     "If > 0, train this many epochs instead of max_train_steps.",
-                                    help_ja="0 より大きいと、max_train_steps の代わりにこのエポック数だけ学習します。")
+                                    help_ja="0 より大きいと、max_train_steps の代わりにこのエポック数だけ学習します。", minimum=0, resume_safe=True)
     save_every_steps: int = setting(500, "Intervals", "Save Checkpoint Frequency",
                                     "Save trained weights + resume state every N steps (0: only at the end). "
                                     "The seed: 500 is enough; small values fill the disk.",
-                                    help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。ガイドでは 500 で十分、小さいとディスクを圧迫します。")
+                                    help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。ガイドでは 500 で十分、小さいとディスクを圧迫します。", minimum=0, resume_safe=True)
     sample_every_steps: int = setting(0, "Intervals", "Save Preview(s) Frequency",
                                       "Write preview images every N steps (0: never; the seed turns it off on 12 GB cards).",
-                                      help_ja="N ステップごとにプレビュー画像を出力（0: 出さない。ガイドでは 12GB のカードでは 0）。")
+                                      help_ja="N ステップごとにプレビュー画像を出力（0: 出さない。ガイドでは 12GB のカードでは 0）。", minimum=0, resume_safe=True, memory_saving=0)
     keep_last_n: int = setting(2, "Intervals", "Keep Last N Resume States",
                                "Resume states (optimizer etc., large) older than the last N are deleted; "
                                "trained weights are kept.",
-                               help_ja="最新 N 個より古い再開用データ（オプティマイザ等、大容量）を削除します。学習済みの重みは残ります。")
+                               help_ja="最新 N 個より古い再開用データ（オプティマイザ等、大容量）を削除します。学習済みの重みは残ります。", minimum=1, resume_safe=True)
 
     # --- Learning Rate -------------------------------------------------------------------
     learning_rate: float = setting(1e-6, "Learning Rate", "Learning Rate",
                                    "UNet learning rate. The seed: 1e-6 whatever the number of images.",
-                                   help_ja="UNet の学習率。ガイドでは画像の枚数に関係なく 1e-6。")
+                                   help_ja="UNet の学習率。ガイドでは画像の枚数に関係なく 1e-6。", above=0, report="always")
     scale_lr: bool = setting(False, "Learning Rate", "Scale Learning Rate",
                              "Multiply the learning rate by batch size x gradient accumulation x GPUs "
                              "(diffusers' meaning). It does NOT lower the LR as training goes on; "
                              "the scheduler does that.",
-                             help_ja="学習率にバッチサイズ × 勾配累積 × GPU 数を掛けます（diffusers での意味）。学習が進むにつれて学習率を下げる機能ではありません。それはスケジューラの役目です。")
+                             help_ja="学習率にバッチサイズ × 勾配累積 × GPU 数を掛けます（diffusers での意味）。学習が進むにつれて学習率を下げる機能ではありません。それはスケジューラの役目です。", report="always")
     lr_scheduler: str = setting("polynomial", "Learning Rate", "Learning Rate Scheduler",
                                 "LR schedule after warmup. The extension's default is polynomial.",
                                 choices=LR_SCHEDULERS,
-                                help_ja="ウォームアップ後の学習率の変化のさせ方。拡張機能のデフォルトは polynomial。")
+                                help_ja="ウォームアップ後の学習率の変化のさせ方。拡張機能のデフォルトは polynomial。", report="always")
     lr_warmup_steps: int = setting(15, "Learning Rate", "Learning Rate Warmup Steps",
                                    "Steps with the LR rising from 0 (the seed: about 15).",
-                                   help_ja="学習率を 0 から上げていくステップ数（ガイドでは 15 くらい）。")
+                                   help_ja="学習率を 0 から上げていくステップ数（ガイドでは 15 くらい）。", minimum=0)
     lr_power: float = setting(1.0, "Learning Rate", "Polynomial Power",
                               "Power of the polynomial schedule (1.0: linear decay).",
                               help_ja="polynomial スケジュールの次数（1.0: 直線的に減少）。")
     lr_num_cycles: int = setting(1, "Learning Rate", "Cosine Restarts",
                                  "Number of restarts for cosine_with_restarts.",
-                                 help_ja="cosine_with_restarts での再スタート回数。")
+                                 help_ja="cosine_with_restarts での再スタート回数。", minimum=1)
     train_text_encoder: bool = setting(False, "Learning Rate", "Train Text Encoder",
                                        "Also fine-tune the CLIP text encoder (more VRAM, stronger likeness).",
-                                       help_ja="CLIP テキストエンコーダも学習します（VRAM は増えるが、より似やすくなる）。")
+                                       help_ja="CLIP テキストエンコーダも学習します（VRAM は増えるが、より似やすくなる）。", memory_saving=False, report="always")
     text_encoder_lr: float = setting(1e-6, "Learning Rate", "Text Encoder Learning Rate",
                                      "Learning rate of the text encoder when it is trained.",
-                                     help_ja="テキストエンコーダを学習する場合の学習率。")
+                                     help_ja="テキストエンコーダを学習する場合の学習率。", above=0)
     stop_text_encoder: float = setting(1.0, "Learning Rate", "Step Ratio of Text Encoder Training",
                                        "Fraction of the run (0-1) after which the text encoder is frozen.",
-                                       help_ja="学習全体のこの割合（0〜1）を過ぎたらテキストエンコーダの学習を止めます。")
+                                       help_ja="学習全体のこの割合（0〜1）を過ぎたらテキストエンコーダの学習を止めます。", minimum=0, maximum=1)
 
     use_lora: bool = setting(
         False, "Learning Rate", "Use LORA",
@@ -304,23 +316,23 @@ class Config:
                                 "LoRA alpha (kohya's network_alpha): adapters act at alpha / rank. 0: the rank "
                                 "(scale 1).",
                                 help_ja="LoRA の alpha（kohya の network_alpha）。アダプタは alpha / rank の強さで効きます。"
-                                        "0: ランクと同じ（倍率 1）。")
+                                        "0: ランクと同じ（倍率 1）。", minimum=0)
     lora_conv_rank: int = setting(0, "Learning Rate", "Lora Conv Rank (LoCon)",
                                   "Rank of LoCon adapters on the ResNet convs and up/down samplers (kohya's "
                                   "conv_dim; alpha keeps the alpha / rank ratio). 0: attention / linear layers only.",
                                   help_ja="ResNet の畳み込み層と up/down サンプラーにも付ける LoCon のランク（kohya の "
-                                          "conv_dim。alpha は alpha / rank の比を保ちます）。0: attention / 線形層だけ。")
+                                          "conv_dim。alpha は alpha / rank の比を保ちます）。0: attention / 線形層だけ。", minimum=0)
     lora_text_encoder_rank: int = setting(0, "Learning Rate", "Lora Text Encoder Rank",
                                           "Rank of LoRA adapters on every text-encoder layer (q/k/v/out and MLP). "
                                           "0: the text encoder is not trained.",
                                           help_ja="テキストエンコーダの全層（q/k/v/out と MLP）に付ける LoRA のランク。"
-                                                  "0: テキストエンコーダは学習しません。")
+                                                  "0: テキストエンコーダは学習しません。", minimum=0)
     lora_learning_rate: float = setting(1e-4, "Learning Rate", "Lora UNET Learning Rate",
                                         "Learning rate of the UNet's adapters (with use_lora).",
-                                        help_ja="UNet のアダプタの学習率（use_lora のとき）。")
+                                        help_ja="UNet のアダプタの学習率（use_lora のとき）。", above=0)
     lora_text_encoder_learning_rate: float = setting(5e-5, "Learning Rate", "Lora Text Encoder Learning Rate",
                                                      "Learning rate of the text encoder's adapters (with use_lora).",
-                                                     help_ja="テキストエンコーダのアダプタの学習率（use_lora のとき）。")
+                                                     help_ja="テキストエンコーダのアダプタの学習率（use_lora のとき）。", above=0)
     lora_dropout: float = setting(0.0, "Learning Rate", "Lora Dropout",
                                   "Dropout on the adapters' input (kohya's network_dropout). 0: off.",
                                   help_ja="アダプタの入力に掛けるドロップアウト（kohya の network_dropout）。0: オフ。")
@@ -328,14 +340,14 @@ class Config:
     # --- Image Processing ----------------------------------------------------------------
     resolution: int = setting(512, "Image Processing", "Resolution",
                               "Training size in pixels (multiple of 8). SD 1.x: 512.",
-                              help_ja="学習解像度（ピクセル、8の倍数）。SD 1.x は 512。", step="dataset")
+                              help_ja="学習解像度（ピクセル、8の倍数）。SD 1.x は 512。", step="dataset", report="always")
     center_crop: bool = setting(False, "Image Processing", "Center Crop",
                                 "Crop the center square instead of resizing the whole image.",
                                 help_ja="画像全体を縮小する代わりに、中央の正方形を切り抜きます。")
     hflip: bool = setting(False, "Image Processing", "Apply Horizontal Flip",
                           "Randomly mirror images. Off by default: the seed found it mixes the left and right "
                           "colours of asymmetric designs.",
-                          help_ja="ランダムに左右反転します。デフォルトはオフ：ガイドでは左右非対称なデザインの左右の色が混ざるとされています。")
+                          help_ja="ランダムに左右反転します。デフォルトはオフ：ガイドでは左右非対称なデザインの左右の色が混ざるとされています。", report="always")
     alpha_mask_loss: bool = setting(
         False, "Image Processing", "Alpha Mask",
         "Weight the loss of each pixel by the picture's alpha, scaled to latent size (kohya's --alpha_mask): "
@@ -358,7 +370,7 @@ class Config:
 
     # --- Tuning --------------------------------------------------------------------------
     train_batch_size: int = setting(1, "Tuning", "Batch Size", "Images per step (per GPU).",
-                                    help_ja="1ステップあたりの画像枚数（GPU ごと）。")
+                                    help_ja="1ステップあたりの画像枚数（GPU ごと）。", minimum=1, memory_saving=1, report="always")
     memory_profile: str = setting(
         "manual", "Tuning", "Performance Wizard",
         "manual: mixed_precision, use_8bit_adam and gradient_checkpointing as set here. auto: training sets "
@@ -377,11 +389,11 @@ class Config:
     mixed_precision: str = setting("fp16", "Tuning", "Mixed Precision",
                                    "fp16 (T4 / most Colab GPUs), bf16 (A100/H100) or no (CPU). "
                                    "Weights stay fp32 either way.", choices=("no", "fp16", "bf16"),
-                                   help_ja="fp16（T4 など Colab の多くの GPU）、bf16（A100/H100）、no（CPU）。どれでも重みは fp32 のままです。")
+                                   help_ja="fp16（T4 など Colab の多くの GPU）、bf16（A100/H100）、no（CPU）。どれでも重みは fp32 のままです。", memory_saving=("fp16", "bf16"), report="always")
     use_8bit_adam: bool = setting(True, "Tuning", "Use 8bit Adam",
                                   "bitsandbytes' 8-bit AdamW: much less VRAM. Falls back to torch AdamW "
                                   "with a warning where bitsandbytes does not work.",
-                                  help_ja="bitsandbytes の 8bit AdamW。VRAM を大きく節約できます。bitsandbytes が動かない環境では警告を出して torch の AdamW に切り替えます。")
+                                  help_ja="bitsandbytes の 8bit AdamW。VRAM を大きく節約できます。bitsandbytes が動かない環境では警告を出して torch の AdamW に切り替えます。", memory_saving=True, report="always")
     adam_beta1: float = setting(0.9, "Tuning", "Adam Beta 1", "AdamW beta1.",
                                 help_ja="AdamW の beta1。")
     adam_beta2: float = setting(0.999, "Tuning", "Adam Beta 2", "AdamW beta2.",
@@ -398,55 +410,56 @@ class Config:
     cache_latents: bool = setting(True, "Tuning", "Cache Latents",
                                   "Encode the images with the VAE once, before training (faster, less VRAM). "
                                   "The extension's 'Don't Cache Latents' is the opposite switch.",
-                                  help_ja="学習前に VAE で画像を一度だけエンコードしておきます（速く、VRAM も少なめ）。拡張機能の 'Don't Cache Latents' とは逆のスイッチです。")
+                                  help_ja="学習前に VAE で画像を一度だけエンコードしておきます（速く、VRAM も少なめ）。拡張機能の 'Don't Cache Latents' とは逆のスイッチです。", memory_saving=True)
     use_ema: bool = setting(False, "Tuning", "Train EMA",
                             "Keep an exponential moving average of the UNet, saved beside the raw weights.",
-                            help_ja="UNet の指数移動平均（EMA）も保持し、通常の重みと並べて保存します。")
+                            help_ja="UNet の指数移動平均（EMA）も保持し、通常の重みと並べて保存します。", report="always")
     ema_decay: float = setting(0.9999, "Tuning", "EMA Decay", "Decay of the EMA weights.",
                                help_ja="EMA の重みの減衰率。")
     offset_noise: float = setting(0.0, "Tuning", "Offset Noise",
                                   "Add per-channel noise offset (e.g. 0.05) for darker darks / brighter brights. 0: off.",
-                                  help_ja="チャンネルごとのノイズオフセット（例: 0.05）を加え、暗部をより暗く・明部をより明るく出せるようにします。0: オフ。")
+                                  help_ja="チャンネルごとのノイズオフセット（例: 0.05）を加え、暗部をより暗く・明部をより明るく出せるようにします。0: オフ。", minimum=0)
     snr_gamma: float = setting(0.0, "Tuning", "Min-SNR Gamma",
                                "Min-SNR loss weighting (e.g. 5.0). 0: off.",
-                               help_ja="Min-SNR による loss の重み付け（例: 5.0）。0: オフ。")
+                               help_ja="Min-SNR による loss の重み付け（例: 5.0）。0: オフ。", minimum=0)
     seed: int = setting(1234, "Tuning", "Seed", "Random seed of the run (data order, noise).",
                         help_ja="学習全体の乱数シード（データの順番、ノイズ）。")
 
     # --- Gradients -----------------------------------------------------------------------
     gradient_accumulation_steps: int = setting(1, "Gradients", "Gradient Accumulation Steps",
                                                "Average gradients over N batches per optimizer step.",
-                                               help_ja="N バッチ分の勾配を平均してから1回更新します。")
+                                               help_ja="N バッチ分の勾配を平均してから1回更新します。", minimum=1)
     gradient_checkpointing: bool = setting(True, "Gradients", "Gradient Checkpointing",
                                            "Recompute activations in backward: less VRAM, ~20% slower.",
-                                           help_ja="逆伝播で途中結果を再計算します。VRAM は減り、速度は約20%低下。")
+                                           help_ja="逆伝播で途中結果を再計算します。VRAM は減り、速度は約20%低下。", memory_saving=True)
     max_grad_norm: float = setting(1.0, "Gradients", "Max Grad Norms",
                                    "Clip the gradient norm to this value (0: no clipping).",
-                                   help_ja="勾配のノルムをこの値でクリップします（0: クリップしない）。")
+                                   help_ja="勾配のノルムをこの値でクリップします（0: クリップしない）。", minimum=0)
     optimizer_in_backward: bool = setting(
         False, "Gradients", "Optimizer in Backward",
+        "Experimental (not yet compared on a GPU with the default fp16 + 8-bit Adam path). "
         "Step each weight as soon as backward has its gradient, then free that gradient, so the UNet's "
         "full-size gradients (~3.4 GB fp32 for SD 1.5) never exist all at once. Same update as the normal "
         "path. Needs gradient_accumulation_steps=1, max_grad_norm=0, one GPU and mixed_precision bf16 or no "
         "(not fp16).",
-        help_ja="逆伝播で勾配が出た重みから順に更新して勾配をすぐ解放するので、UNet の勾配全体（SD 1.5 で fp32 約3.4GB）が一度にメモリに載りません。更新結果は通常と同じ。gradient_accumulation_steps=1、max_grad_norm=0、GPU 1枚、mixed_precision は bf16 か no（fp16 は不可）が必要です。")
+        help_ja="実験的な機能（GPU で既定の fp16 + 8-bit Adam との比較はまだ）。逆伝播で勾配が出た重みから順に更新して勾配をすぐ解放するので、UNet の勾配全体（SD 1.5 で fp32 約3.4GB）が一度にメモリに載りません。更新結果は通常と同じ。gradient_accumulation_steps=1、max_grad_norm=0、GPU 1枚、mixed_precision は bf16 か no（fp16 は不可）が必要です。")
 
     # --- Samples -------------------------------------------------------------------------
     sample_prompts: tuple[str, ...] = setting((), "Samples", "Sample Image Prompt",
                                               "Preview prompts. Empty: the instance prompt.",
-                                              help_ja="プレビュー用のプロンプト。空欄ならインスタンスプロンプトを使います。")
+                                              help_ja="プレビュー用のプロンプト。空欄ならインスタンスプロンプトを使います。", resume_safe=True)
     sample_negative_prompt: str = setting(QUALITY_NEGATIVE, "Samples", "Sample Negative Prompt",
                                           "Negative prompt of the previews.",
-                                          help_ja="プレビューのネガティブプロンプト。")
+                                          help_ja="プレビューのネガティブプロンプト。", resume_safe=True)
     num_samples: int = setting(2, "Samples", "Number of Samples to Generate",
                                "Preview images per prompt (keep it small: each costs a full generation).",
-                               help_ja="プロンプトごとのプレビュー枚数（1枚ごとに丸々生成するので少なめに）。")
+                               help_ja="プロンプトごとのプレビュー枚数（1枚ごとに丸々生成するので少なめに）。", minimum=1, resume_safe=True)
     sample_seed: int = setting(42, "Samples", "Sample Seed", "Seed of the previews, fixed so steps compare.",
-                               help_ja="プレビューのシード。固定なのでステップごとに比べられます。")
+                               help_ja="プレビューのシード。固定なのでステップごとに比べられます。", resume_safe=True)
     sample_guidance_scale: float = setting(7.5, "Samples", "Sample CFG Scale", "CFG scale of the previews.",
-                                           help_ja="プレビューの CFG スケール。")
+                                           help_ja="プレビューの CFG スケール。", resume_safe=True)
     sample_steps: int = setting(20, "Samples", "Sample Steps", "Sampling steps of the previews.",
-                                help_ja="プレビューのサンプリングステップ数。")
+                                help_ja="プレビューのサンプリングステップ数。", minimum=1, resume_safe=True)
 
     # --- Test Prompts --------------------------------------------------------------------
     # The seed's way to pick a checkpoint: first "<instance prompt>, 1girl, solo" until it looks
@@ -469,7 +482,7 @@ class Config:
         "Also put the class prompt in the negative (the seed's 'Instance prompt + Class prompt ネガ' call).",
         help_ja="クラスプロンプトもネガに入れます（ガイドの「Instance prompt + Class prompt ネガ」という呼び出し方）。")
     test_seeds: int = setting(4, "Test Prompts", "Seeds per Prompt", "Images per prompt and checkpoint (seeds 0..N-1).",
-                              help_ja="プロンプト・チェックポイントごとの画像枚数（シード 0〜N-1）。")
+                              help_ja="プロンプト・チェックポイントごとの画像枚数（シード 0〜N-1）。", minimum=1)
     test_steps: str = setting("all", "Test Prompts", "Checkpoints to Test",
                               "'all', or step numbers like '1000,2000,3000'. The base model is always a baseline row.",
                               help_ja="'all' か '1000,2000,3000' のようなステップ数。ベースモデルは比較用に必ず含まれます。")
@@ -480,7 +493,7 @@ class Config:
     test_guidance_scale: float = setting(7.5, "Test Prompts", "Test CFG Scale", "CFG scale of the test images.",
                                          help_ja="テスト画像の CFG スケール。")
     test_infer_steps: int = setting(28, "Test Prompts", "Test Sampling Steps", "Sampling steps of the test images.",
-                                    help_ja="テスト画像のサンプリングステップ数。")
+                                    help_ja="テスト画像のサンプリングステップ数。", minimum=1)
     clip_model: str = setting("openai/clip-vit-base-patch32", "Test Prompts", "CLIP Model",
                               "CLIP for CLIP-I / CLIP-T scores (Hub id or local folder).",
                               help_ja="CLIP-I / CLIP-T スコア用の CLIP（Hub の id かローカルのフォルダ）。")
@@ -509,7 +522,7 @@ class Config:
     flexibility_tolerance: float = setting(
         0.01, "Test Prompts", "Flexibility Tolerance",
         "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.",
-        help_ja="おすすめのチェックポイントは、CLIP-T が最高値からこの差以内のものの中で最も忠実なものになります。")
+        help_ja="おすすめのチェックポイントは、CLIP-T が最高値からこの差以内のものの中で最も忠実なものになります。", minimum=0)
 
     def __post_init__(self):
         problems = [p for f in dataclasses.fields(self) for p in _type_problems(f, getattr(self, f.name))]
@@ -578,37 +591,29 @@ def _type_problems(f: dataclasses.Field, value) -> list[str]:
     return []
 
 
-def _value_problems(c: Config) -> list[str]:
+def _limit_problems(c: Config) -> list[str]:
+    """Each field's own `minimum` / `above`."""
     p = []
+    for f in FIELDS.values():
+        value, low, above = getattr(c, f.name), f.metadata["minimum"], f.metadata["above"]
+        if low is not None and value < low:
+            p.append(f"{f.name}: {value} must " + ("not be negative" if low == 0 else f"be at least {low}")
+                     + f" (default {f.default}).")
+        if above is not None and value <= above:
+            p.append(f"{f.name}: {value} must be > {above} (default {f.default}).")
+        if f.metadata["maximum"] is not None and value > f.metadata["maximum"]:
+            p.append(f"{f.name}: {value} must be at most {f.metadata['maximum']} (default {f.default}).")
+    return p
+
+
+def _value_problems(c: Config) -> list[str]:
+    p = _limit_problems(c)
     if c.resolution <= 0 or c.resolution % 8:
         p.append(f"resolution: {c.resolution} must be a positive multiple of 8 (SD 1.x: 512).")
     if c.max_train_steps <= 0 and c.num_train_epochs <= 0:
         p.append(f"max_train_steps: {c.max_train_steps} must be > 0 (or set num_train_epochs > 0).")
-    for name in ("learning_rate", "text_encoder_lr", "lora_learning_rate", "lora_text_encoder_learning_rate"):
-        if getattr(c, name) <= 0:
-            p.append(f"{name}: {getattr(c, name)} must be > 0 (the seed uses 1e-6).")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "num_samples", "sample_steps",
-                 "class_infer_steps", "lr_num_cycles", "test_seeds", "test_infer_steps"):
-        if getattr(c, name) < 1:
-            p.append(f"{name}: {getattr(c, name)} must be at least 1.")
-    for name in ("num_train_epochs", "save_every_steps", "sample_every_steps", "lr_warmup_steps",
-                 "num_class_images", "max_grad_norm", "offset_noise", "snr_gamma", "prior_loss_weight",
-                 "class_batch_size", "class_seed", "flexibility_tolerance"):
-        if getattr(c, name) < 0:
-            p.append(f"{name}: {getattr(c, name)} must not be negative.")
     p += _lora_problems(c)
-    if c.keep_last_n < 1:
-        p.append(f"keep_last_n: {c.keep_last_n} must be at least 1 (the last state is what resume needs).")
-    for name in ("tag_threshold", "character_tag_threshold", "core_tag_share"):
-        if not 0.0 < getattr(c, name) <= 1.0:
-            p.append(f"{name}: {getattr(c, name)} must be above 0 and at most 1.")
-    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
-        if not 0.0 <= getattr(c, name) <= 1.0:
-            p.append(f"{name}: {getattr(c, name)} is a probability; use 0 to 1 (kohya's default is 0).")
-    if c.keep_tokens < 0:
-        p.append(f"keep_tokens: {c.keep_tokens} must not be negative (0: no tag is kept in place).")
-    if not 0.0 <= c.stop_text_encoder <= 1.0:
-        p.append(f"stop_text_encoder: {c.stop_text_encoder} is a fraction of the run; use 0 to 1.")
+    p += _inbackward_problems(c)
     if not 0.0 < c.ema_decay < 1.0:
         p.append(f"ema_decay: {c.ema_decay} must be between 0 and 1 (e.g. 0.9999).")
     if c.with_prior_preservation and not c.concepts_list:
@@ -633,11 +638,47 @@ def _value_problems(c: Config) -> list[str]:
     return p
 
 
+# What optimizer_in_backward (dbnb.inbackward) cannot combine with, why, and what to change: it
+# steps each weight inside backward, and these need every gradient after backward.
+_INBACKWARD_WHY = {
+    "gradient_accumulation_steps": (
+        "gradients are consumed (stepped and freed) as backward produces them, so there is nothing "
+        "to accumulate the next micro-batch into. Set gradient_accumulation_steps=1 (raise "
+        "train_batch_size instead)"),
+    "max_grad_norm": (
+        "clipping by the global gradient norm needs every gradient at once, but the first weights are "
+        "already stepped before the last gradients exist. Set max_grad_norm=0"),
+    "mixed_precision": (
+        "fp16 training needs the GradScaler, which unscales the gradients and skips the step on "
+        "inf/NaN only after the whole backward; here every weight has already been stepped with "
+        "its still-scaled gradient by then. Use mixed_precision=bf16 (A100, H100, L4, RTX 30xx+) "
+        "or mixed_precision=no"),
+}
+
+
+def inbackward_conflicts(c: Config) -> list[str]:
+    """One line per setting that optimizer_in_backward cannot honour (whether or not it is on)."""
+    found = []
+    if c.gradient_accumulation_steps > 1:
+        found.append(f"gradient_accumulation_steps={c.gradient_accumulation_steps}: "
+                     f"{_INBACKWARD_WHY['gradient_accumulation_steps']}.")
+    if c.max_grad_norm > 0:
+        found.append(f"max_grad_norm={c.max_grad_norm:g}: {_INBACKWARD_WHY['max_grad_norm']}.")
+    # memory_profile=auto picks the precision at training; dbnb.memory refuses fp16 there
+    if c.mixed_precision == "fp16" and c.memory_profile == "manual":
+        found.append(f"mixed_precision=fp16: {_INBACKWARD_WHY['mixed_precision']}.")
+    return found
+
+
+def _inbackward_problems(c: Config) -> list[str]:
+    if not c.optimizer_in_backward or not (found := inbackward_conflicts(c)):
+        return []
+    return ["optimizer_in_backward=true cannot be used with:\n    - " + "\n    - ".join(found)
+            + "\n    Change these, or set optimizer_in_backward=false."]
+
+
 def _lora_problems(c: Config) -> list[str]:
     p = []
-    for name in ("lora_conv_rank", "lora_text_encoder_rank", "lora_alpha"):
-        if getattr(c, name) < 0:
-            p.append(f"{name}: {getattr(c, name)} must not be negative (0: off).")
     if not 0.0 <= c.lora_dropout < 1.0:
         p.append(f"lora_dropout: {c.lora_dropout} is a probability below 1; use 0 to 0.5 (0: off).")
     if not c.use_lora:

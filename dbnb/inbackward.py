@@ -21,7 +21,8 @@ change any other gradient — and AdamW updates each tensor independently. Gradi
 checkpointing works too (a checkpointed segment is recomputed before its parameters' hooks
 fire).
 
-What it cannot do, and why (`check_supported` refuses these with a message):
+What it cannot do, and why (the config refuses the settings when it is built, so the form does at
+once; `check_supported` adds the process count at training):
 
 * gradient_accumulation_steps > 1 — gradients are consumed as they are produced; there is
   nothing left to add the next micro-batch to.
@@ -59,41 +60,21 @@ from typing import Callable, Iterable
 
 import torch
 
-from dbnb.config import ConfigError
+from dbnb.config import ConfigError, inbackward_conflicts
 
-# Every excluded setting, with why and what to change (read by check_supported).
-_WHY = {
-    "gradient_accumulation_steps": (
-        "gradients are consumed (stepped and freed) as backward produces them, so there is nothing "
-        "to accumulate the next micro-batch into. Set gradient_accumulation_steps=1 (raise "
-        "train_batch_size instead)"),
-    "max_grad_norm": (
-        "clipping by the global gradient norm needs every gradient at once, but the first weights are "
-        "already stepped before the last gradients exist. Set max_grad_norm=0"),
-    "num_processes": (
-        "with several processes (DDP) each weight's hook fires before DDP's all-reduce has averaged "
-        "its gradient, so every GPU would step with its own gradient and the copies would drift "
-        "apart. Train on one GPU"),
-    "mixed_precision": (
-        "fp16 training needs the GradScaler, which unscales the gradients and skips the step on "
-        "inf/NaN only after the whole backward; here every weight has already been stepped with "
-        "its still-scaled gradient by then. Use mixed_precision=bf16 (A100, H100, L4, RTX 30xx+) "
-        "or mixed_precision=no"),
-}
+# The settings it excludes are refused when the config is built (dbnb.config
+# `inbackward_conflicts`, so the form refuses them at once); the process count is known only here.
+_WHY_PROCESSES = (
+    "with several processes (DDP) each weight's hook fires before DDP's all-reduce has averaged "
+    "its gradient, so every GPU would step with its own gradient and the copies would drift "
+    "apart. Train on one GPU")
 
 
 def unsupported_settings(config, num_processes: int = 1) -> list[str]:
     """One line per setting of `config` that optimizer-in-backward cannot honour (empty: fine)."""
-    found = []
-    if config.gradient_accumulation_steps > 1:
-        found.append(f"gradient_accumulation_steps={config.gradient_accumulation_steps}: "
-                     f"{_WHY['gradient_accumulation_steps']}.")
-    if config.max_grad_norm > 0:
-        found.append(f"max_grad_norm={config.max_grad_norm:g}: {_WHY['max_grad_norm']}.")
+    found = inbackward_conflicts(config)
     if num_processes > 1:
-        found.append(f"{num_processes} processes: {_WHY['num_processes']}.")
-    if config.mixed_precision == "fp16":
-        found.append(f"mixed_precision=fp16: {_WHY['mixed_precision']}.")
+        found.append(f"{num_processes} processes: {_WHY_PROCESSES}.")
     return found
 
 

@@ -18,14 +18,6 @@ from dbnb.config import FIELDS, PRESETS, Config, from_dict, load_config
 from dbnb.prep.report import framing_line
 
 USER_FIELD = "<!-- dbnb: write your own verdict here / ここに記入 -->"
-# Settings that are paths or prompts are reported under their own headings, not as "settings".
-NOT_SETTINGS = {"pretrained_model_name_or_path", "pretrained_vae_name_or_path", "revision", "instance_data_dir",
-                "class_data_dir", "output_dir", "run_name", "concepts_list", "dataset_source", "instance_prompt",
-                "class_prompt", "instance_token", "class_token"}
-ALWAYS_SHOWN = ("learning_rate", "scale_lr", "lr_scheduler", "max_train_steps", "train_batch_size", "hflip",
-                "use_8bit_adam", "mixed_precision", "use_ema", "train_text_encoder", "resolution")
-
-
 def short_hash(path: Path) -> str:
     from dbnb.merge import short_hash as sha10  # the webui's model hash: first 10 hex of SHA-256
     return sha10(path)
@@ -72,7 +64,8 @@ def changed_settings(config: Config) -> list[tuple[str, object, object]]:
     preset = from_dict(PRESETS["person"]).to_dict()
     values = config.to_dict()
     return [(name, values[name], preset[name]) for name in FIELDS
-            if name not in NOT_SETTINGS and (name in ALWAYS_SHOWN or values[name] != preset[name])]
+            if FIELDS[name].metadata["report"] == "always"
+            or (FIELDS[name].metadata["report"] == "if changed" and values[name] != preset[name])]
 
 
 # --- the sections -------------------------------------------------------------------------------

@@ -34,14 +34,6 @@ from dbnb.env import shown
 from dbnb.memory import apply_memory_profile
 from dbnb.env import is_disk_full
 
-# Settings that may differ between a run and its resumption: they change what is saved or
-# shown, or extend the run, not what has been learnt so far.
-RESUME_MAY_CHANGE = {"max_train_steps", "num_train_epochs", "save_every_steps", "sample_every_steps",
-                     "keep_last_n", "sample_prompts", "sample_negative_prompt", "num_samples",
-                     "sample_seed", "sample_guidance_scale", "sample_steps", "output_dir",
-                     "pretrained_model_name_or_path", "pretrained_vae_name_or_path"}
-
-
 class TrainingError(DbnbError, RuntimeError):
     """Training stopped; the message says why and what to change."""
 
@@ -90,7 +82,7 @@ def total_steps(config: Config, epoch_len: int, world: int) -> int:
 
 def check_resume_config(run: RunFolder, config: Config) -> None:
     saved = json.loads(run.config_path.read_text(encoding="utf-8"))
-    changed = [k for k in FIELDS if k not in RESUME_MAY_CHANGE and k in saved
+    changed = [k for k, f in FIELDS.items() if not f.metadata["resume_safe"] and k in saved
                and saved[k] != config.to_dict()[k]]
     if changed:
         raise ConfigError(f"Resuming {run.root} with different settings: {', '.join(changed)} "
@@ -329,13 +321,13 @@ def cancel_on_signal():
 
 
 def memory_advice(config: Config) -> str:
-    off = [name for name, on in (("gradient_checkpointing=true", config.gradient_checkpointing),
-                                 ("use_8bit_adam=true", config.use_8bit_adam),
-                                 ("cache_latents=true", config.cache_latents),
-                                 ("mixed_precision=fp16", config.mixed_precision != "no"),
-                                 ("train_text_encoder=false", not config.train_text_encoder),
-                                 ("train_batch_size=1", config.train_batch_size == 1),
-                                 ("sample_every_steps=0", config.sample_every_steps == 0)) if not on]
+    """The memory-saving settings (config's `memory_saving`) still off, as `name=value`."""
+    off = []
+    for name, f in FIELDS.items():
+        saving = f.metadata["memory_saving"]
+        values = saving if isinstance(saving, tuple) else (saving,)
+        if saving is not None and getattr(config, name) not in values:
+            off.append(f"{name}={values[0] if isinstance(values[0], str) else json.dumps(values[0])}")
     return ("Still off: " + ", ".join(off) + ".") if off else \
         "Every memory option is already on: use a GPU with more VRAM or a lower resolution."
 

@@ -147,3 +147,40 @@ def test_overrides_from_a_config_read_back_to_the_same_values():
     names = section_fields("Test Prompts")
     assert "test_seeds" in names and "learning_rate" not in names
     assert load_config(overrides=as_overrides(config, names)) == config
+
+
+def test_every_fields_own_limits_are_enforced_with_its_name_and_default():
+    from dbnb.config import FIELDS
+
+    limited = {n: f.metadata for n, f in FIELDS.items()
+               if any(f.metadata[k] is not None for k in ("minimum", "above", "maximum"))}
+    assert {"learning_rate", "train_batch_size", "keep_last_n", "caption_dropout_rate"} <= set(limited)
+    for name, meta in limited.items():
+        for bad in ([meta["minimum"] - 1] if meta["minimum"] is not None else []) \
+                + ([meta["above"]] if meta["above"] is not None else []) \
+                + ([meta["maximum"] + 1] if meta["maximum"] is not None else []):
+            bad = type(FIELDS[name].default)(bad)
+            with pytest.raises(ConfigError, match=rf"{name}: {bad} must .*\(default {FIELDS[name].default}\)"):
+                Config(**{name: bad})
+
+
+def test_resume_report_and_memory_facts_live_on_the_fields():
+    from dbnb.config import FIELDS
+    from dbnb.report import changed_settings
+    from dbnb.train import memory_advice
+
+    meta = {n: f.metadata for n, f in FIELDS.items()}
+    assert meta["max_train_steps"]["resume_safe"] and not meta["learning_rate"]["resume_safe"]
+    # every memory-saving setting set the other way is named in the out-of-memory advice
+    wasteful = Config(gradient_checkpointing=False, use_8bit_adam=False, cache_latents=False,
+                      mixed_precision="no", train_text_encoder=True, train_batch_size=2, sample_every_steps=100)
+    advice = memory_advice(wasteful)
+    saving = [n for n, m in meta.items() if m["memory_saving"] is not None]
+    assert len(saving) >= 7 and all(n + "=" in advice for n in saving), advice
+    assert "mixed_precision=fp16" in advice and "gradient_checkpointing=true" in advice
+    assert memory_advice(Config(mixed_precision="bf16", train_batch_size=1, sample_every_steps=0,
+                                train_text_encoder=False)).startswith("Every memory option")
+    # paths and prompts have their own headings in the report; the always-shown ones are there unchanged
+    shown = [name for name, _, _ in changed_settings(Config())]
+    assert "learning_rate" in shown and "instance_prompt" not in shown and "output_dir" not in shown
+    assert "instance_prompt" not in [n for n, _, _ in changed_settings(Config(instance_prompt="zzq girl"))]

@@ -307,3 +307,19 @@ def test_bitsandbytes_adamw8bit_same_update_and_resume(tiny, tmp_path):
     train_step(normal, opt_a, sched_a, 2)
     train_step(resumed, opt_c, sched_c, 2)
     assert_same_weights(resumed, params(normal), "AdamW8bit resumed")
+
+
+def test_the_config_refuses_optimizer_in_backward_with_what_it_cannot_combine_at_once():
+    # the form validates through from_dict: the refusal comes when the setting is typed, not at training
+    from dbnb.config import from_dict
+
+    with pytest.raises(ConfigError) as e:
+        from_dict({"optimizer_in_backward": True})  # the defaults: fp16 and max_grad_norm=1.0
+    assert "max_grad_norm=1" in str(e.value) and "mixed_precision=fp16" in str(e.value)
+    assert "optimizer_in_backward=false" in str(e.value)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=2"):
+        from_dict({"optimizer_in_backward": True, "max_grad_norm": 0.0, "mixed_precision": "bf16",
+                   "gradient_accumulation_steps": 2})
+    assert from_dict({"optimizer_in_backward": True, "max_grad_norm": 0.0, "mixed_precision": "bf16"})
+    # auto picks the precision from the GPU at training, where dbnb.memory refuses fp16
+    assert from_dict({"optimizer_in_backward": True, "max_grad_norm": 0.0, "memory_profile": "auto"})
