@@ -794,21 +794,6 @@ def read_config_file(path: str | Path) -> dict:
     return {k: v for k, v in data.items() if k not in RUN_KEYS}
 
 
-def load_workspace(folder: str | Path, namespace: dict | None = None, step: str | None = None) -> Config:
-    """The notebooks' shared config, `<folder>/config.yaml`, updated with the variables of
-    `namespace` that are settings (a notebook passes `globals()`, so its parameters cell's
-    names are the settings' names) and saved back for the next notebook.
-
-    With `step`, only the settings that step owns are taken from `namespace`: a later
-    notebook never overwrites an earlier one's decision with its own default."""
-    path = Path(folder) / "config.yaml"
-    data = read_config_file(path) if path.is_file() else {}
-    data.update({k: v for k, v in (namespace or {}).items() if k in FIELDS and (step is None or owner(k) == step)})
-    config = from_dict(data, source=str(path))
-    config.save(path)
-    return config
-
-
 def owner(name: str) -> str:
     """The notebook step whose parameters cell sets this setting."""
     return FIELDS[name].metadata["step"]

@@ -508,11 +508,3 @@ def shown(path: str | os.PathLike[str]) -> str:
         except ValueError:
             pass
     return str(path)
-
-
-def workspace(folder: str | os.PathLike[str] = "") -> Path:
-    """The notebooks' shared folder: the given one, else persistent storage (Drive on Colab,
-    /storage on Paperspace) so a new session finds the last one's work, else ./dbnb-work."""
-    path = Path(folder).expanduser() if folder else (persistent_dir() or Path("dbnb-work").resolve())
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 from dbnb import install, quiet
-from dbnb.config import FIELDS, STEPS, Config, load_workspace, owner, read_config_file
+from dbnb.config import FIELDS, STEPS, Config, owner, read_config_file
+from dbnb.workspace import load_workspace, workspace as find_workspace
 from dbnb.errors import DbnbError
 
 # Where a step keeps what it makes, inside the workspace (the later notebooks look there).
@@ -66,7 +67,7 @@ def open_step(step: str, workspace: str = "", namespace: dict | None = None) -> 
     from dbnb import env
 
     assert step in STEPS, step
-    ws = env.workspace(workspace)
+    ws = find_workspace(workspace)
     os.environ[env.WORKSPACE_VARIABLE] = str(ws)  # the library shows paths relative to it
     saved = ws / "config.yaml"
     if step != "setup" and not saved.is_file():

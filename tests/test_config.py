@@ -130,7 +130,7 @@ def test_cli_config_prints_and_rejects(capsys):
 
 
 def test_workspace_config_takes_the_notebooks_parameters_by_name(tmp_path):
-    from dbnb.config import load_workspace
+    from dbnb.workspace import load_workspace
 
     first = load_workspace(tmp_path, {"pretrained_model_name_or_path": "m", "workspace": "ignored", "x": 1})
     assert first.pretrained_model_name_or_path == "m"
