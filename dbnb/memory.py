@@ -9,9 +9,10 @@ shows them beside dbnb's own).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
-from dbnb.config import Config, ConfigError
+from dbnb.config import FIELDS, Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -112,3 +113,15 @@ def apply_memory_profile(config: Config, gpu: dict | None | str = "detect") -> C
 def settings_text(settings: dict) -> str:
     """`key=value, ...` as the command line writes them."""
     return ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in settings.items())
+
+
+def memory_advice(config: Config) -> str:
+    """The memory-saving settings (config's `memory_saving`) still off, as `name=value`."""
+    off = []
+    for name, f in FIELDS.items():
+        saving = f.metadata["memory_saving"]
+        values = saving if isinstance(saving, tuple) else (saving,)
+        if saving is not None and getattr(config, name) not in values:
+            off.append(f"{name}={values[0] if isinstance(values[0], str) else json.dumps(values[0])}")
+    return ("Still off: " + ", ".join(off) + ".") if off else \
+        "Every memory option is already on: use a GPU with more VRAM or a lower resolution."

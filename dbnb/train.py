@@ -15,10 +15,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import signal
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +29,8 @@ from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, 
                               save_checkpoint)
 from dbnb.config import FIELDS, Config, ConfigError
 from dbnb.env import shown
-from dbnb.memory import apply_memory_profile
+from dbnb.memory import apply_memory_profile, memory_advice
+from dbnb.process import cancel_on_signal, forget_accelerator_state
 from dbnb.env import is_disk_full
 
 class TrainingError(DbnbError, RuntimeError):
@@ -177,6 +176,17 @@ class Batches:
         return max(len(self.instance), len(self.klass)) if self.klass else len(self.instance)
 
 
+@dataclass
+class MicroBatch:
+    """One process's micro-batch: latents drawn from the VAE's distribution (not yet scaled),
+    token ids, the (seed, step) generator that also draws its noise and timesteps, and the
+    alpha mask (alpha_mask_loss) or None. Instance rows first, then class rows."""
+    latents: torch.Tensor
+    input_ids: torch.Tensor
+    generator: torch.Generator
+    mask: torch.Tensor | None = None
+
+
 def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Example]]:
     """The instance and class pictures with their prompts, checked before the model loads or
     the run folder is made: a missing folder or caption stops here, leaving nothing behind."""
@@ -230,8 +240,9 @@ def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tenso
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
-def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae, device, dtype):
-    """Latents, token ids and the class/instance split for one process's micro-batch."""
+def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae, device,
+               dtype) -> MicroBatch:
+    """One process's micro-batch at `micro_step`."""
     g = step_generator(config.seed, micro_step, rank)
     captions = caption_generator(config.seed, micro_step, rank)
     pos = data.batch_positions(micro_step, config.train_batch_size, rank, world, batches.epoch_len, config.seed)
@@ -248,14 +259,15 @@ def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, wor
         masks.append(images.mask_batch(idx, flips))
     mean, std = torch.cat(means), torch.cat(stds)
     latents = mean + std * torch.randn(mean.shape, generator=g)
-    return latents, torch.cat(ids), g, (torch.cat(masks) if masks[0] is not None else None)
+    return MicroBatch(latents, torch.cat(ids), g, torch.cat(masks) if masks[0] is not None else None)
 
 
 # --- the loss ------------------------------------------------------------------------------------
 
-def diffusion_loss(unet, text_encoder, noise_scheduler, latents, input_ids, g, config: Config,
-                   scaling_factor: float, device, encode_with_grad: bool, mask=None) -> torch.Tensor:
-    latents = (latents * scaling_factor).to(device)
+def diffusion_loss(unet, text_encoder, noise_scheduler, batch: MicroBatch, config: Config, *,
+                   scaling_factor: float = 1.0, device="cpu", encode_with_grad: bool = False) -> torch.Tensor:
+    g = batch.generator
+    latents = (batch.latents * scaling_factor).to(device)
     noise = torch.randn(latents.shape, generator=g)
     if config.offset_noise:
         noise = noise + config.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=g)
@@ -264,15 +276,15 @@ def diffusion_loss(unet, text_encoder, noise_scheduler, latents, input_ids, g, c
                               generator=g).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     with torch.set_grad_enabled(encode_with_grad):
-        hidden = text_encoder(input_ids.to(device))[0]
+        hidden = text_encoder(batch.input_ids.to(device))[0]
     pred = unet(noisy, timesteps, hidden).sample.float()
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
     per_pixel = F.mse_loss(pred, target.float(), reduction="none")
-    if mask is not None:  # alpha_mask_loss: kohya's apply_masked_loss (weights, then the plain mean)
-        per_pixel = per_pixel * F.interpolate(mask.to(per_pixel), size=per_pixel.shape[-2:], mode="area")
+    if batch.mask is not None:  # alpha_mask_loss: kohya's apply_masked_loss (weights, then the plain mean)
+        per_pixel = per_pixel * F.interpolate(batch.mask.to(per_pixel), size=per_pixel.shape[-2:], mode="area")
     per_sample = per_pixel.mean(dim=(1, 2, 3))
     if config.snr_gamma:
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
@@ -284,52 +296,12 @@ def diffusion_loss(unet, text_encoder, noise_scheduler, latents, input_ids, g, c
 
 def min_snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
     """Min-SNR-γ (Hang et al. 2023): weight min(SNR, γ)/SNR, or /(SNR+1) for v-prediction."""
-    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    weights = torch.clamp(snr, max=gamma) / snr
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
-        weights = torch.clamp(snr, max=gamma) / (snr + 1)
-    return weights.float()
-
-
-# --- cancel ------------------------------------------------------------------------------------
-
-@contextmanager
-def cancel_on_signal():
-    """SIGINT (Ctrl-C, a notebook's stop button) and SIGTERM ask the loop to stop at the next
-    step and save, like the extension's Cancel button. A second Ctrl-C stops at once."""
-    flag = {"cancel": False}
-
-    def handler(signum, frame):
-        if flag["cancel"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        flag["cancel"] = True
-        print(f"\n[dbnb] {signal.Signals(signum).name}: stopping after this step and saving "
-              "(press Ctrl-C again to stop without saving).", flush=True)
-
-    previous = {}
-    try:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: signals cannot be caught here
-        pass
-    try:
-        yield flag
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def memory_advice(config: Config) -> str:
-    """The memory-saving settings (config's `memory_saving`) still off, as `name=value`."""
-    off = []
-    for name, f in FIELDS.items():
-        saving = f.metadata["memory_saving"]
-        values = saving if isinstance(saving, tuple) else (saving,)
-        if saving is not None and getattr(config, name) not in values:
-            off.append(f"{name}={values[0] if isinstance(values[0], str) else json.dumps(values[0])}")
-    return ("Still off: " + ", ".join(off) + ".") if off else \
-        "Every memory option is already on: use a GPU with more VRAM or a lower resolution."
+        return (torch.clamp(snr, max=gamma) / (snr + 1)).float()
+    return (torch.clamp(snr, max=gamma) / snr).float()
 
 
 def _device(module: torch.nn.Module) -> torch.device:
@@ -391,7 +363,7 @@ def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFold
     return run, resume_from
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Session:
     """What the loop works on, set up once by `setup`."""
     config: Config
@@ -487,8 +459,10 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
         pipe.vae.to("cpu")
     if accelerator.is_main_process:
         run.truncate_log(state.get("step", 0))
-    return Session(config, accelerator, run, pipe, noise_scheduler, unet, text_encoder, optimizer, lr_scheduler,
-                   ema, batches, max_steps, weight_dtype, state.get("step", 0), state.get("micro_step", 0))
+    return Session(config=config, accelerator=accelerator, run=run, pipe=pipe, noise_scheduler=noise_scheduler,
+                   unet=unet, text_encoder=text_encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+                   batches=batches, max_steps=max_steps, weight_dtype=weight_dtype, step=state.get("step", 0),
+                   micro_step=state.get("micro_step", 0))
 
 
 def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
@@ -562,12 +536,13 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     encoder.train(train_te)
     while True:
         with acc.accumulate(s.unet):
-            latents, ids, g, mask = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae,
-                                               acc.device, s.weight_dtype)
+            batch = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae, acc.device,
+                               s.weight_dtype)
             if config.use_lora and config.lora_dropout:  # peft's dropout draws from the global RNG
                 torch.manual_seed(dropout_seed(config.seed, s.micro_step, rank))
-            loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, latents, ids, g, config,
-                                  s.pipe.vae.config.scaling_factor, acc.device, train_te, mask)
+            loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, batch, config,
+                                  scaling_factor=s.pipe.vae.config.scaling_factor, device=acc.device,
+                                  encode_with_grad=train_te)
             if not torch.isfinite(loss):
                 raise diverged(s, "Loss", loss.item())
             acc.backward(loss)
@@ -616,11 +591,3 @@ def non_finite_part(s: Session) -> str:
 def diverged(s: Session, what: str, value, at: int | None = None) -> TrainingError:
     return TrainingError(divergence.message(what, value, at or s.step + 1, s.step, s.run.checkpoints(),
                                             s.config.learning_rate))
-
-
-def forget_accelerator_state() -> None:
-    """accelerate keeps one process-wide state; a notebook that trains again with another
-    mixed_precision would otherwise fail with 'AcceleratorState has already been initialized'."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)

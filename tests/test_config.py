@@ -167,7 +167,7 @@ def test_every_fields_own_limits_are_enforced_with_its_name_and_default():
 def test_resume_report_and_memory_facts_live_on_the_fields():
     from dbnb.config import FIELDS
     from dbnb.report import changed_settings
-    from dbnb.train import memory_advice
+    from dbnb.memory import memory_advice
 
     meta = {n: f.metadata for n, f in FIELDS.items()}
     assert meta["max_train_steps"]["resume_safe"] and not meta["learning_rate"]["resume_safe"]

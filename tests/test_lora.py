@@ -14,7 +14,7 @@ from dbnb.config import Config, ConfigError
 from dbnb.demo import write_dataset
 from dbnb.models import load_pipeline
 from dbnb.tiny import build_tiny_pipeline
-from dbnb.train import diffusion_loss, read_images, train
+from dbnb.train import MicroBatch, diffusion_loss, read_images, train
 
 LORA = dict(use_lora=True, lora_rank=4, lora_conv_rank=2, lora_text_encoder_rank=2)
 
@@ -45,8 +45,8 @@ def fixed_loss(config, checkpoint=None):
     with torch.no_grad():
         latents = pipe.vae.encode(batches.instance.images).latent_dist.mean
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config),
-                                 latents, batches.instance.input_ids, torch.Generator().manual_seed(k), plain,
-                                 pipe.vae.config.scaling_factor, "cpu", False).item() for k in range(8)]
+                                 MicroBatch(latents, batches.instance.input_ids, torch.Generator().manual_seed(k)),
+                                 plain, scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
     return sum(losses) / len(losses)
 
 
