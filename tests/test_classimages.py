@@ -12,7 +12,7 @@ from dbnb.config import Config
 from dbnb.data import DatasetError
 from dbnb.demo import draw_character
 from dbnb.tiny import SKELETON
-from dbnb.train import read_images
+from dbnb.batches import read_images
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from dbnb.config import Config, ConfigError
 from dbnb.demo import write_dataset
 from dbnb.models import load_pipeline
 from dbnb.tiny import build_tiny_pipeline
-from dbnb.train import MicroBatch, diffusion_loss, read_images, train
+from dbnb.batches import MicroBatch, read_images
+from dbnb.train import diffusion_loss, train
 
 LORA = dict(use_lora=True, lora_rank=4, lora_conv_rank=2, lora_text_encoder_rank=2)
 

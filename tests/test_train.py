@@ -16,7 +16,8 @@ from dbnb import data
 from dbnb.checkpoints import RunFolder, RunFolderError
 from dbnb.config import Config, ConfigError
 from dbnb.demo import write_dataset
-from dbnb.train import MicroBatch, TrainingError, diffusion_loss, read_images, train
+from dbnb.batches import MicroBatch, read_images
+from dbnb.train import TrainingError, diffusion_loss, train
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ def test_without_the_latent_cache_training_computes_the_same(make_config):
     # float noise (a missed flip or scaling is off by far more). Not the weights: Adam turns that
     # noise in near-zero gradients into whole lr steps.
     from dbnb.models import load_pipeline
-    from dbnb.train import cache_latents, next_batch
+    from dbnb.batches import cache_latents, next_batch
 
     config = make_config(hflip=True)
     pipe = load_pipeline(config.pretrained_model_name_or_path)

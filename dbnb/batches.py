@@ -1,0 +1,131 @@
+"""The training batches: the pictures read once, their latents (cached, or encoded live),
+and one process's micro-batch at each step.
+
+Randomness that shapes the result (data order, flips, noise, timesteps, caption shuffling)
+is derived from (seed, micro-step, rank), never drawn from a global RNG, so a run resumed
+after a lost session computes exactly what the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dbnb import data
+from dbnb.config import Config
+
+
+# --- randomness derived from (seed, step) ----------------------------------------------------
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 64 + rank)
+
+
+def caption_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """Caption shuffling / dropout draw from their own stream, so turning them on leaves the
+    flips, noise and timesteps of every step as they were."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 62))
+
+
+def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 61)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+@dataclass
+class Batches:
+    """Instance (and class) tensors plus what the loop needs to cut batches from them."""
+    instance: data.ImageSet
+    klass: data.ImageSet | None
+    latents: dict | None  # cached latent distributions: {(kind, flipped): (mean, std)}
+
+    @property
+    def epoch_len(self) -> int:
+        return max(len(self.instance), len(self.klass)) if self.klass else len(self.instance)
+
+
+@dataclass
+class MicroBatch:
+    """One process's micro-batch: latents drawn from the VAE's distribution (not yet scaled),
+    token ids, the (seed, step) generator that also draws its noise and timesteps, and the
+    alpha mask (alpha_mask_loss) or None. Instance rows first, then class rows."""
+    latents: torch.Tensor
+    input_ids: torch.Tensor
+    generator: torch.Generator
+    mask: torch.Tensor | None = None
+
+
+def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Example]]:
+    """The instance and class pictures with their prompts, checked before the model loads or
+    the run folder is made: a missing folder or caption stops here, leaving nothing behind."""
+    concepts = data.concepts_from_config(config)
+    instance, klass = data.examples_for(concepts, config.with_prior_preservation, config.skip_bad_images)
+    if config.with_prior_preservation:
+        klass = data.select_class_images(klass, config.num_class_images)
+    return instance, klass
+
+
+def read_images(config: Config, tokenizer, examples=None) -> Batches:
+    instance, klass = examples or gather_examples(config)
+    make = lambda ex: data.ImageSet(ex, tokenizer, config.resolution, config.center_crop,  # noqa: E731
+                                    config.background_color, config.hflip, data.CaptionRules.from_config(config),
+                                    config.alpha_mask_loss)
+    batches = Batches(make(instance), make(klass) if klass else None, None)
+    if batches.klass is not None:
+        data.refuse_masked_out_class_images(batches.klass)
+    return batches
+
+
+@torch.no_grad()
+def cache_latents(batches: Batches, vae, device, dtype, hflip: bool) -> dict:
+    """Latent distribution (mean, std) of every image, flipped ones too when hflip is on."""
+    cache = {}
+    sets = {"instance": batches.instance, "class": batches.klass}
+    for kind, images in sets.items():
+        if images is None:
+            continue
+        for flipped in (False, True) if hflip else (False,):
+            means, stds = [], []
+            for chunk in images.images.split(8):
+                chunk = chunk.flip(-1) if flipped else chunk
+                dist = vae.encode(chunk.to(device, dtype)).latent_dist
+                means.append(dist.mean.float().cpu())
+                stds.append(dist.std.float().cpu())
+            cache[(kind, flipped)] = (torch.cat(means), torch.cat(stds))
+    return cache
+
+
+def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tensor, vae, device, dtype):
+    """(mean, std) of the latent distributions of one batch, from the cache or the VAE."""
+    if batches.latents is not None:
+        pick = lambda f: batches.latents[(kind, f)]  # noqa: E731
+        mean = torch.stack([pick(bool(f))[0][i] for i, f in zip(idx, flips)])
+        std = torch.stack([pick(bool(f))[1][i] for i, f in zip(idx, flips)])
+        return mean, std
+    images = (batches.instance if kind == "instance" else batches.klass).batch(idx, flips)[0]
+    with torch.no_grad():
+        dist = vae.encode(images.to(device, dtype)).latent_dist
+    return dist.mean.float().cpu(), dist.std.float().cpu()
+
+
+def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae, device,
+               dtype) -> MicroBatch:
+    """One process's micro-batch at `micro_step`."""
+    g = step_generator(config.seed, micro_step, rank)
+    captions = caption_generator(config.seed, micro_step, rank)
+    pos = data.batch_positions(micro_step, config.train_batch_size, rank, world, batches.epoch_len, config.seed)
+    parts = [("instance", batches.instance, [p % len(batches.instance) for p in pos])]
+    if batches.klass is not None:
+        parts.append(("class", batches.klass, [p % len(batches.klass) for p in pos]))
+    means, stds, ids, masks = [], [], [], []
+    for kind, images, idx in parts:
+        flips = images.flips(len(idx), g)
+        mean, std = latent_batch(batches, kind, idx, flips, vae, device, dtype)
+        means.append(mean)
+        stds.append(std)
+        ids.append(images.token_ids(idx, captions))
+        masks.append(images.mask_batch(idx, flips))
+    mean, std = torch.cat(means), torch.cat(stds)
+    latents = mean + std * torch.randn(mean.shape, generator=g)
+    return MicroBatch(latents, torch.cat(ids), g, torch.cat(masks) if masks[0] is not None else None)
