@@ -17,6 +17,18 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# The test command spreads the tests over CPU workers (pytest-xdist, --dist loadgroup). Each
+# module's tests stay on one worker, so a module-scoped fixture (a trained run) is made once;
+# every test using the session's world (a trained demo run) goes to one worker too.
+SHARED_WORLD = {"world_folder", "world_demo"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        world = SHARED_WORLD & set(getattr(item, "fixturenames", ()))
+        item.add_marker(pytest.mark.xdist_group("world" if world else item.nodeid.split("::")[0]))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny model as a diffusers folder (written once per test session)."""
