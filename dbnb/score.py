@@ -320,11 +320,11 @@ def plot_scores(rows: list[dict], path: Path, recommended: int | None = None, si
                 panels=CLIP_PANELS) -> Path:
     """Scores against step (the base model at step 0), drawn with PIL: no matplotlib needed.
     Two panels with their own scales: CLIP-T moves by hundredths, fidelity by tenths."""
-    from dbnb.sample import _font
+    from dbnb.images import font as pil_font
 
     w, h = size
     image = Image.new("RGB", size, "white")
-    d, font = ImageDraw.Draw(image), _font(12)
+    d, font = ImageDraw.Draw(image), pil_font(12)
     x_max = max(r["step"] for r in rows) or 1
     px = lambda s: 60 + (w - 250) * s / x_max  # noqa: E731
     half = (h - 40) // 2

@@ -32,6 +32,7 @@ from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, 
 from dbnb.config import FIELDS, Config, ConfigError
 from dbnb.env import shown
 from dbnb.memory import apply_memory_profile
+from dbnb.previews import write_previews
 from dbnb.env import is_disk_full
 
 # Settings that may differ between a run and its resumption: they change what is saved or
@@ -338,46 +339,6 @@ def memory_advice(config: Config) -> str:
                                  ("sample_every_steps=0", config.sample_every_steps == 0)) if not on]
     return ("Still off: " + ", ".join(off) + ".") if off else \
         "Every memory option is already on: use a GPU with more VRAM or a lower resolution."
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def preview_pipeline(pipe, unet):
-    """The pipeline previews render with: the training UNet, and every other part on its
-    device (cache_latents parks the VAE on the CPU, where a CUDA UNet's latents cannot reach it)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    parts = {**pipe.components, "unet": unet,
-             "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)}
-    for part in parts.values():
-        if isinstance(part, torch.nn.Module) and _device(part) != _device(unet):
-            part.to(_device(unet))
-    sampler = pipe.__class__(**parts, requires_safety_checker=False)
-    sampler.set_progress_bar_config(disable=True)
-    return sampler
-
-
-def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Path:
-    from dbnb.sample import render, save_previews
-
-    parked = {name: _device(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    sampler = preview_pipeline(pipe, unet)
-    was_training = unet.training
-    unet.eval()
-    try:
-        with torch.autocast(unet.device.type, enabled=config.mixed_precision != "no",
-                            dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16):
-            results = render(sampler, list(config.sample_prompts) or [config.instance_prompt],
-                             config.sample_negative_prompt, config.num_samples, config.sample_seed,
-                             config.sample_guidance_scale, config.sample_steps, config.resolution)
-    finally:
-        unet.train(was_training)
-        for name, device in parked.items():  # back where they were parked, to free the VRAM again
-            if name != "unet" and _device(pipe.components[name]) != device:
-                pipe.components[name].to(device)
-    return save_previews(results, run.samples_dir(step), cols=config.num_samples)
 
 
 # --- the run ---------------------------------------------------------------------------------------

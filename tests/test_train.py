@@ -282,7 +282,7 @@ def test_the_preview_pipeline_has_every_part_on_the_unets_device(tiny_dir):
     """cache_latents parks the VAE on the CPU while the UNet trains on the GPU; previews must
     not mix the two. The meta device stands in for the GPU, so CPU-only CI guards it."""
     from dbnb.models import load_pipeline
-    from dbnb.train import preview_pipeline
+    from dbnb.previews import preview_pipeline
 
     pipe = load_pipeline(str(tiny_dir))
     unet = pipe.unet.to("meta")
