@@ -38,9 +38,12 @@ def image_processor(size: int, mean, std):
     """Shortest side to `size`, the centre square, bicubic, normalised: the CLIP model card's
     preprocessing, and DINO's with ImageNet's mean and std (the centre square rather than
     ViT's squash, so a wide picture is judged by its middle, as CLIP's is)."""
-    from transformers import CLIPImageProcessor
+    import transformers
 
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+    # transformers 5: the PIL backend by its own name (the plain name warns and falls back to it
+    # without torchvision); 4.x has only the plain name, which is that backend.
+    processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return processor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                               image_mean=list(mean), image_std=list(std))
 
 
