@@ -28,6 +28,7 @@ from PIL import Image, PngImagePlugin
 from dbnb import data
 from dbnb.data import DatasetError
 from dbnb.env import shown
+from dbnb.fetch import IMAGE_SUFFIXES
 from dbnb.images import SAMPLERS, make_scheduler, render
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
@@ -97,7 +98,7 @@ def existing_images(folder: Path) -> list[Path]:
     """The folder's images in the trainer's order; none when it does not exist yet."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def check_class_images(config, wanted: int | None = None) -> ClassImageStatus:
@@ -321,9 +322,9 @@ def smaller_batch(batch: int, config) -> int:
 def import_class_images(config) -> list[Path]:
     """Copy class images from class_images_import (folder, .zip, Drive link, URL list) into
     class_data_dir through the dataset importer. The trainer reads only the folder's top
-    level and its own suffixes, so nested pictures are flattened (`sub/a.png` → `sub_a.png`)
-    and other formats (GIF, TIFF, JFIF) become PNG. A rerun overwrites its own earlier copies
-    instead of adding duplicates."""
+    level, so nested pictures are flattened (`sub/a.png` → `sub_a.png`); every picture the
+    importer takes, the trainer reads (one IMAGE_SUFFIXES). A rerun overwrites its own earlier
+    copies instead of adding duplicates."""
     import tempfile
 
     from dbnb.fetch import FetchError, fetch_images
@@ -351,14 +352,7 @@ def place_imported(image: Path, staging: Path, folder: Path) -> Path:
     caption = image.with_suffix(".txt")
     if caption.is_file():
         write_atomic(folder / f"{stem}.txt", caption.read_bytes())
-    if image.suffix.lower() in data.IMAGE_SUFFIXES:
-        return write_atomic(folder / f"{stem}{image.suffix}", image.read_bytes())
-    try:
-        with Image.open(image) as im:  # GIF: the first frame
-            return write_atomic(folder / f"{stem}.png", png_bytes(im.copy()))
-    except OSError as e:
-        raise ClassImagesError(f"class_images_import: {image.name} cannot be read as a picture ({e}). "
-                               "Remove it from the source.") from e
+    return write_atomic(folder / f"{stem}{image.suffix}", image.read_bytes())
 
 
 # --- the one step -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dbnb.checkpoints import RunFolder
 from dbnb.config import FIELDS, PRESETS, Config, from_dict, load_config
+from dbnb.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
 from dbnb.prep.report import framing_line
 
 USER_FIELD = "<!-- dbnb: write your own verdict here / ここに記入 -->"
@@ -24,11 +25,6 @@ NOT_SETTINGS = {"pretrained_model_name_or_path", "pretrained_vae_name_or_path", 
                 "class_prompt", "instance_token", "class_token"}
 ALWAYS_SHOWN = ("learning_rate", "scale_lr", "lr_scheduler", "max_train_steps", "train_batch_size", "hflip",
                 "use_8bit_adam", "mixed_precision", "use_ema", "train_text_encoder", "resolution")
-
-
-def short_hash(path: Path) -> str:
-    from dbnb.merge import short_hash as sha10  # the webui's model hash: first 10 hex of SHA-256
-    return sha10(path)
 
 
 # --- what the run folder and its inputs know -----------------------------------------------------
