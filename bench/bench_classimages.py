@@ -24,7 +24,8 @@ def build_pipeline(full: bool):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from dbnb.tiny import SKELETON, build_components, build_tiny_pipeline, skeleton_config
+    from dbnb.skeleton import SKELETON, skeleton_config
+    from dbnb.tiny import build_components, build_tiny_pipeline
 
     if not full:
         return build_tiny_pipeline()

@@ -22,7 +22,7 @@ from dbnb.weights import UnsafeCheckpointError, WeightFileError, read_state_dict
 from dbnb import fetch, weights
 from dbnb.sdfile import keys_and_shapes
 from dbnb.versions import dtype_argument
-from dbnb.tiny import SKELETON, VARIANTS, skeleton_config, save_tokenizer
+from dbnb.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleton_config
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -11,7 +11,7 @@ from dbnb import models
 from dbnb.config import Config
 from dbnb.data import DatasetError
 from dbnb.demo import draw_character
-from dbnb.tiny import SKELETON
+from dbnb.skeleton import SKELETON
 from dbnb.train import read_images
 
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from dbnb import data
 from dbnb.data import DatasetError, Example, build_prompt, caption_for, load_rgb
-from dbnb.tiny import SKELETON
+from dbnb.skeleton import SKELETON
 
 
 @pytest.fixture(scope="module")

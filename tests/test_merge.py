@@ -323,7 +323,7 @@ def test_the_merged_model_trains_and_exports(tiny, tmp_path):
                  out_file=None, out_dir=tmp_path / "merged")
     info = json.loads((result.folder / "dbnb_merge.json").read_text())
     assert info["short_hash"] == result.short_hash == short_hash(result.folder)
-    instance, _ = write_dataset(tmp_path / "data", n_instance=2, class_per_instance=1)
+    instance, _ = write_dataset(tmp_path / "data", n_instance=2)
     config = Config(pretrained_model_name_or_path=str(result.folder), instance_data_dir=str(instance),
                     instance_prompt="hnzk girl", output_dir=str(tmp_path / "runs"), run_name="merged",
                     resolution=64, max_train_steps=2, save_every_steps=0, learning_rate=1e-4,

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dataset_with_class_images
 from safetensors.torch import load_file
 
 from dbnb import data
 from dbnb.checkpoints import RunFolder, RunFolderError
 from dbnb.config import Config, ConfigError
-from dbnb.demo import write_dataset
 from dbnb.train import TrainingError, diffusion_loss, read_images, train
 
 
 @pytest.fixture
 def make_config(tiny_dir, tmp_path):
-    instance, klass = write_dataset(tmp_path / "data", n_instance=3, class_per_instance=2)
+    instance, klass = dataset_with_class_images(tmp_path / "data", n_instance=3, class_per_instance=2)
 
     def make(**overrides):
         base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
