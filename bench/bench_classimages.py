@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 
+from dbnb.images import SAMPLERS
+
 
 def build_pipeline(full: bool):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from dbnb.tiny import SKELETON, build_components, build_tiny_pipeline, skeleton_config
+    from dbnb.skeleton import SKELETON, skeleton_config
+    from dbnb.tiny import build_components, build_tiny_pipeline
 
     if not full:
         return build_tiny_pipeline()
@@ -43,7 +46,7 @@ def main():
     parser.add_argument("--full", action="store_true", help="SD 1.5-size model at 512 px (needs a GPU to be quick)")
     parser.add_argument("--count", type=int, default=16, help="images to time (default 16)")
     parser.add_argument("--batch-size", type=int, default=0, help="0: dbnb's automatic choice")
-    parser.add_argument("--sampler", default="dpmpp_2m", choices=sorted(ci.SAMPLERS))
+    parser.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
     parser.add_argument("--steps", type=int, default=None, help="default: 28 (--full) or 4 (tiny)")
     parser.add_argument("--resolution", type=int, default=None, help="default: 512 (--full) or 64 (tiny)")
     args = parser.parse_args()
@@ -77,7 +80,7 @@ def main():
     print(f"{model} model built in {built:.1f} s; {device}, {str(pipe.unet.dtype).replace('torch.', '')}, "
           f"torch threads {torch.get_num_threads()}")
     print(f"class images: {len(written)} at {resolution}x{resolution}, {steps} steps, "
-          f"{ci.SAMPLERS[args.sampler][1]}, CFG {config.class_guidance_scale:g}, batch {batch}: "
+          f"{SAMPLERS[args.sampler][1]}, CFG {config.class_guidance_scale:g}, batch {batch}: "
           f"{seconds:.2f} s, {len(written) / seconds:.2f} images/s{peak}")
 
 

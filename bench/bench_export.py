@@ -29,7 +29,8 @@ print("PEAK", result.path, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 def make_run(folder: Path) -> Path:
     from dbnb.config import Config
     from dbnb.layout import original_state_dict, write_single_file
-    from dbnb.tiny import build_components, skeleton_config
+    from dbnb.skeleton import skeleton_config
+    from dbnb.tiny import build_components
 
     unet, vae, text = build_components(skeleton_config("unet"), skeleton_config("vae"),
                                        skeleton_config("text_encoder"), seed=0)

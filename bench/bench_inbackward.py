@@ -40,7 +40,7 @@ def child(mode: str, latent: int, steps: int, checkpointing: bool) -> dict:
     from diffusers import UNet2DConditionModel
 
     from dbnb.inbackward import OptimizerInBackward
-    from dbnb.tiny import skeleton_config
+    from dbnb.skeleton import skeleton_config
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -25,7 +25,8 @@ import torch
 
 from dbnb.layout import (ORIGINAL_PREFIXES, original_state_dict, text_encoder_key_map,
                          unet_key_map, vae_key_map, write_single_file)
-from dbnb.tiny import SKELETON, build_components, skeleton_config
+from dbnb.skeleton import SKELETON, skeleton_config
+from dbnb.tiny import build_components
 
 KEY_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
 EXPECTED = {"unet": 686, "vae": 248, "text_encoder": 196}

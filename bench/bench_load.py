@@ -36,7 +36,8 @@ print(json.dumps({"seconds": seconds, "params": sum(p.numel() for p in params), 
 
 def write_full_size(folder: Path, formats: list[str]) -> dict[str, Path]:
     from dbnb.layout import original_state_dict, write_single_file
-    from dbnb.tiny import build_components, skeleton_config
+    from dbnb.skeleton import skeleton_config
+    from dbnb.tiny import build_components
 
     unet, vae, text = build_components(skeleton_config("unet"), skeleton_config("vae"),
                                        skeleton_config("text_encoder"), seed=0)

@@ -44,7 +44,8 @@ def write_inputs(folder: Path, n: int) -> list[Path]:
     import torch
 
     from dbnb.layout import original_state_dict, write_single_file
-    from dbnb.tiny import build_components, skeleton_config
+    from dbnb.skeleton import skeleton_config
+    from dbnb.tiny import build_components
 
     unet, vae, text = build_components(skeleton_config("unet"), skeleton_config("vae"),
                                        skeleton_config("text_encoder"), seed=0)

@@ -38,7 +38,7 @@ def make_run(model: Path, folder: Path, checkpoints: int, resolution: int) -> Pa
     from dbnb.config import Config
     from dbnb.demo import write_dataset
 
-    instance, _ = write_dataset(folder / "data", n_instance=3, class_per_instance=1, size=resolution)
+    instance, _ = write_dataset(folder / "data", n_instance=3, size=resolution)
     config = Config(pretrained_model_name_or_path=str(model), instance_data_dir=str(instance),
                     instance_prompt="hnzk girl", class_prompt="girl", output_dir=str(folder), run_name="run",
                     resolution=resolution, mixed_precision="fp16" if torch.cuda.is_available() else "no")

@@ -46,14 +46,15 @@ def main():
     args = parser.parse_args()
 
     from dbnb.config import load_config
+    from dbnb.classimages import write_blank_images
     from dbnb.demo import write_dataset
     from dbnb.train import train
 
     cache = Path(args.cache)
     resolution = args.resolution or (64 if args.model == "tiny" else 512)
     model = model_folder(args.model, cache)
-    instance, klass = write_dataset(cache / f"data-{resolution}", n_instance=5, class_per_instance=2,
-                                    size=resolution)
+    instance, klass = write_dataset(cache / f"data-{resolution}", n_instance=5, size=resolution)
+    write_blank_images(klass, 5 * 2, resolution, progress=False)  # transparent: a quick stand-in
     gpu = torch.cuda.is_available()
     defaults = [f"pretrained_model_name_or_path={model}", f"instance_data_dir={instance}",
                 f"class_data_dir={klass}", "instance_prompt=hnzk girl", f"resolution={resolution}",

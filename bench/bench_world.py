@@ -8,7 +8,7 @@ Runs, on one model and one set of 5 pictures and 50 generated class images:
   hflip      Apply Horizontal Flip on: the outfit's sides get swapped in samples
   no-prior   prior preservation off: "girl" drifts toward the trained character
 and prints, per checkpoint, identity / swapped / copies / flexibility / drift / variety
-(dbnb.score.WORLD_COLUMNS) plus the wall time of each run, then the trade-off table: identity
+(dbnb.score.WorldScorer.columns) plus the wall time of each run, then the trade-off table: identity
 ("hnzk girl" draws the character) against flexibility ("hnzk girl, upper body" is drawn
 upper body, a framing the full-body training pictures never show), and which checkpoints are
 both faithful (>= 0.7) and flexible (>= 0.5). The overfitting curve (copies
@@ -39,7 +39,7 @@ def trade_off(rows: list[dict], recommendation: dict) -> str:
 def main(argv=None) -> None:
     from dbnb.config import parse_override
     from dbnb.demo import DEMO_STEPS, run_demo
-    from dbnb.score import WORLD_COLUMNS, format_table
+    from dbnb.score import WorldScorer, format_table
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=DEMO_STEPS)
@@ -53,7 +53,7 @@ def main(argv=None) -> None:
         result = run_demo(args.out, steps=args.steps, run_name=name, **{**RUNS[name], **common})
         print(f"\n=== {name}: {RUNS[name] or 'the demo settings'}, {args.steps} steps, "
               f"{time.time() - started:.0f} s ===")
-        print(format_table(result["scores"].rows, WORLD_COLUMNS), flush=True)
+        print(format_table(result["scores"].rows, WorldScorer.columns), flush=True)
         print("\ntrade-off (the seed's 少し過学習気味, then check it still follows other prompts):")
         print(trade_off(result["scores"].rows, result["scores"].recommendation), flush=True)
 

@@ -267,11 +267,13 @@ def hf_script(plan: Plan, task: dict) -> dict:
 
 def build_inputs(plan: Plan, task: dict) -> dict:
     from bench_train import model_folder
+    from dbnb.classimages import write_blank_images
     from dbnb.demo import write_dataset
 
     t = time.perf_counter()
     model_folder("tiny" if plan.dry_run else "sd15", plan.cache)
-    write_dataset(plan.instance_dir.parent, n_instance=5, class_per_instance=2, size=plan.resolution)
+    _, klass = write_dataset(plan.instance_dir.parent, n_instance=5, size=plan.resolution)
+    write_blank_images(klass, 5 * 2, plan.resolution, progress=False)  # transparent: a quick stand-in
     return {"seconds": time.perf_counter() - t}
 
 

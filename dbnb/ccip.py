@@ -15,22 +15,29 @@ The contract of the `deepghs/ccip_onnx` models, as their reference code uses the
 
 `ccip_model` is the Hub repo (`deepghs/ccip_onnx`, its default model), `owner/repo/<model>`
 for another of its models, or a local folder holding the three files.
+
+`CcipScorer` is `score_with=ccip` (anime characters): fidelity = the share of (fidelity image,
+instance picture) pairs that CCIP judges the same character, flexibility = tag adherence, the
+share of the flexibility prompts' asked-for tags ("school uniform", "beach") that the WD14
+tagger finds in their images.
 """
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from dbnb.onnxrun import OnnxModel, OnnxModelError, model_files
+from dbnb.scorer import Panel, Series, Weighed, images_of, row_scores
 
 FEATURES, METRICS, THRESHOLD = "model_feat.onnx", "model_metrics.onnx", "metrics.json"
 FILES = (FEATURES, METRICS, THRESHOLD)
 DEFAULT_MODEL = "ccip-caformer-24-randaug-pruned"
 DEFAULT_SIZE = 384
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 BATCH = 16
 
 
@@ -71,7 +78,10 @@ def prepare(image: Image.Image, size: int) -> np.ndarray:
     rgb = Image.new("RGB", rgba.size, (255, 255, 255))
     rgb.paste(rgba, mask=rgba)
     array = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-    return ((array - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)).transpose(2, 0, 1)
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    mean, std = np.asarray(OPENAI_CLIP_MEAN, np.float32), np.asarray(OPENAI_CLIP_STD, np.float32)
+    return ((array - mean) / std).transpose(2, 0, 1)
 
 
 def load_ccip(setting: str) -> CCIP:
@@ -85,6 +95,75 @@ def fidelity(ccip: CCIP, generated: np.ndarray, instance: np.ndarray) -> tuple[f
         return float("nan"), float("nan")
     diff = ccip.differences(generated, instance)
     return float((diff <= ccip.threshold).mean()), float(diff.mean())
+
+
+# --- the scorer (score_with=ccip) ------------------------------------------------------------------
+
+COLUMNS = ("checkpoint", "step", "ccip", "ccip_difference", "tag_adherence", "class_ccip")
+WEIGHED = Weighed("ccip", "tag_adherence",
+                  "CCIP (share of (test image, instance picture) pairs judged the same character)", "tag adherence")
+PANELS = (Panel("CCIP (share judged the same)", (Series("ccip", "CCIP same character", "#1f77b4"),
+                                                 Series("class_ccip", "class images as character", "#d62728"))),
+          Panel("tag adherence (share found)", (Series("tag_adherence", "tag adherence", "#2ca02c"),)))
+
+
+def asked_tags(prompt: str, fidelity_prompts: list[str], vocabulary) -> list[str]:
+    """The tagger names of what a flexibility prompt asks for beyond the fidelity prompts
+    ("…, 1girl, solo, school uniform, classroom" → school_uniform, classroom): its
+    comma-separated parts that are tagger tags and in no fidelity prompt."""
+    def names(text):
+        return [" ".join(t.split()).lower().replace(r"\(", "(").replace(r"\)", ")").replace(" ", "_")
+                for t in text.split(",")]
+    common = {n for f in fidelity_prompts for n in names(f)}
+    return [n for n in dict.fromkeys(names(prompt)) if n in vocabulary and n not in common]
+
+
+def tag_adherence(tagger, images: list[tuple[str, Image.Image]], fidelity_prompts: list[str], config) -> float:
+    """Share of (flexibility image, asked-for tag) pairs in which the tagger finds the tag."""
+    asked = [asked_tags(text, fidelity_prompts, tagger.categories) for text, _ in images]
+    if not any(asked):
+        return math.nan
+    found = tagger.detect([im for _, im in images], config.tag_threshold, config.character_tag_threshold)
+    hits = [tag in tags for wanted, tags in zip(asked, found) for tag in wanted]
+    return sum(hits) / len(hits)
+
+
+def ccip_table(samples, instance: list[Image.Image], ccip: CCIP, tagger, config) -> list[dict]:
+    """CCIP fidelity per row (and of the class-prompt images: the class word turning into the
+    character), tag adherence of the flexibility images."""
+    reference = ccip.features(instance)
+    fidelity_texts = [p.text for p in samples.prompts if p.kind == "fidelity"]
+    rows = []
+    for row in samples.rows:
+        same, diff = fidelity(ccip, ccip.features([im for _, im in images_of(samples, row, "fidelity")]), reference)
+        klass = [im for _, im in images_of(samples, row, "class")]
+        flex = [(p.text, im) for p, im in images_of(samples, row, "flexibility")]
+        rows.append(row_scores(row, ccip=same, ccip_difference=diff,
+                               tag_adherence=tag_adherence(tagger, flex, fidelity_texts, config) if flex else math.nan,
+                               class_ccip=fidelity(ccip, ccip.features(klass), reference)[0] if klass else math.nan))
+    return rows
+
+
+@dataclass(frozen=True)
+class CcipScorer:
+    ccip: CCIP
+    tagger: object  # dbnb.prep.tagger's tagger; None without flexibility prompts
+    config: object
+    columns = COLUMNS
+    weighed = WEIGHED
+    panels = PANELS
+
+    @classmethod
+    def load(cls, config) -> "CcipScorer":
+        """Both models loaded now: `dbnb score` does so before any test image is made, so a
+        missing model is said at once."""
+        from dbnb.prep.tagger import load_tagger
+
+        return cls(load_ccip(config.ccip_model),
+                   load_tagger(config.tagger_model) if config.test_flexibility_prompts else None, config)
+
+    def table(self, samples, instance: list[Image.Image]) -> list[dict]:
+        return ccip_table(samples, instance, self.ccip, self.tagger, self.config)
 
 
 def write_stand_in_ccip(folder: str | Path, size: int = DEFAULT_SIZE, threshold: float = 0.1) -> Path:

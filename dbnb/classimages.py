@@ -28,14 +28,11 @@ from PIL import Image, PngImagePlugin
 from dbnb import data
 from dbnb.data import DatasetError
 from dbnb.env import shown
+from dbnb.fetch import IMAGE_SUFFIXES
+from dbnb.images import SAMPLERS, make_scheduler, render
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
 TRANSPARENT_PER_INSTANCE = 10  # the seed: 10x the instance images
-# (diffusers scheduler, the name A1111 shows). DPM++ 2M is DPMSolverMultistep's default
-# (dpmsolver++, order 2).
-SAMPLERS = {"ddim": ("DDIMScheduler", "DDIM"),
-            "euler_a": ("EulerAncestralDiscreteScheduler", "Euler a"),
-            "dpmpp_2m": ("DPMSolverMultistepScheduler", "DPM++ 2M")}
 CPU_MAX_BATCH = 4
 GPU_MAX_BATCH = 8
 # Auto batch size on a GPU: VRAM left after the weights, minus room for the (sliced, one
@@ -101,7 +98,7 @@ def existing_images(folder: Path) -> list[Path]:
     """The folder's images in the trainer's order; none when it does not exist yet."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in data.IMAGE_SUFFIXES)
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def check_class_images(config, wanted: int | None = None) -> ClassImageStatus:
@@ -212,14 +209,6 @@ def generation_prompt(config) -> str:
     return prompt
 
 
-def make_scheduler(name: str, scheduler_config):
-    import diffusers
-
-    if name not in SAMPLERS:
-        raise ClassImagesError(f"class_sampler: {name!r} is not one of {', '.join(SAMPLERS)}.")
-    return getattr(diffusers, SAMPLERS[name][0]).from_config(scheduler_config)
-
-
 def generation_device_dtype(config) -> tuple[torch.device, torch.dtype]:
     if not torch.cuda.is_available():
         return torch.device("cpu"), torch.float32  # fp16 on CPU is slow or unsupported
@@ -281,12 +270,8 @@ def parameters_text(config, prompt: str, seed: int) -> str:
 def render_batch(pipe, config, prompt: str, indices: list[int]) -> list[Image.Image]:
     """One batch; image k has its own CPU generator seeded class_seed + k, so it is the same
     picture whatever the batch size or device."""
-    n = len(indices)
-    generators = [torch.Generator("cpu").manual_seed(config.class_seed + k) for k in indices]
-    negative = [config.class_negative_prompt] * n if config.class_negative_prompt else None
-    return pipe([prompt] * n, negative_prompt=negative, num_inference_steps=config.class_infer_steps,
-                guidance_scale=config.class_guidance_scale, height=config.resolution, width=config.resolution,
-                generator=generators, output_type="pil").images
+    return render(pipe, prompt, [config.class_seed + k for k in indices], negative=config.class_negative_prompt,
+                  steps=config.class_infer_steps, guidance=config.class_guidance_scale, resolution=config.resolution)
 
 
 def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path]:
@@ -337,9 +322,9 @@ def smaller_batch(batch: int, config) -> int:
 def import_class_images(config) -> list[Path]:
     """Copy class images from class_images_import (folder, .zip, Drive link, URL list) into
     class_data_dir through the dataset importer. The trainer reads only the folder's top
-    level and its own suffixes, so nested pictures are flattened (`sub/a.png` → `sub_a.png`)
-    and other formats (GIF, TIFF, JFIF) become PNG. A rerun overwrites its own earlier copies
-    instead of adding duplicates."""
+    level, so nested pictures are flattened (`sub/a.png` → `sub_a.png`); every picture the
+    importer takes, the trainer reads (one IMAGE_SUFFIXES). A rerun overwrites its own earlier
+    copies instead of adding duplicates."""
     import tempfile
 
     from dbnb.fetch import FetchError, fetch_images
@@ -367,14 +352,7 @@ def place_imported(image: Path, staging: Path, folder: Path) -> Path:
     caption = image.with_suffix(".txt")
     if caption.is_file():
         write_atomic(folder / f"{stem}.txt", caption.read_bytes())
-    if image.suffix.lower() in data.IMAGE_SUFFIXES:
-        return write_atomic(folder / f"{stem}{image.suffix}", image.read_bytes())
-    try:
-        with Image.open(image) as im:  # GIF: the first frame
-            return write_atomic(folder / f"{stem}.png", png_bytes(im.copy()))
-    except OSError as e:
-        raise ClassImagesError(f"class_images_import: {image.name} cannot be read as a picture ({e}). "
-                               "Remove it from the source.") from e
+    return write_atomic(folder / f"{stem}{image.suffix}", image.read_bytes())
 
 
 # --- the one step -----------------------------------------------------------------------------

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageColor, ImageOps
+from PIL import Image, ImageOps
 
 from dbnb.errors import DbnbError
+from dbnb.fetch import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILEWORDS = "[filewords]"
 LATENT_SCALE = 8  # SD 1.x's VAE: 8 pixels per latent
 
@@ -235,16 +235,13 @@ def tokenize(tokenizer, examples: list[Example]) -> torch.Tensor:
 # --- pixels ----------------------------------------------------------------------------------
 
 def load_rgb(path: Path, background: str = "white") -> Image.Image:
-    """RGB with transparency composited onto `background`. Plain `.convert("RGB")` would turn
-    fully transparent pixels black — what the old trainers silently did to transparent class
-    images."""
-    image = ImageOps.exif_transpose(Image.open(path))
-    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    canvas = Image.new("RGBA", rgba.size, ImageColor.getrgb(background) + (255,))
-    return Image.alpha_composite(canvas, rgba).convert("RGB")
+    """RGB with transparency composited onto `background`, decoded as `dbnb prep` decodes (EXIF
+    orientation, 16-bit and CMYK scaled, a GIF's first frame): every IMAGE_SUFFIXES file trains
+    as it looks. Plain `.convert("RGB")` would turn fully transparent pixels black — what the
+    old trainers silently did to transparent class images."""
+    from dbnb.prep.images import flatten, load_image
+
+    return flatten(load_image(path).image, background)
 
 
 def load_alpha(path: Path) -> Image.Image | None:

@@ -36,19 +36,13 @@ def draw_character(index: int, size: int = TINY_RESOLUTION) -> Image.Image:
     return world.draw(world.pose(world.HERO, random.Random(index), framings=(INSTANCE_FRAMING,)), size)
 
 
-def write_dataset(folder: Path, n_instance: int = 5, class_per_instance: int = 10,
-                  size: int = TINY_RESOLUTION, class_images: bool = True) -> tuple[Path, Path]:
-    """Instance pictures of the demo character and, unless `class_images` is off, fully
-    transparent class images (the community's trick; a quick stand-in in tests)."""
+def write_dataset(folder: Path, n_instance: int = 5, size: int = TINY_RESOLUTION) -> tuple[Path, Path]:
+    """Instance pictures of the demo character, and the (empty) folder for its class images."""
     instance_dir, class_dir = folder / "instance", folder / "class"
     instance_dir.mkdir(parents=True, exist_ok=True)
     class_dir.mkdir(parents=True, exist_ok=True)
     for i in range(n_instance):
         draw_character(i, size).save(instance_dir / f"{i:03d}.png")
-    if class_images:
-        transparent = Image.new("RGBA", (size, size), (0, 0, 0, 0))
-        for i in range(n_instance * class_per_instance):
-            transparent.save(class_dir / f"{i:04d}.png")
     return instance_dir, class_dir
 
 
@@ -84,7 +78,7 @@ def prepare_world(out: Path, config: Config) -> None:
 
     if not (out / "model" / "model_index.json").exists():
         make_world_model(out / "model")
-    write_dataset(out / "data", class_images=False)
+    write_dataset(out / "data")
     ensure_class_images(config, fill=True)
 
 

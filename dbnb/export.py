@@ -8,9 +8,6 @@ what was meant to be written; a file that does not match is deleted.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +16,7 @@ import torch
 from dbnb.errors import DbnbError
 from dbnb import __version__
 from dbnb.checkpoints import RunFolder
+from dbnb.fetch import free_name
 from dbnb.layout import original_state_dict, remove_leftovers, write_single_file
 from dbnb.versions import dtype_argument
 
@@ -96,16 +94,6 @@ def destination_folder(where: str, run_name: str, default: Path) -> Path:
     return Path(where).expanduser()
 
 
-def free_name(folder: Path, stem: str, suffix: str, overwrite: bool) -> Path:
-    """`stem.suffix`, or `stem-2.suffix`, `stem-3.suffix`… so nothing is silently replaced."""
-    path = folder / f"{stem}{suffix}"
-    n = 2
-    while path.exists() and not overwrite:
-        path = folder / f"{stem}-{n}{suffix}"
-        n += 1
-    return path
-
-
 def prepare_folder(folder: Path, needed: int) -> None:
     from dbnb.env import check_free_space, check_writable
 
@@ -121,11 +109,12 @@ def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torc
     from diffusers import StableDiffusionPipeline
 
     from dbnb.layout import text_encoder_key_map, unet_key_map, vae_key_map
-    from dbnb.models import file_keys_and_shapes, sd1_variant, skeleton_folder
+    from dbnb.models import sd1_variant, skeleton_folder
+    from dbnb.sdfile import keys_and_shapes
 
     original_keys = {*unet_key_map(expected["unet"]).values(), *vae_key_map(expected["vae"]).values(),
                      *text_encoder_key_map(expected["text_encoder"]).values()}
-    keys, shapes = file_keys_and_shapes(path)
+    keys, shapes = keys_and_shapes(path)
     missing, extra = original_keys - set(keys), set(keys) - original_keys
     if missing or extra:
         raise ExportError(f"{path.name}: {len(missing)} keys missing, {len(extra)} unexpected "
@@ -180,7 +169,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     folder = destination_folder(to, label, default)
     remove_leftovers(folder)  # an export killed earlier: its hidden half-file holds the disk
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
-    path = free_name(folder, stem, f".{fmt}", overwrite)
+    path = free_name(folder / f"{stem}.{fmt}", overwrite)
     metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": base_model,
                 "dbnb_precision": precision, **info}
     write_single_file(path, state, metadata=metadata, global_step=step)
@@ -211,7 +200,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
     folder = destination_folder(to, config.run_name, run.root / "exports")
     remove_leftovers(folder)
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
-    path = free_name(folder, stem, ".safetensors", overwrite)
+    path = free_name(folder / f"{stem}.safetensors", overwrite)
     write_single_file(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
                                              "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
 
@@ -249,22 +238,11 @@ def upload_to_hub(path: Path, repo_id: str, api=None) -> str:
 
 def convert(single_file: str | Path, out_dir: str | Path) -> Path:
     """A single SD 1.x file → a diffusers folder (to train from, or to merge)."""
-    from dbnb.models import load_pipeline
-    from dbnb.tiny import save_tokenizer
-
     from dbnb.env import check_writable
+    from dbnb.models import save_folder
 
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new folder.")
     check_writable(out_dir.parent, "the diffusers folder")
-    pipe = load_pipeline(str(single_file))
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    save_tokenizer(pipe.tokenizer, tmp / "tokenizer")
-    (tmp / "dbnb_source.json").write_text(json.dumps({"converted_from": str(single_file)}))
-    if out_dir.exists():
-        out_dir.rmdir()
-    os.replace(tmp, out_dir)
-    return out_dir
+    return save_folder(single_file, out_dir, {"dbnb_source.json": {"converted_from": str(single_file)}})

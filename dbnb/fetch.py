@@ -18,7 +18,8 @@ from typing import Callable, Iterator
 
 from dbnb.errors import DbnbError
 
-# Wider than the trainer's list: prep normalises these (GIF first frame, 16-bit TIFF) to PNG.
+# What counts as a picture everywhere (import, prep, the trainer's folders): what PIL reads and
+# dbnb.prep.images.load_image decodes (a GIF's first frame, 16-bit TIFF).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CHUNK = 1 << 20
 # Seconds a download may go without a byte before it is given up (a stalled server, not a slow one).
@@ -78,7 +79,7 @@ def _place(path: Path, dest: Path, max_bytes: int, skip: SkipHook) -> list[Path]
     if path.suffix.lower() == ".txt":
         return _fetch_url_list(path, dest, max_bytes, skip)
     if is_image_name(path.name):
-        target = _free_name(dest / path.name)
+        target = free_name(dest / path.name)
         shutil.copyfile(path, target)
         return [target]
     raise FetchError(f"{path}: not a picture, .zip or .txt URL list (suffix {path.suffix or 'none'!r}). "
@@ -268,21 +269,40 @@ def _drive_folder(url: str, tmp: Path) -> list[Path]:
     return [Path(p) for p in got]
 
 
-def _download(url: str, tmp: Path, max_bytes: int) -> Path:
-    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "download"
-    target = _free_name(tmp / name)
+def download(url: str, target: Path, *, max_bytes: int | None = None, progress: bool = False) -> str:
+    """dbnb's one urllib download: `url` into `target`, at most `max_bytes`, given up after
+    DOWNLOAD_TIMEOUT_S without a byte, HF_TOKEN sent to huggingface.co (a gated model), with a
+    progress bar if asked. A failed download leaves no file. Returns the response's content type."""
+    from dbnb.progress import bar
+
     request = urllib.request.Request(url, headers={"User-Agent": "dbnb"})
+    token = os.environ.get("HF_TOKEN")
+    if token and "huggingface.co" in url:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=DOWNLOAD_TIMEOUT_S) as response, open(target, "wb") as out:
-            size = 0
-            while chunk := response.read(CHUNK):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise FetchError(f"{url}: larger than {max_bytes:,} bytes; refusing it.")
-                out.write(chunk)
-            kind = response.headers.get_content_type()
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with bar(total=total, unit="B", unit_scale=True, desc=target.name[:40], disable=not progress) as shown:
+                size = 0
+                while chunk := response.read(CHUNK):
+                    size += len(chunk)
+                    if max_bytes is not None and size > max_bytes:
+                        raise FetchError(f"{url}: larger than {max_bytes:,} bytes; refusing it.")
+                    out.write(chunk)
+                    shown.update(len(chunk))
+            return response.headers.get_content_type()
+    except FetchError:
+        target.unlink(missing_ok=True)
+        raise
     except OSError as e:
+        target.unlink(missing_ok=True)
         raise FetchError(f"Download of {url} failed: {e}. Check the URL and your connection.") from None
+
+
+def _download(url: str, tmp: Path, max_bytes: int) -> Path:
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name or "download"
+    target = free_name(tmp / name)
+    kind = download(url, target, max_bytes=max_bytes)
     if not is_image_name(target.name) and kind.startswith("image/"):
         target = target.rename(target.with_name(target.name + "." + kind.split("/")[1].replace("jpeg", "jpg")))
     return target
@@ -308,12 +328,13 @@ def _fetch_url_list(listing: Path, dest: Path, max_bytes: int, skip: SkipHook) -
     return placed
 
 
-def _free_name(path: Path) -> Path:
-    """`a.png`, then `a-2.png`, …: two URLs both ending in image.png must not overwrite."""
-    candidate, n = path, 1
-    while candidate.exists():
-        n += 1
+def free_name(path: Path, overwrite: bool = False) -> Path:
+    """`a.png`, or `a-2.png`, `a-3.png`, …: nothing there is silently replaced (two URLs both
+    ending in image.png, an export of the same step again) unless `overwrite`."""
+    candidate, n = path, 2
+    while candidate.exists() and not overwrite:
         candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+        n += 1
     return candidate
 
 

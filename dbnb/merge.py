@@ -32,48 +32,32 @@ Inputs whose key sets differ are handled by these rules, printed when they apply
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import time
 import urllib.parse
-import zipfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from dbnb.errors import DbnbError
 from dbnb import __version__
-from dbnb.layout import (ORIGINAL_PREFIXES, remove_leftovers, text_encoder_key_map, unet_key_map, vae_key_map,
-                         vae_tensor, write_single_file)
-from dbnb import weights
-from dbnb.models import ModelLoadError, load_checkpoint_file, resolve_source, sd1_variant
+from dbnb.errors import DbnbError
+from dbnb.fetch import free_name
+from dbnb.hashes import legacy_hash, sha256_of
+from dbnb.layout import ORIGINAL_PREFIXES, remove_leftovers, write_single_file
+from dbnb.models import ModelLoadError, fetch_model, save_folder, sd1_variant
+from dbnb.sdfile import COMPONENTS, Entry, SDFileError, file_entries, folder_entries, weight_files
 
 MODES = ("weighted_sum", "add_difference")
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
-COMPONENTS = ("unet", "vae", "text_encoder")
 EMA_PREFIX = "model_ema."
 TE_OLD, TE_NEW = "cond_stage_model.transformer.", ORIGINAL_PREFIXES["text_encoder"]
 POSITION_IDS = TE_NEW + "embeddings.position_ids"
-# Weight files of a diffusers folder, in order of preference (plain, sharded, fp16 variant, pickle).
-_FOLDER_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-*-of-*.safetensors",
-             "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin"),
-    "text_encoder": ("model.safetensors", "model-*-of-*.safetensors", "model.fp16.safetensors",
-                     "pytorch_model.bin"),
-}
-_FOLDER_FILES["vae"] = _FOLDER_FILES["unet"]
-_FOLDER_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
-
-Entry = tuple[Callable[[], torch.Tensor], tuple[int, ...]]  # (read the tensor, its shape)
-REOPEN_BYTES = 1 << 27  # per input: 4 inputs keep at most ~0.5 GiB of input pages resident
 
 
 class MergeError(DbnbError, ValueError):
@@ -102,37 +86,6 @@ class _Input:
     notes: list[str]
     metadata: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
-
-
-# --- hashes --------------------------------------------------------------------------------------
-
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return [f for component in COMPONENTS for f in _component_files(path, component)]
-    return [path]
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """SHA-256 of a model file (the webui's hash); of a diffusers folder, of its UNet, VAE and
-    text-encoder weight files read in that order (not a webui hash: the webui has no folders)."""
-    digest = hashlib.sha256()
-    for file in _weight_files(Path(path)):
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def short_hash(path: str | os.PathLike) -> str:
-    """AUTOMATIC1111's short model hash: the first 10 hex digits of the file's SHA-256."""
-    return sha256_of(path)[:10]
-
-
-def legacy_hash(path: str | os.PathLike) -> str:
-    """The webui's pre-2023 8-hex "model hash" (64 KiB at 1 MiB), which older reports cite."""
-    with open(path, "rb") as f:
-        f.seek(0x100000)
-        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
 
 
 # --- names and weights ---------------------------------------------------------------------------
@@ -203,102 +156,6 @@ def file_stem(name: str) -> str:
 
 # --- reading inputs ------------------------------------------------------------------------------
 
-class _Reader:
-    """One weight file, read a tensor at a time. Both loaders map the file, and every page a
-    tensor touched stays in the process's RSS while the mapping is open (16 GiB for four SD 1.5
-    inputs), so the file is reopened after each REOPEN_BYTES read. A tensor already returned
-    keeps its own pages valid until it is dropped."""
-
-    def __init__(self, path: Path):
-        weights.check(path)  # a damaged or non-weight file is named here, before any work
-        self.path, self.since, self._handle = path, 0, None
-        self.safetensors = path.suffix.lower() == ".safetensors"
-        # A legacy (non-zip) .ckpt cannot be mapped, only read whole: reopening would re-read it.
-        self.reopen = self.safetensors or zipfile.is_zipfile(path)
-        opened = self._open()
-        if self.safetensors:
-            self.metadata = dict(opened.metadata() or {})
-            self.shapes = {k: tuple(opened.get_slice(k).get_shape()) for k in opened.keys()}
-        else:
-            self.metadata, self.shapes = {}, {k: tuple(t.shape) for k, t in opened.items()}
-
-    def _open(self):
-        if self.safetensors:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), "pt")
-            self._get = self._handle.get_tensor
-            return self._handle
-        state = load_checkpoint_file(self.path)  # refuses pickles that would run code
-        self._get = state.__getitem__
-        return state
-
-    def get(self, key: str) -> torch.Tensor:
-        if self._get is None:
-            self._open()
-        tensor = self._get(key)
-        self.since += tensor.numel() * tensor.element_size()
-        if self.reopen and self.since >= REOPEN_BYTES:
-            self.close()
-        return tensor
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-        self._handle = self._get = None
-        self.since = 0
-
-
-def _file_entries(path: Path, stack: ExitStack) -> tuple[dict[str, Entry], dict[str, str]]:
-    """Every tensor of one weight file, unread, and its metadata. safetensors go through
-    `safe_open`, anything else through dbnb's safe loader (weights_only, mmap)."""
-    reader = _Reader(path)
-    stack.callback(reader.close)
-    return {k: (partial(reader.get, k), shape) for k, shape in reader.shapes.items()}, reader.metadata
-
-
-def _component_files(folder: Path, component: str) -> list[Path]:
-    for pattern in _FOLDER_FILES[component]:
-        found = sorted((folder / component).glob(pattern))
-        if found:
-            return found
-    raise MergeError(f"{folder} has no {component} weights ({folder / component / _FOLDER_FILES[component][0]}): "
-                     "is the folder complete?")
-
-
-def _folder_entries(folder: Path, stack: ExitStack) -> dict[str, Entry]:
-    """A diffusers folder seen in the original layout, still unread."""
-    out: dict[str, Entry] = {}
-    for component in COMPONENTS:
-        raw: dict[str, Entry] = {}
-        for file in _component_files(folder, component):
-            raw |= _file_entries(file, stack)[0]
-        try:
-            key_map = _FOLDER_MAPS[component](raw)
-        except ValueError as e:
-            raise MergeError(f"{folder}: {component} is not an SD 1.x {component} ({e}).") from None
-        for src, dst in key_map.items():
-            read, shape = raw[src]
-            if component == "vae":  # the mid attention is Linear in diffusers, a 1x1 conv in the file
-                shape = tuple(vae_tensor(dst, torch.empty(shape, device="meta")).shape)
-                read = partial(lambda r, key: vae_tensor(key, r()), read, dst)
-            out[dst] = (read, shape)
-    return out
-
-
-def _hub_folder(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    wanted = ["model_index.json", "*/config.json", "unet/diffusion_pytorch_model*.safetensors*",
-              "vae/diffusion_pytorch_model*.safetensors*", "text_encoder/model*.safetensors*"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=wanted, ignore_patterns=["*non_ema*", "*.fp16.*"],
-                                      token=os.environ.get("HF_TOKEN") or None))
-    except Exception as e:  # noqa: BLE001 — offline, private, missing: the message says which
-        raise MergeError(f"Could not fetch {repo_id!r} from the Hugging Face Hub ({e}). Check the id, "
-                         "set HF_TOKEN for a private repo, or download the model and give its path.") from None
-
-
 def _normalise(raw: dict[str, Entry], label: str) -> tuple[dict[str, Entry], list[str]]:
     """Apply the key rules that make files from different tools comparable."""
     out: dict[str, Entry] = {}
@@ -324,19 +181,28 @@ def _normalise(raw: dict[str, Entry], label: str) -> tuple[dict[str, Entry], lis
 
 def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
     try:
-        kind, where = resolve_source(source, cache_dir)  # URLs and Drive links land in the cache
+        path = Path(fetch_model(source, cache_dir))  # URLs, Drive links and repo ids land in the cache
     except ModelLoadError as e:
         raise MergeError(f"input {label!r}: {e}") from None
-    path = _hub_folder(where) if kind == "hub" else Path(where)
+    except Exception as e:  # noqa: BLE001 — the Hub offline, private, missing: the message says which
+        raise MergeError(f"Could not fetch {source!r} from the Hugging Face Hub ({e}). Check the id, "
+                         "set HF_TOKEN for a private repo, or download the model and give its path.") from None
+    try:
+        return _read_input(source, label, path, stack)
+    except SDFileError as e:
+        raise MergeError(str(e)) from None
+
+
+def _read_input(source: str, label: str, path: Path, stack: ExitStack) -> _Input:
     if path.is_dir():
-        raw, metadata = _folder_entries(path, stack), {}
+        raw, metadata = folder_entries(path, stack), {}
         info = path / "dbnb_merge.json"  # a folder dbnb merged: keep its recipe for nesting
         if info.is_file():
             metadata = {"dbnb_merge_recipe": json.loads(info.read_text(encoding="utf-8")).get("recipe", "")}
     else:
-        raw, metadata = _file_entries(path, stack)
+        raw, metadata = file_entries(path, stack)
     entries, notes = _normalise(raw, label)
-    return _Input(label, source, path, entries, _weight_files(path), notes, metadata)
+    return _Input(label, source, path, entries, weight_files(path), notes, metadata)
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -450,9 +316,7 @@ def _merge_state(models: list[_Input], merged: set[str], mode: str, coeffs: list
 
 def _outputs(out_file, out_dir, name: str, overwrite: bool) -> tuple[Path | None, Path | None]:
     if out_file is None and out_dir is None:
-        from dbnb.export import free_name
-
-        out_file = free_name(Path("merges"), file_stem(name), ".safetensors", overwrite)
+        out_file = free_name(Path("merges") / f"{file_stem(name)}.safetensors", overwrite)
     file = Path(out_file).expanduser() if out_file is not None else None
     if file is not None and file.suffix.lower() not in (".safetensors", ".ckpt"):
         raise MergeError(f"{file}: the merged file must end in .safetensors or .ckpt.")
@@ -488,26 +352,6 @@ def _metadata(info: dict) -> dict[str, str]:
             "sd_merge_models": json.dumps(models, ensure_ascii=False)}
 
 
-def _write_folder(single_file: Path, folder: Path, info: dict) -> None:
-    """The written file → a diffusers folder to train from (renamed into place when complete).
-
-    Always fp32, whatever the file's dtype: training keeps fp32 master weights, and
-    load_pipeline keeps a saved fp16 text encoder in fp16 (transformers 5 loads the saved
-    dtype), which the trainer cannot train on. fp16 values are stored exactly in fp32."""
-    from dbnb.models import load_pipeline
-    from dbnb.tiny import save_tokenizer
-
-    pipe = load_pipeline(str(single_file), dtype=torch.float32)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    save_tokenizer(pipe.tokenizer, tmp / "tokenizer")
-    (tmp / "dbnb_merge.json").write_text(json.dumps(info, indent=2, ensure_ascii=False), encoding="utf-8")
-    if folder.exists():
-        folder.rmdir()
-    os.replace(tmp, folder)
-
-
 def _write_sidecar(file: Path, info: dict) -> None:
     """<stem>.json beside the file: the result's own hash (it cannot be inside the file it
     hashes). The webui reads this file as the model's user metadata, so the recipe shows on
@@ -535,7 +379,7 @@ def _write(state, info, file: Path | None, folder: Path | None, log) -> tuple[st
         log(f"merged file: {file}  [{sha[:10]}]")
     if folder is not None:
         try:
-            _write_folder(target, folder, info)
+            save_folder(target, folder, {"dbnb_merge.json": info})
         finally:
             if file is None:
                 target.unlink(missing_ok=True)

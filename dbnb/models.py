@@ -13,16 +13,16 @@ import os
 import re
 import tempfile
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import torch
 
 from dbnb.errors import DbnbError
 from dbnb.weights import UnsafeCheckpointError, WeightFileError, read_state_dict  # noqa: F401 (re-exported)
-from dbnb import weights
+from dbnb import fetch, weights
+from dbnb.sdfile import keys_and_shapes
 from dbnb.versions import dtype_argument
-from dbnb.tiny import SKELETON, VARIANTS, skeleton_config, save_tokenizer
+from dbnb.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleton_config
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -89,28 +89,12 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
         name = Path(urllib.parse.urlparse(url).path).name or "model.safetensors"
         final = cache / f"{key}-{name}"
         tmp = cache / f"{final.name}.part"
-        _fetch(url, tmp)
+        try:
+            fetch.download(url, tmp, progress=True)
+        except fetch.FetchError as e:
+            raise ModelLoadError(str(e)) from None
     os.replace(tmp, final)
     return final
-
-
-def _fetch(url: str, dest: Path) -> None:
-    from dbnb.progress import bar as tqdm
-
-    request = urllib.request.Request(url, headers={"User-Agent": "dbnb"})
-    token = os.environ.get("HF_TOKEN")
-    if token and "huggingface.co" in url:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request) as response, open(dest, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name[:40]) as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except OSError as e:
-        dest.unlink(missing_ok=True)
-        raise ModelLoadError(f"Download of {url} failed: {e}. Check the URL and your connection.") from e
 
 
 def _sniff_suffix(path: Path) -> str:
@@ -195,17 +179,6 @@ def skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
     return folder
 
 
-def file_keys_and_shapes(path: Path) -> tuple[list[str], dict]:
-    if path.suffix.lower() == ".safetensors":
-        with weights.open_safetensors(path) as f:  # header only: no tensor is read
-            keys = list(f.keys())
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys
-                      if k in (CONV_IN, LEVEL1_CONV, *VAE_CONV_IN)}
-        return keys, shapes
-    state = load_checkpoint_file(path)  # refuses unsafe pickles; mmap keeps it cheap
-    return list(state), {k: tuple(v.shape) for k, v in state.items()}
-
-
 # --- the one loader ------------------------------------------------------------------------
 
 def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
@@ -220,7 +193,7 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
                   feature_extractor=None, requires_safety_checker=False)
     try:
         if kind == "file":
-            keys, shapes = file_keys_and_shapes(Path(where))
+            keys, shapes = keys_and_shapes(Path(where))
             config = skeleton_folder(sd1_variant(keys, shapes), cache_dir)
             pipe = StableDiffusionPipeline.from_single_file(where, config=str(config), local_files_only=True,
                                                             **common)
@@ -264,7 +237,7 @@ def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path 
     if kind == "file":
         weights.check(where)
         # The config must match the file's widths; SD 1.5's alone would refuse dbnb's small VAEs.
-        config = skeleton_folder(vae_variant(file_keys_and_shapes(Path(where))[1], source), cache_dir)
+        config = skeleton_folder(vae_variant(keys_and_shapes(Path(where))[1], source), cache_dir)
     try:
         if kind == "file":
             return AutoencoderKL.from_single_file(where, config=str(config), subfolder="vae",
@@ -291,8 +264,32 @@ def fetch_model(source: str, cache_dir: str | Path | None = None, revision: str 
         return where
     from diffusers import StableDiffusionPipeline
 
-    # Only the files the pipeline needs (not the repo's 4-7 GB .ckpt copies).
+    # Only the files the pipeline needs (not the repo's 4-7 GB .ckpt copies, nor the safety
+    # checker that load_pipeline never loads).
     extra = {"revision": revision} if revision else {}
     folder = StableDiffusionPipeline.download(where, cache_dir=str(Path(cache_dir or default_cache_dir()) / "hub"),
-                                              token=os.environ.get("HF_TOKEN") or None, **extra)
+                                              token=os.environ.get("HF_TOKEN") or None, safety_checker=None,
+                                              feature_extractor=None, **extra)
     return str(folder)
+
+
+def save_folder(single_file: str | Path, folder: Path, records: dict[str, dict]) -> Path:
+    """A single SD 1.x file → a diffusers folder to train from (or merge), always fp32 whatever
+    the file's dtype: training keeps fp32 master weights, and a saved fp16 text encoder would load
+    back in fp16 (transformers 5 keeps the saved dtype), which the trainer cannot train on; fp16
+    values are exact in fp32. `records`: JSON files written beside the parts (file name → content).
+    Written under a hidden name and renamed into place when complete; `folder` must be absent or empty."""
+    import json
+    import shutil
+
+    pipe = load_pipeline(str(single_file), dtype=torch.float32)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    save_tokenizer(pipe.tokenizer, tmp / "tokenizer")
+    for name, record in records.items():
+        (tmp / name).write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
+    if folder.exists():
+        folder.rmdir()
+    os.replace(tmp, folder)
+    return folder

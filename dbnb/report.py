@@ -15,12 +15,10 @@ from pathlib import Path
 
 from dbnb.checkpoints import RunFolder
 from dbnb.config import FIELDS, PRESETS, Config, from_dict, load_config
+from dbnb.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
 from dbnb.prep.report import framing_line
 
 USER_FIELD = "<!-- dbnb: write your own verdict here / ここに記入 -->"
-def short_hash(path: Path) -> str:
-    from dbnb.merge import short_hash as sha10  # the webui's model hash: first 10 hex of SHA-256
-    return sha10(path)
 
 
 # --- what the run folder and its inputs know -----------------------------------------------------

@@ -1,8 +1,4 @@
-"""Images from a pipeline: training previews, and the test-prompt grids that pick a checkpoint.
-
-Every image has its own seeded generator, so the same prompt, seed and weights give the
-same picture at any step — which is what makes previews of different steps comparable —
-and sampling never touches the global RNG that training might use.
+"""The test-prompt grids that pick a checkpoint (rendering and grids: `dbnb.images`).
 
 `sample_run` is `dbnb sample RUN_DIR`: the seed's users judge a run by eye with "<instance
 prompt>, 1girl, solo" (fidelity) and the same with other clothes / places (flexibility),
@@ -21,66 +17,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from dbnb.errors import DbnbError
+from dbnb.images import PREVIEW_SAMPLER, SAMPLERS, labelled_grid, make_scheduler, render
 
 if TYPE_CHECKING:
     from dbnb.checkpoints import Checkpoint
 
 
-def make_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None) -> Image.Image:
-    """Images in rows of `cols`, optionally with a caption strip over each."""
-    if not images:
-        raise ValueError("make_grid needs at least one image.")
-    w, h = images[0].size
-    strip = 14 if labels else 0
-    rows = -(-len(images) // cols)
-    grid = Image.new("RGB", (cols * w, rows * (h + strip)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, image in enumerate(images):
-        x, y = (i % cols) * w, (i // cols) * (h + strip)
-        grid.paste(image.convert("RGB").resize((w, h)), (x, y + strip))
-        if labels:
-            draw.text((x + 2, y + 1), labels[i][: max(4, w // 6)], fill="black")
-    return grid
-
-
-@torch.no_grad()
-def render(pipe, prompts: list[str], negative_prompt: str, num_per_prompt: int, seed: int,
-           guidance_scale: float, steps: int, resolution: int) -> list[tuple[str, int, Image.Image]]:
-    """(prompt, seed, image) for each prompt × seed; seeds are seed, seed+1, ..."""
-    out = []
-    for prompt in prompts:
-        for k in range(num_per_prompt):
-            generator = torch.Generator(device="cpu").manual_seed(seed + k)
-            image = pipe(prompt, negative_prompt=negative_prompt or None, num_inference_steps=steps,
-                         guidance_scale=guidance_scale, height=resolution, width=resolution,
-                         generator=generator, output_type="pil").images[0]
-            out.append((prompt, seed + k, image))
-    return out
-
-
-def save_previews(results: list[tuple[str, int, Image.Image]], folder: Path, cols: int) -> Path:
-    """PNG per image (p{prompt}-s{seed}.png) plus grid.png; returns the grid's path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    prompts = list(dict.fromkeys(p for p, _, _ in results))
-    for prompt, seed, image in results:
-        image.save(folder / f"p{prompts.index(prompt)}-s{seed}.png")
-    (folder / "prompts.txt").write_text("".join(f"p{i}: {p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
-    grid = make_grid([im for _, _, im in results], cols, [f"p{prompts.index(p)} s{s}" for p, s, _ in results])
-    grid.save(folder / "grid.png")
-    return folder / "grid.png"
-
-
-# --- test prompts: the seed's way of choosing a checkpoint, made systematic --------------------
+# The seed's way of choosing a checkpoint, made systematic:
 #
 #   RUN/tests/base/p0-s0.png, RUN/tests/step-000500/p0-s0.png …   one image per row × prompt × seed
 #   RUN/tests/grid-0.png …                                        one grid per prompt: rows = steps, cols = seeds
 #   RUN/tests/index.html                                          every grid and image, relative links
 #   RUN/tests/manifest.json                                       what each image was made from (its cache key)
 
-SCHEDULER = "DPMSolverMultistepScheduler"  # DPM++ 2M, as the previews use: good at ~20-30 steps
+SCHEDULER = SAMPLERS[PREVIEW_SAMPLER][0]  # the manifest names it: images of another sampler are remade
 
 
 class SampleError(DbnbError, RuntimeError):
@@ -214,13 +167,11 @@ class TestPipeline:
     __test__ = False
 
     def __init__(self, config, device: str, dtype: torch.dtype, ema: bool):
-        from diffusers import DPMSolverMultistepScheduler
-
         from dbnb.models import load_pipeline
 
         pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                              revision=config.revision, dtype=dtype)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = make_scheduler(PREVIEW_SAMPLER, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
         # Decoding in fp32: some anime VAEs (NAI's) give NaN, i.e. black images, in fp16.
@@ -246,11 +197,8 @@ class TestPipeline:
     def render(self, prompt: TestPrompt, seeds: list[int]) -> list[Image.Image]:
         """One image per seed, each from its own CPU generator: the same on every call."""
         c = self.config
-        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        latents = self.pipe(prompt.text, negative_prompt=prompt.negative or None, num_images_per_prompt=len(seeds),
-                            num_inference_steps=c.test_infer_steps, guidance_scale=c.test_guidance_scale,
-                            height=c.resolution, width=c.resolution, generator=generators,
-                            output_type="latent").images
+        latents = render(self.pipe, prompt.text, seeds, negative=prompt.negative, steps=c.test_infer_steps,
+                         guidance=c.test_guidance_scale, resolution=c.resolution, output_type="latent")
         decoded = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
         return self.pipe.image_processor.postprocess(decoded, output_type="pil")
 
@@ -339,48 +287,6 @@ def _write_manifest(folder: Path, settings: dict, result: SampleResult, keys: di
 
 
 # --- grids and the page ---------------------------------------------------------------------------
-
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType: the small bitmap font
-        return ImageFont.load_default()
-
-
-def _wrap(draw, text: str, font, width: int) -> list[str]:
-    lines, line = [], ""
-    for word in text.split(" "):
-        trial = f"{line} {word}".strip()
-        if line and draw.textlength(trial, font=font) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = trial
-    return lines + [line]
-
-
-def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
-                  title: str = "") -> Image.Image:
-    """Rows × columns of images with a row label on the left, column labels on top and a title."""
-    h, w = images[0][0].height, images[0][0].width
-    font = _font(max(11, w // 24))
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line_h = int(font.size * 1.3) if hasattr(font, "size") else 14
-    label_w = int(max(measure.textlength(t, font=font) for t in row_labels)) + 12
-    title_lines = _wrap(measure, title, font, label_w + w * len(col_labels) - 8) if title else []
-    top = line_h * (len(title_lines) + 1) + 4
-    grid = Image.new("RGB", (label_w + w * len(col_labels), top + h * len(images)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, line in enumerate(title_lines):
-        draw.text((4, 2 + i * line_h), line, fill="black", font=font)
-    for c, label in enumerate(col_labels):
-        draw.text((label_w + c * w + 4, top - line_h), label, fill="black", font=font)
-    for r, (label, row) in enumerate(zip(row_labels, images)):
-        draw.text((4, top + r * h + h // 2 - line_h // 2), label, fill="black", font=font)
-        for c, image in enumerate(row):
-            grid.paste(image.convert("RGB").resize((w, h)), (label_w + c * w, top + r * h))
-    return grid
-
 
 def write_grid(result: SampleResult, prompt: TestPrompt) -> Path:
     images = [[Image.open(result.image_path(r, prompt, s)) for s in result.seeds] for r in result.rows]

@@ -9,41 +9,16 @@ dbnb.world's drawn characters and ships as package data: DreamBooth's effects sh
 """
 from __future__ import annotations
 
-import copy
-import json
 from pathlib import Path
 
 import torch
 
+from dbnb.skeleton import (SKELETON, TINY_TEXT, TINY_UNET, TINY_VAE, WORLD_TEXT, WORLD_UNET, WORLD_VAE, save_tokenizer,
+                           skeleton_config)
 from dbnb.versions import dtype_argument
 
-SKELETON = Path(__file__).parent / "assets" / "sd15"
-
-# Only the widths change; everything else comes from SD 1.5's own configs.
-TINY_UNET = dict(block_out_channels=[32, 32, 64, 64], attention_head_dim=4,
-                 cross_attention_dim=32, sample_size=8)
-TINY_VAE = dict(block_out_channels=[32, 32, 32, 32], sample_size=64)
-TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                 num_hidden_layers=2, projection_dim=32)
 TINY_RESOLUTION = 64
-# The pretrained world model (dbnb.world, scripts/pretrain_world.py): same topology, a little
-# wider where learning the world needs it.
-WORLD_UNET = dict(block_out_channels=[32, 64, 64, 64], attention_head_dim=4, cross_attention_dim=32,
-                  sample_size=8)
-WORLD_VAE = dict(block_out_channels=[16, 16, 32, 32], norm_num_groups=16, sample_size=64)
-WORLD_TEXT = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
-                  projection_dim=32)
 WORLD = Path(__file__).parent / "assets" / "world"
-# The small single-file variants dbnb reads offline, by their widths (unet, vae, text encoder).
-VARIANTS = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "world": (WORLD_UNET, WORLD_VAE, WORLD_TEXT)}
-
-
-def skeleton_config(component: str, **overrides) -> dict:
-    """SD 1.5's config for one component (`unet`, `vae`, `text_encoder`, `scheduler`)."""
-    name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    config = json.loads((SKELETON / component / name).read_text())
-    config.update(copy.deepcopy(overrides))
-    return config
 
 
 def build_components(unet_config: dict, vae_config: dict, text_config: dict, seed: int = 0):
@@ -87,17 +62,6 @@ def assemble(unet, vae, text_encoder):
         tokenizer=CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77),
         scheduler=PNDMScheduler.from_config(skeleton_config("scheduler")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-
-def save_tokenizer(tokenizer, out_dir: Path) -> None:
-    """save_pretrained, plus the vocab/merges files that older readers still look for."""
-    import shutil
-
-    out_dir = Path(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    for name in ("vocab.json", "merges.txt"):
-        if not (out_dir / name).exists():
-            shutil.copy(SKELETON / "tokenizer" / name, out_dir / name)
 
 
 def make_tiny_model(out_dir: str | Path, single_file: str | Path | None = None, seed: int = 0) -> Path:

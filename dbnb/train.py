@@ -31,6 +31,7 @@ from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, 
 from dbnb.config import FIELDS, Config, ConfigError
 from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
+from dbnb.previews import write_previews
 from dbnb.process import cancel_on_signal, forget_accelerator_state
 from dbnb.env import is_disk_full
 
@@ -187,46 +188,6 @@ def min_snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
     if noise_scheduler.config.prediction_type == "v_prediction":
         return (torch.clamp(snr, max=gamma) / (snr + 1)).float()
     return (torch.clamp(snr, max=gamma) / snr).float()
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
-
-
-def preview_pipeline(pipe, unet):
-    """The pipeline previews render with: the training UNet, and every other part on its
-    device (cache_latents parks the VAE on the CPU, where a CUDA UNet's latents cannot reach it)."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    parts = {**pipe.components, "unet": unet,
-             "scheduler": DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)}
-    for part in parts.values():
-        if isinstance(part, torch.nn.Module) and _device(part) != _device(unet):
-            part.to(_device(unet))
-    sampler = pipe.__class__(**parts, requires_safety_checker=False)
-    sampler.set_progress_bar_config(disable=True)
-    return sampler
-
-
-def write_previews(run: RunFolder, step: int, pipe, unet, config: Config) -> Path:
-    from dbnb.sample import render, save_previews
-
-    parked = {name: _device(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    sampler = preview_pipeline(pipe, unet)
-    was_training = unet.training
-    unet.eval()
-    try:
-        with torch.autocast(unet.device.type, enabled=config.mixed_precision != "no",
-                            dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16):
-            results = render(sampler, list(config.sample_prompts) or [config.instance_prompt],
-                             config.sample_negative_prompt, config.num_samples, config.sample_seed,
-                             config.sample_guidance_scale, config.sample_steps, config.resolution)
-    finally:
-        unet.train(was_training)
-        for name, device in parked.items():  # back where they were parked, to free the VRAM again
-            if name != "unet" and _device(pipe.components[name]) != device:
-                pipe.components[name].to(device)
-    return save_previews(results, run.samples_dir(step), cols=config.num_samples)
 
 
 # --- the run ---------------------------------------------------------------------------------------

@@ -241,3 +241,22 @@ def metrics(fidelity: list[Image.Image], flexibility: list[tuple[str, Image.Imag
         drift=share(judge(r, character)["identity"] for r in klass_readings),
         variety=(len({(r["hair"], r["left"], r["right"]) for r in klass_readings}) / len(klass)
                  if klass else float("nan")))
+
+
+def world_table(samples, instance: list[Image.Image]) -> list[dict]:
+    """`score_with=world`: `metrics` per row of a run's test images (a dbnb.sample.SampleResult);
+    the character is read off the instance images."""
+    from dbnb.scorer import ScoreError, images_of, row_scores
+
+    try:
+        character = character_of(instance)
+    except ValueError as e:
+        raise ScoreError(f"score_with=world: the instance images are not pictures of dbnb's tiny world ({e}). "
+                         "Use score_with=clip for real models.") from None
+    rows = []
+    for row in samples.rows:
+        flexibility = [(p.text, im) for p, im in images_of(samples, row, "flexibility")]
+        scores = metrics([im for _, im in images_of(samples, row, "fidelity")], flexibility,
+                         [im for _, im in images_of(samples, row, "class")], character, instance)
+        rows.append(row_scores(row, **scores))
+    return rows

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dbnb import tiny, world
+from dbnb import skeleton, tiny, world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def encode(vae, x: torch.Tensor, seed: int) -> torch.Tensor:
 def train_unet(unet, text_encoder, tokenizer, latents, captions, steps: int, batch: int, seed: int) -> None:
     from diffusers import DDPMScheduler
 
-    noise_scheduler = DDPMScheduler.from_config(tiny.skeleton_config("scheduler"))
+    noise_scheduler = DDPMScheduler.from_config(skeleton.skeleton_config("scheduler"))
     g = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

@@ -49,7 +49,7 @@ def embedders(tmp_path_factory):
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
-    from dbnb.tiny import SKELETON
+    from dbnb.skeleton import SKELETON
 
     root = tmp_path_factory.mktemp("embedders")
     layers = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
@@ -74,13 +74,24 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def dataset_with_class_images(folder, n_instance: int, class_per_instance: int, size: int = 64):
+    """The demo's instance pictures and, as a quick stand-in for generated ones, fully transparent
+    class images (the community's trick, written by dbnb's own transparent mode)."""
+    from dbnb.classimages import write_blank_images
+    from dbnb.demo import write_dataset
+
+    instance, klass = write_dataset(folder, n_instance=n_instance, size=size)
+    write_blank_images(klass, n_instance * class_per_instance, size, progress=False)
+    return instance, klass
+
+
 def two_checkpoint_run(tiny_dir, folder, **overrides):
     """A real 2-step run of the tiny model with a checkpoint at each step."""
     from dbnb.config import Config
     from dbnb.demo import CLASS_PROMPT, INSTANCE_PROMPT, write_dataset
     from dbnb.train import train
 
-    instance, _ = write_dataset(folder / "data", n_instance=3, class_per_instance=1)
+    instance, _ = write_dataset(folder / "data", n_instance=3)
     config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
                     instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, output_dir=str(folder / "runs"),
                     run_name="run", resolution=64, max_train_steps=2, save_every_steps=1, sample_every_steps=0,

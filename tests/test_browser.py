@@ -206,7 +206,7 @@ def test_train_notebook_shows_the_live_view_and_keeps_the_final_plot_and_preview
     from dbnb.config import Config
     from dbnb.demo import write_dataset
 
-    instance, _ = write_dataset(tmp_path / "data", n_instance=3, class_images=False)
+    instance, _ = write_dataset(tmp_path / "data", n_instance=3)
     config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
                     output_dir=str(tmp_path / "ws" / "runs"), resolution=64, instance_token="hnzk",
                     class_token="girl")

@@ -8,10 +8,9 @@ import pytest
 from PIL import Image
 
 from dbnb import world
-from dbnb.ccip import CCIP, CCIPError, fidelity, load_ccip, prepare, write_stand_in_ccip
+from dbnb.ccip import CCIP, CCIPError, asked_tags, fidelity, load_ccip, prepare, tag_adherence, write_stand_in_ccip
 from dbnb.config import Config
 from dbnb.prep.tagger import load_tagger, write_stand_in_tagger
-from dbnb.score import asked_tags, tag_adherence
 
 OTHER = world.Character(hair="blue", left="red", right="blue", coil="right")
 

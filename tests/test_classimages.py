@@ -11,7 +11,7 @@ from dbnb import models
 from dbnb.config import Config
 from dbnb.data import DatasetError
 from dbnb.demo import draw_character
-from dbnb.tiny import SKELETON
+from dbnb.skeleton import SKELETON
 from dbnb.batches import read_images
 
 
@@ -260,13 +260,13 @@ def source_folder(tmp_path):
     return source
 
 
-def test_import_from_a_folder_flattens_converts_and_reruns_without_duplicates(make_config, tmp_path):
+def test_import_from_a_folder_flattens_and_reruns_without_duplicates(make_config, tmp_path):
     config = make_config(class_images_mode="import", num_class_images=0,
                          class_images_import=str(source_folder(tmp_path)))
     with pytest.warns(UserWarning, match="notes.md"):
         status = ci.make_class_images(config, progress=False)
     folder = ci.class_folder(config)
-    assert names(folder) == ["sub_x.png", "sub_x.txt", "y.jpg", "z.png"]
+    assert names(folder) == ["sub_x.png", "sub_x.txt", "y.jpg", "z.gif"]  # the trainer reads GIFs too
     assert (folder / "sub_x.txt").read_text() == "1girl, red"
     assert (status.have, status.wanted, status.ok) == (3, 3, True) and "num_class_images=3" in status.message
     with pytest.warns(UserWarning):

@@ -13,7 +13,8 @@ def test_demo_trains_scores_and_ends_with_the_file_for_the_webui(world_demo, tmp
     from diffusers import StableDiffusionPipeline
 
     from dbnb.demo import DEMO_STEPS, demo_config
-    from dbnb.models import file_keys_and_shapes, sd1_variant, skeleton_folder
+    from dbnb.models import sd1_variant, skeleton_folder
+    from dbnb.sdfile import keys_and_shapes
 
     out, run = world_demo.printed, world_demo.run
     assert world_demo.code == 0 and f"run folder:            {run}" in out
@@ -36,7 +37,7 @@ def test_demo_trains_scores_and_ends_with_the_file_for_the_webui(world_demo, tmp
     assert results.startswith(f"  for the webui:         {exported}")
     assert (run / "report.md").is_file()
     # the file loads as the webui's loaders read it, holding the recommended checkpoint's UNet (fp16)
-    skeleton = skeleton_folder(sd1_variant(*file_keys_and_shapes(exported)), tmp_path)
+    skeleton = skeleton_folder(sd1_variant(*keys_and_shapes(exported)), tmp_path)
     pipe = StableDiffusionPipeline.from_single_file(str(exported), config=str(skeleton), local_files_only=True,
                                                     safety_checker=None, requires_safety_checker=False)
     got = pipe.unet.state_dict()

@@ -5,7 +5,7 @@ from PIL import Image
 
 from dbnb import data
 from dbnb.data import DatasetError, Example, build_prompt, caption_for, load_rgb
-from dbnb.tiny import SKELETON
+from dbnb.skeleton import SKELETON
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +220,17 @@ def test_alpha_mask_is_the_alpha_at_latent_size_and_flips_with_the_picture(token
                           alpha_mask=True)
     assert clear.without_loss() == [tmp_path / "clear.png"]
     assert data.ImageSet([Example(tmp_path / "cut.png", "x")], tokenizer, 64, False, "white", False).masks is None
+
+
+def test_every_picture_suffix_the_importer_takes_is_read_by_the_trainer(tmp_path):
+    """One IMAGE_SUFFIXES: a GIF (first frame), a 16-bit TIFF and a .jfif train as they look."""
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "a.gif")
+    Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(tmp_path / "b.tif")
+    Image.new("RGB", (8, 8), (10, 10, 200)).save(tmp_path / "c.jfif", format="JPEG")
+    (tmp_path / "notes.md").write_text("not a picture")
+    found = data.list_images(tmp_path, "instance_data_dir")
+    assert [p.name for p in found] == ["a.gif", "b.tif", "c.jfif"]
+    gif, tif, jfif = (np.asarray(load_rgb(p)) for p in found)
+    assert gif[0, 0].tolist() == pytest.approx([200, 10, 10], abs=2)
+    assert tif[0, 0].tolist() == [round(40000 / 257)] * 3  # scaled to 8 bits, not clipped to white
+    assert jfif[0, 0].tolist() == pytest.approx([10, 10, 200], abs=4)

@@ -18,7 +18,7 @@ from dbnb.train import train
 @pytest.fixture(scope="module")
 def run_dir(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("export-run")
-    instance, _ = write_dataset(root / "data", n_instance=2, class_per_instance=1)
+    instance, _ = write_dataset(root / "data", n_instance=2)
     config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
                     instance_prompt="hnzk girl", output_dir=str(root / "runs"), run_name="hnzk", resolution=64,
                     max_train_steps=3, save_every_steps=2, learning_rate=1e-3, mixed_precision="no",

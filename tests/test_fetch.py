@@ -143,7 +143,7 @@ def test_url_list_reports_dead_links_and_keeps_the_rest(tmp_path, monkeypatch):
     def fake_download(url, tmp, max_bytes):
         if url not in served:
             raise FetchError(f"Download of {url} failed: 404")
-        target = fetch._free_name(tmp / Path(url).name)
+        target = fetch.free_name(tmp / Path(url).name)
         target.write_bytes(served[url])
         return target
 

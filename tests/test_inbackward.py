@@ -19,7 +19,8 @@ from diffusers.optimization import get_scheduler
 
 from dbnb.config import Config, ConfigError
 from dbnb.inbackward import OptimizerInBackward, check_supported, unsupported_settings
-from dbnb.tiny import TINY_TEXT, TINY_UNET, TINY_VAE, build_components, skeleton_config
+from dbnb.skeleton import TINY_TEXT, TINY_UNET, TINY_VAE, skeleton_config
+from dbnb.tiny import build_components
 
 ADAMW = dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 EXACT = dict(rtol=0, atol=0)

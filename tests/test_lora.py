@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dataset_with_class_images
 
 from dbnb import lora
 from dbnb.checkpoints import RunFolder, dir_size
@@ -22,7 +23,7 @@ LORA = dict(use_lora=True, lora_rank=4, lora_conv_rank=2, lora_text_encoder_rank
 
 @pytest.fixture
 def make_config(tiny_dir, tmp_path):
-    instance, klass = write_dataset(tmp_path / "data", n_instance=3, class_per_instance=2)
+    instance, klass = dataset_with_class_images(tmp_path / "data", n_instance=3, class_per_instance=2)
 
     def make(**overrides):
         base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
@@ -175,7 +176,7 @@ def test_the_ema_of_the_adapters_differs_from_them(make_config):
 @pytest.fixture(scope="module")
 def lora_run(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-export")
-    instance, _ = write_dataset(root / "data", n_instance=2, class_per_instance=1)
+    instance, _ = write_dataset(root / "data", n_instance=2)
     config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
                     instance_prompt="hnzk girl", output_dir=str(root / "runs"), run_name="hnzk", resolution=64,
                     max_train_steps=3, save_every_steps=0, lora_learning_rate=1e-2,

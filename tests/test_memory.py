@@ -74,7 +74,7 @@ def test_train_applies_auto_at_its_start(tiny_dir, tmp_path, capsys):
     from dbnb.demo import INSTANCE_PROMPT, write_dataset
     from dbnb.train import train
 
-    instance, _ = write_dataset(tmp_path / "data", n_instance=2, class_images=False)
+    instance, _ = write_dataset(tmp_path / "data", n_instance=2)
     config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
                     instance_prompt=INSTANCE_PROMPT, output_dir=str(tmp_path / "runs"), resolution=64,
                     max_train_steps=1, save_every_steps=0, lr_warmup_steps=0, memory_profile="auto")

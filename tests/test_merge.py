@@ -19,7 +19,8 @@ from dbnb.config import Config
 from dbnb.demo import write_dataset
 from dbnb.export import export
 from dbnb.layout import ORIGINAL_PREFIXES, write_single_file
-from dbnb.merge import MergeError, file_stem, merge, recipe, short_hash
+from dbnb.hashes import short_hash
+from dbnb.merge import MergeError, file_stem, merge, recipe
 from dbnb.models import UnsafeCheckpointError, load_checkpoint_file, load_pipeline
 from dbnb.tiny import make_tiny_model
 from dbnb.train import train
@@ -59,7 +60,7 @@ def assert_matches(got, want, exact=False):
 
 def test_weighted_sum_of_three_equals_the_state_dict_arithmetic(tiny, tmp_path, monkeypatch):
     files, _ = tiny
-    monkeypatch.setattr("dbnb.merge.REOPEN_BYTES", 100_000)  # reopen the inputs every few tensors
+    monkeypatch.setattr("dbnb.sdfile.REOPEN_BYTES", 100_000)  # reopen the inputs every few tensors
     result = run(files, tmp_path, weights=[5, 2.7, 2])
     sds = [load_file(f) for f in files]
     w = [5 / 9.7, 2.7 / 9.7, 2 / 9.7]  # normalised
@@ -152,7 +153,7 @@ def test_ckpt_inputs_go_through_the_safe_loader(tiny, tmp_path, monkeypatch):
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
-    monkeypatch.setattr("dbnb.merge.REOPEN_BYTES", 100_000)  # the .ckpt is loaded again, safely
+    monkeypatch.setattr("dbnb.sdfile.REOPEN_BYTES", 100_000)  # the .ckpt is loaded again, safely
     result = run([files[0], ckpt], tmp_path, weights=[1, 3])
     assert len(calls) > 1 and all(kw.get("weights_only") is True for kw in calls)
     a, b = load_file(files[0]), load_file(files[1])
@@ -189,9 +190,9 @@ def test_url_input_is_downloaded_to_the_cache(tiny, tmp_path):
 def test_hub_id_input_offline_from_the_cache(tiny, tmp_path):
     _, folders = tiny
     commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--dbnb-test--tiny-sd"
+    repo = tmp_path / "dbnb" / "hub" / "models--dbnb-test--tiny-sd"  # models.fetch_model's cache: DBNB_CACHE/hub
     snapshot = repo / "snapshots" / commit
-    for sub in ("unet", "vae", "text_encoder"):  # what the merge downloads: configs and weights
+    for sub in ("unet", "vae", "text_encoder"):  # what the merge reads: configs and weights
         (snapshot / sub).mkdir(parents=True)
         for f in (folders[1] / sub).iterdir():
             (snapshot / sub / f.name).write_bytes(f.read_bytes())
@@ -204,7 +205,7 @@ def test_hub_id_input_offline_from_the_cache(tiny, tmp_path):
                   dtype="fp32", progress=False)
         print("RECIPE", r.recipe)
     """)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), HF_HOME=str(tmp_path / "hf"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DBNB_CACHE=str(tmp_path / "dbnb"), HF_HOME=str(tmp_path / "hf"))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "RECIPE m0 1, tiny-sd 1" in done.stdout
@@ -322,7 +323,7 @@ def test_the_merged_model_trains_and_exports(tiny, tmp_path):
                  out_file=None, out_dir=tmp_path / "merged")
     info = json.loads((result.folder / "dbnb_merge.json").read_text())
     assert info["short_hash"] == result.short_hash == short_hash(result.folder)
-    instance, _ = write_dataset(tmp_path / "data", n_instance=2, class_per_instance=1)
+    instance, _ = write_dataset(tmp_path / "data", n_instance=2)
     config = Config(pretrained_model_name_or_path=str(result.folder), instance_data_dir=str(instance),
                     instance_prompt="hnzk girl", output_dir=str(tmp_path / "runs"), run_name="merged",
                     resolution=64, max_train_steps=2, save_every_steps=0, learning_rate=1e-4,

@@ -53,7 +53,7 @@ def test_export_hash_and_scores_appear_once_they_exist(demo_run):
         text = write_report(demo_run).read_text(encoding="utf-8")
     finally:
         (demo_run / "scores.json").unlink()
-    from dbnb.merge import short_hash
+    from dbnb.hashes import short_hash
     assert f"`{short_hash(exported.path)}` {exported.path.name}" in section(text, "モデルハッシュ")
     assert "recommended checkpoint: **step-000002**" in section(text, "結果")
     assert "the instance prompt at step-000002" in section(text, "安定した呼び出し方")

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import two_checkpoint_run
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dbnb.config import Config
 from dbnb.demo import draw_character
-from dbnb.score import (COLUMNS, ScoreError, cosine, load_clip, load_dino, mean_similarity, paired_similarity,
-                        plot_scores, preprocess, recommend, score_run)
+from dbnb.clipscore import COLUMNS, cosine, load_clip, load_dino, mean_similarity, paired_similarity
+from dbnb.score import ScoreError, plot_scores, recommend, score_figure, score_run
 
 FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
 
@@ -35,10 +35,20 @@ def _wide_picture() -> Image.Image:
     return wide
 
 
-def test_preprocess_normalizes_like_the_models_processors(embedders):
+def _hand_written(images, size, mean, std) -> torch.Tensor:
+    """What dbnb fed the models before transformers' processors did: centre square, bicubic,
+    /255, the model's mean and std (kept here to show the processors give the same pixels)."""
+    arrays = [np.asarray(ImageOps.fit(im.convert("RGB"), (size, size), Image.Resampling.BICUBIC),
+                         dtype=np.float32) / 255.0 for im in images]
+    batch = (np.stack(arrays) - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return torch.from_numpy(batch).permute(0, 3, 1, 2)
+
+
+def test_models_are_fed_as_their_model_cards_say_and_as_before(embedders):
     """What each model is fed equals what transformers' own processor makes of the picture, set up
     as the model cards' preprocessor_config.json is: CLIP's (OpenAI mean/std, shortest side,
-    centre crop, bicubic) and DINO's (ImageNet mean/std, bicubic)."""
+    centre crop, bicubic) and DINO's (ImageNet mean/std, bicubic); and equals the hand-written
+    preprocessing dbnb used before, wide pictures (centre square) and transparent ones included."""
     from transformers import CLIPImageProcessor, ViTImageProcessor
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -48,15 +58,23 @@ def test_preprocess_normalizes_like_the_models_processors(embedders):
     dino_processor = ViTImageProcessor(size={"height": dino.size, "width": dino.size}, resample=3,
                                        image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
     square, wide = draw_character(0), _wide_picture()
+    clear = square.convert("RGBA")
+    clear.putalpha(Image.new("L", square.size, 0))  # fully clear: its colours are what is fed
+    before = {"clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+              "dino": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+    for model in (clip, dino):
+        for images in ([square, square.convert("RGBA")], [wide], [clear]):
+            torch.testing.assert_close(model.pixels(images), _hand_written(images, model.size, *before[model.kind]),
+                                       atol=1e-5, rtol=0)
     with torch.no_grad():
         for images in ([square, square.convert("RGBA")], [wide]):  # ViT's processor squashes, so square only
             pixels = clip_processor(images, return_tensors="pt")["pixel_values"]
-            torch.testing.assert_close(preprocess(images, clip.size, clip.mean, clip.std), pixels, atol=1e-5, rtol=0)
+            torch.testing.assert_close(clip.pixels(images), pixels, atol=1e-5, rtol=0)
             wanted = clip.model.get_image_features(pixel_values=pixels)
             wanted = wanted if isinstance(wanted, torch.Tensor) else wanted.pooler_output
             torch.testing.assert_close(clip.images(images), torch.nn.functional.normalize(wanted, dim=-1))
         pixels = dino_processor([square], return_tensors="pt")["pixel_values"]
-        torch.testing.assert_close(preprocess([square], dino.size, dino.mean, dino.std), pixels, atol=1e-5, rtol=0)
+        torch.testing.assert_close(dino.pixels([square]), pixels, atol=1e-5, rtol=0)
         wanted = dino.model(pixel_values=pixels).last_hidden_state[:, 0]
         torch.testing.assert_close(dino.images([square]), torch.nn.functional.normalize(wanted, dim=-1))
 
@@ -119,48 +137,31 @@ def test_recommendation_is_the_most_faithful_checkpoint_within_the_flexibility_t
         recommend(table((0, 0.9, 0.3)), 0.01)
 
 
-def _dots(image: Image.Image, colour, right: int) -> list[tuple[float, float]]:
-    """Centres of the filled markers of one colour left of `right` (the legend): a 5x5 block of the
-    colour fits inside a 7 px marker, never inside a 2 px line."""
-    mask = np.all(np.asarray(image.convert("RGB"))[:, :right] == colour, axis=-1)
-    full = np.lib.stride_tricks.sliding_window_view(mask, (5, 5)).all(axis=(2, 3))
-    ys, xs = np.nonzero(full)
-    dots = []
-    for x, y in sorted(zip(xs + 2, ys + 2)):
-        if dots and abs(x - dots[-1][-1][0]) <= 3 and abs(y - dots[-1][-1][1]) <= 3:
-            dots[-1].append((x, y))
-        else:
-            dots.append([(x, y)])
-    return sorted((float(np.mean([p[0] for p in d])), float(np.mean([p[1] for p in d]))) for d in dots)
-
-
-def test_plot_draws_each_score_where_its_value_and_step_are(tmp_path):
-    from dbnb.score import FIDELITY_SERIES, FLEXIBILITY_SERIES
+def test_plot_draws_each_score_at_its_step_on_a_scale_of_its_panel(tmp_path):
+    from dbnb.clipscore import PANELS
 
     rows = table((0, 0.5, 0.30), (250, 0.6, math.nan), (1000, 0.7, 0.25))
     for r, dino in zip(rows, (0.55, 0.65, 0.6)):
         r["dino"], r["fidelity"], r["class_clip_t"] = dino, (r["clip_i"] + dino) / 2, 0.28
-    image = Image.open(plot_scores(rows, tmp_path / "scores.png"))  # no recommended line across a marker
+    figure = score_figure(rows, recommended=250)
+    fidelity, flexibility = figure.axes[:2]
+    assert [fidelity.get_ylabel(), flexibility.get_ylabel()] == [p.ylabel for p in PANELS]
+    assert flexibility.get_xlabel() == "training step"
+    lines = {line.get_label(): line for ax in (fidelity, flexibility) for line in ax.get_lines()}
+    assert list(lines["CLIP-I"].get_xdata()) == [0, 250, 1000] and list(lines["CLIP-I"].get_ydata()) == [0.5, 0.6, 0.7]
+    assert list(lines["DINO"].get_ydata()) == [0.55, 0.65, 0.6]
+    assert list(lines["CLIP-T (flexibility)"].get_xdata()) == [0, 1000]  # the NaN at step 250 is left out
+    assert lines["CLIP-I"] in fidelity.get_lines() and lines["CLIP-T (flexibility)"] in flexibility.get_lines()
+    # each panel its own y scale: CLIP-T's 0.05 spread is not flattened by fidelity's 0.2
+    low, high = flexibility.get_ylim()
+    assert low < 0.25 and high > 0.30 and high - low < 0.2
+    assert fidelity.get_ylim()[0] < 0.5 < 0.7 < fidelity.get_ylim()[1]
+    assert list(lines["recommended: step 250"].get_xdata()) == [250, 250]
+    for ax in (fidelity, flexibility):  # every series is named in the panel's legend
+        assert {t.get_text() for t in ax.get_legend().get_texts()} == {line.get_label() for line in ax.get_lines()}
+    assert [t.get_text() for t in flexibility.get_xticklabels()] == ["base", "250", "1000"]
+    image = Image.open(plot_scores(rows, tmp_path / "scores.png", recommended=250))
     assert image.size == (720, 520)
-    # later series' lines may cross a marker and move its found centre by a pixel or two: 3 px slack
-    colour = {key: c for key, _, c in FIDELITY_SERIES + FLEXIBILITY_SERIES}
-    clip_i, dino, clip_t = (_dots(image, colour[k], right=537) for k in ("clip_i", "dino", "clip_t"))
-    assert len(clip_i) == len(dino) == 3 and len(clip_t) == 2  # the NaN at step 250 is left out
-    x0, x250, x1000 = (x for x, _ in clip_i)
-    assert x0 < x250 < x1000 and x250 - x0 == pytest.approx((x1000 - x0) / 4, abs=3)  # x is the step
-    assert [x for x, _ in dino] == pytest.approx([x0, x250, x1000], abs=3)
-    assert [x for x, _ in clip_t] == pytest.approx([x0, x1000], abs=3)
-    (_, y5), (_, y6), (_, y7) = clip_i
-    assert y5 > y6 > y7 and y5 - y6 == pytest.approx(y6 - y7, abs=3)  # higher scores are drawn higher, linearly
-    assert dino[1][1] == pytest.approx(y6 - (y6 - y7) / 2, abs=3)  # 0.65 on the same scale as CLIP-I
-    assert dino[2][1] == pytest.approx(y6, abs=3)
-    # CLIP-T has its own panel below, with a scale of its own: 0.05 is spread like 0.2 above
-    assert min(y for _, y in clip_t) > max(y5, dino[0][1]) and clip_t[0][1] < clip_t[1][1]
-    assert clip_t[1][1] - clip_t[0][1] > (y5 - y7) / 2
-    marked = Image.open(plot_scores(rows, tmp_path / "marked.png", recommended=250))
-    red = np.all(np.asarray(marked)[:, :537] == (214, 39, 40), axis=-1)
-    line = np.nonzero(red.sum(axis=0) > 400)[0]  # the recommended step: a line top to bottom
-    assert len(line) and abs(line.mean() - x250) <= 2
 
 
 def _scores_by_hand(run_dir, embedders, data) -> dict[str, dict]:
@@ -256,7 +257,7 @@ def test_score_run_needs_a_fidelity_prompt(run_dir):
 def test_score_run_with_ccip_and_tag_adherence(run_dir, tmp_path, monkeypatch):
     from dbnb.ccip import CCIPError, write_stand_in_ccip
     from dbnb.prep.tagger import write_stand_in_tagger
-    from dbnb.score import CCIP_COLUMNS, CCIP_SCORES
+    from dbnb.ccip import COLUMNS as CCIP_COLUMNS, WEIGHED as CCIP_WEIGHED
 
     ccip, wd14 = write_stand_in_ccip(tmp_path / "ccip", size=64), write_stand_in_tagger(tmp_path / "wd14", size=64)
     overrides = [*FAST, "score_with=ccip", f"ccip_model={ccip}", f"tagger_model={wd14}",
@@ -266,7 +267,7 @@ def test_score_run_with_ccip_and_tag_adherence(run_dir, tmp_path, monkeypatch):
     for r in result.rows:
         assert 0.0 <= r["ccip"] <= 1.0 and r["ccip_difference"] >= 0.0 and 0.0 <= r["tag_adherence"] <= 1.0
         assert 0.0 <= r["class_ccip"] <= 1.0
-    assert result.recommendation == recommend(result.rows, Config().flexibility_tolerance, CCIP_SCORES)
+    assert result.recommendation == recommend(result.rows, Config().flexibility_tolerance, CCIP_WEIGHED)
     with open(result.csv, newline="") as f:
         assert list(next(csv.DictReader(f))) == list(CCIP_COLUMNS)
     assert json.loads(result.json.read_text())["score_with"] == "ccip"

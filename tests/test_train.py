@@ -10,19 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import dataset_with_class_images
 from safetensors.torch import load_file
 
 from dbnb import data
 from dbnb.checkpoints import RunFolder, RunFolderError
 from dbnb.config import Config, ConfigError
-from dbnb.demo import write_dataset
 from dbnb.batches import MicroBatch, read_images
 from dbnb.train import TrainingError, diffusion_loss, train
 
 
 @pytest.fixture
 def make_config(tiny_dir, tmp_path):
-    instance, klass = write_dataset(tmp_path / "data", n_instance=3, class_per_instance=2)
+    instance, klass = dataset_with_class_images(tmp_path / "data", n_instance=3, class_per_instance=2)
 
     def make(**overrides):
         base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
@@ -295,7 +295,7 @@ def test_the_preview_pipeline_has_every_part_on_the_unets_device(tiny_dir):
     """cache_latents parks the VAE on the CPU while the UNet trains on the GPU; previews must
     not mix the two. The meta device stands in for the GPU, so CPU-only CI guards it."""
     from dbnb.models import load_pipeline
-    from dbnb.train import preview_pipeline
+    from dbnb.previews import preview_pipeline
 
     pipe = load_pipeline(str(tiny_dir))
     unet = pipe.unet.to("meta")

@@ -19,9 +19,8 @@ from pathlib import Path
 from PIL import Image
 
 from dbnb.errors import DbnbError
-from dbnb.data import IMAGE_SUFFIXES
 from dbnb.env import shown
-from dbnb.fetch import FetchError, fetch_images, iter_files, keep_kind
+from dbnb.fetch import IMAGE_SUFFIXES, FetchError, fetch_images, iter_files, keep_kind
 from dbnb.prep import captions
 from dbnb.prep.framing import (FRAMING_TAGS, animeface_detector, framing_crops, main_face, make_square,
                                subject_box, framing_of)

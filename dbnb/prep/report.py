@@ -12,9 +12,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dbnb.env import shown
+from dbnb.images import make_grid
 from dbnb.prep.images import flatten
 
 REPORT_JSON = "prep_report.json"
@@ -179,20 +180,15 @@ def contact_sheet(paths: list[Path], target: Path, thumb: int = THUMB) -> Path |
     if not paths:
         target.unlink(missing_ok=True)
         return None
-    cols = min(8, math.ceil(math.sqrt(len(paths))))
-    rows = math.ceil(len(paths) / cols)
-    label = 14
-    sheet = Image.new("RGB", (cols * thumb, rows * (thumb + label)), (236, 236, 236))
-    draw = ImageDraw.Draw(sheet)
-    for i, p in enumerate(paths):
-        x, y = (i % cols) * thumb, (i // cols) * (thumb + label)
+    thumbs, names = [], []
+    for p in paths:  # thumbnails one by one: a large set's full-size pictures never sit in memory together
         with Image.open(p) as im:
-            sheet.paste(flatten(im, "white").resize((thumb - 4, thumb - 4), Image.Resampling.BILINEAR),
-                        (x + 2, y + 2))
+            thumbs.append(flatten(im, "white").resize((thumb - 4, thumb - 4), Image.Resampling.BILINEAR))
         # ASCII: Pillow's built-in font has no Japanese glyphs; the hash suffix identifies the file.
         name = p.stem.encode("ascii", "replace").decode()
-        name = name if len(name) <= 24 else name[:11] + "~" + name[-11:]
-        draw.text((x + 3, y + thumb), name, fill=(20, 20, 20))
+        names.append(name if len(name) <= 24 else name[:11] + "~" + name[-11:])
+    sheet = make_grid(thumbs, min(8, math.ceil(math.sqrt(len(paths)))), names, size=(thumb, thumb),
+                      background=(236, 236, 236), labels_below=True, pad=2)
     target.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(target, "PNG")
     return target

@@ -1,0 +1,109 @@
+"""Pictures from a pipeline and pictures of pictures: seeded rendering, the sampler set-up, grids.
+
+The low layer under training previews (`dbnb.previews`), test-prompt grids (`dbnb.sample`),
+class images (`dbnb.classimages`), the prep contact sheet and the score plots' font: it knows
+PIL, torch and diffusers' schedulers, nothing of runs or settings.
+
+Every image has its own CPU generator seeded with its own seed, so the same prompt, seed and
+weights give the same picture at any step, batch size or device — which is what makes previews
+of different steps comparable and class image k the same on every rerun — and rendering never
+touches the global RNG that training might use.
+"""
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+# sampler name -> (diffusers scheduler, the name A1111 shows). DPM++ 2M is DPMSolverMultistep's
+# default (dpmsolver++, order 2).
+SAMPLERS = {"ddim": ("DDIMScheduler", "DDIM"),
+            "euler_a": ("EulerAncestralDiscreteScheduler", "Euler a"),
+            "dpmpp_2m": ("DPMSolverMultistepScheduler", "DPM++ 2M")}
+PREVIEW_SAMPLER = "dpmpp_2m"  # previews and test prompts: good at ~20-30 steps
+
+
+def make_scheduler(name: str, scheduler_config):
+    """The diffusers scheduler of sampler `name` (a SAMPLERS key) from a pipeline's scheduler config."""
+    import diffusers
+
+    return getattr(diffusers, SAMPLERS[name][0]).from_config(scheduler_config)
+
+
+def generators(seeds: list[int]) -> list[torch.Generator]:
+    """One CPU generator per image: CPU, so a seed gives the same noise on every device."""
+    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+
+
+@torch.no_grad()
+def render(pipe, prompt: str, seeds: list[int], *, negative: str = "", steps: int, guidance: float,
+           resolution: int, output_type: str = "pil") -> list:
+    """One image per seed in one batch (latents with output_type="latent")."""
+    return pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=len(seeds),
+                num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+                generator=generators(seeds), output_type=output_type).images
+
+
+# --- grids ------------------------------------------------------------------------------------------
+
+def font(size: int):
+    """Pillow's scalable default font at `size` px; the small bitmap one where that is missing."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError):  # Pillow < 10.1 or no FreeType
+        return ImageFont.load_default()
+
+
+def make_grid(images: list[Image.Image], cols: int, labels: list[str] | None = None, *, size=None,
+              background="white", labels_below: bool = False, pad: int = 0) -> Image.Image:
+    """Images in rows of `cols`, in cells of `size` (the first image's by default), each resized
+    to its cell less `pad` on every side; optionally a caption strip over (or under) each."""
+    if not images:
+        raise ValueError("make_grid needs at least one image.")
+    w, h = size or images[0].size
+    strip = 14 if labels else 0
+    rows = -(-len(images) // cols)
+    grid = Image.new("RGB", (cols * w, rows * (h + strip)), background)
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        x, y = (i % cols) * w, (i // cols) * (h + strip)
+        top = y if labels_below else y + strip
+        grid.paste(image.convert("RGB").resize((w - 2 * pad, h - 2 * pad)), (x + pad, top + pad))
+        if labels:
+            draw.text((x + 3, y + h) if labels_below else (x + 2, y + 1), labels[i][: max(4, w // 6)],
+                      fill=(20, 20, 20) if labels_below else "black")
+    return grid
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    lines, line = [], ""
+    for word in text.split(" "):
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = trial
+    return lines + [line]
+
+
+def labelled_grid(images: list[list[Image.Image]], row_labels: list[str], col_labels: list[str],
+                  title: str = "") -> Image.Image:
+    """Rows × columns of images with a row label on the left, column labels on top and a title."""
+    h, w = images[0][0].height, images[0][0].width
+    face = font(max(11, w // 24))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(face.size * 1.3) if hasattr(face, "size") else 14
+    label_w = int(max(measure.textlength(t, font=face) for t in row_labels)) + 12
+    title_lines = _wrap(measure, title, face, label_w + w * len(col_labels) - 8) if title else []
+    top = line_h * (len(title_lines) + 1) + 4
+    grid = Image.new("RGB", (label_w + w * len(col_labels), top + h * len(images)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, line in enumerate(title_lines):
+        draw.text((4, 2 + i * line_h), line, fill="black", font=face)
+    for c, label in enumerate(col_labels):
+        draw.text((label_w + c * w + 4, top - line_h), label, fill="black", font=face)
+    for r, (label, row) in enumerate(zip(row_labels, images)):
+        draw.text((4, top + r * h + h // 2 - line_h // 2), label, fill="black", font=face)
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB").resize((w, h)), (label_w + c * w, top + r * h))
+    return grid
