@@ -293,6 +293,6 @@ def test_the_report_of_a_lora_run_names_its_ranks_and_file_size(lora_run):
     path = export(lora_run, overwrite=True).path
     text = report_markdown(lora_run)
     assert "LoRA: rank 4, alpha 2, conv rank (LoCon) 2, text-encoder rank 2" in text
-    # The report names the newest export; other tests of this module may have added an EMA one.
-    named = sorted(path.parent.glob("*.safetensors"))[-1]
-    assert f"file {named.name} {named.stat().st_size / 2**20:.1f} MiB" in text
+    # The report names the newest export: the one just written, whatever other tests of this module
+    # exported before (an EMA file sorts after it by name, so picking by name failed in file order).
+    assert f"file {path.name} {path.stat().st_size / 2**20:.1f} MiB" in text
