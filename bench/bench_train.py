@@ -4,14 +4,20 @@
     python bench/bench_train.py --model sd15 --resolution 512 --steps 40 --warmup 10 \\
         mixed_precision=fp16 use_8bit_adam=true gradient_checkpointing=true   # a GPU
 
+    python bench/bench_train.py --vs-lora            # full fine-tuning vs LoRA, each in its own process
+    python bench/bench_train.py --vs-lora --model sd15 --resolution 512 --steps 40 --warmup 10 \
+        mixed_precision=fp16 use_8bit_adam=true gradient_checkpointing=true   # the same on a GPU
+
 `--model sd15` builds a full-size SD 1.5 architecture with random weights from the shipped
-config (no download). Any Config setting can follow as key=value.
+config (no download; CUDA only: on a CPU it would take hours). Any Config setting can follow as
+key=value; `--vs-lora` adds LORA_SETTINGS to the second run and prints LoRA / full.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +41,31 @@ def steps_per_second(times: list[float], warmup: int) -> float:
     return (len(timed) - 1) / (timed[-1] - timed[0]) if len(timed) > 1 and timed[-1] > timed[0] else float("nan")
 
 
+# The LoRA side of --vs-lora: the extension's defaults (rank 32, UNet only), its usual rate.
+# On the tiny model (32-64 channels) rank-32 adapters hold as many weights as the 192 layers
+# they adapt (753,664 vs 741,376), so each adapted matmul costs about twice its own again and
+# LoRA steps slower there (measured 0.68x on 2 CPU cores; rank 4: 1.00x). On SD 1.5 (320-1280
+# channels) rank 32 is a few % of those layers.
+LORA_SETTINGS = ["use_lora=true", "lora_rank=32", "lora_learning_rate=1e-4"]
+
+
+def vs_lora(argv: list[str]) -> int:
+    """Full fine-tuning, then LoRA, each in a fresh process (peak RSS / VRAM are per process)."""
+    results = {}
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # after LORA_SETTINGS: they win
+    options = [a for a in argv if a not in overrides]
+    for name, extra in (("full", []), ("lora", LORA_SETTINGS)):
+        out = subprocess.run([sys.executable, __file__, *options, "--json", *extra, *overrides], check=True,
+                             capture_output=True, text=True).stdout
+        print(f"--- {name}\n" + out.rsplit("\n", 2)[0])
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    full, lora = results["full"], results["lora"]
+    print(f"LoRA / full: steps/s x{lora['steps_per_s'] / full['steps_per_s']:.2f}, "
+          f"peak RSS x{lora['peak_rss_gib'] / full['peak_rss_gib']:.2f}"
+          + (f", peak VRAM x{lora['peak_vram_gib'] / full['peak_vram_gib']:.2f}" if full.get("peak_vram_gib") else ""))
+    return 0
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=("tiny", "sd15"), default="tiny")
@@ -42,8 +73,14 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "dbnb-bench-train"))
+    parser.add_argument("--vs-lora", action="store_true", help="full fine-tuning vs LoRA, and their ratio")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
+    if args.vs_lora:
+        return vs_lora([a for a in sys.argv[1:] if a != "--vs-lora"])
+    if args.model == "sd15" and not torch.cuda.is_available():
+        parser.error("--model sd15 needs a CUDA GPU (a full-size SD 1.5 step on a CPU takes minutes)")
 
     from dbnb.config import load_config
     from dbnb.classimages import write_blank_images
@@ -70,14 +107,21 @@ def main():
     rate = steps_per_second(times, args.warmup)
     device = torch.cuda.get_device_name() if gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"model {args.model} @ {resolution}px, batch {config.train_batch_size}, {device}, torch {torch.__version__}")
-    print(f"settings: mixed_precision={config.mixed_precision} use_8bit_adam={config.use_8bit_adam} "
-          f"gradient_checkpointing={config.gradient_checkpointing} attention={config.attention} "
-          f"cache_latents={config.cache_latents} train_text_encoder={config.train_text_encoder}")
+    print(f"settings: mixed_precision={config.mixed_precision} optimizer={config.optimizer} "
+          f"use_8bit_adam={config.use_8bit_adam} gradient_checkpointing={config.gradient_checkpointing} "
+          f"attention={config.attention} cache_latents={config.cache_latents} "
+          f"train_text_encoder={config.train_text_encoder} use_lora={config.use_lora}"
+          + (f" lora_rank={config.lora_rank} lora_conv_rank={config.lora_conv_rank} "
+             f"lora_text_encoder_rank={config.lora_text_encoder_rank}" if config.use_lora else ""))
     print(f"{rate:.2f} steps/s over steps {args.warmup + 1}-{len(times)}")
+    figures = {"steps_per_s": rate, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if gpu:
-        print(f"peak VRAM allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
+        figures["peak_vram_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        print(f"peak VRAM allocated {figures['peak_vram_gib']:.2f} GiB, "
               f"reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(f"peak RSS {figures['peak_rss_gib']:.2f} GiB")
+    if args.json:
+        print(json.dumps(figures))
     return 0
 
 

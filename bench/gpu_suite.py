@@ -48,7 +48,6 @@ NEEDED_ON_GPU = {"bitsandbytes": "bitsandbytes"}
 # What torch reports as these cards' total VRAM (mem_get_info), in GiB.
 CARDS = {"T4 15 GB": 14.74, "12 GB card": 11.76}
 INSTANCE_PROMPT, CLASS_PROMPT = "hnzk girl", "girl"
-LORA_MISSING = "LoRA not in dbnb yet"
 # Settings that dbnb would otherwise replace with a warning: a figure taken after one of these
 # warnings is not the profile's figure.
 FALLBACKS = ("using torch.optim.AdamW", "using PyTorch SDPA")
@@ -67,7 +66,7 @@ class Profile:
     number: int
     name: str
     settings: dict = field(default_factory=dict)  # on top of profile 1's
-    needs: str = ""  # "bf16", "xformers" or "lora": skipped where the machine lacks it
+    needs: str = ""  # "bf16" or "xformers": skipped where the machine lacks it
 
 
 # Profile 1 is what a Colab T4 user runs; the others change one thing each.
@@ -81,8 +80,9 @@ PROFILES = (
     Profile(5, "1 + train_text_encoder", {"train_text_encoder": True}),
     Profile(6, "1 + prior preservation (batch doubles)",
             {"with_prior_preservation": True, "num_class_images": 10, "class_prompt": CLASS_PROMPT}),
-    # When LoRA lands: rank 32, conv rank 16, in settings here, and needs="" .
-    Profile(7, "LoRA rank 32 (+ conv rank 16)", needs="lora"),
+    # The extension's LoRA default rank with LoCon on the convs; its run is what --bake merges.
+    Profile(7, "LoRA rank 32 (+ conv rank 16)",
+            {"use_lora": True, "lora_rank": 32, "lora_conv_rank": 16, "lora_learning_rate": 1e-4}),
     Profile(8, "1 with xformers instead of SDPA", {"attention": "xformers"}, needs="xformers"),
     # Compared with profile 1. It cannot use fp16 (no GradScaler in backward): bf16 where the GPU has it.
     Profile(9, "1 with optimizer_in_backward (bf16, no clipping)",
@@ -226,6 +226,17 @@ def export_fp16(plan: Plan, task: dict) -> dict:
             **memory_figures()}
 
 
+def bake_lora(plan: Plan, task: dict) -> dict:
+    """`dbnb export RUN --bake`: profile 7's LoRA merged into the base model, one verified fp16 file."""
+    from dbnb.export import export
+
+    start_measuring()
+    t = time.perf_counter()
+    result = export(task["run_dir"], precision="fp16", overwrite=True, bake=True)
+    return {"seconds": time.perf_counter() - t, "path": str(result.path), "size_gib": result.size / 2**30,
+            **memory_figures()}
+
+
 def load_single_file(plan: Plan, task: dict) -> dict:
     from dbnb.models import load_pipeline
 
@@ -305,7 +316,8 @@ def machine_info(plan: Plan, task: dict) -> dict:
 
 
 TASKS = {"machine": machine_info, "build": build_inputs, "train": train_profile, "preview": preview,
-         "classimages": class_images, "export": export_fp16, "load": load_single_file, "hf": hf_script}
+         "classimages": class_images, "export": export_fp16, "bake": bake_lora, "load": load_single_file,
+         "hf": hf_script}
 
 
 def child(kind: str, plan: Plan, task: dict, out_path: str) -> None:
@@ -327,8 +339,6 @@ def child(kind: str, plan: Plan, task: dict, out_path: str) -> None:
 # --- the parent: one child per profile / extra, then the results file and the doc ------------------
 
 def skip_reason(profile: Profile, machine: dict) -> str:
-    if profile.needs == "lora":
-        return LORA_MISSING
     if profile.needs == "bf16" and machine["cuda"] and not machine["bf16"]:
         return "needs bf16: this GPU has none"  # (a CPU has bf16 autocast: the dry run runs it)
     if profile.needs == "xformers" and not machine["xformers_ok"]:
@@ -393,7 +403,7 @@ def run_suite(ctx, plan: Plan, machine: dict, selected: set[str], timeout: float
         if row.get("fell_back"):
             row.update(status="fell back", reason="; ".join(row["fell_back"]))
         row.pop("stamps", None)
-        if row.get("run_dir") and profile.number != 1:  # GBs of checkpoint; profile 1's is exported below
+        if row.get("run_dir") and profile.number not in (1, 7):  # GBs; 1 is exported below, 7 baked
             shutil.rmtree(row["run_dir"], ignore_errors=True)
         print(summary_line(row), flush=True)
         return row
@@ -411,8 +421,9 @@ def run_suite(ctx, plan: Plan, machine: dict, selected: set[str], timeout: float
     rows = [futures[p.number].result() for p in PROFILES if p.number in futures]
     extras = {name: futures[name].result() for name in EXTRAS if name in futures}
     by_id = {r["id"]: r for r in rows}
-    if by_id.get(1, {}).get("run_dir"):
-        shutil.rmtree(by_id[1]["run_dir"], ignore_errors=True)
+    for kept in (1, 7):
+        if by_id.get(kept, {}).get("run_dir"):
+            shutil.rmtree(by_id[kept]["run_dir"], ignore_errors=True)
     if 9 in by_id and 1 in by_id:
         by_id[9]["compared_to"] = 1
     model = "tiny (CPU stand-in)" if plan.dry_run else "SD 1.5 architecture, random weights"
@@ -427,16 +438,16 @@ def run_extra(ctx, name: str, plan: Plan, machine: dict, futures: dict, timeout:
 
     profile_1 = plan.train_settings(PROFILES[0], machine, f"{name}-{int(time.time())}")
     task = {"id": name, "settings": profile_1}
-    if name == "bake":
-        result = {"status": "skipped", "reason": LORA_MISSING}
-    elif name == "hf" and not plan.hf_script:
+    if name == "hf" and not plan.hf_script:
         result = {"status": "skipped", "reason": "no --hf-script given"}
     elif name == "export" and done(1).get("status") != "ok":
         result = {"status": "skipped", "reason": "needs profile 1's run (run it too: --only 1,export)"}
+    elif name == "bake" and done(7).get("status") != "ok":
+        result = {"status": "skipped", "reason": "needs profile 7's LoRA run (run it too: --only 7,bake)"}
     elif name == "load" and done("export").get("status") != "ok":
         result = {"status": "skipped", "reason": "needs the export (run it too: --only 1,export,load)"}
     else:
-        task.update(run_dir=done(1).get("run_dir") if name == "export" else None,
+        task.update(run_dir={"export": done(1), "bake": done(7)}.get(name, {}).get("run_dir"),
                     path=done("export").get("path") if name == "load" else None)
         result = run_child(ctx, name, plan, task, timeout)
     if name == "preview" and result.get("run_dir"):

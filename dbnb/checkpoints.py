@@ -469,8 +469,10 @@ def write_state(folder: Path, step: int, micro_step: int, optimizer, lr_schedule
     if ema is not None:
         torch.save({k: v for k, v in ema.state_dict().items() if k != "shadow_params"}, state / "ema.pt")
     # trainer.json last: its presence is what marks a state as resumable
+    from dbnb.optimizers import name_of
     (state / "trainer.json").write_text(json.dumps({"step": step, "micro_step": micro_step, "seed": config.seed,
-                                                    "run_id": run_id, "run_name": config.run_name}))
+                                                    "run_id": run_id, "run_name": config.run_name,
+                                                    "optimizer": name_of(optimizer)}))
 
 
 def load_checkpoint(checkpoint: Checkpoint, unet, text_encoder, ema, config) -> dict:
@@ -503,5 +505,14 @@ def load_ema_state(checkpoint: Checkpoint, ema, shadow: list[torch.Tensor]) -> N
 
 
 def load_optimizer_state(checkpoint: Checkpoint, optimizer, lr_scheduler) -> None:
+    from dbnb.optimizers import name_of
+
+    # Same settings can build another optimizer elsewhere (bitsandbytes or prodigyopt missing
+    # there: the fallback); its state would not fit, or would fit and mean something else.
+    saved, built = checkpoint.trainer_state().get("optimizer"), name_of(optimizer)
+    if saved is not None and saved != built:
+        raise CheckpointError(f"resume {checkpoint.path}: its optimizer state is {saved}'s, but here the same "
+                             f"settings built {built} (see the warning above for what is missing). Resume where "
+                             f"{saved} runs (install what the warning names), or start a new run_name.")
     optimizer.load_state_dict(weights.read_pickle(checkpoint.path / STATE / "optimizer.pt"))
     lr_scheduler.load_state_dict(weights.read_pickle(checkpoint.path / STATE / "lr_scheduler.pt"))

@@ -53,9 +53,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dbnb.demo import DEMO_STEPS, run_demo
+    from dbnb.demo import DEMO_STEPS, LORA_DEMO_STEPS, run_demo
 
-    run_demo(args.out, steps=args.steps or DEMO_STEPS)
+    run_demo(args.out, steps=args.steps or (LORA_DEMO_STEPS if args.lora else DEMO_STEPS), lora=args.lora)
     return 0
 
 
@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="a real DreamBooth run on the embedded tiny pretrained world model, scored: "
                                      "no download, CPU is enough")
     p.add_argument("--out", default="dbnb-demo", help="folder for the model, images and run (default: dbnb-demo)")
-    p.add_argument("--steps", type=int, help="training steps (default: dbnb.demo.DEMO_STEPS, 400)")
+    p.add_argument("--steps", type=int, help="training steps (default: dbnb.demo.DEMO_STEPS, 400; with --lora "
+                                             "LORA_DEMO_STEPS, 40)")
+    p.add_argument("--lora", action="store_true", help="train a LoRA (run demo-lora beside the full demo's) and "
+                                                       "export it as the webui's kohya-layout LoRA file")
     p.set_defaults(func=cmd_demo)
 
     for name, helptext in (("sample", "test-prompt grids: base model + each checkpoint x prompts x seeds"),

@@ -390,10 +390,27 @@ class Config:
                                    "fp16 (T4 / most Colab GPUs), bf16 (A100/H100) or no (CPU). "
                                    "Weights stay fp32 either way.", choices=("no", "fp16", "bf16"),
                                    help_ja="fp16（T4 など Colab の多くの GPU）、bf16（A100/H100）、no（CPU）。どれでも重みは fp32 のままです。", memory_saving=("fp16", "bf16"), report="always")
+    optimizer: str = setting(
+        "adamw", "Tuning", "Optimizer",
+        "adamw: AdamW (8-bit when use_8bit_adam is on, the default). adamw8bit: bitsandbytes' 8-bit AdamW, "
+        "whatever use_8bit_adam says (use_8bit_adam=false beside it is refused). prodigy: Prodigy "
+        "(pip install prodigyopt), which finds its own step size: its learning rates are multipliers, set "
+        "them to 1.0; it has no 8-bit form, so use_8bit_adam does not apply. lion: Lion (bitsandbytes' "
+        "8-bit Lion with use_8bit_adam, else 32-bit), usually at a 3-10x smaller learning rate than AdamW. "
+        "One that cannot run here falls back to torch's AdamW with a warning.",
+        choices=("adamw", "adamw8bit", "prodigy", "lion"),
+        help_ja="adamw: AdamW（use_8bit_adam がオン（デフォルト）なら 8bit）。adamw8bit: bitsandbytes の 8bit AdamW"
+                "（use_8bit_adam=false との組み合わせはエラー）。prodigy: Prodigy（pip install prodigyopt）。"
+                "ステップ幅を自分で決めるので学習率は倍率になり、1.0 にします。8bit 版はないので use_8bit_adam は"
+                "関係しません。lion: Lion（use_8bit_adam なら bitsandbytes の 8bit Lion、オフなら 32bit）。学習率は"
+                "AdamW の 1/3〜1/10 程度が普通です。この環境で動かないものは警告を出して torch の AdamW に切り替えます。")
     use_8bit_adam: bool = setting(True, "Tuning", "Use 8bit Adam",
-                                  "bitsandbytes' 8-bit AdamW: much less VRAM. Falls back to torch AdamW "
+                                  "bitsandbytes' 8-bit optimizer state: much less VRAM. With optimizer=adamw "
+                                  "(the webui's switch for adamw8bit) or lion. Falls back to torch's AdamW "
                                   "with a warning where bitsandbytes does not work.",
-                                  help_ja="bitsandbytes の 8bit AdamW。VRAM を大きく節約できます。bitsandbytes が動かない環境では警告を出して torch の AdamW に切り替えます。", memory_saving=True, report="always")
+                                  help_ja="bitsandbytes の 8bit オプティマイザ（optimizer=adamw では 8bit AdamW、lion では "
+                                          "8bit Lion）。VRAM を大きく節約できます。bitsandbytes が動かない環境では警告を"
+                                          "出して torch の AdamW に切り替えます。", memory_saving=True, report="always")
     adam_beta1: float = setting(0.9, "Tuning", "Adam Beta 1", "AdamW beta1.",
                                 help_ja="AdamW の beta1。")
     adam_beta2: float = setting(0.999, "Tuning", "Adam Beta 2", "AdamW beta2.",
@@ -537,6 +554,13 @@ class Config:
         """The text encoder learns: fine-tuned whole, or through LoRA adapters."""
         return self.train_text_encoder or (self.use_lora and self.lora_text_encoder_rank > 0)
 
+    @property
+    def learning_rate_settings(self) -> tuple[str, ...]:
+        """The names of the learning rates this run trains with: UNet first, then the text encoder's."""
+        unet, text = (("lora_learning_rate", "lora_text_encoder_learning_rate") if self.use_lora
+                      else ("learning_rate", "text_encoder_lr"))
+        return (unet, text) if self.trains_text_encoder else (unet,)
+
     # --- views -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
@@ -614,6 +638,7 @@ def _value_problems(c: Config) -> list[str]:
         p.append(f"max_train_steps: {c.max_train_steps} must be > 0 (or set num_train_epochs > 0).")
     p += _lora_problems(c)
     p += _inbackward_problems(c)
+    p += _optimizer_problems(c)
     if not 0.0 < c.ema_decay < 1.0:
         p.append(f"ema_decay: {c.ema_decay} must be between 0 and 1 (e.g. 0.9999).")
     if c.with_prior_preservation and not c.concepts_list:
@@ -692,6 +717,26 @@ def _lora_problems(c: Config) -> list[str]:
     if c.optimizer_in_backward:
         p.append("use_lora with optimizer_in_backward: that saves the full UNet's gradients, which LoRA does not "
                  "have; set optimizer_in_backward=false.")
+    return p
+
+
+def _optimizer_problems(c: Config) -> list[str]:
+    p = []
+    if c.optimizer == "adamw8bit" and not c.use_8bit_adam:
+        p.append("optimizer=adamw8bit with use_8bit_adam=false: the two disagree. For 8-bit AdamW set "
+                 "use_8bit_adam=true (or optimizer=adamw, which follows use_8bit_adam); for torch's AdamW set "
+                 "optimizer=adamw.")
+    if c.optimizer == "prodigy":
+        # Prodigy estimates the step size; its lr multiplies that estimate. AdamW-sized rates
+        # (1e-4 … 1e-6) would leave the model where it started.
+        low = [f"{name}={getattr(c, name):g}" for name in c.learning_rate_settings if getattr(c, name) < 0.1]
+        if low:
+            p.append(f"optimizer=prodigy with {', '.join(low)}: Prodigy finds its own step size and its "
+                     "learning rate multiplies it; set " + " and ".join(f"{n.split('=')[0]}=1.0" for n in low)
+                     + " (0.5 for a gentler run).")
+        if c.optimizer_in_backward:
+            p.append("optimizer=prodigy with optimizer_in_backward: Prodigy estimates one step size from all "
+                     "weights together, which per-weight stepping cannot do; set optimizer_in_backward=false.")
     return p
 
 

@@ -12,7 +12,6 @@ session computes exactly what the uninterrupted run would have.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
-from dbnb import divergence, lora
+from dbnb import divergence, lora, optimizers
 from dbnb.batches import Batches, MicroBatch, cache_latents, dropout_seed, gather_examples, next_batch, read_images
 from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
@@ -123,29 +122,6 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
     return pipe, noise_scheduler
 
 
-def make_optimizer(config: Config, unet, text_encoder, world: int, device: torch.device):
-    from dbnb.env import check_bitsandbytes
-
-    scale = config.train_batch_size * config.gradient_accumulation_steps * world if config.scale_lr else 1
-    unet_lr, text_lr = ((config.lora_learning_rate, config.lora_text_encoder_learning_rate) if config.use_lora
-                        else (config.learning_rate, config.text_encoder_lr))
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": unet_lr * scale}]
-    if config.trains_text_encoder:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": text_lr * scale})
-    kwargs = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
-                  eps=config.adam_epsilon)
-    make = functools.partial(torch.optim.AdamW, fused=device.type == "cuda")
-    if config.use_8bit_adam:
-        check = check_bitsandbytes(device.type)
-        if check.ok:
-            import bitsandbytes as bnb
-            make = bnb.optim.AdamW8bit
-        else:
-            warnings.warn(f"use_8bit_adam: {check.detail}; using torch.optim.AdamW (more VRAM).", stacklevel=2)
-    if config.optimizer_in_backward:
-        from dbnb.inbackward import OptimizerInBackward
-        return OptimizerInBackward(groups, make, track_grad_norm=True, **kwargs)
-    return make(groups, **kwargs)
 
 
 # --- the loss ------------------------------------------------------------------------------------
@@ -275,7 +251,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
         check_steps_left(resume_from, max_steps, config)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.
-    optimizer = make_optimizer(config, unet, text_encoder, world, device)
+    optimizer = optimizers.build(config, unet, text_encoder, world, device)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)

@@ -42,14 +42,14 @@ def test_dry_run_trains_every_profile_it_can_and_says_why_not_the_others(dry_run
     _, results, _ = dry_run
     rows = {r["id"]: r for r in results["profiles"]}
     assert len(rows) >= 6 and sorted(rows) == list(range(1, 10))
-    for number in (1, 2, 4, 5, 6, 9):
+    for number in (1, 2, 4, 5, 6, 7, 9):
         row = rows[number]
         assert row["status"] == "ok", row
         assert math.isfinite(row["steps_per_s"]) and row["steps_per_s"] > 0
         assert row["loss_finite"] is True and row["steps"] == results["plan"]["steps"]
     assert rows[6]["settings"]["with_prior_preservation"] is True
     assert rows[9]["settings"]["optimizer_in_backward"] is True
-    assert (rows[7]["status"], rows[7]["reason"]) == ("skipped", "LoRA not in dbnb yet")
+    assert (rows[7]["settings"]["use_lora"], rows[7]["settings"]["lora_conv_rank"]) == (True, 16)
     printed = [line for line in dry_run[2].splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(printed) >= 6 and any(line.startswith("| 7 | LoRA") for line in printed)
     assert rows[8]["status"] == "skipped" and "CUDA" in rows[8]["reason"]
@@ -65,7 +65,9 @@ def test_dry_run_extras(dry_run):
     assert extras["preview"]["status"] == "ok", extras["preview"]
     assert extras["export"]["status"] == "ok" and extras["export"]["size_gib"] > 0
     assert extras["load"]["status"] == "ok" and extras["load"]["params_m"] > 0
-    assert extras["bake"] == {"status": "skipped", "reason": "LoRA not in dbnb yet"}
+    # profile 7's LoRA merged into the base model: a full single file, as large as profile 1's export
+    assert extras["bake"]["status"] == "ok", extras["bake"]
+    assert extras["bake"]["size_gib"] == pytest.approx(extras["export"]["size_gib"], rel=0.01)
     assert extras["hf"]["status"] == "skipped"
 
 
@@ -76,7 +78,7 @@ def test_the_doc_is_rendered_from_the_results_file(dry_run, tmp_path):
     for row in results["profiles"]:
         if row["status"] == "ok":
             assert f"| {row['id']} | {row['name']} | ok | {row['steps_per_s']:.2f} |" in doc
-    assert "| 7 | LoRA rank 32 (+ conv rank 16) | skipped: LoRA not in dbnb yet |" in doc
+    assert "| 7 | LoRA rank 32 (+ conv rank 16) | ok |" in doc
     # A changed results file changes the doc: nothing in it is written by hand.
     (tmp_path / "gpu-results").mkdir()
     results["profiles"][0]["steps_per_s"] = 123.456
@@ -107,7 +109,7 @@ def test_gpu_results_render_with_fits_and_the_t4_meaning(dry_run):
     text = report.render([gpu])
     assert "No GPU figures yet" not in text and "### Tesla T4, 14.7 GiB" in text
     assert "| 2 | 1 without gradient checkpointing | ok |" in text and "| 15.50 | **no** | **no** |" in text
-    assert "**For a Colab T4 user:** of the profiles that ran, 1, 4, 5, 6, 9 fit" in text
+    assert "**For a Colab T4 user:** of the profiles that ran, 1, 4, 5, 6, 7, 9 fit" in text
     assert "x of profile 1" in text  # profile 9 is compared with profile 1
 
 

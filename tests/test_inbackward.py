@@ -44,7 +44,7 @@ def fresh(tiny, checkpointing=False):
 
 
 def groups(unet, text_encoder):
-    """What dbnb.train.make_optimizer builds with train_text_encoder on: two groups, two LRs."""
+    """What dbnb.optimizers.build builds with train_text_encoder on: two groups, two LRs."""
     return [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": 1e-3},
             {"params": list(text_encoder.parameters()), "lr": 5e-4}]
 
