@@ -24,9 +24,12 @@ SHARED_WORLD = {"world_folder", "world_demo"}
 
 
 def pytest_collection_modifyitems(config, items):
+    uses_world = {item.nodeid: bool(SHARED_WORLD & set(getattr(item, "fixturenames", ()))) for item in items}
     for item in items:
-        world = SHARED_WORLD & set(getattr(item, "fixturenames", ()))
-        item.add_marker(pytest.mark.xdist_group("world" if world else item.nodeid.split("::")[0]))
+        item.add_marker(pytest.mark.xdist_group("world" if uses_world[item.nodeid] else item.nodeid.split("::")[0]))
+    # The world's tests are the longest chain on one worker: started first, the other workers
+    # share out the rest meanwhile instead of waiting for it at the end.
+    items.sort(key=lambda item: not uses_world[item.nodeid])
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ BNB_RUNS = Check("bitsandbytes", True, "runs")  # bitsandbytes 0.50 steps on CPU
 
 @pytest.fixture
 def make_config(tiny_dir, tmp_path):
-    instance, _ = write_dataset(tmp_path / "data", n_instance=2, class_per_instance=1)
+    instance, _ = write_dataset(tmp_path / "data", n_instance=2)
 
     def make(**overrides):
         base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
