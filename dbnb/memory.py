@@ -106,8 +106,13 @@ def apply_memory_profile(config: Config, gpu: dict | None | str = "detect") -> C
         raise ConfigError(f"memory_profile=auto chose mixed_precision=fp16 ({choice.message}), which "
                           "optimizer_in_backward=true cannot use: set optimizer_in_backward=false, or "
                           "memory_profile=manual with mixed_precision=no.")
-    print(f"[dbnb] memory_profile=auto: {choice.message}", flush=True)
-    return config.replace(**choice.settings)
+    settings, message = dict(choice.settings), choice.message
+    if config.optimizer == "adamw8bit" and not settings["use_8bit_adam"]:
+        # An optimizer named outright is the user's choice, not a memory default to trade away.
+        settings["use_8bit_adam"] = True
+        message += " use_8bit_adam stays true: optimizer=adamw8bit asks for it."
+    print(f"[dbnb] memory_profile=auto: {message}", flush=True)
+    return config.replace(**settings)
 
 
 def settings_text(settings: dict) -> str:

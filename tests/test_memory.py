@@ -68,6 +68,15 @@ def test_auto_refuses_fp16_with_optimizer_in_backward():
     assert apply_memory_profile(config, A100_40).mixed_precision == "bf16"
 
 
+def test_auto_keeps_8bit_adam_where_the_optimizer_asks_for_it(capsys):
+    """optimizer=adamw8bit on a 40 GB card: the tier turns use_8bit_adam off, which adamw8bit refuses."""
+    for gpu in (A100_40, None):
+        chosen = apply_memory_profile(Config(memory_profile="auto", optimizer="adamw8bit"), gpu)
+        assert chosen.use_8bit_adam and chosen.optimizer == "adamw8bit"
+        assert "optimizer=adamw8bit asks for it" in capsys.readouterr().out
+    assert not apply_memory_profile(Config(memory_profile="auto", optimizer="adamw"), A100_40).use_8bit_adam
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU choice")
 def test_train_applies_auto_at_its_start(tiny_dir, tmp_path, capsys):
     """The defaults (fp16, 8-bit Adam) cannot train on a CPU; memory_profile=auto makes them fit it."""
