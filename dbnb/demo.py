@@ -50,7 +50,11 @@ def write_dataset(folder: Path, n_instance: int = 5, size: int = TINY_RESOLUTION
     instance_dir.mkdir(parents=True, exist_ok=True)
     class_dir.mkdir(parents=True, exist_ok=True)
     for i in range(n_instance):
-        draw_character(i, size).save(instance_dir / f"{i:03d}.png")
+        path = instance_dir / f"{i:03d}.png"
+        # Drawn once: a second demo (or one beside it) reads the pictures while this writes.
+        if not path.exists():
+            draw_character(i, size).save(path.with_suffix(".tmp"), format="PNG")
+            path.with_suffix(".tmp").replace(path)
     return instance_dir, class_dir
 
 

@@ -1,7 +1,9 @@
 """Shared fixtures. Nothing here touches the network: models are the tiny SD 1.x model."""
 import contextlib
 import io
+import json
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -17,19 +19,37 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-# The test command spreads the tests over CPU workers (pytest-xdist, --dist loadgroup). Each
-# module's tests stay on one worker, so a module-scoped fixture (a trained run) is made once;
-# every test using the session's world (a trained demo run) goes to one worker too.
-SHARED_WORLD = {"world_folder", "world_demo"}
+# The test command spreads the tests over CPU workers (pytest-xdist; setup.cfg: --dist loadfile,
+# so a module-scoped fixture, a trained run, is made once). The session's world (world_folder,
+# world_demo) is made once for all workers (shared_once). Its modules are the longest and go
+# first, in this order (--no-loadscope-reorder): the first two workers take the demo and the
+# world-effects side runs, which need only world_folder, and train them side by side.
+# (--dist loadgroup cannot do it: xdist 3.8 marks a group in the node id, which pytest 9 no
+# longer lets a plugin change, so every group silently fell back to one test at a time.)
+WORLD_MODULES = ("test_cli.py", "test_world_effects.py", "test_world_lora.py", "test_report.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    uses_world = {item.nodeid: bool(SHARED_WORLD & set(getattr(item, "fixturenames", ()))) for item in items}
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("world" if uses_world[item.nodeid] else item.nodeid.split("::")[0]))
-    # The world's tests are the longest chain on one worker: started first, the other workers
-    # share out the rest meanwhile instead of waiting for it at the end.
-    items.sort(key=lambda item: not uses_world[item.nodeid])
+    def order(item):
+        name = item.path.name
+        return WORLD_MODULES.index(name) if name in WORLD_MODULES else len(WORLD_MODULES)
+    items.sort(key=order)
+
+
+def shared_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` run once per test session even across xdist workers (the others wait for
+    it under a file lock, then read what it wrote); returns the folder."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            build(folder)
+            done.touch()
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -69,12 +89,8 @@ def embedders(tmp_path_factory):
 def one_thread():
     """Tiny models gain nothing from threads, and on a busy CI box OpenMP's waiting makes them
     10x slower; modules that render many tiny images use one thread."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def dataset_with_class_images(folder, n_instance: int, class_per_instance: int, size: int = 64):
@@ -150,35 +166,38 @@ def http_server():
 def world_folder(tmp_path_factory):
     """The demo's world, made once per session: the pretrained world model, the instance
     pictures and the class images generated from it. Every world run trains beside it."""
-    import torch
-
     from dbnb.demo import DEMO_STEPS, demo_config, prepare_world
 
-    out = tmp_path_factory.mktemp("world") / "demo"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see one_thread
-    try:
-        prepare_world(out, demo_config(out, DEMO_STEPS))
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    def build(out):
+        with torch_threads(1):  # see one_thread
+            prepare_world(out, demo_config(out, DEMO_STEPS))
+    return shared_once(tmp_path_factory, "world", build)
 
 
 @pytest.fixture(scope="session")
-def world_demo(world_folder):
+def world_demo(world_folder, tmp_path_factory):
     """`dbnb demo` as a user types it, run once per session on world_folder: the scored run, its
     export and what it printed, read by the demo test and the world-effects tests."""
-    import torch
-
     from dbnb.cli import main
 
-    printed = io.StringIO()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(printed):
+    def build(folder):
+        printed = io.StringIO()
+        with torch_threads(1), contextlib.redirect_stdout(printed):
             code = main(["demo", "--out", str(world_folder)])
+        folder.mkdir()
+        (folder / "demo.json").write_text(json.dumps({"code": code, "printed": printed.getvalue()}))
+    said = json.loads((shared_once(tmp_path_factory, "world-demo", build) / "demo.json").read_text())
+    return SimpleNamespace(out=world_folder, run=world_folder / "runs" / "demo", code=said["code"],
+                           printed=said["printed"])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
-    return SimpleNamespace(out=world_folder, run=world_folder / "runs" / "demo", code=code,
-                           printed=printed.getvalue())

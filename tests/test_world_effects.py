@@ -22,13 +22,21 @@ def rows_by_checkpoint(rows):
 
 
 @pytest.fixture(scope="module")
-def world_runs(world_demo, one_thread):
-    runs = {"demo": rows_by_checkpoint(json.loads((world_demo.run / "scores.json").read_text())["rows"])}
+def side_runs(world_folder, one_thread):
+    """The demo with hflip on, and without prior preservation: they need only the world, so they
+    train while another worker runs the demo itself."""
+    runs = {}
     for name, overrides in (("hflip", {"hflip": True}), ("no-prior", {"with_prior_preservation": False})):
-        result = run_demo(world_demo.out, steps=STEPS, run_name=name, save_every_steps=STEPS // 2,
+        result = run_demo(world_folder, steps=STEPS, run_name=name, save_every_steps=STEPS // 2,
                           sample_every_steps=STEPS, **overrides)
         runs[name] = rows_by_checkpoint(result["scores"].rows)
     return runs
+
+
+@pytest.fixture(scope="module")
+def world_runs(side_runs, world_demo):
+    demo = rows_by_checkpoint(json.loads((world_demo.run / "scores.json").read_text())["rows"])
+    return {"demo": demo, **side_runs}
 
 
 def last(rows):
