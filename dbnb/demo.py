@@ -14,7 +14,6 @@ import random
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 from dbnb import world
@@ -60,7 +59,6 @@ def write_dataset(folder: Path, n_instance: int = 5, size: int = TINY_RESOLUTION
 
 def demo_config(out: Path, steps: int, lora: bool = False, **overrides) -> Config:
     """The demo's settings (the LoRA demo's with `lora`), then `overrides`."""
-    on_gpu = torch.cuda.is_available()
     settings = dict(
         pretrained_model_name_or_path=str(out / "model"),
         instance_data_dir=str(out / "data" / "instance"), class_data_dir=str(out / "data" / "class"),
@@ -74,7 +72,9 @@ def demo_config(out: Path, steps: int, lora: bool = False, **overrides) -> Confi
         save_every_steps=max(1, steps // 2), sample_every_steps=max(1, steps // 2),
         # A 64-pixel model with a few million weights moves at a far larger step than SD's 1e-6.
         learning_rate=2e-4, lr_scheduler="constant", lr_warmup_steps=0, train_batch_size=2,
-        mixed_precision="fp16" if on_gpu else "no", use_8bit_adam=on_gpu,
+        # Precision, 8-bit Adam and gradient checkpointing for the machine it runs on (on a CPU:
+        # none of them; checkpointing there would only recompute the UNet for nothing).
+        memory_profile="auto",
         sample_prompts=(INSTANCE_PROMPT, CLASS_PROMPT), sample_negative_prompt="", num_samples=2,
         sample_steps=20, sample_guidance_scale=5.0,
         # Scored by pixel analysis: the character's identity, its sides, a framing on request.

@@ -27,13 +27,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # (--dist loadgroup cannot do it: xdist 3.8 marks a group in the node id, which pytest 9 no
 # longer lets a plugin change, so every group silently fell back to one test at a time.)
 WORLD_MODULES = ("test_cli.py", "test_world_effects.py", "test_world_lora.py", "test_report.py")
+# Then the modules that take longest (measured: 60-200 s each on one worker), so they start early
+# instead of keeping one worker busy at the end; the rest in the order pytest found them.
+LONG_MODULES = ("test_train.py", "test_lora.py", "test_notebooks.py", "test_browser.py", "test_gpu_suite.py",
+                "test_merge.py")
 
 
 def pytest_collection_modifyitems(config, items):
-    def order(item):
-        name = item.path.name
-        return WORLD_MODULES.index(name) if name in WORLD_MODULES else len(WORLD_MODULES)
-    items.sort(key=order)
+    first = WORLD_MODULES + LONG_MODULES
+    items.sort(key=lambda item: first.index(item.path.name) if item.path.name in first else len(first))
 
 
 def shared_once(tmp_path_factory, name: str, build) -> Path:
