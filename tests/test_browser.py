@@ -22,6 +22,7 @@ CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-
                   "--no-first-run", "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--window-size=1400,1800")
 TOKEN = "dbnb-browser-test"
+pytestmark = pytest.mark.slow  # a JupyterLab server and Chromium: ~50 s
 
 
 def _missing() -> str | None:

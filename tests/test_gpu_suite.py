@@ -38,6 +38,7 @@ def dry_run(tmp_path_factory):
     return folder / "docs", results, done.stdout
 
 
+@pytest.mark.slow  # the dry run trains every profile in its own process
 def test_dry_run_trains_every_profile_it_can_and_says_why_not_the_others(dry_run):
     _, results, _ = dry_run
     rows = {r["id"]: r for r in results["profiles"]}
@@ -58,6 +59,7 @@ def test_dry_run_trains_every_profile_it_can_and_says_why_not_the_others(dry_run
                        "reason": "needs CUDA: on a CPU it is profile 1"}
 
 
+@pytest.mark.slow  # the dry run trains every profile in its own process
 def test_dry_run_extras(dry_run):
     _, results, _ = dry_run
     extras = results["extras"]
@@ -71,6 +73,7 @@ def test_dry_run_extras(dry_run):
     assert extras["hf"]["status"] == "skipped"
 
 
+@pytest.mark.slow  # the dry run trains every profile in its own process
 def test_the_doc_is_rendered_from_the_results_file(dry_run, tmp_path):
     docs, results, _ = dry_run
     doc = (docs / "performance.md").read_text()

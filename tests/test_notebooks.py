@@ -94,6 +94,7 @@ def failing(path, tmp_path, **parameters):
     return tmp_path / f"out-{path.name}", stop.value
 
 
+@pytest.mark.slow  # five fresh kernels: ~140 s on one worker
 def test_notebooks_run_in_order_each_in_a_fresh_kernel_with_only_what_a_user_types(tiny_dir, embedders, tmp_path):
     from dbnb.demo import draw_character
     from dbnb.prep import write_stand_in_model

@@ -9,6 +9,8 @@ from dbnb.demo import run_demo
 from dbnb.export import export
 from dbnb.report import USER_FIELD, model_card, write_report
 
+# A demo run beside the session's world, whose class images are generated: slow, as the world is.
+pytestmark = pytest.mark.slow
 HEADINGS = ["モデルハッシュ", "学習対象", "使用素材", "加工", "加工後素材詳細", "正則化画像", "ベースモデル",
             "LR等のステータス設定", "安定した呼び出し方", "結果"]
 

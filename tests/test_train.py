@@ -513,6 +513,7 @@ def test_sigterm_cancels_at_a_step_boundary_and_saves(make_config, tmp_path):
     assert 0 < json.loads((saved[0] / "state" / "trainer.json").read_text())["step"] < 500
 
 
+@pytest.mark.slow  # two real CLI trainings
 def test_a_second_training_in_the_same_run_folder_is_refused_and_changes_nothing(make_config, tmp_path):
     first = make_config(max_train_steps=500, save_every_steps=0, run_name="dup")
     proc = subprocess.Popen(_cli(first, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
