@@ -9,7 +9,7 @@ from PIL import Image
 
 from dbnb.checkpoints import CheckpointError, RunFolder
 from dbnb.config import Config
-from dbnb.sample import SampleError, labelled_grid, prompt_set, sample_run
+from dbnb.sample import SampleError, cpu_batch_size, labelled_grid, prompt_set, sample_run
 
 # Few, small images: the whole module stays well under a minute on a CPU.
 FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
@@ -152,3 +152,9 @@ def test_labelled_grid_wraps_a_long_title():
 def test_sample_run_needs_a_run_folder(tmp_path):
     with pytest.raises(SampleError, match="config.json"):
         sample_run(tmp_path)
+
+
+def test_the_cpu_batch_holds_as_many_pixels_as_four_512px_images_up_to_sixteen():
+    assert cpu_batch_size(512) == 4
+    assert cpu_batch_size(256) == 16 and cpu_batch_size(64) == 16  # the tiny models
+    assert cpu_batch_size(768) == 1
