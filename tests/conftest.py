@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # (--dist loadgroup cannot do it: xdist 3.8 marks a group in the node id, which pytest 9 no
 # longer lets a plugin change, so every group silently fell back to one test at a time.)
 WORLD_MODULES = ("test_cli.py", "test_world_effects.py", "test_world_lora.py", "test_report.py")
-# Then the modules that take longest (measured: 60-200 s each on one worker), so they start early
+# Then the modules that take longest (about 40-200 s each on one worker, by --durations), so they start early
 # instead of keeping one worker busy at the end; the rest in the order pytest found them.
 LONG_MODULES = ("test_train.py", "test_lora.py", "test_notebooks.py", "test_browser.py", "test_gpu_suite.py",
                 "test_merge.py")
