@@ -19,7 +19,7 @@ NEWEST_TESTED = {
     "torch": "2.13",
     "diffusers": "0.42",
     "transformers": "5.24",
-    "accelerate": "1.15",
+    "accelerate": "1.16",
     "safetensors": "0.8",
     "huggingface-hub": "2.4",
     "numpy": "2.4",

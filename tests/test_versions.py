@@ -40,7 +40,8 @@ def test_the_environment_running_the_tests_is_within_the_tested_range():
 
 
 def _stack(**changed):
-    stack = {name: versions.installed_version(name) for name in versions.declared()}
+    """The newest tested stack with `changed`: these tests hold whatever this environment has."""
+    stack = {name: f"{series}.99" for name, series in versions.NEWEST_TESTED.items()}
     return {**stack, **changed}
 
 
