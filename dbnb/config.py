@@ -802,7 +802,7 @@ def parse_override(text: str) -> tuple[str, object]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot read {raw!r} ({e}).") from None
-    return key, value
+    return key, _normalize(kind, value)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = (),

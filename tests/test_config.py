@@ -37,6 +37,15 @@ def test_overrides_apply_after_preset_and_file(tmp_path):
     assert c.sample_prompts == ("x", "y") and c.run_name == "a=b"
 
 
+def test_an_override_reads_as_the_value_config_takes():
+    # bench scripts pass parse_override's values to Config directly; PyYAML reads 1e-6 as a string
+    from dbnb.config import parse_override
+
+    assert parse_override("learning_rate=1e-6") == ("learning_rate", 1e-6)
+    assert parse_override("sample_prompts=[x, y]") == ("sample_prompts", ("x", "y"))
+    assert Config(**dict([parse_override("learning_rate=5e-4")])).learning_rate == 5e-4
+
+
 @pytest.mark.parametrize("override, field", [
     ("resolution=500", "resolution"),
     ("resolution=0", "resolution"),
