@@ -29,11 +29,10 @@ from dbnb import data
 from dbnb.data import DatasetError
 from dbnb.env import shown
 from dbnb.fetch import IMAGE_SUFFIXES
-from dbnb.images import SAMPLERS, make_scheduler, render
+from dbnb.images import SAMPLERS, cpu_batch_size, make_scheduler, render
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
 TRANSPARENT_PER_INSTANCE = 10  # the seed: 10x the instance images
-CPU_MAX_BATCH = 4
 GPU_MAX_BATCH = 8
 # Auto batch size on a GPU: VRAM left after the weights, minus room for the (sliced, one
 # image at a time) VAE decode, divided by a generous per-image cost at 512 px in fp16 with
@@ -245,12 +244,12 @@ def prepare_pipeline(pipe, config):
 
 
 def pick_batch_size(config, device: torch.device, dtype: torch.dtype = torch.float16) -> int:
-    """class_batch_size, or for 0: up to 4 on CPU, and from free VRAM on a GPU (call it after
-    the weights are on the GPU, so the free figure already excludes them)."""
+    """class_batch_size, or for 0: by the picture size on a CPU (images.cpu_batch_size), from free
+    VRAM on a GPU (call it after the weights are on it, so the free figure already excludes them)."""
     if config.class_batch_size:
         return config.class_batch_size
     if device.type != "cuda":
-        return CPU_MAX_BATCH
+        return cpu_batch_size(config.resolution)
     from dbnb.env import cuda_summary
 
     gpu = cuda_summary()

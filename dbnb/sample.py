@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from dbnb.errors import DbnbError
-from dbnb.images import PREVIEW_SAMPLER, SAMPLERS, labelled_grid, make_scheduler, render
+from dbnb.images import PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, labelled_grid, make_scheduler, render
 
 if TYPE_CHECKING:
     from dbnb.checkpoints import Checkpoint
@@ -153,17 +153,6 @@ def _weights_key(row: Row, ema: bool, lora_scale: float) -> list:
 def _image_key(settings: dict, weights: list, prompt: TestPrompt, seed: int) -> str:
     blob = json.dumps([settings, weights, prompt.text, prompt.negative, seed], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
-
-
-# On a CPU a batch is bounded by time, not memory: 4 images of 512 px, more of smaller ones, where
-# each call's fixed cost is most of the work (the 64-px world model: 3.5 img/s at batch 4, 7.9 at
-# 16, 2 cores), up to CPU_MAX_BATCH.
-CPU_PIXELS_PER_BATCH = 4 * 512 * 512
-CPU_MAX_BATCH = 16
-
-
-def cpu_batch_size(resolution: int) -> int:
-    return max(1, min(CPU_MAX_BATCH, CPU_PIXELS_PER_BATCH // resolution ** 2))
 
 
 def _device_and_dtype(config, device: str | None) -> tuple[str, torch.dtype]:

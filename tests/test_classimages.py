@@ -10,6 +10,7 @@ from dbnb import classimages as ci
 from dbnb import models
 from dbnb.config import Config
 from dbnb.data import DatasetError
+from dbnb.images import cpu_batch_size
 from dbnb.demo import draw_character
 from dbnb.skeleton import SKELETON
 from dbnb.batches import read_images
@@ -155,7 +156,8 @@ def test_auto_batch_size_from_free_vram(make_config, monkeypatch):
     free["gib"] = 6.0
     assert ci.pick_batch_size(config, cuda, torch.float32) == 2  # fp32: twice the memory per image
     assert ci.pick_batch_size(config.replace(class_batch_size=3), cuda) == 3  # explicit wins
-    assert ci.pick_batch_size(config, torch.device("cpu")) == ci.CPU_MAX_BATCH
+    assert ci.pick_batch_size(config, torch.device("cpu")) == cpu_batch_size(512) == 4
+    assert ci.pick_batch_size(config.replace(resolution=64), torch.device("cpu")) == 16  # the tiny models
 
 
 # --- transparent ---------------------------------------------------------------------------------

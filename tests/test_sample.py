@@ -9,7 +9,8 @@ from PIL import Image
 
 from dbnb.checkpoints import CheckpointError, RunFolder
 from dbnb.config import Config
-from dbnb.sample import SampleError, cpu_batch_size, labelled_grid, prompt_set, sample_run
+from dbnb.images import cpu_batch_size
+from dbnb.sample import SampleError, labelled_grid, prompt_set, sample_run
 
 # Few, small images: the whole module stays well under a minute on a CPU.
 FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]

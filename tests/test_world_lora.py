@@ -44,9 +44,11 @@ def lora_runs(world_folder, one_thread):
 
 
 def test_lora_learns_the_character_where_the_base_model_does_not(lora_runs):
-    # Measured (8 seeds): identity 0.625 and sides 1.0 at step 40 (the demo's end); base 0.
+    # Measured (8 seeds): identity 0 / 0.25 / 0.625 / 0.375 at steps 10-40, "upper body" followed
+    # in 7 / 7 / 7 / 0 of 8: by step 40 the token is stiff, and the recommendation is step 30.
+    recommended = json.loads((lora_runs.run / "scores.json").read_text())["recommendation"]["checkpoint"]
     assert lora_runs.demo["base"]["identity"] <= 0.25
-    assert last(lora_runs.demo)["identity"] >= 0.5
+    assert lora_runs.demo[recommended]["identity"] >= 0.5 and lora_runs.demo[recommended]["flexibility"] >= 0.5
     assert last(lora_runs.demo)["sides"] >= 0.8
 
 
