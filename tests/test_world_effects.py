@@ -49,15 +49,16 @@ def test_fidelity_the_token_draws_the_trained_character_where_the_base_model_doe
     assert last(demo)["identity"] >= 0.5
 
 
-def test_the_recommended_checkpoint_is_faithful_and_still_follows_a_framing_it_never_saw(world_demo, world_runs):
-    # The seed's pick: the most faithful checkpoint that still follows other prompts. Measured
-    # (8 seeds): identity 0.12 / 0.50 / 0.88 / 1.00 at steps 100-400, "upper body" followed in 8
-    # of 8 throughout; the framing does not fall within the demo's run (README, the tiny world).
+def test_the_token_turns_faithful_then_stiff_and_the_pick_is_between(world_demo, world_runs):
+    # The seed's trade-off and its pick: the most faithful checkpoint that still follows other
+    # prompts. Measured (8 seeds, one thread): identity 0.25 / 0.38 / 1.00 at steps 50-150, then
+    # 0.75-1.00; "upper body" followed 1.00 / 1.00 / 0.88, then down to 0.50 at steps 300 and 400.
     demo = world_runs["demo"]
     recommended = demo[json.loads((world_demo.run / "scores.json").read_text())["recommendation"]["checkpoint"]]
     first = min((r for r in demo.values() if r["step"] > 0), key=lambda r: r["step"])
     assert recommended["identity"] >= 0.7 and recommended["flexibility"] >= 0.5
     assert recommended["identity"] >= first["identity"] + 0.4
+    assert last(demo)["flexibility"] <= recommended["flexibility"] - 0.25
 
 
 def test_hflip_blends_the_outfit_sides_and_hflip_off_keeps_them(world_runs):
