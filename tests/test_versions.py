@@ -35,8 +35,24 @@ def test_constraints_oldest_pins_each_declared_minimum():
 
 
 def test_the_environment_running_the_tests_is_within_the_tested_range():
-    # fails when CI's stack moves past NEWEST_TESTED: raise the entry once the suite passes there
-    assert versions.outside_tested() == []
+    problems = versions.outside_tested()
+    # A release newer than NEWEST_TESTED is the platform moving, not dbnb breaking: CI says so
+    # (pytest -ra lists the reason) and the rest of the suite is the test of it; once that passes,
+    # raise the entry. Anything else (missing, outside the declared range, too old) fails.
+    newer = [p for p in problems if "is newer than the newest tested" in p]
+    assert problems == newer
+    if newer:
+        pytest.skip("; ".join(newer) + ": raise dbnb.versions.NEWEST_TESTED if the rest of the suite passes")
+
+
+def test_a_release_newer_than_tested_is_reported_not_failed(monkeypatch):
+    real = versions.installed_version
+    monkeypatch.setattr(versions, "installed_version", lambda name: "1.99.0" if name == "accelerate" else real(name))
+    with pytest.raises(pytest.skip.Exception, match=r"accelerate 1.99.0 is newer than the newest tested"):
+        test_the_environment_running_the_tests_is_within_the_tested_range()
+    monkeypatch.setattr(versions, "installed_version", lambda name: None if name == "accelerate" else real(name))
+    with pytest.raises(AssertionError):
+        test_the_environment_running_the_tests_is_within_the_tested_range()
 
 
 def _stack(**changed):
