@@ -32,8 +32,8 @@ FLEXIBILITY_PROMPT = "{instance_prompt}, upper body"
 # The text encoder's adapters are what teach the token the hair colour (UNet adapters alone
 # learnt the outfit's sides but drew the hair right in 1 of 8 samples after 100 steps), and
 # these tiny adapters move at rates far above SD's LoRA 1e-4. Measured (8 seeds, checkpoints every
-# 10 steps): identity 0 / 0.25 / 0.625 / 0.375 and "upper body" followed 0.875 / 0.875 / 0.875 / 0,
-# sides 1.0 throughout: at step 40 the token is already stiff, and the recommendation is step 30.
+# 5 steps): identity 0.25 at step 20, 0.62 at 30, 0.50 at 40, "upper body" followed 0.75-1.00
+# until step 35 and 0.12 at 40: the token is stiff by step 40, and the recommendation is step 30.
 LORA_DEMO_STEPS = 40
 LORA_DEMO = dict(run_name="demo-lora", use_lora=True, lora_rank=8, lora_text_encoder_rank=8,
                  lora_learning_rate=1e-2, lora_text_encoder_learning_rate=5e-3,

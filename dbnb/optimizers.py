@@ -63,12 +63,25 @@ def _name(make) -> str:
     return getattr(make, "func", make).__name__
 
 
+# The torch release whose AdamW(fused=True) takes CPU tensors. Fused on a CPU: 6.8 ms a step
+# against 30.8 single-tensor (the tiny world's UNet + text encoder, 736 tensors, 2 cores).
+FUSED_ADAMW_ON_CPU = "2.4"
+
+
+def fused_adamw(device: torch.device) -> bool:
+    from packaging.version import Version
+
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and Version(torch.__version__) >= Version(FUSED_ADAMW_ON_CPU)
+
+
 def _factory(config: Config, device: torch.device, bnb_check):
     """(constructor, its keyword arguments, (UNet lr, text-encoder lr))."""
     rates = tuple(getattr(config, name) for name in config.learning_rate_settings) + (0.0,)
     adam = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                 eps=config.adam_epsilon)
-    torch_adamw = functools.partial(torch.optim.AdamW, fused=device.type == "cuda")
+    torch_adamw = functools.partial(torch.optim.AdamW, fused=fused_adamw(device))
     kind = wanted(config)
     if kind == "adamw":
         return torch_adamw, adam, rates

@@ -82,6 +82,14 @@ def test_each_choice_builds_and_steps_the_tiny_model(make_config, tiny_lora, set
     assert step_changes_the_adapters(optimizer, tiny_lora)
 
 
+def test_torch_adamw_is_fused_on_a_cpu_from_torch_2_4(make_config, tiny_lora, monkeypatch):
+    config = make_config(optimizer="adamw", use_8bit_adam=False)
+    optimizer = optimizers.build(config, tiny_lora.unet, tiny_lora.text_encoder, 1, torch.device("cpu"))
+    assert optimizer.defaults["fused"] is True  # this machine's torch is 2.13
+    monkeypatch.setattr(torch, "__version__", "2.3.1+cu121")  # older: single-tensor, which it takes
+    assert not optimizers.fused_adamw(torch.device("cpu")) and optimizers.fused_adamw(torch.device("cuda"))
+
+
 def one_warning(build) -> tuple[object, str]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -52,7 +52,7 @@ def test_fidelity_the_token_draws_the_trained_character_where_the_base_model_doe
 def test_the_token_turns_faithful_then_stiff_and_the_pick_is_between(world_demo, world_runs):
     # The seed's trade-off and its pick: the most faithful checkpoint that still follows other
     # prompts. Measured (8 seeds, one thread): identity 0.25 / 0.38 / 1.00 at steps 50-150, then
-    # 0.75-1.00; "upper body" followed 1.00 / 1.00 / 0.88, then down to 0.50 at steps 300 and 400.
+    # 0.88-1.00; "upper body" followed 1.00 / 1.00 / 0.88, then 0.88-1.00, and 0.62 at step 400.
     demo = world_runs["demo"]
     recommended = demo[json.loads((world_demo.run / "scores.json").read_text())["recommendation"]["checkpoint"]]
     first = min((r for r in demo.values() if r["step"] > 0), key=lambda r: r["step"])
