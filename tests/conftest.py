@@ -62,6 +62,41 @@ def tiny_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def source_copy(tmp_path_factory):
+    """The checkout's files as a clean clone has them (git's view: tracked and not ignored), so a
+    build here never writes build/ or dbnb.egg-info into the tree under test."""
+    import shutil
+    import subprocess
+
+    root, copy = Path(__file__).resolve().parents[1], tmp_path_factory.mktemp("source") / "dbnb-src"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, text=True)
+    names = [n for n in listed.stdout.split("\0") if n] if listed.returncode == 0 else None
+    if names is None:  # not a git checkout (an unpacked sdist)
+        shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".venv*", "build", "dist", "*.egg-info", "__pycache__"))
+        return copy
+    for name in names:
+        if (root / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / name, copy / name)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def built_wheel(source_copy):
+    """dbnb's wheel, as README's `pip wheel . --no-deps -w dist/` makes it, built by the same
+    setuptools backend without pip (pip's isolated build would fetch setuptools from the network)."""
+    import subprocess
+    import sys
+
+    out = source_copy.parent / "dist"
+    name = subprocess.run([sys.executable, "-c", "from setuptools import build_meta as b; "
+                           f"print(b.build_wheel({str(out)!r}))"], cwd=source_copy, check=True,
+                          capture_output=True, text=True).stdout.split()[-1]
+    return out / name
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """dbnb's download / skeleton cache goes to the test's own folder."""
