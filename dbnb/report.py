@@ -88,7 +88,7 @@ def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[s
               + " (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"]
     processing = [f"{step} ({n} files)" for step, n in done.most_common()] or ["nothing beyond checks"]
     counts = prep.get("counts", {})
-    processed = [f"{count} images, {config.resolution}×{config.resolution}" + (f"; {framing_line(counts)}" if counts else "")]
+    processed = [f"{count} images, {config.resolution}×{config.resolution}" + (f"; {framing_line(counts, prep.get('detector'))}" if counts else "")]
     processed += [f"warning: {w}" for w in prep.get("warnings", [])]
     return source, processing, processed
 

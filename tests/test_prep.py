@@ -394,6 +394,22 @@ def test_extra_framings_and_captions_read_by_the_trainer(tmp_path):
     assert caption_for(tagged) == "nanU Unan, smile, 1girl, red hair"  # framing unknown: left out
 
 
+def test_the_framing_line_tells_no_detector_from_no_face_found(tmp_path):
+    """animeface installed and simply finding no face must not be told to install animeface."""
+    src = tmp_path / "src"
+    src.mkdir()
+    figure((300, 300)).save(src / "a.png")
+
+    def animeface(rgb):
+        return []
+    animeface.name = "animeface"
+
+    found_none = prep(src, tmp_path / "out1", face_detector=animeface).summary()
+    assert "animeface found no face in 1 picture(s)" in found_none and "pip install" not in found_none
+    absent = prep(src, tmp_path / "out2", face_detector=None).summary()
+    assert "no face detector is installed (`pip install animeface`" in absent
+
+
 def test_caption_template_rules():
     assert caption("[instance_token] [class_token]", "nanU", "Unan") == "nanU Unan"
     assert caption("[instance_token] [class_token]", "nanU", "Unan", tags="1girl") == "nanU Unan, 1girl"

@@ -76,7 +76,7 @@ def prepare_dataset(config=None, src: str | Path | None = None, out: str | Path 
     set_warnings += _strangers(rows, out)
     counts = count_framings(rows)
     report = PrepReport(out, rows, set_warnings + advice(rows, counts, cfg.resolution), counts,
-                        tagged.to_dict() if tagged else None, caption_frequency(rows, out))
+                        tagged.to_dict() if tagged else None, caption_frequency(rows, out), job.detector_name)
     contact_sheet(report.images, out / CONTACT_SHEET)
     report.write()
     if progress:
@@ -144,7 +144,7 @@ class _Job:
                               "no bust-up / cowboy crops are made")
         seg_id = "" if not cfg.remove_background else \
             getattr(segmenter, "name", type(segmenter).__name__) if segmenter else cfg.segmentation_model
-        det_id = getattr(detector, "name", type(detector).__name__) if detector else ""
+        det_id = self.detector_name = getattr(detector, "name", type(detector).__name__) if detector else ""
         fields = dict(v=PREP_VERSION, resolution=cfg.resolution, background=cfg.background_color,
                       remove_background=cfg.remove_background, segmenter=seg_id, square_mode=cfg.square_mode,
                       extra_framings=cfg.extra_framings, detector=det_id)

@@ -56,6 +56,7 @@ class PrepReport:
     counts: dict[str, int] = field(default_factory=dict)
     tags: dict | None = None                     # caption_mode=tags: TagTable.to_dict()
     tag_frequency: dict[str, int] = field(default_factory=dict)  # caption tag -> pictures (ss_tag_frequency)
+    detector: str = ""                           # the face detector's name; "" when none is installed
 
     @property
     def images(self) -> list[Path]:
@@ -71,7 +72,7 @@ class PrepReport:
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "counts": self.counts, "warnings": self.warnings,
-                "tags": self.tags, "tag_frequency": self.tag_frequency, "files": [asdict(f) for f in self.files]}
+                "tags": self.tags, "tag_frequency": self.tag_frequency, "detector": self.detector, "files": [asdict(f) for f in self.files]}
 
     def summary(self) -> str:
         by = Counter(f.status for f in self.files)
@@ -87,7 +88,7 @@ class PrepReport:
         return "\n".join(lines)
 
     def framing_line(self) -> str:
-        return framing_line(self.counts)
+        return framing_line(self.counts, self.detector)
 
     def markdown(self) -> str:
         rows = ["| source file | size | status | what was done | outputs | warnings |",
@@ -129,12 +130,19 @@ def read_previous(out_dir: Path) -> dict[str, FileResult]:
         return {}
 
 
-def framing_line(counts: dict[str, int]) -> str:
-    """The framing counts as a user reads them: "unknown" is said to mean no face was found."""
+def framing_line(counts: dict[str, int], detector: str | None = None) -> str:
+    """The framing counts as a user reads them. "unknown" means no face was found: by `detector`
+    (its name), or because none is installed (""); None is a report from before dbnb said which."""
     shown = ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "unknown")
     line = "framings (from the face's size): " + (shown or "none told")
-    if counts.get("unknown"):
-        line += (f"; {counts['unknown']} picture(s) with no face found, framing not told (no face detector "
+    unknown = counts.get("unknown")
+    if unknown and detector:
+        line += f"; {detector} found no face in {unknown} picture(s), so their framing is not told"
+    elif unknown and detector == "":
+        line += (f"; framing not told for {unknown} picture(s): no face detector is installed "
+                 "(`pip install animeface` reads anime faces)")
+    elif unknown:
+        line += (f"; {unknown} picture(s) with no face found, framing not told (no face detector "
                  "installed, or none found: `pip install animeface` reads anime faces)")
     return line
 
