@@ -17,7 +17,6 @@ Embeddings come from transformers' CLIP and DINO ViT, fed by transformers' image
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from PIL import Image
@@ -59,6 +58,10 @@ class Embedder:
         self.kind, self.processor, self.size = kind, processor, processor.crop_size["height"]
         self.model, self.tokenizer = model.to(device).eval(), tokenizer
         self.device, self.batch_size = device, batch_size
+
+    def to(self, device: str) -> "Embedder":
+        self.model, self.device = self.model.to(device), device
+        return self
 
     def pixels(self, images: list[Image.Image]) -> torch.Tensor:
         """[N, 3, size, size] as the model is fed. RGB first: transparency is dropped, as the
@@ -166,17 +169,16 @@ def clip_table(samples, instance: list[Image.Image], clip: Embedder, dino: Embed
     return rows
 
 
-@dataclass(frozen=True)
 class ClipScorer:
-    """The models are loaded when the table is made: after the test images, whose pipeline
-    has given its memory back by then."""
-    clip_model: str
-    dino_model: str
-    device: str = "cpu"
+    """Both models load when the scorer is made, on the CPU, so one that cannot load (offline, a
+    wrong name) stops the run before minutes of test images; they move to `device` only for
+    the table, once the test images' pipeline has given its memory back."""
     columns = COLUMNS
     weighed = WEIGHED
     panels = PANELS
 
+    def __init__(self, clip_model: str, dino_model: str, device: str = "cpu"):
+        self.clip, self.dino, self.device = load_clip(clip_model), load_dino(dino_model), device
+
     def table(self, samples, instance: list[Image.Image]) -> list[dict]:
-        return clip_table(samples, instance, load_clip(self.clip_model, self.device),
-                          load_dino(self.dino_model, self.device))
+        return clip_table(samples, instance, self.clip.to(self.device), self.dino.to(self.device))

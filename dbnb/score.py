@@ -67,7 +67,7 @@ class WorldScorer:
     panels = (Panel("fidelity (share of images)", (Series("identity", "identity", "#1f77b4"),
                                                    Series("sides", "left side kept", "#ff7f0e"),
                                                    Series("copies", "copied poses", "#5a5a5a"))),
-              Panel("prompt and class (share)", (Series("flexibility", "hair follows prompt", "#2ca02c"),
+              Panel("prompt and class (share)", (Series("flexibility", "follows the prompt (framing / hair)", "#2ca02c"),
                                                  Series("drift", "class drift", "#d62728"),
                                                  Series("variety", "class variety", "#9467bd"))))
 
@@ -78,8 +78,8 @@ class WorldScorer:
 
 
 def load_scorer(config, device: str) -> Scorer:
-    """The scorer `score_with` names. CCIP's models load now (before the test images: a missing
-    model is said at once); CLIP's and DINO's when the table is made."""
+    """The scorer `score_with` names, its models loaded now: a missing one is said before the
+    first test image is rendered, not minutes later."""
     if config.score_with == "world":
         return WorldScorer()
     if config.score_with == "ccip":

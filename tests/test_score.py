@@ -249,6 +249,16 @@ def test_score_run_writes_the_table_plot_and_recommendation(run_dir, embedders, 
     assert again.rows == result.rows
 
 
+def test_a_scorer_model_that_cannot_load_stops_before_the_first_test_image(run_dir, embedders, tmp_path):
+    """Notebook 05 on Colab: a DINO it cannot load is said at once, not after minutes of images."""
+    before = sorted((run_dir / "tests").rglob("*.png")) if (run_dir / "tests").exists() else []
+    with pytest.raises(ScoreError, match="dino_model"):
+        score_run(run_dir, [*FAST, "test_seeds=3", f"clip_model={embedders[0]}",
+                            f"dino_model={tmp_path / 'missing'}"], progress=False)
+    after = sorted((run_dir / "tests").rglob("*.png")) if (run_dir / "tests").exists() else []
+    assert after == before
+
+
 def test_score_run_needs_a_fidelity_prompt(run_dir):
     with pytest.raises(ScoreError, match="test_fidelity_prompts"):
         score_run(run_dir, ["test_fidelity_prompts=[]"], progress=False)
