@@ -84,6 +84,22 @@ def make_grid(images: list[Image.Image], cols: int, labels: list[str] | None = N
     return grid
 
 
+def with_legend(image: Image.Image, lines: list[str], min_width: int = 320) -> Image.Image:
+    """`image` with `lines` written under it: what a grid's short labels (p0, s1234) stand for,
+    so the picture explains itself wherever it is opened. Widened to `min_width` for tiny grids."""
+    face = font(11)
+    draw = ImageDraw.Draw(image)
+    width = max(image.width, min_width)
+    wrapped = [row for line in lines for row in _wrap(draw, line, face, width - 8)]
+    line_h = 14
+    out = Image.new("RGB", (width, image.height + line_h * len(wrapped) + 6), "white")
+    out.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, row in enumerate(wrapped):
+        draw.text((4, image.height + 3 + i * line_h), row, fill=(20, 20, 20), font=face)
+    return out
+
+
 def _wrap(draw, text: str, font, width: int) -> list[str]:
     lines, line = [], ""
     for word in text.split(" "):

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dbnb.images import PREVIEW_SAMPLER, make_grid, make_scheduler, render
+from dbnb.images import PREVIEW_SAMPLER, make_grid, make_scheduler, render, with_legend
 
 
 def _device(module: torch.nn.Module) -> torch.device:
@@ -47,6 +47,7 @@ def save_previews(results: list[tuple[str, int, Image.Image]], folder: Path, col
         image.save(folder / f"p{prompts.index(prompt)}-s{seed}.png")
     (folder / "prompts.txt").write_text("".join(f"p{i}: {p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
     grid = make_grid([im for _, _, im in results], cols, [f"p{prompts.index(p)} s{s}" for p, s, _ in results])
+    grid = with_legend(grid, [f"p{i}: {p}" for i, p in enumerate(prompts)] + ["s: the sample's seed"])
     grid.save(folder / "grid.png")
     return folder / "grid.png"
 

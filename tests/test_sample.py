@@ -159,3 +159,18 @@ def test_the_cpu_batch_holds_as_many_pixels_as_four_512px_images_up_to_sixteen()
     assert cpu_batch_size(512) == 4
     assert cpu_batch_size(256) == 16 and cpu_batch_size(64) == 16  # the tiny models
     assert cpu_batch_size(768) == 1
+
+
+def test_the_preview_grid_says_what_its_labels_stand_for(tmp_path):
+    """p0 / s7 under each preview are explained on the grid itself (users open grid.png alone)."""
+    from dbnb.images import make_grid
+    from dbnb.previews import save_previews
+
+    red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
+    results = [("hnzk girl", 7, red), ("hnzk girl, upper body", 7, blue)]
+    grid = Image.open(save_previews(results, tmp_path, cols=1))
+    plain = make_grid([red, blue], 1, ["p0 s7", "p1 s7"])
+    assert grid.height > plain.height + 2 * 14  # two prompt lines and the seed's line at least
+    legend = np.asarray(grid.convert("L"))[plain.height:]
+    assert (legend < 100).sum() > 50  # text was drawn there
+    assert (tmp_path / "prompts.txt").read_text() == "p0: hnzk girl\np1: hnzk girl, upper body\n"
