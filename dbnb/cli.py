@@ -64,13 +64,12 @@ def cmd_export(args) -> int:
 
     result = export(args.source, step=args.step, ema=args.ema, fmt=args.format, precision=args.precision,
                     vae=args.vae, to=args.to, overwrite=args.overwrite, name=args.name, bake=args.bake)
-    size = f"{result.size / 2**30:.2f} GiB" if result.size > 2**30 else f"{result.size / 2**20:.1f} MiB"
-    print(f"{result.path}  {size}  verified")
-    if args.hub:
+    print(result.line())
+    if (Path(args.source) / "config.json").is_file():  # a run folder: the model card beside the file
         from dbnb.report import model_card
 
-        if (Path(args.source) / "config.json").is_file():
-            model_card(args.source, result.path)
+        model_card(args.source, result.path)
+    if args.hub:
         print(f"uploaded: {upload_to_hub(result.path, args.hub)}")
     return 0
 

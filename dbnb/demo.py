@@ -103,10 +103,33 @@ def prepare_world(out: Path, config: Config) -> None:
 
 
 def export_recommended(run_dir: Path, step: int) -> Path:
-    """The recommended checkpoint as the webui's single file, read back through from_single_file."""
+    """The recommended checkpoint as the webui's single file, read back through from_single_file,
+    with its model card beside it (exports/README.md), as every export of a run has."""
     from dbnb.export import export
+    from dbnb.report import model_card
 
-    return export(run_dir, step=step, overwrite=True).path
+    path = export(run_dir, step=step, overwrite=True).path
+    model_card(run_dir, path)
+    return path
+
+
+def announce(config: Config) -> None:
+    """What the demo is about to do and about how long, before its first progress bar."""
+    what = "LoRA adapters on" if config.use_lora else "the whole of"
+    print(f"[dbnb] demo: DreamBooth on the tiny world model in the package (64×64 drawn characters; nothing is "
+          f"downloaded). It makes {config.num_class_images} class images of {config.class_prompt!r}, trains "
+          f"{what} the model on 5 pictures of {config.instance_prompt!r} for {config.max_train_steps} steps "
+          f"(a checkpoint every {config.save_every_steps}), scores every checkpoint and exports the one it "
+          f"recommends. About 1-3 minutes on 2 CPU cores.", flush=True)
+
+
+def next_steps(scores) -> list[str]:
+    """What a newcomer does after the demo."""
+    lines = ["", "next:"]
+    if scores:
+        lines.append(f"  - open {scores.html} in a browser: every checkpoint's test images, and the scores")
+    return lines + ["  - your own character: the notebooks/ (Colab or Paperspace, README: The notebooks), or "
+                    "`dbnb config > my.yaml` and `dbnb train my.yaml` with a real base model"]
 
 
 def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool = True, lora: bool = False,
@@ -118,6 +141,7 @@ def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool
     out = Path(out)
     started = time.time()
     config = demo_config(out, steps, lora, **overrides)
+    announce(config)
     prepare_world(out, config)
     resume = "latest" if (Path(config.output_dir) / config.run_name / "checkpoints").exists() else None
     if resume:
@@ -131,6 +155,8 @@ def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool
         what = f"LoRA, kohya layout: <lora:{exported.stem}:1>, " if config.use_lora else ""
         print(f"  for the webui:         {exported}  ({what}recommended {scores.recommendation['checkpoint']}, "
               "verified)")
+        print("                         a toy: the tiny world's 64×64 model shows the workflow, it draws nothing "
+              "else; your character needs a real base model")
     print(f"  model (tiny world):    {out / 'model'}")
     print(f"  training images:       {config.instance_data_dir}  (class: {config.class_data_dir})")
     print(f"  run folder:            {result.run_dir}")
@@ -142,5 +168,6 @@ def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool
     if scores:
         print(f"  test images:           {scores.html}")
     print(f"  report:                {write_report(result.run_dir)}")
+    print("\n".join(next_steps(scores)))
     return {"run_dir": result.run_dir, "seconds": elapsed, "checkpoints": result.checkpoints, "samples": samples,
             "scores": scores, "export": exported}

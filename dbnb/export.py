@@ -35,6 +35,12 @@ class ExportResult:
     step: int | None
     verified: bool
 
+    def line(self) -> str:
+        """The export as it is reported: where (relative to a notebook's workspace), how big, verified."""
+        from dbnb.env import format_bytes, shown
+
+        return f"{shown(self.path)}  {format_bytes(self.size)}  {'verified / 確認済み' if self.verified else 'not verified'}"
+
 
 # --- what to export ----------------------------------------------------------------------------
 

@@ -35,7 +35,11 @@ def test_demo_trains_scores_and_ends_with_the_file_for_the_webui(world_demo, tmp
     results = out.split("demo done in")[1].splitlines()[1]
     exported = run / "exports" / f"demo_{recommended['step']}.safetensors"
     assert results.startswith(f"  for the webui:         {exported}")
-    assert (run / "report.md").is_file()
+    assert "a toy: the tiny world's 64×64 model" in out.split("demo done in")[1].splitlines()[2]
+    assert (run / "report.md").is_file() and (run / "exports" / "README.md").is_file()  # README's run layout
+    # Before the first bar: what it will do and about how long; at the end: what to do next.
+    assert out.startswith("[dbnb] demo: DreamBooth on the tiny world model") and "About 1-3 minutes" in out
+    assert f"open {run / 'tests' / 'index.html'} in a browser" in out and "your own character: the notebooks/" in out
     # the file loads as the webui's loaders read it, holding the recommended checkpoint's UNet (fp16)
     skeleton = skeleton_folder(sd1_variant(*keys_and_shapes(exported)), tmp_path)
     pipe = StableDiffusionPipeline.from_single_file(str(exported), config=str(skeleton), local_files_only=True,
