@@ -13,11 +13,12 @@ no torch (the install cell imports it before dbnb's dependencies may exist).
 from __future__ import annotations
 
 import base64
+import importlib
 import os
 import re
 from pathlib import Path
 
-from dbnb import install, quiet
+from dbnb import install
 from dbnb.config import FIELDS, STEPS, Config, owner, read_config_file
 from dbnb.workspace import load_workspace, workspace as find_workspace
 from dbnb.errors import DbnbError
@@ -36,12 +37,15 @@ class NotebookError(DbnbError):
 
 def start() -> None:
     """The install cell's one call: dbnb installed (or kept), errors and output made human."""
-    _show_dbnb_errors_briefly()
+    _show_dbnb_errors_briefly(DbnbError)
     print(install.ensure(), flush=True)
-    quiet.library_noise()  # after the install: it needs diffusers and transformers
+    # ensure() drops the modules it imported from a wheel on sys.path, so every later cell
+    # imports the installed copy, whose DbnbError is another class: brief for both.
+    _show_dbnb_errors_briefly(DbnbError, importlib.import_module("dbnb.errors").DbnbError)
+    importlib.import_module("dbnb.quiet").library_noise()  # after the install: it needs diffusers
 
 
-def _show_dbnb_errors_briefly() -> None:
+def _show_dbnb_errors_briefly(*classes: type) -> None:
     try:
         from IPython import get_ipython
     except ImportError:
@@ -56,7 +60,7 @@ def _show_dbnb_errors_briefly() -> None:
         # while the cell still counts as failed, so "Run all" stops here).
         shell._showtraceback(etype, value, [f"\x1b[1;31mdbnb: {value}\x1b[0m"])
 
-    shell.set_custom_exc((DbnbError,), brief)
+    shell.set_custom_exc(tuple(dict.fromkeys(classes)), brief)
 
 
 def open_step(step: str, workspace: str = "", namespace: dict | None = None) -> tuple[Path, Config]:
@@ -83,6 +87,11 @@ def open_step(step: str, workspace: str = "", namespace: dict | None = None) -> 
         print(f"note: {name} is set by notebook {STEPS[owner(name)]}; the workspace's value is used here. "
               f"/ {name} はノート {STEPS[owner(name)]} で設定します。")
     known = {**Config().to_dict(), **(read_config_file(saved) if saved.is_file() else {}), **values}
+    if list(STEPS).index(step) > list(STEPS).index("dataset") and not known["instance_data_dir"]:
+        # Said here, before the empty prompt and the empty folder each fail in their own words.
+        raise NotebookError(f"the workspace {ws} has no training pictures yet: run notebook {STEPS['dataset']} "
+                            f"first, with the same workspace setting. 学習画像がまだありません。先にノート "
+                            f"{STEPS['dataset']} を実行してください。")
     for name, pattern in FROM_TOKENS.items():
         filled = pattern.format(**known).strip()
         if owner(name) == step and not known.get(name) and filled:

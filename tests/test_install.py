@@ -69,6 +69,9 @@ def test_a_notebook_writes_only_the_settings_it_owns(tmp_path, capsys):
     with pytest.raises(notebook.NotebookError, match="run notebook 01_setup first"):
         notebook.open_step("train", str(ws), {})
     notebook.open_step("setup", str(ws), {"pretrained_model_name_or_path": "m", "workspace": str(ws)})
+    for later in ("class_images", "train", "test"):  # before 02: the step to run, not an empty prompt / folder
+        with pytest.raises(notebook.NotebookError, match="no training pictures yet: run notebook 02_dataset first"):
+            notebook.open_step(later, str(ws), {"instance_prompt": "hnzk girl"})
     _, c = notebook.open_step("dataset", str(ws), {"instance_token": "hnzk", "class_token": "girl",
                                                     "resolution": 64, "dataset_source": ""})
     assert c.instance_data_dir == str(ws / "dataset") and c.dataset_source == str(ws / "upload")

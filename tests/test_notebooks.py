@@ -184,5 +184,6 @@ def test_a_runtime_without_dbnb_stops_at_the_install_cell_with_the_ways_to_get_i
     copy.write_text((ROOT / "notebooks" / "02_dataset.ipynb").read_text(encoding="utf-8"), encoding="utf-8")
     out, stop = failing(copy, tmp_path, workspace=str(tmp_path / "ws"))
     assert stop.ename == "SystemExit" and "dbnb is not installed and was not found" in stop.evalue
-    assert "MyDrive/dbnb" in stop.evalue and "git+https://" in stop.evalue
+    assert f"in {tmp_path / 'ws'}/" in stop.evalue and "git+https://" in stop.evalue  # where this user looks
+    assert "pip wheel . --no-deps -w dist/" in stop.evalue  # and how the wheel is made
     assert "ModuleNotFoundError" not in outputs(out)
