@@ -1,6 +1,7 @@
 """The notebooks as users run them: top to bottom in a real kernel, parameters injected
 (papermill), each reading the previous one's files from the workspace. No network."""
 import ast
+import functools
 import json
 import re
 from pathlib import Path
@@ -64,11 +65,11 @@ def test_colab_form_fields_have_descriptions(path):
                if lines[i - 1].startswith("#@markdown")), "each description in both languages"
 
 
-def run(path, tmp_path, **parameters):
+def run(path, tmp_path, kernel="python3", **parameters):
     import papermill
 
     out = tmp_path / f"out-{path.name}"
-    papermill.execute_notebook(str(path), str(out), parameters=parameters, kernel_name="python3",
+    papermill.execute_notebook(str(path), str(out), parameters=parameters, kernel_name=kernel,
                                cwd=str(tmp_path), progress_bar=False)
     return out
 
@@ -85,53 +86,120 @@ def outputs(notebook: Path) -> str:
     return "\n".join(parts)
 
 
-def failing(path, tmp_path, **parameters):
+def failing(path, tmp_path, kernel="python3", **parameters):
     """Run a notebook that should stop; the executed copy (with the error output) is returned."""
     import papermill
 
     with pytest.raises(papermill.PapermillExecutionError) as stop:
-        run(path, tmp_path, **parameters)
+        run(path, tmp_path, kernel, **parameters)
     return tmp_path / f"out-{path.name}", stop.value
 
 
-@pytest.mark.slow  # five fresh kernels: ~140 s on one worker
-def test_notebooks_run_in_order_each_in_a_fresh_kernel_with_only_what_a_user_types(tiny_dir, embedders, tmp_path):
+def write_stand_in_animeface(folder: Path) -> Path:
+    """A wheel of `animeface` with its real interface (`detect(pil_image)` -> faces with
+    `.face.pos.x/y/width/height` and `.likelihood`) that finds no face: the install cell's pip
+    installs dbnb's prep extra offline, and 02 meets an installed detector that finds nothing."""
+    import zipfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    wheel = folder / "animeface-2.0.3-py3-none-any.whl"
+    files = {"animeface/__init__.py": '"""Stand-in: the real API, no face found."""\n\n\ndef detect(image):\n    return []\n',
+             "animeface-2.0.3.dist-info/METADATA": "Metadata-Version: 2.1\nName: animeface\nVersion: 2.0.3\n",
+             "animeface-2.0.3.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: dbnb-tests\nRoot-Is-Purelib: true\n"
+                                                "Tag: py3-none-any\n"}
+    record = "".join(f"{name},,\n" for name in files) + "animeface-2.0.3.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, text in {**files, "animeface-2.0.3.dist-info/RECORD": record}.items():
+            z.writestr(name, text)
+    return wheel
+
+
+@pytest.fixture
+def colab_runtime(tmp_path, monkeypatch):
+    """A fresh runtime as Colab gives each notebook: a Python with the platform's libraries
+    (torch, diffusers, transformers, ipykernel, papermill ... : this suite's own, linked in)
+    and no dbnb, run as the Jupyter kernel "colab". pip works offline: from the links folder
+    (tests never touch the network); the returned folder is where extra wheels go."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    venv = tmp_path / "colab"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    platform = Path(sysconfig.get_paths()["purelib"])
+    for entry in platform.iterdir():
+        if "dbnb" not in entry.name.lower() and not (site / entry.name).exists():
+            (site / entry.name).symlink_to(entry)
+    kernels = tmp_path / "jupyter" / "kernels" / "colab"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(json.dumps({
+        "argv": [str(venv / "bin" / "python"), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Colab stand-in", "language": "python"}))
+    links = tmp_path / "links"
+    write_stand_in_animeface(links)
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    return links
+
+
+@pytest.mark.slow  # five fresh kernels and the wheel's install: ~160 s on one worker
+def test_the_colab_path_from_the_wheel_runs_01_to_05_each_in_a_fresh_runtime_to_an_export(
+        tiny_dir, embedders, built_wheel, colab_runtime, tmp_path):
+    """README's "Colab today": the wheel in the workspace folder (Drive), the notebooks opened
+    outside any checkout, each in a fresh runtime with only the platform's libraries, and the
+    form's parameters a user fills (local stand-ins for what would come from the network)."""
+    import shutil
+
     from dbnb.demo import draw_character
     from dbnb.prep import write_stand_in_model
 
-    ws, pictures = tmp_path / "ws", tmp_path / "pictures"
+    ws, pictures, opened = tmp_path / "ws", tmp_path / "pictures", tmp_path / "opened"
     pictures.mkdir()
+    ws.mkdir()
+    shutil.copy(built_wheel, ws / built_wheel.name)
+    opened.mkdir()
+    for path in NOTEBOOKS:
+        shutil.copy(path, opened / path.name)
     for i in range(3):  # originals of another size, as users bring them
         draw_character(i, size=96).save(pictures / f"hnzk_{i}.png")
     segmenter = write_stand_in_model(tmp_path / "seg.onnx")
-    nb = {p.stem[:2]: p for p in NOTEBOOKS}
+    nb = {p.stem[:2]: opened / p.name for p in NOTEBOOKS}
+    run_here = functools.partial(run, tmp_path=tmp_path, kernel="colab")
+    failing_here = functools.partial(failing, tmp_path=tmp_path, kernel="colab")
 
-    # A notebook opened before 01 says what to run instead of failing somewhere later.
-    out, stop = failing(nb["02"], tmp_path, workspace=str(ws))
+    # The first runtime installs the wheel from the workspace; a notebook opened before 01 then
+    # says what to run, as dbnb's one red line: the installed copy's errors are brief too.
+    out, stop = failing_here(nb["02"], workspace=str(ws))
+    assert f"dbnb installed from {ws / built_wheel.name}" in outputs(out)
     assert stop.ename == "NotebookError" and "run notebook 01_setup first" in outputs(out)
+    assert "Traceback" not in outputs(out) and "dbnb: " in outputs(out)
 
-    out = run(nb["01"], tmp_path, workspace=str(ws), pretrained_model_name_or_path=str(tiny_dir))
+    out = run_here(nb["01"], workspace=str(ws), pretrained_model_name_or_path=str(tiny_dir))
     assert f"pretrained_model_name_or_path: {tiny_dir}" in (ws / "config.yaml").read_text()
     assert "is installed" in outputs(out) and "diffusers " in outputs(out)  # the stack for bug reports
 
     # "Run all" with the upload box empty stops at Prepare with dbnb's message, no traceback.
-    out, stop = failing(nb["02"], tmp_path, workspace=str(ws))
+    out, stop = failing_here(nb["02"], workspace=str(ws))
     assert stop.ename == "PrepError" and "dbnb: " in outputs(out) and "no pictures found" in outputs(out)
 
-    run(nb["02"], tmp_path, workspace=str(ws), dataset_source=str(pictures), resolution=64,
-        segmentation_model=str(segmenter), instance_token="hnzk", class_token="girl")
+    run_here(nb["02"], workspace=str(ws), dataset_source=str(pictures), resolution=64,
+             segmentation_model=str(segmenter), instance_token="hnzk", class_token="girl")
     prepared = sorted((ws / "dataset").glob("*.png"))
     assert len(prepared) == 3 and all(p.with_suffix(".txt").is_file() for p in prepared)
     assert outputs(tmp_path / "out-02_dataset.ipynb").count("dbnb prep: 3 training pictures in dataset") == 1
+    assert "animeface found no face in 3 picture(s)" in outputs(tmp_path / "out-02_dataset.ipynb")
 
-    out = run(nb["03"], tmp_path, workspace=str(ws))  # its defaults: transparent, 10x, class word of 02
+    out = run_here(nb["03"], workspace=str(ws))  # its defaults: transparent, 10x, class word of 02
     assert len(list((ws / "class_images").glob("*.png"))) == 30  # the seed's 10x
     saved = (ws / "config.yaml").read_text()
     assert "num_class_images: 30" in saved and "with_prior_preservation: true" in saved
     assert "class_prompt: girl" in saved
 
     # 04 with the user's small CPU sizes only: it must train with 03's class images and prompt.
-    out = run(nb["04"], tmp_path, workspace=str(ws), run_name="nb", max_train_steps=4, save_every_steps=2,
+    out = run_here(nb["04"], workspace=str(ws), run_name="nb", max_train_steps=4, save_every_steps=2,
               sample_every_steps=2, mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False,
               learning_rate=1e-4, num_samples=1, sample_steps=2)
     run_dir = ws / "runs" / "nb"
@@ -148,16 +216,18 @@ def test_notebooks_run_in_order_each_in_a_fresh_kernel_with_only_what_a_user_typ
     printed = [line for c in json.loads(out.read_text())["cells"] if "dbnb.notebook.start()" not in "".join(c["source"])
                for o in c.get("outputs", []) if o["output_type"] == "stream" for line in "".join(o["text"]).splitlines()]
     assert any(line.startswith("runs/nb/exports/nb_4.safetensors") for line in printed)
-    assert not [line for line in printed if str(ws) in line], "paths are shown relative to the workspace"
+    said_ws = [line for line in printed if str(ws) in line]
+    assert said_ws == [f"workspace / ワークスペース: {ws}"], "paths relative to the workspace, said once where it is"
+    assert re.search(r"^runs/nb/exports/nb_4\.safetensors  \d+\.\d\d MiB  verified", "\n".join(printed), re.M)
     assert "image/png" in out.read_text()  # the final loss plot / preview stay in the saved notebook
 
     # Running 04 again as it is: dbnb's message in the notebook's words, no traceback.
-    out, stop = failing(nb["04"], tmp_path, workspace=str(ws), run_name="nb", max_train_steps=4,
-                        mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
+    out, stop = failing_here(nb["04"], workspace=str(ws), run_name="nb", max_train_steps=4,
+                             mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
     assert stop.ename == "RunFolderError" and "resume = True" in outputs(out)
 
     clip, dino = embedders
-    out = run(nb["05"], tmp_path, workspace=str(ws), test_seeds=2, test_infer_steps=2, clip_model=str(clip),
+    out = run_here(nb["05"], workspace=str(ws), test_seeds=2, test_infer_steps=2, clip_model=str(clip),
               dino_model=str(dino))
     assert len(list((run_dir / "tests").glob("grid-*.png"))) >= 2 and (run_dir / "tests" / "index.html").is_file()
     scores = json.loads((run_dir / "scores.json").read_text())
