@@ -207,11 +207,15 @@ class RunFolder:
         self.config_path.write_text(text + "\n", encoding="utf-8")
         return run_id
 
-    def run_id(self) -> str | None:
+    def saved_config(self) -> dict | None:
+        """config.json as the run started (with its run id), or None where there is none yet."""
         try:
-            return json.loads(self.config_path.read_text(encoding="utf-8")).get("run_id")
+            return json.loads(self.config_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
+
+    def run_id(self) -> str | None:
+        return (self.saved_config() or {}).get("run_id")
 
     def create(self) -> None:
         for sub in ("checkpoints", "samples", "logs"):

@@ -49,14 +49,15 @@ SECTION_STEPS = {"Model": "setup", "Directories": "train", "Dataset": "dataset",
 def setting(default, section: str, label: str, help: str, choices: tuple = (), help_ja: str = "",
             step: str = "", minimum: float | None = None, above: float | None = None,
             maximum: float | None = None,
-            resume_safe: bool = False, memory_saving=None, report: str = "if changed"):
+            learns: bool = True, memory_saving=None, report: str = "if changed"):
     """One setting and every fact about it.
 
     `label` is the webui extension's name; `help` (English) and `help_ja` (Japanese, for the
     seed's readers) are shown under the field in the form and in `dbnb config --list`; `step`
     is the notebook step that owns it (default: its section's). The value must be at least
-    `minimum` / greater than `above`, and at most `maximum`. `resume_safe`: a resumed run may change it (it changes
-    what is saved or shown, or extends the run, not what has been learnt). `memory_saving`:
+    `minimum` / greater than `above`, and at most `maximum`. `learns`: it changes what the run learns
+    (rates, schedule, optimizer, seed, data, prompts, what is trained), so a resumed run must keep
+    it; False for what only changes memory, speed, what is saved or shown, prep and tests. `memory_saving`:
     the value (or values) that lowers VRAM, named after an out-of-memory stop when not set.
     `report`: in the training report "always", "if changed" from the preset, or "apart"
     (paths and prompts, which have their own headings)."""
@@ -66,7 +67,7 @@ def setting(default, section: str, label: str, help: str, choices: tuple = (), h
     assert report in ("always", "if changed", "apart"), report
     return field(default=default, metadata=dict(section=section, label=label, help=help, help_ja=help_ja,
                                                  choices=choices, step=step, minimum=minimum, above=above, maximum=maximum,
-                                                 resume_safe=resume_safe, memory_saving=memory_saving,
+                                                 learns=learns, memory_saving=memory_saving,
                                                  report=report))
 
 
@@ -77,14 +78,14 @@ class Config:
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "Model", "Source Checkpoint",
         "Base model: a diffusers folder, a Hugging Face repo id, a single .safetensors/.ckpt "
         "file, an https:// URL or a Google Drive link. A merged model is fine.",
-        help_ja="ベースモデル。diffusers フォルダ、Hugging Face の repo id、単体の .safetensors/.ckpt ファイル、https:// の URL、Google Drive のリンクが使えます。マージモデルでもOK。", resume_safe=True, report="apart")
+        help_ja="ベースモデル。diffusers フォルダ、Hugging Face の repo id、単体の .safetensors/.ckpt ファイル、https:// の URL、Google Drive のリンクが使えます。マージモデルでもOK。", learns=False, report="apart")
     revision: str = setting("", "Model", "Revision",
                             "Hub revision (branch, tag or commit) when the base model is a repo id.",
                             help_ja="ベースモデルが repo id のときに使う Hub のリビジョン（ブランチ、タグ、コミット）。", report="apart")
     pretrained_vae_name_or_path: str = setting(
         "", "Model", "Pretrained VAE Name or Path",
         "Optional separate VAE (folder, repo id or file). Empty: the base model's own VAE.",
-        help_ja="別の VAE を使う場合に指定（フォルダ、repo id、ファイル）。空欄ならベースモデル自身の VAE を使います。", resume_safe=True, report="apart")
+        help_ja="別の VAE を使う場合に指定（フォルダ、repo id、ファイル）。空欄ならベースモデル自身の VAE を使います。", learns=False, report="apart")
 
     # --- Directories ---------------------------------------------------------------------
     instance_data_dir: str = setting("", "Directories", "Dataset Directory",
@@ -95,10 +96,10 @@ class Config:
                                   help_ja="正則化画像（クラス画像）を入れたフォルダ。", step="class_images", report="apart")
     output_dir: str = setting("dbnb-runs", "Directories", "Model Directory",
                               "Where run folders are written. On Colab put it on Drive so a lost session loses nothing.",
-                              help_ja="学習フォルダの書き出し先。Colab ではセッションが切れても失わないよう Drive 上にしてください。", step="setup", resume_safe=True, report="apart")
+                              help_ja="学習フォルダの書き出し先。Colab ではセッションが切れても失わないよう Drive 上にしてください。", step="setup", learns=False, report="apart")
     run_name: str = setting("run", "Directories", "Name",
                             "The run folder's name under output_dir; also the exported file's name.",
-                            help_ja="output_dir の下に作る学習フォルダの名前。書き出すモデルファイルの名前にもなります。", report="apart")
+                            help_ja="output_dir の下に作る学習フォルダの名前。書き出すモデルファイルの名前にもなります。", report="apart", learns=False)
     concepts_list: str = setting("", "Directories", "Concepts List",
                                  "Optional JSON file listing several concepts (instance_data_dir, instance_prompt, "
                                  "class_data_dir, class_prompt each). Replaces the single-concept fields.",
@@ -108,34 +109,34 @@ class Config:
     dataset_source: str = setting("", "Dataset", "Source Images",
                                   "Folder, .zip, Google Drive link or URL list (.txt) of the original pictures; "
                                   "`dbnb prep` writes the prepared set to instance_data_dir.",
-                                  help_ja="元画像の場所：フォルダ、.zip、Google Drive のリンク、URL 一覧（.txt）。`dbnb prep` が加工済みの画像を instance_data_dir に書き出します。", report="apart")
+                                  help_ja="元画像の場所：フォルダ、.zip、Google Drive のリンク、URL 一覧（.txt）。`dbnb prep` が加工済みの画像を instance_data_dir に書き出します。", report="apart", learns=False)
     remove_background: bool = setting(True, "Dataset", "Remove Background",
                                       "Cut the character out with anime-segmentation and put it on background_color "
                                       "(the seed: clutter and backgrounds get learnt too).",
-                                      help_ja="anime-segmentation でキャラを切り抜き、background_color の背景に置きます（ガイドでは、背景や余計な物まで覚えてしまうとされています）。")
+                                      help_ja="anime-segmentation でキャラを切り抜き、background_color の背景に置きます（ガイドでは、背景や余計な物まで覚えてしまうとされています）。", learns=False)
     segmentation_model: str = setting("skytnt/anime-seg", "Dataset", "Segmentation Model",
                                       "anime-segmentation ONNX model: a Hub repo holding isnetis.onnx, or a local .onnx file.",
-                                      help_ja="anime-segmentation の ONNX モデル。isnetis.onnx を含む Hub のリポジトリか、ローカルの .onnx ファイル。")
+                                      help_ja="anime-segmentation の ONNX モデル。isnetis.onnx を含む Hub のリポジトリか、ローカルの .onnx ファイル。", learns=False)
     square_mode: str = setting("pad", "Dataset", "Make Square",
                                "pad: whole picture on a square of background_color (no straight-cut bands; the seed's "
                                "advice). center: center crop. face: crop around the detected face.",
                                choices=("pad", "center", "face"),
-                               help_ja="pad: 画像全体を background_color の正方形に貼り付け（まっすぐ切った帯ができない、ガイドのおすすめ）。center: 中央で切り抜き。face: 検出した顔を中心に切り抜き。")
+                               help_ja="pad: 画像全体を background_color の正方形に貼り付け（まっすぐ切った帯ができない、ガイドのおすすめ）。center: 中央で切り抜き。face: 検出した顔を中心に切り抜き。", learns=False)
     extra_framings: bool = setting(False, "Dataset", "Add Bust-up / Cowboy-shot Crops",
                                    "Also derive bust-up and cowboy-shot crops from full-body pictures (the seed's "
                                    "花月 workflow). Face-only close-ups are never made: the seed found they hurt.",
-                                   help_ja="全身画像からバストアップとカウボーイショットの切り抜きも作ります（ガイドの花月での手順）。顔だけのドアップは悪影響があったため作りません。")
+                                   help_ja="全身画像からバストアップとカウボーイショットの切り抜きも作ります（ガイドの花月での手順）。顔だけのドアップは悪影響があったため作りません。", learns=False)
     keep_alpha: bool = setting(
         False, "Dataset", "Keep Transparency",
         "Write the cut-out (from remove_background or the picture's own transparency) as an RGBA PNG instead "
         "of putting it on background_color, padding transparent too. With alpha_mask_loss the trainer then "
         "learns only the character, not the background.",
         help_ja="切り抜き（背景除去または元画像の透過）を background_color に合成せず、透過 PNG のまま書きます"
-                "（余白も透明）。alpha_mask_loss と併用すると背景を学習せずキャラだけを学習します。")
+                "（余白も透明）。alpha_mask_loss と併用すると背景を学習せずキャラだけを学習します。", learns=False)
     caption_template: str = setting("[instance_token] [class_token]", "Dataset", "Caption Template",
                                     "Text written to each image's .txt for [filewords]; [instance_token] and "
                                     "[class_token] are filled in, add tags after them.",
-                                    help_ja="[filewords] 用に各画像の .txt に書く文。[instance_token] と [class_token] は自動で埋まるので、その後ろにタグを追加します。")
+                                    help_ja="[filewords] 用に各画像の .txt に書く文。[instance_token] と [class_token] は自動で埋まるので、その後ろにタグを追加します。", learns=False)
     caption_mode: str = setting(
         "template", "Dataset", "Caption Mode",
         "template: caption_template for every picture. tags: booru tags from a WD14 tagger (tagger_model), "
@@ -143,32 +144,32 @@ class Config:
         "not used).",
         choices=("template", "tags"),
         help_ja="template: すべての画像に caption_template を書きます。tags: WD14 タガー（tagger_model）の"
-                "booru タグで「instance_token, class_token, タグ…」と書きます（caption_template は使いません）。")
+                "booru タグで「instance_token, class_token, タグ…」と書きます（caption_template は使いません）。", learns=False)
     tagger_model: str = setting(
         "SmilingWolf/wd-swinv2-tagger-v3", "Dataset", "WD14 Tagger Model",
         "WD14-family tagger for caption_mode=tags: a Hub repo id or a local folder holding model.onnx + "
         "selected_tags.csv. Runs with onnxruntime (on the GPU with onnxruntime-gpu).",
         help_ja="caption_mode=tags で使う WD14 系タガー。Hub のリポジトリ ID か、model.onnx と "
-                "selected_tags.csv を置いたローカルフォルダ。onnxruntime で動きます。")
+                "selected_tags.csv を置いたローカルフォルダ。onnxruntime で動きます。", learns=False)
     tag_threshold: float = setting(
         0.35, "Dataset", "General Tag Threshold",
         "A general tag is written when the tagger's probability is above this (kohya's --general_threshold).",
-        help_ja="一般タグを書くしきい値（タガーの確率がこれを超えたら採用。kohya の --general_threshold）。", above=0, maximum=1)
+        help_ja="一般タグを書くしきい値（タガーの確率がこれを超えたら採用。kohya の --general_threshold）。", above=0, maximum=1, learns=False)
     character_tag_threshold: float = setting(
         0.85, "Dataset", "Character Tag Threshold",
         "A character-name tag is written when its probability is above this (kohya's --character_threshold).",
-        help_ja="キャラクター名タグを書くしきい値（kohya の --character_threshold）。", above=0, maximum=1)
+        help_ja="キャラクター名タグを書くしきい値（kohya の --character_threshold）。", above=0, maximum=1, learns=False)
     prune_core_tags: bool = setting(
         True, "Dataset", "Prune Core Tags",
         "Leave out of the captions the body-trait tags (hair, eyes, ears, …) and character-name tags found in "
         "at least core_tag_share of the pictures, so the trigger word learns them (the usual practice for "
         "character models). The prep report lists what was left out.",
         help_ja="画像の core_tag_share 以上に付いた髪・目などの身体的特徴タグとキャラ名タグをキャプションから"
-                "外し、トリガーワードに覚えさせます（キャラ学習の定番）。外したタグはレポートに出ます。")
+                "外し、トリガーワードに覚えさせます（キャラ学習の定番）。外したタグはレポートに出ます。", learns=False)
     core_tag_share: float = setting(
         0.8, "Dataset", "Core Tag Share",
         "With prune_core_tags: the share of pictures (0-1) a body-trait tag must appear in to be left out.",
-        help_ja="prune_core_tags で外す基準：そのタグが付いている画像の割合（0〜1）。", above=0, maximum=1)
+        help_ja="prune_core_tags で外す基準：そのタグが付いている画像の割合（0〜1）。", above=0, maximum=1, learns=False)
 
     # --- Prompts -------------------------------------------------------------------------
     instance_prompt: str = setting("", "Prompts", "Instance Prompt",
@@ -220,13 +221,13 @@ class Config:
                                        help_ja="インスタンス画像の loss に対する正則化画像の loss の重み。", minimum=0)
     class_negative_prompt: str = setting(QUALITY_NEGATIVE, "Class Images", "Classification Image Negative Prompt",
                                          "Negative prompt when generating class images.",
-                                         help_ja="正則化画像を生成するときのネガティブプロンプト。")
+                                         help_ja="正則化画像を生成するときのネガティブプロンプト。", learns=False)
     class_guidance_scale: float = setting(12.0, "Class Images", "Classification CFG Scale",
                                           "CFG scale when generating class images (the seed: 12).",
-                                          help_ja="正則化画像を生成するときの CFG スケール（ガイドでは 12）。")
+                                          help_ja="正則化画像を生成するときの CFG スケール（ガイドでは 12）。", learns=False)
     class_infer_steps: int = setting(28, "Class Images", "Classification Steps",
                                      "Sampling steps when generating class images (the seed: 28).",
-                                     help_ja="正則化画像を生成するときのサンプリングステップ数（ガイドでは 28）。", minimum=1)
+                                     help_ja="正則化画像を生成するときのサンプリングステップ数（ガイドでは 28）。", minimum=1, learns=False)
     class_images_mode: str = setting(
         "generate", "Class Images", "Class Image Source",
         "generate: with the base model and class_prompt. transparent: fully transparent PNGs, the seed "
@@ -235,40 +236,40 @@ class Config:
         "to reproduce that). black: opaque black images, the old extension's result for the class images "
         "only. import: copy from class_images_import.",
         choices=("generate", "transparent", "black", "import"),
-        help_ja="generate: ベースモデルと class_prompt で生成。transparent: スレ定番の全面透過 PNG。学習時は background_color（白）に置かれ、真っ白な画像として学習されます（旧拡張機能はアルファを捨てていたので黒でした。再現するなら background_color=black）。black: 不透明な黒画像（旧拡張機能での正則化画像の扱い）。import: class_images_import からコピー。")
+        help_ja="generate: ベースモデルと class_prompt で生成。transparent: スレ定番の全面透過 PNG。学習時は background_color（白）に置かれ、真っ白な画像として学習されます（旧拡張機能はアルファを捨てていたので黒でした。再現するなら background_color=black）。black: 不透明な黒画像（旧拡張機能での正則化画像の扱い）。import: class_images_import からコピー。", learns=False)
     class_images_import: str = setting("", "Class Images", "Import Class Images From",
                                        "Folder, .zip or Google Drive link to copy class images from (mode import).",
-                                       help_ja="正則化画像のコピー元となるフォルダ、.zip、Google Drive のリンク（import モード用）。")
+                                       help_ja="正則化画像のコピー元となるフォルダ、.zip、Google Drive のリンク（import モード用）。", learns=False)
     class_sampler: str = setting("dpmpp_2m", "Class Images", "Classification Sampler",
                                  "Sampler for generated class images.", choices=("ddim", "euler_a", "dpmpp_2m"),
-                                 help_ja="正則化画像を生成するときのサンプラー。")
+                                 help_ja="正則化画像を生成するときのサンプラー。", learns=False)
     class_seed: int = setting(0, "Class Images", "Classification Seed",
                               "Seed of class image k is class_seed + k, so a rerun regenerates the same images.",
-                              help_ja="k 枚目の正則化画像のシードは class_seed + k。やり直しても同じ画像が生成されます。", minimum=0)
+                              help_ja="k 枚目の正則化画像のシードは class_seed + k。やり直しても同じ画像が生成されます。", minimum=0, learns=False)
     class_batch_size: int = setting(0, "Class Images", "Class Image Batch Size",
                                     "Images generated at once; 0 picks it from free VRAM.",
-                                    help_ja="一度に生成する枚数。0 なら空き VRAM から自動で決めます。", minimum=0)
+                                    help_ja="一度に生成する枚数。0 なら空き VRAM から自動で決めます。", minimum=0, learns=False)
 
     # --- Intervals -----------------------------------------------------------------------
     max_train_steps: int = setting(3000, "Intervals", "Training Steps",
                                    "Total optimizer steps. The seed's runs: ~3000 for 3 images (7000 for 5 was called "
                                    "maybe too many); 10000-20000 for 20-100 images with detailed outfits. Aim for "
                                    "slightly overfit, then check flexibility (notebook 5).",
-                                   help_ja="合計の学習ステップ数。ガイドの実例: 3枚で約3000（5枚で7000は多すぎるかも）、衣装が細かい20〜100枚で10000〜20000。少し過学習気味が目安。", resume_safe=True, report="always")
+                                   help_ja="合計の学習ステップ数。ガイドの実例: 3枚で約3000（5枚で7000は多すぎるかも）、衣装が細かい20〜100枚で10000〜20000。少し過学習気味が目安。", learns=False, report="always")
     num_train_epochs: int = setting(0, "Intervals", "Training Epochs",
                                     "If > 0, train this many epochs instead of max_train_steps.",
-                                    help_ja="0 より大きいと、max_train_steps の代わりにこのエポック数だけ学習します。", minimum=0, resume_safe=True)
+                                    help_ja="0 より大きいと、max_train_steps の代わりにこのエポック数だけ学習します。", minimum=0, learns=False)
     save_every_steps: int = setting(500, "Intervals", "Save Checkpoint Frequency",
                                     "Save trained weights + resume state every N steps (0: only at the end). "
                                     "The seed: 500 is enough; small values fill the disk.",
-                                    help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。ガイドでは 500 で十分、小さいとディスクを圧迫します。", minimum=0, resume_safe=True)
+                                    help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。ガイドでは 500 で十分、小さいとディスクを圧迫します。", minimum=0, learns=False)
     sample_every_steps: int = setting(0, "Intervals", "Save Preview(s) Frequency",
                                       "Write preview images every N steps (0: never; the seed turns it off on 12 GB cards).",
-                                      help_ja="N ステップごとにプレビュー画像を出力（0: 出さない。ガイドでは 12GB のカードでは 0）。", minimum=0, resume_safe=True, memory_saving=0)
+                                      help_ja="N ステップごとにプレビュー画像を出力（0: 出さない。ガイドでは 12GB のカードでは 0）。", minimum=0, learns=False, memory_saving=0)
     keep_last_n: int = setting(2, "Intervals", "Keep Last N Resume States",
                                "Resume states (optimizer etc., large) older than the last N are deleted; "
                                "trained weights are kept.",
-                               help_ja="最新 N 個より古い再開用データ（オプティマイザ等、大容量）を削除します。学習済みの重みは残ります。", minimum=1, resume_safe=True)
+                               help_ja="最新 N 個より古い再開用データ（オプティマイザ等、大容量）を削除します。学習済みの重みは残ります。", minimum=1, learns=False)
 
     # --- Learning Rate -------------------------------------------------------------------
     learning_rate: float = setting(1e-6, "Learning Rate", "Learning Rate",
@@ -366,7 +367,7 @@ class Config:
         "Train without pictures that cannot be read (damaged, truncated, not a picture), with a warning "
         "naming each. Off: such a picture stops training before the model loads.",
         help_ja="読み込めない画像（破損・途中で切れたファイル・画像でないもの）を警告付きで除いて学習します。"
-                "オフなら、そのような画像があるとモデルを読み込む前に学習を止めます。")
+                "オフなら、そのような画像があるとモデルを読み込む前に学習を止めます。", learns=False)
 
     # --- Tuning --------------------------------------------------------------------------
     train_batch_size: int = setting(1, "Tuning", "Batch Size", "Images per step (per GPU).",
@@ -385,11 +386,11 @@ class Config:
                 "fp16 + 8bit Adam + gradient checkpointing、24 GB: checkpointing なし、40 GB 以上: 8bit Adam なし・"
                 "対応する GPU では bf16、GPU なし: fp32。表は dbnb/memory.py）。dbnb 自身の GPU 実測値 "
                 "(docs/performance.md) ができるまでは、他の DreamBooth 実装の公開値（T4・512 px・バッチ 1・"
-                "3つとも有効で 9.92 GB）に基づきます。")
+                "3つとも有効で 9.92 GB）に基づきます。", learns=False)
     mixed_precision: str = setting("fp16", "Tuning", "Mixed Precision",
                                    "fp16 (T4 / most Colab GPUs), bf16 (A100/H100) or no (CPU). "
                                    "Weights stay fp32 either way.", choices=("no", "fp16", "bf16"),
-                                   help_ja="fp16（T4 など Colab の多くの GPU）、bf16（A100/H100）、no（CPU）。どれでも重みは fp32 のままです。", memory_saving=("fp16", "bf16"), report="always")
+                                   help_ja="fp16（T4 など Colab の多くの GPU）、bf16（A100/H100）、no（CPU）。どれでも重みは fp32 のままです。", memory_saving=("fp16", "bf16"), report="always", learns=False)
     optimizer: str = setting(
         "adamw", "Tuning", "Optimizer",
         "adamw: AdamW (8-bit when use_8bit_adam is on, the default). adamw8bit: bitsandbytes' 8-bit AdamW, "
@@ -423,11 +424,11 @@ class Config:
                              "sdpa: PyTorch's built-in fused attention (no extra install). "
                              "xformers: when it is installed and works on this GPU.",
                              choices=("sdpa", "xformers"),
-                             help_ja="sdpa: PyTorch 内蔵の高速 attention（追加インストール不要）。xformers: インストール済みでこの GPU で動く場合。")
+                             help_ja="sdpa: PyTorch 内蔵の高速 attention（追加インストール不要）。xformers: インストール済みでこの GPU で動く場合。", learns=False)
     cache_latents: bool = setting(True, "Tuning", "Cache Latents",
                                   "Encode the images with the VAE once, before training (faster, less VRAM). "
                                   "The extension's 'Don't Cache Latents' is the opposite switch.",
-                                  help_ja="学習前に VAE で画像を一度だけエンコードしておきます（速く、VRAM も少なめ）。拡張機能の 'Don't Cache Latents' とは逆のスイッチです。", memory_saving=True)
+                                  help_ja="学習前に VAE で画像を一度だけエンコードしておきます（速く、VRAM も少なめ）。拡張機能の 'Don't Cache Latents' とは逆のスイッチです。", memory_saving=True, learns=False)
     use_ema: bool = setting(False, "Tuning", "Train EMA",
                             "Keep an exponential moving average of the UNet, saved beside the raw weights.",
                             help_ja="UNet の指数移動平均（EMA）も保持し、通常の重みと並べて保存します。", report="always")
@@ -448,7 +449,7 @@ class Config:
                                                help_ja="N バッチ分の勾配を平均してから1回更新します。", minimum=1)
     gradient_checkpointing: bool = setting(True, "Gradients", "Gradient Checkpointing",
                                            "Recompute activations in backward: less VRAM, ~20% slower.",
-                                           help_ja="逆伝播で途中結果を再計算します。VRAM は減り、速度は約20%低下。", memory_saving=True)
+                                           help_ja="逆伝播で途中結果を再計算します。VRAM は減り、速度は約20%低下。", memory_saving=True, learns=False)
     max_grad_norm: float = setting(1.0, "Gradients", "Max Grad Norms",
                                    "Clip the gradient norm to this value (0: no clipping).",
                                    help_ja="勾配のノルムをこの値でクリップします（0: クリップしない）。", minimum=0)
@@ -464,19 +465,19 @@ class Config:
     # --- Samples -------------------------------------------------------------------------
     sample_prompts: tuple[str, ...] = setting((), "Samples", "Sample Image Prompt",
                                               "Preview prompts. Empty: the instance prompt.",
-                                              help_ja="プレビュー用のプロンプト。空欄ならインスタンスプロンプトを使います。", resume_safe=True)
+                                              help_ja="プレビュー用のプロンプト。空欄ならインスタンスプロンプトを使います。", learns=False)
     sample_negative_prompt: str = setting(QUALITY_NEGATIVE, "Samples", "Sample Negative Prompt",
                                           "Negative prompt of the previews.",
-                                          help_ja="プレビューのネガティブプロンプト。", resume_safe=True)
+                                          help_ja="プレビューのネガティブプロンプト。", learns=False)
     num_samples: int = setting(2, "Samples", "Number of Samples to Generate",
                                "Preview images per prompt (keep it small: each costs a full generation).",
-                               help_ja="プロンプトごとのプレビュー枚数（1枚ごとに丸々生成するので少なめに）。", minimum=1, resume_safe=True)
+                               help_ja="プロンプトごとのプレビュー枚数（1枚ごとに丸々生成するので少なめに）。", minimum=1, learns=False)
     sample_seed: int = setting(42, "Samples", "Sample Seed", "Seed of the previews, fixed so steps compare.",
-                               help_ja="プレビューのシード。固定なのでステップごとに比べられます。", resume_safe=True)
+                               help_ja="プレビューのシード。固定なのでステップごとに比べられます。", learns=False)
     sample_guidance_scale: float = setting(7.5, "Samples", "Sample CFG Scale", "CFG scale of the previews.",
-                                           help_ja="プレビューの CFG スケール。", resume_safe=True)
+                                           help_ja="プレビューの CFG スケール。", learns=False)
     sample_steps: int = setting(20, "Samples", "Sample Steps", "Sampling steps of the previews.",
-                                help_ja="プレビューのサンプリングステップ数。", minimum=1, resume_safe=True)
+                                help_ja="プレビューのサンプリングステップ数。", minimum=1, learns=False)
 
     # --- Test Prompts --------------------------------------------------------------------
     # The seed's way to pick a checkpoint: first "<instance prompt>, 1girl, solo" until it looks
@@ -484,39 +485,39 @@ class Config:
     test_fidelity_prompts: tuple[str, ...] = setting(
         ("{instance_prompt}, 1girl, solo",), "Test Prompts", "Fidelity Prompts",
         "Prompts that should show the character as trained; {instance_prompt} and {class_prompt} are filled in.",
-        help_ja="学習したとおりのキャラが出るべきプロンプト。{instance_prompt} と {class_prompt} は自動で埋まります。")
+        help_ja="学習したとおりのキャラが出るべきプロンプト。{instance_prompt} と {class_prompt} は自動で埋まります。", learns=False)
     test_flexibility_prompts: tuple[str, ...] = setting(
         ("{instance_prompt}, 1girl, solo, school uniform, classroom",
          "{instance_prompt}, 1girl, solo, swimsuit, beach",
          "{instance_prompt}, 1girl, solo, winter coat, snowy street"), "Test Prompts", "Flexibility Prompts",
         "Prompts that ask for other clothes / places: a good checkpoint follows them.",
-        help_ja="別の服や場所を指定するプロンプト。良いチェックポイントはこれに従います。")
+        help_ja="別の服や場所を指定するプロンプト。良いチェックポイントはこれに従います。", learns=False)
     test_negative_prompt: str = setting(QUALITY_NEGATIVE, "Test Prompts", "Test Negative Prompt",
                                         "Negative prompt of the test images (the seed's quality negative).",
-                                        help_ja="テスト画像のネガティブプロンプト（ガイドの品質ネガ）。")
+                                        help_ja="テスト画像のネガティブプロンプト（ガイドの品質ネガ）。", learns=False)
     test_class_prompt_in_negative: bool = setting(
         False, "Test Prompts", "Class Prompt in Negative",
         "Also put the class prompt in the negative (the seed's 'Instance prompt + Class prompt ネガ' call).",
-        help_ja="クラスプロンプトもネガに入れます（ガイドの「Instance prompt + Class prompt ネガ」という呼び出し方）。")
+        help_ja="クラスプロンプトもネガに入れます（ガイドの「Instance prompt + Class prompt ネガ」という呼び出し方）。", learns=False)
     test_seeds: int = setting(4, "Test Prompts", "Seeds per Prompt", "Images per prompt and checkpoint (seeds 0..N-1).",
-                              help_ja="プロンプト・チェックポイントごとの画像枚数（シード 0〜N-1）。", minimum=1)
+                              help_ja="プロンプト・チェックポイントごとの画像枚数（シード 0〜N-1）。", minimum=1, learns=False)
     test_steps: str = setting("all", "Test Prompts", "Checkpoints to Test",
                               "'all', or step numbers like '1000,2000,3000'. The base model is always a baseline row.",
-                              help_ja="'all' か '1000,2000,3000' のようなステップ数。ベースモデルは比較用に必ず含まれます。")
+                              help_ja="'all' か '1000,2000,3000' のようなステップ数。ベースモデルは比較用に必ず含まれます。", learns=False)
     lora_scale: float = setting(1.0, "Test Prompts", "LoRA Weight",
                                 "LoRA runs: the adapters' strength in test images and scores (the webui's "
                                 "<lora:name:1.0>).",
-                                help_ja="LoRA の学習結果: テスト画像とスコアでのアダプタの強さ（webui の <lora:名前:1.0>）。")
+                                help_ja="LoRA の学習結果: テスト画像とスコアでのアダプタの強さ（webui の <lora:名前:1.0>）。", learns=False)
     test_guidance_scale: float = setting(7.5, "Test Prompts", "Test CFG Scale", "CFG scale of the test images.",
-                                         help_ja="テスト画像の CFG スケール。")
+                                         help_ja="テスト画像の CFG スケール。", learns=False)
     test_infer_steps: int = setting(28, "Test Prompts", "Test Sampling Steps", "Sampling steps of the test images.",
-                                    help_ja="テスト画像のサンプリングステップ数。", minimum=1)
+                                    help_ja="テスト画像のサンプリングステップ数。", minimum=1, learns=False)
     clip_model: str = setting("openai/clip-vit-base-patch32", "Test Prompts", "CLIP Model",
                               "CLIP for CLIP-I / CLIP-T scores (Hub id or local folder).",
-                              help_ja="CLIP-I / CLIP-T スコア用の CLIP（Hub の id かローカルのフォルダ）。")
+                              help_ja="CLIP-I / CLIP-T スコア用の CLIP（Hub の id かローカルのフォルダ）。", learns=False)
     dino_model: str = setting("facebook/dino-vits16", "Test Prompts", "DINO Model",
                               "DINO ViT for the DINO fidelity score (Hub id or local folder).",
-                              help_ja="DINO 忠実度スコア用の DINO ViT（Hub の id かローカルのフォルダ）。")
+                              help_ja="DINO 忠実度スコア用の DINO ViT（Hub の id かローカルのフォルダ）。", learns=False)
     score_with: str = setting(
         "clip", "Test Prompts", "Score With",
         "clip: CLIP-I / DINO / CLIP-T (any model). ccip: anime characters — fidelity by deepghs' CCIP "
@@ -527,7 +528,7 @@ class Config:
         choices=("clip", "ccip", "world"),
         help_ja="clip: CLIP-I / DINO / CLIP-T。ccip: アニメキャラ向け。忠実度は deepghs の CCIP（同じキャラと"
                 "判定された割合）、柔軟性はタグ再現率（WD14 タガーがプロンプトの指定タグを検出した割合）。"
-                "world: dbnb の小さな世界モデル用の画素解析。")
+                "world: dbnb の小さな世界モデル用の画素解析。", learns=False)
     ccip_model: str = setting(
         "deepghs/ccip_onnx", "Test Prompts", "CCIP Model",
         "For score_with=ccip: the Hub repo deepghs/ccip_onnx (its default model), deepghs/ccip_onnx/<model> "
@@ -535,11 +536,11 @@ class Config:
         "metrics.json.",
         help_ja="score_with=ccip で使う CCIP モデル。Hub の deepghs/ccip_onnx（既定モデル）、"
                 "deepghs/ccip_onnx/<モデル名>、または model_feat.onnx・model_metrics.onnx・metrics.json を"
-                "置いたローカルフォルダ。")
+                "置いたローカルフォルダ。", learns=False)
     flexibility_tolerance: float = setting(
         0.01, "Test Prompts", "Flexibility Tolerance",
         "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.",
-        help_ja="おすすめのチェックポイントは、CLIP-T が最高値からこの差以内のものの中で最も忠実なものになります。", minimum=0)
+        help_ja="おすすめのチェックポイントは、CLIP-T が最高値からこの差以内のものの中で最も忠実なものになります。", minimum=0, learns=False)
 
     def __post_init__(self):
         problems = [p for f in dataclasses.fields(self) for p in _type_problems(f, getattr(self, f.name))]

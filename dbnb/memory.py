@@ -93,9 +93,12 @@ def choose(gpu: dict | None) -> Choice:
     return Choice(settings, text)
 
 
-def apply_memory_profile(config: Config, gpu: dict | None | str = "detect") -> Config:
+def apply_memory_profile(config: Config, gpu: dict | None | str = "detect", resumed: dict | None = None) -> Config:
     """`config` with its memory settings chosen when memory_profile=auto (printed), else as it is.
-    `gpu`: the GPU to choose for (cuda_summary()'s dict, or None for none); "detect" asks torch."""
+    `gpu`: the GPU to choose for (cuda_summary()'s dict, or None for none); "detect" asks torch.
+    `resumed`: the saved config of the run being resumed, whose settings that change what is
+    learnt (use_8bit_adam: its state is in the checkpoint) stay as the run started, whatever
+    GPU tier this session landed on."""
     if config.memory_profile == "manual":
         return config
     if gpu == "detect":
@@ -111,6 +114,11 @@ def apply_memory_profile(config: Config, gpu: dict | None | str = "detect") -> C
         # An optimizer named outright is the user's choice, not a memory default to trade away.
         settings["use_8bit_adam"] = True
         message += " use_8bit_adam stays true: optimizer=adamw8bit asks for it."
+    kept = {k: resumed[k] for k, v in settings.items()
+            if resumed and k in resumed and resumed[k] != v and FIELDS[k].metadata["learns"]}
+    if kept:
+        settings.update(kept)
+        message += f" Kept from the run being resumed (they change what it learns): {settings_text(kept)}."
     print(f"[dbnb] memory_profile=auto: {message}", flush=True)
     return config.replace(**settings)
 
@@ -127,6 +135,8 @@ def memory_advice(config: Config) -> str:
         saving = f.metadata["memory_saving"]
         values = saving if isinstance(saving, tuple) else (saving,)
         if saving is not None and getattr(config, name) not in values:
-            off.append(f"{name}={values[0] if isinstance(values[0], str) else json.dumps(values[0])}")
+            # Those that change what is learnt cannot be turned on for a resume: say so here.
+            off.append(f"{name}={values[0] if isinstance(values[0], str) else json.dumps(values[0])}"
+                       + (" (for a new run: it changes what is learnt)" if f.metadata["learns"] else ""))
     return ("Still off: " + ", ".join(off) + ".") if off else \
         "Every memory option is already on: use a GPU with more VRAM or a lower resolution."

@@ -65,13 +65,18 @@ def total_steps(config: Config, epoch_len: int, world: int) -> int:
 
 
 def check_resume_config(run: RunFolder, config: Config) -> None:
-    saved = json.loads(run.config_path.read_text(encoding="utf-8"))
-    changed = [k for k, f in FIELDS.items() if not f.metadata["resume_safe"] and k in saved
-               and saved[k] != config.to_dict()[k]]
+    """A resume may change how the run is trained (memory savers, precision, attention, saving,
+    previews, tests), said in one line; not what it learns (the fields marked `learns`)."""
+    saved, now = run.saved_config() or {}, config.to_dict()
+    changed = [k for k in FIELDS if k in saved and saved[k] != now[k]]
+    learnt = [k for k in changed if FIELDS[k].metadata["learns"]]
+    if learnt:
+        raise ConfigError(f"Resuming {run.root} with settings that change what it learns: "
+                          + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in learnt)
+                          + f" (saved in {run.config_path}). Set them back to resume, or start a new run_name.")
     if changed:
-        raise ConfigError(f"Resuming {run.root} with different settings: {', '.join(changed)} "
-                          f"(saved in {run.config_path}). Use the run's own config to resume, "
-                          "or start a new run_name.")
+        print("[dbnb] resuming with changed settings: " + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in changed),
+              flush=True)
 
 
 def check_steps_left(checkpoint: Checkpoint, max_steps: int, config: Config) -> None:
@@ -211,7 +216,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
     from accelerate import Accelerator
 
     # 1. Where we run: accelerate decides the device and the processes (one, or DDP).
-    config = apply_memory_profile(config)  # memory_profile=auto: settings from the GPU's VRAM
+    # memory_profile=auto: settings from the GPU's VRAM; a resumed run keeps those it learns with.
+    config = apply_memory_profile(config, resumed=RunFolder.for_config(config).saved_config() if resume else None)
     check_machine(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,

@@ -179,7 +179,8 @@ def test_resume_report_and_memory_facts_live_on_the_fields():
     from dbnb.memory import memory_advice
 
     meta = {n: f.metadata for n, f in FIELDS.items()}
-    assert meta["max_train_steps"]["resume_safe"] and not meta["learning_rate"]["resume_safe"]
+    assert not meta["max_train_steps"]["learns"] and meta["learning_rate"]["learns"]
+    assert not meta["gradient_checkpointing"]["learns"] and not meta["test_seeds"]["learns"]
     # every memory-saving setting set the other way is named in the out-of-memory advice
     wasteful = Config(gradient_checkpointing=False, use_8bit_adam=False, cache_latents=False,
                       mixed_precision="no", train_text_encoder=True, train_batch_size=2, sample_every_steps=100)

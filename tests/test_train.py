@@ -365,6 +365,54 @@ def test_an_existing_run_needs_resume(make_config):
     assert result.step == 3
 
 
+def _resumed_equals_straight(make_config, name: str, first: dict, then: dict):
+    """Train 4 steps straight; train 2 with `first`, resume to 4 with `then`: same UNet weights."""
+    straight = train(make_config(max_train_steps=4, run_name=f"{name}-straight", **first), progress=False)
+    half = make_config(max_train_steps=2, run_name=name, save_every_steps=2, **first)
+    train(half, progress=False)
+    resumed = train(half.replace(max_train_steps=4, **then), resume="latest", progress=False)
+    a, b = unet_weights(straight.run_dir, 4), unet_weights(resumed.run_dir, 4)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    return resumed
+
+
+def test_resume_takes_the_changes_dbnb_advises_and_continues_exactly(make_config, capsys):
+    """Only what changes what is learnt blocks a resume. The three journeys of a Colab user:"""
+    from dbnb.memory import memory_advice
+
+    # 1. Out of memory: the advice names gradient_checkpointing, and the resume takes it. 8-bit
+    #    Adam would change the optimizer, so the advice says it is for a new run.
+    stopped = make_config(gradient_checkpointing=False)
+    assert "gradient_checkpointing=true" in memory_advice(stopped)
+    assert "use_8bit_adam=true (for a new run: it changes what is learnt)" in memory_advice(stopped)
+    _resumed_equals_straight(make_config, "oom", {}, dict(gradient_checkpointing=True))
+    assert ("resuming with changed settings: max_train_steps 2 -> 4, gradient_checkpointing False -> True"
+            in capsys.readouterr().out)
+    # 2. Notebook 05 (test_seeds=2 in the workspace), then 04 again with resume = True.
+    _resumed_equals_straight(make_config, "tested", {}, dict(test_seeds=2, sample_steps=3))
+    # 3. memory_profile=auto in a session on another GPU tier (here: no GPU, which picks 32-bit
+    #    AdamW): the run keeps the optimizer it started with, its state is in the checkpoint.
+    _resumed_equals_straight(make_config, "moved", dict(use_8bit_adam=True), dict(memory_profile="auto"))
+    assert "Kept from the run being resumed (they change what it learns): use_8bit_adam=true" in capsys.readouterr().out
+    # What is learnt still blocks, naming the setting, both values and the way out.
+    with pytest.raises(ConfigError, match=r"learning_rate 0.0001 -> 0.0002 .*Set them back to resume"):
+        train(make_config(run_name="tested", max_train_steps=4, learning_rate=2e-4), resume="latest", progress=False)
+
+
+def test_auto_on_another_gpu_tier_keeps_what_the_resumed_run_learns_with():
+    from dbnb.memory import apply_memory_profile
+
+    t4 = {"name": "Tesla T4", "total_vram_gib": 14.57, "free_vram_gib": 14.0, "capability": [7, 5], "bf16": False}
+    a100 = {"name": "NVIDIA A100-SXM4-40GB", "total_vram_gib": 39.39, "free_vram_gib": 39.0, "capability": [8, 0],
+            "bf16": True}
+    started = apply_memory_profile(Config(memory_profile="auto"), gpu=t4)
+    assert started.use_8bit_adam and started.mixed_precision == "fp16" and started.gradient_checkpointing
+    moved = apply_memory_profile(Config(memory_profile="auto"), gpu=a100, resumed=started.to_dict())
+    assert moved.use_8bit_adam  # the A100 tier alone would turn it off
+    assert moved.mixed_precision == "bf16" and not moved.gradient_checkpointing  # how it runs: this GPU's
+
+
 def test_resume_refuses_another_runs_checkpoint(make_config, tmp_path):
     a = train(make_config(max_train_steps=2, save_every_steps=1, run_name="a"), progress=False).run_dir
     b_config = make_config(max_train_steps=2, save_every_steps=1, run_name="b", seed=7)
