@@ -208,6 +208,8 @@ class Session:
     weight_dtype: torch.dtype
     step: int = 0
     micro_step: int = 0
+    stop_asked: dict | None = None   # cancel_on_signal's flag: asked of this process
+    cancelled: bool = False          # agreed by every process (see agree_on_stops)
 
 
 def train(config: Config, resume: str | None = None, progress: bool = True, on_step=None) -> TrainResult:
@@ -307,13 +309,14 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                desc="training", unit="step", dynamic_ncols=True)
     s.unet.train()
     with cancel_on_signal() as flag:
+        s.stop_asked = flag
         try:
             while s.step < s.max_steps and not cancelled:
                 loss, grad_norm = optimizer_step(s)
                 lr = s.lr_scheduler.get_last_lr()[0]
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-                cancelled = flag["cancel"]
+                cancelled = s.cancelled  # every process stops at the same step, or one waits forever
                 if acc.is_main_process:
                     record = {"step": s.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                               "time": round(time.time() - started, 3)}
@@ -371,8 +374,9 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
             loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, batch, config,
                                   scaling_factor=s.pipe.vae.config.scaling_factor, device=acc.device,
                                   encode_with_grad=train_te)
-            if not torch.isfinite(loss):
-                raise diverged(s, "Loss", loss.item())
+            if agree_on_stops(s, loss):
+                here = loss.item()
+                raise diverged(s, "Loss", here if not math.isfinite(here) else "inf or NaN on another process")
             acc.backward(loss)
             grad_norm = None
             if acc.sync_gradients and not config.optimizer_in_backward:
@@ -393,6 +397,20 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     if s.ema is not None:
         s.ema.step(trained_parameters(s))
     return loss.item(), grad_norm
+
+
+def agree_on_stops(s: Session, loss: torch.Tensor) -> bool:
+    """Whether the loss is inf / NaN on any process; notes in s.cancelled whether a stop was asked
+    of any. Decided by all processes together, every micro-step: a process that stopped or
+    raised alone would leave the others waiting in the next all-reduce for good."""
+    acc = s.accelerator
+    asked = bool(s.stop_asked and s.stop_asked["cancel"])
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(asked), device=loss.device)])
+    if acc.num_processes > 1:
+        flags = acc.reduce(flags, reduction="sum")
+    bad, cancel = (flags > 0).tolist()  # the one host sync this check costs
+    s.cancelled = s.cancelled or cancel
+    return bad
 
 
 def trained_parameters(s: Session) -> list[torch.nn.Parameter]:

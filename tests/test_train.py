@@ -648,6 +648,55 @@ def test_two_process_cpu_ddp_completes(make_config, tmp_path):
     assert steps == [1, 2, 3, 4]  # only the main process writes
 
 
+def _ddp(config, tmp_path, env=None):
+    path = config.save(tmp_path / f"{config.run_name}.json")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "dbnb",
+                             "train", str(path), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def test_two_process_ddp_stops_together_when_only_one_rank_is_signalled(make_config, tmp_path):
+    """A SIGTERM that reaches one process (the other rank's) stops both at one step, saved."""
+    import psutil
+
+    config = make_config(max_train_steps=400, save_every_steps=0, run_name="ddp-stop")
+    proc = _ddp(config, tmp_path)
+    log = tmp_path / "runs" / "ddp-stop" / "logs" / "train.jsonl"
+    _wait_for(log, proc, timeout=300)
+    ranks = {c.environ().get("RANK"): c for c in psutil.Process(proc.pid).children(recursive=True)
+             if "RANK" in c.environ()}
+    ranks["1"].send_signal(signal.SIGTERM)
+    try:
+        out, err = proc.communicate(timeout=240)  # without one agreed decision: rank 0 waits in an all-reduce forever
+    finally:
+        for p in [*ranks.values(), psutil.Process(proc.pid)] if proc.poll() is None else []:
+            p.kill()
+    assert proc.returncode != 0 and err.count("exitcode  : 130") == 2, err[-3000:]  # each rank: dbnb's "cancelled"
+    assert "SIGTERM: stopping after this step and saving" in out + err and "cancelled at step" in out
+    saved = sorted(p.name for p in (tmp_path / "runs" / "ddp-stop" / "checkpoints").iterdir())
+    assert len(saved) == 1 and int(saved[0][5:]) < 400
+
+
+def test_two_process_ddp_raises_on_both_ranks_when_one_loss_is_nan(make_config, tmp_path):
+    """An fp16 overflow on one rank's batch: both ranks stop with dbnb's divergence message."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    # Stands in for an overflow on rank 1's third micro-step; everything else is the real trainer.
+    (hook / "sitecustomize.py").write_text(
+        "import os\nif os.environ.get('RANK') == '1':\n"
+        "    import dbnb.train as t\n    real, calls = t.diffusion_loss, []\n"
+        "    def nan_on_third(*a, **k):\n        calls.append(1)\n        loss = real(*a, **k)\n"
+        "        return loss * float('nan') if len(calls) == 3 else loss\n"
+        "    t.diffusion_loss = nan_on_third\n")
+    config = make_config(max_train_steps=6, save_every_steps=1, run_name="ddp-nan")
+    proc = _ddp(config, tmp_path, {"PYTHONPATH": str(hook)})
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and err.count("Loss became") == 2, err[-3000:]  # said by each rank, none hangs
+    assert "Loss became inf or NaN on another process at step 3" in err and "Loss became nan at step 3" in err
+    saved = sorted(p.name for p in (tmp_path / "runs" / "ddp-nan" / "checkpoints").iterdir())
+    assert saved == ["step-000001", "step-000002"]
+
+
 def test_optimizer_in_backward_trains_like_the_normal_path(make_config):
     normal = train(make_config(max_train_steps=3, max_grad_norm=0.0, run_name="normal"), progress=False)
     hooked = train(make_config(max_train_steps=3, max_grad_norm=0.0, run_name="hooked", optimizer_in_backward=True),
