@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import urllib.parse
 from pathlib import Path
@@ -46,20 +47,20 @@ def resolve_source(source: str, cache_dir: str | Path | None = None) -> tuple[st
     source = str(source).strip()
     if not source:
         raise ModelLoadError("No base model given: set pretrained_model_name_or_path.")
-    path = Path(source).expanduser()
+    remote = source.startswith(("http://", "https://"))
+    path = download(source, cache_dir) if remote else Path(source).expanduser()
+    named = f"{source} (downloaded to {path})" if remote else str(path)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"{path} is a folder but has no model_index.json, so it is not a diffusers "
+            raise ModelLoadError(f"{named} is a folder but has no model_index.json, so it is not a diffusers "
                                  "model folder. Point to the folder that holds model_index.json, or to a "
                                  ".safetensors / .ckpt file.")
         return "folder", str(path)
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected one of "
+            raise ModelLoadError(f"{named}: unknown model file type {path.suffix!r}; expected one of "
                                  f"{', '.join(SINGLE_FILE_SUFFIXES)}.")
         return "file", str(path)
-    if source.startswith(("http://", "https://")):
-        return "file", str(download(source, cache_dir))
     if HUB_ID.match(source):
         return "hub", source
     raise ModelLoadError(f"Base model {source!r} is neither an existing folder or file, a URL, nor a "
@@ -67,24 +68,33 @@ def resolve_source(source: str, cache_dir: str | Path | None = None) -> tuple[st
 
 
 def download(url: str, cache_dir: str | Path | None = None) -> Path:
-    """Fetch a URL (Google Drive links through gdown) into the cache, once."""
+    """Fetch a URL into the cache, once: a file, or a folder for a Drive folder link (a diffusers
+    model or VAE folder shared on Drive)."""
     cache = Path(cache_dir or default_cache_dir()) / "downloads"
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     done = [p for p in cache.glob(f"{key}-*") if not p.name.endswith(".part")]
     if done:
         return done[0]
-    if "drive.google.com" in url or "docs.google.com" in url:
-        import gdown
-
+    if fetch.is_drive(url):
         tmp = cache / f"{key}.part"
-        name = gdown.download(url, str(tmp), fuzzy=True, quiet=False)
-        if not name:
-            raise ModelLoadError(f"Google Drive download failed for {url}: is the file shared "
-                                 "('anyone with the link')?")
-        # gdown does not tell the original file name reliably; keep the suffix check honest.
-        suffix = _sniff_suffix(tmp)
-        final = cache / f"{key}-model{suffix}"
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted download left
+        tmp.mkdir()
+        try:
+            got = fetch.fetch_drive(url, tmp)
+        except fetch.FetchError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelLoadError(str(e)) from None
+        if got == tmp:
+            final = cache / f"{key}-drive-folder"
+        else:
+            # Drive's name as gdown was given it; a name without a model suffix gets the one its
+            # first bytes tell, so the suffix check reads the truth.
+            name = got.name if got.suffix.lower() in SINGLE_FILE_SUFFIXES else got.name + _sniff_suffix(got)
+            final = cache / f"{key}-{name}"
+            os.replace(got, final)
+            tmp.rmdir()
+            return final
     else:
         name = Path(urllib.parse.urlparse(url).path).name or "model.safetensors"
         final = cache / f"{key}-{name}"
@@ -250,10 +260,12 @@ def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path 
 
 
 def resolve_source_vae(source: str, cache_dir) -> tuple[str, str]:
-    path = Path(source).expanduser()
+    source = str(source).strip()
+    remote = source.startswith(("http://", "https://"))
+    path = download(source, cache_dir) if remote else Path(source).expanduser()
     if path.is_dir():  # a bare VAE folder has config.json, not model_index.json
         return "folder", str(path)
-    return resolve_source(source, cache_dir)
+    return resolve_source(str(path) if remote else source, cache_dir)
 
 
 def fetch_model(source: str, cache_dir: str | Path | None = None, revision: str = "") -> str:
@@ -280,7 +292,6 @@ def save_folder(single_file: str | Path, folder: Path, records: dict[str, dict])
     values are exact in fp32. `records`: JSON files written beside the parts (file name → content).
     Written under a hidden name and renamed into place when complete; `folder` must be absent or empty."""
     import json
-    import shutil
 
     pipe = load_pipeline(str(single_file), dtype=torch.float32)
     tmp = folder.with_name(f".{folder.name}.tmp")
