@@ -24,10 +24,11 @@ import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
 from dbnb import divergence, lora, optimizers
-from dbnb.batches import Batches, MicroBatch, cache_latents, dropout_seed, gather_examples, next_batch, read_images
+from dbnb.batches import (Batches, MicroBatch, cache_latents, dropout_seed, epoch_length, gather_examples, next_batch,
+                          read_images)
 from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
-from dbnb.config import FIELDS, Config, ConfigError
+from dbnb.config import FIELDS, Config, ConfigError, check_schedule
 from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
 from dbnb.previews import write_previews
@@ -218,6 +219,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
                               cpu=not torch.cuda.is_available())
     try:
         examples = gather_examples(config)
+        # Before the run folder and the model: a schedule that cannot run would fail at the last step.
+        check_schedule(config, total_steps(config, epoch_length(*map(len, examples)), accelerator.num_processes))
         with RunFolder.for_config(config).hold(accelerator.is_main_process):
             session = setup(config, accelerator, resume, examples)
             return loop(session, progress, on_step)

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -313,6 +314,38 @@ def test_settings_that_cannot_work_say_what_to_change(make_config):
         train(make_config(with_prior_preservation=True, num_class_images=50), progress=False)
     with pytest.raises(data.DatasetError, match="does not exist"):
         train(make_config(instance_data_dir="/nonexistent/images"), progress=False)
+
+
+def test_the_lr_schedule_is_checked_whole_before_the_first_step(make_config, tmp_path, capsys):
+    from dbnb.cli import main
+    from dbnb.models import ModelLoadError
+
+    # A base model that does not exist: an error about it would mean the model loaded first.
+    config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), lr_scheduler="polynomial",
+                         lr_warmup_steps=15, max_train_steps=15)  # the case: the default warm-up
+    stops = {"warm-up": ({}, r"lr_warmup_steps=15 equals max_train_steps=15: lr_scheduler=polynomial divides .* "
+                             r"the run would stop at its last step\. Lower lr_warmup_steps below 15"),
+             "epochs": (dict(num_train_epochs=2, lr_warmup_steps=6),  # 3 pictures: 6 steps
+                        r"lr_warmup_steps=6 equals the run's 6 steps \(num_train_epochs=2\)"),
+             "power": (dict(lr_warmup_steps=0, lr_power=-1.0),
+                       r"lr_power=-1 with lr_scheduler=polynomial: the power must be > 0")}
+    for case, (overrides, said) in stops.items():
+        path = config.replace(**overrides).save(tmp_path / f"{case}.yaml")
+        assert main(["train", str(path), "--no-progress"]) == 2, case
+        err = capsys.readouterr().err
+        assert re.search(said, err) and "Traceback" not in err, (case, err)
+    assert not (tmp_path / "runs").exists()  # refused before the run folder was made
+    # Runs that would work, but not as set: said before the model loads, then they go on.
+    for overrides, said in ((dict(max_train_steps=10, lr_scheduler="constant_with_warmup"),
+                             "lr_warmup_steps=15 is not below max_train_steps=10: the learning rate is still rising"),
+                            (dict(lr_scheduler="cosine_with_restarts", lr_warmup_steps=10, lr_num_cycles=8),
+                             "lr_num_cycles=8 with 5 steps after the warm-up .* at most 5 cycles")):
+        with pytest.warns(UserWarning, match=said), pytest.raises(ModelLoadError):
+            train(config.replace(**overrides), progress=False)
+    # The edges that work: one step after the warm-up, and constant, which has no warm-up.
+    for n, fine in enumerate((dict(max_train_steps=2, lr_warmup_steps=1, lr_scheduler="polynomial"),
+                              dict(max_train_steps=1, lr_warmup_steps=15, lr_scheduler="constant"))):
+        assert train(make_config(**fine, run_name=f"fine{n}"), progress=False).step == fine["max_train_steps"]
 
 
 def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_config, tmp_path):
