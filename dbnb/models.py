@@ -224,9 +224,29 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
     return pipe
 
 
+# The parts of a diffusers folder dbnb loads, each with the files it cannot do without (the
+# tokenizer: the slow pair or the fast file). Without its folder diffusers does not refuse:
+# a missing tokenizer/ is built from the folder's root with no vocabulary and an endless
+# model_max_length (OverflowError at the first prompt); a missing unet/ says "no file named config.json".
+FOLDER_PARTS = {"unet": [("config.json",)], "vae": [("config.json",)], "text_encoder": [("config.json",)],
+                "scheduler": [("scheduler_config.json",)],
+                "tokenizer": [("vocab.json", "merges.txt"), ("tokenizer.json",)]}
+
+
 def check_folder(folder: Path) -> None:
-    """Every weight file of a diffusers folder whole, so a damaged one is named (diffusers'
-    own error names none)."""
+    """Every part of a diffusers folder there, and every weight file whole, so a missing part or
+    a damaged file is named (diffusers' own errors name neither)."""
+    missing = []
+    for part, choices in FOLDER_PARTS.items():
+        if not (folder / part).is_dir():
+            missing.append(f"{part}/")
+        elif not any(all((folder / part / name).is_file() for name in names) for names in choices):
+            missing.append(" or ".join(" + ".join(f"{part}/{n}" for n in names) for names in choices))
+    if missing:
+        raise ModelLoadError(f"{folder} is not a whole diffusers model folder: {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} missing. Copy the whole model folder "
+                             "again (a copy or upload that stopped part-way leaves parts out), or give the "
+                             "model's single .safetensors / .ckpt file instead.")
     for path in sorted(folder.glob("*/*")):
         if path.suffix in (".safetensors", ".bin"):
             weights.check(path)

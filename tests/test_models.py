@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,28 @@ def test_unknown_sources_say_what_to_do(tmp_path):
         resolve_source(str(tmp_path / "m.txt"))
     with pytest.raises(ModelLoadError, match="pretrained_model_name_or_path"):
         resolve_source("")
+
+
+def test_a_model_folder_with_a_part_missing_is_named_before_anything_loads(tiny_dir, tmp_path, capsys):
+    from dbnb.cli import main
+    from dbnb.config import Config
+    from dbnb.demo import write_dataset
+
+    instance, _ = write_dataset(tmp_path / "data", n_instance=2)
+    for gone, said in (("tokenizer", "tokenizer/ is missing"), ("unet", "unet/ is missing"),
+                       ("tokenizer/merges.txt", r"tokenizer/vocab.json \+ tokenizer/merges.txt or "
+                                                r"tokenizer/tokenizer.json is missing")):
+        model = tmp_path / gone.replace("/", "-") / "model"
+        shutil.copytree(tiny_dir, model)
+        shutil.rmtree(model / gone) if (model / gone).is_dir() else (model / gone).unlink()
+        (model / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+        config = Config(pretrained_model_name_or_path=str(model), instance_data_dir=str(instance),
+                        instance_prompt="hnzk girl", output_dir=str(tmp_path / "runs"), run_name=gone[:4],
+                        resolution=64, max_train_steps=1, lr_warmup_steps=0, mixed_precision="no")
+        assert main(["train", str(config.save(tmp_path / "c.yaml")), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(f"{model} is not a whole diffusers model folder: {said}. Copy the whole model", err), err
+        assert "Traceback" not in err
 
 
 class _RunsCode:
