@@ -426,7 +426,7 @@ def disk_full(run: RunFolder, what: str, needed: int = 0):
 
 def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encoder, optimizer,
                     lr_scheduler, ema, config) -> Path:
-    from dbnb.env import DiskFullError, check_free_space, is_disk_full
+    from dbnb.env import DiskFullError, check_free_space, is_disk_full, write_errors
 
     from dbnb import lora
 
@@ -453,7 +453,7 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
 
     try:
         path = run.write_checkpoint(step, write)  # a failed write leaves the previous checkpoints as they were
-    except (OSError, RuntimeError) as e:
+    except write_errors() as e:
         if isinstance(e, DiskFullError) or not is_disk_full(e):
             raise
         raise disk_full(run, f"saving checkpoint step {step}", needed) from None

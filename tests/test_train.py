@@ -463,6 +463,34 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(m
     assert train(config, resume="latest", progress=False).step == 3
 
 
+def test_disk_full_inside_safetensors_is_the_same_disk_full(make_config, tmp_path, monkeypatch, capsys):
+    """diffusers writes the UNet through safetensors, whose error on a full disk is its own
+    SafetensorError (an Exception, not an OSError): the same message, the checkpoints kept."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from dbnb.cli import main
+
+    real_save = safetensors.torch.save_file
+
+    def save_on_a_full_disk(tensors, filename, *args, **kwargs):
+        if "step-000002" in str(filename):
+            Path(filename).write_bytes(b"half a file")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_on_a_full_disk)
+    config = make_config(max_train_steps=3, save_every_steps=1, run_name="fullst")
+    path = config.save(tmp_path / "fullst.yaml")
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    run = Path(config.output_dir) / "fullst"
+    assert err.startswith(f"dbnb: Disk full at {run} while saving checkpoint step 2") and "Traceback" not in err
+    assert f"The previous checkpoint {run / 'checkpoints' / 'step-000001'} is intact" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert main(["train", str(path), "--no-progress", "--resume", "latest"]) == 0
+
+
 def test_disk_full_while_logging_stops_with_the_same_message(make_config, monkeypatch):
     import errno
 
