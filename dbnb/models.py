@@ -233,6 +233,31 @@ FOLDER_PARTS = {"unet": [("config.json",)], "vae": [("config.json",)], "text_enc
                 "tokenizer": [("vocab.json", "merges.txt"), ("tokenizer.json",)]}
 
 
+# Parts of the base model a run depends on, fingerprinted when it starts (see fingerprint).
+FINGERPRINT_PARTS = ("unet", "vae", "text_encoder")
+SAMPLES_PER_TENSOR = 16
+
+
+def fingerprint(pipe) -> dict[str, str]:
+    """A content hash per part of a loaded base model, to tell on resume whether it is the model
+    the run started from. Taken from the loaded fp32 weights rather than from the files, because
+    the same model comes as a folder, a .safetensors, a Hub cache entry or a fresh download to
+    another path (all the same weights), and a path tells nothing. Cheap: 16 evenly spaced values
+    of every tensor (fine-tunes and merges change every tensor, so any change shows), with its
+    shape, in the module's own order; no names, which transformers 5 changed for the text
+    encoder. Values are exact (no sums), so the same model gives the same hash on any device."""
+    found = {}
+    for part in FINGERPRINT_PARTS:
+        digest = hashlib.sha256()
+        for tensor in getattr(pipe, part).parameters():
+            flat = tensor.detach().reshape(-1)
+            picks = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR)).long()
+            digest.update(repr(tuple(tensor.shape)).encode())
+            digest.update(flat[picks].to("cpu", torch.float32).numpy().tobytes())
+        found[part] = digest.hexdigest()[:16]
+    return found
+
+
 def check_folder(folder: Path) -> None:
     """Every part of a diffusers folder there, and every weight file whole, so a missing part or
     a damaged file is named (diffusers' own errors name neither)."""

@@ -88,13 +88,15 @@ def check_steps_left(checkpoint: Checkpoint, max_steps: int, config: Config) -> 
 # --- models ------------------------------------------------------------------------------------
 
 def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype):
+    """(pipeline ready to train, the noise scheduler, the base model's fingerprint as loaded)."""
     from diffusers import DDPMScheduler
 
     from dbnb.env import check_xformers
-    from dbnb.models import load_pipeline
+    from dbnb.models import fingerprint, load_pipeline
 
     pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                          revision=config.revision)
+    base = fingerprint(pipe)  # as loaded: before casts and adapters change what the weights read
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     # Frozen parts run in the mixed-precision dtype; trained parts keep fp32 master weights.
     pipe.vae.requires_grad_(False)
@@ -120,7 +122,7 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
             pipe.text_encoder.gradient_checkpointing_enable()
             if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
                 pipe.text_encoder.enable_input_require_grads()
-    return pipe, noise_scheduler
+    return pipe, noise_scheduler, base
 
 
 
@@ -246,7 +248,11 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     accelerator.wait_for_everyone()
 
     # 3. Base model and training images.
-    pipe, noise_scheduler = load_models(config, device, weight_dtype)
+    pipe, noise_scheduler, base = load_models(config, device, weight_dtype)
+    if resume_from is not None:
+        run.check_base(config, base)
+    elif accelerator.is_main_process:
+        run.record_base(config, base)
     unet, text_encoder = pipe.unet, pipe.text_encoder
     batches = read_images(config, pipe.tokenizer, examples)
     max_steps = total_steps(config, batches.epoch_len, world)

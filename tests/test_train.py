@@ -421,6 +421,28 @@ def test_resume_refuses_another_runs_checkpoint(make_config, tmp_path):
     assert load_config(b / "config.json") == b_config
 
 
+def test_resume_refuses_another_base_model_but_takes_a_copy_of_the_same(make_config, tiny_dir, tmp_path, capsys):
+    from dbnb.cli import main
+    from dbnb.tiny import make_tiny_model
+
+    config = make_config(max_train_steps=2, save_every_steps=1, run_name="based")
+    train(config, progress=False)
+    other = make_tiny_model(tmp_path / "other", seed=1)  # same shapes, other weights: only content tells
+    make_tiny_model(tmp_path / "same", single_file=tmp_path / "same.safetensors", seed=0)  # tiny_dir's weights
+    longer = config.replace(max_train_steps=3, pretrained_model_name_or_path=str(other))
+    assert main(["train", str(longer.save(tmp_path / "c.yaml")), "--no-progress", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert (f"started from pretrained_model_name_or_path={str(tiny_dir)!r}, but this config loads "
+            f"pretrained_model_name_or_path={str(other)!r}, a different model (its unet, vae, text_encoder "
+            "differ by content") in err and "Traceback" not in err, err
+    run = Path(config.output_dir) / "based"
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    # The same model elsewhere, in another form (a single file): resumed.
+    copy = longer.replace(pretrained_model_name_or_path=str(tmp_path / "same.safetensors"))
+    assert main(["train", str(copy.save(tmp_path / "c.yaml")), "--no-progress", "--resume", "latest"]) == 0
+    assert sorted(c.name for c in (run / "checkpoints").iterdir())[-1] == "step-000003"
+
+
 def test_resume_latest_names_a_damaged_checkpoint_and_the_one_to_resume_from(make_config, tmp_path):
     config = make_config(max_train_steps=3, save_every_steps=1, run_name="cut")
     run = train(config, progress=False).run_dir
