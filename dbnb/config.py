@@ -866,11 +866,13 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"Config file {path} does not exist. `dbnb config --preset person > {path.name}` writes one.")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix in (".yaml", ".yml"):
+        # JSON only for .json: any other name is read as YAML, which reads JSON too, so a file an
+        # editor or a download renamed (my.yaml.txt, config.yml.yaml) still reads as it is.
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
             import yaml
             data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
     except Exception as e:  # noqa: BLE001 — parser errors differ by format; the message says which file
         raise ConfigError(f"Cannot read config file {path}: {e}") from None
     if not isinstance(data, dict):
