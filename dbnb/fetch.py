@@ -77,6 +77,9 @@ def _place(path: Path, dest: Path, max_bytes: int, skip: SkipHook) -> list[Path]
     """One local file: a zip is extracted, a URL list downloaded, a picture copied."""
     if zipfile.is_zipfile(path):
         return extract_zip(path, dest, max_bytes=max_bytes, on_skip=skip)
+    if path.suffix.lower() == ".zip":
+        raise FetchError(f"{path}: named .zip but not a complete .zip archive (a download or copy that stopped "
+                         "part-way?). Download or create the archive again.")
     if path.suffix.lower() == ".txt":
         return _fetch_url_list(path, dest, max_bytes, skip)
     if is_image_name(path.name):
@@ -380,14 +383,17 @@ def _fetch_url_list(listing: Path, dest: Path, max_bytes: int, skip: SkipHook) -
     if bad or not urls:
         raise FetchError(f"{listing}: expected one http(s) URL per line" + (f"; not a URL: {bad[0]!r}" if bad
                                                                               else ", found none") + ".")
-    placed = []
+    placed, failed = [], []
     for url in urls:
         try:
             placed += _fetch_url(url, dest, max_bytes, skip)
         except FetchError as e:
+            failed.append(str(e))
             skip(url, str(e))
-    if not placed:
-        raise FetchError(f"{listing}: none of its {len(urls)} URLs gave a picture (see the messages above).")
+    if not placed:  # the reasons here: a caller's on_skip may only have collected them
+        shown = " | ".join(failed[:3]) + (f" | … and {len(failed) - 3} more" if len(failed) > 3 else "")
+        raise FetchError(f"{listing}: none of its {len(urls)} URLs gave a picture. " + (
+            shown if failed else "Each was left out (not a picture or .zip)."))
     return placed
 
 

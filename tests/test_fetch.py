@@ -135,6 +135,10 @@ def test_single_picture_and_bad_sources(tmp_path):
     (tmp_path / "x.pdf").write_bytes(b"%PDF")
     with pytest.raises(FetchError, match="x.pdf: not a picture"):
         fetch_images(tmp_path / "x.pdf", tmp_path / "dest")
+    whole = _make_zip(tmp_path / "whole.zip", {"a.png": _png_bytes()}).read_bytes()
+    (tmp_path / "cut.zip").write_bytes(whole[:len(whole) // 2])  # a download that stopped part-way
+    with pytest.raises(FetchError, match="cut.zip: named .zip but not a complete .zip archive"):
+        fetch_images(tmp_path / "cut.zip", tmp_path / "dest")
 
 
 def test_url_list_reports_dead_links_and_keeps_the_rest(tmp_path, monkeypatch):
@@ -155,6 +159,10 @@ def test_url_list_reports_dead_links_and_keeps_the_rest(tmp_path, monkeypatch):
     got = fetch_images(listing, tmp_path / "dest", on_skip=lambda n, r: skipped.append(n))
     assert sorted(p.name for p in got) == ["1-2.png", "1.png"]  # same names do not overwrite
     assert skipped == ["https://dead.example/x.png"]
+    (tmp_path / "dead.txt").write_text("https://dead.example/x.png\nhttps://dead.example/y.png\n")
+    with pytest.raises(FetchError, match=r"none of its 2 URLs gave a picture. Download of https://dead.example/x.png "
+                                         r"failed: 404 \| Download of https://dead.example/y.png failed: 404"):
+        fetch_images(tmp_path / "dead.txt", tmp_path / "dest", on_skip=lambda n, r: None)  # as prep collects
     (tmp_path / "bad.txt").write_text("not a url\n")
     with pytest.raises(FetchError, match="not a URL: 'not a url'"):
         fetch_images(tmp_path / "bad.txt", tmp_path / "dest")

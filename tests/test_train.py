@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,13 +369,19 @@ def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_conf
 @pytest.mark.parametrize("problem, match", [
     ("missing", "does not exist"), ("empty", "has no images"), ("only_text", "has no images"),
     ("filewords", r"3 of 3 pictures .* have no caption .*\[filewords\]"),
+    ("set.zip", r"set.zip is a .zip, not a folder of pictures. Extract it first: `dbnb prep .*set.zip OUT`"),
+    ("nested", r"has no images .*one level down, in .*nested/chara: set instance_data_dir to that folder"),
 ])
 def test_instance_folder_problems_are_found_before_anything_is_made(make_config, tmp_path, problem, match):
     folder = tmp_path / problem
-    if problem != "missing":
+    if problem == "set.zip":  # the pictures as downloaded, not yet extracted
+        shutil.make_archive(str(folder.with_suffix("")), "zip", tmp_path / "data" / "instance")
+    elif problem != "missing":
         folder.mkdir()
     if problem == "only_text":
         (folder / "caption.txt").write_text("1girl")
+    if problem == "nested":  # an archive extracted with its folder
+        shutil.copytree(tmp_path / "data" / "instance", folder / "chara")
     overrides = dict(instance_data_dir=str(folder))
     if problem == "filewords":
         overrides = dict(instance_prompt="[filewords]")
