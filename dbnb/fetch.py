@@ -275,9 +275,10 @@ def drive_link(url: str) -> tuple[str, str]:
 
 def fetch_drive(url: str, into: Path) -> Path:
     """A Drive file or folder link, downloaded into the folder `into` by gdown. Returns the file,
-    named as on Drive, or `into` itself for a folder (its tree inside, at most 50 files per
-    folder: gdown's limit). Anything gdown or the connection raises becomes a FetchError saying
-    why; a programming error (a TypeError from a changed gdown) keeps its traceback."""
+    named as on Drive, or `into` itself for a folder (its tree inside; gdown 5 stops at 50 files
+    per folder). Anything gdown or the connection raises becomes a FetchError saying why; a
+    programming error (a TypeError from a changed gdown) keeps its traceback. gdown has no size
+    cap, so fetch_images' max_bytes bounds what Drive archives expand to, not the download."""
     import inspect
 
     import gdown
