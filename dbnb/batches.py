@@ -42,7 +42,13 @@ class Batches:
 
     @property
     def epoch_len(self) -> int:
-        return max(len(self.instance), len(self.klass)) if self.klass else len(self.instance)
+        return epoch_length(len(self.instance), len(self.klass) if self.klass else 0)
+
+
+def epoch_length(instance: int, klass: int) -> int:
+    """Pictures in one epoch: the longer of the two sets (the shorter one repeats); known from the
+    examples alone, so the run's length is known before the model loads."""
+    return max(instance, klass)
 
 
 @dataclass

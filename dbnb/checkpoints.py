@@ -2,6 +2,7 @@
 
     <output_dir>/<run_name>/
       config.json                 the frozen config this run used
+      base_model.json             what the run started from: the base model's sources and fingerprint
       checkpoints/step-000500/    a Checkpoint: the trained models or LoRA adapters + state/ (resume only)
       samples/step-000500/        preview PNGs + grid.png
       logs/train.jsonl            step, loss, lr, time
@@ -206,6 +207,39 @@ class RunFolder:
         text = json.dumps({**config.to_dict(), "run_id": run_id}, indent=2, ensure_ascii=False)
         self.config_path.write_text(text + "\n", encoding="utf-8")
         return run_id
+
+    @property
+    def base_path(self) -> Path:
+        return self.root / "base_model.json"
+
+    def record_base(self, config, parts: dict[str, str]) -> None:
+        """What a new run starts from: the base model's settings and its fingerprint
+        (dbnb.models.fingerprint), which resume compares by content."""
+        record = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
+                  "pretrained_vae_name_or_path": config.pretrained_vae_name_or_path, "fingerprint": parts}
+        self.base_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def check_base(self, config, parts: dict[str, str]) -> None:
+        """Refuse to resume on another base model than the run started from: the checkpoint's
+        trained weights would go on with another model's VAE and text encoder (or a LoRA on
+        weights it was not trained on). The paths may differ (a copy, a new download): the
+        content decides. Runs from before the record was kept are not checked."""
+        try:
+            record = json.loads(self.base_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        differ = [part for part, value in record.get("fingerprint", {}).items() if parts.get(part) != value]
+        if not differ:
+            return
+        names = ("pretrained_model_name_or_path", "pretrained_vae_name_or_path")
+        then = " with ".join(f"{n}={record.get(n)!r}" for n in names if record.get(n))
+        now = " with ".join(f"{n}={getattr(config, n)!r}" for n in names if getattr(config, n))
+        raise RunFolderError(
+            f"resume: {self.root} started from {then}, but this config loads {now}, a different model "
+            f"(its {', '.join(differ)} differ{'s' if len(differ) == 1 else ''} by content; a copy at another "
+            "precision counts as different). Training on would mix the run's trained weights with another "
+            f"model. Set {' and '.join(n for n in names if record.get(n) or getattr(config, n))} back to what "
+            f"the run started from (recorded in {self.base_path}), or start a new run_name without resuming.")
 
     def saved_config(self) -> dict | None:
         """config.json as the run started (with its run id), or None where there is none yet."""
@@ -430,7 +464,7 @@ def disk_full(run: RunFolder, what: str, needed: int = 0):
 
 def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encoder, optimizer,
                     lr_scheduler, ema, config) -> Path:
-    from dbnb.env import DiskFullError, check_free_space, is_disk_full
+    from dbnb.env import DiskFullError, check_free_space, is_disk_full, write_errors
 
     from dbnb import lora
 
@@ -457,7 +491,7 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
 
     try:
         path = run.write_checkpoint(step, write)  # a failed write leaves the previous checkpoints as they were
-    except (OSError, RuntimeError) as e:
+    except write_errors() as e:
         if isinstance(e, DiskFullError) or not is_disk_full(e):
             raise
         raise disk_full(run, f"saving checkpoint step {step}", needed) from None

@@ -15,6 +15,7 @@ import importlib.util
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -664,6 +665,44 @@ def _value_problems(c: Config) -> list[str]:
     return p
 
 
+def schedule_problems(c: Config, steps: int) -> tuple[list[str], list[str]]:
+    """The LR schedule's settings checked together against the run's `steps`: (problems that
+    would stop the run, ones that would only make it other than set), one line each with the fix.
+    diffusers' schedules meet the first kind only at the last step (a division by zero), so the
+    trainer checks before the first. Not part of a Config's own validation: a finished run's
+    config must stay readable (export, sample) whatever it says."""
+    fatal, odd = [], []
+    said = (f"the run's {steps} steps (num_train_epochs={c.num_train_epochs})" if c.num_train_epochs > 0
+            else f"max_train_steps={steps}")
+    after_warmup = steps - c.lr_warmup_steps
+    fix = f"Lower lr_warmup_steps below {steps} (a tenth of the run is usual) or train for more steps."
+    if c.lr_scheduler == "polynomial" and after_warmup == 0:
+        fatal.append(f"lr_warmup_steps={c.lr_warmup_steps} equals {said}: lr_scheduler=polynomial divides by the "
+                     f"steps after the warm-up, none here, and the run would stop at its last step. {fix}")
+    elif c.lr_scheduler != "constant" and after_warmup <= 0:
+        odd.append(f"lr_warmup_steps={c.lr_warmup_steps} is not below {said}: the learning rate is still rising "
+                   f"when the run ends and never reaches the one set. {fix}")
+    elif c.lr_scheduler == "cosine_with_restarts" and c.lr_num_cycles > after_warmup:
+        odd.append(f"lr_num_cycles={c.lr_num_cycles} with {after_warmup} steps after the warm-up "
+                   f"(lr_warmup_steps={c.lr_warmup_steps}, {said}): a restart would come more often than once a "
+                   f"step. Use at most {after_warmup} cycles (the extension's default: 1).")
+    if c.lr_scheduler == "polynomial" and c.lr_power <= 0:
+        fatal.append(f"lr_power={c.lr_power:g} with lr_scheduler=polynomial: the power must be > 0 (1.0: a straight "
+                     "decay). 0 would keep the LR constant (use lr_scheduler=constant for that), a negative power "
+                     "raises it without bound and divides by zero at the last step.")
+    return fatal, odd
+
+
+def check_schedule(c: Config, steps: int) -> None:
+    """Before the first step: a ConfigError naming the settings for a schedule that would stop
+    the run, a warning for one that would run other than set (see schedule_problems)."""
+    fatal, odd = schedule_problems(c, steps)
+    if fatal:
+        raise ConfigError("The learning-rate schedule cannot run to the end:\n  - " + "\n  - ".join(fatal))
+    for line in odd:
+        warnings.warn(line, stacklevel=2)
+
+
 # What optimizer_in_backward (dbnb.inbackward) cannot combine with, why, and what to change: it
 # steps each weight inside backward, and these need every gradient after backward.
 _INBACKWARD_WHY = {
@@ -828,11 +867,13 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"Config file {path} does not exist. `dbnb config --preset person > {path.name}` writes one.")
     text = path.read_text(encoding="utf-8")
     try:
-        if path.suffix in (".yaml", ".yml"):
+        # JSON only for .json: any other name is read as YAML, which reads JSON too, so a file an
+        # editor or a download renamed (my.yaml.txt, config.yml.yaml) still reads as it is.
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
             import yaml
             data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
     except Exception as e:  # noqa: BLE001 — parser errors differ by format; the message says which file
         raise ConfigError(f"Cannot read config file {path}: {e}") from None
     if not isinstance(data, dict):

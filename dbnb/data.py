@@ -10,6 +10,7 @@ import functools
 import json
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,30 @@ def concepts_from_config(config) -> list[Concept]:
 
 
 def list_images(folder: str | Path, what: str) -> list[Path]:
+    """The pictures at the top of `folder` (the trainer reads no subfolders)."""
     folder = Path(folder)
+    if folder.is_file():
+        kind = "a .zip" if zipfile.is_zipfile(folder) else "a file"
+        raise DatasetError(f"{what} {folder} is {kind}, not a folder of pictures. "
+                           + (f"Extract it first: `dbnb prep {folder} OUT` extracts it safely and prepares the "
+                              f"pictures; then set {what} to OUT." if kind == "a .zip" else
+                              f"Set {what} to the folder that holds the pictures."))
     if not folder.is_dir():
         raise DatasetError(f"{what} {folder} does not exist. Check the path (on Colab: is Drive mounted?).")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise DatasetError(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)}).")
+        below = _pictures_below(folder)
+        where = (f" The pictures are one level down, in {', '.join(str(d) for d in below[:3])}"
+                 f"{' …' if len(below) > 3 else ''}: set {what} to that folder (the trainer reads only the "
+                 "folder's own pictures, not its subfolders)." if below else "")
+        raise DatasetError(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)}).{where}")
     return images
+
+
+def _pictures_below(folder: Path) -> list[Path]:
+    """Subfolders of `folder` that hold pictures: where they are when an archive kept its folder."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+                  and any(p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir()))
 
 
 # --- prompts ---------------------------------------------------------------------------------

@@ -205,13 +205,22 @@ def check_writable(folder: str | os.PathLike[str], what: str) -> None:
                                "check the mount (on Colab: is Drive still mounted?).") from None
 
 
+def write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write of weights raises: OSError, torch.save's RuntimeError, and safetensors'
+    SafetensorError, which derives from Exception only (diffusers' and transformers' save_pretrained
+    write through it, so a full disk there is neither an OSError nor a RuntimeError)."""
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
+
+
 def is_disk_full(e: BaseException) -> bool:
     """Whether a failed write ran out of disk. torch.save says so only as 'unexpected pos'
-    (its zip writer), safetensors as 'os error 28'."""
+    (its zip writer), safetensors as 'os error 28' in a SafetensorError."""
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
     text = str(e)
-    return isinstance(e, (OSError, RuntimeError)) and any(
+    return isinstance(e, write_errors()) and any(
         part in text for part in ("unexpected pos", "No space left", "os error 28", "Disk quota exceeded"))
 
 

@@ -6,6 +6,7 @@ paths, symlinks and zip bombs come from.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -76,6 +77,9 @@ def _place(path: Path, dest: Path, max_bytes: int, skip: SkipHook) -> list[Path]
     """One local file: a zip is extracted, a URL list downloaded, a picture copied."""
     if zipfile.is_zipfile(path):
         return extract_zip(path, dest, max_bytes=max_bytes, on_skip=skip)
+    if path.suffix.lower() == ".zip":
+        raise FetchError(f"{path}: named .zip but not a complete .zip archive (a download or copy that stopped "
+                         "part-way?). Download or create the archive again.")
     if path.suffix.lower() == ".txt":
         return _fetch_url_list(path, dest, max_bytes, skip)
     if is_image_name(path.name):
@@ -221,52 +225,115 @@ def _copy_entry(zf: zipfile.ZipFile, info, target: Path, budget: int, archive: P
 
 # --- network -------------------------------------------------------------------------------
 
-def _is_drive(url: str) -> bool:
-    return "drive.google.com" in url or "docs.google.com" in url
+DRIVE_HOSTS = ("drive.google.com", "docs.google.com")
+
+
+def is_drive(url: str) -> bool:
+    return urllib.parse.urlsplit(url).hostname in DRIVE_HOSTS
 
 
 def _fetch_url(url: str, dest: Path, max_bytes: int, skip: SkipHook) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="dbnb-fetch-") as tmp:
-        if _is_drive(url) and "/folders/" in url:
-            files = _drive_folder(url, Path(tmp))
+        got = fetch_drive(url, Path(tmp)) if is_drive(url) else _download(url, Path(tmp), max_bytes)
+        if got.is_dir():  # a Drive folder: its pictures (with captions) and archives
+            files = list(iter_files(got))
+            names = {f.relative_to(got).as_posix() for f in files}
             placed = []
             for f in files:
-                if f.suffix.lower() == ".zip" or is_image_name(f.name):
+                rel = f.relative_to(got).as_posix()
+                if f.suffix.lower() == ".zip":
                     placed += _place(f, dest, max_bytes, skip)
-                elif not _is_junk(f.name):
-                    skip(f.name, "not a picture or .zip")
+                elif keep := keep_kind(rel, names, skip):
+                    target = Path(dest, rel)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(f, target)
+                    if keep == "image":
+                        placed.append(target)
             return placed
-        got = _drive_file(url, Path(tmp)) if _is_drive(url) else _download(url, Path(tmp), max_bytes)
         if not (zipfile.is_zipfile(got) or is_image_name(got.name)):
             raise FetchError(f"{url}: the download ({got.name}) is neither a picture nor a .zip. "
                              "Link the picture or archive itself, not a web page.")
         return _place(got, dest, max_bytes, skip)
 
 
-def _drive_file(url: str, tmp: Path) -> Path:
+def drive_link(url: str) -> tuple[str, str]:
+    """("file" | "folder", id) of a Drive share link. dbnb reads the id itself and hands gdown
+    only the id: gdown 5 needed `fuzzy=True` to read one from a `/file/d/<id>/view` link and
+    gdown 6 removed that argument, while `id=` means the same in both."""
+    parts = urllib.parse.urlsplit(url)
+    folder = re.search(r"/folders/([-\w]+)", parts.path)
+    if folder:
+        return "folder", folder.group(1)
+    file = re.search(r"/d/([-\w]+)", parts.path) or re.fullmatch(r"([-\w]+)", "".join(
+        urllib.parse.parse_qs(parts.query).get("id", [""])[:1]))
+    if file and file.group(1):
+        return "file", file.group(1)
+    raise FetchError(f"{url}: a Google Drive address, but not the link of one file or folder (it holds no id). "
+                     "In Drive, right-click the file or folder → Share → Copy link: it looks like "
+                     "https://drive.google.com/file/d/…/view or https://drive.google.com/drive/folders/….")
+
+
+def fetch_drive(url: str, into: Path) -> Path:
+    """A Drive file or folder link, downloaded into the folder `into` by gdown. Returns the file,
+    named as on Drive, or `into` itself for a folder (its tree inside; gdown 5 stops at 50 files
+    per folder). Anything gdown or the connection raises becomes a FetchError saying why; a
+    programming error (a TypeError from a changed gdown) keeps its traceback. gdown has no size
+    cap, so fetch_images' max_bytes bounds what Drive archives expand to, not the download."""
+    import inspect
+
     import gdown
+    import requests
 
+    kind, drive_id = drive_link(url)
+    get = gdown.download_folder if kind == "folder" else gdown.download
+    # Drive links dbnb reads are shared with anyone, and the confirmation page of a large file
+    # needs only the session's own cookies, so nothing is read from or left in ~/.cache/gdown.
+    options = dict(id=drive_id, quiet=False, use_cookies=False)
+    if "timeout" in inspect.signature(get).parameters:  # gdown >= 6: a stalled Drive is given up
+        options["timeout"] = DOWNLOAD_TIMEOUT_S
+    # A folder: gdown writes its tree into `into`. A file: a path ending in the separator makes
+    # gdown keep the name Drive gives (gdown 5 and 6 alike).
+    output = str(into) if kind == "folder" else str(into) + os.sep
+    what = "Google Drive folder" if kind == "folder" else "Google Drive file"
     try:
-        got = gdown.download(url, output=str(tmp) + os.sep, fuzzy=True, quiet=False)
-    except Exception as e:  # noqa: BLE001 — gdown raises many kinds; the advice is the same
-        raise FetchError(f"Google Drive download of {url} failed ({e}). Is it shared as 'anyone with "
-                         "the link'? On Colab you can also mount Drive and give the folder path.") from None
-    if not got:
-        raise FetchError(f"Google Drive download of {url} failed: is it shared as 'anyone with the link'?")
-    return Path(got)
+        got = get(output=output, **options)
+    except requests.RequestException as e:
+        raise FetchError(f"{what} {url}: Google Drive could not be reached ({e}). Check the connection "
+                         "and try again.") from None
+    except OSError as e:
+        raise FetchError(f"{what} {url}: writing the download to {into} failed ({e}). Free some disk "
+                         "space (or pick another folder) and try again.") from None
+    except _gdown_errors(gdown) as e:
+        if type(e).__name__ == "FolderContentsMaximumLimitError":
+            raise FetchError(f"{what} {url} holds more than 50 files, more than gdown 5 fetches from one "
+                             "folder: zip the pictures and share the .zip (or update gdown).") from None
+        raise FetchError(f"{what} {url}: Google Drive would not hand it out ({_gdown_reason(e)}). "
+                         + _DRIVE_FIX) from None
+    if got == []:
+        raise FetchError(f"{what} {url} is empty: put the pictures or "
+                         "model files themselves in it.")
+    if not got:  # gdown 5 returns False / None instead of raising for a folder it cannot list
+        raise FetchError(f"{what} {url}: Google Drive gave no files. " + _DRIVE_FIX)
+    return into if kind == "folder" else Path(got)
 
 
-def _drive_folder(url: str, tmp: Path) -> list[Path]:
-    import gdown
+_DRIVE_FIX = ("Share it as 'anyone with the link' (Share → General access). If it is shared, Drive may be "
+              "refusing it for today (too many downloads of this file): make a copy in your own Drive, or on "
+              "Colab mount Drive and give the path under /content/drive instead of the link.")
 
-    try:
-        got = gdown.download_folder(url, output=str(tmp), quiet=False)
-    except Exception as e:  # noqa: BLE001
-        raise FetchError(f"Google Drive folder {url} failed ({e}). Is it shared as 'anyone with the link'? "
-                         "gdown fetches at most 50 files per folder; zip bigger sets.") from None
-    if not got:
-        raise FetchError(f"Google Drive folder {url} gave no files: is it shared as 'anyone with the link'?")
-    return [Path(p) for p in got]
+
+def _gdown_errors(gdown) -> tuple[type, ...]:
+    """What gdown raises when Drive refuses: its own exceptions (they differ between 5 and 6) and,
+    in gdown 5, a RuntimeError for a folder page it cannot read (not shared)."""
+    own = tuple(e for e in vars(gdown.exceptions).values() if isinstance(e, type) and issubclass(e, Exception))
+    return own + (RuntimeError,)
+
+
+def _gdown_reason(error: Exception) -> str:
+    """gdown's own words without its framing ("Failed to retrieve file url: … but Gdown can't")."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = text.removeprefix("Failed to retrieve file url: ")
+    return text.split(" You may still be able to access")[0].rstrip(". ")
 
 
 def download(url: str, target: Path, *, max_bytes: int | None = None, progress: bool = False) -> str:
@@ -317,14 +384,17 @@ def _fetch_url_list(listing: Path, dest: Path, max_bytes: int, skip: SkipHook) -
     if bad or not urls:
         raise FetchError(f"{listing}: expected one http(s) URL per line" + (f"; not a URL: {bad[0]!r}" if bad
                                                                               else ", found none") + ".")
-    placed = []
+    placed, failed = [], []
     for url in urls:
         try:
             placed += _fetch_url(url, dest, max_bytes, skip)
         except FetchError as e:
+            failed.append(str(e))
             skip(url, str(e))
-    if not placed:
-        raise FetchError(f"{listing}: none of its {len(urls)} URLs gave a picture (see the messages above).")
+    if not placed:  # the reasons here: a caller's on_skip may only have collected them
+        shown = " | ".join(failed[:3]) + (f" | … and {len(failed) - 3} more" if len(failed) > 3 else "")
+        raise FetchError(f"{listing}: none of its {len(urls)} URLs gave a picture. " + (
+            shown if failed else "Each was left out (not a picture or .zip)."))
     return placed
 
 

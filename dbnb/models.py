@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 import urllib.parse
 from pathlib import Path
@@ -46,20 +47,20 @@ def resolve_source(source: str, cache_dir: str | Path | None = None) -> tuple[st
     source = str(source).strip()
     if not source:
         raise ModelLoadError("No base model given: set pretrained_model_name_or_path.")
-    path = Path(source).expanduser()
+    remote = source.startswith(("http://", "https://"))
+    path = download(source, cache_dir) if remote else Path(source).expanduser()
+    named = f"{source} (downloaded to {path})" if remote else str(path)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"{path} is a folder but has no model_index.json, so it is not a diffusers "
+            raise ModelLoadError(f"{named} is a folder but has no model_index.json, so it is not a diffusers "
                                  "model folder. Point to the folder that holds model_index.json, or to a "
                                  ".safetensors / .ckpt file.")
         return "folder", str(path)
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(f"{path}: unknown model file type {path.suffix!r}; expected one of "
+            raise ModelLoadError(f"{named}: unknown model file type {path.suffix!r}; expected one of "
                                  f"{', '.join(SINGLE_FILE_SUFFIXES)}.")
         return "file", str(path)
-    if source.startswith(("http://", "https://")):
-        return "file", str(download(source, cache_dir))
     if HUB_ID.match(source):
         return "hub", source
     raise ModelLoadError(f"Base model {source!r} is neither an existing folder or file, a URL, nor a "
@@ -67,24 +68,33 @@ def resolve_source(source: str, cache_dir: str | Path | None = None) -> tuple[st
 
 
 def download(url: str, cache_dir: str | Path | None = None) -> Path:
-    """Fetch a URL (Google Drive links through gdown) into the cache, once."""
+    """Fetch a URL into the cache, once: a file, or a folder for a Drive folder link (a diffusers
+    model or VAE folder shared on Drive)."""
     cache = Path(cache_dir or default_cache_dir()) / "downloads"
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     done = [p for p in cache.glob(f"{key}-*") if not p.name.endswith(".part")]
     if done:
         return done[0]
-    if "drive.google.com" in url or "docs.google.com" in url:
-        import gdown
-
+    if fetch.is_drive(url):
         tmp = cache / f"{key}.part"
-        name = gdown.download(url, str(tmp), fuzzy=True, quiet=False)
-        if not name:
-            raise ModelLoadError(f"Google Drive download failed for {url}: is the file shared "
-                                 "('anyone with the link')?")
-        # gdown does not tell the original file name reliably; keep the suffix check honest.
-        suffix = _sniff_suffix(tmp)
-        final = cache / f"{key}-model{suffix}"
+        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted download left
+        tmp.mkdir()
+        try:
+            got = fetch.fetch_drive(url, tmp)
+        except fetch.FetchError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ModelLoadError(str(e)) from None
+        if got == tmp:
+            final = cache / f"{key}-drive-folder"
+        else:
+            # Drive's name as gdown was given it; a name without a model suffix gets the one its
+            # first bytes tell, so the suffix check reads the truth.
+            name = got.name if got.suffix.lower() in SINGLE_FILE_SUFFIXES else got.name + _sniff_suffix(got)
+            final = cache / f"{key}-{name}"
+            os.replace(got, final)
+            tmp.rmdir()
+            return final
     else:
         name = Path(urllib.parse.urlparse(url).path).name or "model.safetensors"
         final = cache / f"{key}-{name}"
@@ -214,9 +224,54 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
     return pipe
 
 
+# The parts of a diffusers folder dbnb loads, each with the files it cannot do without (the
+# tokenizer: the slow pair or the fast file). Without its folder diffusers does not refuse:
+# a missing tokenizer/ is built from the folder's root with no vocabulary and an endless
+# model_max_length (OverflowError at the first prompt); a missing unet/ says "no file named config.json".
+FOLDER_PARTS = {"unet": [("config.json",)], "vae": [("config.json",)], "text_encoder": [("config.json",)],
+                "scheduler": [("scheduler_config.json",)],
+                "tokenizer": [("vocab.json", "merges.txt"), ("tokenizer.json",)]}
+
+
+# Parts of the base model a run depends on, fingerprinted when it starts (see fingerprint).
+FINGERPRINT_PARTS = ("unet", "vae", "text_encoder")
+SAMPLES_PER_TENSOR = 16
+
+
+def fingerprint(pipe) -> dict[str, str]:
+    """A content hash per part of a loaded base model, to tell on resume whether it is the model
+    the run started from. Taken from the loaded fp32 weights rather than from the files, because
+    the same model comes as a folder, a .safetensors, a Hub cache entry or a fresh download to
+    another path (all the same weights), and a path tells nothing. Cheap: 16 evenly spaced values
+    of every tensor (fine-tunes and merges change every tensor, so any change shows), with its
+    shape, in the module's own order; no names, which transformers 5 changed for the text
+    encoder. Values are exact (no sums), so the same model gives the same hash on any device."""
+    found = {}
+    for part in FINGERPRINT_PARTS:
+        digest = hashlib.sha256()
+        for tensor in getattr(pipe, part).parameters():
+            flat = tensor.detach().reshape(-1)
+            picks = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR)).long()
+            digest.update(repr(tuple(tensor.shape)).encode())
+            digest.update(flat[picks].to("cpu", torch.float32).numpy().tobytes())
+        found[part] = digest.hexdigest()[:16]
+    return found
+
+
 def check_folder(folder: Path) -> None:
-    """Every weight file of a diffusers folder whole, so a damaged one is named (diffusers'
-    own error names none)."""
+    """Every part of a diffusers folder there, and every weight file whole, so a missing part or
+    a damaged file is named (diffusers' own errors name neither)."""
+    missing = []
+    for part, choices in FOLDER_PARTS.items():
+        if not (folder / part).is_dir():
+            missing.append(f"{part}/")
+        elif not any(all((folder / part / name).is_file() for name in names) for names in choices):
+            missing.append(" or ".join(" + ".join(f"{part}/{n}" for n in names) for names in choices))
+    if missing:
+        raise ModelLoadError(f"{folder} is not a whole diffusers model folder: {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} missing. Copy the whole model folder "
+                             "again (a copy or upload that stopped part-way leaves parts out), or give the "
+                             "model's single .safetensors / .ckpt file instead.")
     for path in sorted(folder.glob("*/*")):
         if path.suffix in (".safetensors", ".bin"):
             weights.check(path)
@@ -250,10 +305,12 @@ def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path 
 
 
 def resolve_source_vae(source: str, cache_dir) -> tuple[str, str]:
-    path = Path(source).expanduser()
+    source = str(source).strip()
+    remote = source.startswith(("http://", "https://"))
+    path = download(source, cache_dir) if remote else Path(source).expanduser()
     if path.is_dir():  # a bare VAE folder has config.json, not model_index.json
         return "folder", str(path)
-    return resolve_source(source, cache_dir)
+    return resolve_source(str(path) if remote else source, cache_dir)
 
 
 def fetch_model(source: str, cache_dir: str | Path | None = None, revision: str = "") -> str:
@@ -280,7 +337,6 @@ def save_folder(single_file: str | Path, folder: Path, records: dict[str, dict])
     values are exact in fp32. `records`: JSON files written beside the parts (file name → content).
     Written under a hidden name and renamed into place when complete; `folder` must be absent or empty."""
     import json
-    import shutil
 
     pipe = load_pipeline(str(single_file), dtype=torch.float32)
     tmp = folder.with_name(f".{folder.name}.tmp")

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
 from dbnb import divergence, lora, optimizers
-from dbnb.batches import Batches, MicroBatch, cache_latents, dropout_seed, gather_examples, next_batch, read_images
+from dbnb.batches import (Batches, MicroBatch, cache_latents, dropout_seed, epoch_length, gather_examples, next_batch,
+                          read_images)
 from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
-from dbnb.config import FIELDS, Config, ConfigError
+from dbnb.config import FIELDS, Config, ConfigError, check_schedule
 from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
 from dbnb.previews import write_previews
@@ -92,13 +93,15 @@ def check_steps_left(checkpoint: Checkpoint, max_steps: int, config: Config) -> 
 # --- models ------------------------------------------------------------------------------------
 
 def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype):
+    """(pipeline ready to train, the noise scheduler, the base model's fingerprint as loaded)."""
     from diffusers import DDPMScheduler
 
     from dbnb.env import check_xformers
-    from dbnb.models import load_pipeline
+    from dbnb.models import fingerprint, load_pipeline
 
     pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                          revision=config.revision)
+    base = fingerprint(pipe)  # as loaded: before casts and adapters change what the weights read
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     # Frozen parts run in the mixed-precision dtype; trained parts keep fp32 master weights.
     pipe.vae.requires_grad_(False)
@@ -124,7 +127,7 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
             pipe.text_encoder.gradient_checkpointing_enable()
             if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
                 pipe.text_encoder.enable_input_require_grads()
-    return pipe, noise_scheduler
+    return pipe, noise_scheduler, base
 
 
 
@@ -226,6 +229,8 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
                               cpu=not torch.cuda.is_available())
     try:
         examples = gather_examples(config)
+        # Before the run folder and the model: a schedule that cannot run would fail at the last step.
+        check_schedule(config, total_steps(config, epoch_length(*map(len, examples)), accelerator.num_processes))
         with RunFolder.for_config(config).hold(accelerator.is_main_process):
             session = setup(config, accelerator, resume, examples)
             return loop(session, progress, on_step)
@@ -251,7 +256,11 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     accelerator.wait_for_everyone()
 
     # 3. Base model and training images.
-    pipe, noise_scheduler = load_models(config, device, weight_dtype)
+    pipe, noise_scheduler, base = load_models(config, device, weight_dtype)
+    if resume_from is not None:
+        run.check_base(config, base)
+    elif accelerator.is_main_process:
+        run.record_base(config, base)
     unet, text_encoder = pipe.unet, pipe.text_encoder
     batches = read_images(config, pipe.tokenizer, examples)
     max_steps = total_steps(config, batches.epoch_len, world)

@@ -199,6 +199,73 @@ def http_server():
     server.server_close()
 
 
+@pytest.fixture
+def drive(http_server, monkeypatch):
+    """Google Drive served from 127.0.0.1, so the real gdown (5 or 6, whichever is installed) runs
+    with its real signatures: only requests' transport is changed, sending what would go to
+    drive.google.com / docs.google.com to `http_server`. `drive.file(name, data)` and
+    `drive.folder(name, {path: data})` share something and return its link; a link to anything
+    not shared gets Drive's answer for it (no file, a page instead)."""
+    import hashlib
+    import urllib.parse
+
+    import requests
+
+    real_send = requests.adapters.HTTPAdapter.send
+
+    def send(self, request, *args, **kwargs):
+        if urllib.parse.urlsplit(request.url).hostname in ("drive.google.com", "docs.google.com"):
+            request.url = http_server.url + request.path_url
+        return real_send(self, request, *args, **kwargs)
+
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", send)
+
+    def drive_id(name: str) -> str:  # Drive's ids are 25+ characters; gdown 6 relies on it
+        return "1" + hashlib.sha256(name.encode()).hexdigest()[:32]
+
+    def share_file(name: str, data: bytes, key: str = "") -> str:
+        file_id = drive_id(key or name)
+        quoted = urllib.parse.quote(name)
+        http_server.routes[f"/uc?id={file_id}"] = (data, {
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f"attachment; filename=\"{name}\"; filename*=UTF-8''{quoted}"})
+        return file_id
+
+    def file(name: str, data: bytes) -> str:
+        return f"https://drive.google.com/file/d/{share_file(name, data)}/view?usp=sharing"
+
+    def folder(name: str, files: dict[str, bytes]) -> str:
+        """One level of files; a path with a slash makes a subfolder."""
+        folder_id = drive_id("folder:" + name)
+        entries, subfolders = [], {}
+        for path, data in files.items():
+            head, _, rest = path.partition("/")
+            if rest:
+                subfolders.setdefault(head, {})[rest] = data
+            else:
+                entries.append((share_file(path, data, key=f"{name}/{path}"), path, "application/octet-stream"))
+        for sub, content in subfolders.items():
+            link = folder(f"{name}/{sub}", content)
+            entries.append((urllib.parse.urlsplit(link).path.rsplit("/", 1)[1], sub, "application/vnd.google-apps.folder"))
+        title = name.rsplit("/", 1)[-1]  # a subfolder's own name: gdown names its folder by the title
+        # gdown 6 reads the embedded folder view: the title and one link per entry.
+        links = "".join(
+            f'<a href="https://drive.google.com/drive/folders/{i}">{n}</a>' if t.endswith("folder")
+            else f'<a href="https://drive.google.com/file/d/{i}/view?usp=drive_web">{n}</a>' for i, n, t in entries)
+        http_server.routes[f"/embeddedfolderview?id={folder_id}"] = (
+            f"<html><head><title>{title}</title></head><body>{links}</body></html>".encode(),
+            {"Content-Type": "text/html; charset=utf-8"})
+        # gdown 5 reads the folder page: the title and the list in window['_DRIVE_ivd'].
+        listing = json.dumps([[[i, None, n, t] for i, n, t in entries]])
+        http_server.routes[f"/drive/folders/{folder_id}?hl=en"] = (
+            (f"<html><head><title>{title} - Google Drive</title></head><body><script>"
+             f"window['_DRIVE_ivd'] = '{listing}';</script></body></html>").encode(),
+            {"Content-Type": "text/html; charset=utf-8"})
+        return f"https://drive.google.com/drive/folders/{folder_id}?usp=sharing"
+
+    return SimpleNamespace(file=file, folder=folder, server=http_server)
+
+
 @pytest.fixture(scope="session")
 def world_folder(tmp_path_factory):
     """The demo's world, made once per session: the pretrained world model, the instance

@@ -1,4 +1,5 @@
 """Class (regularization) images on the tiny model, on CPU: real generation, real files."""
+import io
 import zipfile
 
 import numpy as np
@@ -199,6 +200,20 @@ def test_cli_classimages_tops_up_and_prints_errors_without_traceback(make_config
     assert main(["classimages", str(path), "class_images_mode=import",
                  f"class_images_import={tmp_path / 'empty'}", "num_class_images=7"]) != 0
     assert "class_images_import" in capsys.readouterr().err
+
+
+def test_cli_classimages_imports_from_a_google_drive_folder(make_config, tmp_path, drive, capsys):
+    from dbnb.cli import main
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), "white").save(png, "PNG")
+    link = drive.folder("girls", {f"g{i}.png": png.getvalue() for i in range(3)} | {"more/g.png": png.getvalue()})
+    path = make_config(num_class_images=4).save(tmp_path / "my.yaml")
+    assert main(["classimages", str(path), "class_images_mode=import", f"class_images_import={link}"]) == 0
+    assert names(tmp_path / "class") == ["g0.png", "g1.png", "g2.png", "more_g.png"]
+    assert main(["classimages", str(path), "class_images_mode=import",
+                 "class_images_import=https://drive.google.com/file/d/1NotSharedWithAnyoneAtAll000000/view"]) == 2
+    assert "class_images_import" in (err := capsys.readouterr().err) and "anyone with the link" in err
 
 
 def test_top_up_counts_other_images_skips_partial_files_and_never_deletes(tmp_path):

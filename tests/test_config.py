@@ -112,6 +112,13 @@ def test_bad_files_are_named(tmp_path):
         load_config(preset="landscape")
 
 
+def test_a_yaml_file_an_editor_renamed_still_reads(tmp_path, capsys):
+    (tmp_path / "my.yaml.txt").write_text("learning_rate: 2.0e-6\nrun_name: renamed\n")  # Windows' Notepad
+    assert main(["config", str(tmp_path / "my.yaml.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "run_name: renamed" in out and "learning_rate: 2.0e-06" in out
+
+
 def test_config_is_frozen():
     with pytest.raises(Exception):
         Config().learning_rate = 1.0  # type: ignore[misc]

@@ -1,5 +1,5 @@
-"""dbnb.fetch: folders copied, archives extracted safely. No network: remote paths are thin
-wrappers around gdown / urllib and are only tested with those replaced."""
+"""dbnb.fetch: folders copied, archives extracted safely. No network: downloads run the real
+urllib and gdown against a web server on 127.0.0.1 (conftest's http_server and drive)."""
 import stat
 import zipfile
 from pathlib import Path
@@ -135,6 +135,10 @@ def test_single_picture_and_bad_sources(tmp_path):
     (tmp_path / "x.pdf").write_bytes(b"%PDF")
     with pytest.raises(FetchError, match="x.pdf: not a picture"):
         fetch_images(tmp_path / "x.pdf", tmp_path / "dest")
+    whole = _make_zip(tmp_path / "whole.zip", {"a.png": _png_bytes()}).read_bytes()
+    (tmp_path / "cut.zip").write_bytes(whole[:len(whole) // 2])  # a download that stopped part-way
+    with pytest.raises(FetchError, match="cut.zip: named .zip but not a complete .zip archive"):
+        fetch_images(tmp_path / "cut.zip", tmp_path / "dest")
 
 
 def test_url_list_reports_dead_links_and_keeps_the_rest(tmp_path, monkeypatch):
@@ -155,38 +159,55 @@ def test_url_list_reports_dead_links_and_keeps_the_rest(tmp_path, monkeypatch):
     got = fetch_images(listing, tmp_path / "dest", on_skip=lambda n, r: skipped.append(n))
     assert sorted(p.name for p in got) == ["1-2.png", "1.png"]  # same names do not overwrite
     assert skipped == ["https://dead.example/x.png"]
+    (tmp_path / "dead.txt").write_text("https://dead.example/x.png\nhttps://dead.example/y.png\n")
+    with pytest.raises(FetchError, match=r"none of its 2 URLs gave a picture. Download of https://dead.example/x.png "
+                                         r"failed: 404 \| Download of https://dead.example/y.png failed: 404"):
+        fetch_images(tmp_path / "dead.txt", tmp_path / "dest", on_skip=lambda n, r: None)  # as prep collects
     (tmp_path / "bad.txt").write_text("not a url\n")
     with pytest.raises(FetchError, match="not a URL: 'not a url'"):
         fetch_images(tmp_path / "bad.txt", tmp_path / "dest")
 
 
-def test_drive_links_go_through_gdown(tmp_path, monkeypatch):
-    import gdown
-
-    calls = []
-
-    def fake_download(url, output, fuzzy, quiet):
-        calls.append(("file", url, fuzzy))
-        return str(_make_zip(Path(output) / "set.zip", {"a.png": _png_bytes()}))
-
-    def fake_folder(url, output, quiet):
-        calls.append(("folder", url))
-        out = Path(output)
-        (out / "b.png").write_bytes(_png_bytes())
-        (out / "c.doc").write_bytes(b"x")
-        return [str(out / "b.png"), str(out / "c.doc")]
-
-    monkeypatch.setattr(gdown, "download", fake_download)
-    monkeypatch.setattr(gdown, "download_folder", fake_folder)
-    got = fetch_images("https://drive.google.com/file/d/abc/view?usp=sharing", tmp_path / "d1")
-    assert [p.name for p in got] == ["a.png"] and calls[0][2] is True
+def test_drive_file_and_folder_links_bring_pictures_with_the_real_gdown(tmp_path, drive):
+    link = drive.file("set.zip", _make_zip(tmp_path / "set.zip", {"a.png": _png_bytes()}).read_bytes())
+    assert [p.name for p in fetch_images(link, tmp_path / "d1")] == ["a.png"]
+    # Every form a Drive file link comes in.
+    one = drive.file("one.png", _png_bytes()).split("/")[5]
+    for n, form in enumerate((f"https://drive.google.com/open?id={one}",
+                              f"https://drive.google.com/uc?export=download&id={one}",
+                              f"https://drive.google.com/file/d/{one}",
+                              f"https://drive.google.com/file/u/1/d/{one}/view?usp=drive_link")):
+        assert [p.name for p in fetch_images(form, tmp_path / f"form{n}")] == ["one.png"], form
+    folder = drive.folder("chara", {"b.png": _png_bytes(), "b.txt": b"1girl, smile", "c.doc": b"x",
+                                    "more.zip": (tmp_path / "set.zip").read_bytes(),
+                                    "front/d.png": _png_bytes((0, 0, 255))})
     skipped = []
-    got = fetch_images("https://drive.google.com/drive/folders/xyz", tmp_path / "d2",
-                       on_skip=lambda n, r: skipped.append(n))
-    assert [p.name for p in got] == ["b.png"] and skipped == ["c.doc"]
-    monkeypatch.setattr(gdown, "download", lambda *a, **k: None)
-    with pytest.raises(FetchError, match="anyone with the link"):
-        fetch_images("https://drive.google.com/file/d/abc/view", tmp_path / "d3")
+    got = fetch_images(folder, tmp_path / "d2", on_skip=lambda n, r: skipped.append(n))
+    assert sorted(p.relative_to(tmp_path / "d2").as_posix() for p in got) == ["a.png", "b.png", "front/d.png"]
+    assert (tmp_path / "d2" / "b.txt").read_text() == "1girl, smile" and skipped == ["c.doc"]
+
+
+def test_drive_failures_name_the_cause(tmp_path, drive):
+    nobody = "https://drive.google.com/file/d/1NotSharedWithAnyoneAtAll000000/view?usp=sharing"
+    with pytest.raises(FetchError, match=r"(?s)would not hand it out \(Cannot retrieve the public link.*"
+                                         r"anyone with the link"):
+        fetch_images(nobody, tmp_path / "d")
+    busy = drive.file("busy.zip", b"")
+    drive.server.routes[f"/uc?id={busy.split('/')[5]}"] = (
+        b'<html><body><p class="uc-error-subcaption">Too many users have viewed or downloaded this file '
+        b"recently.</p></body></html>", {"Content-Type": "text/html; charset=utf-8"})
+    with pytest.raises(FetchError, match="Too many users have viewed.*make a copy in your own Drive"):
+        fetch_images(busy, tmp_path / "d")
+    with pytest.raises(FetchError, match="Google Drive folder .*anyone with the link"):
+        fetch_images("https://drive.google.com/drive/folders/1NotSharedFolder0000000000000", tmp_path / "d")
+    with pytest.raises(FetchError, match="is empty"):
+        fetch_images(drive.folder("nothing", {}), tmp_path / "d")
+    with pytest.raises(FetchError, match="holds no id.*Copy link"):
+        fetch_images("https://drive.google.com/drive/my-drive", tmp_path / "d")
+    drive.server.url = "http://127.0.0.1:9"  # nothing listens: as if offline
+    with pytest.raises(FetchError, match="could not be reached"):
+        fetch_images(drive.file("x.png", _png_bytes()), tmp_path / "d")
+    assert not list((tmp_path / "d").iterdir())
 
 
 def test_url_download_is_real_and_named_by_its_type(tmp_path, http_server):

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,28 @@ def test_unknown_sources_say_what_to_do(tmp_path):
         resolve_source("")
 
 
+def test_a_model_folder_with_a_part_missing_is_named_before_anything_loads(tiny_dir, tmp_path, capsys):
+    from dbnb.cli import main
+    from dbnb.config import Config
+    from dbnb.demo import write_dataset
+
+    instance, _ = write_dataset(tmp_path / "data", n_instance=2)
+    for gone, said in (("tokenizer", "tokenizer/ is missing"), ("unet", "unet/ is missing"),
+                       ("tokenizer/merges.txt", r"tokenizer/vocab.json \+ tokenizer/merges.txt or "
+                                                r"tokenizer/tokenizer.json is missing")):
+        model = tmp_path / gone.replace("/", "-") / "model"
+        shutil.copytree(tiny_dir, model)
+        shutil.rmtree(model / gone) if (model / gone).is_dir() else (model / gone).unlink()
+        (model / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+        config = Config(pretrained_model_name_or_path=str(model), instance_data_dir=str(instance),
+                        instance_prompt="hnzk girl", output_dir=str(tmp_path / "runs"), run_name=gone[:4],
+                        resolution=64, max_train_steps=1, lr_warmup_steps=0, mixed_precision="no")
+        assert main(["train", str(config.save(tmp_path / "c.yaml")), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(f"{model} is not a whole diffusers model folder: {said}. Copy the whole model", err), err
+        assert "Traceback" not in err
+
+
 class _RunsCode:
     def __reduce__(self):
         return (os.system, (f"touch {self.flag}",))
@@ -127,7 +150,11 @@ def _vae_only(vae, prefix=""):
     return {prefix + k[len("first_stage_model."):]: v for k, v in state.items()}
 
 
-def test_a_separate_vae_is_the_one_used(tiny_dir, tmp_path, reference):
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_separate_vae_is_the_one_used(tiny_dir, tmp_path, reference, drive):
     from safetensors.torch import save_file
 
     from dbnb.models import load_vae
@@ -147,14 +174,16 @@ def test_a_separate_vae_is_the_one_used(tiny_dir, tmp_path, reference):
             got = pipe.vae.decode(latent).sample
         torch.testing.assert_close(got, wanted, rtol=0, atol=1e-5, msg=source)
         assert torch.equal(pipe.unet.conv_in.weight, reference.unet.conv_in.weight)  # only the VAE changed
+    for shared in (drive.file("vae.safetensors", (tmp_path / "vae.safetensors").read_bytes()),
+                   drive.folder("my vae", _files(tmp_path / "bare"))):
+        with torch.no_grad():
+            torch.testing.assert_close(load_vae(shared).decode(latent).sample, wanted, rtol=0, atol=1e-5)
     save_file({"decoder.conv_in.weight": torch.zeros(1)}, tmp_path / "lora.safetensors")
     with pytest.raises(ModelLoadError, match="not an SD 1.x VAE file"):
         load_vae(str(tmp_path / "lora.safetensors"))
 
 
-def test_fetch_model_keeps_local_sources_and_downloads_urls_once(tiny_dir, tmp_path, http_server, monkeypatch):
-    import gdown
-
+def test_fetch_model_keeps_local_sources_and_downloads_urls_once(tiny_dir, tmp_path, http_server, drive):
     from dbnb.models import fetch_model
 
     from dbnb.tiny import make_tiny_model
@@ -175,19 +204,19 @@ def test_fetch_model_keeps_local_sources_and_downloads_urls_once(tiny_dir, tmp_p
     assert http_server.hits == {"/m/tiny.safetensors": 1}  # the second call reads the cache
     assert_same_weights(load_pipeline(str(got)), build_tiny_pipeline(seed=0))
 
-    asked = []
-
-    def fake_gdown(url, output, fuzzy, quiet):
-        asked.append(url)
-        Path(output).write_bytes(data)
-        return output
-
-    monkeypatch.setattr(gdown, "download", fake_gdown)
-    drive = "https://drive.google.com/file/d/abc/view?usp=sharing"
-    got = Path(fetch_model(drive, cache_dir=tmp_path / "c"))
-    assert got.parent == tmp_path / "c" / "downloads" and got.suffix == ".safetensors"
-    assert got.read_bytes() == data and fetch_model(drive, cache_dir=tmp_path / "c") == str(got)
-    assert asked == [drive]
+    # Drive: a file (its name kept), a file Drive names without a suffix, and a model folder.
+    for shared, name in ((drive.file("tiny.safetensors", data), "tiny.safetensors"),
+                         (drive.file("my model", data), "my model.safetensors"),
+                         (drive.folder("tiny-sd", _files(tiny_dir)), "drive-folder")):
+        got = Path(fetch_model(shared, cache_dir=tmp_path / "c"))
+        assert got.parent == tmp_path / "c" / "downloads"
+        assert got.name.endswith(name) and fetch_model(shared, cache_dir=tmp_path / "c") == str(got)
+        assert (got / "unet").is_dir() if got.is_dir() else got.read_bytes() == data
+    assert_same_weights(load_pipeline(shared, cache_dir=tmp_path / "c"), build_tiny_pipeline(seed=0))
+    assert set(http_server.hits.values()) == {1}  # every file and folder listing once, then the cache
+    with pytest.raises(ModelLoadError, match="Cannot retrieve the public link.*anyone with the link"):
+        fetch_model("https://drive.google.com/file/d/1NotSharedWithAnyoneAtAll000000/view", cache_dir=tmp_path / "c")
+    assert not list((tmp_path / "c" / "downloads").glob("*.part"))
     http_server.routes.clear()
     with pytest.raises(ModelLoadError, match="404"):
         fetch_model(http_server.url + "/gone.safetensors", cache_dir=tmp_path / "c")

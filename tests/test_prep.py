@@ -587,3 +587,20 @@ def test_caption_editor_removes_and_adds_a_tag_everywhere(tmp_path):
         "nanU, school uniform, 1girl, smile", "nanU, school uniform", "nanU, school uniform, solo"]
     add.click()  # already there: nothing doubles
     assert status.value == "added to 0 caption(s)"
+
+
+def test_cli_prep_takes_a_google_drive_link(tmp_path, drive, capsys):
+    from dbnb.cli import main
+
+    good = io.BytesIO()
+    figure().save(good, "PNG")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("chara/a.png", good.getvalue())
+        zf.writestr("chara/front/b.png", good.getvalue()[:-1] + b"x")
+    link = drive.file("chara.zip", archive.getvalue())  # the case: a shared file's link
+    assert main(["prep", link, str(tmp_path / "out"), "remove_background=false", "resolution=64"]) == 0
+    assert "2 training pictures" in capsys.readouterr().out
+    assert main(["prep", "https://drive.google.com/drive/folders/1NotSharedFolder0000000000000",
+                 str(tmp_path / "out2"), "remove_background=false"]) == 2
+    assert "anyone with the link" in capsys.readouterr().err and not (tmp_path / "out2").exists()

@@ -2,6 +2,8 @@
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -315,6 +317,38 @@ def test_settings_that_cannot_work_say_what_to_change(make_config):
         train(make_config(instance_data_dir="/nonexistent/images"), progress=False)
 
 
+def test_the_lr_schedule_is_checked_whole_before_the_first_step(make_config, tmp_path, capsys):
+    from dbnb.cli import main
+    from dbnb.models import ModelLoadError
+
+    # A base model that does not exist: an error about it would mean the model loaded first.
+    config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), lr_scheduler="polynomial",
+                         lr_warmup_steps=15, max_train_steps=15)  # the issue's case: the default warm-up
+    stops = {"warm-up": ({}, r"lr_warmup_steps=15 equals max_train_steps=15: lr_scheduler=polynomial divides .* "
+                             r"the run would stop at its last step\. Lower lr_warmup_steps below 15"),
+             "epochs": (dict(num_train_epochs=2, lr_warmup_steps=6),  # 3 pictures: 6 steps
+                        r"lr_warmup_steps=6 equals the run's 6 steps \(num_train_epochs=2\)"),
+             "power": (dict(lr_warmup_steps=0, lr_power=-1.0),
+                       r"lr_power=-1 with lr_scheduler=polynomial: the power must be > 0")}
+    for case, (overrides, said) in stops.items():
+        path = config.replace(**overrides).save(tmp_path / f"{case}.yaml")
+        assert main(["train", str(path), "--no-progress"]) == 2, case
+        err = capsys.readouterr().err
+        assert re.search(said, err) and "Traceback" not in err, (case, err)
+    assert not (tmp_path / "runs").exists()  # refused before the run folder was made
+    # Runs that would work, but not as set: said before the model loads, then they go on.
+    for overrides, said in ((dict(max_train_steps=10, lr_scheduler="constant_with_warmup"),
+                             "lr_warmup_steps=15 is not below max_train_steps=10: the learning rate is still rising"),
+                            (dict(lr_scheduler="cosine_with_restarts", lr_warmup_steps=10, lr_num_cycles=8),
+                             "lr_num_cycles=8 with 5 steps after the warm-up .* at most 5 cycles")):
+        with pytest.warns(UserWarning, match=said), pytest.raises(ModelLoadError):
+            train(config.replace(**overrides), progress=False)
+    # The edges that work: one step after the warm-up, and constant, which has no warm-up.
+    for n, fine in enumerate((dict(max_train_steps=2, lr_warmup_steps=1, lr_scheduler="polynomial"),
+                              dict(max_train_steps=1, lr_warmup_steps=15, lr_scheduler="constant"))):
+        assert train(make_config(**fine, run_name=f"fine{n}"), progress=False).step == fine["max_train_steps"]
+
+
 def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_config, tmp_path):
     folder = tmp_path / "data" / "instance"
     good = sorted(folder.iterdir())
@@ -335,13 +369,19 @@ def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_conf
 @pytest.mark.parametrize("problem, match", [
     ("missing", "does not exist"), ("empty", "has no images"), ("only_text", "has no images"),
     ("filewords", r"3 of 3 pictures .* have no caption .*\[filewords\]"),
+    ("set.zip", r"set.zip is a .zip, not a folder of pictures. Extract it first: `dbnb prep .*set.zip OUT`"),
+    ("nested", r"has no images .*one level down, in .*nested/chara: set instance_data_dir to that folder"),
 ])
 def test_instance_folder_problems_are_found_before_anything_is_made(make_config, tmp_path, problem, match):
     folder = tmp_path / problem
-    if problem != "missing":
+    if problem == "set.zip":  # the pictures as downloaded, not yet extracted
+        shutil.make_archive(str(folder.with_suffix("")), "zip", tmp_path / "data" / "instance")
+    elif problem != "missing":
         folder.mkdir()
     if problem == "only_text":
         (folder / "caption.txt").write_text("1girl")
+    if problem == "nested":  # an archive extracted with its folder
+        shutil.copytree(tmp_path / "data" / "instance", folder / "chara")
     overrides = dict(instance_data_dir=str(folder))
     if problem == "filewords":
         overrides = dict(instance_prompt="[filewords]")
@@ -436,6 +476,28 @@ def test_resume_refuses_another_runs_checkpoint(make_config, tmp_path):
     assert load_config(b / "config.json") == b_config
 
 
+def test_resume_refuses_another_base_model_but_takes_a_copy_of_the_same(make_config, tiny_dir, tmp_path, capsys):
+    from dbnb.cli import main
+    from dbnb.tiny import make_tiny_model
+
+    config = make_config(max_train_steps=2, save_every_steps=1, run_name="based")
+    train(config, progress=False)
+    other = make_tiny_model(tmp_path / "other", seed=1)  # same shapes, other weights: only content tells
+    make_tiny_model(tmp_path / "same", single_file=tmp_path / "same.safetensors", seed=0)  # tiny_dir's weights
+    longer = config.replace(max_train_steps=3, pretrained_model_name_or_path=str(other))
+    assert main(["train", str(longer.save(tmp_path / "c.yaml")), "--no-progress", "--resume", "latest"]) == 2
+    err = capsys.readouterr().err
+    assert (f"started from pretrained_model_name_or_path={str(tiny_dir)!r}, but this config loads "
+            f"pretrained_model_name_or_path={str(other)!r}, a different model (its unet, vae, text_encoder "
+            "differ by content") in err and "Traceback" not in err, err
+    run = Path(config.output_dir) / "based"
+    assert sorted(c.name for c in (run / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    # The same model elsewhere, in another form (a single file): resumed.
+    copy = longer.replace(pretrained_model_name_or_path=str(tmp_path / "same.safetensors"))
+    assert main(["train", str(copy.save(tmp_path / "c.yaml")), "--no-progress", "--resume", "latest"]) == 0
+    assert sorted(c.name for c in (run / "checkpoints").iterdir())[-1] == "step-000003"
+
+
 def test_resume_latest_names_a_damaged_checkpoint_and_the_one_to_resume_from(make_config, tmp_path):
     config = make_config(max_train_steps=3, save_every_steps=1, run_name="cut")
     run = train(config, progress=False).run_dir
@@ -476,6 +538,34 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(m
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]  # no half-written folder
     monkeypatch.setattr(torch, "save", real_save)
     assert train(config, resume="latest", progress=False).step == 3
+
+
+def test_disk_full_inside_safetensors_is_the_same_disk_full(make_config, tmp_path, monkeypatch, capsys):
+    """diffusers writes the UNet through safetensors, whose error on a full disk is its own
+    SafetensorError (an Exception, not an OSError): the same message, the checkpoints kept."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from dbnb.cli import main
+
+    real_save = safetensors.torch.save_file
+
+    def save_on_a_full_disk(tensors, filename, *args, **kwargs):
+        if "step-000002" in str(filename):
+            Path(filename).write_bytes(b"half a file")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, *args, **kwargs)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_on_a_full_disk)
+    config = make_config(max_train_steps=3, save_every_steps=1, run_name="fullst")
+    path = config.save(tmp_path / "fullst.yaml")
+    assert main(["train", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    run = Path(config.output_dir) / "fullst"
+    assert err.startswith(f"dbnb: Disk full at {run} while saving checkpoint step 2") and "Traceback" not in err
+    assert f"The previous checkpoint {run / 'checkpoints' / 'step-000001'} is intact" in err
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000001"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    assert main(["train", str(path), "--no-progress", "--resume", "latest"]) == 0
 
 
 def test_disk_full_while_logging_stops_with_the_same_message(make_config, monkeypatch):
