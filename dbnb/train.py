@@ -32,7 +32,7 @@ from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
 from dbnb.previews import write_previews
 from dbnb.process import cancel_on_signal, forget_accelerator_state
-from dbnb.env import is_disk_full
+from dbnb.env import has_bf16, is_disk_full
 
 class TrainingError(DbnbError, RuntimeError):
     """Training stopped; the message says why and what to change."""
@@ -53,8 +53,11 @@ def check_machine(config: Config, device: torch.device) -> None:
     if device.type == "cpu" and config.mixed_precision == "fp16":
         raise ConfigError("mixed_precision: fp16 needs a CUDA GPU and this machine has none. "
                           "Set mixed_precision=no to train on the CPU (tiny models only).")
-    if config.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("mixed_precision: this GPU has no bf16 (T4, V100, ...). Use mixed_precision=fp16.")
+    if config.mixed_precision == "bf16" and device.type == "cuda" and not has_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"mixed_precision=bf16: {torch.cuda.get_device_name(device)} (compute {major}.{minor}) "
+                          "has no native bf16, which needs compute 8.0 (A100, L4, RTX 30xx or newer). "
+                          "Use mixed_precision=fp16.")
 
 
 def total_steps(config: Config, epoch_len: int, world: int) -> int:

@@ -315,6 +315,12 @@ def test_settings_that_cannot_work_say_what_to_change(make_config):
         train(make_config(instance_data_dir="/nonexistent/images"), progress=False)
 
 
+def test_bf16_on_a_turing_gpu_is_refused_before_anything_loads(make_config, fake_gpu):
+    fake_gpu("Tesla T4", 14.74, (7, 5))  # torch.cuda.is_bf16_supported() says True, as on a real T4
+    with pytest.raises(ConfigError, match=r"Tesla T4 \(compute 7\.5\) has no native bf16.*mixed_precision=fp16"):
+        train(make_config(mixed_precision="bf16"), progress=False)
+
+
 def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_config, tmp_path):
     folder = tmp_path / "data" / "instance"
     good = sorted(folder.iterdir())
