@@ -335,7 +335,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
             found = s.run.checkpoints()
             raise TrainingError(f"Stopped at step {s.step} without saving (Ctrl-C twice); last checkpoint: "
                                 f"{found[-1].path if found else 'none'}.") from None
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError, by the name torch < 2.5 has too
             raise TrainingError(f"Out of GPU memory at step {s.step + 1}. {memory_advice(config)}") from e
         except OSError as e:  # the log or a preview, written every few steps
             if isinstance(e, DbnbError) or not is_disk_full(e):

@@ -321,6 +321,37 @@ def test_bf16_on_a_turing_gpu_is_refused_before_anything_loads(make_config, fake
         train(make_config(mixed_precision="bf16"), progress=False)
 
 
+def test_out_of_gpu_memory_says_what_to_change_on_a_torch_before_2_5(make_config, monkeypatch):
+    import dbnb.train
+
+    # torch < 2.5 has no torch.OutOfMemoryError: naming it in the `except` would raise there,
+    # hiding the real error behind an AttributeError
+    monkeypatch.delattr(torch, "OutOfMemoryError")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(dbnb.train, "diffusion_loss", out_of_memory)
+    with pytest.raises(TrainingError, match="Out of GPU memory at step 1. .*gradient_checkpointing=true"):
+        train(make_config(), progress=False)
+
+
+def test_the_gradient_norm_is_the_same_without_torch_2_6s_get_total_norm(monkeypatch):
+    from types import SimpleNamespace
+
+    from dbnb.divergence import gradient_norm
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 70, 5)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    acc = SimpleNamespace(scaler=None)
+    expected = float(torch.cat([p.grad for p in params]).norm())
+    assert gradient_norm(acc, optimizer, max_norm=0) == pytest.approx(expected, rel=1e-6)
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    assert gradient_norm(acc, optimizer, max_norm=0) == pytest.approx(expected, rel=1e-6)
+
+
 def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_config, tmp_path):
     folder = tmp_path / "data" / "instance"
     good = sorted(folder.iterdir())
