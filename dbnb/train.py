@@ -98,12 +98,12 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
     pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                          revision=config.revision)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    # Frozen parts run in the mixed-precision dtype; trained parts keep fp32 master weights.
+    # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.autoencoder: fp32);
+    # trained parts keep fp32 master weights.
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(config.train_text_encoder)
     pipe.to(device)
     if weight_dtype != torch.float32:
-        pipe.vae.to(dtype=weight_dtype)
         if not config.train_text_encoder:
             pipe.text_encoder.to(dtype=weight_dtype)
         if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
@@ -280,7 +280,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
 
     # 5. Latents once, so the VAE can leave the GPU (flipped copies too when hflip is on).
     if config.cache_latents:
-        batches.latents = cache_latents(batches, pipe.vae, device, weight_dtype, config.hflip)
+        batches.latents = cache_latents(batches, pipe.vae, config.hflip)
         pipe.vae.to("cpu")
     if accelerator.is_main_process:
         run.truncate_log(state.get("step", 0))
@@ -361,8 +361,7 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     encoder.train(train_te)
     while True:
         with acc.accumulate(s.unet):
-            batch = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae, acc.device,
-                               s.weight_dtype)
+            batch = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae)
             if config.use_lora and config.lora_dropout:  # peft's dropout draws from the global RNG
                 torch.manual_seed(dropout_seed(config.seed, s.micro_step, rank))
             loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, batch, config,

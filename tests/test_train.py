@@ -149,10 +149,10 @@ def test_without_the_latent_cache_training_computes_the_same(make_config):
     config = make_config(hflip=True)
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     batches = read_images(config, pipe.tokenizer)
-    live_batches = [next_batch(batches, m, config, 0, 1, pipe.vae, "cpu", torch.float32) for m in range(6)]
-    batches.latents = cache_latents(batches, pipe.vae, "cpu", torch.float32, hflip=True)
+    live_batches = [next_batch(batches, m, config, 0, 1, pipe.vae) for m in range(6)]
+    batches.latents = cache_latents(batches, pipe.vae, hflip=True)
     for m, want in enumerate(live_batches):
-        got = next_batch(batches, m, config, 0, 1, pipe.vae, "cpu", torch.float32)
+        got = next_batch(batches, m, config, 0, 1, pipe.vae)
         assert torch.equal(got.input_ids, want.input_ids)
         torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-5, msg=f"micro-step {m}")
 
