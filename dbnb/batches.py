@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dbnb import data
+from dbnb import autoencoder, data
 from dbnb.config import Config
 
 
@@ -84,7 +84,7 @@ def read_images(config: Config, tokenizer, examples=None) -> Batches:
 
 
 @torch.no_grad()
-def cache_latents(batches: Batches, vae, device, dtype, hflip: bool) -> dict:
+def cache_latents(batches: Batches, vae, hflip: bool) -> dict:
     """Latent distribution (mean, std) of every image, flipped ones too when hflip is on."""
     cache = {}
     sets = {"instance": batches.instance, "class": batches.klass}
@@ -95,14 +95,14 @@ def cache_latents(batches: Batches, vae, device, dtype, hflip: bool) -> dict:
             means, stds = [], []
             for chunk in images.images.split(8):
                 chunk = chunk.flip(-1) if flipped else chunk
-                dist = vae.encode(chunk.to(device, dtype)).latent_dist
+                dist = autoencoder.encode(vae, chunk)
                 means.append(dist.mean.float().cpu())
                 stds.append(dist.std.float().cpu())
             cache[(kind, flipped)] = (torch.cat(means), torch.cat(stds))
     return cache
 
 
-def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tensor, vae, device, dtype):
+def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tensor, vae):
     """(mean, std) of the latent distributions of one batch, from the cache or the VAE."""
     if batches.latents is not None:
         pick = lambda f: batches.latents[(kind, f)]  # noqa: E731
@@ -110,13 +110,11 @@ def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tenso
         std = torch.stack([pick(bool(f))[1][i] for i, f in zip(idx, flips)])
         return mean, std
     images = (batches.instance if kind == "instance" else batches.klass).batch(idx, flips)[0]
-    with torch.no_grad():
-        dist = vae.encode(images.to(device, dtype)).latent_dist
+    dist = autoencoder.encode(vae, images)
     return dist.mean.float().cpu(), dist.std.float().cpu()
 
 
-def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae, device,
-               dtype) -> MicroBatch:
+def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae) -> MicroBatch:
     """One process's micro-batch at `micro_step`."""
     g = step_generator(config.seed, micro_step, rank)
     captions = caption_generator(config.seed, micro_step, rank)
@@ -127,7 +125,7 @@ def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, wor
     means, stds, ids, masks = [], [], [], []
     for kind, images, idx in parts:
         flips = images.flips(len(idx), g)
-        mean, std = latent_batch(batches, kind, idx, flips, vae, device, dtype)
+        mean, std = latent_batch(batches, kind, idx, flips, vae)
         means.append(mean)
         stds.append(std)
         ids.append(images.token_ids(idx, captions))

@@ -296,7 +296,7 @@ def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path
             chunk = todo[len(written):len(written) + batch]
             try:
                 images = render_batch(pipe, config, prompt, chunk)
-            except torch.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, by the name torch < 2.5 has too
                 batch = smaller_batch(batch, config)
                 bar.set_description(f"class images (batch {batch})")
                 continue

@@ -16,7 +16,11 @@ def gradient_norm(acc, optimizer, max_norm: float) -> float | None:
     grads = [p.grad for p in params if p.grad is not None]
     if acc.scaler is not None or not grads:
         return None
-    return float(torch.nn.utils.get_total_norm(grads))
+    # torch >= 2.6 has it fused; before, the same norm of the per-tensor norms
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is None:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+    return float(total_norm(grads))
 
 
 def first_non_finite(parts: dict[str, list[torch.Tensor]]) -> str:

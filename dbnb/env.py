@@ -333,6 +333,18 @@ def _bnb_smoke(device: str | torch.device) -> None:
         raise RuntimeError("AdamW8bit step did not update the parameter")
 
 
+# bf16 math runs natively from Ampere on (compute capability 8.0: A100, L4, RTX 30xx). Since
+# torch 2.3, torch.cuda.is_bf16_supported() says yes on a T4 or V100 as well: it counts
+# emulation, which runs there far slower than fp16.
+BF16_MIN_CAPABILITY = (8, 0)
+
+
+def has_bf16(device: int | str | torch.device | None = None) -> bool:
+    """Whether the CUDA GPU `device` (the current one by default) computes in bf16 natively."""
+    import torch
+    return tuple(torch.cuda.get_device_capability(device)) >= BF16_MIN_CAPABILITY
+
+
 def cuda_summary() -> dict | None:
     """The current GPU as a dict (name, total_vram_gib, free_vram_gib, capability, bf16),
     or None without CUDA. capability is a (major, minor) tuple."""
@@ -346,7 +358,7 @@ def cuda_summary() -> dict | None:
         "total_vram_gib": round(total / GIB, 2),
         "free_vram_gib": round(free / GIB, 2),
         "capability": tuple(torch.cuda.get_device_capability(index)),
-        "bf16": torch.cuda.is_bf16_supported(),
+        "bf16": has_bf16(index),
     }
 
 

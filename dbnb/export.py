@@ -18,6 +18,7 @@ from dbnb import __version__
 from dbnb.checkpoints import RunFolder
 from dbnb.fetch import free_name
 from dbnb.layout import original_state_dict, remove_leftovers, write_single_file
+from dbnb.models import public_name
 from dbnb.versions import dtype_argument
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
@@ -176,7 +177,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     remove_leftovers(folder)  # an export killed earlier: its hidden half-file holds the disk
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder / f"{stem}.{fmt}", overwrite)
-    metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": base_model,
+    metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": public_name(base_model),
                 "dbnb_precision": precision, **info}
     write_single_file(path, state, metadata=metadata, global_step=step)
     del state

@@ -18,6 +18,7 @@ import torch
 
 from dbnb.errors import DbnbError
 from dbnb.lora import Spec
+from dbnb.models import public_name
 
 TEXT_PREFIX = "lora_te_"
 TOLERANCE = 1e-4  # max abs difference of the UNet / text-encoder outputs, in fp32
@@ -53,7 +54,7 @@ def metadata(config, spec: Spec, step: int, name: str, version: str) -> dict[str
             "ss_resolution": f"({config.resolution}, {config.resolution})", "ss_output_name": name,
             "ss_steps": str(step), "ss_unet_lr": str(config.lora_learning_rate),
             "ss_text_encoder_lr": str(config.lora_text_encoder_learning_rate if spec.text_encoder_rank else 0),
-            "ss_sd_model_name": config.pretrained_model_name_or_path, "ss_training_comment": f"dbnb {version}",
+            "ss_sd_model_name": public_name(config.pretrained_model_name_or_path), "ss_training_comment": f"dbnb {version}",
             "dbnb_version": version, "dbnb_instance_prompt": config.instance_prompt}
     if spec.conv_rank:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_alpha)})

@@ -278,7 +278,7 @@ def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
 
 
 def _save_safetensors(tmp: Path, state_dict: Mapping[str, torch.Tensor],
-                      metadata: dict[str, str], global_step: int | None) -> None:
+                      metadata: dict[str, str], global_step: int | None, stem: str) -> None:
     from safetensors.torch import save_file
 
     # safetensors refuses non-contiguous tensors; .contiguous() is free for the ones that are.
@@ -312,14 +312,88 @@ def _sort_safetensors_metadata(path: Path) -> bool:
 
 
 def _save_ckpt(tmp: Path, state_dict: Mapping[str, torch.Tensor],
-               metadata: dict[str, str], global_step: int | None) -> None:
+               metadata: dict[str, str], global_step: int | None, stem: str) -> None:
+    import pickle
+
     if "state_dict" in metadata:
         raise ValueError("metadata key 'state_dict' would shadow the weights in a .ckpt")
     # Tensors and strings only, so `torch.load(weights_only=True)` (how diffusers loads it) and
     # the webui's restricted unpickler accept it; on CPU so it loads without the training GPU.
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state_dict.items()}
     extra = {} if global_step is None else {"global_step": int(global_step)}
-    torch.save({"state_dict": tensors, **metadata, **extra}, tmp)
+    # torch.save's own pickling (storages as persistent ids, the format every torch.load
+    # reads), but its records go through _WebuiCkptArchive, not torch's zip writer: that one
+    # always adds records the webui refuses, and names the folder after the temporary file.
+    # `_save(obj, zip_file, pickle_module, protocol, disable_byteorder_record)` since torch 2.1.
+    with _WebuiCkptArchive(tmp, stem) as archive:
+        torch.serialization._save({"state_dict": tensors, **metadata, **extra}, archive, pickle,
+                                  torch.serialization.DEFAULT_PROTOCOL, False)
+
+
+# The records AUTOMATIC1111's webui lets a .ckpt hold (modules/safe.py, check_zip_filenames:
+# data.pkl, data/<n>, version, byteorder, .data/serialization_id under one folder); for any other
+# it refuses the file as "may be malicious". Recent torch.save also writes .format_version and
+# .storage_alignment, which torch.load does without (its default alignment is the 64 we keep).
+_WEBUI_CKPT_RECORDS = re.compile(r"data\.pkl|data/\d+|byteorder")
+# The archive format version torch.save writes (caffe2's kProducedFileFormatVersion);
+# torch.load refuses an archive without it.
+_CKPT_FORMAT_VERSION = b"3\n"
+# torch's writer starts each record's data on a 64-byte boundary: torch.load(mmap=True)
+# (ComfyUI) views tensors in place in the mapped file, so their bytes must be aligned.
+_CKPT_ALIGNMENT = 64
+
+
+class _WebuiCkptArchive:
+    """Stands in for torch's zip writer: keeps the records the webui accepts and writes them
+    stored (not compressed) and 64-byte aligned, as torch's own writer does, under `folder/`."""
+
+    # a zip extra field that readers skip; the id torch's writer (miniz) pads with, "FB"
+    _PAD_ID = 0x4246
+
+    def __init__(self, path: Path, folder: str):
+        import zipfile
+
+        self._file = open(path, "wb")
+        self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED, allowZip64=True)
+        self._folder = folder
+
+    def __enter__(self) -> "_WebuiCkptArchive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self._write(f"{self._folder}/version", _CKPT_FORMAT_VERSION)
+            self._zip.close()
+        finally:
+            self._file.close()
+
+    def write_record(self, name: str, data, size: int) -> None:
+        if not _WEBUI_CKPT_RECORDS.fullmatch(name):
+            return
+        if isinstance(data, str):
+            data = data.encode()
+        elif not isinstance(data, (bytes, bytearray)):  # an untyped storage: its bytes, uncopied
+            data = torch.empty(0, dtype=torch.uint8).set_(data).numpy()
+        view = memoryview(data).cast("B")
+        assert view.nbytes == size, (name, view.nbytes, size)
+        self._write(f"{self._folder}/{name}", view)
+
+    def _write(self, name: str, data) -> None:
+        import struct
+        import zipfile
+
+        info = zipfile.ZipInfo(name)
+        info.compress_type = zipfile.ZIP_STORED
+        info.file_size = size = len(data)
+        # The local header ahead of the data: its fixed 30 bytes, the name, a zip64 field when
+        # zipfile adds one (its own rule) and our padding field's 4-byte head.
+        zip64 = size * 1.05 > zipfile.ZIP64_LIMIT
+        header = 30 + len(name.encode("utf-8")) + (20 if zip64 else 0) + 4
+        pad = -(self._file.tell() + header) % _CKPT_ALIGNMENT
+        info.extra = struct.pack("<HH", self._PAD_ID, pad) + bytes(pad)
+        with self._zip.open(info, "w", force_zip64=zip64) as f:
+            f.write(data)
 
 
 _WRITERS = {".safetensors": _save_safetensors, ".ckpt": _save_ckpt}
@@ -371,7 +445,7 @@ def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
         # this folder gets, so e.g. a webui running as another user can read the export.
         tmp.touch(exist_ok=False)
         mode = stat.S_IMODE(tmp.stat().st_mode)
-        writer(tmp, state_dict, metadata, global_step)
+        writer(tmp, state_dict, metadata, global_step, path.stem)
         os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
             os.fsync(f.fileno())

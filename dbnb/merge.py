@@ -37,7 +37,6 @@ import math
 import os
 import re
 import time
-import urllib.parse
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +49,7 @@ from dbnb.errors import DbnbError
 from dbnb.fetch import free_name
 from dbnb.hashes import legacy_hash, sha256_of
 from dbnb.layout import ORIGINAL_PREFIXES, remove_leftovers, write_single_file
-from dbnb.models import ModelLoadError, fetch_model, save_folder, sd1_variant
+from dbnb.models import ModelLoadError, fetch_model, public_name, save_folder, sd1_variant
 from dbnb.sdfile import COMPONENTS, Entry, SDFileError, file_entries, folder_entries, weight_files
 
 MODES = ("weighted_sum", "add_difference")
@@ -91,14 +90,8 @@ class _Input:
 # --- names and weights ---------------------------------------------------------------------------
 
 def default_label(source: str) -> str:
-    """A short name for an input: the file or folder stem, the repo name, the Drive file id."""
-    text = str(source).rstrip("/")
-    if "drive.google.com" in text or "docs.google.com" in text:
-        found = re.search(r"(?:/d/|[?&]id=)([\w-]+)", text)
-        return f"drive-{found.group(1)[:10]}" if found else "drive"
-    if text.startswith(("http://", "https://")):
-        text = urllib.parse.urlparse(text).path.rstrip("/")
-    return Path(text).stem or str(source)
+    """A short name for an input: the file or folder stem, the repo name, the Drive file id's start."""
+    return Path(public_name(source)).stem or str(source)
 
 
 def coefficients(n: int, weights: Sequence[float] | None = None, *, mode: str = "weighted_sum",
@@ -334,7 +327,7 @@ def _outputs(out_file, out_dir, name: str, overwrite: bool) -> tuple[Path | None
 
 
 def _input_info(m: _Input) -> dict:
-    return {"label": m.label, "source": m.source, "sha256": m.sha256, "short_hash": m.sha256[:10],
+    return {"label": m.label, "source": public_name(m.source), "sha256": m.sha256, "short_hash": m.sha256[:10],
             "legacy_hash": legacy_hash(m.path) if m.path.is_file() else None,
             "recipe": m.metadata.get("dbnb_merge_recipe") or None}
 

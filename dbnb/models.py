@@ -67,6 +67,26 @@ def resolve_source(source: str, cache_dir: str | Path | None = None) -> tuple[st
                          "Hugging Face repo id like 'org/name'. Check the path (on Colab: is Drive mounted?).")
 
 
+def public_name(source: str) -> str:
+    """How a base model is named in files that leave this machine (an export's, a LoRA's or a
+    merge's metadata): a Hub id as is; a local file or folder by its base name, as kohya's
+    scripts do (a full path shows strangers the user's Drive folders and account layout); a
+    URL without its query or login (where a download token sits); a Drive link without its
+    file id (anyone who has the id can fetch the file), as the merge labels it."""
+    text = str(source).strip()
+    if fetch._is_drive(text):
+        found = re.search(r"(?:/d/|[?&]id=)([\w-]+)", text)
+        return f"drive-{found.group(1)[:10]}" if found else "drive"
+    if text.startswith(("http://", "https://")):
+        url = urllib.parse.urlparse(text)  # a user:password@ goes too
+        host = (url.hostname or "") + (f":{url.port}" if url.port else "")
+        return urllib.parse.urlunparse(url._replace(netloc=host, params="", query="", fragment=""))
+    if HUB_ID.match(text) and not Path(text).expanduser().exists():
+        return text
+    # both separators: a config written on Windows, read here
+    return re.split(r"[\\/]", text.rstrip("/\\"))[-1] or text
+
+
 def download(url: str, cache_dir: str | Path | None = None) -> Path:
     """Fetch a URL into the cache, once: a file, or a folder for a Drive folder link (a diffusers
     model or VAE folder shared on Drive)."""

@@ -174,8 +174,6 @@ class TestPipeline:
         pipe.scheduler = make_scheduler(PREVIEW_SAMPLER, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
-        # Decoding in fp32: some anime VAEs (NAI's) give NaN, i.e. black images, in fp16.
-        self.vae = pipe.vae if pipe.vae.dtype == torch.float32 else pipe.vae.to(torch.float32)
         self.ema, self.config = ema, config
         self.base_text = None  # a copy is kept only once a checkpoint brings its own text encoder
         self.current = "base"
@@ -197,10 +195,8 @@ class TestPipeline:
     def render(self, prompt: TestPrompt, seeds: list[int]) -> list[Image.Image]:
         """One image per seed, each from its own CPU generator: the same on every call."""
         c = self.config
-        latents = render(self.pipe, prompt.text, seeds, negative=prompt.negative, steps=c.test_infer_steps,
-                         guidance=c.test_guidance_scale, resolution=c.resolution, output_type="latent")
-        decoded = self.vae.decode(latents.float() / self.vae.config.scaling_factor).sample
-        return self.pipe.image_processor.postprocess(decoded, output_type="pil")
+        return render(self.pipe, prompt.text, seeds, negative=prompt.negative, steps=c.test_infer_steps,
+                      guidance=c.test_guidance_scale, resolution=c.resolution)
 
 
 def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: str | None = None,

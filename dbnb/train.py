@@ -33,7 +33,7 @@ from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
 from dbnb.previews import write_previews
 from dbnb.process import cancel_on_signal, forget_accelerator_state
-from dbnb.env import is_disk_full
+from dbnb.env import has_bf16, is_disk_full
 
 class TrainingError(DbnbError, RuntimeError):
     """Training stopped; the message says why and what to change."""
@@ -54,8 +54,11 @@ def check_machine(config: Config, device: torch.device) -> None:
     if device.type == "cpu" and config.mixed_precision == "fp16":
         raise ConfigError("mixed_precision: fp16 needs a CUDA GPU and this machine has none. "
                           "Set mixed_precision=no to train on the CPU (tiny models only).")
-    if config.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("mixed_precision: this GPU has no bf16 (T4, V100, ...). Use mixed_precision=fp16.")
+    if config.mixed_precision == "bf16" and device.type == "cuda" and not has_bf16(device):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ConfigError(f"mixed_precision=bf16: {torch.cuda.get_device_name(device)} (compute {major}.{minor}) "
+                          "has no native bf16, which needs compute 8.0 (A100, L4, RTX 30xx or newer). "
+                          "Use mixed_precision=fp16.")
 
 
 def total_steps(config: Config, epoch_len: int, world: int) -> int:
@@ -103,12 +106,12 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
                          revision=config.revision)
     base = fingerprint(pipe)  # as loaded: before casts and adapters change what the weights read
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    # Frozen parts run in the mixed-precision dtype; trained parts keep fp32 master weights.
+    # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.autoencoder: fp32);
+    # trained parts keep fp32 master weights.
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(config.train_text_encoder)
     pipe.to(device)
     if weight_dtype != torch.float32:
-        pipe.vae.to(dtype=weight_dtype)
         if not config.train_text_encoder:
             pipe.text_encoder.to(dtype=weight_dtype)
         if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
@@ -294,7 +297,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
 
     # 5. Latents once, so the VAE can leave the GPU (flipped copies too when hflip is on).
     if config.cache_latents:
-        batches.latents = cache_latents(batches, pipe.vae, device, weight_dtype, config.hflip)
+        batches.latents = cache_latents(batches, pipe.vae, config.hflip)
         pipe.vae.to("cpu")
     if accelerator.is_main_process:
         run.truncate_log(state.get("step", 0))
@@ -350,7 +353,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
             found = s.run.checkpoints()
             raise TrainingError(f"Stopped at step {s.step} without saving (Ctrl-C twice); last checkpoint: "
                                 f"{found[-1].path if found else 'none'}.") from None
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:  # torch.OutOfMemoryError, by the name torch < 2.5 has too
             raise TrainingError(f"Out of GPU memory at step {s.step + 1}. {memory_advice(config)}") from e
         except OSError as e:  # the log or a preview, written every few steps
             if isinstance(e, DbnbError) or not is_disk_full(e):
@@ -376,8 +379,7 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     encoder.train(train_te)
     while True:
         with acc.accumulate(s.unet):
-            batch = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae, acc.device,
-                               s.weight_dtype)
+            batch = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae)
             if config.use_lora and config.lora_dropout:  # peft's dropout draws from the global RNG
                 torch.manual_seed(dropout_seed(config.seed, s.micro_step, rank))
             loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, batch, config,

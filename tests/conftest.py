@@ -130,6 +130,25 @@ def one_thread():
         yield
 
 
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """`fake_gpu(name, total_gib, capability)`: torch.cuda answers as on that card with torch >= 2.3,
+    whose is_bf16_supported() counts emulation, so it says True on a T4 (compute 7.5) too."""
+    import torch
+
+    def install(name: str, total_gib: float, capability: tuple[int, int]):
+        total = int(total_gib * 2**30)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total - 2**28, total))
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: including_emulation or capability >= (8, 0))
+
+    return install
+
+
 def dataset_with_class_images(folder, n_instance: int, class_per_instance: int, size: int = 64):
     """The demo's instance pictures and, as a quick stand-in for generated ones, fully transparent
     class images (the community's trick, written by dbnb's own transparent mode)."""

@@ -163,6 +163,22 @@ def test_auto_batch_size_from_free_vram(make_config, monkeypatch):
 
 # --- transparent ---------------------------------------------------------------------------------
 
+def test_out_of_memory_halves_the_batch_on_a_torch_before_2_5(make_config, monkeypatch):
+    # torch < 2.5 has no torch.OutOfMemoryError: naming it in the `except` would raise there
+    monkeypatch.delattr(torch, "OutOfMemoryError")
+    real, sizes = ci.render_batch, []
+
+    def render(pipe, config, prompt, indices):
+        sizes.append(len(indices))
+        if len(indices) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real(pipe, config, prompt, indices)
+
+    monkeypatch.setattr(ci, "render_batch", render)
+    written = ci.generate_class_images(make_config(class_batch_size=4, num_class_images=2), progress=False)
+    assert len(written) == 2 and sizes == [2, 2, 1, 1]
+
+
 def test_transparent_images_are_rgba_alpha0_and_train_as_white_or_black(make_config, tmp_path, tokenizer):
     instance = instance_folder(tmp_path, 2)
     config = make_config(class_images_mode="transparent", num_class_images=0, instance_data_dir=str(instance))

@@ -375,6 +375,17 @@ def test_colab_storage_warns_until_drive_is_mounted(monkeypatch):
     assert check.ok and "/content/drive/MyDrive/dbnb" in check.detail
 
 
+@pytest.mark.parametrize("card, bf16", [(("Tesla T4", 14.74, (7, 5)), False),
+                                        (("NVIDIA L4", 22.05, (8, 9)), True)])
+def test_doctor_says_bf16_by_compute_capability_not_torchs_emulation(fake_gpu, card, bf16, tmp_path):
+    fake_gpu(*card)
+    assert torch.cuda.is_bf16_supported()  # what torch >= 2.3 really answers on both
+    assert env.cuda_summary()["bf16"] is bf16
+    cuda = env.run_doctor(tmp_path).get("cuda")
+    assert cuda.ok and card[0] in cuda.detail
+    assert ("bf16 yes" if bf16 else "bf16 no (fp16 only)") in cuda.detail
+
+
 def test_a_crashing_check_becomes_a_failed_line(monkeypatch, tmp_path):
     def explode():
         raise RuntimeError("CUDA driver version is insufficient\nlong traceback")

@@ -1,6 +1,7 @@
 """dbnb.layout: diffusers → original single-file layout, checked with diffusers' own importer."""
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -67,6 +68,82 @@ def test_ckpt_is_a_plain_weights_only_pickle(original, tmp_path):
     loaded = torch.load(path, weights_only=True)
     assert loaded["dbnb_model"] == "tiny"
     assert loaded["state_dict"].keys() == original.keys()
+
+
+# AUTOMATIC1111's webui (modules/safe.py) opens a .ckpt only if every record name matches this
+# and its pickle asks for these globals only; otherwise "The file may be malicious".
+WEBUI_RECORD_NAMES = re.compile(r"^([^/]+)/((data/\d+)|version|byteorder|.data/serialization_id|(data\.pkl))$")
+WEBUI_DATA_PKL = re.compile(r"^([^/]+)/data\.pkl$")
+WEBUI_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"),
+                 ("torch._utils", "_rebuild_parameter"), ("torch._utils", "_rebuild_device_tensor_from_numpy"),
+                 *(("torch", f"{kind}Storage") for kind in ("Float", "Half", "Int", "Long", "Double", "Byte",
+                                                            "BFloat16")),
+                 ("torch", "float32"), ("numpy", "dtype"), ("numpy", "ndarray"), ("_codecs", "encode"),
+                 ("__builtin__", "set")}
+
+
+def webui_refusal(path) -> str | None:
+    """What the webui's check of a .ckpt says against it (None: it loads the file)."""
+    import pickle
+    import zipfile
+
+    class Restricted(pickle.Unpickler):
+        def persistent_load(self, saved_id):
+            assert saved_id[0] == "storage"
+            return torch.storage.TypedStorage(_internal=True)
+
+        def find_class(self, module, name):
+            if (module, name) not in WEBUI_GLOBALS:
+                raise pickle.UnpicklingError(f"global '{module}/{name}' is forbidden")
+            return super().find_class(module, name)
+
+    with zipfile.ZipFile(path) as z:
+        bad = [name for name in z.namelist() if not WEBUI_RECORD_NAMES.match(name)]
+        if bad:
+            return f"bad file inside {path}: {bad[0]}"
+        pickles = [name for name in z.namelist() if WEBUI_DATA_PKL.match(name)]
+        if not pickles:
+            return f"data.pkl not found in {path}"
+        try:
+            with z.open(pickles[0]) as f:
+                Restricted(f).load()
+        except pickle.UnpicklingError as e:
+            return str(e)
+    return None
+
+
+def test_the_webui_check_refuses_what_plain_torch_save_writes(tmp_path):
+    # The check above is the webui's: it refuses the records recent torch adds.
+    torch.save({"state_dict": {"a": torch.zeros(1)}}, tmp_path / "plain.ckpt")
+    refusal = webui_refusal(tmp_path / "plain.ckpt")
+    if refusal is None:
+        pytest.skip(f"torch {torch.__version__}'s own .ckpt holds only records the webui accepts")
+    assert "bad file inside" in refusal and ("format_version" in refusal or "storage_alignment" in refusal)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ckpt_opens_in_the_webui_and_memory_mapped_in_comfyui(original, tmp_path, dtype):
+    import zipfile
+
+    # the file's own name (not its temporary one) as the archive's folder, as torch.save gives it
+    path = write_single_file(tmp_path / "ユキ v2.ckpt", {k: v.to(dtype) for k, v in original.items()},
+                             metadata={"dbnb_model": "tiny"}, global_step=7)
+    assert webui_refusal(path) is None
+    with zipfile.ZipFile(path) as z:
+        assert {name.split("/")[0] for name in z.namelist()} == {"ユキ v2"}
+        # stored, each record's bytes on a 64-byte boundary: what a memory-mapped load views
+        assert all(info.compress_type == zipfile.ZIP_STORED for info in z.infolist())
+        with open(path, "rb") as f:
+            for info in z.infolist():
+                f.seek(info.header_offset + 26)
+                name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+                assert (info.header_offset + 30 + name_len + extra_len) % 64 == 0, info.filename
+    for mmap in (False, True):
+        loaded = torch.load(path, weights_only=True, mmap=mmap)
+        assert loaded["dbnb_model"] == "tiny" and loaded["global_step"] == 7
+        assert loaded["state_dict"].keys() == original.keys()
+        different = [k for k, v in original.items() if not torch.equal(loaded["state_dict"][k], v.to(dtype))]
+        assert not different, (mmap, different[:3])
 
 
 def test_safetensors_metadata(original, tmp_path):
@@ -262,8 +339,12 @@ def test_failed_save_leaves_neither_temp_nor_final_file(tmp_path, monkeypatch, s
             f.write(b"partial")
         raise OSError("disk full")
 
+    def explode_in_archive(obj, archive, *args):
+        archive.write_record("data.pkl", b"partial", 7)
+        raise OSError("disk full")
+
     monkeypatch.setattr(safetensors.torch, "save_file", explode)
-    monkeypatch.setattr(layout.torch, "save", explode)
+    monkeypatch.setattr(layout.torch.serialization, "_save", explode_in_archive)
     with pytest.raises(OSError, match="disk full"):
         write_single_file(tmp_path / f"m{suffix}", {"a": torch.zeros(1)})
     assert list(tmp_path.iterdir()) == []

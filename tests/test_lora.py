@@ -222,6 +222,8 @@ def test_the_lora_export_has_kohyas_keys_and_metadata(lora_run):
     assert meta["ss_network_module"] == "networks.lora" and meta["ss_base_model_version"] == "sd_v1"
     assert meta["ss_num_train_images"] == "2" and meta["ss_output_name"] == "hnzk_3"
     assert "conv_dim" in meta["ss_network_args"] and meta["dbnb_version"]
+    base = Path(_base(lora_run))  # trained from a local folder: kohya's field names it, not its path
+    assert base.is_absolute() and meta["ss_sd_model_name"] == base.name
     assert result.size < 1 << 20
 
 

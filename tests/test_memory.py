@@ -34,6 +34,17 @@ def test_choose_by_vram(gpu, expected):
     assert memory(choose(gpu).settings) == expected
 
 
+@pytest.mark.parametrize("card, precision", [(("Quadro RTX 8000", 47.46, (7, 5)), "fp16"),
+                                             (("NVIDIA A100-SXM4-80GB", 79.25, (8, 0)), "bf16")])
+def test_auto_picks_bf16_by_compute_capability(fake_gpu, card, precision, capsys):
+    """A 48 GB Turing card lands in the bf16 tier by VRAM; torch >= 2.3 calls bf16 supported on it."""
+    fake_gpu(*card)
+    assert torch.cuda.is_bf16_supported()
+    chosen = apply_memory_profile(Config(memory_profile="auto"))  # asks torch, as a run does
+    assert chosen.mixed_precision == precision
+    assert card[0] in capsys.readouterr().out
+
+
 def test_choice_says_what_and_why():
     message = choose(T4).message
     assert "Tesla T4" in message and "14.7 GiB" in message

@@ -297,7 +297,11 @@ def test_short_hashes_are_printed_and_kept_in_the_metadata(tiny, tmp_path, capsy
     assert json.loads(meta["sd_merge_models"]).keys() == set(hashes)
     assert [i["short_hash"] for i in json.loads(meta["dbnb_merge"])["inputs"]] == [h[:10] for h in hashes]
     assert meta["dbnb_merge_name"] == "my mix"
+    # the inputs by their file names: the merged file must not show the user's local paths
+    assert [i["source"] for i in json.loads(meta["dbnb_merge"])["inputs"]] == [f.name for f in files[:2]]
+    assert str(files[0].parent) not in "".join(meta.values())
     sidecar = json.loads(result.file.with_suffix(".json").read_text())
+    assert [i["source"] for i in sidecar["dbnb_merge"]["inputs"]] == [f.name for f in files[:2]]
     assert sidecar["dbnb_merge"]["short_hash"] == result.short_hash
     assert "m0 0.6, m1 0.4" in sidecar["description"]
 

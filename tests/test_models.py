@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dbnb.models import (ModelLoadError, UnsafeCheckpointError, load_checkpoint_file, load_pipeline,
-                         resolve_source, sd1_variant)
+                         public_name, resolve_source, sd1_variant)
 from dbnb.tiny import build_tiny_pipeline
 
 
@@ -92,6 +92,26 @@ def test_a_model_folder_with_a_part_missing_is_named_before_anything_loads(tiny_
 class _RunsCode:
     def __reduce__(self):
         return (os.system, (f"touch {self.flag}",))
+
+
+@pytest.mark.parametrize("source, name", [
+    ("runwayml/stable-diffusion-v1-5", "runwayml/stable-diffusion-v1-5"),
+    ("/content/drive/MyDrive/models/anything-v5.safetensors", "anything-v5.safetensors"),
+    ("/content/drive/MyDrive/models/anything-v5/", "anything-v5"),
+    ("~/models/m.ckpt", "m.ckpt"),
+    (r"C:\Users\me\models\m.ckpt", "m.ckpt"),
+    ("https://civitai.com/api/download/models/1?token=secret#x", "https://civitai.com/api/download/models/1"),
+    ("https://me:pw@example.com:8080/m.safetensors", "https://example.com:8080/m.safetensors"),
+    ("https://drive.google.com/file/d/1AbCdEfGhIjKlMnOpQrStUv/view?usp=sharing", "drive-1AbCdEfGhI"),
+])
+def test_public_name_keeps_hub_ids_and_drops_local_paths_and_secrets(source, name):
+    assert public_name(source) == name
+
+
+def test_public_name_of_a_local_folder_that_looks_like_a_hub_id(tmp_path, monkeypatch):
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert public_name("models/mine") == "mine"
 
 
 def test_ckpt_that_would_run_code_is_refused_and_nothing_runs(tmp_path):

@@ -151,10 +151,10 @@ def test_without_the_latent_cache_training_computes_the_same(make_config):
     config = make_config(hflip=True)
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     batches = read_images(config, pipe.tokenizer)
-    live_batches = [next_batch(batches, m, config, 0, 1, pipe.vae, "cpu", torch.float32) for m in range(6)]
-    batches.latents = cache_latents(batches, pipe.vae, "cpu", torch.float32, hflip=True)
+    live_batches = [next_batch(batches, m, config, 0, 1, pipe.vae) for m in range(6)]
+    batches.latents = cache_latents(batches, pipe.vae, hflip=True)
     for m, want in enumerate(live_batches):
-        got = next_batch(batches, m, config, 0, 1, pipe.vae, "cpu", torch.float32)
+        got = next_batch(batches, m, config, 0, 1, pipe.vae)
         assert torch.equal(got.input_ids, want.input_ids)
         torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-5, msg=f"micro-step {m}")
 
@@ -347,6 +347,43 @@ def test_the_lr_schedule_is_checked_whole_before_the_first_step(make_config, tmp
     for n, fine in enumerate((dict(max_train_steps=2, lr_warmup_steps=1, lr_scheduler="polynomial"),
                               dict(max_train_steps=1, lr_warmup_steps=15, lr_scheduler="constant"))):
         assert train(make_config(**fine, run_name=f"fine{n}"), progress=False).step == fine["max_train_steps"]
+
+
+def test_bf16_on_a_turing_gpu_is_refused_before_anything_loads(make_config, fake_gpu):
+    fake_gpu("Tesla T4", 14.74, (7, 5))  # torch.cuda.is_bf16_supported() says True, as on a real T4
+    with pytest.raises(ConfigError, match=r"Tesla T4 \(compute 7\.5\) has no native bf16.*mixed_precision=fp16"):
+        train(make_config(mixed_precision="bf16"), progress=False)
+
+
+def test_out_of_gpu_memory_says_what_to_change_on_a_torch_before_2_5(make_config, monkeypatch):
+    import dbnb.train
+
+    # torch < 2.5 has no torch.OutOfMemoryError: naming it in the `except` would raise there,
+    # hiding the real error behind an AttributeError
+    monkeypatch.delattr(torch, "OutOfMemoryError")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(dbnb.train, "diffusion_loss", out_of_memory)
+    with pytest.raises(TrainingError, match="Out of GPU memory at step 1. .*gradient_checkpointing=true"):
+        train(make_config(), progress=False)
+
+
+def test_the_gradient_norm_is_the_same_without_torch_2_6s_get_total_norm(monkeypatch):
+    from types import SimpleNamespace
+
+    from dbnb.divergence import gradient_norm
+
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 70, 5)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    acc = SimpleNamespace(scaler=None)
+    expected = float(torch.cat([p.grad for p in params]).norm())
+    assert gradient_norm(acc, optimizer, max_norm=0) == pytest.approx(expected, rel=1e-6)
+    monkeypatch.delattr(torch.nn.utils, "get_total_norm")
+    assert gradient_norm(acc, optimizer, max_norm=0) == pytest.approx(expected, rel=1e-6)
 
 
 def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_config, tmp_path):

@@ -1,6 +1,8 @@
 """dbnb.versions: the declared range, its tested ends, and the loader keyword that was renamed."""
 from __future__ import annotations
 
+import ast
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,89 @@ def test_dtype_argument_follows_the_rename(monkeypatch, library, before, after):
     assert versions.dtype_argument(library, torch.float16) == {"torch_dtype": torch.float16}
     monkeypatch.setattr(versions, "installed_version", lambda name: after)
     assert versions.dtype_argument(library, torch.float16) == {"dtype": torch.float16}
+
+
+# --- the declared torch floor is true ---------------------------------------------------------
+
+# torch names dbnb could reach for, and the release that added each. Used without a feature
+# check (hasattr, or getattr with a default) where the name is newer than setup.cfg's floor,
+# one breaks that floor: on an older torch it raises AttributeError — in an `except` clause,
+# in place of the error being handled.
+TORCH_ADDED = {
+    "torch.OutOfMemoryError": "2.5",  # torch.cuda.OutOfMemoryError (1.13) is the same class
+    "torch.nn.utils.get_total_norm": "2.6",  # pytorch#139662
+    "torch.nn.utils.clip_grads_with_norm_": "2.6",  # pytorch#139662
+    "torch.accelerator": "2.6",
+    "torch.amp.GradScaler": "2.3",  # torch.cuda.amp.GradScaler before
+    "torch.get_default_device": "2.3",
+    "torch.serialization.add_safe_globals": "2.4",
+}
+
+
+def _dotted(node) -> str | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def _hasattr_checks(test) -> set[str]:
+    """The names `hasattr(x, "name")` calls in an if's test check, as `x.name`."""
+    return {f"{_dotted(c.args[0])}.{c.args[1].value}" for c in ast.walk(test)
+            if isinstance(c, ast.Call) and isinstance(c.func, ast.Name) and c.func.id == "hasattr"
+            and len(c.args) == 2 and isinstance(c.args[1], ast.Constant)}
+
+
+def unguarded_torch_names(source: str) -> list[tuple[int, str]]:
+    """(line, name) of each TORCH_ADDED name used in `source` outside an `if` (or `x if … else`,
+    or `… and …`) that checks it with hasattr first."""
+    tree = ast.parse(source)
+    guarded: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.If, ast.IfExp)):
+            checked = _hasattr_checks(node.test)
+            body = node.body if isinstance(node.body, list) else [node.body]
+        elif isinstance(node, ast.BoolOp) and isinstance(node.op, ast.And):
+            checked, body = set().union(*map(_hasattr_checks, node.values[:-1])), node.values[1:]
+        else:
+            continue
+        guarded |= {id(inner) for part in body for inner in ast.walk(part)
+                    if checked and _dotted(inner) in checked}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _dotted(node) in TORCH_ADDED and id(node) not in guarded:
+            found.append((node.lineno, _dotted(node)))
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found += [(node.lineno, f"{node.module}.{a.name}") for a in node.names
+                      if f"{node.module}.{a.name}" in TORCH_ADDED]
+    return sorted(found)
+
+
+def test_the_floor_check_sees_a_bare_use_and_lets_a_feature_check_pass():
+    source = textwrap.dedent("""\
+        import torch
+        try:
+            pass
+        except torch.OutOfMemoryError:
+            pass
+        if hasattr(torch, "accelerator"):
+            torch.accelerator.current_accelerator()
+        total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+        scaler = torch.amp.GradScaler() if hasattr(torch.amp, "GradScaler") else None
+        from torch.nn.utils import clip_grads_with_norm_
+        torch.get_default_device()
+        """)
+    assert unguarded_torch_names(source) == [(4, "torch.OutOfMemoryError"),
+                                             (10, "torch.nn.utils.clip_grads_with_norm_"),
+                                             (11, "torch.get_default_device")]
+
+
+def test_dbnb_uses_no_torch_name_newer_than_the_declared_floor():
+    floor = next(Version(s.version) for s in versions.declared()["torch"] if s.operator == ">=")
+    too_new = [f"{path.relative_to(ROOT)}:{line}: {name} (torch {TORCH_ADDED[name]})"
+               for path in sorted((ROOT / "dbnb").rglob("*.py"))
+               for line, name in unguarded_torch_names(path.read_text(encoding="utf-8"))
+               if Version(TORCH_ADDED[name]) > floor]
+    assert not too_new, (f"setup.cfg declares torch>={floor}, but these need a newer torch: raise the "
+                         f"floor, or check for the name first (hasattr / getattr): {too_new}")
