@@ -452,8 +452,9 @@ def _check_versions() -> Check:
 
     problems = versions.outside_tested()
     if problems:
+        # The stack too: a bug report needs it most when something is outside the tested range.
         return Check("versions", False, "; ".join(problems) + " (tested: setup.cfg's minimums up to "
-                     "dbnb.versions.NEWEST_TESTED). Include this line in a bug report.")
+                     f"dbnb.versions.NEWEST_TESTED). Include this line in a bug report: {versions.stack_line()}")
     return Check("versions", True, f"all within the tested range: {versions.stack_line()}")
 
 

@@ -74,9 +74,11 @@ def public_name(source: str) -> str:
     URL without its query or login (where a download token sits); a Drive link without its
     file id (anyone who has the id can fetch the file), as the merge labels it."""
     text = str(source).strip()
-    if fetch._is_drive(text):
-        found = re.search(r"(?:/d/|[?&]id=)([\w-]+)", text)
-        return f"drive-{found.group(1)[:10]}" if found else "drive"
+    if fetch.is_drive(text):
+        try:
+            return f"drive-{fetch.drive_link(text)[1][:10]}"
+        except fetch.FetchError:
+            return "drive"
     if text.startswith(("http://", "https://")):
         url = urllib.parse.urlparse(text)  # a user:password@ goes too
         host = (url.hostname or "") + (f":{url.port}" if url.port else "")

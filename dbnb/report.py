@@ -198,6 +198,8 @@ def model_card(run_dir: str | Path, exported: Path) -> Path:
     meta = {"license": "creativeml-openrail-m", "library_name": "dbnb", "pipeline_tag": "text-to-image",
             "tags": ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "dreambooth", "dbnb"],
             "instance_prompt": config.instance_prompt}
+    from dbnb.models import public_name
+
     source = config.pretrained_model_name_or_path
     if not Path(source).exists():
         meta["base_model"] = source  # a Hub id; local paths mean nothing on the Hub
@@ -206,7 +208,7 @@ def model_card(run_dir: str | Path, exported: Path) -> Path:
             f"DreamBooth fine-tune of Stable Diffusion 1.x made with dbnb {__version__}. "
             f"Call it with `{config.instance_prompt}`.", "",
             f"- file: `{exported.name}` (original SD layout, loads in AUTOMATIC1111's webui)",
-            f"- base model: `{source}`", f"- resolution {config.resolution}, {config.max_train_steps} steps, "
+            f"- base model: `{public_name(source)}`", f"- resolution {config.resolution}, {config.max_train_steps} steps, "
             f"learning rate {config.learning_rate:g}", *[f"- {line}" for line in result], ""]
     path = exported.parent / "README.md"
     path.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body),

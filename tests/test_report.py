@@ -1,5 +1,6 @@
 """The seed-format training report and the model card, from a real demo run."""
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -81,3 +82,6 @@ def test_model_card_is_yaml_front_matter_and_markdown(demo_run):
     assert meta["instance_prompt"] == "hnzk girl" and "dreambooth" in meta["tags"] and meta["license"]
     assert "base_model" not in meta  # a local path means nothing on the Hub
     assert exported.path.name in body and body.lstrip().startswith("# report")
+    from dbnb.config import load_config
+    base = load_config(demo_run / "config.json").pretrained_model_name_or_path
+    assert base not in body and f"base model: `{Path(base).name}`" in body  # the card is shared: no local path
