@@ -73,7 +73,7 @@ def source_copy(tmp_path_factory):
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
                             capture_output=True, text=True)
     names = [n for n in listed.stdout.split("\0") if n] if listed.returncode == 0 else None
-    if names is None:  # not a git checkout (an unpacked sdist)
+    if not names:  # not a checkout of its own (an unpacked sdist, CI's copy inside an ignored folder)
         shutil.copytree(root, copy, ignore=shutil.ignore_patterns(".venv*", "build", "dist", "*.egg-info", "__pycache__"))
         return copy
     for name in names:
