@@ -73,7 +73,8 @@ def write_train_notebook(folder: Path, config, **parameters) -> tuple[Path, int,
 def train_notebook(tmp_path):
     from dbnb.config import Config
 
-    path, form, _ = write_train_notebook(tmp_path, Config())
+    # as notebook 02 leaves it: 04 asks for 02 first where no dataset folder is set
+    path, form, _ = write_train_notebook(tmp_path, Config(instance_data_dir=str(tmp_path / "ws" / "dataset")))
     return path, form
 
 
