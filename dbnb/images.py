@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dbnb import autoencoder
+
 # sampler name -> (diffusers scheduler, the name A1111 shows). DPM++ 2M is DPMSolverMultistep's
 # default (dpmsolver++, order 2).
 SAMPLERS = {"ddim": ("DDIMScheduler", "DDIM"),
@@ -48,8 +50,6 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 def render(pipe, prompt: str, seeds: list[int], *, negative: str = "", steps: int, guidance: float,
            resolution: int) -> list[Image.Image]:
     """One image per seed in one batch, decoded by dbnb.autoencoder's rule, not the pipeline's."""
-    from dbnb import autoencoder
-
     latents = pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=len(seeds),
                    num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
                    generator=generators(seeds), output_type="latent").images

@@ -71,8 +71,9 @@ def public_name(source: str) -> str:
     """How a base model is named in files that leave this machine (an export's, a LoRA's or a
     merge's metadata): a Hub id as is; a local file or folder by its base name, as kohya's
     scripts do (a full path shows strangers the user's Drive folders and account layout); a
-    URL without its query or login (where a download token sits); a Drive link without its
-    file id (anyone who has the id can fetch the file), as the merge labels it."""
+    URL without its query or login (where a download token sits); a Drive link as "drive-"
+    and the first 10 characters of its id only (the whole id fetches the file), as the merge
+    labels it."""
     text = str(source).strip()
     if fetch.is_drive(text):
         try:
