@@ -35,11 +35,18 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 TMP_PREFIX = ".tmp-"
 
 # A checkpoint folder's layout. Only this module spells it: everything else asks a Checkpoint.
-#   full: unet/ [text_encoder/] [unet_ema/]   diffusers folders of the trained models
+#   full: unet/ [text_encoder/] [unet_ema/]   diffusers folders of the trained models, in fp16:
+#         what test rendering and export use, kept for every save
 #   lora: lora/ adapters.json unet.safetensors [text_encoder.safetensors] [ema.safetensors]
-#   both: state/ optimizer.pt lr_scheduler.pt [ema.pt] trainer.json   (resume only)
+#   both: state/ optimizer.pt lr_scheduler.pt [ema.pt] trainer.json   (resume only; keep_last_n prunes it)
+#   full: state/ unet.safetensors [text_encoder.safetensors] [unet_ema.safetensors]: the fp32 master
+#         weights, so a resume continues exactly (checkpoints written before 2026-12-06 hold fp32
+#         weights in unet/ and no master copy: a resume reads those)
 UNET, TEXT_ENCODER, UNET_EMA, LORA, STATE = "unet", "text_encoder", "unet_ema", "lora", "state"
 UNET_FILE, TEXT_ENCODER_FILE = "diffusion_pytorch_model.safetensors", "model.safetensors"
+# Per-step weights: fp16 halves every save (SD 1.5's UNet: 1.72 GB against 3.44) and is what
+# rendering and the fp16 export read anyway; training's fp32 master copy lives in the state.
+WEIGHTS_DTYPE = torch.float16
 FULL = "full"
 
 
@@ -437,14 +444,18 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def expected_size(run: RunFolder, *parts) -> int:
+def tensor_bytes(obj, dtype: torch.dtype | None = None) -> int:
+    """Bytes of the tensors in `obj` (nested dicts / lists), as stored, or as `dtype` when given."""
+    return sum(t.numel() * (t.element_size() if dtype is None else dtype.itemsize) for t in _tensors(obj))
+
+
+def expected_size(run: RunFolder, tensors: int) -> int:
     """Bytes the next checkpoint will take: the last full one's real size once there is one,
-    else the tensors it will hold (weights, EMA, optimizer state); with a margin for headers,
-    configs and the zip containers."""
+    else `tensors` (the bytes of what it will hold); with a margin for headers, configs and the
+    zip containers."""
     previous = run.resumable()
     if previous:
         return int(dir_size(previous[-1].path) * 1.02) + (1 << 20)
-    tensors = sum(t.numel() * t.element_size() for part in parts for t in _tensors(part))
     return int(tensors * 1.05) + (1 << 20)
 
 
@@ -470,9 +481,11 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
 
     if config.use_lora:  # only the adapters are saved: tens of MB, not a UNet
         trained = [lora.adapter_state(unet), lora.adapter_state(text_encoder)]
-    else:
-        trained = [unet.state_dict()] + ([text_encoder.state_dict()] if config.train_text_encoder else [])
-    needed = expected_size(run, *trained, ema.shadow_params if ema is not None else [], optimizer.state_dict())
+        held = tensor_bytes(trained) + tensor_bytes(ema.shadow_params if ema is not None else [])
+    else:  # fp16 weights + the fp32 master copy
+        trained = [state for _, _, state in trained_models(unet, text_encoder, ema, config)]
+        held = tensor_bytes(trained, WEIGHTS_DTYPE) + tensor_bytes(trained, torch.float32)
+    needed = expected_size(run, held + tensor_bytes(optimizer.state_dict()))
     check_free_space(run.root, needed, f"checkpoint step {step}")
 
     run_id = run.run_id()
@@ -482,12 +495,12 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
             lora.save(folder / LORA, unet, text_encoder, lora.Spec.from_config(config),
                       lora.ema_state(ema.shadow_params, unet, text_encoder) if ema is not None else None)
         else:
-            unet.save_pretrained(folder / UNET)
-            if config.train_text_encoder:
-                text_encoder.save_pretrained(folder / TEXT_ENCODER)
-            if ema is not None:
-                ema.save_pretrained(folder / UNET_EMA)
+            for name, module, state in trained_models(unet, text_encoder, ema, config):
+                write_model(folder / name, module, state, WEIGHTS_DTYPE)
         write_state(folder, step, micro_step, optimizer, lr_scheduler, ema, config, run_id)
+        if not config.use_lora:  # the fp32 master copy, pruned with the rest of the state
+            for name, _, state in trained_models(unet, text_encoder, ema, config):
+                write_tensors(folder / STATE / f"{name}.safetensors", state, torch.float32)
 
     try:
         path = run.write_checkpoint(step, write)  # a failed write leaves the previous checkpoints as they were
@@ -497,6 +510,37 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
         raise disk_full(run, f"saving checkpoint step {step}", needed) from None
     run.prune_states(config.keep_last_n)
     return path
+
+
+def trained_models(unet, text_encoder, ema, config) -> list[tuple[str, torch.nn.Module, dict]]:
+    """(folder name, module whose config describes it, state dict) of each trained model of a
+    full run: the UNet, the text encoder when trained, the EMA of the UNet when kept."""
+    models = [(UNET, unet, unet.state_dict())]
+    if config.train_text_encoder:
+        models.append((TEXT_ENCODER, text_encoder, text_encoder.state_dict()))
+    if ema is not None:  # EMAModel follows unet.parameters() in order
+        shadow = dict(zip((n for n, _ in unet.named_parameters()), ema.shadow_params))
+        models.append((UNET_EMA, unet, {k: shadow.get(k, v) for k, v in unet.state_dict().items()}))
+    return models
+
+
+def write_model(folder: Path, module, state: dict, dtype: torch.dtype) -> None:
+    """A diffusers / transformers model folder (config + one safetensors file) holding `state`."""
+    folder.mkdir()
+    if hasattr(module, "save_config"):  # diffusers
+        module.save_config(folder)
+        write_tensors(folder / UNET_FILE, state, dtype)
+    else:  # transformers
+        module.config.save_pretrained(folder)
+        write_tensors(folder / TEXT_ENCODER_FILE, state, dtype)
+
+
+def write_tensors(path: Path, state: dict, dtype: torch.dtype) -> None:
+    from safetensors.torch import save_file
+
+    # On the CPU one tensor at a time: a GPU copy of a whole UNet at save time could run out of VRAM.
+    save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(path),
+              metadata={"format": "pt"})
 
 
 def write_state(folder: Path, step: int, micro_step: int, optimizer, lr_scheduler, ema, config, run_id) -> None:
@@ -515,8 +559,6 @@ def write_state(folder: Path, step: int, micro_step: int, optimizer, lr_schedule
 
 def load_checkpoint(checkpoint: Checkpoint, unet, text_encoder, ema, config) -> dict:
     """Weights (before accelerate wraps the models); returns trainer.json."""
-    from diffusers import UNet2DConditionModel
-
     path = checkpoint.path
     if checkpoint.kind == LORA:
         from dbnb import lora
@@ -528,13 +570,30 @@ def load_checkpoint(checkpoint: Checkpoint, unet, text_encoder, ema, config) -> 
         if ema is not None:
             load_ema_state(checkpoint, ema, lora.read_ema_shadow(path / LORA, unet, text_encoder))
         return checkpoint.trainer_state()
-    load_strict(unet, checkpoint.unet_state())
+    load_strict(unet, master_state(checkpoint, UNET))
     if config.train_text_encoder:
-        load_strict(text_encoder, checkpoint.text_encoder_state())
+        load_strict(text_encoder, master_state(checkpoint, TEXT_ENCODER))
     if ema is not None:
-        shadow = UNet2DConditionModel.from_pretrained(path / UNET_EMA)
-        load_ema_state(checkpoint, ema, [p.detach() for p in shadow.parameters()])
+        shadow = master_state(checkpoint, UNET_EMA)
+        load_ema_state(checkpoint, ema, [shadow[n].float() for n, _ in unet.named_parameters()])
     return checkpoint.trainer_state()
+
+
+def master_state(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
+    """The fp32 weights a resume continues from: the state's master copy, or in a checkpoint
+    written before there was one, the (then fp32) weights folder."""
+    master = checkpoint.path / STATE / f"{name}.safetensors"
+    if master.is_file():
+        return weights.read_safetensors(master)
+    folder = checkpoint.path / name
+    file = folder / (TEXT_ENCODER_FILE if name == TEXT_ENCODER else UNET_FILE)
+    state = weights.read_safetensors(file)
+    if any(v.is_floating_point() and v.dtype != torch.float32 for v in state.values()):
+        raise CheckpointError(f"resume {checkpoint.path}: its state has no fp32 master copy of {name} "
+                              f"({master.name} is missing) and {file} holds half-precision weights, from which a "
+                              "resume would not continue exactly. Resume from a complete checkpoint, or start a "
+                              "new run_name.")
+    return state
 
 
 def load_ema_state(checkpoint: Checkpoint, ema, shadow: list[torch.Tensor]) -> None:

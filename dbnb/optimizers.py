@@ -121,3 +121,25 @@ def _factory(config: Config, device: torch.device, bnb_check):
 def _check_bitsandbytes(device: torch.device):
     from dbnb.env import check_bitsandbytes
     return check_bitsandbytes(device.type)
+
+
+# What each optimizer keeps per trained weight once it has stepped: its part of a resume state,
+# known before the first step so the disk plan can size a whole run (dbnb.diskplan). The 8-bit
+# ones quantise in blocks of 256 with one fp32 scale per block and per state, and keep tensors
+# under 4096 values in fp32 (bitsandbytes' min_8bit_size).
+STATE_BYTES = {"AdamW": (8, 8, 0), "AdamW8bit": (8, 2, 2), "Lion": (4, 4, 0), "Lion8bit": (4, 1, 1),
+               "Prodigy": (16, 16, 0)}   # name: (bytes per value, bytes per value 8-bit, 8-bit states)
+MIN_8BIT_SIZE, BLOCK = 4096, 256
+
+
+def state_bytes(name: str, params) -> int:
+    """Bytes of the state the optimizer `name` (as `name_of` says it) keeps for `params`."""
+    small, large, quantised = STATE_BYTES.get(name, STATE_BYTES["AdamW"])
+    total = 0
+    for p in params:
+        n = p.numel()
+        if quantised and n >= MIN_8BIT_SIZE:
+            total += n * large + quantised * 4 * (-(-n // BLOCK) + BLOCK)  # + the scales and the code map
+        else:
+            total += n * small
+    return total

@@ -120,6 +120,23 @@ def section_lora(run: RunFolder, config: Config, exports: list[Path]) -> list[st
     return [line]
 
 
+def section_disk(run: RunFolder) -> list[str]:
+    """What the run takes on disk, measured: the figure the seed's "2 GB per model" stood for."""
+    from dbnb.checkpoints import STATE, dir_size
+    from dbnb.env import format_bytes
+
+    found = run.checkpoints()
+    if not found:
+        return ["no checkpoint saved yet"]
+    newest = found[-1].path
+    states = [c.path / STATE for c in found if (c.path / STATE).is_dir()]
+    what = "LoRA adapters" if found[-1].kind == "lora" else "fp16 weights"
+    line = f"{len(found)} checkpoint(s), {format_bytes(dir_size(newest) - dir_size(newest / STATE))} of {what} each"
+    if states:
+        line += f"; {len(states)} resume state(s) of {format_bytes(dir_size(states[-1]))}"
+    return [line + f"; the run folder holds {format_bytes(dir_size(run.root))}"]
+
+
 def section_result(run: RunFolder) -> tuple[list[str], list[str], dict | None]:
     """(安定した呼び出し方 suggestion, 結果 lines, recommendation) from scores.json when scored."""
     path = run.root / "scores.json"
@@ -175,6 +192,7 @@ def report_markdown(run_dir: str | Path) -> str:
     section("LR等のステータス設定 / LR and other settings",
             settings + section_lora(run, config, exports)
             + [f"trained {step} of {config.max_train_steps} steps in {seconds / 60:.1f} min"])
+    section("ディスク / Disk", section_disk(run))
     section("安定した呼び出し方 / Stable call", call, user=True)
     section("結果 / Result", result + [f"grid: [{p.relative_to(run.root)}]({p.relative_to(run.root)})"
                                       for p in grids(run)], user=True)

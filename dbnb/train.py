@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from dbnb.errors import DbnbError
-from dbnb import divergence, lora, optimizers
+from dbnb import divergence, diskplan, lora, optimizers
 from dbnb.batches import (Batches, MicroBatch, cache_latents, dropout_seed, epoch_length, gather_examples, next_batch,
                           read_images)
 from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
@@ -33,7 +33,7 @@ from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
 from dbnb.previews import write_previews
 from dbnb.process import cancel_on_signal, forget_accelerator_state
-from dbnb.env import has_bf16, is_disk_full
+from dbnb.env import format_bytes, has_bf16, is_disk_full
 
 class TrainingError(DbnbError, RuntimeError):
     """Training stopped; the message says why and what to change."""
@@ -282,6 +282,11 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     else:
         ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
     state = load_checkpoint(resume_from, unet, text_encoder, ema, config) if resume_from else {}
+    # Every process on its own: each asks the same disk, so all stop here or none does.
+    disk = diskplan.plan(config, pipe, optimizers.name_of(optimizer), state.get("step", 0), max_steps, run)
+    free = diskplan.check(run, config, disk)
+    if accelerator.is_main_process:
+        print(f"[dbnb] disk plan: {disk.line()}; {format_bytes(free)} free", flush=True)
     # An optimizer that steps inside backward gains nothing from accelerate's wrapper.
     parts = [unet] + ([text_encoder] if config.trains_text_encoder else []) \
         + ([] if config.optimizer_in_backward else [optimizer])

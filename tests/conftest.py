@@ -160,6 +160,22 @@ def dataset_with_class_images(folder, n_instance: int, class_per_instance: int, 
     return instance, klass
 
 
+@pytest.fixture
+def make_config(tiny_dir, tmp_path):
+    """A tiny run's Config on three pictures + class images: make_config(**overrides)."""
+    instance, klass = dataset_with_class_images(tmp_path / "data", n_instance=3, class_per_instance=2)
+
+    def make(**overrides):
+        base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
+                    class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
+                    output_dir=str(tmp_path / "runs"), run_name="run", resolution=64, max_train_steps=4,
+                    save_every_steps=0, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=0,
+                    mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
+        from dbnb.config import Config
+        return Config(**{**base, **overrides})
+    return make
+
+
 def two_checkpoint_run(tiny_dir, folder, **overrides):
     """A real 2-step run of the tiny model with a checkpoint at each step."""
     from dbnb.config import Config

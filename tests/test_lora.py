@@ -72,7 +72,7 @@ def test_a_lora_checkpoint_holds_only_the_adapters_and_its_size_is_estimated(mak
     asked = []
     real = checkpoints.expected_size
     monkeypatch.setattr(checkpoints, "expected_size", lambda *a: asked.append(real(*a)) or asked[-1])
-    result = train(make_config(max_train_steps=2, save_every_steps=1, use_ema=True), progress=False)
+    result = train(make_config(max_train_steps=2, save_every_steps=1, use_ema=True, keep_last_n=2), progress=False)
     run = RunFolder(result.run_dir)
     checkpoint = run.pick(2)
     assert checkpoint.kind == "lora" and checkpoint.parts == {"unet", "text_encoder", "ema", "state"}

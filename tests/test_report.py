@@ -1,5 +1,6 @@
 """The seed-format training report and the model card, from a real demo run."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from dbnb.report import USER_FIELD, model_card, write_report
 # A demo run beside the session's world, whose class images are generated: slow, as the world is.
 pytestmark = pytest.mark.slow
 HEADINGS = ["モデルハッシュ", "学習対象", "使用素材", "加工", "加工後素材詳細", "正則化画像", "ベースモデル",
-            "LR等のステータス設定", "安定した呼び出し方", "結果"]
+            "LR等のステータス設定", "ディスク", "安定した呼び出し方", "結果"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,9 @@ def test_every_heading_is_filled_from_the_run(demo_run):
     assert f"Learning Rate (`learning_rate`): {config.learning_rate:g} (preset: 1e-06)" in settings
     assert "Apply Horizontal Flip (`hflip`): False" in settings
     assert "trained 2 of 2 steps" in settings
+    # the sizes measured in the run folder: 2 saves, the newest with its resume state (keep_last_n=1)
+    assert re.search(r"2 checkpoint\(s\), [\d.]+ MiB of fp16 weights each; 1 resume state\(s\) of [\d.]+ MiB; "
+                     r"the run folder holds [\d.]+ MiB", section(text, "ディスク")), section(text, "ディスク")
     # facts that do not exist yet are said to be missing, not invented
     assert "not exported yet" in section(text, "モデルハッシュ")
     assert "not scored yet" in section(text, "結果") and USER_FIELD in section(text, "結果")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dataset_with_class_images
 from safetensors.torch import load_file
 
 from dbnb import data
@@ -20,20 +19,6 @@ from dbnb.checkpoints import RunFolder, RunFolderError
 from dbnb.config import Config, ConfigError
 from dbnb.batches import MicroBatch, read_images
 from dbnb.train import TrainingError, diffusion_loss, train
-
-
-@pytest.fixture
-def make_config(tiny_dir, tmp_path):
-    instance, klass = dataset_with_class_images(tmp_path / "data", n_instance=3, class_per_instance=2)
-
-    def make(**overrides):
-        base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
-                    class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
-                    output_dir=str(tmp_path / "runs"), run_name="run", resolution=64, max_train_steps=4,
-                    save_every_steps=0, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=0,
-                    mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
-        return Config(**{**base, **overrides})
-    return make
 
 
 def unet_weights(run_dir, step, ema=False):
@@ -491,8 +476,8 @@ def test_auto_on_another_gpu_tier_keeps_what_the_resumed_run_learns_with():
 
 
 def test_resume_refuses_another_runs_checkpoint(make_config, tmp_path):
-    a = train(make_config(max_train_steps=2, save_every_steps=1, run_name="a"), progress=False).run_dir
-    b_config = make_config(max_train_steps=2, save_every_steps=1, run_name="b", seed=7)
+    a = train(make_config(max_train_steps=2, save_every_steps=1, run_name="a", keep_last_n=2), progress=False).run_dir
+    b_config = make_config(max_train_steps=2, save_every_steps=1, run_name="b", seed=7, keep_last_n=2)
     b = train(b_config, progress=False).run_dir
     before = {p.name: p.stat().st_mtime_ns for p in (b / "checkpoints").rglob("*")}
     other = a / "checkpoints" / "step-000001"
@@ -536,7 +521,7 @@ def test_resume_refuses_another_base_model_but_takes_a_copy_of_the_same(make_con
 
 
 def test_resume_latest_names_a_damaged_checkpoint_and_the_one_to_resume_from(make_config, tmp_path):
-    config = make_config(max_train_steps=3, save_every_steps=1, run_name="cut")
+    config = make_config(max_train_steps=3, save_every_steps=1, run_name="cut", keep_last_n=2)
     run = train(config, progress=False).run_dir
     newest = run / "checkpoints" / "step-000003"
     unet = newest / "unet" / "diffusion_pytorch_model.safetensors"
@@ -631,8 +616,8 @@ def test_the_free_space_estimate_is_not_below_the_real_checkpoint_size(make_conf
     asked = []
     real_check = checkpoints.expected_size
     monkeypatch.setattr(checkpoints, "expected_size", lambda *a: asked.append(real_check(*a)) or asked[-1])
-    result = train(make_config(max_train_steps=2, save_every_steps=1, use_ema=True, train_text_encoder=True),
-                   progress=False)
+    result = train(make_config(max_train_steps=2, save_every_steps=1, use_ema=True, train_text_encoder=True,
+                               keep_last_n=2), progress=False)  # both states kept: each checkpoint whole
     sizes = [checkpoints.dir_size(p) for p in result.checkpoints]
     for estimate, real in zip(asked, sizes):
         print(f"checkpoint {real:,} B, estimated {estimate:,} B")
