@@ -170,19 +170,20 @@ def free_disk_bytes(path: str | os.PathLike[str]) -> int:
     return shutil.disk_usage(_nearest_existing(path)).free
 
 
-def check_free_space(path: str | os.PathLike[str], needed_bytes: int, what: str) -> int:
+def check_free_space(path: str | os.PathLike[str], needed_bytes: int, what: str,
+                     advice: str | Callable[[], str] = "Free some space there, or write to another folder.") -> int:
     """Raise DiskFullError unless `needed_bytes` fit at `path`; return the free bytes.
 
     Called before every save, so a full disk fails with a clear message instead of a
-    half-written checkpoint.
+    half-written checkpoint. `advice`: what to do, in the caller's terms (what can be deleted,
+    which setting chooses another place); a callable is asked only when the space is short.
     """
     where = _nearest_existing(path)
     free = shutil.disk_usage(where).free
     if needed_bytes > free:
         raise DiskFullError(
             f"Not enough disk space to save {what}: needs {format_bytes(needed_bytes)}, "
-            f"only {format_bytes(free)} free at {where}. Free some space, choose another "
-            f"output_dir, or lower keep_last_n so fewer checkpoints are kept.",
+            f"only {format_bytes(free)} free at {where}. {advice() if callable(advice) else advice}",
             needed=needed_bytes, free=free, path=where)
     return free
 

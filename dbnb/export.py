@@ -105,7 +105,30 @@ def prepare_folder(folder: Path, needed: int) -> None:
     from dbnb.env import check_free_space, check_writable
 
     check_writable(folder, "the exported model")
-    check_free_space(folder, needed, "the exported model")
+    check_free_space(folder, needed, "the exported model", room_advice(folder))
+
+
+def room_advice(folder: Path) -> str:
+    """What to do when the export does not fit: the run's checkpoints are not in the way (an
+    export reads them), another target is the quick fix."""
+    return (f"Export to a place with room (CLI: --to PATH, or --to drive on Colab; notebook 04: export_to), "
+            f"or free space at {folder}, then export again.")
+
+
+def write_export(path: Path, state: dict, **options) -> Path:
+    """write_single_file, with a disk that fills during the write named as such. Nothing is left
+    behind: write_single_file deletes its half-written temporary file."""
+    from dbnb.env import DiskFullError, format_bytes, free_disk_bytes, is_disk_full, write_errors
+
+    try:
+        return write_single_file(path, state, **options)
+    except write_errors() as e:
+        if isinstance(e, DbnbError) or not is_disk_full(e):
+            raise
+        free = free_disk_bytes(path.parent)
+        raise DiskFullError(f"Disk full at {path.parent} while writing the export {path.name} (free "
+                            f"{format_bytes(free)}); the half-written file was deleted. {room_advice(path.parent)}",
+                            free=free, path=path.parent) from None
 
 
 # --- verify --------------------------------------------------------------------------------------
@@ -179,7 +202,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     path = free_name(folder / f"{stem}.{fmt}", overwrite)
     metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": public_name(base_model),
                 "dbnb_precision": precision, **info}
-    write_single_file(path, state, metadata=metadata, global_step=step)
+    write_export(path, state, metadata=metadata, global_step=step)
     del state
     try:
         verify(path, {"unet": unet, "vae": vae_sd, "text_encoder": text}, dtype)
@@ -208,7 +231,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
     remove_leftovers(folder)
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder / f"{stem}.safetensors", overwrite)
-    write_single_file(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
+    write_export(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
                                              "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
 
     def base():

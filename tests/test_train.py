@@ -577,6 +577,32 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(m
     assert train(config, resume="latest", progress=False).step == 3
 
 
+def test_disk_full_says_which_older_checkpoints_and_previews_to_delete_with_their_sizes(make_config, monkeypatch):
+    """keep_last_n prunes resume states only, which are gone already when the disk fills: the
+    advice is what really takes the room, with sizes, and that the newest must stay."""
+    from dbnb.checkpoints import dir_size
+    from dbnb.env import DiskFullError, format_bytes
+
+    config = make_config(max_train_steps=3, save_every_steps=1, sample_every_steps=1, run_name="fullold",
+                         keep_last_n=1)
+    real_save = torch.save
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if "step-000003" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3200 vs 3136")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(DiskFullError) as e:
+        train(config, progress=False)
+    run = Path(config.output_dir) / "fullold"
+    message = str(e.value)
+    first = run / "checkpoints" / "step-000001"
+    assert f"older checkpoint folders in {run / 'checkpoints'}" in message
+    assert f"step-000001 ({format_bytes(dir_size(first))})" in message and "keep the newest, step-000002" in message
+    assert f"the previews in {run / 'samples'} ({format_bytes(dir_size(run / 'samples'))})" in message
+    assert "keep_last_n" not in message and message.endswith("CLI: --resume latest).")
+
+
 def test_disk_full_inside_safetensors_is_the_same_disk_full(make_config, tmp_path, monkeypatch, capsys):
     """diffusers writes the UNet through safetensors, whose error on a full disk is its own
     SafetensorError (an Exception, not an OSError): the same message, the checkpoints kept."""
