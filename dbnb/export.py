@@ -81,6 +81,26 @@ def model_state_dicts(source: str, dtype: torch.dtype, vae: str = ""):
     return pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict()
 
 
+def refuse_runs_folder(folder: Path) -> None:
+    """An ExportError when `folder` is output_dir, the folder of run folders, given instead of a
+    run: it would be read as a model folder and refused for a missing model_index.json, which
+    hides that one run inside is what was meant."""
+    if not folder.is_dir() or (folder / "model_index.json").is_file():
+        return
+    runs = sorted(d for d in folder.iterdir()
+                  if RunFolder(d).config_path.is_file() and (d / "checkpoints").is_dir())
+    if not runs:
+        return
+    import shlex
+
+    steps = {d: RunFolder(d).checkpoints() for d in runs}
+    listing = ", ".join(f"{d.name} ({f'newest checkpoint: step {found[-1].step}' if found else 'no checkpoint yet'})"
+                        for d, found in steps.items())
+    example = next((d for d, found in steps.items() if found), runs[0])
+    raise ExportError(f"{folder} holds run folders, not a run: {listing}. Export one run: "
+                      f"`dbnb export {shlex.quote(str(example))}` (its newest checkpoint; --step N for another).")
+
+
 # --- where it goes -------------------------------------------------------------------------------
 
 def destination_folder(where: str, run_name: str, default: Path) -> Path:
@@ -180,6 +200,8 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
         raise ExportError(f"precision {precision!r}: choose fp16, fp32 or bf16.")
     dtype = DTYPES[precision]
     run = RunFolder(source)
+    if not run.config_path.is_file():
+        refuse_runs_folder(Path(source))
     if run.config_path.is_file() and not bake and run.pick(step).kind == "lora":
         return export_lora(run, run.pick(step), ema=ema, fmt=fmt, precision=precision, to=to,
                            overwrite=overwrite, name=name)

@@ -163,6 +163,25 @@ def test_a_disk_that_fills_during_the_export_is_named_with_another_target_and_le
     assert list(target.iterdir()) == []  # no half file, hidden or not
 
 
+def test_the_runs_folder_given_instead_of_a_run_lists_its_runs_and_what_to_type(run_dir, tmp_path, capsys):
+    from dbnb.cli import main
+
+    runs = run_dir.parent
+    (runs / "fresh" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (runs / "fresh" / "config.json").write_text((run_dir / "config.json").read_text())
+    (runs / "notes").mkdir(exist_ok=True)  # not a run: not listed
+    try:
+        assert main(["export", str(runs), "--to", str(tmp_path / "out")]) == 2
+    finally:
+        import shutil
+        shutil.rmtree(runs / "fresh"), shutil.rmtree(runs / "notes")
+    err = capsys.readouterr().err
+    assert err.startswith(f"dbnb: {runs} holds run folders, not a run: fresh (no checkpoint yet), "
+                          "hnzk (newest checkpoint: step 3).")
+    assert f"`dbnb export {run_dir}`" in err and "Traceback" not in err and "model_index.json" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_destination_fails_clearly(run_dir, tmp_path):
     (tmp_path / "a-file").write_text("x")
     from dbnb.env import NotWritableError
