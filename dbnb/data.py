@@ -174,6 +174,17 @@ def usable_images(images: list[Path], what: str, skip_bad: bool) -> list[Path]:
     return kept
 
 
+def warn_same_prompts(c: Concept) -> None:
+    """Prior preservation with the class prompt equal to the instance prompt teaches the class
+    images as the character, the opposite of what they are for. Compared as CLIP reads them
+    (case and spacing do not count); a [filewords] template differs per picture, so it passes."""
+    same = " ".join(c.class_prompt.lower().split())
+    if same and FILEWORDS not in same and same == " ".join(c.instance_prompt.lower().split()):
+        warnings.warn(f"class_prompt is the same as instance_prompt ({c.instance_prompt!r}) with prior preservation "
+                      f"on: the class images in {c.class_data_dir} would be learnt as the character too. Set "
+                      "class_prompt to the class alone, without the character's word (e.g. '1girl').", stacklevel=3)
+
+
 def examples_for(concepts: list[Concept], with_class: bool,
                  skip_bad: bool = False) -> tuple[list[Example], list[Example]]:
     instance, klass = [], []
@@ -186,6 +197,7 @@ def examples_for(concepts: list[Concept], with_class: bool,
         for p in images:
             instance.append(Example(p, build_prompt(c.instance_prompt, p, c.instance_token, c.class_token)))
         if with_class:
+            warn_same_prompts(c)
             images = usable_images(list_images(c.class_data_dir, "class_data_dir"), "class_data_dir", skip_bad)
             check_captions(c.class_prompt, images, c.class_token, "class_token", "class_data_dir")
             for p in images:

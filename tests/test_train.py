@@ -577,6 +577,23 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(m
     assert train(config, resume="latest", progress=False).step == 3
 
 
+@pytest.mark.parametrize("class_prompt, warned", [("HNZK  girl", True), ("girl", False)])
+def test_a_class_prompt_equal_to_the_instance_prompt_warns_once_naming_both(make_config, class_prompt, warned):
+    """The class images would be learnt as the character: said once, before the model loads."""
+    import warnings
+
+    config = make_config(max_train_steps=1, with_prior_preservation=True, num_class_images=6,
+                         class_prompt=class_prompt, run_name=f"same-{warned}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, progress=False)
+    said = [str(w.message) for w in caught if "class_prompt is the same as instance_prompt" in str(w.message)]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert "'hnzk girl'" in said[0] and "learnt as the character" in said[0]
+        assert config.class_data_dir in said[0]
+
+
 def test_disk_full_says_which_older_checkpoints_and_previews_to_delete_with_their_sizes(make_config, monkeypatch):
     """keep_last_n prunes resume states only, which are gone already when the disk fills: the
     advice is what really takes the room, with sizes, and that the newest must stay."""
