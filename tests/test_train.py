@@ -594,6 +594,22 @@ def test_a_class_prompt_equal_to_the_instance_prompt_warns_once_naming_both(make
         assert config.class_data_dir in said[0]
 
 
+def test_prompts_past_77_tokens_warn_once_per_run_with_the_count_and_the_longest(make_config):
+    import warnings
+
+    config = make_config(max_train_steps=1, with_prior_preservation=False, instance_prompt="hnzk girl, [filewords]")
+    pictures = sorted(Path(config.instance_data_dir).glob("*.png"))
+    for n, picture in zip((40, 60, 0), pictures):
+        picture.with_suffix(".txt").write_text(", ".join(["pink hair"] * n) or "smile")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, progress=False)
+    said = [str(w.message) for w in caught if "tokens" in str(w.message) and "75" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"2 of {len(pictures)} training prompts have more than CLIP's 75 tokens")
+    assert f"the longest: {pictures[1]} (" in said[0]
+
+
 def test_disk_full_says_which_older_checkpoints_and_previews_to_delete_with_their_sizes(make_config, monkeypatch):
     """keep_last_n prunes resume states only, which are gone already when the disk fills: the
     advice is what really takes the room, with sizes, and that the newest must stay."""
