@@ -79,7 +79,8 @@ def list_images(folder: str | Path, what: str) -> list[Path]:
                               f"pictures; then set {what} to OUT." if kind == "a .zip" else
                               f"Set {what} to the folder that holds the pictures."))
     if not folder.is_dir():
-        raise DatasetError(f"{what} {folder} does not exist. Check the path (on Colab: is Drive mounted?).")
+        where = "" if folder.is_absolute() else f" (read from the folder dbnb runs in: {folder.absolute()})"
+        raise DatasetError(f"{what} {folder} does not exist{where}. Check the path (on Colab: is Drive mounted?).")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         below = _pictures_below(folder)

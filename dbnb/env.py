@@ -202,8 +202,15 @@ def check_writable(folder: str | os.PathLike[str], what: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise NotWritableError(f"Cannot write {what} to {folder}: {e.strerror or e}. Choose another folder, or "
+        raise NotWritableError(f"Cannot write {what} to {folder}: {why_not_made(folder, e)}. Choose another folder, or "
                                "check the mount (on Colab: is Drive still mounted?).") from None
+
+
+def why_not_made(folder: Path, error: OSError) -> str:
+    """Why `folder` could not be made, in words: a file in its path (a .zip or a document given
+    for a folder) said as such, rather than the OS's "Not a directory" or "File exists"."""
+    in_the_way = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    return f"{in_the_way} is a file, not a folder" if in_the_way else str(error.strerror or error)
 
 
 def write_errors() -> tuple[type[BaseException], ...]:

@@ -109,6 +109,10 @@ def destination_folder(where: str, run_name: str, default: Path) -> Path:
 
     if where in ("", "local"):
         return default
+    if where.strip().lower().startswith(("http://", "https://")):
+        raise ExportError(f"--to {where}: a link cannot be written to; give a folder on this machine (CLI: --to PATH; "
+                          "notebook 04: export_to), or --to drive for Google Drive on Colab. To share the file, "
+                          "upload it with --hub REPO.")
     if where == "drive":
         if env.detect_platform() != "colab":
             raise ExportError("--to drive works on Google Colab only; use --to PATH here.")

@@ -50,7 +50,7 @@ def resolve_source(source: str, cache_dir: str | Path | None = None, what: str =
     if not source:
         raise ModelLoadError(f"No {what.lower()} given: set {setting}.")
     remote = source.startswith(("http://", "https://"))
-    path = download(source, cache_dir) if remote else Path(source).expanduser()
+    path = fetched(source, cache_dir, setting) if remote else Path(source).expanduser()
     named = f"{source} (downloaded to {path})" if remote else str(path)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -59,6 +59,11 @@ def resolve_source(source: str, cache_dir: str | Path | None = None, what: str =
                                  ".safetensors / .ckpt file.")
         return "folder", str(path)
     if path.is_file():
+        if path.suffix.lower() == ".zip":
+            inside = ("the VAE folder (config.json)" if setting == VAE_SETTING
+                      else "the folder that holds model_index.json")
+            raise ModelLoadError(f"{setting} {named} is a .zip: unzip it, then set {setting} to {inside} or to "
+                                 "the .safetensors / .ckpt file inside.")
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(f"{setting} {named}: unknown model file type {path.suffix!r}; expected one of "
                                  f"{', '.join(SINGLE_FILE_SUFFIXES)}.")
@@ -74,6 +79,14 @@ def resolve_source(source: str, cache_dir: str | Path | None = None, what: str =
         return "hub", source
     raise ModelLoadError(f"{what} {source!r} is neither an existing folder or file, a URL, nor a "
                          f"Hugging Face repo id like 'org/name'. Check {setting} (on Colab: is Drive mounted?).")
+
+
+def fetched(url: str, cache_dir, setting: str) -> Path:
+    """download(), its failure named with the setting that gave the URL."""
+    try:
+        return download(url, cache_dir)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{setting}: {e}") from None
 
 
 def looks_like_path(source: str) -> bool:
@@ -346,8 +359,12 @@ def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path 
 def resolve_source_vae(source: str, cache_dir) -> tuple[str, str]:
     source = str(source).strip()
     remote = source.startswith(("http://", "https://"))
-    path = download(source, cache_dir) if remote else Path(source).expanduser()
+    path = fetched(source, cache_dir, VAE_SETTING) if remote else Path(source).expanduser()
     if path.is_dir():  # a bare VAE folder has config.json, not model_index.json
+        if not any((path / sub / "config.json").is_file() for sub in ("", "vae")):
+            raise ModelLoadError(f"{VAE_SETTING} {source!r} is a folder without config.json (nor vae/config.json), so "
+                                 "it is not a VAE. Set it to a VAE folder (config.json + the weights), a model folder "
+                                 "with vae/, a VAE .safetensors file, or '' for the base model's own VAE.")
         return "folder", str(path)
     return resolve_source(str(path) if remote else source, cache_dir, what="VAE", setting=VAE_SETTING)
 
