@@ -258,7 +258,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder / f"{stem}.safetensors", overwrite)
     write_export(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
-                                             "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
+                                        "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
 
     def base():
         return load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,

@@ -249,6 +249,8 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
     from diffusers import StableDiffusionPipeline
 
     kind, where = resolve_source(source, cache_dir)
+    if vae:  # a wrong VAE is named before the minutes the base model takes to load
+        resolve_source_vae(vae, cache_dir)
     # fp32 unless asked: training needs fp32 master weights, and transformers 5 would otherwise
     # keep a text encoder saved in fp16 in fp16.
     common = dict(**dtype_argument("diffusers", dtype or torch.float32), safety_checker=None,
