@@ -78,6 +78,8 @@ def read_images(config: Config, tokenizer, examples=None) -> Batches:
                                     config.background_color, config.hflip, data.CaptionRules.from_config(config),
                                     config.alpha_mask_loss)
     batches = Batches(make(instance), make(klass) if klass else None, None)
+    sets = [batches.instance] + ([batches.klass] if batches.klass is not None else [])
+    data.warn_cut([c for images in sets for c in images.cut], sum(map(len, sets)))
     if batches.klass is not None:
         data.refuse_masked_out_class_images(batches.klass)
     return batches

@@ -469,8 +469,30 @@ def disk_full(run: RunFolder, what: str, needed: int = 0):
         f"Disk full at {run.root} while {what}: " + (f"need ~{format_bytes(needed)}, " if needed else "")
         + f"free {format_bytes(free)}. "
         + (f"The previous checkpoint {found[-1].path} is intact. " if found else "No checkpoint was saved yet. ")
-        + "Free some space (or lower keep_last_n, or choose another output_dir), then resume "
-        "(notebook: resume = True; CLI: --resume latest).", needed=needed, free=free, path=run.root)
+        + free_space_advice(run), needed=needed, free=free, path=run.root)
+
+
+def free_space_advice(run: RunFolder, shown: int = 5) -> str:
+    """What a user can delete to go on after a full disk, with sizes, and how to go on. Not
+    keep_last_n: it prunes only resume states, already pruned when the disk fills, while the
+    older checkpoints' weights (kept for sampling and export) are what takes the room."""
+    from dbnb.env import format_bytes
+
+    found = run.checkpoints()
+    older = [f"{c.name} ({format_bytes(dir_size(c.path))})" for c in found[:-1]]
+    samples = run.root / "samples"
+    space = dir_size(samples) if samples.is_dir() else 0
+    places = []
+    if older:
+        places.append(f"older checkpoint folders in {run.root / 'checkpoints'} you will not test or export: "
+                      + ", ".join(older[:shown]) + (f" and {len(older) - shown} more" if len(older) > shown else "")
+                      + f" (keep the newest, {found[-1].name}: resume goes on from it)")
+    if space:
+        places.append(f"the previews in {samples} ({format_bytes(space)})")
+    places.append("other files on that disk (on Colab: empty Drive's trash too)")
+    go_on = ("Then resume (notebook: resume = True; CLI: --resume latest)." if found
+             else "Then start the run again (or choose another output_dir).")
+    return "To make room, delete " + "; or ".join(places) + f". {go_on}"
 
 
 def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encoder, optimizer,
@@ -486,7 +508,7 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
         trained = [state for _, _, state in trained_models(unet, text_encoder, ema, config)]
         held = tensor_bytes(trained, WEIGHTS_DTYPE) + tensor_bytes(trained, torch.float32)
     needed = expected_size(run, held + tensor_bytes(optimizer.state_dict()))
-    check_free_space(run.root, needed, f"checkpoint step {step}")
+    check_free_space(run.root, needed, f"checkpoint step {step}", lambda: free_space_advice(run))
 
     run_id = run.run_id()
 

@@ -167,7 +167,8 @@ def prepare_folder(folder: Path, count: int, resolution: int) -> None:
     from dbnb.env import check_free_space, check_writable
 
     check_writable(folder, "class images")
-    check_free_space(folder, int(count * PNG_BYTES_512 * (resolution / 512) ** 2), f"{count} class images")
+    check_free_space(folder, int(count * PNG_BYTES_512 * (resolution / 512) ** 2), f"{count} class images",
+                     "Free some space there, or set class_data_dir to a folder on a disk with room.")
 
 
 # --- transparent (and black) -------------------------------------------------------------------

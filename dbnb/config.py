@@ -668,7 +668,24 @@ def _value_problems(c: Config) -> list[str]:
         value = getattr(c, name)
         if value and not value.strip():
             p.append(f"{name}: {value!r} is only spaces; set the words (or leave it empty).")
-    return p
+    return p + _link_problems(c)
+
+
+# Folders dbnb reads or writes in place, which a link cannot be, and the setting that takes the
+# link instead (a link here would otherwise become a local folder named "https:").
+_FOLDER_NOT_LINK = {
+    "instance_data_dir": "set dataset_source to the link and prepare the pictures into instance_data_dir "
+                         "(notebook 02; CLI: dbnb prep LINK FOLDER)",
+    "class_data_dir": "set class_images_mode=import and class_images_import to the link, which copies the "
+                      "pictures into class_data_dir (notebook 03; CLI: dbnb classimages)",
+    "output_dir": "set a folder on this machine (on Colab, one in Drive: /content/drive/MyDrive/...)",
+}
+
+
+def _link_problems(c: Config) -> list[str]:
+    return [f"{name}: {getattr(c, name)!r} is a link, but it must be a folder on this machine: {fix}."
+            for name, fix in _FOLDER_NOT_LINK.items()
+            if getattr(c, name).strip().lower().startswith(("http://", "https://"))]
 
 
 def schedule_problems(c: Config, steps: int) -> tuple[list[str], list[str]]:

@@ -79,7 +79,8 @@ def list_images(folder: str | Path, what: str) -> list[Path]:
                               f"pictures; then set {what} to OUT." if kind == "a .zip" else
                               f"Set {what} to the folder that holds the pictures."))
     if not folder.is_dir():
-        raise DatasetError(f"{what} {folder} does not exist. Check the path (on Colab: is Drive mounted?).")
+        where = "" if folder.is_absolute() else f" (read from the folder dbnb runs in: {folder.absolute()})"
+        raise DatasetError(f"{what} {folder} does not exist{where}. Check the path (on Colab: is Drive mounted?).")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         below = _pictures_below(folder)
@@ -174,6 +175,17 @@ def usable_images(images: list[Path], what: str, skip_bad: bool) -> list[Path]:
     return kept
 
 
+def warn_same_prompts(c: Concept) -> None:
+    """Prior preservation with the class prompt equal to the instance prompt teaches the class
+    images as the character, the opposite of what they are for. Compared as CLIP reads them
+    (case and spacing do not count); a [filewords] template differs per picture, so it passes."""
+    same = " ".join(c.class_prompt.lower().split())
+    if same and FILEWORDS not in same and same == " ".join(c.instance_prompt.lower().split()):
+        warnings.warn(f"class_prompt is the same as instance_prompt ({c.instance_prompt!r}) with prior preservation "
+                      f"on: the class images in {c.class_data_dir} would be learnt as the character too. Set "
+                      "class_prompt to the class alone, without the character's word (e.g. '1girl').", stacklevel=3)
+
+
 def examples_for(concepts: list[Concept], with_class: bool,
                  skip_bad: bool = False) -> tuple[list[Example], list[Example]]:
     instance, klass = [], []
@@ -186,6 +198,7 @@ def examples_for(concepts: list[Concept], with_class: bool,
         for p in images:
             instance.append(Example(p, build_prompt(c.instance_prompt, p, c.instance_token, c.class_token)))
         if with_class:
+            warn_same_prompts(c)
             images = usable_images(list_images(c.class_data_dir, "class_data_dir"), "class_data_dir", skip_bad)
             check_captions(c.class_prompt, images, c.class_token, "class_token", "class_data_dir")
             for p in images:
@@ -237,17 +250,28 @@ def vary_caption(prompt: str, rules: CaptionRules, generator: torch.Generator) -
     return ", ".join(t for t in fixed + flex if t)
 
 
-def tokenize(tokenizer, examples: list[Example]) -> torch.Tensor:
-    """Token ids [N, 77]; prompts past CLIP's 75 tokens are cut, with a warning naming the file."""
+def tokenize(tokenizer, examples: list[Example], cut: list[tuple[Example, int]] | None = None) -> torch.Tensor:
+    """Token ids [N, 77]; prompts past CLIP's 75 tokens are cut, each added to `cut` with its
+    token count (warn_cut says so, once for the run)."""
     ids = []
     limit = tokenizer.model_max_length
     for ex in examples:
         full = tokenizer(ex.prompt, truncation=False).input_ids
-        if len(full) > limit:
-            warnings.warn(f"Prompt of {ex.path.name} has {len(full) - 2} tokens; CLIP reads 75, the rest is "
-                          f"cut: {ex.prompt!r}", stacklevel=2)
+        if len(full) > limit and cut is not None:
+            cut.append((ex, len(full) - 2))
         ids.append(tokenizer(ex.prompt, truncation=True, padding="max_length", max_length=limit).input_ids)
     return torch.tensor(ids, dtype=torch.long)
+
+
+def warn_cut(cut: list[tuple[Example, int]], total: int) -> None:
+    """One warning for every prompt that was cut, with the longest as the example: a warning
+    per picture buried the run's start under dozens of lines saying the same."""
+    if not cut:
+        return
+    example, tokens = max(cut, key=lambda c: c[1])
+    warnings.warn(f"{len(cut)} of {total} training prompts have more than CLIP's 75 tokens and are cut at 75 (the "
+                  f"rest is not learnt); the longest: {example.path} ({tokens} tokens). Shorten their captions "
+                  "(the .txt beside each picture) if the words at the end matter.", stacklevel=3)
 
 
 # --- pixels ----------------------------------------------------------------------------------
@@ -301,7 +325,8 @@ class ImageSet:
                  background: str, hflip: bool, captions: CaptionRules = CaptionRules(), alpha_mask: bool = False):
         self.examples = examples
         self.tokenizer, self.captions = tokenizer, captions
-        self.input_ids = tokenize(tokenizer, examples)  # warns once about prompts past 75 tokens
+        self.cut: list[tuple[Example, int]] = []  # prompts past 75 tokens, for one warning (warn_cut)
+        self.input_ids = tokenize(tokenizer, examples, self.cut)
         self.images = torch.stack([pixels(to_square(load_rgb(e.path, background), resolution, center_crop))
                                    for e in examples])
         self.hflip = hflip
@@ -321,7 +346,7 @@ class ImageSet:
 
     def token_ids(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         """Token ids of the picks' prompts, varied by the caption rules when they are on (cut at
-        CLIP's 75 tokens from the end; the warning was given once, for the full prompt)."""
+        CLIP's 75 tokens from the end; warn_cut told of the full prompt once)."""
         if not self.captions.active:
             return self.input_ids[indices]
         prompts = [vary_caption(self.examples[i].prompt, self.captions, generator) for i in indices]

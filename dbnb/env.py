@@ -170,19 +170,20 @@ def free_disk_bytes(path: str | os.PathLike[str]) -> int:
     return shutil.disk_usage(_nearest_existing(path)).free
 
 
-def check_free_space(path: str | os.PathLike[str], needed_bytes: int, what: str) -> int:
+def check_free_space(path: str | os.PathLike[str], needed_bytes: int, what: str,
+                     advice: str | Callable[[], str] = "Free some space there, or write to another folder.") -> int:
     """Raise DiskFullError unless `needed_bytes` fit at `path`; return the free bytes.
 
     Called before every save, so a full disk fails with a clear message instead of a
-    half-written checkpoint.
+    half-written checkpoint. `advice`: what to do, in the caller's terms (what can be deleted,
+    which setting chooses another place); a callable is asked only when the space is short.
     """
     where = _nearest_existing(path)
     free = shutil.disk_usage(where).free
     if needed_bytes > free:
         raise DiskFullError(
             f"Not enough disk space to save {what}: needs {format_bytes(needed_bytes)}, "
-            f"only {format_bytes(free)} free at {where}. Free some space, choose another "
-            f"output_dir, or lower keep_last_n so fewer checkpoints are kept.",
+            f"only {format_bytes(free)} free at {where}. {advice() if callable(advice) else advice}",
             needed=needed_bytes, free=free, path=where)
     return free
 
@@ -201,8 +202,15 @@ def check_writable(folder: str | os.PathLike[str], what: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise NotWritableError(f"Cannot write {what} to {folder}: {e.strerror or e}. Choose another folder, or "
+        raise NotWritableError(f"Cannot write {what} to {folder}: {why_not_made(folder, e)}. Choose another folder, or "
                                "check the mount (on Colab: is Drive still mounted?).") from None
+
+
+def why_not_made(folder: Path, error: OSError) -> str:
+    """Why `folder` could not be made, in words: a file in its path (a .zip or a document given
+    for a folder) said as such, rather than the OS's "Not a directory" or "File exists"."""
+    in_the_way = next((p for p in (folder, *folder.parents) if p.is_file()), None)
+    return f"{in_the_way} is a file, not a folder" if in_the_way else str(error.strerror or error)
 
 
 def write_errors() -> tuple[type[BaseException], ...]:

@@ -81,6 +81,26 @@ def model_state_dicts(source: str, dtype: torch.dtype, vae: str = ""):
     return pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict()
 
 
+def refuse_runs_folder(folder: Path) -> None:
+    """An ExportError when `folder` is output_dir, the folder of run folders, given instead of a
+    run: it would be read as a model folder and refused for a missing model_index.json, which
+    hides that one run inside is what was meant."""
+    if not folder.is_dir() or (folder / "model_index.json").is_file():
+        return
+    runs = sorted(d for d in folder.iterdir()
+                  if RunFolder(d).config_path.is_file() and (d / "checkpoints").is_dir())
+    if not runs:
+        return
+    import shlex
+
+    steps = {d: RunFolder(d).checkpoints() for d in runs}
+    listing = ", ".join(f"{d.name} ({f'newest checkpoint: step {found[-1].step}' if found else 'no checkpoint yet'})"
+                        for d, found in steps.items())
+    example = next((d for d, found in steps.items() if found), runs[0])
+    raise ExportError(f"{folder} holds run folders, not a run: {listing}. Export one run: "
+                      f"`dbnb export {shlex.quote(str(example))}` (its newest checkpoint; --step N for another).")
+
+
 # --- where it goes -------------------------------------------------------------------------------
 
 def destination_folder(where: str, run_name: str, default: Path) -> Path:
@@ -89,6 +109,10 @@ def destination_folder(where: str, run_name: str, default: Path) -> Path:
 
     if where in ("", "local"):
         return default
+    if where.strip().lower().startswith(("http://", "https://")):
+        raise ExportError(f"--to {where}: a link cannot be written to; give a folder on this machine (CLI: --to PATH; "
+                          "notebook 04: export_to), or --to drive for Google Drive on Colab. To share the file, "
+                          "upload it with --hub REPO.")
     if where == "drive":
         if env.detect_platform() != "colab":
             raise ExportError("--to drive works on Google Colab only; use --to PATH here.")
@@ -105,7 +129,30 @@ def prepare_folder(folder: Path, needed: int) -> None:
     from dbnb.env import check_free_space, check_writable
 
     check_writable(folder, "the exported model")
-    check_free_space(folder, needed, "the exported model")
+    check_free_space(folder, needed, "the exported model", room_advice(folder))
+
+
+def room_advice(folder: Path) -> str:
+    """What to do when the export does not fit: the run's checkpoints are not in the way (an
+    export reads them), another target is the quick fix."""
+    return (f"Export to a place with room (CLI: --to PATH, or --to drive on Colab; notebook 04: export_to), "
+            f"or free space at {folder}, then export again.")
+
+
+def write_export(path: Path, state: dict, **options) -> Path:
+    """write_single_file, with a disk that fills during the write named as such. Nothing is left
+    behind: write_single_file deletes its half-written temporary file."""
+    from dbnb.env import DiskFullError, format_bytes, free_disk_bytes, is_disk_full, write_errors
+
+    try:
+        return write_single_file(path, state, **options)
+    except write_errors() as e:
+        if isinstance(e, DbnbError) or not is_disk_full(e):
+            raise
+        free = free_disk_bytes(path.parent)
+        raise DiskFullError(f"Disk full at {path.parent} while writing the export {path.name} (free "
+                            f"{format_bytes(free)}); the half-written file was deleted. {room_advice(path.parent)}",
+                            free=free, path=path.parent) from None
 
 
 # --- verify --------------------------------------------------------------------------------------
@@ -157,6 +204,8 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
         raise ExportError(f"precision {precision!r}: choose fp16, fp32 or bf16.")
     dtype = DTYPES[precision]
     run = RunFolder(source)
+    if not run.config_path.is_file():
+        refuse_runs_folder(Path(source))
     if run.config_path.is_file() and not bake and run.pick(step).kind == "lora":
         return export_lora(run, run.pick(step), ema=ema, fmt=fmt, precision=precision, to=to,
                            overwrite=overwrite, name=name)
@@ -179,7 +228,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     path = free_name(folder / f"{stem}.{fmt}", overwrite)
     metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": public_name(base_model),
                 "dbnb_precision": precision, **info}
-    write_single_file(path, state, metadata=metadata, global_step=step)
+    write_export(path, state, metadata=metadata, global_step=step)
     del state
     try:
         verify(path, {"unet": unet, "vae": vae_sd, "text_encoder": text}, dtype)
@@ -208,8 +257,8 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
     remove_leftovers(folder)
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder / f"{stem}.safetensors", overwrite)
-    write_single_file(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
-                                             "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
+    write_export(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
+                                        "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
 
     def base():
         return load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,

@@ -64,7 +64,8 @@ def fetch_images(source: str | Path, dest: Path, *, max_bytes: int = 2 * 2**30,
     if path.is_dir():
         return copy_folder(path, dest, skip)
     if not path.is_file():
-        raise FetchError(f"Image source {text!r} does not exist. Give a folder, a .zip, a Google Drive link, "
+        where = "" if path.is_absolute() else f" (read from the folder dbnb runs in: {path.absolute()})"
+        raise FetchError(f"Image source {text!r} does not exist{where}. Give a folder, a .zip, a Google Drive link, "
                          "an http(s) URL or a .txt list of URLs (on Colab: is Drive mounted?).")
     return _place(path, dest, max_bytes, skip)
 

@@ -362,7 +362,8 @@ def _write(state, info, file: Path | None, folder: Path | None, log) -> tuple[st
 
     target = file or folder.with_name(f".{folder.name}.merge.safetensors")  # folder only: a scratch file
     remove_leftovers(target.parent)  # a merge killed earlier: its hidden half-file holds the disk
-    check_free_space(target.parent, sum(t.numel() * t.element_size() for t in state.values()), "the merged model")
+    check_free_space(target.parent, sum(t.numel() * t.element_size() for t in state.values()), "the merged model",
+                     "Free some space there, or write the merge elsewhere (--out FILE / --diffusers FOLDER).")
     write_single_file(target, state, metadata=_metadata(info))
     state.clear()  # the caller's dict: frees the result before the folder is built from the file
     sha = sha256_of(target)

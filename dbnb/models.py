@@ -27,6 +27,7 @@ from dbnb.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleton_config
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+VAE_SETTING = "pretrained_vae_name_or_path"
 
 
 class ModelLoadError(DbnbError, RuntimeError):
@@ -41,30 +42,58 @@ def default_cache_dir() -> Path:
 
 # --- where the model is ------------------------------------------------------------------
 
-def resolve_source(source: str, cache_dir: str | Path | None = None) -> tuple[str, str]:
+def resolve_source(source: str, cache_dir: str | Path | None = None, what: str = "Base model",
+                   setting: str = "pretrained_model_name_or_path") -> tuple[str, str]:
     """Classify `source` and fetch it if remote. Returns (kind, location) with kind one of
-    "folder", "file" or "hub"."""
+    "folder", "file" or "hub". `what` and `setting` name it in messages (the VAE has its own)."""
     source = str(source).strip()
     if not source:
-        raise ModelLoadError("No base model given: set pretrained_model_name_or_path.")
+        raise ModelLoadError(f"No {what.lower()} given: set {setting}.")
     remote = source.startswith(("http://", "https://"))
-    path = download(source, cache_dir) if remote else Path(source).expanduser()
+    path = fetched(source, cache_dir, setting) if remote else Path(source).expanduser()
     named = f"{source} (downloaded to {path})" if remote else str(path)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"{named} is a folder but has no model_index.json, so it is not a diffusers "
-                                 "model folder. Point to the folder that holds model_index.json, or to a "
+            raise ModelLoadError(f"{setting} {named} is a folder but has no model_index.json, so it is not a "
+                                 "diffusers model folder. Point to the folder that holds model_index.json, or to a "
                                  ".safetensors / .ckpt file.")
         return "folder", str(path)
     if path.is_file():
+        if path.suffix.lower() == ".zip":
+            inside = ("the VAE folder (config.json)" if setting == VAE_SETTING
+                      else "the folder that holds model_index.json")
+            raise ModelLoadError(f"{setting} {named} is a .zip: unzip it, then set {setting} to {inside} or to "
+                                 "the .safetensors / .ckpt file inside.")
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-            raise ModelLoadError(f"{named}: unknown model file type {path.suffix!r}; expected one of "
+            raise ModelLoadError(f"{setting} {named}: unknown model file type {path.suffix!r}; expected one of "
                                  f"{', '.join(SINGLE_FILE_SUFFIXES)}.")
         return "file", str(path)
+    if looks_like_path(source):
+        # Said before the Hub is asked: 'models/my.safetensors' also fits a repo id's pattern, and
+        # the Hub's answer for it ("not fully cached") hides that the file is simply not there.
+        raise ModelLoadError(f"{what} {source!r} does not exist: no file or folder at {path.absolute()}. "
+                             "A relative path is read from the folder dbnb runs in "
+                             f"({Path.cwd()}); set {setting} to the full path of the file or folder "
+                             "(on Colab: is Drive mounted? /content/drive/MyDrive/...).")
     if HUB_ID.match(source):
         return "hub", source
-    raise ModelLoadError(f"Base model {source!r} is neither an existing folder or file, a URL, nor a "
-                         "Hugging Face repo id like 'org/name'. Check the path (on Colab: is Drive mounted?).")
+    raise ModelLoadError(f"{what} {source!r} is neither an existing folder or file, a URL, nor a "
+                         f"Hugging Face repo id like 'org/name'. Check {setting} (on Colab: is Drive mounted?).")
+
+
+def fetched(url: str, cache_dir, setting: str) -> Path:
+    """download(), its failure named with the setting that gave the URL."""
+    try:
+        return download(url, cache_dir)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{setting}: {e}") from None
+
+
+def looks_like_path(source: str) -> bool:
+    """Whether `source` can only be a path, never a Hub id ('org/name'): a weight file's suffix,
+    a start that only paths have, a backslash, or more than one slash."""
+    return (Path(source).suffix.lower() in SINGLE_FILE_SUFFIXES or source.startswith(("./", "../", "/", "~"))
+            or "\\" in source or source.count("/") > 1)
 
 
 def public_name(source: str) -> str:
@@ -220,6 +249,8 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
     from diffusers import StableDiffusionPipeline
 
     kind, where = resolve_source(source, cache_dir)
+    if vae:  # a wrong VAE is named before the minutes the base model takes to load
+        resolve_source_vae(vae, cache_dir)
     # fp32 unless asked: training needs fp32 master weights, and transformers 5 would otherwise
     # keep a text encoder saved in fp16 in fp16.
     common = dict(**dtype_argument("diffusers", dtype or torch.float32), safety_checker=None,
@@ -330,10 +361,14 @@ def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path 
 def resolve_source_vae(source: str, cache_dir) -> tuple[str, str]:
     source = str(source).strip()
     remote = source.startswith(("http://", "https://"))
-    path = download(source, cache_dir) if remote else Path(source).expanduser()
+    path = fetched(source, cache_dir, VAE_SETTING) if remote else Path(source).expanduser()
     if path.is_dir():  # a bare VAE folder has config.json, not model_index.json
+        if not any((path / sub / "config.json").is_file() for sub in ("", "vae")):
+            raise ModelLoadError(f"{VAE_SETTING} {source!r} is a folder without config.json (nor vae/config.json), so "
+                                 "it is not a VAE. Set it to a VAE folder (config.json + the weights), a model folder "
+                                 "with vae/, a VAE .safetensors file, or '' for the base model's own VAE.")
         return "folder", str(path)
-    return resolve_source(str(path) if remote else source, cache_dir)
+    return resolve_source(str(path) if remote else source, cache_dir, what="VAE", setting=VAE_SETTING)
 
 
 def fetch_model(source: str, cache_dir: str | Path | None = None, revision: str = "") -> str:

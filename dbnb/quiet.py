@@ -15,6 +15,14 @@ NOISE = {
     "transformers.utils.import_utils": re.compile(r"requires torchvision \(not installed\); falling back"),
     # diffusers warns about casting a model with fp32-only modules even when there are none.
     "diffusers.models.modeling_utils": re.compile(r"should be kept in float32: \[\]"),
+    # bitsandbytes on a CPU with AVX-512 BF16 tries, at import, to fetch a 4-bit kernel dbnb never
+    # uses (dbnb's 8-bit optimizers need a GPU), through `kernels`, which first says it skips its
+    # publisher check offline; both print on every run.
+    "bitsandbytes.backends.cpu.ops": re.compile(r"^Failed to load CPU gemm_4bit_forward from kernels-community"),
+    "kernels._internals.hf_hub": re.compile(r"^Skipping publisher trust check for 'kernels-community/"),
+    # CLIP's tokenizer on a caption past 77 tokens; dbnb cuts it and says so once (data.warn_cut).
+    "transformers.tokenization_utils_base": re.compile(r"^Token indices sequence length is longer than the "
+                                                       r"specified maximum sequence length"),
 }
 
 

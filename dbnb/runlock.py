@@ -42,7 +42,10 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise RunFolderError(f"Cannot write the run folder {self.path.parent}: {e.strerror or e}. "
+            from dbnb.env import why_not_made
+
+            why = why_not_made(self.path.parent, e)
+            raise RunFolderError(f"Cannot write the run folder {self.path.parent}: {why}. "
                                  "Choose another output_dir (on Colab: is Drive still mounted?).") from None
         for _ in range(2):  # the second try follows taking over a stale lock
             try:

@@ -70,11 +70,11 @@ def test_filewords_for_class_images_drop_the_instance_token(tmp_path):
     assert build_prompt("[filewords]", tmp_path / "x.png", "nanU", "1girl", is_class=True) == "1girl, smile"
 
 
-def test_long_prompts_are_cut_with_a_warning_naming_the_file(tokenizer, tmp_path):
-    long = ", ".join(["pink hair"] * 60)
-    with pytest.warns(UserWarning, match="long.png"):
-        ids = data.tokenize(tokenizer, [Example(tmp_path / "long.png", long)])
-    assert ids.shape == (1, 77) and ids[0, -1].item() == 49407
+def test_long_prompts_are_cut_and_collected_for_one_warning(tokenizer, tmp_path):
+    long, cut = ", ".join(["pink hair"] * 60), []
+    ids = data.tokenize(tokenizer, [Example(tmp_path / "long.png", long), Example(tmp_path / "short.png", "a")], cut)
+    assert ids.shape == (2, 77) and ids[0, -1].item() == 49407
+    assert [(ex.path.name, tokens) for ex, tokens in cut] == [("long.png", 179)]
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])

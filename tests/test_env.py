@@ -192,12 +192,20 @@ def test_check_free_space_raises_with_numbers_path_and_advice(tmp_path, fake_dis
     assert isinstance(error, OSError) and error.errno == errno.ENOSPC
     assert (error.needed, error.free, error.path) == (3 * GIB, 1 * GIB, tmp_path)
     message = str(error)
-    for part in ("checkpoint step 400", "3.00 GiB", "1.00 GiB", str(tmp_path),
-                 "output_dir", "keep_last_n"):
+    for part in ("checkpoint step 400", "3.00 GiB", "1.00 GiB", str(tmp_path), "Free some space"):
         assert part in message
     # survives pickling (accelerate / multiprocessing hand exceptions across processes)
     clone = pickle.loads(pickle.dumps(error))
     assert str(clone) == message and clone.needed == 3 * GIB
+
+
+def test_check_free_space_gives_the_callers_advice_and_asks_for_it_only_when_short(tmp_path, fake_disk):
+    fake_disk(free=1 * GIB)
+    asked = []
+    with pytest.raises(DiskFullError, match=r"free at .*\. Delete step-000001\.$"):
+        env.check_free_space(tmp_path, 2 * GIB, "a checkpoint", lambda: asked.append(1) or "Delete step-000001.")
+    assert env.check_free_space(tmp_path, 1, "a byte", lambda: asked.append(2) or "") == 1 * GIB
+    assert asked == [1]
 
 
 def test_check_free_space_passes_when_it_fits(tmp_path, fake_disk):

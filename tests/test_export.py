@@ -125,9 +125,61 @@ def test_full_destination_fails_clearly_and_leaves_nothing(run_dir, tmp_path, mo
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 1024, 1024))
-    with pytest.raises(DiskFullError, match="exported model"):
+    with pytest.raises(DiskFullError, match="exported model") as caught:
         export(run_dir, to=str(tmp_path / "full"))
     assert list((tmp_path / "full").iterdir()) == []
+    assert "--to PATH" in str(caught.value) and "export_to" in str(caught.value)
+    assert "keep_last_n" not in str(caught.value) and "output_dir" not in str(caught.value)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_a_disk_that_fills_during_the_export_is_named_with_another_target_and_leaves_nothing(
+        run_dir, tmp_path, monkeypatch, capsys, fmt):
+    """The free-space check passes, then the disk fills while the file is written: safetensors
+    says so in a SafetensorError, the .ckpt's zip writer in an OSError (ENOSPC)."""
+    import errno
+    import os
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from dbnb import layout
+    from dbnb.cli import main
+
+    def full(tensors, filename, *args, **kwargs):
+        open(filename, "wb").write(b"half a file")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    def full_zip(self, name, data):
+        self._file.write(b"half a record")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(layout._WebuiCkptArchive, "_write", full_zip)
+    target = tmp_path / "small-disk"
+    assert main(["export", str(run_dir), "--to", str(target), "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dbnb: Disk full at {target} while writing the export hnzk_3.{fmt}")
+    assert "--to PATH" in err and "export_to" in err and "keep_last_n" not in err and "Traceback" not in err
+    assert list(target.iterdir()) == []  # no half file, hidden or not
+
+
+def test_the_runs_folder_given_instead_of_a_run_lists_its_runs_and_what_to_type(run_dir, tmp_path, capsys):
+    from dbnb.cli import main
+
+    runs = run_dir.parent
+    (runs / "fresh" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (runs / "fresh" / "config.json").write_text((run_dir / "config.json").read_text())
+    (runs / "notes").mkdir(exist_ok=True)  # not a run: not listed
+    try:
+        assert main(["export", str(runs), "--to", str(tmp_path / "out")]) == 2
+    finally:
+        import shutil
+        shutil.rmtree(runs / "fresh"), shutil.rmtree(runs / "notes")
+    err = capsys.readouterr().err
+    assert err.startswith(f"dbnb: {runs} holds run folders, not a run: fresh (no checkpoint yet), "
+                          "hnzk (newest checkpoint: step 3).")
+    assert f"`dbnb export {run_dir}`" in err and "Traceback" not in err and "model_index.json" not in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_unwritable_destination_fails_clearly(run_dir, tmp_path):

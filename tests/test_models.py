@@ -57,7 +57,7 @@ def test_hub_id_resolved_offline_from_a_local_cache(tiny_dir, tmp_path):
 
 def test_unknown_sources_say_what_to_do(tmp_path):
     with pytest.raises(ModelLoadError, match="neither an existing folder"):
-        resolve_source(str(tmp_path / "nope" / "model.safetensors"))
+        resolve_source("nope")
     with pytest.raises(ModelLoadError, match="model_index.json"):
         resolve_source(str(tmp_path))
     (tmp_path / "m.txt").write_text("x")
@@ -65,6 +65,42 @@ def test_unknown_sources_say_what_to_do(tmp_path):
         resolve_source(str(tmp_path / "m.txt"))
     with pytest.raises(ModelLoadError, match="pretrained_model_name_or_path"):
         resolve_source("")
+
+
+@pytest.mark.parametrize("source", ["models/my.safetensors", "my.ckpt", "./models/sd15", "../sd15",
+                                    "drive/MyDrive/sd15", "~/models/my-model", "models\\my.safetensors"])
+def test_a_missing_path_is_named_as_a_path_not_asked_of_the_hub(source, tmp_path, monkeypatch):
+    """'models/my.safetensors' fits a repo id's pattern; the Hub's answer ("not fully cached")
+    hid that the file is not there."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with pytest.raises(ModelLoadError) as caught:
+        load_pipeline(source)
+    message = str(caught.value)
+    assert f"Base model {source!r} does not exist" in message and "cached" not in message
+    assert str(Path(source).expanduser().absolute()) in message and "pretrained_model_name_or_path" in message
+
+
+def test_a_missing_model_file_through_the_cli_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from dbnb.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["convert", "models/my.safetensors", "out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dbnb: Base model 'models/my.safetensors' does not exist")
+    assert str(tmp_path / "models" / "my.safetensors") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("vae", ["vae/missing.safetensors", "nothere"])
+def test_a_missing_vae_is_called_the_vae_and_its_setting_named(vae, tiny_dir, tmp_path, monkeypatch):
+    from dbnb.models import load_vae
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError) as caught:
+        load_vae(vae)
+    message = str(caught.value)
+    assert message.startswith(f"VAE {vae!r}") and "pretrained_vae_name_or_path" in message
+    assert "Base model" not in message and "pretrained_model_name_or_path" not in message
 
 
 def test_a_model_folder_with_a_part_missing_is_named_before_anything_loads(tiny_dir, tmp_path, capsys):

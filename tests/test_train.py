@@ -562,6 +562,65 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(m
     assert train(config, resume="latest", progress=False).step == 3
 
 
+@pytest.mark.parametrize("class_prompt, warned", [("HNZK  girl", True), ("girl", False)])
+def test_a_class_prompt_equal_to_the_instance_prompt_warns_once_naming_both(make_config, class_prompt, warned):
+    """The class images would be learnt as the character: said once, before the model loads."""
+    import warnings
+
+    config = make_config(max_train_steps=1, with_prior_preservation=True, num_class_images=6,
+                         class_prompt=class_prompt, run_name=f"same-{warned}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, progress=False)
+    said = [str(w.message) for w in caught if "class_prompt is the same as instance_prompt" in str(w.message)]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert "'hnzk girl'" in said[0] and "learnt as the character" in said[0]
+        assert config.class_data_dir in said[0]
+
+
+def test_prompts_past_77_tokens_warn_once_per_run_with_the_count_and_the_longest(make_config):
+    import warnings
+
+    config = make_config(max_train_steps=1, with_prior_preservation=False, instance_prompt="hnzk girl, [filewords]")
+    pictures = sorted(Path(config.instance_data_dir).glob("*.png"))
+    for n, picture in zip((40, 60, 0), pictures):
+        picture.with_suffix(".txt").write_text(", ".join(["pink hair"] * n) or "smile")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config, progress=False)
+    said = [str(w.message) for w in caught if "tokens" in str(w.message) and "75" in str(w.message)]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"2 of {len(pictures)} training prompts have more than CLIP's 75 tokens")
+    assert f"the longest: {pictures[1]} (" in said[0]
+
+
+def test_disk_full_says_which_older_checkpoints_and_previews_to_delete_with_their_sizes(make_config, monkeypatch):
+    """keep_last_n prunes resume states only, which are gone already when the disk fills: the
+    advice is what really takes the room, with sizes, and that the newest must stay."""
+    from dbnb.checkpoints import dir_size
+    from dbnb.env import DiskFullError, format_bytes
+
+    config = make_config(max_train_steps=3, save_every_steps=1, sample_every_steps=1, run_name="fullold",
+                         keep_last_n=1)
+    real_save = torch.save
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if "step-000003" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 3200 vs 3136")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    with pytest.raises(DiskFullError) as e:
+        train(config, progress=False)
+    run = Path(config.output_dir) / "fullold"
+    message = str(e.value)
+    first = run / "checkpoints" / "step-000001"
+    assert f"older checkpoint folders in {run / 'checkpoints'}" in message
+    assert f"step-000001 ({format_bytes(dir_size(first))})" in message and "keep the newest, step-000002" in message
+    assert f"the previews in {run / 'samples'} ({format_bytes(dir_size(run / 'samples'))})" in message
+    assert "keep_last_n" not in message and message.endswith("CLI: --resume latest).")
+
+
 def test_disk_full_inside_safetensors_is_the_same_disk_full(make_config, tmp_path, monkeypatch, capsys):
     """diffusers writes the UNet through safetensors, whose error on a full disk is its own
     SafetensorError (an Exception, not an OSError): the same message, the checkpoints kept."""
