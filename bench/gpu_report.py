@@ -194,7 +194,7 @@ def cpu_section(result: dict) -> list[str]:
     if scan:
         lines.append(f"| pre-save inf/NaN scan, SD 1.5 UNet ({scan['weights'] / 1e6:.0f} M weights) + AdamW state, "
                      f"fp32 on the CPU (best of {scan['repeat']}) | {scan['old_s']:.1f} s | {scan['fused_s']:.1f} s |")
-    return lines + [""] + [f"{note}" for note in result.get("notes", [])] + [""]
+    return lines + [""] + [line for note in result.get("notes", []) for line in (note, "")]
 
 
 def render(results: list[dict], cpu_results: list[dict] = ()) -> str:

@@ -817,7 +817,9 @@ def test_two_process_ddp_raises_on_both_ranks_when_one_loss_is_nan(make_config, 
         "        return loss * float('nan') if len(calls) == 3 else loss\n"
         "    t.diffusion_loss = nan_on_third\n")
     config = make_config(max_train_steps=6, save_every_steps=1, run_name="ddp-nan")
-    proc = _ddp(config, tmp_path, {"PYTHONPATH": str(hook)})
+    # the hook first, then what the test runs on (a worktree's dbnb named by PYTHONPATH, not the installed one)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    proc = _ddp(config, tmp_path, {"PYTHONPATH": path})
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and err.count("Loss became") == 2, err[-3000:]  # said by each rank, none hangs
     assert "Loss became inf or NaN on another process at step 3" in err and "Loss became nan at step 3" in err
