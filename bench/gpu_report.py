@@ -4,7 +4,8 @@
 
 Each `<folder>/gpu-results/*.json` becomes one table (one per GPU and date; a dry run's is marked
 as such); beside them the published figures and the memory_profile=auto table, both from
-dbnb.memory. With no GPU results the doc says so.
+dbnb.memory. With no GPU results the doc says so. Each `<folder>/cpu-results/*.json`
+(bench/hot_path.py --record) becomes a before / after table of the training step's hot path.
 """
 from __future__ import annotations
 
@@ -168,7 +169,35 @@ def auto_section() -> list[str]:
     return lines + ["", "bf16 only where the GPU has it (else fp16)."] + [""]
 
 
-def render(results: list[dict]) -> str:
+def cpu_section(result: dict) -> list[str]:
+    m, before, after = result["machine"], result["before"], result["after"]
+    runs = [k for k in after["tiny"] if k in before["tiny"]]
+
+    def per_run(figures, key, fmt):
+        return " / ".join(format(figures["tiny"][k][key], fmt) if isinstance(figures["tiny"][k][key], float)
+                          else str(figures["tiny"][k][key]) for k in runs)
+    scan = after.get("sd15_scan")
+    lines = [f"### {m['cpu']}, {m['date']}", "",
+             f"Python {m['python']}, torch {m['torch']}; `python bench/hot_path.py` with dbnb from {before['code']} "
+             f"(before) and {after['code']} (after), one after the other on this machine. Tiny model, 64 px, "
+             f"batch 1, steps {after['warmup'] + 1}-{after['steps']} timed; runs: {' / '.join(runs)}.", "",
+             "| figure | before | after |", "|---|---|---|",
+             f"| host reads per optimizer step ({' / '.join(runs)}) | {per_run(before, 'reads_per_step', '.2f')} "
+             f"| {per_run(after, 'reads_per_step', '.2f')} |",
+             f"| steps/s, tiny model on the CPU ({' / '.join(runs)}) | {per_run(before, 'steps_per_s', '.1f')} "
+             f"| {per_run(after, 'steps_per_s', '.1f')} |",
+             f"| pictures in RAM per 100 at 512 px, before the latent cache | {before['picture_mib_per_100']:.0f} MiB "
+             f"| {after['picture_mib_per_100']:.0f} MiB |",
+             f"| pictures held while training with cached latents | "
+             f"{before['tiny'][runs[0]]['pictures_held_while_training']} | "
+             f"{after['tiny'][runs[0]]['pictures_held_while_training']} |"]
+    if scan:
+        lines.append(f"| pre-save inf/NaN scan, SD 1.5 UNet ({scan['weights'] / 1e6:.0f} M weights) + AdamW state, "
+                     f"fp32 on the CPU (best of {scan['repeat']}) | {scan['old_s']:.1f} s | {scan['fused_s']:.1f} s |")
+    return lines + [""] + [line for note in result.get("notes", []) for line in (note, "")]
+
+
+def render(results: list[dict], cpu_results: list[dict] = ()) -> str:
     gpu_runs = [r for r in results if not r["machine"]["dry_run"]]
     lines = ["# Performance: dbnb on GPUs", "",
              "Written by `bench/gpu_suite.py` from the results files in `docs/gpu-results/`; do not edit by hand, "
@@ -180,6 +209,12 @@ def render(results: list[dict]) -> str:
                   "rests on the published figures below.", ""]
     for result in results:
         lines += result_section(result)
+    if cpu_results:
+        lines += ["## dbnb's CPU figures: the training step's hot path", "",
+                  "Written by `bench/hot_path.py --record` from `docs/cpu-results/`; CPU timings say what changed "
+                  "between two versions on one machine, not what a GPU does.", ""]
+        for result in cpu_results:
+            lines += cpu_section(result)
     lines += published_section() + auto_section() + [HOW_TO_RUN]
     return "\n".join(lines)
 
@@ -187,9 +222,10 @@ def render(results: list[dict]) -> str:
 def write_doc(folder: str | Path) -> Path:
     folder = Path(folder)
     results = [json.loads(p.read_text()) for p in sorted((folder / "gpu-results").glob("*.json"))]
+    cpu_results = [json.loads(p.read_text()) for p in sorted((folder / "cpu-results").glob("*.json"))]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "performance.md"
-    path.write_text(render(results), encoding="utf-8")
+    path.write_text(render(results, cpu_results), encoding="utf-8")
     return path
 
 

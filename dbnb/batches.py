@@ -31,6 +31,15 @@ def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
     return ((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 61)
 
 
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting: a CUDA copy from pinned memory runs
+    asynchronously (from pageable memory it blocks until done); elsewhere a plain `.to`."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 # --- data --------------------------------------------------------------------------------------
 
 @dataclass
@@ -66,7 +75,9 @@ def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Examp
     """The instance and class pictures with their prompts, checked before the model loads or
     the run folder is made: a missing folder or caption stops here, leaving nothing behind."""
     concepts = data.concepts_from_config(config)
-    instance, klass = data.examples_for(concepts, config.with_prior_preservation, config.skip_bad_images)
+    # The check decodes every picture anyway: it keeps them squared, so read_images decodes none again.
+    keep = data.keep_square(config.resolution, config.center_crop, config.background_color, config.alpha_mask_loss)
+    instance, klass = data.examples_for(concepts, config.with_prior_preservation, config.skip_bad_images, keep)
     if config.with_prior_preservation:
         klass = data.select_class_images(klass, config.num_class_images)
     return instance, klass
@@ -96,8 +107,8 @@ def cache_latents(batches: Batches, vae, hflip: bool) -> dict:
         for flipped in (False, True) if hflip else (False,):
             means, stds = [], []
             for chunk in images.images.split(8):
-                chunk = chunk.flip(-1) if flipped else chunk
-                dist = autoencoder.encode(vae, chunk)
+                chunk = data.unit_range(to_device(chunk, vae.device))
+                dist = autoencoder.encode(vae, chunk.flip(-1) if flipped else chunk)
                 means.append(dist.mean.float().cpu())
                 stds.append(dist.std.float().cpu())
             cache[(kind, flipped)] = (torch.cat(means), torch.cat(stds))
@@ -106,14 +117,16 @@ def cache_latents(batches: Batches, vae, hflip: bool) -> dict:
 
 def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tensor, vae):
     """(mean, std) of the latent distributions of one batch, from the cache or the VAE."""
-    if batches.latents is not None:
-        pick = lambda f: batches.latents[(kind, f)]  # noqa: E731
-        mean = torch.stack([pick(bool(f))[0][i] for i, f in zip(idx, flips)])
-        std = torch.stack([pick(bool(f))[1][i] for i, f in zip(idx, flips)])
+    if batches.latents is not None:  # chosen by tensor ops: no per-pick read of `flips`
+        mean, std = (t[idx] for t in batches.latents[(kind, False)])
+        if (kind, True) in batches.latents:
+            flipped, where = batches.latents[(kind, True)], flips[:, None, None, None]
+            mean, std = torch.where(where, flipped[0][idx], mean), torch.where(where, flipped[1][idx], std)
         return mean, std
-    images = (batches.instance if kind == "instance" else batches.klass).batch(idx, flips)[0]
-    dist = autoencoder.encode(vae, images)
-    return dist.mean.float().cpu(), dist.std.float().cpu()
+    pictures = (batches.instance if kind == "instance" else batches.klass).picks(idx, flips)
+    dist = autoencoder.encode(vae, data.unit_range(to_device(pictures, vae.device)))
+    # Left on the VAE's device: bringing them to the host would wait for the GPU every micro-step.
+    return dist.mean.float(), dist.std.float()
 
 
 def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae) -> MicroBatch:
@@ -133,5 +146,5 @@ def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, wor
         ids.append(images.token_ids(idx, captions))
         masks.append(images.mask_batch(idx, flips))
     mean, std = torch.cat(means), torch.cat(stds)
-    latents = mean + std * torch.randn(mean.shape, generator=g)
+    latents = mean + std * to_device(torch.randn(mean.shape, generator=g), mean.device)
     return MicroBatch(latents, torch.cat(ids), g, torch.cat(masks) if masks[0] is not None else None)

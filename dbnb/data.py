@@ -11,7 +11,7 @@ import json
 import re
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,21 @@ class Concept:
 class Example:
     path: Path
     prompt: str
+    # The picture as the check decoded it, ready to train (see `Held`); None: read from `path`.
+    held: "Held | None" = field(default=None, compare=False, repr=False)
+
+
+class Held:
+    """A picture decoded by the check, handed to the training set once: `take()` returns it and
+    forgets it, so the pixels have one owner (the ImageSet, which frees them once the latents are
+    cached) however long the examples list lives, and no file is decoded twice."""
+
+    def __init__(self, value):
+        self._value = value
+
+    def take(self):
+        value, self._value = self._value, None
+        return value
 
 
 def concepts_from_config(config) -> list[Concept]:
@@ -148,31 +163,34 @@ def build_prompt(template: str, image: Path, instance_token: str = "", class_tok
     return " ".join(prompt.replace(" ,", ",").split()).strip(", ")
 
 
-def usable_images(images: list[Path], what: str, skip_bad: bool) -> list[Path]:
+def usable_images(images: list[Path], what: str, skip_bad: bool, keep=None) -> list[Path] | dict[Path, Held]:
     """The pictures that decode, checked as `dbnb prep` checks them. A bad one is an error
-    naming every bad file and its reason, or with `skip_bad` left out with a warning."""
+    naming every bad file and its reason, or with `skip_bad` left out with a warning. With
+    `keep(loaded)` (see `square_picture`): {path: Held(keep(its decoded picture))} instead of
+    the paths, so the trainer reads each file once."""
     from dbnb.prep.images import BadImage, load_image
 
-    bad = []
+    bad, held = [], {}
     for path in images:
         try:
-            load_image(path)
+            loaded = load_image(path)
         except BadImage as e:
             bad.append(f"{path.name}: {e}")
+            continue
         except OSError as e:
             bad.append(f"{path.name}: cannot be read ({e.strerror or e})")
-    if not bad:
-        return images
-    listing = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
-    where = f"{len(bad)} of {len(images)} pictures in {what} {images[0].parent} cannot be used"
-    if not skip_bad:
-        raise DatasetError(f"{where} — {listing}. Replace or remove them (`dbnb prep` checks and converts "
-                           "pictures), or set skip_bad_images=true to train without them.")
-    kept = [p for p in images if not any(b.startswith(f"{p.name}: ") for b in bad)]
-    if not kept:
-        raise DatasetError(f"{where}: none is left to train on — {listing}.")
-    warnings.warn(f"skip_bad_images: training without {where.split(' cannot')[0]} — {listing}.", stacklevel=3)
-    return kept
+            continue
+        held[path] = Held(keep(loaded)) if keep is not None else None
+    if bad:
+        listing = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
+        where = f"{len(bad)} of {len(images)} pictures in {what} {images[0].parent} cannot be used"
+        if not skip_bad:
+            raise DatasetError(f"{where} — {listing}. Replace or remove them (`dbnb prep` checks and converts "
+                               "pictures), or set skip_bad_images=true to train without them.")
+        if not held:
+            raise DatasetError(f"{where}: none is left to train on — {listing}.")
+        warnings.warn(f"skip_bad_images: training without {where.split(' cannot')[0]} — {listing}.", stacklevel=3)
+    return held if keep is not None else list(held)
 
 
 def warn_same_prompts(c: Concept) -> None:
@@ -186,25 +204,33 @@ def warn_same_prompts(c: Concept) -> None:
                       "class_prompt to the class alone, without the character's word (e.g. '1girl').", stacklevel=3)
 
 
-def examples_for(concepts: list[Concept], with_class: bool,
-                 skip_bad: bool = False) -> tuple[list[Example], list[Example]]:
+def examples_for(concepts: list[Concept], with_class: bool, skip_bad: bool = False,
+                 keep=None) -> tuple[list[Example], list[Example]]:
+    """The examples of every concept; with `keep` each carries its checked picture (see
+    `usable_images`)."""
     instance, klass = [], []
     for c in concepts:
         if not c.instance_prompt.strip():
             raise DatasetError(f"instance_prompt is empty for {c.instance_data_dir}: set the prompt that "
                                "will call the character (e.g. 'nanU Unan').")
-        images = usable_images(list_images(c.instance_data_dir, "instance_data_dir"), "instance_data_dir", skip_bad)
-        check_captions(c.instance_prompt, images, c.instance_token, "instance_token", "instance_data_dir")
-        for p in images:
-            instance.append(Example(p, build_prompt(c.instance_prompt, p, c.instance_token, c.class_token)))
+        images = _checked(list_images(c.instance_data_dir, "instance_data_dir"), "instance_data_dir", skip_bad, keep)
+        check_captions(c.instance_prompt, list(images), c.instance_token, "instance_token", "instance_data_dir")
+        for p, held in images.items():
+            instance.append(Example(p, build_prompt(c.instance_prompt, p, c.instance_token, c.class_token), held))
         if with_class:
             warn_same_prompts(c)
-            images = usable_images(list_images(c.class_data_dir, "class_data_dir"), "class_data_dir", skip_bad)
-            check_captions(c.class_prompt, images, c.class_token, "class_token", "class_data_dir")
-            for p in images:
+            images = _checked(list_images(c.class_data_dir, "class_data_dir"), "class_data_dir", skip_bad, keep)
+            check_captions(c.class_prompt, list(images), c.class_token, "class_token", "class_data_dir")
+            for p, held in images.items():
                 klass.append(Example(p, build_prompt(c.class_prompt, p, c.instance_token, c.class_token,
-                                                     is_class=True)))
+                                                     is_class=True), held))
     return instance, klass
+
+
+def _checked(images: list[Path], what: str, skip_bad: bool, keep) -> dict[Path, Held | None]:
+    if keep is not None:
+        return usable_images(images, what, skip_bad, keep)
+    return dict.fromkeys(usable_images(images, what, skip_bad))
 
 
 # --- captions in training (kohya's shuffle_caption / keep_tokens / dropouts) -------------------
@@ -286,14 +312,6 @@ def load_rgb(path: Path, background: str = "white") -> Image.Image:
     return flatten(load_image(path).image, background)
 
 
-def load_alpha(path: Path) -> Image.Image | None:
-    """The picture's alpha ("L"), or None when it has no transparency."""
-    image = ImageOps.exif_transpose(Image.open(path))
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        return image.convert("RGBA").getchannel("A")
-    return None
-
-
 def latent_mask(alpha: Image.Image | None, resolution: int, center_crop: bool) -> torch.Tensor:
     """[1, resolution/8, resolution/8] in 0..1: the alpha squared like the picture, then
     area-averaged to the latent grid (kohya's --alpha_mask); ones without alpha."""
@@ -312,31 +330,59 @@ def to_square(image: Image.Image, resolution: int, center_crop: bool) -> Image.I
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS)
 
 
-def pixels(image: Image.Image) -> torch.Tensor:
-    """[3, H, W] in [-1, 1], as the VAE expects."""
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+def square_picture(loaded, resolution: int, center_crop: bool, background: str,
+                   alpha_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What training keeps of one decoded picture (`dbnb.prep.images.Loaded`): [3, H, W] uint8,
+    composited onto `background` and squared, and with `alpha_mask` its latent-size mask. uint8,
+    not the VAE's floats: a quarter of the RAM (512 px: 0.75 MiB, not 3 MiB)."""
+    from dbnb.prep.images import flatten
+
+    square = to_square(flatten(loaded.image, background), resolution, center_crop)
+    picture = torch.from_numpy(np.asarray(square, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    alpha = loaded.image.getchannel("A") if loaded.has_alpha else None
+    return picture, latent_mask(alpha, resolution, center_crop) if alpha_mask else None
+
+
+def keep_square(resolution: int, center_crop: bool, background: str, alpha_mask: bool):
+    """`usable_images`' keep for training: the square picture tagged with its settings, so an
+    ImageSet made with other settings reads the file instead of taking a picture it would not make."""
+    settings = (resolution, center_crop, background, alpha_mask)
+    return lambda loaded: (settings, square_picture(loaded, *settings))
+
+
+def unit_range(pictures: torch.Tensor) -> torch.Tensor:
+    """uint8 pictures as the VAE reads them: fp32 in [-1, 1]."""
+    return pictures.float() / 127.5 - 1.0
 
 
 class ImageSet:
-    """Examples of one kind (instance or class) as ready tensors, unflipped and flipped."""
+    """Examples of one kind (instance or class): the pictures (uint8, until `drop_pictures`),
+    token ids and alpha masks."""
 
     def __init__(self, examples: list[Example], tokenizer, resolution: int, center_crop: bool,
                  background: str, hflip: bool, captions: CaptionRules = CaptionRules(), alpha_mask: bool = False):
-        self.examples = examples
+        from dbnb.prep.images import load_image
+
         self.tokenizer, self.captions = tokenizer, captions
         self.cut: list[tuple[Example, int]] = []  # prompts past 75 tokens, for one warning (warn_cut)
         self.input_ids = tokenize(tokenizer, examples, self.cut)
-        self.images = torch.stack([pixels(to_square(load_rgb(e.path, background), resolution, center_crop))
-                                   for e in examples])
+        settings, prepared = (resolution, center_crop, background, alpha_mask), []
+        for e in examples:  # the check's decoded picture when it kept one; the file otherwise
+            made, picture = (e.held.take() if e.held is not None else None) or (None, None)
+            prepared.append(picture if made == settings else square_picture(load_image(e.path), *settings))
+        self.examples = [replace(e, held=None) for e in examples]
+        self.images: torch.Tensor | None = torch.stack([p for p, _ in prepared])
         self.hflip = hflip
         # alpha_mask_loss: the loss weights at latent size, made once (they need no VAE, so they
         # serve cached and uncached latents alike); flipped with the picture in `mask_batch`.
-        self.masks = torch.stack([latent_mask(load_alpha(e.path), resolution, center_crop)
-                                  for e in examples]) if alpha_mask else None
+        self.masks = torch.stack([m for _, m in prepared]) if alpha_mask else None
 
     def __len__(self):
         return len(self.examples)
+
+    def drop_pictures(self) -> None:
+        """Free the pixels once their latents are cached (3 MiB a picture as floats at 512 px)."""
+        self.images = None
 
     def flips(self, n: int, generator: torch.Generator) -> torch.Tensor:
         """Which of n picks are mirrored: half on average with hflip, never without."""
@@ -366,10 +412,16 @@ class ImageSet:
             return []
         return [e.path for e, m in zip(self.examples, self.masks) if not m.any()]
 
-    def batch(self, indices: list[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def picks(self, indices: list[int], flips: torch.Tensor) -> torch.Tensor:
+        """The picks' pictures (uint8), mirrored where `flips` says."""
+        if self.images is None:
+            raise RuntimeError("ImageSet.picks after drop_pictures: the latents are cached, read them instead")
         images = self.images[indices]
-        images = torch.where(flips[:, None, None, None], images.flip(-1), images)
-        return images, self.input_ids[indices]
+        return torch.where(flips[:, None, None, None], images.flip(-1), images)
+
+    def batch(self, indices: list[int], flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pictures (fp32 in [-1, 1]) and token ids of the picks, mirrored where `flips` says."""
+        return unit_range(self.picks(indices, flips)), self.input_ids[indices]
 
 
 @functools.lru_cache(maxsize=4)  # called once per item of every batch: shuffle each epoch once

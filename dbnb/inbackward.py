@@ -55,7 +55,6 @@ all groups), so a checkpoint written by either path resumes the other, and it lo
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Iterable
 
 import torch
@@ -118,7 +117,7 @@ class OptimizerInBackward(torch.optim.Optimizer):
         self._seen: set[int] = set()
         self._track = track_grad_norm
         self._sq_sum: torch.Tensor | None = None
-        self.grad_norm: float | None = None
+        self.grad_norm_tensor: torch.Tensor | None = None  # read by the caller when it reads its figures
         param_groups = list(param_groups)
         if param_groups and not isinstance(param_groups[0], dict):  # plain parameters: one group
             param_groups = [{"params": param_groups}]
@@ -178,9 +177,14 @@ class OptimizerInBackward(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self._track:
-            self.grad_norm = None if self._sq_sum is None else math.sqrt(float(self._sq_sum))
+            self.grad_norm_tensor = None if self._sq_sum is None else self._sq_sum.sqrt()
             self._sq_sum = None
         return loss
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The last step's gradient norm as a number (a host read: a GPU waits for its work)."""
+        return None if self.grad_norm_tensor is None else float(self.grad_norm_tensor)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: each gradient was freed as soon as its parameter was stepped."""

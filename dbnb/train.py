@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from dbnb.errors import DbnbError
 from dbnb import divergence, diskplan, lora, optimizers
 from dbnb.batches import (Batches, MicroBatch, cache_latents, dropout_seed, epoch_length, gather_examples, next_batch,
-                          read_images)
+                          read_images, to_device)
 from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
 from dbnb.config import FIELDS, Config, ConfigError, check_schedule
@@ -140,16 +140,17 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
 def diffusion_loss(unet, text_encoder, noise_scheduler, batch: MicroBatch, config: Config, *,
                    scaling_factor: float = 1.0, device="cpu", encode_with_grad: bool = False) -> torch.Tensor:
     g = batch.generator
-    latents = (batch.latents * scaling_factor).to(device)
+    # Drawn on the host from the (seed, step) generator; copied without the host waiting.
+    latents = to_device(batch.latents * scaling_factor, device)
     noise = torch.randn(latents.shape, generator=g)
     if config.offset_noise:
         noise = noise + config.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-    noise = noise.to(device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                              generator=g).to(device)
+    noise = to_device(noise, device)
+    timesteps = to_device(torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                        generator=g), device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     with torch.set_grad_enabled(encode_with_grad):
-        hidden = text_encoder(batch.input_ids.to(device))[0]
+        hidden = text_encoder(to_device(batch.input_ids, device))[0]
     pred = unet(noisy, timesteps, hidden).sample.float()
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -157,7 +158,8 @@ def diffusion_loss(unet, text_encoder, noise_scheduler, batch: MicroBatch, confi
         target = noise
     per_pixel = F.mse_loss(pred, target.float(), reduction="none")
     if batch.mask is not None:  # alpha_mask_loss: kohya's apply_masked_loss (weights, then the plain mean)
-        per_pixel = per_pixel * F.interpolate(batch.mask.to(per_pixel), size=per_pixel.shape[-2:], mode="area")
+        mask = to_device(batch.mask, per_pixel.device).to(per_pixel.dtype)
+        per_pixel = per_pixel * F.interpolate(mask, size=per_pixel.shape[-2:], mode="area")
     per_sample = per_pixel.mean(dim=(1, 2, 3))
     if config.snr_gamma:
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
@@ -275,12 +277,14 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
+    # foreach: one fused update over all tensors per step, not a kernel launch per tensor.
     if not config.use_ema:
         ema = None
     elif config.use_lora:  # the EMA of the adapters, saved beside them
-        ema = EMAModel(lora.trainable(unet, text_encoder), decay=config.ema_decay)
+        ema = EMAModel(lora.trainable(unet, text_encoder), decay=config.ema_decay, foreach=True)
     else:
-        ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config)
+        ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config,
+                       foreach=True)
     state = load_checkpoint(resume_from, unet, text_encoder, ema, config) if resume_from else {}
     # Every process on its own: each asks the same disk, so all stop here or none does.
     disk = diskplan.plan(config, pipe, optimizers.name_of(optimizer), state.get("step", 0), max_steps, run)
@@ -304,6 +308,9 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     if config.cache_latents:
         batches.latents = cache_latents(batches, pipe.vae, config.hflip)
         pipe.vae.to("cpu")
+        for images in (batches.instance, batches.klass):  # their latents are all the loop reads
+            if images is not None:
+                images.drop_pictures()
     if accelerator.is_main_process:
         run.truncate_log(state.get("step", 0))
     return Session(config=config, accelerator=accelerator, run=run, pipe=pipe, noise_scheduler=noise_scheduler,
@@ -375,13 +382,16 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
 
 def optimizer_step(s: Session) -> tuple[float, float | None]:
     """Micro-batches until the optimizer has stepped once; returns the last loss and the
-    pre-clip gradient norm."""
+    pre-clip gradient norm. Both, and the stop flags, reach the host in one read per optimizer
+    step, just before it: on a GPU each read waits for all queued work, so one per micro-step
+    would leave the GPU idle while Python prepares the next."""
     acc, config = s.accelerator, s.config
     rank, world = acc.process_index, acc.num_processes
     train_te = config.trains_text_encoder and s.step < int(config.stop_text_encoder * s.max_steps)
     # A frozen text encoder runs outside DDP, which would otherwise wait for its gradients.
     encoder = s.text_encoder if train_te else acc.unwrap_model(s.text_encoder)
     encoder.train(train_te)
+    tracked = None  # the first non-finite loss of this step, else the last loss (on the device)
     while True:
         with acc.accumulate(s.unet):
             batch = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae)
@@ -390,21 +400,22 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
             loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, batch, config,
                                   scaling_factor=s.pipe.vae.config.scaling_factor, device=acc.device,
                                   encode_with_grad=train_te)
-            if agree_on_stops(s, loss):
-                here = loss.item()
-                raise diverged(s, "Loss", here if not math.isfinite(here) else "inf or NaN on another process")
+            tracked = loss.detach() if tracked is None else torch.where(torch.isfinite(tracked), loss.detach(),
+                                                                         tracked)
+            # A non-finite loss is found below, before the step: its gradients are never applied
+            # (with optimizer_in_backward they are, but the run stops before any save).
             acc.backward(loss)
-            grad_norm = None
-            if acc.sync_gradients and not config.optimizer_in_backward:
-                grad_norm = divergence.gradient_norm(acc, s.optimizer, config.max_grad_norm)
+            if acc.sync_gradients:
+                if config.optimizer_in_backward:
+                    s.optimizer.step()  # a no-op (the hooks stepped) that completes their gradient norm
+                    norm = s.optimizer.grad_norm_tensor
+                else:
+                    norm = divergence.gradient_norm(acc, s.optimizer, config.max_grad_norm)
                 # before the step, so the weights in memory stay the last good ones
-                if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
-                    raise diverged(s, "The gradient norm", grad_norm)
-            s.optimizer.step()
-            s.optimizer.zero_grad(set_to_none=True)
-            grad_norm = getattr(s.optimizer, "grad_norm", grad_norm)  # in-backward: measured in the hooks
-            if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
-                raise diverged(s, "The gradient norm", grad_norm)
+                last_loss, grad_norm = agree_on_stops(s, tracked, norm)
+            if not config.optimizer_in_backward:
+                s.optimizer.step()
+                s.optimizer.zero_grad(set_to_none=True)
         s.micro_step += 1
         if acc.sync_gradients:
             break
@@ -412,21 +423,29 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     s.step += 1
     if s.ema is not None:
         s.ema.step(trained_parameters(s))
-    return loss.item(), grad_norm
+    return last_loss, grad_norm
 
 
-def agree_on_stops(s: Session, loss: torch.Tensor) -> bool:
-    """Whether the loss is inf / NaN on any process; notes in s.cancelled whether a stop was asked
-    of any. Decided by all processes together, every micro-step: a process that stopped or
+def agree_on_stops(s: Session, tracked: torch.Tensor, norm: torch.Tensor | None) -> tuple[float, float | None]:
+    """(loss, gradient norm) of this step as numbers, or the divergence error; notes in
+    s.cancelled whether a stop was asked of any process. Whether the loss is inf / NaN anywhere
+    is decided by all processes together, once per optimizer step: a process that stopped or
     raised alone would leave the others waiting in the next all-reduce for good."""
     acc = s.accelerator
     asked = bool(s.stop_asked and s.stop_asked["cancel"])
-    flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(asked), device=loss.device)])
+    flags = torch.stack([(~torch.isfinite(tracked)).float(), torch.full((), float(asked), device=tracked.device)])
     if acc.num_processes > 1:
         flags = acc.reduce(flags, reduction="sum")
-    bad, cancel = (flags > 0).tolist()  # the one host sync this check costs
-    s.cancelled = s.cancelled or cancel
-    return bad
+    measured = (norm if norm is not None else torch.zeros(())).to(flags.device, torch.float32)
+    bad, cancel, loss, grad_norm = torch.cat([flags, tracked.float().reshape(1), measured.reshape(1)]).tolist()
+    s.cancelled = s.cancelled or cancel > 0
+    if bad:
+        raise diverged(s, "Loss", loss if not math.isfinite(loss) else "inf or NaN on another process")
+    grad_norm = None if norm is None else grad_norm
+    # Under fp16's loss scaling an inf norm is routine: the scaler skips that step.
+    if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+        raise diverged(s, "The gradient norm", grad_norm)
+    return loss, grad_norm
 
 
 def trained_parameters(s: Session) -> list[torch.nn.Parameter]:

@@ -192,9 +192,9 @@ def test_transparent_images_are_rgba_alpha0_and_train_as_white_or_black(make_con
         assert image.mode == "RGBA" and image.size == (64, 64)
         assert not np.asarray(image)[..., 3].any()
     train = config.replace(with_prior_preservation=True, num_class_images=20, instance_prompt="hnzk girl")
-    assert torch.all(read_images(train, tokenizer).klass.images == 1.0)  # white: the default background
+    assert torch.all(read_images(train, tokenizer).klass.images == 255)  # white: the default background
     black = read_images(train.replace(background_color="black"), tokenizer).klass.images
-    assert black.shape == (20, 3, 64, 64) and torch.all(black == -1.0)  # the old extension's black
+    assert black.shape == (20, 3, 64, 64) and torch.all(black == 0)  # the old extension's black
 
 
 def test_black_mode_stays_black_on_a_white_background(make_config, tmp_path, tokenizer):
@@ -203,7 +203,7 @@ def test_black_mode_stays_black_on_a_white_background(make_config, tmp_path, tok
     assert ci.make_class_images(config, progress=False).ok
     pngs = sorted(ci.class_folder(config).glob("*.png"))
     assert len(pngs) == 5 and all(Image.open(p).mode == "RGB" for p in pngs)
-    assert torch.all(read_images(config, tokenizer).klass.images == -1.0)  # background_color is white
+    assert torch.all(read_images(config, tokenizer).klass.images == 0)  # background_color is white
 
 
 def test_cli_classimages_tops_up_and_prints_errors_without_traceback(make_config, tmp_path, capsys):

@@ -95,7 +95,8 @@ def test_committed_doc_is_what_the_committed_results_render_to():
     report = report_module()
     docs = ROOT / "docs"
     results = [json.loads(p.read_text()) for p in sorted((docs / "gpu-results").glob("*.json"))]
-    assert (docs / "performance.md").read_text(encoding="utf-8") == report.render(results)
+    cpu_results = [json.loads(p.read_text()) for p in sorted((docs / "cpu-results").glob("*.json"))]
+    assert (docs / "performance.md").read_text(encoding="utf-8") == report.render(results, cpu_results)
 
 
 def test_gpu_results_render_with_fits_and_the_t4_meaning(dry_run):

@@ -16,6 +16,7 @@ from dbnb.demo import write_dataset
 from dbnb.models import load_pipeline
 from dbnb.tiny import build_tiny_pipeline
 from dbnb.batches import MicroBatch, read_images
+from dbnb.data import unit_range
 from dbnb.train import diffusion_loss, train
 
 LORA = dict(use_lora=True, lora_rank=4, lora_conv_rank=2, lora_text_encoder_rank=2)
@@ -45,7 +46,7 @@ def fixed_loss(config, checkpoint=None):
     plain = config.replace(with_prior_preservation=False)
     batches = read_images(plain, pipe.tokenizer)
     with torch.no_grad():
-        latents = pipe.vae.encode(batches.instance.images).latent_dist.mean
+        latents = pipe.vae.encode(unit_range(batches.instance.images)).latent_dist.mean
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config),
                                  MicroBatch(latents, batches.instance.input_ids, torch.Generator().manual_seed(k)),
                                  plain, scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]

@@ -34,7 +34,7 @@ def fixed_loss(config, unet_state=None):
         pipe.unet.load_state_dict(unet_state)
     batches = read_images(config.replace(with_prior_preservation=False), pipe.tokenizer)
     with torch.no_grad():
-        latents = pipe.vae.encode(batches.instance.images).latent_dist.mean
+        latents = pipe.vae.encode(data.unit_range(batches.instance.images)).latent_dist.mean
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, _ddpm(pipe),
                                  MicroBatch(latents, batches.instance.input_ids, torch.Generator().manual_seed(k)),
                                  config.replace(with_prior_preservation=False),
@@ -366,9 +366,9 @@ def test_the_gradient_norm_is_the_same_without_torch_2_6s_get_total_norm(monkeyp
     optimizer = torch.optim.SGD(params, lr=0.1)
     acc = SimpleNamespace(scaler=None)
     expected = float(torch.cat([p.grad for p in params]).norm())
-    assert gradient_norm(acc, optimizer, max_norm=0) == pytest.approx(expected, rel=1e-6)
+    assert float(gradient_norm(acc, optimizer, max_norm=0)) == pytest.approx(expected, rel=1e-6)
     monkeypatch.delattr(torch.nn.utils, "get_total_norm")
-    assert gradient_norm(acc, optimizer, max_norm=0) == pytest.approx(expected, rel=1e-6)
+    assert float(gradient_norm(acc, optimizer, max_norm=0)) == pytest.approx(expected, rel=1e-6)
 
 
 def test_bad_pictures_stop_training_before_the_model_loads_naming_each(make_config, tmp_path):
@@ -861,7 +861,9 @@ def test_two_process_ddp_raises_on_both_ranks_when_one_loss_is_nan(make_config, 
         "        return loss * float('nan') if len(calls) == 3 else loss\n"
         "    t.diffusion_loss = nan_on_third\n")
     config = make_config(max_train_steps=6, save_every_steps=1, run_name="ddp-nan")
-    proc = _ddp(config, tmp_path, {"PYTHONPATH": str(hook)})
+    # the hook first, then what the test runs on (a worktree's dbnb named by PYTHONPATH, not the installed one)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    proc = _ddp(config, tmp_path, {"PYTHONPATH": path})
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and err.count("Loss became") == 2, err[-3000:]  # said by each rank, none hangs
     assert "Loss became inf or NaN on another process at step 3" in err and "Loss became nan at step 3" in err

@@ -52,11 +52,11 @@ def test_training_view_draws_the_curve_shows_previews_and_keeps_them_as_outputs(
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda *objs: shown.extend(objs))
     Image.new("RGB", (64, 78), "red").save(tmp_path / "grid.png")
-    view = TrainingView(Config(sample_every_steps=2, max_train_steps=3), every=2)
+    view = TrainingView(Config(sample_every_steps=2, max_train_steps=3), every=2, redraw_s=0)
     assert view.preview.layout.display == "none" and view.curve.layout.display == "none"  # no broken images
     view({"step": 1, "loss": 0.5, "lr": 1e-6, "time": 0.5, "max_steps": 3})
-    assert view.curve.layout.display == "none"
     view({"step": 2, "loss": 0.4, "lr": 1e-6, "time": 1.0, "preview": str(tmp_path / "grid.png"), "max_steps": 3})
+    assert view.wait_drawn()
     assert bytes(view.curve.value).startswith(b"\x89PNG") and view.curve.layout.display is None
     assert bytes(view.preview.value) == (tmp_path / "grid.png").read_bytes()
     assert view.preview.layout.height == "auto"  # its own aspect ratio, not the row's height
@@ -93,3 +93,31 @@ def test_loss_curve_is_a_matplotlib_figure_of_the_values():
     assert left < right - 50  # falling loss: the line starts high (small y) and ends low
     left, right = line_ends([1.0, 2.0, 3.0])
     assert left > right + 50
+
+
+def test_the_loss_curve_is_drawn_off_the_training_thread_at_most_every_redraw_s(monkeypatch):
+    """A step only appends its record: the training thread never waits for matplotlib, and a
+    fast run is redrawn at most once per redraw_s, not per step."""
+    import threading
+    import time
+
+    from dbnb import widgets
+
+    real, draws = widgets.loss_curve_png, []
+
+    def slow_draw(steps, losses, **kwargs):  # the real drawing, as slow as a 3000-point curve is
+        draws.append((threading.current_thread(), len(steps)))
+        time.sleep(0.3)
+        return real(steps, losses, **kwargs)
+    monkeypatch.setattr(widgets, "loss_curve_png", slow_draw)
+    view = TrainingView(Config(sample_every_steps=0, max_train_steps=200), plain=False, redraw_s=0.5)
+    started = time.monotonic()
+    for step in range(1, 201):
+        view({"step": step, "loss": 1 / step, "lr": 1e-6, "time": step / 100, "max_steps": 200})
+    took = time.monotonic() - started
+    assert took < 0.3, f"200 steps waited {took:.2f} s for the plot"
+    assert view.wait_drawn(timeout=10)
+    assert draws and all(thread is not threading.main_thread() for thread, _ in draws)
+    assert len(draws) <= 2 + (time.monotonic() - started) / 0.5  # throttled, not one per step
+    assert draws[-1][1] == 200  # the last redraw shows every step
+    view.close()
