@@ -6,25 +6,15 @@ import math
 
 import pytest
 import torch
-from conftest import dataset_with_class_images
 
 from dbnb import lora
-from dbnb.config import Config
 from dbnb.train import train
 
 
 @pytest.fixture
-def make_config(tiny_dir, tmp_path):
-    instance, klass = dataset_with_class_images(tmp_path / "data", n_instance=3, class_per_instance=2)
-
-    def make(**overrides):
-        base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
-                    class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
-                    output_dir=str(tmp_path / "runs"), run_name="run", resolution=64, max_train_steps=4,
-                    save_every_steps=0, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=0,
-                    mixed_precision="bf16", use_8bit_adam=False, gradient_checkpointing=False)
-        return Config(**{**base, **overrides})
-    return make
+def make_config(make_config):
+    """conftest's tiny run, under bf16 autocast unless told otherwise."""
+    return lambda **overrides: make_config(**{"mixed_precision": "bf16", **overrides})
 
 
 @pytest.fixture

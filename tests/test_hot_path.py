@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import dataset_with_class_images
 
 from dbnb import data
 from dbnb.batches import gather_examples, read_images
-from dbnb.config import Config
 from dbnb.divergence import first_non_finite
 from dbnb.train import train
 
@@ -42,20 +40,6 @@ class HostReads:
                     self.seen.append(f"{name} in {caller.co_name} ({Path(caller.co_filename).name})")
             return real(*args, **kwargs)
         return read
-
-
-@pytest.fixture
-def make_config(tiny_dir, tmp_path):
-    instance, klass = dataset_with_class_images(tmp_path / "data", n_instance=3, class_per_instance=2)
-
-    def make(**overrides):
-        base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
-                    class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
-                    output_dir=str(tmp_path / "runs"), run_name="run", resolution=64, max_train_steps=4,
-                    save_every_steps=0, learning_rate=1e-4, lr_scheduler="constant", lr_warmup_steps=0,
-                    mixed_precision="no", use_8bit_adam=False, gradient_checkpointing=False)
-        return Config(**{**base, **overrides})
-    return make
 
 
 def _session_of(monkeypatch) -> dict:
