@@ -468,6 +468,16 @@ class Config:
         "path. Needs gradient_accumulation_steps=1, max_grad_norm=0, one GPU and mixed_precision bf16 or no "
         "(not fp16).",
         help_ja="実験的な機能（GPU で既定の fp16 + 8-bit Adam との比較はまだ）。逆伝播で勾配が出た重みから順に更新して勾配をすぐ解放するので、UNet の勾配全体（SD 1.5 で fp32 約3.4GB）が一度にメモリに載りません。更新結果は通常と同じ。gradient_accumulation_steps=1、max_grad_norm=0、GPU 1枚、mixed_precision は bf16 か no（fp16 は不可）が必要です。")
+    deterministic: bool = setting(
+        False, "Gradients", "Deterministic",
+        "Reproducible training: the same config gives bit-identical weights, and a resumed run equals the "
+        "uninterrupted one. Uses deterministic GPU kernels (cuDNN autotuning off) and, on a CPU, one thread "
+        "for backward. Costs speed (see docs/performance.md); off: the fast kernels, whose sums may differ "
+        "in the last bits between runs.",
+        help_ja="再現性のある学習。同じ設定なら重みがビット単位で同じになり、中断から再開しても中断なしと同じ結果になります。"
+                "GPU では決定的なカーネルを使い（cuDNN の自動選択はオフ）、CPU では逆伝播を1スレッドで行うため、その分遅くなります"
+                "（docs/performance.md を参照）。オフなら高速なカーネルを使い、実行ごとに末尾の桁がわずかに変わることがあります。",
+        learns=False, report="always")
 
     # --- Samples -------------------------------------------------------------------------
     sample_prompts: tuple[str, ...] = setting((), "Samples", "Sample Image Prompt",

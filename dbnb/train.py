@@ -33,6 +33,7 @@ from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
 from dbnb.previews import write_previews
 from dbnb.process import cancel_on_signal, forget_accelerator_state
+from dbnb.reproducible import backward_threads, deterministic_mode
 from dbnb.env import format_bytes, has_bf16, is_disk_full
 
 class TrainingError(DbnbError, RuntimeError):
@@ -223,12 +224,18 @@ class Session:
 def train(config: Config, resume: str | None = None, progress: bool = True, on_step=None) -> TrainResult:
     """Train (or resume) the run of `config`. `on_step(record)` is called on the main process
     after every step with the log record (+ `preview`: the grid written at this step)."""
+    # memory_profile=auto: settings from the GPU's VRAM; a resumed run keeps those it learns with.
+    config = apply_memory_profile(config, resumed=RunFolder.for_config(config).saved_config() if resume else None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_machine(config, device)
+    with deterministic_mode(config.deterministic, device):  # before CUDA starts: cuBLAS reads its setting then
+        return train_in_mode(config, resume, progress, on_step)
+
+
+def train_in_mode(config: Config, resume: str | None, progress: bool, on_step) -> TrainResult:
     from accelerate import Accelerator
 
     # 1. Where we run: accelerate decides the device and the processes (one, or DDP).
-    # memory_profile=auto: settings from the GPU's VRAM; a resumed run keeps those it learns with.
-    config = apply_memory_profile(config, resumed=RunFolder.for_config(config).saved_config() if resume else None)
-    check_machine(config, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
@@ -404,7 +411,8 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
                                                                          tracked)
             # A non-finite loss is found below, before the step: its gradients are never applied
             # (with optimizer_in_backward they are, but the run stops before any save).
-            acc.backward(loss)
+            with backward_threads(config.deterministic, acc.device):
+                acc.backward(loss)
             if acc.sync_gradients:
                 if config.optimizer_in_backward:
                     s.optimizer.step()  # a no-op (the hooks stepped) that completes their gradient norm
