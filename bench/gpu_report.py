@@ -22,7 +22,8 @@ from dbnb.memory import BASIS, NO_8BIT_FIGURE, NO_GPU, PUBLISHED, TIERS, setting
 T4_CARD = "T4 15 GB"
 EXTRA_NAMES = {"classimages": "class images", "preview": "preview during training", "export": "export fp16",
                "bake": "--bake (LoRA into the model)", "load": "load the exported single file",
-               "hf": "diffusers' train_dreambooth.py, profile 1's settings"}
+               "hf": "diffusers' train_dreambooth.py, profile 1's settings",
+               "deterministic": "deterministic=true, two runs compared"}
 
 HOW_TO_RUN = """## How to run it
 
@@ -106,6 +107,14 @@ def extra_figure(name: str, row: dict, result: dict) -> str:
             if row.get("vram_allocated_gib"):
                 text += f", peak VRAM {base['vram_allocated_gib'] / row['vram_allocated_gib']:.2f}x"
         return text + " (diffusers' script has no latent cache)"
+    if name == "deterministic":
+        base = next((r for r in result["profiles"] if r["id"] == 1 and r["status"] == "ok"), None)
+        same = ("bitwise equal" if row["differing"] == 0 else
+                f"{row['differing']} of {row['tensors']} UNet tensors differ (max |dw| {row['max_abs_diff']:.2e})")
+        text = f"two runs of profile 1 with deterministic=true: {same}; {row['steps_per_s']:.2f} steps/s"
+        if base:
+            text += f" ({row['steps_per_s'] / base['steps_per_s']:.2f}x profile 1's, deterministic off)"
+        return f"{text}; {memory}{ram}"
     return "-"
 
 
@@ -197,6 +206,34 @@ def cpu_section(result: dict) -> list[str]:
     return lines + [""] + [line for note in result.get("notes", []) for line in (note, "")]
 
 
+def deterministic_section(result: dict) -> list[str]:
+    m, tiny, demo = result["machine"], result["tiny"], result.get("demo")
+
+    def each(values, fmt):
+        return " / ".join(format(v, fmt) for v in values)
+
+    def difference(figures):
+        value = figures["max_weight_difference"]
+        return "-" if value is None else f"{value:.2g}"
+    pairs = " / ".join(f"pair {n + 1}" for n in range(result["pairs"]))
+    lines = [f"### {m['cpu']}, {m['date']}", "",
+             f"Python {m['python']}, torch {m['torch']}, default thread count ({m['threads']}); off and on "
+             f"alternating, one run after the other ({pairs}).", "", "| figure | off | on |", "|---|---|---|"]
+    if demo:
+        lines += [f"| the demo's training, whole `dbnb train` process ({demo['steps']} steps, batch 2 + prior "
+                  f"preservation, text encoder trained, previews), seconds | {each(demo['off']['process_s'], '.1f')} "
+                  f"| {each(demo['on']['process_s'], '.1f')} |",
+                  f"| the same, steps/s after step {demo['warmup']} | {each(demo['off']['steps_per_s'], '.2f')} | "
+                  f"{each(demo['on']['steps_per_s'], '.2f')} |",
+                  f"| the demo, two runs of one config: max difference of the fp32 UNet weights | "
+                  f"{difference(demo['off'])} | {difference(demo['on'])} |"]
+    lines += [f"| tiny model, 64 px, batch 1, AdamW, fp32, {tiny['steps']} steps: steps/s after step {tiny['warmup']} "
+              f"| {each(tiny['off']['steps_per_s'], '.2f')} | {each(tiny['on']['steps_per_s'], '.2f')} |",
+              f"| the tiny model, two runs of one config: max difference of the fp32 UNet weights | "
+              f"{difference(tiny['off'])} | {difference(tiny['on'])} |"]
+    return lines + [""] + [line for note in result.get("notes", []) for line in (note, "")]
+
+
 def render(results: list[dict], cpu_results: list[dict] = ()) -> str:
     gpu_runs = [r for r in results if not r["machine"]["dry_run"]]
     lines = ["# Performance: dbnb on GPUs", "",
@@ -209,12 +246,19 @@ def render(results: list[dict], cpu_results: list[dict] = ()) -> str:
                   "rests on the published figures below.", ""]
     for result in results:
         lines += result_section(result)
-    if cpu_results:
+    hot_path = [r for r in cpu_results if r.get("kind") != "deterministic"]
+    deterministic = [r for r in cpu_results if r.get("kind") == "deterministic"]
+    if hot_path:
         lines += ["## dbnb's CPU figures: the training step's hot path", "",
                   "Written by `bench/hot_path.py --record` from `docs/cpu-results/`; CPU timings say what changed "
                   "between two versions on one machine, not what a GPU does.", ""]
-        for result in cpu_results:
+        for result in hot_path:
             lines += cpu_section(result)
+    if deterministic:
+        lines += ["## dbnb's CPU figures: deterministic=true (issue 36)", "",
+                  "Written by `bench/bench_deterministic.py --record` from `docs/cpu-results/`.", ""]
+        for result in deterministic:
+            lines += deterministic_section(result)
     lines += published_section() + auto_section() + [HOW_TO_RUN]
     return "\n".join(lines)
 

@@ -12,7 +12,8 @@ profile runs `dbnb.train.train` in a process of its own (so no allocator cache o
 carries over), reports steps/s after the warm-up steps, torch's peak VRAM allocated and
 reserved, whether every logged loss was finite, and whether peak reserved + CUDA context fits a
 T4 / a 12 GB card. The extras time class-image generation, a preview rendered during training,
-an fp16 export and loading the exported single file. A GPU run writes
+an fp16 export and loading the exported single file, and profile 1 run twice with
+deterministic=true, its weights compared bitwise and its speed against profile 1's. A GPU run writes
 docs/gpu-results/<gpu>-<date>.json and rebuilds docs/performance.md from every such file (a second
 GPU adds its table); a dry run writes both under --out (default: in --cache), never into docs/.
 
@@ -93,7 +94,7 @@ PRELOAD = ["dbnb.train", "dbnb.classimages", "dbnb.export", "dbnb.models", "dbnb
            "diffusers.training_utils", "diffusers.optimization", "diffusers.pipelines.stable_diffusion",
            "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
            "transformers.models.clip.modeling_clip", "transformers.models.clip.tokenization_clip", "tqdm.auto"]
-EXTRAS = ("classimages", "preview", "export", "bake", "load", "hf")
+EXTRAS = ("classimages", "preview", "export", "bake", "load", "hf", "deterministic")
 
 
 @dataclass
@@ -247,6 +248,18 @@ def load_single_file(plan: Plan, task: dict) -> dict:
     return {"seconds": seconds, "params_m": sum(p.numel() for p in pipe.unet.parameters()) / 1e6, **memory_figures()}
 
 
+def compare_runs(plan: Plan, task: dict) -> dict:
+    """The fp32 master UNet weights two runs end with (what a resume reads): bitwise equal or not."""
+    import torch
+
+    from dbnb.checkpoints import RunFolder, master_state
+
+    first, second = (master_state(RunFolder(d).checkpoints()[-1], "unet") for d in task["run_dirs"])
+    differing = [k for k in first if not torch.equal(first[k], second[k])]
+    worst = max(((first[k].double() - second[k].double()).abs().max().item() for k in differing), default=0.0)
+    return {"tensors": len(first), "differing": len(differing), "max_abs_diff": worst}
+
+
 def hf_script(plan: Plan, task: dict) -> dict:
     """diffusers' train_dreambooth.py in this process, its step times read off its progress bar."""
     import runpy
@@ -317,7 +330,7 @@ def machine_info(plan: Plan, task: dict) -> dict:
 
 TASKS = {"machine": machine_info, "build": build_inputs, "train": train_profile, "preview": preview,
          "classimages": class_images, "export": export_fp16, "bake": bake_lora, "load": load_single_file,
-         "hf": hf_script}
+         "hf": hf_script, "compare": compare_runs}
 
 
 def child(kind: str, plan: Plan, task: dict, out_path: str) -> None:
@@ -438,6 +451,8 @@ def run_extra(ctx, name: str, plan: Plan, machine: dict, futures: dict, timeout:
 
     profile_1 = plan.train_settings(PROFILES[0], machine, f"{name}-{int(time.time())}")
     task = {"id": name, "settings": profile_1}
+    if name == "deterministic":
+        return deterministic_runs(ctx, plan, profile_1, timeout)
     if name == "hf" and not plan.hf_script:
         result = {"status": "skipped", "reason": "no --hf-script given"}
     elif name == "export" and done(1).get("status") != "ok":
@@ -455,6 +470,29 @@ def run_extra(ctx, name: str, plan: Plan, machine: dict, futures: dict, timeout:
     if name == "hf":
         shutil.rmtree(plan.cache / "hf-run", ignore_errors=True)  # its saved pipeline: GBs
     print(f"{name}: {result['status']} {result.get('reason', '')}", flush=True)
+    return result
+
+
+def deterministic_runs(ctx, plan: Plan, settings: dict, timeout: float) -> dict:
+    """`deterministic=true` (issue 36): profile 1 twice, each in a fresh process, weights compared
+    bitwise; its steps/s against profile 1's (deterministic off) in the report."""
+    runs = [run_child(ctx, "train", plan, {"id": f"deterministic-{n}",
+                                           "settings": {**settings, "deterministic": True,
+                                                        "run_name": f"{settings['run_name']}-{n}"}}, timeout)
+            for n in (1, 2)]
+    failed = next((r for r in runs if r["status"] != "ok"), None)
+    if failed:
+        result = {k: failed[k] for k in ("status", "reason", "traceback") if k in failed}
+    else:
+        result = run_child(ctx, "compare", plan, {"id": "deterministic", "run_dirs": [r["run_dir"] for r in runs]},
+                           timeout)
+        result.update(steps_per_s=sum(r["steps_per_s"] for r in runs) / 2,
+                      vram_allocated_gib=max(r.get("vram_allocated_gib") or 0 for r in runs) or None,
+                      peak_rss_gib=max(r.get("peak_rss_gib") or 0 for r in runs))
+    for r in runs:
+        if r.get("run_dir"):
+            shutil.rmtree(r["run_dir"], ignore_errors=True)
+    print(f"deterministic: {result['status']} {result.get('reason', '')}", flush=True)
     return result
 
 

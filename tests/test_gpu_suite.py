@@ -71,6 +71,10 @@ def test_dry_run_extras(dry_run):
     assert extras["bake"]["status"] == "ok", extras["bake"]
     assert extras["bake"]["size_gib"] == pytest.approx(extras["export"]["size_gib"], rel=0.01)
     assert extras["hf"]["status"] == "skipped"
+    # Two fresh processes of profile 1 with deterministic=true, compared bitwise.
+    det = extras["deterministic"]
+    assert det["status"] == "ok", det
+    assert det["tensors"] > 100 and det["differing"] == 0 and det["max_abs_diff"] == 0 and det["steps_per_s"] > 0
 
 
 @pytest.mark.slow  # the dry run trains every profile in its own process
@@ -82,6 +86,7 @@ def test_the_doc_is_rendered_from_the_results_file(dry_run, tmp_path):
         if row["status"] == "ok":
             assert f"| {row['id']} | {row['name']} | ok | {row['steps_per_s']:.2f} |" in doc
     assert "| 7 | LoRA rank 32 (+ conv rank 16) | ok |" in doc
+    assert "| deterministic=true, two runs compared | ok | two runs of profile 1 with deterministic=true: bitwise equal;" in doc
     # A changed results file changes the doc: nothing in it is written by hand.
     (tmp_path / "gpu-results").mkdir()
     results["profiles"][0]["steps_per_s"] = 123.456
