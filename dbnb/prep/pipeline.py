@@ -31,7 +31,7 @@ from dbnb.prep.segment import SegmenterError, composite, load_segmenter
 from dbnb.prep.tagger import load_tagger
 from dbnb.prep.tags import frequency, tag_outputs
 
-PREP_VERSION = 1      # bump when the processing changes, so old outputs are redone
+PREP_VERSION = 2      # bump when the processing changes, so old outputs are redone (2: bottom-anchored padding)
 NEAR_DUPLICATE = 5    # dHash bits; resized / re-encoded copies differ by 0-3
 WORK_SIDE = 4         # pictures are first shrunk to at most this many x resolution on the long side
 AUTO = "auto"
@@ -192,7 +192,8 @@ class _Job:
             rgb = rgb.copy()
             rgb.putalpha(mask)
             row.done.append("alpha kept")
-        square, done, warns = make_square(rgb, cfg.square_mode, cfg.resolution, cfg.background_color, face)
+        square, done, warns = make_square(rgb, cfg.square_mode, cfg.resolution, cfg.background_color, face,
+                                          mask)
         row.done += done
         row.warnings += warns
         stem = f"{_slug(Path(name).stem)}-{sha[:8]}"
