@@ -477,6 +477,47 @@ def test_advice_few_images_close_ups_and_low_resolution(tmp_path):
     assert "instance_token is empty" in text
 
 
+def test_the_guide_balance_and_per_picture_close_ups_without_tags(tmp_path):
+    """No tags: the face's share tells close-ups (each one, not only when every picture is one)
+    and the framing balance; a picture the detector found no face in is asked about."""
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"full": (200, 400), "close": (200, 200), "noface": (250, 500)}
+    sizes.update({f"bust{i}": (300 + 10 * i, 300 + 10 * i) for i in range(4)})
+    for name, size in sizes.items():
+        figure(size).save(src / f"{name}.png")
+
+    def detector(im):  # the face's share of the height: 0.1 full body, 0.5 close-up, else 0.2 bust-up
+        if im.size == sizes["noface"]:
+            return []
+        side = round(im.height * {sizes["full"]: 0.1, sizes["close"]: 0.5}.get(im.size, 0.2))
+        return [(im.width // 2 - side // 2, 10, side, side)]
+    detector.name = "hand"
+    report = prep(src, tmp_path / "out", face_detector=detector, resolution=128)  # no shrinking
+    guide = {f.source: [g.split(":")[0] for g in f.guide] for f in report.files}
+    assert guide == {"full.png": [], "close.png": ["face close-up"], "noface.png": ["no face found"],
+                     **{f"bust{i}.png": [] for i in range(4)}}
+    assert report.balance.startswith("full body : bust-up = 1 : 4 (1 close-up(s), 1 not told) in 7 pictures; "
+                                     "the guide: about 3 : 2, 5–10 pictures / 全身 1 : バストアップ 4")
+    text = " ".join(report.warnings)
+    assert "fewer full-body pictures than the guide's 3 : 2 (here 1 : 4)" in text and "全身の画像を足して" in text
+    assert "training pictures: the guide recommends" not in text  # 7 is within 5-10
+    assert "balance: full body : bust-up = 1 : 4" in report.summary()
+    assert "Balance: full body : bust-up = 1 : 4" in (report.out_dir / "report.md").read_text(encoding="utf-8")
+
+
+def test_the_guide_balance_advice():
+    from collections import Counter
+
+    from dbnb.prep.views import balance_advice
+
+    assert balance_advice(Counter({"full body": 3, "bust": 2, "face": 1}), 3) == []
+    few = balance_advice(Counter({"full body": 3, "bust": 1}), 3)
+    assert len(few) == 1 and few[0].startswith("4 training pictures: the guide recommends 5–10")
+    assert "extra_framings=True" in balance_advice(Counter({"full body": 6}), 3)[0]
+    assert balance_advice(Counter({"full body": 1, "bust": 1}), 3) == []  # 2 pictures: said as "only 2" elsewhere
+
+
 def test_rerun_skips_done_work_and_gives_the_same_output(tmp_path, segmenter):
     calls = []
 
