@@ -525,6 +525,17 @@ class Config:
                                 "LoRA runs: the adapters' strength in test images and scores (the webui's "
                                 "<lora:name:1.0>).",
                                 help_ja="LoRA の学習結果: テスト画像とスコアでのアダプタの強さ（webui の <lora:名前:1.0>）。", learns=False)
+    # The guide's 花月 report: close-ups and back views in the set broke wide outputs, which square
+    # test images never show; one wide render of the first fidelity prompt lets the scores see it.
+    test_wide: float = setting(
+        1.5, "Test Prompts", "Wide Test Image",
+        "Width ÷ height of one more test image of the first fidelity prompt, as tall as resolution "
+        "(1.5 at 512: 768×512; the width is rounded to a multiple of 8). Its fidelity counts in the scores: "
+        "close-ups and back views in the training set break wide pictures (the guide's 花月 test). 0: none.",
+        help_ja="最初の再現度プロンプトで追加する横長テスト画像の 幅 ÷ 高さ（高さは resolution。512 で 1.5 なら "
+                "768×512、幅は 8 の倍数に丸めます）。この画像の再現度も採点に入ります。学習画像にドアップや背面の"
+                "画像があると横長の出力が崩れます（ガイドの花月の例）。0 で作りません。",
+        minimum=0, maximum=4, learns=False)
     test_guidance_scale: float = setting(7.5, "Test Prompts", "Test CFG Scale", "CFG scale of the test images.",
                                          help_ja="テスト画像の CFG スケール。", learns=False)
     test_infer_steps: int = setting(28, "Test Prompts", "Test Sampling Steps", "Sampling steps of the test images.",

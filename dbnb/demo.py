@@ -88,7 +88,8 @@ def demo_config(out: Path, steps: int, lora: bool = False, **overrides) -> Confi
         score_with="world", test_fidelity_prompts=("{instance_prompt}",),
         test_flexibility_prompts=(FLEXIBILITY_PROMPT,),
         test_negative_prompt="", test_seeds=8, test_infer_steps=20, test_guidance_scale=5.0,
-        flexibility_tolerance=0.25)
+        # No wide test image: the world is drawn square and its pixel analysis reads only squares.
+        test_wide=0.0, flexibility_tolerance=0.25)
     return Config(**{**settings, **(LORA_DEMO if lora else {}), **overrides})
 
 

@@ -48,10 +48,11 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 
 @torch.no_grad()
 def render(pipe, prompt: str, seeds: list[int], *, negative: str = "", steps: int, guidance: float,
-           resolution: int) -> list[Image.Image]:
-    """One image per seed in one batch, decoded by dbnb.autoencoder's rule, not the pipeline's."""
+           resolution: int, width: int = 0) -> list[Image.Image]:
+    """One image per seed in one batch, decoded by dbnb.autoencoder's rule, not the pipeline's;
+    `resolution` tall and `width` (0: resolution) wide."""
     latents = pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=len(seeds),
-                   num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+                   num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=width or resolution,
                    generator=generators(seeds), output_type="latent").images
     return pipe.image_processor.postprocess(autoencoder.decode(pipe.vae, latents), output_type="pil")
 

@@ -8,6 +8,7 @@ an HTML page, under RUN/tests/.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import html
 import json
@@ -48,6 +49,12 @@ class TestPrompt:
     text: str        # what the model is asked
     negative: str
     clip_text: str   # what CLIP-T compares the images with: the instance prompt replaced by the class prompt
+    size: tuple[int, int] | None = None  # (width, height) of the wide test image (test_wide); None: square
+
+    @property
+    def shape(self) -> str:
+        """How the page and the grid name a wide prompt (" (wide 768×512)"); "" for a square one."""
+        return f" (wide {self.size[0]}×{self.size[1]})" if self.size else ""
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,16 @@ def prompt_set(config) -> list[TestPrompt]:
                                       fill_template(template, klass, klass)))
     if klass:  # never with the class prompt in the negative: this row shows what the class word became
         prompts.append(TestPrompt(len(prompts), "class", klass, config.test_negative_prompt, klass))
+    first = next((p for p in prompts if p.kind == "fidelity"), None)
+    if config.test_wide and first:  # last, so turning it on or off keeps the other images' names
+        size = (wide_width(config.resolution, config.test_wide), config.resolution)
+        prompts.append(dataclasses.replace(first, index=len(prompts), size=size))
     return prompts
+
+
+def wide_width(resolution: int, ratio: float) -> int:
+    """`ratio` × resolution, to the nearest multiple of 8 (the VAE's factor; diffusers asks for it)."""
+    return max(8, round(resolution * ratio / 8) * 8)
 
 
 def _fingerprint(path: Path) -> list:
@@ -151,7 +167,8 @@ def _weights_key(row: Row, ema: bool, lora_scale: float) -> list:
 
 
 def _image_key(settings: dict, weights: list, prompt: TestPrompt, seed: int) -> str:
-    blob = json.dumps([settings, weights, prompt.text, prompt.negative, seed], sort_keys=True)
+    size = [list(prompt.size)] if prompt.size else []  # only when wide: square images keep their keys
+    blob = json.dumps([settings, weights, prompt.text, prompt.negative, seed, *size], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -195,8 +212,9 @@ class TestPipeline:
     def render(self, prompt: TestPrompt, seeds: list[int]) -> list[Image.Image]:
         """One image per seed, each from its own CPU generator: the same on every call."""
         c = self.config
+        height, width = (prompt.size[1], prompt.size[0]) if prompt.size else (c.resolution, 0)
         return render(self.pipe, prompt.text, seeds, negative=prompt.negative, steps=c.test_infer_steps,
-                      guidance=c.test_guidance_scale, resolution=c.resolution)
+                      guidance=c.test_guidance_scale, resolution=height, width=width)
 
 
 def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: str | None = None,
@@ -288,7 +306,7 @@ def _write_manifest(folder: Path, settings: dict, result: SampleResult, keys: di
 
 def write_grid(result: SampleResult, prompt: TestPrompt) -> Path:
     images = [[Image.open(result.image_path(r, prompt, s)) for s in result.seeds] for r in result.rows]
-    title = f"p{prompt.index} [{prompt.kind}] {prompt.text}"
+    title = f"p{prompt.index} [{prompt.kind}{prompt.shape}] {prompt.text}"
     grid = labelled_grid(images, [r.label for r in result.rows], [f"seed {s}" for s in result.seeds], title)
     path = result.folder / f"grid-{prompt.index}.png"
     grid.save(path)
@@ -298,6 +316,8 @@ def write_grid(result: SampleResult, prompt: TestPrompt) -> Path:
 KIND_HELP = {"fidelity": "should look like the training images",
              "flexibility": "should follow the new clothes / place and still be the character",
              "class": "the class prompt alone: should still look like the base model (language drift)"}
+WIDE_HELP = (", wide too (test_wide): close-ups and back views in the training set break wide pictures "
+             "(the guide's 花月 test)")
 
 
 def write_html(result: SampleResult, scores: dict | None = None) -> Path:
@@ -310,8 +330,8 @@ def write_html(result: SampleResult, scores: dict | None = None) -> Path:
     if scores:
         parts.append(_scores_html(scores))
     for p in result.prompts:
-        parts.append(f"<h2 id='p{p.index}'>p{p.index} · {e(p.kind)}: {e(p.text)}</h2>"
-                     f"<p>{e(KIND_HELP.get(p.kind, ''))}. Negative: <i>{e(p.negative)}</i></p>"
+        parts.append(f"<h2 id='p{p.index}'>p{p.index} · {e(p.kind + p.shape)}: {e(p.text)}</h2>"
+                     f"<p>{e(KIND_HELP.get(p.kind, '') + (WIDE_HELP if p.size else ''))}. Negative: <i>{e(p.negative)}</i></p>"
                      f"<p><a href='grid-{p.index}.png'>grid-{p.index}.png</a></p><table><tr><th></th>"
                      + "".join(f"<th>seed {s}</th>" for s in result.seeds) + "</tr>")
         for r in result.rows:

@@ -203,7 +203,8 @@ def score_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: s
                 clip_model=config.clip_model, dino_model=config.dino_model, ccip_model=config.ccip_model,
                 instance_images=len(instance),
                 seeds=samples.seeds,
-                prompts=[dict(index=p.index, kind=p.kind, text=p.text, clip_text=p.clip_text) for p in samples.prompts],
+                prompts=[dict(index=p.index, kind=p.kind, text=p.text, clip_text=p.clip_text, size=p.size)
+                         for p in samples.prompts],
                 ema=ema)
     json_path = run / "scores.json"
     json_path.write_text(json.dumps(_no_nan(data), indent=1, ensure_ascii=False), encoding="utf-8")

@@ -279,7 +279,7 @@ def test_sampling_a_lora_checkpoint_differs_from_the_base_and_follows_lora_scale
 
     from dbnb.sample import sample_run
 
-    fast = ["test_seeds=1", "test_infer_steps=2", "test_flexibility_prompts=[]"]
+    fast = ["test_seeds=1", "test_infer_steps=2", "test_flexibility_prompts=[]", "test_wide=0"]
     first = sample_run(lora_run, fast, progress=False)
     base_row, trained = first.rows
     prompt = first.prompts[0]

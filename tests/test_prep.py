@@ -290,6 +290,49 @@ def test_center_and_face_squares_and_low_resolution_flag():
                      "low resolution: 400px square, upscaled to 512"]
 
 
+def _bust_up(touching: bool) -> Image.Image:
+    """A wide cut-out (transparent background): head and torso, the torso cut by the bottom edge
+    when `touching`, else ending 20 px above it."""
+    im = Image.new("RGBA", (200, 100), (0, 0, 0, 0))
+    d = ImageDraw.Draw(im)
+    d.ellipse((80, 5, 120, 45), fill=RED + (255,))
+    d.rectangle((60, 45, 140, 99 if touching else 79), fill=(0, 0, 0, 255))
+    return im
+
+
+def test_a_wide_bust_up_cut_by_the_bottom_edge_is_padded_onto_the_bottom(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    _bust_up(True).save(src / "cut.png")
+    _bust_up(False).save(src / "whole.png")
+    report = prep(src, tmp_path / "out", resolution=200)
+    row = {f.source: f for f in report.files}
+    out = {name: Image.open(report.out_dir / next(iter(row[name].outputs))).convert("RGB")
+           for name in ("cut.png", "whole.png")}
+    # 200x100 on a 200x200 square. On the bottom: the picture at y 100-200, the cut torso on the
+    # last row and all the padding above the head; centred: y 50-150.
+    assert _dark_bbox(out["cut.png"])[1:4:2] == pytest.approx((105, 199), abs=1)
+    assert np.asarray(out["cut.png"])[:100].min() >= 250  # white above, nothing under the cut
+    assert row["cut.png"].done[1] == "padded to square, on the bottom edge (the character reaches it)"
+    assert _dark_bbox(out["whole.png"])[1:4:2] == pytest.approx((55, 129), abs=1)  # stays centred
+    assert row["whole.png"].done[1] == "padded to square"
+    alpha = prep(src, tmp_path / "alpha", resolution=200, keep_alpha=True)
+    cut = Image.open(alpha.out_dir / next(iter(next(f for f in alpha.files if f.source == "cut.png").outputs)))
+    assert cut.mode == "RGBA" and px(cut, (100, 199))[3] == 255 and px(cut, (100, 60))[3] == 0
+
+
+def test_without_a_mask_a_plain_top_over_a_busy_bottom_edge_goes_on_the_bottom():
+    im = Image.new("RGB", (200, 100), WHITE)
+    ImageDraw.Draw(im).rectangle((60, 45, 140, 99), fill=BLUE)  # cut by the bottom edge
+    square, done, warns = make_square(im, "pad", 100, "white")
+    assert done[0].startswith("padded to square, on the bottom edge") and warns == []  # no band: all above
+    assert np.asarray(square)[:72].min() >= 250 and np.asarray(square)[99, 50][2] > 200
+    im = Image.new("RGB", (200, 100), WHITE)
+    ImageDraw.Draw(im).rectangle((60, 30, 140, 70), fill=BLUE)
+    _, done, _ = make_square(im, "pad", 100, "white")
+    assert done[0] == "padded to square"
+
+
 # --- background removal --------------------------------------------------------------------------
 
 def _red_on_green(size=(300, 150), box=(30, 40, 90, 110)):
@@ -432,6 +475,47 @@ def test_advice_few_images_close_ups_and_low_resolution(tmp_path):
     sheet = Image.open(report.contact_sheet)
     assert sheet.size == (2 * 160, 160 + 14)
     assert "instance_token is empty" in text
+
+
+def test_the_guide_balance_and_per_picture_close_ups_without_tags(tmp_path):
+    """No tags: the face's share tells close-ups (each one, not only when every picture is one)
+    and the framing balance; a picture the detector found no face in is asked about."""
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"full": (200, 400), "close": (200, 200), "noface": (250, 500)}
+    sizes.update({f"bust{i}": (300 + 10 * i, 300 + 10 * i) for i in range(4)})
+    for name, size in sizes.items():
+        figure(size).save(src / f"{name}.png")
+
+    def detector(im):  # the face's share of the height: 0.1 full body, 0.5 close-up, else 0.2 bust-up
+        if im.size == sizes["noface"]:
+            return []
+        side = round(im.height * {sizes["full"]: 0.1, sizes["close"]: 0.5}.get(im.size, 0.2))
+        return [(im.width // 2 - side // 2, 10, side, side)]
+    detector.name = "hand"
+    report = prep(src, tmp_path / "out", face_detector=detector, resolution=128)  # no shrinking
+    guide = {f.source: [g.split(":")[0] for g in f.guide] for f in report.files}
+    assert guide == {"full.png": [], "close.png": ["face close-up"], "noface.png": ["no face found"],
+                     **{f"bust{i}.png": [] for i in range(4)}}
+    assert report.balance.startswith("full body : bust-up = 1 : 4 (1 close-up(s), 1 not told) in 7 pictures; "
+                                     "the guide: about 3 : 2, 5–10 pictures / 全身 1 : バストアップ 4")
+    text = " ".join(report.warnings)
+    assert "fewer full-body pictures than the guide's 3 : 2 (here 1 : 4)" in text and "全身の画像を足して" in text
+    assert "training pictures: the guide recommends" not in text  # 7 is within 5-10
+    assert "balance: full body : bust-up = 1 : 4" in report.summary()
+    assert "Balance: full body : bust-up = 1 : 4" in (report.out_dir / "report.md").read_text(encoding="utf-8")
+
+
+def test_the_guide_balance_advice():
+    from collections import Counter
+
+    from dbnb.prep.views import balance_advice
+
+    assert balance_advice(Counter({"full body": 3, "bust": 2, "face": 1}), 3) == []
+    few = balance_advice(Counter({"full body": 3, "bust": 1}), 3)
+    assert len(few) == 1 and few[0].startswith("4 training pictures: the guide recommends 5–10")
+    assert "extra_framings=True" in balance_advice(Counter({"full body": 6}), 3)[0]
+    assert balance_advice(Counter({"full body": 1, "bust": 1}), 3) == []  # 2 pictures: said as "only 2" elsewhere
 
 
 def test_rerun_skips_done_work_and_gives_the_same_output(tmp_path, segmenter):

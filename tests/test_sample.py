@@ -12,8 +12,10 @@ from dbnb.config import Config
 from dbnb.images import cpu_batch_size
 from dbnb.sample import SampleError, labelled_grid, prompt_set, sample_run
 
-# Few, small images: the whole module stays well under a minute on a CPU.
-FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
+# Few, small images: the whole module stays well under a minute on a CPU. The wide test image
+# (test_wide) is rendered and scored in test_score.py; here the grids are all square.
+FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']",
+        "test_wide=0"]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +44,7 @@ def test_prompt_set_fills_the_seeds_templates():
     config = Config(instance_prompt="nanU Unan", class_prompt="Unan", test_class_prompt_in_negative=True,
                     test_negative_prompt="lowres",
                     test_flexibility_prompts=("{instance_prompt}, 1girl, solo, swimsuit, beach",))
-    fidelity, flexibility, klass = prompt_set(config)
+    fidelity, flexibility, klass, wide = prompt_set(config)
     assert (fidelity.kind, fidelity.text) == ("fidelity", "nanU Unan, 1girl, solo")
     assert (flexibility.kind, flexibility.text) == ("flexibility", "nanU Unan, 1girl, solo, swimsuit, beach")
     # CLIP-T compares with the class word where the instance prompt was: CLIP never saw "nanU"
@@ -51,6 +53,11 @@ def test_prompt_set_fills_the_seeds_templates():
     assert fidelity.negative == flexibility.negative == "lowres, Unan"
     assert (klass.kind, klass.text, klass.negative) == ("class", "Unan", "lowres")
     assert [p.index for p in (fidelity, flexibility, klass)] == [0, 1, 2]
+    # test_wide: the first fidelity prompt once more, wide (the guide's 花月 test), last so the others keep their names
+    assert (wide.index, wide.kind, wide.text, wide.negative) == (3, "fidelity", fidelity.text, fidelity.negative)
+    assert wide.size == (768, 512) and fidelity.size is None and wide.shape == " (wide 768×512)"
+    assert [p.size for p in prompt_set(config.replace(resolution=64))][-1] == (96, 64)  # a multiple of 8
+    assert len(prompt_set(config.replace(test_wide=0))) == 3
 
 
 def test_prompt_set_reads_filewords_prompts_and_no_class_prompt():

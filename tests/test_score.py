@@ -167,15 +167,17 @@ def test_plot_draws_each_score_at_its_step_on_a_scale_of_its_panel(tmp_path):
 def _scores_by_hand(run_dir, embedders, data) -> dict[str, dict]:
     """The table's numbers straight from transformers (its own processors, models and tokenizer)
     and the images on disk, as the DreamBooth paper defines them: no dbnb.score code."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTImageProcessor, ViTModel
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTModel
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     clip, dino = CLIPModel.from_pretrained(embedders[0]).eval(), ViTModel.from_pretrained(embedders[1]).eval()
     tokenizer = CLIPTokenizer.from_pretrained(embedders[0])
     size = clip.config.vision_config.image_size
     clip_pixels = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    dino_pixels = ViTImageProcessor(size={"height": dino.config.image_size, "width": dino.config.image_size},
-                                    resample=3, image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
+    # DINO on the centre square too, as CLIP (a ViT processor would squash the wide test image)
+    dino_size = dino.config.image_size
+    dino_pixels = CLIPImageProcessor(size={"shortest_edge": dino_size}, crop_size={"height": dino_size, "width": dino_size},
+                                     image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD)
 
     def unit(t):
         t = t if isinstance(t, torch.Tensor) else t.pooler_output
@@ -219,6 +221,13 @@ def test_score_run_writes_the_table_plot_and_recommendation(run_dir, embedders, 
     assert [r["step"] for r in result.rows] == [0, 1, 2]
     data = json.loads(result.json.read_text())
     assert {p["kind"] for p in data["prompts"]} == {"fidelity", "flexibility", "class"} and data["seeds"] == [0, 1]
+    # test_wide (default 1.5): the fidelity prompt rendered wide too, 96x64 on the 64-px tiny model, and
+    # scored with the other fidelity images (by hand below, too): a set that breaks wide pictures shows
+    wide = data["prompts"][-1]
+    assert (wide["kind"], wide["size"], wide["text"]) == ("fidelity", [96, 64], data["prompts"][0]["text"])
+    for row in ("base", "step-000001", "step-000002"):
+        assert Image.open(run_dir / "tests" / row / f"p{wide['index']}-s1.png").size == (96, 64)
+    assert Image.open(run_dir / "tests" / f"grid-{wide['index']}.png").width > 2 * 96
     by_hand = _scores_by_hand(run_dir, embedders, data)
     for r in result.rows:
         for key, value in by_hand[r["checkpoint"]].items():

@@ -12,6 +12,8 @@ from dbnb.prep.tagger import load_tagger, prepare
 from dbnb.prep.tags import caption_tag, core_tags, frequency, is_core, tag_caption
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+# The stand-in's view tags (what the guide advises against) follow these colours.
+YELLOW, CYAN, MAGENTA, BLACK = (255, 255, 0), (0, 255, 255), (255, 0, 255), (0, 0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +114,39 @@ def test_tags_are_reused_until_the_tagger_or_a_threshold_changes(tmp_path, tagge
     assert [caption_for(p) for p in second.images] == [caption_for(p) for p in first.images]
     prep(src, tmp_path / "out", Counting(), tag_threshold=0.6)
     assert calls == [3, 3]
+
+
+def test_the_guide_flags_back_views_a_lone_side_view_cut_off_bodies_and_close_ups(tmp_path, tagger):
+    """The views come from the tagger's own tags (from_behind, from_side, head_out_of_frame,
+    close-up), as the WD14 tagger gives them to users."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, colour in (("back", YELLOW), ("side", CYAN), ("body_only", MAGENTA), ("close", BLACK), ("front", RED)):
+        picture(colour).save(src / f"{name}.png")
+    report = prep(src, tmp_path / "out", tagger)
+    guide = {f.source: f.guide for f in report.files}
+    assert {s: [g.split(":")[0] for g in flags] for s, flags in guide.items()} == {
+        "back.png": ["view from behind"], "side.png": ["the only side view"],
+        "body_only.png": ["body only / cut off"], "close.png": ["face close-up"], "front.png": []}
+    # the guide's reason, in English and in Japanese
+    assert "remove it" in guide["back.png"][0] and "真後ろからの画像" in guide["back.png"][0]
+    assert "or add more side views, left and right" in guide["side.png"][0] and "1枚だけ" in guide["side.png"][0]
+    assert "絶対にNG" in guide["body_only.png"][0] and "head out of frame" in guide["body_only.png"][0]
+    assert "down to the chest" in guide["close.png"][0] and "胸のあたりまで" in guide["close.png"][0]
+    assert any(w.startswith("4 picture(s) the guide advises against: back.png (view from behind); body_only.png")
+               for w in report.warnings)
+    md = (report.out_dir / "report.md").read_text(encoding="utf-8")
+    assert "## The guide on these pictures" in md and "- side.png: the only side view: " in md
+    assert "guide: close.png: face close-up" in report.summary()
+    saved = json.loads((report.out_dir / "prep_report.json").read_text(encoding="utf-8"))
+    assert [f["guide"] for f in saved["files"]] == [guide[f["source"]] for f in saved["files"]]
+    # A second side view (the guide: several, left and right, are fine): neither is flagged now,
+    # though the first one's row is reused unchanged.
+    picture(CYAN, size=72).save(src / "side_left.png")
+    again = prep(src, tmp_path / "out", tagger)
+    guide = {f.source: f.guide for f in again.files}
+    assert guide["side.png"] == guide["side_left.png"] == [] and guide["back.png"]
+    assert {f.source: f.status for f in again.files}["side.png"] == "unchanged"
 
 
 def test_a_missing_tagger_stops_prep_before_any_picture(tmp_path, monkeypatch):

@@ -6,7 +6,8 @@
 
 Modules: images (decode / normalise / hashes), segment (anime-segmentation ONNX),
 framing (squares, faces, bust-up / cowboy crops), tagger (WD14 ONNX), tags (tags as caption
-text, core tags), captions, report, pipeline (the run).
+text, core tags), views (the guide's advice on each picture and the framing balance), captions,
+report, pipeline (the run).
 The notebook's upload box and caption editor are in dbnb.widgets.
 """
 from dbnb.fetch import FetchError, fetch_images

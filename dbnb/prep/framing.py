@@ -80,29 +80,53 @@ def fit(image: Image.Image, resolution: int) -> Image.Image:
     return image.resize((resolution, resolution), Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
-def pad_square(rgb: Image.Image, background: str) -> tuple[Image.Image, str]:
-    """The whole picture on a square. The padding takes the colour of the edges it continues
-    when they are plain (after background removal: the background colour), so no band shows;
-    otherwise the background colour, with a warning."""
+def reaches(mask: Image.Image, edge: str) -> bool:
+    """The character (mask >= 128) touches the picture's `edge` ("top" or "bottom")."""
+    row = np.asarray(mask.convert("L"))[0 if edge == "top" else -1]
+    return bool((row >= 128).any())
+
+
+def pad_square(rgb: Image.Image, background: str,
+               mask: Image.Image | None = None) -> tuple[Image.Image, str, bool]:
+    """The whole picture on a square: (square, warning, set on the bottom edge).
+
+    A wide picture whose character reaches the bottom edge (a bust-up's cut torso) goes on the
+    bottom: centred, it would float over a blank band under the cut, and the model learns that
+    look. Without a mask, a plain top edge over a busy bottom one tells the same. The padding
+    takes the colour of the edges it continues when they are plain (after background removal:
+    the background colour), so no band shows; otherwise the background colour, with a warning."""
     w, h = rgb.size
     if w == h:
-        return rgb, ""
-    if rgb.mode == "RGBA":  # keep_alpha: the padding is transparent, so the masked loss ignores it
-        canvas = Image.new("RGBA", (max(w, h), max(w, h)), ImageColor.getrgb(background)[:3] + (0,))
-        canvas.paste(rgb, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
-        return canvas, ""
-    a = np.asarray(rgb, dtype=np.float32)
-    edges = np.concatenate([a[:, 0], a[:, -1]]) if w < h else np.concatenate([a[0], a[-1]])
-    if edges.std(axis=0).max() <= EDGE_STD:
-        colour, warning = tuple(int(v) for v in np.median(edges, axis=0)), ""
-    else:
-        colour = ImageColor.getrgb(background)[:3]
-        warning = ("the padded edges are not a plain colour, so the padding shows a band: turn "
-                   "remove_background on or use square_mode=center")
+        return rgb, "", False
     side = max(w, h)
+    if rgb.mode == "RGBA":  # keep_alpha: the padding is transparent, so the masked loss ignores it
+        bottom = w > h and reaches(mask if mask is not None else rgb.getchannel("A"), "bottom")
+        canvas = Image.new("RGBA", (side, side), ImageColor.getrgb(background)[:3] + (0,))
+        canvas.paste(rgb, ((side - w) // 2, side - h if bottom else (side - h) // 2))
+        return canvas, "", bottom
+    colour, bottom, warning = _padding(np.asarray(rgb, dtype=np.float32), w > h, mask, background)
     canvas = Image.new("RGB", (side, side), colour)
-    canvas.paste(rgb, ((side - w) // 2, (side - h) // 2))
-    return canvas, warning
+    canvas.paste(rgb, ((side - w) // 2, side - h if bottom else (side - h) // 2))
+    return canvas, warning, bottom
+
+
+def _padding(a: np.ndarray, wide: bool, mask: Image.Image | None, background: str) -> tuple[tuple, bool, str]:
+    """(colour, on the bottom?, warning) of the padding of picture array `a`."""
+    def plain(edges):
+        return edges.std(axis=0).max() <= EDGE_STD
+
+    first, last = (a[0], a[-1]) if wide else (a[:, 0], a[:, -1])
+    both = np.concatenate([first, last])
+    if wide and mask is not None:
+        bottom = reaches(mask, "bottom")
+    else:  # no mask: a plain top edge over a busy bottom edge is a character cut by the bottom
+        bottom = wide and not plain(both) and plain(first)
+    edges = first if bottom else both  # on the bottom, all the padding continues the top edge
+    if plain(edges):
+        return tuple(int(v) for v in np.median(edges, axis=0)), bottom, ""
+    return ImageColor.getrgb(background)[:3], bottom, (
+        "the padded edges are not a plain colour, so the padding shows a band: turn remove_background on or "
+        "use square_mode=center")
 
 
 def place(centre_x: float, top: float, side: int, size: tuple[int, int]) -> tuple[int, int, int]:
@@ -125,9 +149,10 @@ def crop_square(rgb: Image.Image, region: tuple[int, int, int], background: str)
     return canvas
 
 
-def make_square(rgb: Image.Image, mode: str, resolution: int, background: str,
-                face: Box | None = None) -> tuple[Image.Image, list[str], list[str]]:
-    """square_mode pad / center / face, then the training size. Returns (image, done, warnings)."""
+def make_square(rgb: Image.Image, mode: str, resolution: int, background: str, face: Box | None = None,
+                mask: Image.Image | None = None) -> tuple[Image.Image, list[str], list[str]]:
+    """square_mode pad / center / face, then the training size. Returns (image, done, warnings).
+    `mask`: the character's, when cut out (padding puts a picture it reaches the bottom of there)."""
     done, warns = [], []
     if mode == "face" and face is None:
         warns.append("no face found for square_mode=face: padded instead")
@@ -141,9 +166,9 @@ def make_square(rgb: Image.Image, mode: str, resolution: int, background: str,
         square = crop_square(rgb, place(x + w / 2, y + h / 2 - 0.4 * side, side, rgb.size), background)
         done.append("cropped around the face")
     else:
-        square, warning = pad_square(rgb, background)
+        square, warning, bottom = pad_square(rgb, background, mask)
         if square is not rgb:
-            done.append("padded to square")
+            done.append("padded to square" + (", on the bottom edge (the character reaches it)" if bottom else ""))
         warns += [warning] if warning else []
     if square.width < resolution:
         warns.append(f"low resolution: {square.width}px square, upscaled to {resolution}")

@@ -30,8 +30,9 @@ from dbnb.prep.report import (CONTACT_SHEET, FileResult, PrepReport, advice, con
 from dbnb.prep.segment import SegmenterError, composite, load_segmenter
 from dbnb.prep.tagger import load_tagger
 from dbnb.prep.tags import frequency, tag_outputs
+from dbnb.prep.views import balance_line, flag_pictures, framing_counts
 
-PREP_VERSION = 1      # bump when the processing changes, so old outputs are redone
+PREP_VERSION = 2      # bump when the processing changes, so old outputs are redone (2: bottom-anchored padding)
 NEAR_DUPLICATE = 5    # dHash bits; resized / re-encoded copies differ by 0-3
 WORK_SIDE = 4         # pictures are first shrunk to at most this many x resolution on the long side
 AUTO = "auto"
@@ -75,8 +76,10 @@ def prepare_dataset(config=None, src: str | Path | None = None, out: str | Path 
     _remove_stale(job.previous, rows, out)
     set_warnings += _strangers(rows, out)
     counts = count_framings(rows)
-    report = PrepReport(out, rows, set_warnings + advice(rows, counts, cfg.resolution), counts,
-                        tagged.to_dict() if tagged else None, caption_frequency(rows, out), job.detector_name)
+    flag_pictures(rows, detector=job.detector is not None)
+    report = PrepReport(out, rows, set_warnings + advice(rows, cfg.resolution), counts,
+                        tagged.to_dict() if tagged else None, caption_frequency(rows, out), job.detector_name,
+                        balance_line(framing_counts(rows)))
     contact_sheet(report.images, out / CONTACT_SHEET)
     report.write()
     if progress:
@@ -192,7 +195,8 @@ class _Job:
             rgb = rgb.copy()
             rgb.putalpha(mask)
             row.done.append("alpha kept")
-        square, done, warns = make_square(rgb, cfg.square_mode, cfg.resolution, cfg.background_color, face)
+        square, done, warns = make_square(rgb, cfg.square_mode, cfg.resolution, cfg.background_color, face,
+                                          mask)
         row.done += done
         row.warnings += warns
         stem = f"{_slug(Path(name).stem)}-{sha[:8]}"

@@ -17,6 +17,7 @@ from PIL import Image
 from dbnb.env import shown
 from dbnb.images import make_grid
 from dbnb.prep.images import flatten
+from dbnb.prep.views import balance_advice, flagged_advice, framing_counts
 
 REPORT_JSON = "prep_report.json"
 REPORT_MD = "report.md"
@@ -24,6 +25,7 @@ REPORT_MD = "report.md"
 CONTACT_SHEET = "prep_preview/contact_sheet.png"
 MIN_IMAGES = 3
 THUMB = 160
+GUIDE_LINES = 10  # the summary names this many guide flags; report.md has them all
 
 
 @dataclass
@@ -42,6 +44,7 @@ class FileResult:
     key: str = ""                                # settings fingerprint the outputs were made with
     tags: dict[str, dict[str, float]] = field(default_factory=dict)  # output -> tagger tag -> probability
     tagger: str = ""                             # tagger and thresholds the tags were made with
+    guide: list[str] = field(default_factory=list)  # the guide's advice on this picture (prep.views)
 
     @property
     def usable(self) -> bool:
@@ -57,6 +60,7 @@ class PrepReport:
     tags: dict | None = None                     # caption_mode=tags: TagTable.to_dict()
     tag_frequency: dict[str, int] = field(default_factory=dict)  # caption tag -> pictures (ss_tag_frequency)
     detector: str = ""                           # the face detector's name; "" when none is installed
+    balance: str = ""                            # full body : bust-up against the guide's 3 : 2 (prep.views)
 
     @property
     def images(self) -> list[Path]:
@@ -72,14 +76,19 @@ class PrepReport:
 
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "counts": self.counts, "warnings": self.warnings,
-                "tags": self.tags, "tag_frequency": self.tag_frequency, "detector": self.detector, "files": [asdict(f) for f in self.files]}
+                "tags": self.tags, "tag_frequency": self.tag_frequency, "detector": self.detector,
+                "balance": self.balance, "files": [asdict(f) for f in self.files]}
 
     def summary(self) -> str:
         by = Counter(f.status for f in self.files)
         lines = [f"dbnb prep: {len(self.images)} training pictures in {shown(self.out_dir)} "
                  f"({', '.join(f'{n} {s}' for s, n in sorted(by.items()))}).", self.framing_line()]
+        lines += [f"balance: {self.balance}"] if self.balance else []
         lines += [f"  ! {f.source}: {f.status}: {'; '.join(f.warnings)}" for f in self.files
                   if f.status in ("failed", "duplicate")]
+        guided = [f"  guide: {f.source}: {g}" for f in self.files if f.usable for g in f.guide]
+        lines += guided[:GUIDE_LINES] + ([f"  … {len(guided) - GUIDE_LINES} more in report.md"]
+                                          if len(guided) > GUIDE_LINES else [])
         if self.tags:
             pruned = self.tags["pruned"]
             lines.append(f"tags: {len(self.tags['detected'])} distinct over {self.tags['pictures']} pictures"
@@ -98,9 +107,19 @@ class PrepReport:
             cells = [f.source, size, f.status, "; ".join(f.done), ", ".join(f.outputs), "; ".join(f.warnings)]
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         advice = [f"- {w}" for w in self.warnings] or ["- none"]
+        balance = [f"Balance: {self.balance}", ""] if self.balance else []
         return "\n".join([f"# dbnb prep report: {self.out_dir.name}", "", self.framing_line().capitalize(), "",
-                          f"Contact sheet: {CONTACT_SHEET}", "",
-                          "## Warnings", *advice, "", *self._tag_table(), "## Files", *rows, ""])
+                          *balance, f"Contact sheet: {CONTACT_SHEET}", "",
+                          "## Warnings", *advice, "", *self._guide_list(), *self._tag_table(), "## Files", *rows, ""])
+
+    def _guide_list(self) -> list[str]:
+        """Each picture the guide advises against, with its reason (English / Japanese)."""
+        lines = [f"- {f.source}: {g}" for f in self.files if f.usable for g in f.guide]
+        if not lines:
+            return []
+        return ["## The guide on these pictures / ガイドから見た画像", "",
+                "The guide's advice on which pictures to use (選んではいけない画像). / "
+                "ガイドの「選んではいけない画像」に当たるものです。", "", *lines, ""]
 
     def _tag_table(self) -> list[str]:
         """Every detected tag, how many pictures have it and whether the captions keep it."""
@@ -156,17 +175,15 @@ def count_framings(files: list[FileResult]) -> dict[str, int]:
     return dict(counts)
 
 
-def advice(files: list[FileResult], counts: dict[str, int], resolution: int) -> list[str]:
-    """The seed's advice on the set as a whole."""
+def advice(files: list[FileResult], resolution: int) -> list[str]:
+    """The seed's advice on the set as a whole; the pictures it advises against (their `guide`
+    flags, set by prep.views.flag_pictures) and the framing balance."""
     out = []
     usable = [f for f in files if f.usable]
     if len(usable) < MIN_IMAGES:
         out.append(f"only {len(usable)} usable picture(s): the seed needs at least {MIN_IMAGES} "
                    "(more, from several angles, for detailed outfits)")
-    known = sum(v for k, v in counts.items() if k != "unknown")
-    if known and counts["face"] == known:
-        out.append("every picture with a detected face is a face close-up: the seed found close-up-only sets "
-                   "hurt; add bust-up and full-body pictures")
+    out += flagged_advice(files) + balance_advice(framing_counts(files), MIN_IMAGES)
     dups = [f for f in files if f.status == "duplicate"]
     near = [f for f in usable if any(w.startswith("near duplicate") for w in f.warnings)]
     if dups or near:

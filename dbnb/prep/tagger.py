@@ -113,6 +113,11 @@ STAND_IN_TAGS = (
     ("school_uniform", GENERAL, (-20, 40, -20), -2.0),           # green pictures
     ("^_^", GENERAL, (40, -20, -20), -2.0),
     ("hanatsuki_(dbnb)", CHARACTER, (-20, -20, 40), -6.0),       # only strongly red pictures
+    # The views the guide advises against (dbnb.prep.views), each on a colour no other test draws.
+    ("from_behind", GENERAL, (-40, 20, 20), -30.0),              # yellow pictures
+    ("from_side", GENERAL, (20, 20, -40), -30.0),                # cyan pictures
+    ("head_out_of_frame", GENERAL, (20, -40, 20), -30.0),        # magenta pictures
+    ("close-up", GENERAL, (-20, -20, -20), 10.0),                # black pictures
 )
 
 
