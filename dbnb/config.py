@@ -593,7 +593,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 # Keys a run folder adds to its config.json beside the settings (dbnb.checkpoints writes
 # them). Reading a config file drops them, so a run's config.json can start another run.
-RUN_KEYS = ("run_id",)
+RUN_KEYS = ("run_id", "dbnb_version")
 
 # The seed's two presets (the extension's "Person" and "Object/Style" buttons). Only what
 # differs from the defaults, which already are the seed's character settings.
