@@ -145,6 +145,15 @@ def test_cli_config_prints_and_rejects(capsys):
     assert "resolution" in capsys.readouterr().err
 
 
+def test_cli_config_list_shows_each_settings_help_in_english_and_japanese(capsys):
+    assert main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    for row in describe():
+        assert row["help"] in out and row["help_ja"] in out, row["name"]
+    flip = out.split("\nhflip ")[1]
+    assert flip.index("Randomly mirror") < flip.index("左右反転") < flip.index("\nalpha_mask_loss ")
+
+
 def test_workspace_config_takes_the_notebooks_parameters_by_name(tmp_path):
     from dbnb.workspace import load_workspace
 
