@@ -29,6 +29,10 @@ QUALITY_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing finger
 SECTIONS = ("Model", "Directories", "Dataset", "Prompts", "Class Images", "Intervals", "Learning Rate",
             "Image Processing", "Tuning", "Gradients", "Samples", "Test Prompts")
 
+# Images one training preview may render (sample prompts × num_samples) before the run warns:
+# each is a full generation while training waits (dbnb.previews.warn_many_previews).
+FEW_PREVIEWS = 4
+
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
 
@@ -477,8 +481,15 @@ class Config:
                                           "Negative prompt of the previews.",
                                           help_ja="プレビューのネガティブプロンプト。", learns=False)
     num_samples: int = setting(2, "Samples", "Number of Samples to Generate",
-                               "Preview images per prompt (keep it small: each costs a full generation).",
-                               help_ja="プロンプトごとのプレビュー枚数（1枚ごとに丸々生成するので少なめに）。", minimum=1, learns=False)
+                               "Preview images per sample prompt, at most 16. Each is a full generation while "
+                               "training waits: a preview renders prompts × this, and the run warns before its "
+                               f"first step when that is more than {FEW_PREVIEWS}. The seed's warning: in the "
+                               "extension 5000 here made 5000 images at every preview.",
+                               help_ja="サンプルプロンプト 1 つあたりのプレビュー枚数（最大 16）。1 枚ごとに画像を丸ごと"
+                                       "生成し、その間は学習が止まります。1 回のプレビューは「プロンプト数 × この値」枚で、"
+                                       f"{FEW_PREVIEWS} 枚を超えると学習開始前に警告します。ガイドにもあるとおり、"
+                                       "拡張機能でここを 5000 にするとプレビューのたびに 5000 枚作ろうとします。",
+                               minimum=1, maximum=16, learns=False)
     sample_seed: int = setting(42, "Samples", "Sample Seed", "Seed of the previews, fixed so steps compare.",
                                help_ja="プレビューのシード。固定なのでステップごとに比べられます。", learns=False)
     sample_guidance_scale: float = setting(7.5, "Samples", "Sample CFG Scale", "CFG scale of the previews.",
