@@ -463,8 +463,8 @@ class Config:
         help_ja="manual: mixed_precision・use_8bit_adam・gradient_checkpointing を設定どおりに使います。"
                 "auto: 学習の開始時に GPU の VRAM からこの3つを決め、選んだ内容を表示します（T4 など 16 GB まで: "
                 "fp16 + 8bit Adam + gradient checkpointing、24 GB: checkpointing なし、40 GB 以上: 8bit Adam なし・"
-                "対応する GPU では bf16、GPU なし: fp32。表は dbnb/memory.py）。dbnb 自身の GPU 実測値 "
-                "(docs/performance.md) ができるまでは、他の DreamBooth 実装の公開値（T4・512 px・バッチ 1・"
+                "対応する GPU では bf16、GPU なし: fp32。表は dbnb/memory.py）。dbnb 自身の GPU 実測値"
+                "（docs/performance.md）ができるまでは、他の DreamBooth 実装の公開値（T4・512 px・バッチ 1・"
                 "3つとも有効で 9.92 GB）に基づきます。", learns=False)
     mixed_precision: str = setting("fp16", "Tuning", "Mixed Precision",
                                    "fp16 (T4 / most Colab GPUs), bf16 (A100/H100) or no (CPU). "
