@@ -58,7 +58,7 @@ def test_training_lowers_the_loss_on_the_training_set(make_config):
     log = [json.loads(line) for line in (result.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 41))
     saved = json.loads((result.run_dir / "config.json").read_text())
-    assert saved.pop("run_id") and saved == config.to_dict()
+    assert saved.pop("run_id") and saved.pop("dbnb_version").startswith("dbnb ") and saved == config.to_dict()
 
 
 def test_prior_preservation_adds_the_weighted_class_term(make_config):
@@ -772,8 +772,8 @@ def test_a_second_training_in_the_same_run_folder_is_refused_and_changes_nothing
         assert second.stderr.startswith("dbnb: ") and "Traceback" not in second.stderr
         assert f"in use by another training (pid {proc.pid}" in second.stderr
         assert "train.lock" in second.stderr and "run_name" in second.stderr
-    assert {k: v for k, v in json.loads((run / "config.json").read_text()).items() if k != "run_id"} \
-        == first.to_dict()
+    assert {k: v for k, v in json.loads((run / "config.json").read_text()).items()
+            if k not in ("run_id", "dbnb_version")} == first.to_dict()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
