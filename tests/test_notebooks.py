@@ -172,6 +172,8 @@ def colab_runtime(tmp_path, monkeypatch):
     links = tmp_path / "links"
     write_stand_in_animeface(links)
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    # no dbnb in the runtime: a PYTHONPATH naming the checkout (how a worktree runs its tests) would give it one
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
