@@ -208,10 +208,14 @@ class RunFolder:
             lock.release()
 
     def write_config(self, config) -> str:
-        """config.json of a new run: its settings and a run id, which every checkpoint records
-        so a checkpoint of another run is never resumed here."""
+        """config.json of a new run: its settings, a run id, which every checkpoint records so a
+        checkpoint of another run is never resumed here, and the dbnb that trains it (version and
+        commit: the report's DBモデルハッシュ, as the seed's reports pin the extension's commit)."""
+        from dbnb.versions import dbnb_version
+
         run_id = uuid.uuid4().hex[:12]
-        text = json.dumps({**config.to_dict(), "run_id": run_id}, indent=2, ensure_ascii=False)
+        text = json.dumps({**config.to_dict(), "run_id": run_id, "dbnb_version": dbnb_version()},
+                          indent=2, ensure_ascii=False)
         self.config_path.write_text(text + "\n", encoding="utf-8")
         return run_id
 

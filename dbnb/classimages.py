@@ -10,9 +10,9 @@ to `num_class_images` and never deletes, and the count rule is the trainer's own
 
 Transparent class images are composited onto `background_color` (white by default) by the
 trainer like every other image, so they train as plain white pictures. The old extension
-dropped alpha, so there they were black; `background_color=black` reproduces that, and
-`write_blank_images(..., black=True)` writes opaque black ones for people who want only the
-class images black.
+dropped alpha, so there they were black: `class_images_mode=black` (`write_blank_images(...,
+black=True)`) writes opaque black ones to reproduce that. `background_color=black` would too,
+but it also puts the cut-out training pictures on black, where the seed's users made them white.
 """
 from __future__ import annotations
 

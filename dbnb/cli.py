@@ -32,9 +32,9 @@ def cmd_config(args) -> int:
     from dbnb.config import describe, load_config
 
     if args.list:
-        for row in describe():
+        for row in describe():  # the Japanese help too: the seed's readers look for it (as in the form)
             print(f"{row['name']:32} {row['type']:6} {row['default']!r:24} [{row['section']}] "
-                  f"{row['label']}: {row['help']}")
+                  f"{row['label']}: {row['help']}\n{'':32} {row['help_ja']}")
         return 0
     if args.file and "=" in args.file and not args.file.endswith((".yaml", ".yml", ".json")):
         args.overrides, args.file = [args.file, *args.overrides], None  # only overrides were given
@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", nargs="?", help="a config .yaml / .json to start from")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--preset", help="person (character) or object_style")
-    p.add_argument("--list", action="store_true", help="list every setting with its help")
+    p.add_argument("--list", action="store_true", help="list every setting with its help (English, then Japanese)")
     p.set_defaults(func=cmd_config)
     return parser
 

@@ -29,6 +29,10 @@ QUALITY_NEGATIVE = ("lowres, bad anatomy, bad hands, text, error, missing finger
 SECTIONS = ("Model", "Directories", "Dataset", "Prompts", "Class Images", "Intervals", "Learning Rate",
             "Image Processing", "Tuning", "Gradients", "Samples", "Test Prompts")
 
+# Images one training preview may render (sample prompts × num_samples) before the run warns:
+# each is a full generation while training waits (dbnb.previews.warn_many_previews).
+FEW_PREVIEWS = 4
+
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine",
                  "cosine_with_restarts", "polynomial")
 
@@ -79,98 +83,123 @@ class Config:
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "Model", "Source Checkpoint",
         "Base model: a diffusers folder, a Hugging Face repo id, a single .safetensors/.ckpt "
         "file, an https:// URL or a Google Drive link. A merged model is fine.",
-        help_ja="ベースモデル。diffusers フォルダ、Hugging Face の repo id、単体の .safetensors/.ckpt ファイル、https:// の URL、Google Drive のリンクが使えます。マージモデルでもOK。", learns=False, report="apart")
+        help_ja="ベースモデル。diffusers 形式のフォルダ、Hugging Face の repo id、.safetensors/.ckpt の単体ファイル、"
+                "https:// の URL、Google ドライブのリンクが使えます。マージモデルでもOK。", learns=False, report="apart")
     revision: str = setting("", "Model", "Revision",
                             "Hub revision (branch, tag or commit) when the base model is a repo id.",
-                            help_ja="ベースモデルが repo id のときに使う Hub のリビジョン（ブランチ、タグ、コミット）。", report="apart")
+                            help_ja="ベースモデルを repo id で指定したときに使う Hub のリビジョン（ブランチ、タグ、"
+                                    "コミット）。", report="apart")
     pretrained_vae_name_or_path: str = setting(
         "", "Model", "Pretrained VAE Name or Path",
         "Optional separate VAE (folder, repo id or file). Empty: the base model's own VAE.",
-        help_ja="別の VAE を使う場合に指定（フォルダ、repo id、ファイル）。空欄ならベースモデル自身の VAE を使います。", learns=False, report="apart")
+        help_ja="別の VAE を使うときに指定します（フォルダ、repo id、ファイル）。"
+                "空欄ならベースモデル内蔵の VAE を使います（ガイドでも空欄）。", learns=False, report="apart")
 
     # --- Directories ---------------------------------------------------------------------
     instance_data_dir: str = setting("", "Directories", "Dataset Directory",
-                                     "Folder with the character's training images (+ optional .txt captions).",
-                                     help_ja="キャラの学習用画像を入れたフォルダ（.txt キャプションは任意）。", step="dataset", report="apart")
+                                     "Folder with the character's training images (+ optional .txt captions). "
+                                     "The seed recommends 5-10 good pictures: quality over quantity.",
+                                     help_ja="キャラの学習画像を入れたフォルダ（.txt のキャプションは任意）。"
+                                             "ガイドのおすすめは 5〜10 枚で、枚数より質が大事です。", step="dataset", report="apart")
     class_data_dir: str = setting("", "Directories", "Classification Dataset Directory",
                                   "Folder with the class (regularization) images.",
                                   help_ja="正則化画像（クラス画像）を入れたフォルダ。", step="class_images", report="apart")
     output_dir: str = setting("dbnb-runs", "Directories", "Model Directory",
                               "Where run folders are written. On Colab put it on Drive so a lost session loses nothing.",
-                              help_ja="学習フォルダの書き出し先。Colab ではセッションが切れても失わないよう Drive 上にしてください。", step="setup", learns=False, report="apart")
+                              help_ja="学習フォルダの保存先。Colab ではセッションが切れても消えないよう、"
+                                      "Google ドライブ上にしてください。", step="setup", learns=False, report="apart")
     run_name: str = setting("run", "Directories", "Name",
                             "The run folder's name under output_dir; also the exported file's name.",
-                            help_ja="output_dir の下に作る学習フォルダの名前。書き出すモデルファイルの名前にもなります。", report="apart", learns=False)
+                            help_ja="output_dir の下に作る学習フォルダの名前で、"
+                                    "書き出すモデルファイルの名前にもなります。", report="apart", learns=False)
     concepts_list: str = setting("", "Directories", "Concepts List",
                                  "Optional JSON file listing several concepts (instance_data_dir, instance_prompt, "
                                  "class_data_dir, class_prompt each). Replaces the single-concept fields.",
-                                 help_ja="複数のコンセプトを並べた JSON ファイル（各項目に instance_data_dir、instance_prompt、class_data_dir、class_prompt）。指定すると単一コンセプト用の欄の代わりに使われます。", report="apart")
+                                 help_ja="複数のコンセプトを並べた JSON ファイル（各項目に instance_data_dir・instance_prompt・class_data_dir・class_prompt）。"
+                                         "指定すると、コンセプト 1 つ用の欄の代わりにこちらを使います。"
+                                         "ガイドの使い方では不要（空欄）です。", report="apart")
 
     # --- Dataset -------------------------------------------------------------------------
     dataset_source: str = setting("", "Dataset", "Source Images",
                                   "Folder, .zip, Google Drive link or URL list (.txt) of the original pictures; "
                                   "`dbnb prep` writes the prepared set to instance_data_dir.",
-                                  help_ja="元画像の場所：フォルダ、.zip、Google Drive のリンク、URL 一覧（.txt）。`dbnb prep` が加工済みの画像を instance_data_dir に書き出します。", report="apart", learns=False)
+                                  help_ja="元画像の場所（フォルダ、.zip、Google ドライブのリンク、URL 一覧の .txt）。"
+                                          "`dbnb prep` が加工した画像を instance_data_dir に書き出します。"
+                                          "元画像は変更しません。", report="apart", learns=False)
     remove_background: bool = setting(True, "Dataset", "Remove Background",
                                       "Cut the character out with anime-segmentation and put it on background_color "
                                       "(the seed: clutter and backgrounds get learnt too).",
-                                      help_ja="anime-segmentation でキャラを切り抜き、background_color の背景に置きます（ガイドでは、背景や余計な物まで覚えてしまうとされています）。", learns=False)
+                                      help_ja="anime-segmentation でキャラを切り抜き、"
+                                              "背景を background_color（既定は白）で塗りつぶします。"
+                                              "ガイドにあるとおり、"
+                                              "背景や花びら・文字などの不純物まで強く覚えてしまうため、"
+                                              "白背景にするのが大事です。", learns=False)
     segmentation_model: str = setting("skytnt/anime-seg", "Dataset", "Segmentation Model",
                                       "anime-segmentation ONNX model: a Hub repo holding isnetis.onnx, or a local .onnx file.",
-                                      help_ja="anime-segmentation の ONNX モデル。isnetis.onnx を含む Hub のリポジトリか、ローカルの .onnx ファイル。", learns=False)
+                                      help_ja="anime-segmentation の ONNX モデル。"
+                                              "isnetis.onnx が入った Hub のリポジトリか、ローカルの .onnx ファイル。", learns=False)
     square_mode: str = setting("pad", "Dataset", "Make Square",
                                "pad: whole picture on a square of background_color (no straight-cut bands; the seed's "
                                "advice). center: center crop. face: crop around the detected face.",
                                choices=("pad", "center", "face"),
-                               help_ja="pad: 画像全体を background_color の正方形に貼り付け（まっすぐ切った帯ができない、ガイドのおすすめ）。center: 中央で切り抜き。face: 検出した顔を中心に切り抜き。", learns=False)
+                               help_ja="正方形にする方法。pad: "
+                                       "切り取らずに background_color の余白を足して正方形にします（ガイドのおすすめ。"
+                                       "まっすぐ切り取った跡が学習されません）。center: 中央を正方形に切り抜きます。"
+                                       "face: 検出した顔を中心に切り抜きます。", learns=False)
     extra_framings: bool = setting(False, "Dataset", "Add Bust-up / Cowboy-shot Crops",
                                    "Also derive bust-up and cowboy-shot crops from full-body pictures (the seed's "
                                    "花月 workflow). Face-only close-ups are never made: the seed found they hurt.",
-                                   help_ja="全身画像からバストアップとカウボーイショットの切り抜きも作ります（ガイドの花月での手順）。顔だけのドアップは悪影響があったため作りません。", learns=False)
+                                   help_ja="全身画像からバストアップとカウボーイショットの画像も切り出して追加します（ガイドの花月での水増しの手順）。"
+                                           "顔だけのドアップは特定の場面で邪魔になるとされているので作りません。", learns=False)
     keep_alpha: bool = setting(
         False, "Dataset", "Keep Transparency",
         "Write the cut-out (from remove_background or the picture's own transparency) as an RGBA PNG instead "
         "of putting it on background_color, padding transparent too. With alpha_mask_loss the trainer then "
         "learns only the character, not the background.",
-        help_ja="切り抜き（背景除去または元画像の透過）を background_color に合成せず、透過 PNG のまま書きます"
-                "（余白も透明）。alpha_mask_loss と併用すると背景を学習せずキャラだけを学習します。", learns=False)
+        help_ja="切り抜いた画像（背景除去、または元画像の透過）を background_color で塗らず、"
+                "透過 PNG のまま保存します（余白も透明）。alpha_mask_loss と一緒に使うと、"
+                "背景は学習せずキャラだけを学習します。", learns=False)
     caption_template: str = setting("[instance_token] [class_token]", "Dataset", "Caption Template",
                                     "Text written to each image's .txt for [filewords]; [instance_token] and "
                                     "[class_token] are filled in, add tags after them.",
-                                    help_ja="[filewords] 用に各画像の .txt に書く文。[instance_token] と [class_token] は自動で埋まるので、その後ろにタグを追加します。", learns=False)
+                                    help_ja="[filewords] 用に各画像の .txt に書く文。"
+                                            "[instance_token] と [class_token] は自動で埋まるので、"
+                                            "タグはその後ろに足します。", learns=False)
     caption_mode: str = setting(
         "template", "Dataset", "Caption Mode",
         "template: caption_template for every picture. tags: booru tags from a WD14 tagger (tagger_model), "
         "as 'instance_token, class_token, tags…' (kohya's and the webui's tag style; caption_template is "
         "not used).",
         choices=("template", "tags"),
-        help_ja="template: すべての画像に caption_template を書きます。tags: WD14 タガー（tagger_model）の"
-                "booru タグで「instance_token, class_token, タグ…」と書きます（caption_template は使いません）。", learns=False)
+        help_ja="template: すべての画像に caption_template を書きます。tags: "
+                "WD14 タガー（tagger_model）が付けた booru タグを「instance_token, class_token, "
+                "タグ…」の形で書きます（kohya や webui と同じ形式。caption_template は使いません）。", learns=False)
     tagger_model: str = setting(
         "SmilingWolf/wd-swinv2-tagger-v3", "Dataset", "WD14 Tagger Model",
         "WD14-family tagger for caption_mode=tags: a Hub repo id or a local folder holding model.onnx + "
         "selected_tags.csv. Runs with onnxruntime (on the GPU with onnxruntime-gpu).",
-        help_ja="caption_mode=tags で使う WD14 系タガー。Hub のリポジトリ ID か、model.onnx と "
-                "selected_tags.csv を置いたローカルフォルダ。onnxruntime で動きます。", learns=False)
+        help_ja="caption_mode=tags で使う WD14 系のタガー。Hub のリポジトリ id か、"
+                "model.onnx と selected_tags.csv を置いたローカルフォルダ。"
+                "onnxruntime で動きます（onnxruntime-gpu があれば GPU で）。", learns=False)
     tag_threshold: float = setting(
         0.35, "Dataset", "General Tag Threshold",
         "A general tag is written when the tagger's probability is above this (kohya's --general_threshold).",
-        help_ja="一般タグを書くしきい値（タガーの確率がこれを超えたら採用。kohya の --general_threshold）。", above=0, maximum=1, learns=False)
+        help_ja="一般タグのしきい値。タガーの確率がこれを超えたタグを書きます（kohya の --general_threshold）。", above=0, maximum=1, learns=False)
     character_tag_threshold: float = setting(
         0.85, "Dataset", "Character Tag Threshold",
         "A character-name tag is written when its probability is above this (kohya's --character_threshold).",
-        help_ja="キャラクター名タグを書くしきい値（kohya の --character_threshold）。", above=0, maximum=1, learns=False)
+        help_ja="キャラ名タグのしきい値。確率がこれを超えたら書きます（kohya の --character_threshold）。", above=0, maximum=1, learns=False)
     prune_core_tags: bool = setting(
         True, "Dataset", "Prune Core Tags",
         "Leave out of the captions the body-trait tags (hair, eyes, ears, …) and character-name tags found in "
         "at least core_tag_share of the pictures, so the trigger word learns them (the usual practice for "
         "character models). The prep report lists what was left out.",
-        help_ja="画像の core_tag_share 以上に付いた髪・目などの身体的特徴タグとキャラ名タグをキャプションから"
-                "外し、トリガーワードに覚えさせます（キャラ学習の定番）。外したタグはレポートに出ます。", learns=False)
+        help_ja="画像の core_tag_share 以上に共通する髪・目などの特徴タグとキャラ名タグをキャプションから外し、"
+                "その特徴をトリガーワードに覚えさせます（キャラ学習の定番）。外したタグは前処理のレポートに出ます。", learns=False)
     core_tag_share: float = setting(
         0.8, "Dataset", "Core Tag Share",
         "With prune_core_tags: the share of pictures (0-1) a body-trait tag must appear in to be left out.",
-        help_ja="prune_core_tags で外す基準：そのタグが付いている画像の割合（0〜1）。", above=0, maximum=1, learns=False)
+        help_ja="prune_core_tags でタグを外す基準。そのタグが付いた画像の割合（0〜1）がこれ以上なら外します。", above=0, maximum=1, learns=False)
 
     # --- Prompts -------------------------------------------------------------------------
     instance_prompt: str = setting("", "Prompts", "Instance Prompt",
@@ -182,44 +211,51 @@ class Config:
                                 help_ja="正則化画像（クラス画像）のプロンプト。例: 'Unan' や '1girl'。[filewords] も使えます。", step="class_images", report="apart")
     instance_token: str = setting("", "Prompts", "Instance Token",
                                   "With [filewords]: the character's token, inserted into captions that lack it.",
-                                  help_ja="[filewords] 使用時のキャラのトークン。キャプションに含まれていなければ挿入されます。", step="dataset", report="apart")
+                                  help_ja="[filewords] を使うときのキャラの単語（例: nanU）。"
+                                          "キャプションになければ自動で入れます。"
+                                          "[filewords] を使わないなら空欄で構いません。", step="dataset", report="apart")
     class_token: str = setting("", "Prompts", "Class Token",
                                "With [filewords]: the class word that the instance token is put in front of.",
-                               help_ja="[filewords] 使用時のクラスの単語。instance token はこの単語の前に置かれます。", step="dataset", report="apart")
+                               help_ja="[filewords] を使うときのクラスの単語（例: 1girl）。"
+                                       "キャラの単語はこの単語の前に入ります。"
+                                       "[filewords] を使わないなら空欄で構いません。", step="dataset", report="apart")
     # kohya sd-scripts' caption options, with its names and meaning (`process_caption`).
     shuffle_caption: bool = setting(
         False, "Prompts", "Shuffle Caption",
         "Each step, shuffle the comma-separated tags of the prompt (after [filewords] is filled in), so no "
         "tag order is learnt. The first keep_tokens tags stay in place. Class prompts are treated the same.",
-        help_ja="ステップごとにプロンプトのタグ（カンマ区切り、[filewords] 展開後）の順番を入れ替えます。"
-                "先頭の keep_tokens 個は固定。クラス画像のプロンプトも同様です。")
+        help_ja="ステップごとにプロンプトのタグ（カンマ区切り。[filewords] の展開後）をシャッフルし、"
+                "タグの順番を覚えないようにします。先頭の keep_tokens 個はそのまま。"
+                "正則化画像のプロンプトも同じです。")
     keep_tokens: int = setting(
         0, "Prompts", "Keep N Tokens",
         "With shuffle_caption / caption_tag_dropout_rate: the first N comma-separated tags stay first and "
         "are never dropped. 1 keeps 'nanU Unan' (the trigger) in front.",
-        help_ja="先頭の N 個のタグ（カンマ区切り）は並べ替えもドロップもしません。1 ならトリガーワード"
-                "（例: nanU Unan）が常に先頭に残ります。", minimum=0)
+        help_ja="先頭の N 個のタグ（カンマ区切り）はシャッフルもドロップもしません。1 ならトリガーワード（例: "
+                "nanU Unan）が常に先頭に残ります。", minimum=0)
     caption_dropout_rate: float = setting(
         0.0, "Prompts", "Rate of Caption Dropout",
         "Share of steps (0-1) in which a picture's whole prompt is replaced by the empty prompt.",
-        help_ja="プロンプト全体を空にする割合（0〜1）。", minimum=0, maximum=1)
+        help_ja="画像のプロンプトを丸ごと空にするステップの割合（0〜1）。", minimum=0, maximum=1)
     caption_tag_dropout_rate: float = setting(
         0.0, "Prompts", "Rate of Tag Dropout",
         "Each step, each tag after the first keep_tokens is left out with this probability (0-1).",
-        help_ja="ステップごとに、keep_tokens より後の各タグをこの確率（0〜1）で省きます。", minimum=0, maximum=1)
+        help_ja="ステップごとに、keep_tokens より後のタグをそれぞれこの確率（0〜1）で省きます。", minimum=0, maximum=1)
 
     # --- Class Images --------------------------------------------------------------------
     with_prior_preservation: bool = setting(
         False, "Class Images", "Use Class Images (prior preservation)",
         "Train on class images beside the instance images so the class word keeps its meaning.",
-        help_ja="インスタンス画像と一緒に正則化画像でも学習し、クラスの単語の意味が崩れないようにします。")
+        help_ja="学習画像と一緒に正則化画像も学習し、クラスの単語（1girl など）の意味が崩れないようにします。"
+                "過学習しにくくなるとされています。")
     num_class_images: int = setting(0, "Class Images", "Total Number of Class/Reg Images",
                                     "How many class images to use. Must not exceed what the class folder holds "
                                     "(the seed warns: make it match the folder).",
-                                    help_ja="使う正則化画像の枚数。クラス画像フォルダにある枚数を超えないこと（ガイドでは「フォルダの枚数と必ず一致させて」と注意されています）。", minimum=0)
+                                    help_ja="使う正則化画像の枚数。"
+                                            "正則化画像フォルダに入っている枚数を超えないようにしてください（ガイドでも「フォルダの中身の枚数と必ず一致させて」と念押しされています）。", minimum=0)
     prior_loss_weight: float = setting(1.0, "Class Images", "Prior Loss Weight",
                                        "Weight of the class-image loss against the instance loss.",
-                                       help_ja="インスタンス画像の loss に対する正則化画像の loss の重み。", minimum=0)
+                                       help_ja="学習画像の loss に対する、正則化画像の loss の重み。", minimum=0)
     class_negative_prompt: str = setting(QUALITY_NEGATIVE, "Class Images", "Classification Image Negative Prompt",
                                          "Negative prompt when generating class images.",
                                          help_ja="正則化画像を生成するときのネガティブプロンプト。", learns=False)
@@ -231,22 +267,28 @@ class Config:
                                      help_ja="正則化画像を生成するときのサンプリングステップ数（ガイドでは 28）。", minimum=1, learns=False)
     class_images_mode: str = setting(
         "generate", "Class Images", "Class Image Source",
-        "generate: with the base model and class_prompt. transparent: fully transparent PNGs, the seed "
-        "community's trick; the trainer puts them on background_color (white), so they train as plain "
-        "white images (the old extension dropped alpha: there they were black; set background_color=black "
-        "to reproduce that). black: opaque black images, the old extension's result for the class images "
-        "only. import: copy from class_images_import.",
+        "generate: with the base model and class_prompt. transparent: fully transparent PNGs, "
+        "the seed community's trick; the trainer puts them on background_color (white), "
+        "so they train as plain white images. black: opaque black images, "
+        "what the old extension trained the transparent ones as (it dropped the alpha); "
+        "to reproduce that choose black here, not background_color=black, "
+        "which would blacken your pictures' background too. import: copy from class_images_import.",
         choices=("generate", "transparent", "black", "import"),
-        help_ja="generate: ベースモデルと class_prompt で生成。transparent: スレ定番の全面透過 PNG。学習時は background_color（白）に置かれ、真っ白な画像として学習されます（旧拡張機能はアルファを捨てていたので黒でした。再現するなら background_color=black）。black: 不透明な黒画像（旧拡張機能での正則化画像の扱い）。import: class_images_import からコピー。", learns=False)
+        help_ja="generate: ベースモデルと class_prompt で生成します。transparent: スレ定番の全面透過 PNG。"
+                "学習では background_color（白）で塗られ、真っ白な画像として学習されます。black: 不透明な黒い画像。"
+                "旧拡張機能はアルファを捨てていたので、透過画像は黒として学習されていました。"
+                "それを再現するならここを black にします（background_color=black にすると学習画像の背景まで黒くなります）。"
+                "import: class_images_import からコピーします。", learns=False)
     class_images_import: str = setting("", "Class Images", "Import Class Images From",
                                        "Folder, .zip or Google Drive link to copy class images from (mode import).",
-                                       help_ja="正則化画像のコピー元となるフォルダ、.zip、Google Drive のリンク（import モード用）。", learns=False)
+                                       help_ja="正則化画像のコピー元のフォルダ、.zip、"
+                                               "Google ドライブのリンク（import のとき）。", learns=False)
     class_sampler: str = setting("dpmpp_2m", "Class Images", "Classification Sampler",
                                  "Sampler for generated class images.", choices=("ddim", "euler_a", "dpmpp_2m"),
                                  help_ja="正則化画像を生成するときのサンプラー。", learns=False)
     class_seed: int = setting(0, "Class Images", "Classification Seed",
                               "Seed of class image k is class_seed + k, so a rerun regenerates the same images.",
-                              help_ja="k 枚目の正則化画像のシードは class_seed + k。やり直しても同じ画像が生成されます。", minimum=0, learns=False)
+                              help_ja="k 枚目の正則化画像のシードは class_seed + k。やり直しても同じ画像ができます。", minimum=0, learns=False)
     class_batch_size: int = setting(0, "Class Images", "Class Image Batch Size",
                                     "Images generated at once; 0 picks it from free VRAM.",
                                     help_ja="一度に生成する枚数。0 なら空き VRAM から自動で決めます。", minimum=0, learns=False)
@@ -258,8 +300,14 @@ class Config:
                                    "slightly overfit, then check flexibility (notebook 5).",
                                    help_ja="合計の学習ステップ数。ガイドの実例: 3枚で約3000（5枚で7000は多すぎるかも）、衣装が細かい20〜100枚で10000〜20000。少し過学習気味が目安。", learns=False, report="always")
     num_train_epochs: int = setting(0, "Intervals", "Training Epochs",
-                                    "If > 0, train this many epochs instead of max_train_steps.",
-                                    help_ja="0 より大きいと、max_train_steps の代わりにこのエポック数だけ学習します。", minimum=0, learns=False)
+                                    "If > 0, train this many epochs instead of max_train_steps. "
+                                    "One epoch is as many pictures as the larger of the training images and the class images (the seed's definition; "
+                                    "the smaller set repeats): at batch 1 on one GPU, "
+                                    "5 pictures with 50 class images make 50 steps an epoch.",
+                                    help_ja="0 より大きいと、max_train_steps の代わりにこのエポック数だけ学習します。"
+                                            "1 エポックは学習画像と正則化画像の多い方の枚数です（ガイドと同じ定義。"
+                                            "少ない方は繰り返し使います）。バッチ 1・GPU 1 枚なら、"
+                                            "学習画像 5 枚と正則化画像 50 枚で 1 エポック 50 ステップです。", minimum=0, learns=False)
     save_every_steps: int = setting(500, "Intervals", "Save Checkpoint Frequency",
                                     "Save trained weights + resume state every N steps (0: only at the end). "
                                     "Every save keeps its weights: on SD 1.5 1.6 GiB (the fp16 UNet; +0.23 GiB with "
@@ -271,7 +319,8 @@ class Config:
                                     help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。重みは保存ごとに残ります。SD 1.5 では 1 回 1.6 GiB（fp16 の UNet。train_text_encoder で +0.23 GiB、use_ema で +1.6 GiB。ガイドの「一個2GB」にあたります）、最新 keep_last_n 個には再開用データ 4.8 GiB も付きます。既定の学習（3000 ステップ、500 ごと）は最大で約 19 GiB 必要で、学習開始前に空き容量と照らし合わせます。ガイドでは 500 で十分、小さいとディスクを圧迫します。", minimum=0, learns=False)
     sample_every_steps: int = setting(0, "Intervals", "Save Preview(s) Frequency",
                                       "Write preview images every N steps (0: never; the seed turns it off on 12 GB cards).",
-                                      help_ja="N ステップごとにプレビュー画像を出力（0: 出さない。ガイドでは 12GB のカードでは 0）。", minimum=0, learns=False, memory_saving=0)
+                                      help_ja="N ステップごとにプレビュー画像を作ります（0: 作らない）。ガイドでは、"
+                                              "VRAM 12GB だと落ちるので 0 推奨。", minimum=0, learns=False, memory_saving=0)
     keep_last_n: int = setting(1, "Intervals", "Keep Last N Resume States",
                                "Resume states older than the newest N are deleted: the fp32 master weights and the "
                                "optimizer's state, 4.8 GiB on SD 1.5 with 8-bit Adam. Trained weights are kept; "
@@ -280,35 +329,50 @@ class Config:
 
     # --- Learning Rate -------------------------------------------------------------------
     learning_rate: float = setting(1e-6, "Learning Rate", "Learning Rate",
-                                   "UNet learning rate. The seed: 1e-6 whatever the number of images.",
-                                   help_ja="UNet の学習率。ガイドでは画像の枚数に関係なく 1e-6。", above=0, report="always")
+                                   "UNet learning rate. The seed: 1e-6 whatever the number of images; "
+                                   "higher is said to hurt flexibility.",
+                                   help_ja="UNet の学習率。ガイドでは画像の枚数に関係なく 1e-6（0.000001）。"
+                                           "これより大きいと汎用性に問題が出るとされています。", above=0, report="always")
     scale_lr: bool = setting(False, "Learning Rate", "Scale Learning Rate",
-                             "Multiply the learning rate by batch size x gradient accumulation x GPUs "
-                             "(diffusers' meaning). It does NOT lower the LR as training goes on; "
+                             "Multiply the learning rate by batch size x gradient accumulation x GPUs (diffusers' meaning). "
+                             "At batch 1 without accumulation on one GPU (Colab) that is x1: on or off, "
+                             "nothing changes. "
+                             "It does NOT lower the LR as training goes on (the guide says it does); "
                              "the scheduler does that.",
-                             help_ja="学習率にバッチサイズ × 勾配累積 × GPU 数を掛けます（diffusers での意味）。学習が進むにつれて学習率を下げる機能ではありません。それはスケジューラの役目です。", report="always")
+                             help_ja="学習率に「バッチサイズ × 勾配累積 × GPU 数」を掛けます（diffusers と同じ意味）。"
+                                     "バッチ 1・勾配累積 1・GPU 1 枚（Colab など）では 1 倍なので、"
+                                     "オンでもオフでも何も変わりません。"
+                                     "ガイドには「ステップが進むごとに学習率を下げる機能」とありますが、"
+                                     "それはスケジューラ（lr_scheduler）の役目です。", report="always")
     lr_scheduler: str = setting("polynomial", "Learning Rate", "Learning Rate Scheduler",
-                                "LR schedule after warmup. The extension's default is polynomial.",
+                                "How the LR changes after the warm-up. "
+                                "The seed recommends polynomial (which decays it to 1e-7 by the last step); "
+                                "newer versions of the extension start at constant, and the seed says to set it back.",
                                 choices=LR_SCHEDULERS,
-                                help_ja="ウォームアップ後の学習率の変化のさせ方。拡張機能のデフォルトは polynomial。", report="always")
+                                help_ja="ウォームアップ後の学習率の変え方。"
+                                        "ガイドのおすすめは polynomial（最後のステップまでに 1e-7 へ下げていきます）。"
+                                        "拡張機能の新しいバージョンは初期値が constant ですが、"
+                                        "ガイドでは polynomial に戻すのが無難としています。", report="always")
     lr_warmup_steps: int = setting(15, "Learning Rate", "Learning Rate Warmup Steps",
                                    "Steps with the LR rising from 0 (the seed: about 15).",
-                                   help_ja="学習率を 0 から上げていくステップ数（ガイドでは 15 くらい）。", minimum=0)
+                                   help_ja="学習の最初に学習率を 0 から徐々に上げるステップ数（ウォームアップ）。"
+                                           "学習の初動の無茶な学習を避けるためのもので、ガイドでは 15 くらい。", minimum=0)
     lr_power: float = setting(1.0, "Learning Rate", "Polynomial Power",
                               "Power of the polynomial schedule (1.0: linear decay).",
-                              help_ja="polynomial スケジュールの次数（1.0: 直線的に減少）。")
+                              help_ja="polynomial での学習率の下がり方（次数）。1.0 なら直線的に下がります。")
     lr_num_cycles: int = setting(1, "Learning Rate", "Cosine Restarts",
                                  "Number of restarts for cosine_with_restarts.",
-                                 help_ja="cosine_with_restarts での再スタート回数。", minimum=1)
+                                 help_ja="cosine_with_restarts で学習率を上げ直す回数。", minimum=1)
     train_text_encoder: bool = setting(False, "Learning Rate", "Train Text Encoder",
                                        "Also fine-tune the CLIP text encoder (more VRAM, stronger likeness).",
                                        help_ja="CLIP テキストエンコーダも学習します（VRAM は増えるが、より似やすくなる）。", memory_saving=False, report="always")
     text_encoder_lr: float = setting(1e-6, "Learning Rate", "Text Encoder Learning Rate",
                                      "Learning rate of the text encoder when it is trained.",
-                                     help_ja="テキストエンコーダを学習する場合の学習率。", above=0)
+                                     help_ja="テキストエンコーダを学習するときの学習率。", above=0)
     stop_text_encoder: float = setting(1.0, "Learning Rate", "Step Ratio of Text Encoder Training",
                                        "Fraction of the run (0-1) after which the text encoder is frozen.",
-                                       help_ja="学習全体のこの割合（0〜1）を過ぎたらテキストエンコーダの学習を止めます。", minimum=0, maximum=1)
+                                       help_ja="学習全体のこの割合（0〜1）を過ぎたらテキストエンコーダの学習を止めます。"
+                                               "1.0 なら最後まで学習します。", minimum=0, maximum=1)
 
     use_lora: bool = setting(
         False, "Learning Rate", "Use LORA",
@@ -348,27 +412,35 @@ class Config:
     # --- Image Processing ----------------------------------------------------------------
     resolution: int = setting(512, "Image Processing", "Resolution",
                               "Training size in pixels (multiple of 8). SD 1.x: 512.",
-                              help_ja="学習解像度（ピクセル、8の倍数）。SD 1.x は 512。", step="dataset", report="always")
+                              help_ja="学習解像度（ピクセル、8 の倍数）。SD 1.x は 512（ガイドも 512）。", step="dataset", report="always")
     center_crop: bool = setting(False, "Image Processing", "Center Crop",
-                                "Crop the center square instead of resizing the whole image.",
-                                help_ja="画像全体を縮小する代わりに、中央の正方形を切り抜きます。")
+                                "Crop the center square instead of resizing the whole image. The seed: "
+                                "off (the pictures are already square).",
+                                help_ja="画像全体を縮小する代わりに、中央の正方形を切り抜きます。"
+                                        "ガイドではオフ（素材は正方形に揃えてあるため）。")
     hflip: bool = setting(False, "Image Processing", "Apply Horizontal Flip",
                           "Randomly mirror images. Off by default: the seed found it mixes the left and right "
                           "colours of asymmetric designs.",
-                          help_ja="ランダムに左右反転します。デフォルトはオフ：ガイドでは左右非対称なデザインの左右の色が混ざるとされています。", report="always")
+                          help_ja="画像をランダムに左右反転して水増しします。既定はオフ: ガイドでは、"
+                                  "左右非対称なデザインだと左右の色が混ざるとされています。", report="always")
     alpha_mask_loss: bool = setting(
         False, "Image Processing", "Alpha Mask",
         "Weight the loss of each pixel by the picture's alpha, scaled to latent size (kohya's --alpha_mask): "
         "transparent parts are not learnt. The picture itself is still put on background_color for the VAE; "
         "pictures without alpha count everywhere. Fully transparent class images are refused (they would add "
         "no loss at all).",
-        help_ja="各ピクセルの損失を画像のアルファ値（潜在サイズに縮小）で重み付けします（kohya の --alpha_mask）。"
-                "透明部分は学習されません。VAE には background_color に合成した画像を渡します。完全に透明な"
-                "クラス画像は損失が 0 になるため使えません。")
+        help_ja="各ピクセルの loss を画像のアルファ値（潜在のサイズに縮小）で重み付けします（kohya の --alpha_mask）。"
+                "透明な部分は学習されません。VAE には background_color で塗った画像を渡し、"
+                "アルファのない画像は全体を学習します。完全に透明な正則化画像は loss が 0 になるため使えません。")
     background_color: str = setting("white", "Image Processing", "Background Colour",
-                                    "Colour that transparent pixels are put on (name or #rrggbb). "
-                                    "Transparent class images become this colour.",
-                                    help_ja="透過部分を置く背景色（色名か #rrggbb）。透過の正則化画像はこの色になります。", step="dataset")
+                                    "Colour that transparent pixels are put on (name or #rrggbb): "
+                                    "the cut-out pictures' background and the transparent class images. "
+                                    "For class images trained black, as the old extension did, "
+                                    "use class_images_mode=black: "
+                                    "black here would blacken your pictures' background too.",
+                                    help_ja="透過部分を塗る背景色（色名か #rrggbb）。切り抜いた学習画像の背景にも、"
+                                            "透過の正則化画像にも使われます。"
+                                            "旧拡張機能のように正則化画像を黒で学習したいときは class_images_mode=black にしてください（ここを black にすると学習画像の背景まで黒くなります）。", step="dataset")
     skip_bad_images: bool = setting(
         False, "Image Processing", "Skip Unreadable Images",
         "Train without pictures that cannot be read (damaged, truncated, not a picture), with a warning "
@@ -378,7 +450,7 @@ class Config:
 
     # --- Tuning --------------------------------------------------------------------------
     train_batch_size: int = setting(1, "Tuning", "Batch Size", "Images per step (per GPU).",
-                                    help_ja="1ステップあたりの画像枚数（GPU ごと）。", minimum=1, memory_saving=1, report="always")
+                                    help_ja="1 ステップあたりの画像の枚数（GPU ごと）。", minimum=1, memory_saving=1, report="always")
     memory_profile: str = setting(
         "manual", "Tuning", "Performance Wizard",
         "manual: mixed_precision, use_8bit_adam and gradient_checkpointing as set here. auto: training sets "
@@ -391,13 +463,14 @@ class Config:
         help_ja="manual: mixed_precision・use_8bit_adam・gradient_checkpointing を設定どおりに使います。"
                 "auto: 学習の開始時に GPU の VRAM からこの3つを決め、選んだ内容を表示します（T4 など 16 GB まで: "
                 "fp16 + 8bit Adam + gradient checkpointing、24 GB: checkpointing なし、40 GB 以上: 8bit Adam なし・"
-                "対応する GPU では bf16、GPU なし: fp32。表は dbnb/memory.py）。dbnb 自身の GPU 実測値 "
-                "(docs/performance.md) ができるまでは、他の DreamBooth 実装の公開値（T4・512 px・バッチ 1・"
+                "対応する GPU では bf16、GPU なし: fp32。表は dbnb/memory.py）。dbnb 自身の GPU 実測値"
+                "（docs/performance.md）ができるまでは、他の DreamBooth 実装の公開値（T4・512 px・バッチ 1・"
                 "3つとも有効で 9.92 GB）に基づきます。", learns=False)
     mixed_precision: str = setting("fp16", "Tuning", "Mixed Precision",
                                    "fp16 (T4 / most Colab GPUs), bf16 (A100/H100) or no (CPU). "
                                    "Weights stay fp32 either way.", choices=("no", "fp16", "bf16"),
-                                   help_ja="fp16（T4 など Colab の多くの GPU）、bf16（A100/H100）、no（CPU）。どれでも重みは fp32 のままです。", memory_saving=("fp16", "bf16"), report="always", learns=False)
+                                   help_ja="fp16（T4 など Colab の多くの GPU。ガイドも fp16）、bf16（A100/H100）、"
+                                           "no（CPU）。どれを選んでも、学習する重み自体は fp32 のままです。", memory_saving=("fp16", "bf16"), report="always", learns=False)
     optimizer: str = setting(
         "adamw", "Tuning", "Optimizer",
         "adamw: AdamW (8-bit when use_8bit_adam is on, the default). adamw8bit: bitsandbytes' 8-bit AdamW, "
@@ -407,40 +480,55 @@ class Config:
         "8-bit Lion with use_8bit_adam, else 32-bit), usually at a 3-10x smaller learning rate than AdamW. "
         "One that cannot run here falls back to torch's AdamW with a warning.",
         choices=("adamw", "adamw8bit", "prodigy", "lion"),
-        help_ja="adamw: AdamW（use_8bit_adam がオン（デフォルト）なら 8bit）。adamw8bit: bitsandbytes の 8bit AdamW"
-                "（use_8bit_adam=false との組み合わせはエラー）。prodigy: Prodigy（pip install prodigyopt）。"
-                "ステップ幅を自分で決めるので学習率は倍率になり、1.0 にします。8bit 版はないので use_8bit_adam は"
-                "関係しません。lion: Lion（use_8bit_adam なら bitsandbytes の 8bit Lion、オフなら 32bit）。学習率は"
-                "AdamW の 1/3〜1/10 程度が普通です。この環境で動かないものは警告を出して torch の AdamW に切り替えます。")
+        help_ja="adamw: AdamW。use_8bit_adam がオンなら 8bit 版になります（既定はオン）。adamw8bit: "
+                "bitsandbytes の 8bit AdamW。use_8bit_adam=false と一緒に指定するとエラーです。prodigy: "
+                "Prodigy（pip install prodigyopt が必要）。ステップ幅を自動で決めるので学習率は倍率の意味になり、"
+                "1.0 にします。8bit 版はないので use_8bit_adam は関係ありません。lion: Lion。"
+                "use_8bit_adam がオンなら bitsandbytes の 8bit 版、オフなら 32bit 版です。"
+                "学習率は AdamW の 1/3〜1/10 くらいが普通です。この環境で動かないものは、"
+                "警告を出して torch の AdamW に切り替えます。")
     use_8bit_adam: bool = setting(True, "Tuning", "Use 8bit Adam",
-                                  "bitsandbytes' 8-bit optimizer state: much less VRAM. With optimizer=adamw "
-                                  "(the webui's switch for adamw8bit) or lion. Falls back to torch's AdamW "
-                                  "with a warning where bitsandbytes does not work.",
-                                  help_ja="bitsandbytes の 8bit オプティマイザ（optimizer=adamw では 8bit AdamW、lion では "
-                                          "8bit Lion）。VRAM を大きく節約できます。bitsandbytes が動かない環境では警告を"
-                                          "出して torch の AdamW に切り替えます。", memory_saving=True, report="always")
+                                  "bitsandbytes' 8-bit optimizer state: much less VRAM (the seed: "
+                                  "a must on 12 GB cards). "
+                                  "With optimizer=adamw (the webui's switch for adamw8bit) or lion. "
+                                  "Falls back to torch's AdamW with a warning where bitsandbytes does not work.",
+                                  help_ja="bitsandbytes の 8bit オプティマイザを使います（optimizer=adamw なら 8bit AdamW、"
+                                          "lion なら 8bit Lion）。VRAM を大きく節約でき、"
+                                          "ガイドでは 12GB のカードなら必須。bitsandbytes が動かない環境では、"
+                                          "警告を出して torch の AdamW に切り替えます。", memory_saving=True, report="always")
     adam_beta1: float = setting(0.9, "Tuning", "Adam Beta 1", "AdamW beta1.",
                                 help_ja="AdamW の beta1。")
     adam_beta2: float = setting(0.999, "Tuning", "Adam Beta 2", "AdamW beta2.",
                                 help_ja="AdamW の beta2。")
     adam_weight_decay: float = setting(1e-2, "Tuning", "Adam Weight Decay", "AdamW weight decay.",
-                                       help_ja="AdamW の weight decay。")
+                                       help_ja="AdamW の weight decay（重み減衰）。")
     adam_epsilon: float = setting(1e-8, "Tuning", "Adam Epsilon", "AdamW epsilon.",
                                   help_ja="AdamW の epsilon。")
     attention: str = setting("sdpa", "Tuning", "Memory Attention",
                              "sdpa: PyTorch's built-in fused attention (no extra install). "
                              "xformers: when it is installed and works on this GPU.",
                              choices=("sdpa", "xformers"),
-                             help_ja="sdpa: PyTorch 内蔵の高速 attention（追加インストール不要）。xformers: インストール済みでこの GPU で動く場合。", learns=False)
+                             help_ja="sdpa: PyTorch 内蔵の高速な attention（追加のインストール不要）。xformers: "
+                                     "xformers がインストール済みで、この GPU で動くときに使えます。", learns=False)
     cache_latents: bool = setting(True, "Tuning", "Cache Latents",
                                   "Encode the images with the VAE once, before training (faster, less VRAM). "
                                   "The extension's 'Don't Cache Latents' is the opposite switch.",
-                                  help_ja="学習前に VAE で画像を一度だけエンコードしておきます（速く、VRAM も少なめ）。拡張機能の 'Don't Cache Latents' とは逆のスイッチです。", memory_saving=True, learns=False)
+                                  help_ja="学習前に VAE で画像を一度だけエンコードしておきます（速く、"
+                                          "VRAM も少なめ）。"
+                                          "拡張機能の 「Don't Cache Latents」とは逆の意味のスイッチです（あちらのオン ＝ こちらのオフ）。", memory_saving=True, learns=False)
     use_ema: bool = setting(False, "Tuning", "Train EMA",
-                            "Keep an exponential moving average of the UNet, saved beside the raw weights.",
-                            help_ja="UNet の指数移動平均（EMA）も保持し、通常の重みと並べて保存します。", report="always")
+                            "Keep an exponential moving average of the UNet, saved beside the raw weights. "
+                            "It costs VRAM: an fp32 copy of the UNet, 3.4 GB on SD 1.5 (the seed: "
+                            "for 24 GB cards like a 3090), and disk: +1.6 GiB of weights at every save, "
+                            "plus its fp32 copy in the resume state. With use_lora only the adapters are averaged: "
+                            "a few MB.",
+                            help_ja="UNet の指数移動平均（EMA）も保持し、通常の重みと並べて保存します。"
+                                    "VRAM を多く使います（UNet の fp32 のコピー分、SD 1.5 で 3.4 GB。"
+                                    "ガイドでも 3090 など向け）。ディスクも保存ごとに +1.6 GiB、"
+                                    "再開用データにも fp32 のコピーが入ります。"
+                                    "use_lora ではアダプタだけなので数 MB です。", memory_saving=False, report="always")
     ema_decay: float = setting(0.9999, "Tuning", "EMA Decay", "Decay of the EMA weights.",
-                               help_ja="EMA の重みの減衰率。")
+                               help_ja="EMA の減衰率。1 に近いほど長い期間を平均します（0.9999 で約 1 万ステップ）。")
     offset_noise: float = setting(0.0, "Tuning", "Offset Noise",
                                   "Add per-channel noise offset (e.g. 0.05) for darker darks / brighter brights. 0: off.",
                                   help_ja="チャンネルごとのノイズオフセット（例: 0.05）を加え、暗部をより暗く・明部をより明るく出せるようにします。0: オフ。", minimum=0)
@@ -453,10 +541,12 @@ class Config:
     # --- Gradients -----------------------------------------------------------------------
     gradient_accumulation_steps: int = setting(1, "Gradients", "Gradient Accumulation Steps",
                                                "Average gradients over N batches per optimizer step.",
-                                               help_ja="N バッチ分の勾配を平均してから1回更新します。", minimum=1)
+                                               help_ja="N バッチ分の勾配を平均してから 1 回更新します（実質のバッチサイズが N 倍になります）。", minimum=1)
     gradient_checkpointing: bool = setting(True, "Gradients", "Gradient Checkpointing",
-                                           "Recompute activations in backward: less VRAM, ~20% slower.",
-                                           help_ja="逆伝播で途中結果を再計算します。VRAM は減り、速度は約20%低下。", memory_saving=True, learns=False)
+                                           "Recompute activations in backward: less VRAM, ~20% slower. The seed: "
+                                           "cards like a 3090 can turn it off.",
+                                           help_ja="逆伝播のときに途中の計算結果を再計算して VRAM を減らします（速度は約 20% 低下）。"
+                                                   "ガイドでは、3090 などならオフにできるとされています。", memory_saving=True, learns=False)
     max_grad_norm: float = setting(1.0, "Gradients", "Max Grad Norms",
                                    "Clip the gradient norm to this value (0: no clipping).",
                                    help_ja="勾配のノルムをこの値でクリップします（0: クリップしない）。", minimum=0)
@@ -482,15 +572,23 @@ class Config:
     # --- Samples -------------------------------------------------------------------------
     sample_prompts: tuple[str, ...] = setting((), "Samples", "Sample Image Prompt",
                                               "Preview prompts. Empty: the instance prompt.",
-                                              help_ja="プレビュー用のプロンプト。空欄ならインスタンスプロンプトを使います。", learns=False)
+                                              help_ja="プレビュー用のプロンプト。"
+                                                      "空欄ならインスタンスプロンプトを使います。", learns=False)
     sample_negative_prompt: str = setting(QUALITY_NEGATIVE, "Samples", "Sample Negative Prompt",
                                           "Negative prompt of the previews.",
                                           help_ja="プレビューのネガティブプロンプト。", learns=False)
     num_samples: int = setting(2, "Samples", "Number of Samples to Generate",
-                               "Preview images per prompt (keep it small: each costs a full generation).",
-                               help_ja="プロンプトごとのプレビュー枚数（1枚ごとに丸々生成するので少なめに）。", minimum=1, learns=False)
+                               "Preview images per sample prompt, at most 16. Each is a full generation while "
+                               "training waits: a preview renders prompts × this, and the run warns before its "
+                               f"first step when that is more than {FEW_PREVIEWS}. The seed's warning: in the "
+                               "extension 5000 here made 5000 images at every preview.",
+                               help_ja="サンプルプロンプト 1 つあたりのプレビュー枚数（最大 16）。1 枚ごとに画像を丸ごと"
+                                       "生成し、その間は学習が止まります。1 回のプレビューは「プロンプト数 × この値」枚で、"
+                                       f"{FEW_PREVIEWS} 枚を超えると学習開始前に警告します。ガイドにもあるとおり、"
+                                       "拡張機能でここを 5000 にするとプレビューのたびに 5000 枚作ろうとします。",
+                               minimum=1, maximum=16, learns=False)
     sample_seed: int = setting(42, "Samples", "Sample Seed", "Seed of the previews, fixed so steps compare.",
-                               help_ja="プレビューのシード。固定なのでステップごとに比べられます。", learns=False)
+                               help_ja="プレビューのシード。固定なので、ステップごとの変化を見比べられます。", learns=False)
     sample_guidance_scale: float = setting(7.5, "Samples", "Sample CFG Scale", "CFG scale of the previews.",
                                            help_ja="プレビューの CFG スケール。", learns=False)
     sample_steps: int = setting(20, "Samples", "Sample Steps", "Sampling steps of the previews.",
@@ -502,13 +600,14 @@ class Config:
     test_fidelity_prompts: tuple[str, ...] = setting(
         ("{instance_prompt}, 1girl, solo",), "Test Prompts", "Fidelity Prompts",
         "Prompts that should show the character as trained; {instance_prompt} and {class_prompt} are filled in.",
-        help_ja="学習したとおりのキャラが出るべきプロンプト。{instance_prompt} と {class_prompt} は自動で埋まります。", learns=False)
+        help_ja="学習したとおりのキャラが出るべきプロンプト（再現度を見ます）。"
+                "{instance_prompt} と {class_prompt} は自動で埋まります。", learns=False)
     test_flexibility_prompts: tuple[str, ...] = setting(
         ("{instance_prompt}, 1girl, solo, school uniform, classroom",
          "{instance_prompt}, 1girl, solo, swimsuit, beach",
          "{instance_prompt}, 1girl, solo, winter coat, snowy street"), "Test Prompts", "Flexibility Prompts",
         "Prompts that ask for other clothes / places: a good checkpoint follows them.",
-        help_ja="別の服や場所を指定するプロンプト。良いチェックポイントはこれに従います。", learns=False)
+        help_ja="別の服や場所を指定するプロンプト（汎用性を見ます）。良いチェックポイントはこの指定に従います。", learns=False)
     test_negative_prompt: str = setting(QUALITY_NEGATIVE, "Test Prompts", "Test Negative Prompt",
                                         "Negative prompt of the test images (the seed's quality negative).",
                                         help_ja="テスト画像のネガティブプロンプト（ガイドの品質ネガ）。", learns=False)
@@ -517,14 +616,16 @@ class Config:
         "Also put the class prompt in the negative (the seed's 'Instance prompt + Class prompt ネガ' call).",
         help_ja="クラスプロンプトもネガに入れます（ガイドの「Instance prompt + Class prompt ネガ」という呼び出し方）。", learns=False)
     test_seeds: int = setting(4, "Test Prompts", "Seeds per Prompt", "Images per prompt and checkpoint (seeds 0..N-1).",
-                              help_ja="プロンプト・チェックポイントごとの画像枚数（シード 0〜N-1）。", minimum=1, learns=False)
+                              help_ja="プロンプト・チェックポイントごとの枚数（シード 0〜N-1）。", minimum=1, learns=False)
     test_steps: str = setting("all", "Test Prompts", "Checkpoints to Test",
                               "'all', or step numbers like '1000,2000,3000'. The base model is always a baseline row.",
-                              help_ja="'all' か '1000,2000,3000' のようなステップ数。ベースモデルは比較用に必ず含まれます。", learns=False)
+                              help_ja="'all' か、'1000,2000,3000' のようなステップ数。"
+                                      "比較用にベースモデルも必ず並べます。", learns=False)
     lora_scale: float = setting(1.0, "Test Prompts", "LoRA Weight",
                                 "LoRA runs: the adapters' strength in test images and scores (the webui's "
                                 "<lora:name:1.0>).",
-                                help_ja="LoRA の学習結果: テスト画像とスコアでのアダプタの強さ（webui の <lora:名前:1.0>）。", learns=False)
+                                help_ja="LoRA の学習のとき: "
+                                        "テスト画像と採点でのアダプタの強さ（webui の <lora:名前:1.0> の数字）。", learns=False)
     # The guide's 花月 report: close-ups and back views in the set broke wide outputs, which square
     # test images never show; one wide render of the first fidelity prompt lets the scores see it.
     test_wide: float = setting(
@@ -545,7 +646,7 @@ class Config:
                               help_ja="CLIP-I / CLIP-T スコア用の CLIP（Hub の id かローカルのフォルダ）。", learns=False)
     dino_model: str = setting("facebook/dino-vits16", "Test Prompts", "DINO Model",
                               "DINO ViT for the DINO fidelity score (Hub id or local folder).",
-                              help_ja="DINO 忠実度スコア用の DINO ViT（Hub の id かローカルのフォルダ）。", learns=False)
+                              help_ja="DINO スコア（再現度）用の DINO ViT（Hub の id かローカルのフォルダ）。", learns=False)
     score_with: str = setting(
         "clip", "Test Prompts", "Score With",
         "clip: CLIP-I / DINO / CLIP-T (any model). ccip: anime characters — fidelity by deepghs' CCIP "
@@ -554,9 +655,10 @@ class Config:
         "of dbnb's tiny world (the demo model): identity, swapped sides, copied poses, hair following the "
         "prompt, class drift.",
         choices=("clip", "ccip", "world"),
-        help_ja="clip: CLIP-I / DINO / CLIP-T。ccip: アニメキャラ向け。忠実度は deepghs の CCIP（同じキャラと"
-                "判定された割合）、柔軟性はタグ再現率（WD14 タガーがプロンプトの指定タグを検出した割合）。"
-                "world: dbnb の小さな世界モデル用の画素解析。", learns=False)
+        help_ja="clip: CLIP-I / DINO / CLIP-T（どのモデルでも）。ccip: アニメキャラ向け。"
+                "再現度は deepghs の CCIP（学習画像と同じキャラと判定された割合）、"
+                "汎用性はタグの再現率（プロンプトで指定したタグを WD14 タガーが見つけた割合）。world: "
+                "dbnb の小さな世界モデル（デモ）用の画素解析。", learns=False)
     ccip_model: str = setting(
         "deepghs/ccip_onnx", "Test Prompts", "CCIP Model",
         "For score_with=ccip: the Hub repo deepghs/ccip_onnx (its default model), deepghs/ccip_onnx/<model> "
@@ -568,7 +670,8 @@ class Config:
     flexibility_tolerance: float = setting(
         0.01, "Test Prompts", "Flexibility Tolerance",
         "The recommended checkpoint is the most faithful one whose CLIP-T is within this of the best.",
-        help_ja="おすすめのチェックポイントは、CLIP-T が最高値からこの差以内のものの中で最も忠実なものになります。", minimum=0, learns=False)
+        help_ja="おすすめのチェックポイントは、汎用性のスコア（CLIP-T）が最高値からこの差以内のものの中で、"
+                "最も再現度の高いものです。", minimum=0, learns=False)
 
     def __post_init__(self):
         problems = [p for f in dataclasses.fields(self) for p in _type_problems(f, getattr(self, f.name))]
@@ -614,7 +717,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 # Keys a run folder adds to its config.json beside the settings (dbnb.checkpoints writes
 # them). Reading a config file drops them, so a run's config.json can start another run.
-RUN_KEYS = ("run_id",)
+RUN_KEYS = ("run_id", "dbnb_version")
 
 # The seed's two presets (the extension's "Person" and "Object/Style" buttons). Only what
 # differs from the defaults, which already are the seed's character settings.

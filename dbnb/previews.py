@@ -6,12 +6,34 @@ differ only by what was learnt (`dbnb.images.render`).
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from dbnb.config import FEW_PREVIEWS  # the guide's Number of Samples warning (5000 → 5000 images a preview)
 from dbnb.images import PREVIEW_SAMPLER, make_grid, make_scheduler, render, with_legend
+
+
+
+def preview_prompts(config) -> list[str]:
+    """The prompts a preview renders: sample_prompts, or the instance prompt."""
+    return list(config.sample_prompts) or [config.instance_prompt]
+
+
+def warn_many_previews(config, steps: int) -> None:
+    """Before the first step: a warning when each preview of a `steps`-step run renders more than
+    FEW_PREVIEWS images, naming the count and the settings that lower it."""
+    prompts = len(preview_prompts(config))
+    each = prompts * config.num_samples
+    previews = steps // config.sample_every_steps if config.sample_every_steps else 0
+    if previews and each > FEW_PREVIEWS:
+        warnings.warn(f"previews: every sample_every_steps={config.sample_every_steps} steps renders {prompts} "
+                      f"prompt(s) × num_samples={config.num_samples} = {each} images ({previews * each} in the "
+                      f"run), each a full generation ({config.sample_steps} sampling steps) while training waits. "
+                      f"1-2 per prompt show how the run goes: lower num_samples or the number of sample_prompts, "
+                      f"or raise sample_every_steps.", stacklevel=3)
 
 
 def _device(module: torch.nn.Module) -> torch.device:
@@ -61,7 +83,7 @@ def write_previews(run, step: int, pipe, unet, config) -> Path:
     try:
         with torch.autocast(unet.device.type, enabled=config.mixed_precision != "no",
                             dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16):
-            results = render_prompts(sampler, list(config.sample_prompts) or [config.instance_prompt],
+            results = render_prompts(sampler, preview_prompts(config),
                                      config.sample_negative_prompt, config.num_samples, config.sample_seed,
                                      config.sample_guidance_scale, config.sample_steps, config.resolution)
     finally:

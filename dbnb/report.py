@@ -1,11 +1,13 @@
 """A run's training report in the seed's format (学習レポート), and a model card for the Hub.
 
-The seed's community shares each run under fixed headings — model hash, target, source
-images, processing, processed set, regularization images, base model, LR and settings,
-the reliable way to call it, the result. `write_report` fills in everything the run folder
-and its inputs record; only the two judgements (stable call, result) are left to the user,
-pre-filled with the scorer's suggestion when there is one. Facts that do not exist are
-said to be missing, never invented.
+The seed's community shares each run under fixed headings — DB model hash (the commit of the
+Dreambooth extension that trained it, not a file's hash), target, source images, processing,
+processed set, regularization images, base model, LR and settings, the reliable way to call
+it, the result. `write_report` fills in everything the run folder and its inputs record; what
+only the user knows (the character's name, the stable call, the result) is a visible fill-in
+line — rendered markdown hides HTML comments, so a comment would be a blank nobody sees —
+beside the scorer's suggestion when there is one. Facts that do not exist are said to be
+missing, never invented.
 """
 from __future__ import annotations
 
@@ -18,7 +20,13 @@ from dbnb.config import FIELDS, PRESETS, Config, from_dict, load_config
 from dbnb.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
 from dbnb.prep.report import framing_line
 
-USER_FIELD = "<!-- dbnb: write your own verdict here / ここに記入 -->"
+# What the user fills in, shown as it is in the rendered report (see the module's doc).
+USER_FIELD = "**【ここに記入 / fill in】**"
+FILL_IN = {
+    "target": "キャラ名（作品名）、例: 花月(アズールレーン) / the character (its series)",
+    "call": "安定して出た呼び出し方、例: Instance prompt+Class promptネガ / the prompt that calls it reliably",
+    "result": "再現度・汎用性、うまく出なかった所 / how faithful and how flexible it is, what failed",
+}
 
 
 # --- what the run folder and its inputs know -----------------------------------------------------
@@ -72,15 +80,16 @@ def _label(name: str) -> str:
     return FIELDS[name].metadata["label"]
 
 
-def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[str], list[str]]:
-    """(使用素材 source, 加工 processing, 加工後素材詳細 processed set) lines."""
+def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[str], list[str], int]:
+    """(使用素材 source, 加工 processing, 加工後素材詳細 processed set) lines, and the number of
+    training images (the class images are given as a multiple of it)."""
     from dbnb.data import list_images
 
     count = len(list_images(config.instance_data_dir, "instance_data_dir"))
     if prep is None:
         return ([f"{count} images in `{config.instance_data_dir}` (not prepared with `dbnb prep`: source unknown)"],
                 ["not recorded (the set was not made with `dbnb prep`)"],
-                [f"{count} images, {config.resolution}×{config.resolution} at training"])
+                [f"{count} images, {config.resolution}×{config.resolution} at training"], count)
     files = prep["files"]
     status = Counter(f["status"] for f in files)
     done = Counter(step for f in files for step in f.get("done", []))
@@ -90,10 +99,10 @@ def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[s
     counts = prep.get("counts", {})
     processed = [f"{count} images, {config.resolution}×{config.resolution}" + (f"; {framing_line(counts, prep.get('detector'))}" if counts else "")]
     processed += [f"warning: {w}" for w in prep.get("warnings", [])]
-    return source, processing, processed
+    return source, processing, processed, count
 
 
-def section_class_images(config: Config) -> list[str]:
+def section_class_images(config: Config, instance_count: int) -> list[str]:
     if not config.with_prior_preservation:
         return ["none (prior preservation off) / 正則化画像なし"]
     from dbnb.data import list_images
@@ -102,9 +111,14 @@ def section_class_images(config: Config) -> list[str]:
     how = {"generate": f"generated with the base model from `{config.class_prompt}` (CFG "
                        f"{config.class_guidance_scale:g}, {config.class_infer_steps} steps, {config.class_sampler})",
            "transparent": f"fully transparent images, trained as `{config.background_color}` images",
+           "black": "opaque black images (what the old extension trained transparent ones as)",
            "import": f"imported from `{config.class_images_import}`"}[config.class_images_mode]
-    return [f"{config.num_class_images} used of {len(found)} in `{config.class_data_dir}`: {how}",
-            f"class prompt: `{config.class_prompt}`, prior loss weight {config.prior_loss_weight:g}"]
+    lines = [f"{config.num_class_images} used of {len(found)} in `{config.class_data_dir}`: {how}"]
+    if instance_count:  # the seed's reports give the count as a multiple: 学習画像の10倍
+        ratio = f"{round(config.num_class_images / instance_count, 1):g}"
+        lines.append(f"学習画像の{ratio}倍 / {ratio}× the training images "
+                     f"({config.num_class_images} for {instance_count})")
+    return lines + [f"class prompt: `{config.class_prompt}`, prior loss weight {config.prior_loss_weight:g}"]
 
 
 def section_lora(run: RunFolder, config: Config, exports: list[Path]) -> list[str]:
@@ -161,41 +175,66 @@ def grids(run: RunFolder) -> list[Path]:
     return sorted(run.root.glob("tests/grid-*.png")) + sorted(run.root.glob("samples/step-*/grid.png"))
 
 
+def section_trainer(run: RunFolder) -> list[str]:
+    """DBモデルハッシュ: the seed's reports give the commit of the extension that trained the run
+    (725d85ca…, the version the guide pins), so a reader can train with the same code. Here: the
+    dbnb version and commit that config.json recorded when the run started."""
+    from dbnb.versions import dbnb_version
+
+    recorded = (run.saved_config() or {}).get("dbnb_version")
+    line = f"`{recorded}`" if recorded else (f"not recorded (the run started before dbnb recorded its version); "
+                                             f"this report was written by `{dbnb_version()}`")
+    return [line, "ガイドの「DBモデルハッシュ」は学習に使った拡張機能のコミットで、モデルファイルのハッシュでは"
+                  "ありません。dbnb ではこのバージョンとコミットがそれにあたります。ファイルのハッシュは"
+                  "「モデルハッシュ」の欄です / the guide's DB model hash is the trainer's commit, not the "
+                  "file's hash, which is under Model hash"]
+
+
+def _value(value) -> str:
+    """A setting as the seed's reports write it: ON / OFF for a switch (Apply Horizontal FlipOFF)."""
+    return ("ON" if value else "OFF") if isinstance(value, bool) else str(value)
+
+
 # --- the report ----------------------------------------------------------------------------------
 
 def report_markdown(run_dir: str | Path) -> str:
     run = RunFolder(run_dir)
     config = load_config(run.config_path)
     prep = prep_facts(config)
-    source, processing, processed = section_images(config, prep)
+    source, processing, processed, instance_count = section_images(config, prep)
     call, result, _ = section_result(run)
     base = base_model_facts(config.pretrained_model_name_or_path)
     exports = sorted((run.root / "exports").glob("*.safetensors")) + sorted((run.root / "exports").glob("*.ckpt"))
     step, seconds = training_time(run)
-    settings = [f"{_label(n)} (`{n}`): {v}" + ("" if v == p else f" (preset: {p})")
+    settings = [f"{_label(n)} (`{n}`): {_value(v)}" + ("" if v == p else f" (preset: {_value(p)})")
                 for n, v, p in changed_settings(config)]
     lines = [f"# {config.run_name} — training report / 学習レポート", ""]
 
-    def section(title: str, body: list[str], user: bool = False):
-        lines.extend([f"## {title}", *[f"- {b}" for b in body]] + ([USER_FIELD] if user else []) + [""])
+    def section(title: str, body: list[str], fill_in: str = "", first: bool = False):
+        asked = [f"{USER_FIELD} {FILL_IN[fill_in]}"] if fill_in else []
+        body = asked + body if first else body + asked
+        lines.extend([f"## {title}", *[f"- {b}" for b in body], ""])
 
-    section("モデルハッシュ / Model hash", [f"`{short_hash(p)}` {p.name}" for p in exports[-1:]]
-            or ["not exported yet (`dbnb export RUN`)"])
+    section("DBモデルハッシュ / Trainer version", section_trainer(run))
     section("学習対象 / Target", [f"instance prompt `{config.instance_prompt}`"
-                                 + (f", class `{config.class_prompt}`" if config.class_prompt else "")])
+                                 + (f", class `{config.class_prompt}`" if config.class_prompt else "")],
+            "target", first=True)
     section("使用素材 / Source images", source)
     section("加工 / Processing", processing)
     section("加工後素材詳細 / Processed set", processed)
-    section("正則化画像 / Regularization images", section_class_images(config))
+    section("正則化画像 / Regularization images", section_class_images(config, instance_count))
     section("ベースモデル / Base model", [f"`{base['source']}`" + (f" [{base['hash']}]" if base["hash"] else "")]
             + ([f"merge: {base['recipe']}"] if base["recipe"] else []))
     section("LR等のステータス設定 / LR and other settings",
             settings + section_lora(run, config, exports)
             + [f"trained {step} of {config.max_train_steps} steps in {seconds / 60:.1f} min"])
+    section("モデルハッシュ / Model hash",
+            [f"`{short_hash(p)}` {p.name} (the webui's model hash of the exported file)" for p in exports[-1:]]
+            or ["not exported yet (`dbnb export RUN`)"])
     section("ディスク / Disk", section_disk(run))
-    section("安定した呼び出し方 / Stable call", call, user=True)
+    section("安定した呼び出し方 / Stable call", call, "call")
     section("結果 / Result", result + [f"grid: [{p.relative_to(run.root)}]({p.relative_to(run.root)})"
-                                      for p in grids(run)], user=True)
+                                      for p in grids(run)], "result")
     return "\n".join(lines)
 
 

@@ -31,7 +31,7 @@ from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, 
 from dbnb.config import FIELDS, Config, ConfigError, check_schedule
 from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
-from dbnb.previews import write_previews
+from dbnb.previews import warn_many_previews, write_previews
 from dbnb.process import cancel_on_signal, forget_accelerator_state
 from dbnb.reproducible import backward_threads, deterministic_mode
 from dbnb.env import format_bytes, has_bf16, is_disk_full
@@ -241,8 +241,11 @@ def train_in_mode(config: Config, resume: str | None, progress: bool, on_step) -
                               cpu=not torch.cuda.is_available())
     try:
         examples = gather_examples(config)
-        # Before the run folder and the model: a schedule that cannot run would fail at the last step.
-        check_schedule(config, total_steps(config, epoch_length(*map(len, examples)), accelerator.num_processes))
+        # Before the run folder and the model: a schedule that cannot run would fail at the last step;
+        # previews that would hold training up are said while the user can still stop and change them.
+        steps = total_steps(config, epoch_length(*map(len, examples)), accelerator.num_processes)
+        check_schedule(config, steps)
+        warn_many_previews(config, steps)
         with RunFolder.for_config(config).hold(accelerator.is_main_process):
             session = setup(config, accelerator, resume, examples)
             return loop(session, progress, on_step)

@@ -122,3 +122,38 @@ def dtype_argument(library: str, dtype) -> dict:
     if version is not None and Version(version) < Version(DTYPE_RENAMED[library]):
         return {"torch_dtype": dtype}
     return {"dtype": dtype}
+
+
+def dbnb_commit() -> str | None:
+    """The git commit of the dbnb that is running: its checkout's HEAD (a clone, an editable
+    install; "+ local changes" when dbnb/ differs from it), else the commit pip recorded when it
+    installed dbnb from git+https://; None for a wheel. The seed's reports pin their trainer the
+    same way (the extension's commit)."""
+    import json
+    import subprocess
+
+    package = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        top, commit = head.stdout.split() if head.returncode == 0 else ("", "")
+        if top and (Path(top) / "dbnb" / "__init__.py").resolve() == package / "__init__.py":
+            # this checkout's own commit, not one of an enclosing repository
+            changed = subprocess.run(["git", "-C", top, "diff", "--quiet", "HEAD", "--", "dbnb"],
+                                     capture_output=True, timeout=10).returncode == 1
+            return commit + (" + local changes" if changed else "")
+    except (OSError, subprocess.SubprocessError, ValueError):
+        pass  # no git, or not a checkout: what pip recorded, if anything
+    try:
+        direct = importlib.metadata.distribution("dbnb").read_text("direct_url.json")
+        return json.loads(direct or "{}").get("vcs_info", {}).get("commit_id")
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def dbnb_version() -> str:
+    """'dbnb 0.1.0, commit <40 hex>' (or without the commit): what a run records as its trainer."""
+    from dbnb import __version__
+
+    commit = dbnb_commit()
+    return f"dbnb {__version__}" + (f", commit {commit}" if commit else "")

@@ -145,6 +145,15 @@ def test_cli_config_prints_and_rejects(capsys):
     assert "resolution" in capsys.readouterr().err
 
 
+def test_cli_config_list_shows_each_settings_help_in_english_and_japanese(capsys):
+    assert main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    for row in describe():
+        assert row["help"] in out and row["help_ja"] in out, row["name"]
+    flip = out.split("\nhflip ")[1]
+    assert flip.index("Randomly mirror") < flip.index("左右反転") < flip.index("\nalpha_mask_loss ")
+
+
 def test_workspace_config_takes_the_notebooks_parameters_by_name(tmp_path):
     from dbnb.workspace import load_workspace
 
@@ -189,12 +198,13 @@ def test_resume_report_and_memory_facts_live_on_the_fields():
     assert not meta["max_train_steps"]["learns"] and meta["learning_rate"]["learns"]
     assert not meta["gradient_checkpointing"]["learns"] and not meta["test_seeds"]["learns"]
     # every memory-saving setting set the other way is named in the out-of-memory advice
-    wasteful = Config(gradient_checkpointing=False, use_8bit_adam=False, cache_latents=False,
+    wasteful = Config(gradient_checkpointing=False, use_8bit_adam=False, cache_latents=False, use_ema=True,
                       mixed_precision="no", train_text_encoder=True, train_batch_size=2, sample_every_steps=100)
     advice = memory_advice(wasteful)
     saving = [n for n, m in meta.items() if m["memory_saving"] is not None]
     assert len(saving) >= 7 and all(n + "=" in advice for n in saving), advice
     assert "mixed_precision=fp16" in advice and "gradient_checkpointing=true" in advice
+    assert "use_ema=false (for a new run" in advice  # its fp32 copy of the UNet: 3.4 GB of VRAM on SD 1.5
     assert memory_advice(Config(mixed_precision="bf16", train_batch_size=1, sample_every_steps=0,
                                 train_text_encoder=False)).startswith("Every memory option")
     # paths and prompts have their own headings in the report; the always-shown ones are there unchanged

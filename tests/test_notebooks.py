@@ -65,6 +65,39 @@ def test_colab_form_fields_have_descriptions(path):
                if lines[i - 1].startswith("#@markdown")), "each description in both languages"
 
 
+# Japanese text: kana, kanji, and the full-width punctuation and brackets that go with them.
+JAPANESE = "\u3000-\u303f\u3040-\u30ff\u4e00-\u9fff\uff00-\uffef"
+# A line that starts a new block (list item, heading, quote, table row, code fence) is no continuation.
+NEW_BLOCK = re.compile(r"\s*([-*+>|#]|\d+\.|```)")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_no_line_break_inside_a_japanese_sentence(path):
+    """Jupyter renders a newline inside a paragraph as a space, which in Japanese is a stray space
+    mid-sentence (「、 」): a line of Japanese ends its sentence (。！？) or its paragraph."""
+    broken = []
+    for c in cells(path):
+        lines = "".join(c["source"]).split("\n") if c["cell_type"] == "markdown" else []
+        for line, after in zip(lines, lines[1:]):
+            if (re.search(f"[{JAPANESE}]$", line.rstrip()) and not re.search("[。！？]$", line.rstrip())
+                    and not line.lstrip().startswith("#") and after.strip() and not NEW_BLOCK.match(after)):
+                broken.append(f"{line.strip()[-30:]!r} / {after.strip()[:20]!r}")
+    assert not broken, f"{path.name}: join these lines: {broken}"
+
+
+def test_the_line_break_check_finds_a_broken_sentence_and_passes_whole_ones(tmp_path):
+    notebook = tmp_path / "n.ipynb"
+    for text, ok in (("学習画像と\n正則化画像", False), ("学習画像です。\n次の文", True), ("英語と\n- 箇条書き", True),
+                     ("ガイド（例）\nの続き", False), ("English\nwraps freely", True), ("末尾の行と\n\n次の段落", True),
+                     ("## 見出し\n本文", True), ("- 箇条書きの\n  続き", False)):
+        notebook.write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": [text]}]}), encoding="utf-8")
+        if ok:
+            test_no_line_break_inside_a_japanese_sentence(notebook)
+        else:
+            with pytest.raises(AssertionError, match="join these lines"):
+                test_no_line_break_inside_a_japanese_sentence(notebook)
+
+
 def run(path, tmp_path, kernel="python3", **parameters):
     import papermill
 
@@ -139,6 +172,8 @@ def colab_runtime(tmp_path, monkeypatch):
     links = tmp_path / "links"
     write_stand_in_animeface(links)
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    # no dbnb in the runtime: a PYTHONPATH naming the checkout (how a worktree runs its tests) would give it one
+    monkeypatch.delenv("PYTHONPATH", raising=False)
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(links))
     monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")

@@ -13,8 +13,8 @@ from dbnb.report import USER_FIELD, model_card, write_report
 
 # A demo run beside the session's world, whose class images are generated: slow, as the world is.
 pytestmark = pytest.mark.slow
-HEADINGS = ["モデルハッシュ", "学習対象", "使用素材", "加工", "加工後素材詳細", "正則化画像", "ベースモデル",
-            "LR等のステータス設定", "ディスク", "安定した呼び出し方", "結果"]
+HEADINGS = ["DBモデルハッシュ", "学習対象", "使用素材", "加工", "加工後素材詳細", "正則化画像", "ベースモデル",
+            "LR等のステータス設定", "モデルハッシュ", "ディスク", "安定した呼び出し方", "結果"]
 
 
 @pytest.fixture(scope="module")
@@ -33,22 +33,32 @@ def test_every_heading_is_filled_from_the_run(demo_run):
     config = load_config(demo_run / "config.json")
     for heading in HEADINGS:
         assert f"## {heading} /" in text
+    # the guide's DBモデルハッシュ is the trainer's commit: the dbnb that started the run, as recorded
+    from dbnb.versions import dbnb_version
+    assert json.loads((demo_run / "config.json").read_text())["dbnb_version"] == dbnb_version()
+    assert f"`{dbnb_version()}`" in section(text, "DBモデルハッシュ") and "dbnb 0." in dbnb_version()
     assert config.instance_prompt in section(text, "学習対象")
     assert "5 images" in section(text, "使用素材")
     assert f"{config.num_class_images} used of 50" in section(text, "正則化画像")
+    assert f"学習画像の{config.num_class_images / 5:g}倍" in section(text, "正則化画像")  # the seed's 学習画像の10倍
     assert "generated with the base model from `girl`" in section(text, "正則化画像")
     assert config.pretrained_model_name_or_path in section(text, "ベースモデル")
     settings = section(text, "LR等のステータス設定")
     assert f"Learning Rate (`learning_rate`): {config.learning_rate:g} (preset: 1e-06)" in settings
-    assert "Apply Horizontal Flip (`hflip`): False" in settings
+    assert "Apply Horizontal Flip (`hflip`): OFF" in settings and "False" not in settings  # the seed's ON / OFF
     assert "trained 2 of 2 steps" in settings
     # the sizes measured in the run folder: 2 saves, the newest with its resume state (keep_last_n=1)
     assert re.search(r"2 checkpoint\(s\), [\d.]+ MiB of fp16 weights each; 1 resume state\(s\) of [\d.]+ MiB; "
                      r"the run folder holds [\d.]+ MiB", section(text, "ディスク")), section(text, "ディスク")
     # facts that do not exist yet are said to be missing, not invented
     assert "not exported yet" in section(text, "モデルハッシュ")
-    assert "not scored yet" in section(text, "結果") and USER_FIELD in section(text, "結果")
+    assert "not scored yet" in section(text, "結果")
     assert "samples/step-000002/grid.png" in section(text, "結果")
+    # what the user fills in is visible once rendered: a list line, never an HTML comment
+    assert "<!--" not in text
+    for heading in ("学習対象", "安定した呼び出し方", "結果"):
+        assert f"\n- {USER_FIELD} " in section(text, heading), heading
+    assert section(text, "学習対象").split("\n- ")[1].startswith(USER_FIELD)  # first: the character's name
 
 
 def test_export_hash_and_scores_appear_once_they_exist(demo_run):
@@ -62,6 +72,7 @@ def test_export_hash_and_scores_appear_once_they_exist(demo_run):
         (demo_run / "scores.json").unlink()
     from dbnb.hashes import short_hash
     assert f"`{short_hash(exported.path)}` {exported.path.name}" in section(text, "モデルハッシュ")
+    assert short_hash(exported.path) not in section(text, "DBモデルハッシュ")  # the file's hash has its own heading
     assert "recommended checkpoint: **step-000002**" in section(text, "結果")
     assert "the instance prompt at step-000002" in section(text, "安定した呼び出し方")
 
@@ -75,6 +86,8 @@ def test_a_run_without_class_images_says_so(demo_run, tmp_path):
     text = write_report(other).read_text(encoding="utf-8")
     assert "none (prior preservation off)" in section(text, "正則化画像")
     assert "trained 0 of" in text
+    # a config.json without the trainer's version (runs from before it was recorded) says so
+    assert "not recorded" in section(text, "DBモデルハッシュ")
 
 
 def test_model_card_is_yaml_front_matter_and_markdown(demo_run):

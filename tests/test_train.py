@@ -58,7 +58,7 @@ def test_training_lowers_the_loss_on_the_training_set(make_config):
     log = [json.loads(line) for line in (result.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 41))
     saved = json.loads((result.run_dir / "config.json").read_text())
-    assert saved.pop("run_id") and saved == config.to_dict()
+    assert saved.pop("run_id") and saved.pop("dbnb_version").startswith("dbnb ") and saved == config.to_dict()
 
 
 def test_prior_preservation_adds_the_weighted_class_term(make_config):
@@ -562,6 +562,31 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(m
     assert train(config, resume="latest", progress=False).step == 3
 
 
+def test_previews_that_would_render_more_than_a_few_images_warn_before_the_model_loads(make_config, tmp_path):
+    """The guide's Number of Samples warning (5000 made 5000 images at every preview): said with the
+    count and the settings that lower it before the first step, while the user can still change them."""
+    import warnings
+
+    from dbnb.config import FEW_PREVIEWS
+    from dbnb.models import ModelLoadError
+
+    config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), max_train_steps=4,
+                         sample_every_steps=2, num_samples=3, sample_prompts=("a", "b"))
+    said = (r"every sample_every_steps=2 steps renders 2 prompt\(s\) × num_samples=3 = 6 images \(12 in the run\).*"
+            r"lower num_samples or the number of sample_prompts, or raise sample_every_steps")
+    with pytest.warns(UserWarning, match=said), pytest.raises(ModelLoadError):
+        train(config, progress=False)
+    # a few (the default: 2 of the instance prompt), or no preview in the run: nothing said
+    for quiet in (dict(num_samples=2, sample_prompts=()), dict(num_samples=FEW_PREVIEWS, sample_prompts=("a",)),
+                  dict(sample_every_steps=0), dict(sample_every_steps=5)):
+        with warnings.catch_warnings(record=True) as seen, pytest.raises(ModelLoadError):
+            warnings.simplefilter("always")
+            train(config.replace(**quiet), progress=False)
+        assert not [w for w in seen if "previews:" in str(w.message)], quiet
+    with pytest.raises(ConfigError, match="num_samples: 5000 must be at most 16"):
+        config.replace(num_samples=5000)
+
+
 @pytest.mark.parametrize("class_prompt, warned", [("HNZK  girl", True), ("girl", False)])
 def test_a_class_prompt_equal_to_the_instance_prompt_warns_once_naming_both(make_config, class_prompt, warned):
     """The class images would be learnt as the character: said once, before the model loads."""
@@ -747,8 +772,8 @@ def test_a_second_training_in_the_same_run_folder_is_refused_and_changes_nothing
         assert second.stderr.startswith("dbnb: ") and "Traceback" not in second.stderr
         assert f"in use by another training (pid {proc.pid}" in second.stderr
         assert "train.lock" in second.stderr and "run_name" in second.stderr
-    assert {k: v for k, v in json.loads((run / "config.json").read_text()).items() if k != "run_id"} \
-        == first.to_dict()
+    assert {k: v for k, v in json.loads((run / "config.json").read_text()).items()
+            if k not in ("run_id", "dbnb_version")} == first.to_dict()
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]

@@ -177,3 +177,18 @@ def test_dbnb_uses_no_torch_name_newer_than_the_declared_floor():
                if Version(TORCH_ADDED[name]) > floor]
     assert not too_new, (f"setup.cfg declares torch>={floor}, but these need a newer torch: raise the "
                          f"floor, or check for the name first (hasattr / getattr): {too_new}")
+
+
+def test_the_trainer_version_names_this_checkouts_commit():
+    """What a run records as its DBモデルハッシュ: the version, and the commit of the running code."""
+    import shutil
+    import subprocess
+
+    from dbnb import __version__
+    from dbnb.versions import dbnb_version
+
+    root = Path(__file__).resolve().parents[1]
+    if not shutil.which("git") or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert dbnb_version().startswith(f"dbnb {__version__}, commit {head}")
