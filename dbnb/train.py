@@ -109,10 +109,10 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
     # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.autoencoder: fp32);
     # trained parts keep fp32 master weights.
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(config.train_text_encoder)
+    pipe.text_encoder.requires_grad_(config.fine_tunes_text_encoder)
     pipe.to(device)
     if weight_dtype != torch.float32:
-        if not config.train_text_encoder:
+        if not config.fine_tunes_text_encoder:
             pipe.text_encoder.to(dtype=weight_dtype)
         if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
             pipe.unet.to(dtype=weight_dtype)
