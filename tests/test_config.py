@@ -252,6 +252,13 @@ def test_a_common_class_word_on_blank_class_images_is_warned(class_prompt, mode,
     assert not class_word_warning(c.replace(with_prior_preservation=False))
 
 
+def test_dbnb_config_warns_about_a_common_class_word_on_stderr(capsys):
+    assert main(["config", "--preset", "person", "class_prompt=1girl"]) == 0
+    out, err = capsys.readouterr()
+    assert "class_prompt: 1girl" in out and err.startswith("warning: class_prompt '1girl'")
+    assert main(["config", "--preset", "person"]) == 0 and not capsys.readouterr().err
+
+
 def test_prior_preservation_takes_0_class_images_as_10x_only_for_blank_ones():
     Config(with_prior_preservation=True, class_prompt="Unan", class_data_dir="c", class_images_mode="transparent")
     with pytest.raises(ConfigError, match="num_class_images is 0"):
