@@ -289,15 +289,21 @@ class Config:
     num_train_epochs: int = setting(0, "Intervals", "Training Epochs",
                                     "If > 0, train this many epochs instead of max_train_steps.",
                                     help_ja="0 より大きいと、max_train_steps の代わりにこのエポック数だけ学習します。", minimum=0, learns=False)
-    save_every_steps: int = setting(500, "Intervals", "Save Checkpoint Frequency",
-                                    "Save trained weights + resume state every N steps (0: only at the end). "
-                                    "Every save keeps its weights: on SD 1.5 1.6 GiB (the fp16 UNet; +0.23 GiB with "
-                                    "train_text_encoder, +1.6 GiB with use_ema) where the seed says 2 GB a model; "
-                                    "the newest keep_last_n also keep a 4.8 GiB resume state. The default run (3000 "
-                                    "steps, every 500) needs about 19 GiB at its peak; the run checks what it needs "
-                                    "against the free space before its first step. The seed: 500 is enough; small "
-                                    "values fill the disk.",
-                                    help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。重みは保存ごとに残ります。SD 1.5 では 1 回 1.6 GiB（fp16 の UNet。train_text_encoder で +0.23 GiB、use_ema で +1.6 GiB。ガイドの「一個2GB」にあたります）、最新 keep_last_n 個には再開用データ 4.8 GiB も付きます。既定の学習（3000 ステップ、500 ごと）は最大で約 19 GiB 必要で、学習開始前に空き容量と照らし合わせます。ガイドでは 500 で十分、小さいとディスクを圧迫します。", minimum=0, learns=False)
+    save_every_steps: int = setting(
+        500, "Intervals", "Save Checkpoint Frequency",
+        "Save trained weights + resume state every N steps (0: only at the end), at multiples of N counted from "
+        "step 0 of the run, also after a resume (the webui extension counts again from the stop). Every save "
+        "keeps its weights: on SD 1.5 1.8 GiB (the fp16 UNet 1.6 GiB + the text encoder 0.23 GiB; +1.6 GiB with "
+        "use_ema) where the seed says 2 GB a model; the newest keep_last_n also keep a 5.5 GiB resume state "
+        "(4.8 GiB without the text encoder). The default run (3000 steps, every 500) needs about 22 GiB at its "
+        "peak; the run checks what it needs against the free space before its first step. The seed: 500 is "
+        "enough; small values fill the disk.",
+        help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。学習の開始（ステップ 0）から数えた N の"
+                "倍数で保存し、再開後も同じです（拡張機能は中断地点から数え直します）。重みは保存ごとに残ります。SD 1.5 では "
+                "1 回 1.8 GiB（fp16 の UNet 1.6 GiB + テキストエンコーダ 0.23 GiB。use_ema で +1.6 GiB。ガイドの「一個2GB」"
+                "にあたります）、最新 keep_last_n 個には再開用データ 5.5 GiB（テキストエンコーダなしで 4.8 GiB）も付きます。"
+                "既定の学習（3000 ステップ、500 ごと）は最大で約 22 GiB 必要で、学習開始前に空き容量と照らし合わせます。"
+                "ガイドでは 500 で十分、小さいとディスクを圧迫します。", minimum=0, learns=False)
     sample_every_steps: int = setting(0, "Intervals", "Save Preview(s) Frequency",
                                       "Write preview images every N steps (0: never; the seed turns it off on 12 GB cards).",
                                       help_ja="N ステップごとにプレビュー画像を出力（0: 出さない。ガイドでは 12GB のカードでは 0）。", minimum=0, learns=False, memory_saving=0)
