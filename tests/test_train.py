@@ -974,3 +974,12 @@ def test_min_snr_weights_follow_the_definition():
         snr = alphas / (1 - alphas)
         want = torch.clamp(snr, max=5.0) / (snr + 1 if prediction == "v_prediction" else snr)
         torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0), want.float(), rtol=1e-4, atol=0)
+
+
+def test_0_transparent_class_images_means_10x_the_pictures_in_the_run(make_config, capsys):
+    from dbnb.train import resolve_class_count
+
+    config = make_config(with_prior_preservation=True, class_images_mode="transparent", num_class_images=0)
+    assert resolve_class_count(config).num_class_images == 30  # 3 pictures, the seed's 10x
+    assert "num_class_images=0 with class_images_mode=transparent: 30" in capsys.readouterr().out
+    assert resolve_class_count(config.replace(num_class_images=6)).num_class_images == 6
