@@ -542,7 +542,7 @@ def trained_models(unet, text_encoder, ema, config) -> list[tuple[str, torch.nn.
     """(folder name, module whose config describes it, state dict) of each trained model of a
     full run: the UNet, the text encoder when trained, the EMA of the UNet when kept."""
     models = [(UNET, unet, unet.state_dict())]
-    if config.train_text_encoder:
+    if config.fine_tunes_text_encoder:
         models.append((TEXT_ENCODER, text_encoder, text_encoder.state_dict()))
     if ema is not None:  # EMAModel follows unet.parameters() in order
         shadow = dict(zip((n for n, _ in unet.named_parameters()), ema.shadow_params))
@@ -597,7 +597,7 @@ def load_checkpoint(checkpoint: Checkpoint, unet, text_encoder, ema, config) -> 
             load_ema_state(checkpoint, ema, lora.read_ema_shadow(path / LORA, unet, text_encoder))
         return checkpoint.trainer_state()
     load_strict(unet, master_state(checkpoint, UNET))
-    if config.train_text_encoder:
+    if config.fine_tunes_text_encoder:
         load_strict(text_encoder, master_state(checkpoint, TEXT_ENCODER))
     if ema is not None:
         shadow = master_state(checkpoint, UNET_EMA)

@@ -29,7 +29,7 @@ def cmd_make_tiny_model(args) -> int:
 def cmd_config(args) -> int:
     import yaml
 
-    from dbnb.config import describe, load_config
+    from dbnb.config import class_word_warning, describe, load_config
 
     if args.list:
         for row in describe():  # the Japanese help too: the seed's readers look for it (as in the form)
@@ -40,6 +40,8 @@ def cmd_config(args) -> int:
         args.overrides, args.file = [args.file, *args.overrides], None  # only overrides were given
     config = load_config(args.file, args.overrides, preset=args.preset)
     print(yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True), end="")
+    if said := class_word_warning(config):  # on stderr: the YAML on stdout stays a config file
+        print(f"warning: {said}", file=sys.stderr)
     return 0
 
 
@@ -159,19 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="folder for the prepared set (your instance_data_dir)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. remove_background=false resolution=512")
     p.add_argument("--config", help="a config .yaml / .json to start from")
-    p.add_argument("--preset", help="person (character, default settings) or object_style")
+    p.add_argument("--preset", help="person (the guide's character setup: dbnb.config.GUIDE_CHARACTER) or object_style")
     p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser("classimages", help="class (regularization) images: generate, transparent or import; tops up")
     p.add_argument("config", help="config .yaml / .json (class_data_dir, class_prompt, num_class_images, ...)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. class_images_mode=transparent")
-    p.add_argument("--preset", help="person (character) or object_style")
+    p.add_argument("--preset", help="person (the guide's character setup: nanU Unan, transparent class images, LR 1e-6 …) or object_style")
     p.set_defaults(func=cmd_classimages)
 
     p = sub.add_parser("train", help="DreamBooth-train a model (accelerate launch -m dbnb train ... for several GPUs)")
     p.add_argument("config", help="config .yaml / .json (dbnb config --preset person > my.yaml writes one)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file")
-    p.add_argument("--preset", help="person (character) or object_style, applied under the file")
+    p.add_argument("--preset", help="person (the guide's character setup) or object_style, applied under the file")
     p.add_argument("--resume", metavar="latest|PATH", help="continue the run from its newest (or this) checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to logs/train.jsonl)")
     p.set_defaults(func=cmd_train)
@@ -241,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print a config (defaults, a preset, a file, overrides) as YAML")
     p.add_argument("file", nargs="?", help="a config .yaml / .json to start from")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--preset", help="person (character) or object_style")
+    p.add_argument("--preset", help="person (the guide's character setup: nanU Unan, transparent class images, LR 1e-6 …) or object_style")
     p.add_argument("--list", action="store_true", help="list every setting with its help (English, then Japanese)")
     p.set_defaults(func=cmd_config)
     return parser

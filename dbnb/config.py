@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import importlib.util
 import json
 import types
 import typing
@@ -202,23 +201,45 @@ class Config:
         help_ja="prune_core_tags でタグを外す基準。そのタグが付いた画像の割合（0〜1）がこれ以上なら外します。", above=0, maximum=1, learns=False)
 
     # --- Prompts -------------------------------------------------------------------------
-    instance_prompt: str = setting("", "Prompts", "Instance Prompt",
-                                   "Prompt that calls the character, e.g. 'nanU Unan' (the seed: a rare word pair). "
-                                   "May contain [filewords].",
-                                   help_ja="キャラを呼び出すプロンプト。例: 'nanU Unan'（ガイドでは、あまり使われない2語の組み合わせ）。[filewords] も使えます。", report="apart")
-    class_prompt: str = setting("", "Prompts", "Class Prompt",
-                                "Prompt of the class images, e.g. 'Unan' or '1girl'. May contain [filewords].",
-                                help_ja="正則化画像（クラス画像）のプロンプト。例: 'Unan' や '1girl'。[filewords] も使えます。", step="class_images", report="apart")
+    instance_prompt: str = setting(
+        "", "Prompts", "Instance Prompt",
+        "Prompt that calls the character: the guide's two words, a rare name and a throwaway word (its reversal "
+        "is easy to remember), e.g. 'nanU Unan', where class_prompt is the second word 'Unan'. Why two: the first "
+        "word takes the look, the second the meaning; 'nanU Unan' calls both strongly, and when 'Unan' fights "
+        "other prompts (an outfit or pose that will not come), drop it and prompt 'nanU' alone, which one word "
+        "cannot do (the guide also found one word learns less exactly). Not a common word such as 1girl: the "
+        "class images teach the second word. May contain [filewords].",
+        help_ja="キャラを呼び出すプロンプト。ガイドの2語方式: 学習対象の名前（珍しい単語）+ 半角スペース + 適当な単語"
+                "（名前を反転させたものが覚えやすい）。例: 'nanU Unan'、class_prompt は2語目の 'Unan'。2語にする理由: "
+                "nanU に絵柄、Unan に意味が付き、'nanU Unan' で強力に呼び出せる。Unan が他のプロンプトの邪魔をする"
+                "（服やポーズの指示が効かない）ときは Unan を外して 'nanU' だけにでき、1語ではこの切り離しができない"
+                "（1語だと学習精度も落ちるとされる）。1girl など普段使う単語は避ける（正則化画像が2語目を学習するため）。"
+                "[filewords] も使えます。", report="apart")
+    class_prompt: str = setting(
+        "", "Prompts", "Class Prompt",
+        "Prompt of the class images: the second word of the instance prompt, a throwaway word such as 'Unan' "
+        "(for 'nanU Unan'). The class images teach this word what they show, so with transparent / black ones it "
+        "comes to mean a plain picture: never a word you prompt with (girl, 1girl, person …; the guide: 'if it "
+        "were girl, you would be stuck the day you want to use girl'). A common word only with generated or "
+        "imported class pictures of it. May contain [filewords].",
+        help_ja="正則化画像（クラス画像）のプロンプト。インスタンスプロンプトの2語目、意味のない単語（'nanU Unan' なら "
+                "'Unan'）。正則化画像の内容がこの単語に学習されるので、透過・黒の画像なら無地の絵を意味するようになります。"
+                "girl・1girl・person など普段使う単語にしないこと（ガイド:「ここを仮にgirlにした場合、ふとgirlを使用したい"
+                "場面が出た時に困ってしまう」）。普段の単語は生成・取り込みの実画像のときだけ。[filewords] も使えます。",
+        step="class_images", report="apart")
     instance_token: str = setting("", "Prompts", "Instance Token",
                                   "With [filewords]: the character's token, inserted into captions that lack it.",
                                   help_ja="[filewords] を使うときのキャラの単語（例: nanU）。"
                                           "キャプションになければ自動で入れます。"
                                           "[filewords] を使わないなら空欄で構いません。", step="dataset", report="apart")
-    class_token: str = setting("", "Prompts", "Class Token",
-                               "With [filewords]: the class word that the instance token is put in front of.",
-                               help_ja="[filewords] を使うときのクラスの単語（例: 1girl）。"
-                                       "キャラの単語はこの単語の前に入ります。"
-                                       "[filewords] を使わないなら空欄で構いません。", step="dataset", report="apart")
+    class_token: str = setting(
+        "", "Prompts", "Class Token",
+        "The class word, put after the instance token in captions ([filewords]); the notebooks build the prompts "
+        "from the two ('nanU' + 'Unan': instance prompt 'nanU Unan', class prompt 'Unan'). A throwaway word, not "
+        "1girl: see class_prompt.",
+        help_ja="クラスの単語。キャプション（[filewords]）で instance token の後ろに置かれ、ノートブックはこの2つから"
+                "プロンプトを作ります（'nanU' + 'Unan' → インスタンスプロンプト 'nanU Unan'、クラスプロンプト 'Unan'）。"
+                "1girl ではなく意味のない単語に（class_prompt の説明を参照）。", step="dataset", report="apart")
     # kohya sd-scripts' caption options, with its names and meaning (`process_caption`).
     shuffle_caption: bool = setting(
         False, "Prompts", "Shuffle Caption",
@@ -294,11 +315,17 @@ class Config:
                                     help_ja="一度に生成する枚数。0 なら空き VRAM から自動で決めます。", minimum=0, learns=False)
 
     # --- Intervals -----------------------------------------------------------------------
-    max_train_steps: int = setting(3000, "Intervals", "Training Steps",
-                                   "Total optimizer steps. The seed's runs: ~3000 for 3 images (7000 for 5 was called "
-                                   "maybe too many); 10000-20000 for 20-100 images with detailed outfits. Aim for "
-                                   "slightly overfit, then check flexibility (notebook 5).",
-                                   help_ja="合計の学習ステップ数。ガイドの実例: 3枚で約3000（5枚で7000は多すぎるかも）、衣装が細かい20〜100枚で10000〜20000。少し過学習気味が目安。", learns=False, report="always")
+    max_train_steps: int = setting(
+        3000, "Intervals", "Training Steps",
+        "Total optimizer steps of the whole run. The seed's runs (text encoder trained): ~3000 for 3 images "
+        "(7000 for 5 was called maybe too many); 10000-20000 for 20-100 images with detailed outfits. Aim for "
+        "slightly overfit, then check flexibility (notebook 5). On resume it is still the total: a run stopped at "
+        "2000 of 3000 trains 1000 more, where the webui extension trains the set steps again from the stop; "
+        "to train N more, set max_train_steps to the step reached + N.",
+        help_ja="学習全体の合計ステップ数。ガイドの実例（テキストエンコーダも学習）: 3枚で約3000（5枚で7000は多すぎるかも）、"
+                "衣装が細かい20〜100枚で10000〜20000。少し過学習気味が目安。再開しても合計のままです: 3000 のうち 2000 で"
+                "止めた学習は残り 1000 だけ進みます（拡張機能は止めた地点から『設定したステップ分』進みます）。さらに N "
+                "ステップ進めたいときは、到達したステップ + N を設定してください。", learns=False, report="always")
     num_train_epochs: int = setting(0, "Intervals", "Training Epochs",
                                     "If > 0, train this many epochs instead of max_train_steps. "
                                     "One epoch is as many pictures as the larger of the training images and the class images (the seed's definition; "
@@ -308,15 +335,21 @@ class Config:
                                             "1 エポックは学習画像と正則化画像の多い方の枚数です（ガイドと同じ定義。"
                                             "少ない方は繰り返し使います）。バッチ 1・GPU 1 枚なら、"
                                             "学習画像 5 枚と正則化画像 50 枚で 1 エポック 50 ステップです。", minimum=0, learns=False)
-    save_every_steps: int = setting(500, "Intervals", "Save Checkpoint Frequency",
-                                    "Save trained weights + resume state every N steps (0: only at the end). "
-                                    "Every save keeps its weights: on SD 1.5 1.6 GiB (the fp16 UNet; +0.23 GiB with "
-                                    "train_text_encoder, +1.6 GiB with use_ema) where the seed says 2 GB a model; "
-                                    "the newest keep_last_n also keep a 4.8 GiB resume state. The default run (3000 "
-                                    "steps, every 500) needs about 19 GiB at its peak; the run checks what it needs "
-                                    "against the free space before its first step. The seed: 500 is enough; small "
-                                    "values fill the disk.",
-                                    help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。重みは保存ごとに残ります。SD 1.5 では 1 回 1.6 GiB（fp16 の UNet。train_text_encoder で +0.23 GiB、use_ema で +1.6 GiB。ガイドの「一個2GB」にあたります）、最新 keep_last_n 個には再開用データ 4.8 GiB も付きます。既定の学習（3000 ステップ、500 ごと）は最大で約 19 GiB 必要で、学習開始前に空き容量と照らし合わせます。ガイドでは 500 で十分、小さいとディスクを圧迫します。", minimum=0, learns=False)
+    save_every_steps: int = setting(
+        500, "Intervals", "Save Checkpoint Frequency",
+        "Save trained weights + resume state every N steps (0: only at the end), at multiples of N counted from "
+        "step 0 of the run, also after a resume (the webui extension counts again from the stop). Every save "
+        "keeps its weights: on SD 1.5 1.8 GiB (the fp16 UNet 1.6 GiB + the text encoder 0.23 GiB; +1.6 GiB with "
+        "use_ema) where the seed says 2 GB a model; the newest keep_last_n also keep a 5.5 GiB resume state "
+        "(4.8 GiB without the text encoder). The default run (3000 steps, every 500) needs about 22 GiB at its "
+        "peak; the run checks what it needs against the free space before its first step. The seed: 500 is "
+        "enough; small values fill the disk.",
+        help_ja="N ステップごとに学習済みの重みと再開用データを保存（0: 最後だけ）。学習の開始（ステップ 0）から数えた N の"
+                "倍数で保存し、再開後も同じです（拡張機能は中断地点から数え直します）。重みは保存ごとに残ります。SD 1.5 では "
+                "1 回 1.8 GiB（fp16 の UNet 1.6 GiB + テキストエンコーダ 0.23 GiB。use_ema で +1.6 GiB。ガイドの「一個2GB」"
+                "にあたります）、最新 keep_last_n 個には再開用データ 5.5 GiB（テキストエンコーダなしで 4.8 GiB）も付きます。"
+                "既定の学習（3000 ステップ、500 ごと）は最大で約 22 GiB 必要で、学習開始前に空き容量と照らし合わせます。"
+                "ガイドでは 500 で十分、小さいとディスクを圧迫します。", minimum=0, learns=False)
     sample_every_steps: int = setting(0, "Intervals", "Save Preview(s) Frequency",
                                       "Write preview images every N steps (0: never; the seed turns it off on 12 GB cards).",
                                       help_ja="N ステップごとにプレビュー画像を作ります（0: 作らない）。ガイドでは、"
@@ -363,9 +396,24 @@ class Config:
     lr_num_cycles: int = setting(1, "Learning Rate", "Cosine Restarts",
                                  "Number of restarts for cosine_with_restarts.",
                                  help_ja="cosine_with_restarts で学習率を上げ直す回数。", minimum=1)
-    train_text_encoder: bool = setting(False, "Learning Rate", "Train Text Encoder",
-                                       "Also fine-tune the CLIP text encoder (more VRAM, stronger likeness).",
-                                       help_ja="CLIP テキストエンコーダも学習します（VRAM は増えるが、より似やすくなる）。", memory_saving=False, report="always")
+    train_text_encoder: bool = setting(
+        True, "Learning Rate", "Train Text Encoder",
+        "Also fine-tune the CLIP text encoder, as the webui extension does by default (and its Auto-Adjust for "
+        "12-24 GB): the guide's numbers (LR 1e-6, 3000-20000 steps) were reached with it on. Cost on SD 1.5, "
+        "computed, not yet measured by dbnb on a GPU: ~1 GB more VRAM (123 M weights: fp32 master, gradients, "
+        "8-bit Adam state), a few % per step, +0.23 GiB a save, +0.7 GiB a resume state; on a T4 (15 GB) the "
+        "published 9.92 GB of fp16 + 8-bit Adam + gradient checkpointing becomes ~11 GB, so every "
+        "memory_profile tier keeps it on. Off (where it does not fit: an out-of-memory stop names it): only the "
+        "UNet learns, the likeness comes more slowly and the guide's step counts are not comparable. With "
+        "use_lora this switch is not used: lora_text_encoder_rank > 0 gives the text encoder adapters instead.",
+        help_ja="CLIP テキストエンコーダも学習します。拡張機能のデフォルト（と 12〜24GB 向けの Auto-Adjust）と同じで、"
+                "ガイドの数値（学習率 1e-6、3000〜20000 ステップ）はこれがオンの状態での結果です。SD 1.5 での負担（計算値、"
+                "dbnb の GPU 実測はまだ）: VRAM 約 1GB 増（1.23 億個の重みの fp32 コピー・勾配・8bit Adam の状態）、1ステップ"
+                "数%遅く、保存 1 回 +0.23 GiB、再開用データ +0.7 GiB。T4（15GB）では公開値 9.92GB（fp16 + 8bit Adam + "
+                "gradient checkpointing）が約 11GB になる計算で、memory_profile のどの段でもオンのままです。オフにすると"
+                "（VRAM が足りない場合。メモリ不足で止まったときに案内されます）UNet だけが学習し、似るまでが遅く、"
+                "ガイドのステップ数とは比べられません。use_lora では使いません（lora_text_encoder_rank > 0 で"
+                "テキストエンコーダにアダプタを付けます）。", memory_saving=False, report="always")
     text_encoder_lr: float = setting(1e-6, "Learning Rate", "Text Encoder Learning Rate",
                                      "Learning rate of the text encoder when it is trained.",
                                      help_ja="テキストエンコーダを学習するときの学習率。", above=0)
@@ -682,9 +730,14 @@ class Config:
 
     # --- facts derived from the settings --------------------------------------------------------
     @property
+    def fine_tunes_text_encoder(self) -> bool:
+        """The whole text encoder learns (train_text_encoder, which a LoRA run does not use)."""
+        return self.train_text_encoder and not self.use_lora
+
+    @property
     def trains_text_encoder(self) -> bool:
         """The text encoder learns: fine-tuned whole, or through LoRA adapters."""
-        return self.train_text_encoder or (self.use_lora and self.lora_text_encoder_rank > 0)
+        return self.lora_text_encoder_rank > 0 if self.use_lora else self.train_text_encoder
 
     @property
     def learning_rate_settings(self) -> tuple[str, ...]:
@@ -719,11 +772,31 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # them). Reading a config file drops them, so a run's config.json can start another run.
 RUN_KEYS = ("run_id", "dbnb_version")
 
-# The seed's two presets (the extension's "Person" and "Object/Style" buttons). Only what
-# differs from the defaults, which already are the seed's character settings.
+# The seed guide's character setup: what its Person button and its walkthrough fill in, with the
+# values its readers then type (Train Model → Person; Instance prompt "nanU Unan", Class Prompt "Unan";
+# transparent class images, 10x the pictures; LR 0.000001; warmup 15; polynomial; flip off; 12 GB
+# memory savers). The one source of "the guide's setup": `--preset person` on the command line,
+# `dbnb config --preset person`, the training report's comparison, and the notebooks' parameter
+# defaults (a test holds each notebook's parameters cell to it). A preset is data: it never depends
+# on what this machine has installed. README "From the guide to dbnb" says where dbnb differs.
+GUIDE_CHARACTER = {
+    # Prompts: a rare name and its reversal (the guide's "nanU Unan"), never a word users type anyway.
+    "instance_token": "nanU", "class_token": "Unan", "instance_prompt": "nanU Unan", "class_prompt": "Unan",
+    # Class images: fully transparent, 10x the instance pictures (num_class_images 0 means that).
+    "with_prior_preservation": True, "class_images_mode": "transparent", "num_class_images": 0,
+    "class_data_dir": "class_images", "class_guidance_scale": 12.0, "class_infer_steps": 28,
+    "class_negative_prompt": QUALITY_NEGATIVE,
+    # Intervals and learning rate.
+    "max_train_steps": 3000, "save_every_steps": 500, "sample_every_steps": 0,
+    "learning_rate": 1e-6, "lr_scheduler": "polynomial", "lr_warmup_steps": 15, "train_text_encoder": True,
+    # Image processing and the 12 GB card's memory savers.
+    "resolution": 512, "center_crop": False, "hflip": False,
+    "mixed_precision": "fp16", "use_8bit_adam": True, "gradient_checkpointing": True, "use_ema": False,
+}
+
+# The guide's two presets (the extension's "Person" and "Object/Style" buttons).
 PRESETS = {
-    # CCIP scores anime characters far better than CLIP, where onnxruntime can run it.
-    "person": {"score_with": "ccip"} if importlib.util.find_spec("onnxruntime") else {},
+    "person": dict(GUIDE_CHARACTER),
     "object_style": {"learning_rate": 2e-6, "hflip": True, "with_prior_preservation": False,
                      "remove_background": False, "prune_core_tags": False},
 }
@@ -776,13 +849,15 @@ def _value_problems(c: Config) -> list[str]:
     if c.with_prior_preservation and not c.concepts_list:
         if not c.class_prompt:
             p.append("with_prior_preservation is on but class_prompt is empty: set class_prompt "
-                     "(e.g. 'Unan' or '1girl') or turn with_prior_preservation off.")
+                     "(the guide: a throwaway word such as 'Unan', the reversal of the instance token 'nanU') "
+                     "or turn with_prior_preservation off.")
         if not c.class_data_dir:
             p.append("with_prior_preservation is on but class_data_dir is empty: set the class image "
                      "folder or turn with_prior_preservation off.")
-        if c.num_class_images < 1:
-            p.append("with_prior_preservation is on but num_class_images is 0: set how many class "
-                     "images to use (the seed: 10x the instance images).")
+        if c.num_class_images < 1 and c.class_images_mode not in BLANK_CLASS_IMAGES:
+            p.append(f"with_prior_preservation is on but num_class_images is 0 (only class_images_mode="
+                     f"transparent / black take 0 as 10x the instance images): set how many class images to use "
+                     f"(the seed: 10x the instance images).")
     if not c.pretrained_model_name_or_path:
         p.append("pretrained_model_name_or_path is empty: name the base model (folder, repo id, file or URL).")
     if not c.run_name.strip() or c.run_name.strip() in (".", "..") or any(ch in c.run_name for ch in "/\\"):
@@ -810,6 +885,39 @@ def _link_problems(c: Config) -> list[str]:
     return [f"{name}: {getattr(c, name)!r} is a link, but it must be a folder on this machine: {fix}."
             for name, fix in _FOLDER_NOT_LINK.items()
             if getattr(c, name).strip().lower().startswith(("http://", "https://"))]
+
+
+# class_images_mode values whose pictures are blank (one colour): they teach the class word "a plain
+# picture", so it must be a word nobody prompts with (`class_word_warning`).
+BLANK_CLASS_IMAGES = ("transparent", "black")
+# Words people put in their prompts anyway (booru tags and plain English): as the class word of blank
+# class images they would come to mean a plain picture. Compared per tag / word, lower case.
+COMMON_CLASS_WORDS = frozenset({
+    "girl", "1girl", "2girls", "multiple girls", "boy", "1boy", "2boys", "woman", "man", "person", "people",
+    "human", "character", "female", "male", "lady", "child", "kid", "solo", "anime", "a girl", "a boy",
+    "a woman", "a man", "a person", "a character", "1other"})
+
+
+def class_word_warning(c: Config) -> str:
+    """A warning (empty when none) for a common word as the class prompt of blank class images with
+    prior preservation: the guide's "ここを仮にgirlにした場合、ふとgirlを使用したい場面が出た時に困ってしまう"
+    — the run teaches that word to draw a plain picture. Checked at train start (not a ConfigError:
+    someone may want exactly that)."""
+    if not c.with_prior_preservation or c.class_images_mode not in BLANK_CLASS_IMAGES or c.concepts_list:
+        return ""
+    tags = [t.strip().strip("()[]{}").split(":")[0].strip().lower() for t in c.class_prompt.split(",")]
+    common = [t for t in tags if t in COMMON_CLASS_WORDS or set(t.split()) & COMMON_CLASS_WORDS]
+    if not common:
+        return ""
+    colour = "plain black" if c.class_images_mode == "black" else f"plain {c.background_color}"
+    return (f"class_prompt {c.class_prompt!r} with class_images_mode={c.class_images_mode} and prior preservation: "
+            f"the run teaches {', '.join(repr(t) for t in common)} to draw a {colour} picture, and every prompt "
+            f"that uses it (the test prompts' '1girl, solo' too) is pulled towards that. The guide uses a throwaway "
+            f"word instead: class_prompt=Unan with instance_prompt='nanU Unan' (a rare name and its reversal; in the "
+            f"notebooks: class_token in 02). Set class_prompt (and instance_prompt) to such a word, or "
+            f"class_images_mode=generate for real class pictures of {common[0]!r}. / クラスプロンプト "
+            f"{c.class_prompt!r} が透過（無地）の正則化画像で学習され、{common[0]!r} が無地の絵を意味するようになります。"
+            f"ガイドのように意味のない単語（例: nanU Unan の Unan）にしてください。")
 
 
 def schedule_problems(c: Config, steps: int) -> tuple[list[str], list[str]]:
@@ -897,10 +1005,6 @@ def _lora_problems(c: Config) -> list[str]:
         return p
     if c.lora_rank < 1:
         p.append(f"lora_rank: {c.lora_rank} must be at least 1 with use_lora (the seed-style default is 32).")
-    if c.train_text_encoder:
-        p.append("use_lora with train_text_encoder: the text encoder is either fine-tuned whole or given LoRA "
-                 "adapters. With use_lora set train_text_encoder=false and lora_text_encoder_rank (e.g. 8) to "
-                 "train it; or turn use_lora off.")
     if c.optimizer_in_backward:
         p.append("use_lora with optimizer_in_backward: that saves the full UNet's gradients, which LoRA does not "
                  "have; set optimizer_in_backward=false.")

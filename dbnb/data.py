@@ -201,7 +201,7 @@ def warn_same_prompts(c: Concept) -> None:
     if same and FILEWORDS not in same and same == " ".join(c.instance_prompt.lower().split()):
         warnings.warn(f"class_prompt is the same as instance_prompt ({c.instance_prompt!r}) with prior preservation "
                       f"on: the class images in {c.class_data_dir} would be learnt as the character too. Set "
-                      "class_prompt to the class alone, without the character's word (e.g. '1girl').", stacklevel=3)
+                      "class_prompt to the class alone, without the character's word (e.g. 'Unan' for 'nanU Unan').", stacklevel=3)
 
 
 def examples_for(concepts: list[Concept], with_class: bool, skip_bad: bool = False,

@@ -86,7 +86,7 @@ def plan(config: Config, pipe, optimizer_name: str, start: int, max_steps: int, 
         unet = list(pipe.unet.parameters())
         models = tensor_bytes(unet) // unet[0].element_size() * ema + (
             tensor_bytes(list(pipe.text_encoder.parameters())) // next(pipe.text_encoder.parameters()).element_size()
-            if config.train_text_encoder else 0)  # values, not bytes: the parts may sit in other dtypes
+            if config.fine_tunes_text_encoder else 0)  # values, not bytes: the parts may sit in other dtypes
         weights = models * WEIGHTS_DTYPE.itemsize
         state = models * torch.float32.itemsize
         export = sum(p.numel() for part in (pipe.unet, pipe.text_encoder, pipe.vae)

@@ -134,6 +134,8 @@ def memory_advice(config: Config) -> str:
     for name, f in FIELDS.items():
         saving = f.metadata["memory_saving"]
         values = saving if isinstance(saving, tuple) else (saving,)
+        if name == "train_text_encoder" and config.use_lora:  # not used by a LoRA run (its help)
+            continue
         if saving is not None and getattr(config, name) not in values:
             # Those that change what is learnt cannot be turned on for a resume: say so here.
             off.append(f"{name}={values[0] if isinstance(values[0], str) else json.dumps(values[0])}"

@@ -28,7 +28,7 @@ from dbnb.batches import (Batches, MicroBatch, cache_latents, dropout_seed, epoc
                           read_images, to_device)
 from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint, load_optimizer_state,
                               save_checkpoint)
-from dbnb.config import FIELDS, Config, ConfigError, check_schedule
+from dbnb.config import BLANK_CLASS_IMAGES, FIELDS, Config, ConfigError, check_schedule, class_word_warning
 from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
 from dbnb.previews import warn_many_previews, write_previews
@@ -84,6 +84,38 @@ def check_resume_config(run: RunFolder, config: Config) -> None:
               flush=True)
 
 
+def resolve_class_count(config: Config) -> Config:
+    """num_class_images=0 with transparent / black class images means the seed's 10x the instance
+    pictures (`dbnb.classimages.wanted_class_images`): the count is written into the run's config,
+    so a resume, the report and the class-image check all read the number used."""
+    if not (config.with_prior_preservation and config.num_class_images == 0
+            and config.class_images_mode in BLANK_CLASS_IMAGES and not config.concepts_list):
+        return config
+    from dbnb.classimages import wanted_class_images
+
+    wanted = wanted_class_images(config)
+    print(f"[dbnb] num_class_images=0 with class_images_mode={config.class_images_mode}: {wanted}, 10x the "
+          f"instance pictures (the seed's rule).", flush=True)
+    return config.replace(num_class_images=wanted)
+
+
+def resume_message(done: int, max_steps: int, config: Config) -> str:
+    """What a resume does, said where it starts: dbnb counts both settings from step 0 of the run,
+    where the webui extension counts them from the stop (the guide: 「前回終了した地点から『設定したステップ分』」,
+    「一度中断すると終了した地点が基準になる」)."""
+    every = config.save_every_steps
+    saves = (f"saves stay at multiples of save_every_steps={every} counted from step 0 (next at step "
+             f"{min((done // every + 1) * every, max_steps)}), not from the stop" if every
+             else "one save at the end (save_every_steps=0)")
+    total = (f"num_train_epochs={config.num_train_epochs} ({max_steps} steps)" if config.num_train_epochs > 0
+             else f"max_train_steps={max_steps}")
+    return (f"[dbnb] resuming at step {done}: {total} is the total of the whole run, so {max_steps - done} steps "
+            f"are left, not {max_steps} more as the webui extension would train (to train N more, set "
+            f"max_train_steps={done} + N); {saves}. / 再開: ステップ {done} から {max_steps} まで（残り "
+            f"{max_steps - done}）。max_train_steps は合計で、拡張機能のように『設定したステップ分』追加では"
+            f"ありません。保存間隔も中断地点ではなくステップ 0 から数えます。")
+
+
 def check_steps_left(checkpoint: Checkpoint, max_steps: int, config: Config) -> None:
     done = checkpoint.trainer_state()["step"]
     if done >= max_steps:
@@ -110,10 +142,10 @@ def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype)
     # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.autoencoder: fp32);
     # trained parts keep fp32 master weights.
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(config.train_text_encoder)
+    pipe.text_encoder.requires_grad_(config.fine_tunes_text_encoder)
     pipe.to(device)
     if weight_dtype != torch.float32:
-        if not config.train_text_encoder:
+        if not config.fine_tunes_text_encoder:
             pipe.text_encoder.to(dtype=weight_dtype)
         if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
             pipe.unet.to(dtype=weight_dtype)
@@ -226,6 +258,7 @@ def train(config: Config, resume: str | None = None, progress: bool = True, on_s
     after every step with the log record (+ `preview`: the grid written at this step)."""
     # memory_profile=auto: settings from the GPU's VRAM; a resumed run keeps those it learns with.
     config = apply_memory_profile(config, resumed=RunFolder.for_config(config).saved_config() if resume else None)
+    config = resolve_class_count(config)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     check_machine(config, device)
     with deterministic_mode(config.deterministic, device):  # before CUDA starts: cuBLAS reads its setting then
@@ -240,6 +273,8 @@ def train_in_mode(config: Config, resume: str | None, progress: bool, on_step) -
                               gradient_accumulation_steps=config.gradient_accumulation_steps,
                               cpu=not torch.cuda.is_available())
     try:
+        if accelerator.is_main_process and (said := class_word_warning(config)):
+            warnings.warn(said, stacklevel=2)
         examples = gather_examples(config)
         # Before the run folder and the model: a schedule that cannot run would fail at the last step;
         # previews that would hold training up are said while the user can still stop and change them.
@@ -281,6 +316,8 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     max_steps = total_steps(config, batches.epoch_len, world)
     if resume_from is not None:
         check_steps_left(resume_from, max_steps, config)
+        if accelerator.is_main_process:
+            print(resume_message(resume_from.trainer_state()["step"], max_steps, config), flush=True)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.
     optimizer = optimizers.build(config, unet, text_encoder, world, device)

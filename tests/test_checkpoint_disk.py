@@ -116,13 +116,22 @@ def test_the_default_sd15_run_and_what_the_plan_offers_on_a_free_drive(tmp_path)
     from dbnb import diskplan
     from dbnb.config import Config
 
-    config = Config(output_dir=str(tmp_path))  # the defaults: 3000 steps, a save every 500, 8-bit Adam
-    default = diskplan.plan(config, sd15_on_meta(), "AdamW8bit", 0, config.max_train_steps, RunFolder(tmp_path))
+    # the defaults: 3000 steps, a save every 500, 8-bit Adam, the text encoder trained (as train() sets it up)
+    config = Config(output_dir=str(tmp_path))
+    pipe = sd15_on_meta()
+    pipe.text_encoder.requires_grad_(config.fine_tunes_text_encoder)
+    default = diskplan.plan(config, pipe, "AdamW8bit", 0, config.max_train_steps, RunFolder(tmp_path))
     assert default.saves == 6 and default.keep_last_n == 1
-    assert 1.55 * GB < default.weights < 1.65 * GB  # 859.5 M values in fp16
-    assert 4.75 * GB < default.state < 4.85 * GB    # fp32 master + two 8-bit moments
-    assert 19 * GB < default.need < 19.5 * GB       # during the last save: 6 weights + 2 states
-    assert diskplan.fitting(default, 15 * GB) == "Settings that fit: save_every_steps=1000 (3 saves)."
+    assert 1.8 * GB < default.weights < 1.85 * GB   # 859.5 M UNet + 123.1 M text encoder values in fp16
+    assert 5.5 * GB < default.state < 5.55 * GB     # fp32 master + two 8-bit moments
+    assert 22 * GB < default.need < 22.1 * GB       # during the last save: 6 weights + 2 states
+    assert diskplan.fitting(default, 15 * GB) == "Settings that fit: save_every_steps=1500 (2 saves)."
+    # the UNet alone (train_text_encoder=false)
+    unet_only = diskplan.plan(config.replace(train_text_encoder=False), sd15_on_meta(), "AdamW8bit", 0,
+                              config.max_train_steps, RunFolder(tmp_path))
+    assert 1.55 * GB < unet_only.weights < 1.65 * GB and 4.75 * GB < unet_only.state < 4.85 * GB
+    assert 19 * GB < unet_only.need < 19.5 * GB
+    assert diskplan.fitting(unet_only, 15 * GB) == "Settings that fit: save_every_steps=1000 (3 saves)."
 
 
 @pytest.mark.parametrize("start, end, every, saves", [(0, 3000, 500, 6), (0, 3001, 500, 7), (0, 10, 0, 1),

@@ -211,3 +211,65 @@ def test_resume_report_and_memory_facts_live_on_the_fields():
     shown = [name for name, _, _ in changed_settings(Config())]
     assert "learning_rate" in shown and "instance_prompt" not in shown and "output_dir" not in shown
     assert "instance_prompt" not in [n for n, _, _ in changed_settings(Config(instance_prompt="zzq girl"))]
+
+
+def test_the_person_preset_is_the_guides_character_setup(capsys):
+    from dbnb.config import GUIDE_CHARACTER
+
+    c = load_config(preset="person")
+    assert c.to_dict() == {**Config().to_dict(), **GUIDE_CHARACTER}
+    assert (c.instance_prompt, c.class_prompt) == ("nanU Unan", "Unan")  # a rare name and its reversal
+    assert c.with_prior_preservation and c.class_images_mode == "transparent" and c.num_class_images == 0
+    assert (c.learning_rate, c.hflip, c.lr_warmup_steps, c.lr_scheduler) == (1e-6, False, 15, "polynomial")
+    assert c.train_text_encoder and Config().train_text_encoder  # as the extension trained (issue 30)
+    assert main(["config", "--preset", "person"]) == 0  # `dbnb config` prints it, valid as it is
+    assert "class_images_mode: transparent" in capsys.readouterr().out
+
+
+def test_the_preset_does_not_depend_on_what_is_installed():
+    """The same preset with onnxruntime importable and with its import blocked."""
+    import subprocess
+    import sys
+
+    show = ("import json\nfrom dbnb.config import PRESETS, load_config\n"
+            "print(json.dumps([PRESETS, load_config(preset='person').to_dict()], sort_keys=True))\n")
+    block = ("import sys\n"
+             "class Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] == 'onnxruntime':\n"
+             "            raise ImportError('blocked by the test')\n"
+             "sys.meta_path.insert(0, Block())\nsys.modules['onnxruntime'] = None\n")
+    check = block + "import importlib.util\ntry:\n    import onnxruntime\nexcept ImportError:\n    pass\n" \
+        "else:\n    raise SystemExit('onnxruntime still imports')\n"
+    runs = [subprocess.run([sys.executable, "-c", prefix + show], capture_output=True, text=True, check=True).stdout
+            for prefix in ("", check)]
+    assert runs[0] == runs[1] and "transparent" in runs[0]
+
+
+@pytest.mark.parametrize("class_prompt, mode, warned", [
+    ("1girl", "transparent", True), ("girl", "black", True), ("a person, solo", "transparent", True),
+    ("(woman:1.2)", "transparent", True), ("Unan", "transparent", False), ("1girl", "generate", False),
+    ("1girl", "import", False)])
+def test_a_common_class_word_on_blank_class_images_is_warned(class_prompt, mode, warned):
+    from dbnb.config import class_word_warning
+
+    c = Config(with_prior_preservation=True, class_prompt=class_prompt, class_images_mode=mode,
+               class_data_dir="c", num_class_images=5)
+    text = class_word_warning(c)
+    assert bool(text) == warned
+    if warned:
+        assert f"class_prompt {class_prompt!r}" in text and "class_prompt=Unan" in text and "nanU Unan" in text
+    assert not class_word_warning(c.replace(with_prior_preservation=False))
+
+
+def test_dbnb_config_warns_about_a_common_class_word_on_stderr(capsys):
+    assert main(["config", "--preset", "person", "class_prompt=1girl"]) == 0
+    out, err = capsys.readouterr()
+    assert "class_prompt: 1girl" in out and err.startswith("warning: class_prompt '1girl'")
+    assert main(["config", "--preset", "person"]) == 0 and not capsys.readouterr().err
+
+
+def test_prior_preservation_takes_0_class_images_as_10x_only_for_blank_ones():
+    Config(with_prior_preservation=True, class_prompt="Unan", class_data_dir="c", class_images_mode="transparent")
+    with pytest.raises(ConfigError, match="num_class_images is 0"):
+        Config(with_prior_preservation=True, class_prompt="Unan", class_data_dir="c", class_images_mode="generate")

@@ -98,6 +98,29 @@ def test_the_line_break_check_finds_a_broken_sentence_and_passes_whole_ones(tmp_
                 test_no_line_break_inside_a_japanese_sentence(notebook)
 
 
+def test_the_notebooks_default_to_the_guides_character_setup():
+    """One source: every setting of the person preset (dbnb.config.GUIDE_CHARACTER) that a parameters
+    cell shows has the preset's value there (an empty prompt: the one built from 02's two words), and
+    one no cell shows has it as its Config default, so 01 → 05 run as they come train the guide's setup."""
+    from dbnb.config import GUIDE_CHARACTER, Config
+    from dbnb.notebook import FROM_TOKENS
+
+    shown = {}
+    for path in NOTEBOOKS:
+        for node in ast.parse("".join(cells(path)[1]["source"])).body:
+            if isinstance(node, ast.Assign):
+                shown[node.targets[0].id] = ast.literal_eval(node.value)
+    defaults, tokens = Config().to_dict(), {k: GUIDE_CHARACTER[k] for k in ("instance_token", "class_token")}
+    for name, value in GUIDE_CHARACTER.items():
+        if name in FROM_TOKENS and shown.get(name) == "":
+            assert FROM_TOKENS[name].format(**tokens) == value, name
+        elif name in shown:
+            assert shown[name] == value, f"{name}: the notebook says {shown[name]!r}, the preset {value!r}"
+        elif name != "class_data_dir":  # the notebooks keep it in the workspace (notebook.STEP_FOLDERS)
+            assert defaults[name] == value, f"{name}: no notebook sets it and its default is not the preset's"
+    assert (shown["instance_token"], shown["class_token"]) == ("nanU", "Unan")  # the guide's throwaway pair
+
+
 def run(path, tmp_path, kernel="python3", **parameters):
     import papermill
 
@@ -220,8 +243,9 @@ def test_the_colab_path_from_the_wheel_runs_01_to_05_each_in_a_fresh_runtime_to_
     out, stop = failing_here(nb["02"], workspace=str(ws))
     assert stop.ename == "PrepError" and "dbnb: " in outputs(out) and "no pictures found" in outputs(out)
 
+    # 02 with its own words: the guide's rare name and throwaway class word, nanU / Unan
     run_here(nb["02"], workspace=str(ws), dataset_source=str(pictures), resolution=64,
-             segmentation_model=str(segmenter), instance_token="hnzk", class_token="girl")
+             segmentation_model=str(segmenter))
     prepared = sorted((ws / "dataset").glob("*.png"))
     assert len(prepared) == 3 and all(p.with_suffix(".txt").is_file() for p in prepared)
     assert outputs(tmp_path / "out-02_dataset.ipynb").count("dbnb prep: 3 training pictures in dataset") == 1
@@ -231,7 +255,7 @@ def test_the_colab_path_from_the_wheel_runs_01_to_05_each_in_a_fresh_runtime_to_
     assert len(list((ws / "class_images").glob("*.png"))) == 30  # the seed's 10x
     saved = (ws / "config.yaml").read_text()
     assert "num_class_images: 30" in saved and "with_prior_preservation: true" in saved
-    assert "class_prompt: girl" in saved
+    assert "class_prompt: Unan" in saved  # not 1girl: the transparent pictures teach it a blank picture
 
     # 04 with the user's small CPU sizes only: it must train with 03's class images and prompt.
     out = run_here(nb["04"], workspace=str(ws), run_name="nb", max_train_steps=4, save_every_steps=2,
@@ -239,8 +263,10 @@ def test_the_colab_path_from_the_wheel_runs_01_to_05_each_in_a_fresh_runtime_to_
               learning_rate=1e-4, num_samples=1, sample_steps=2)
     run_dir = ws / "runs" / "nb"
     trained = json.loads((run_dir / "config.json").read_text())
-    assert trained["with_prior_preservation"] and trained["class_prompt"] == "girl"
-    assert trained["num_class_images"] == 30 and trained["instance_prompt"] == "hnzk girl"
+    assert trained["with_prior_preservation"] and trained["class_prompt"] == "Unan"
+    assert trained["num_class_images"] == 30 and trained["instance_prompt"] == "nanU Unan"
+    assert trained["class_images_mode"] == "transparent" and trained["train_text_encoder"]  # the guide's setup
+    assert "teaches" not in outputs(out)  # no common-word warning for a throwaway class word
     assert trained["resolution"] == 64  # notebook 02's size
     assert "with_prior_preservation: true" in (ws / "config.yaml").read_text()  # 04 did not undo 03
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000002", "step-000004"]

@@ -157,7 +157,7 @@ def test_settings_that_disagree_are_refused_with_the_fix(overrides, named):
 
 def test_mixes_that_agree_are_accepted():
     for overrides in (["optimizer=adamw8bit"], ["optimizer=lion", "use_8bit_adam=true"],
-                      ["optimizer=prodigy", "learning_rate=1", "use_8bit_adam=true"],
+                      ["optimizer=prodigy", "learning_rate=1", "text_encoder_lr=1", "use_8bit_adam=true"],
                       ["optimizer=prodigy", "use_lora=true", "lora_learning_rate=1", "lora_text_encoder_rank=4",
                        "lora_text_encoder_learning_rate=0.5"]):
         load_config(overrides=overrides)

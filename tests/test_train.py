@@ -413,7 +413,7 @@ def test_instance_folder_problems_are_found_before_anything_is_made(make_config,
     assert not (tmp_path / "runs").exists()
 
 
-def test_an_existing_run_needs_resume(make_config):
+def test_an_existing_run_needs_resume(make_config, capsys):
     config = make_config(max_train_steps=2, save_every_steps=1, keep_last_n=1)
     train(config, progress=False)
     with pytest.raises(RunFolderError, match="--resume latest"):
@@ -423,8 +423,25 @@ def test_an_existing_run_needs_resume(make_config):
     for steps, said in ((1, "past max_train_steps=1"), (2, "which is max_train_steps=2")):
         with pytest.raises(TrainingError, match=f"already at step 2, {said}; nothing to train"):
             train(config.replace(max_train_steps=steps), resume="latest", progress=False)
+    capsys.readouterr()
     result = train(config.replace(max_train_steps=3), resume="latest", progress=False)
     assert result.step == 3
+    # said where it starts: the total counts, not the webui extension's "the set steps again from the stop"
+    said = capsys.readouterr().out
+    assert ("[dbnb] resuming at step 2: max_train_steps=3 is the total of the whole run, so 1 steps are left, "
+            "not 3 more as the webui extension would train (to train N more, set max_train_steps=2 + N); saves "
+            "stay at multiples of save_every_steps=1 counted from step 0 (next at step 3), not from the stop") in said
+
+
+def test_the_resume_message_counts_saves_from_step_0():
+    from dbnb.config import Config
+    from dbnb.train import resume_message
+
+    said = resume_message(2000, 3000, Config(save_every_steps=500))
+    assert "1000 steps are left, not 3000 more" in said and "(next at step 2500)" in said
+    assert "max_train_steps=2000 + N" in said and "『設定したステップ分』" in said
+    assert "(next at step 3000)" in resume_message(2900, 3000, Config(save_every_steps=500))
+    assert "one save at the end" in resume_message(10, 30, Config(save_every_steps=0))
 
 
 def _resumed_equals_straight(make_config, name: str, first: dict, then: dict):
@@ -982,3 +999,12 @@ def test_min_snr_weights_follow_the_definition():
         snr = alphas / (1 - alphas)
         want = torch.clamp(snr, max=5.0) / (snr + 1 if prediction == "v_prediction" else snr)
         torch.testing.assert_close(min_snr_weights(scheduler, t, 5.0), want.float(), rtol=1e-4, atol=0)
+
+
+def test_0_transparent_class_images_means_10x_the_pictures_in_the_run(make_config, capsys):
+    from dbnb.train import resolve_class_count
+
+    config = make_config(with_prior_preservation=True, class_images_mode="transparent", num_class_images=0)
+    assert resolve_class_count(config).num_class_images == 30  # 3 pictures, the seed's 10x
+    assert "num_class_images=0 with class_images_mode=transparent: 30" in capsys.readouterr().out
+    assert resolve_class_count(config.replace(num_class_images=6)).num_class_images == 6
