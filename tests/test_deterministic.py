@@ -53,6 +53,7 @@ def three_runs(make_config, **settings):
     return master_weights(first.run_dir), master_weights(second.run_dir), master_weights(resumed.run_dir)
 
 
+@pytest.mark.own_logic
 @multi_core
 def test_on_two_runs_and_a_resumed_one_give_the_same_weights_bitwise(make_config, all_threads):
     first, second, resumed = three_runs(make_config, deterministic=True)
@@ -62,6 +63,7 @@ def test_on_two_runs_and_a_resumed_one_give_the_same_weights_bitwise(make_config
         assert torch.equal(first[k], resumed[k]), f"resumed vs uninterrupted: {k}"
 
 
+@pytest.mark.own_logic
 @multi_core
 def test_off_a_resume_adds_no_difference_beyond_run_to_run(make_config, all_threads, capsys):
     first, second, resumed = three_runs(make_config, deterministic=False)
@@ -79,6 +81,7 @@ def test_off_a_resume_adds_no_difference_beyond_run_to_run(make_config, all_thre
     assert by_resume <= 1.5 * run_to_run
 
 
+@pytest.mark.own_logic
 @multi_core
 def test_on_kill_9_at_any_moment_then_resume_latest_gives_the_uninterrupted_weights(make_config, tmp_path):
     """As a user runs it: `dbnb train` at the default thread count, killed, then `--resume latest`."""

@@ -15,6 +15,8 @@ from dbnb.batches import gather_examples, read_images
 from dbnb.divergence import first_non_finite
 from dbnb.train import train
 
+pytestmark = pytest.mark.own_logic  # how dbnb drives the step, not what a library's API does
+
 # Every way Python reads a tensor's value on the host; on a GPU each one waits for the queued work.
 READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "numpy", "cpu")
 # Reads of host-only tensors by design: each epoch's shuffle is a CPU generator's randperm,

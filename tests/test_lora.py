@@ -141,6 +141,7 @@ def _cli(config, tmp_path):
     return [sys.executable, "-m", "dbnb", "train", str(path), "--no-progress"]
 
 
+@pytest.mark.own_logic
 def test_kill_9_then_resume_of_a_lora_run_matches_the_uninterrupted_run(make_config, tmp_path):
     from test_train import _wait_for
 

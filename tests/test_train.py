@@ -537,6 +537,7 @@ def test_resume_refuses_another_base_model_but_takes_a_copy_of_the_same(make_con
     assert sorted(c.name for c in (run / "checkpoints").iterdir())[-1] == "step-000003"
 
 
+@pytest.mark.own_logic
 def test_resume_latest_names_a_damaged_checkpoint_and_the_one_to_resume_from(make_config, tmp_path):
     config = make_config(max_train_steps=3, save_every_steps=1, run_name="cut", keep_last_n=2)
     run = train(config, progress=False).run_dir
@@ -555,6 +556,7 @@ def test_resume_latest_names_a_damaged_checkpoint_and_the_one_to_resume_from(mak
     assert unet.stat().st_size > 1000  # step 3 written again, whole
 
 
+@pytest.mark.own_logic
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(make_config, monkeypatch):
     from dbnb.env import DiskFullError
 
@@ -637,6 +639,7 @@ def test_prompts_past_77_tokens_warn_once_per_run_with_the_count_and_the_longest
     assert f"the longest: {pictures[1]} (" in said[0]
 
 
+@pytest.mark.own_logic
 def test_disk_full_says_which_older_checkpoints_and_previews_to_delete_with_their_sizes(make_config, monkeypatch):
     """keep_last_n prunes resume states only, which are gone already when the disk fills: the
     advice is what really takes the room, with sizes, and that the newest must stay."""
@@ -663,6 +666,7 @@ def test_disk_full_says_which_older_checkpoints_and_previews_to_delete_with_thei
     assert "keep_last_n" not in message and message.endswith("CLI: --resume latest).")
 
 
+@pytest.mark.own_logic
 def test_disk_full_inside_safetensors_is_the_same_disk_full(make_config, tmp_path, monkeypatch, capsys):
     """diffusers writes the UNet through safetensors, whose error on a full disk is its own
     SafetensorError (an Exception, not an OSError): the same message, the checkpoints kept."""
@@ -691,6 +695,7 @@ def test_disk_full_inside_safetensors_is_the_same_disk_full(make_config, tmp_pat
     assert main(["train", str(path), "--no-progress", "--resume", "latest"]) == 0
 
 
+@pytest.mark.own_logic
 def test_disk_full_while_logging_stops_with_the_same_message(make_config, monkeypatch):
     import errno
 
@@ -738,6 +743,7 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.mark.own_logic
 def test_kill_9_then_resume_matches_the_uninterrupted_run(make_config, tmp_path):
     steps = 24
     killed = make_config(max_train_steps=steps, save_every_steps=3, run_name="killed", use_ema=True,
@@ -761,6 +767,7 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(make_config, tmp_path)
     assert log == list(range(1, steps + 1))
 
 
+@pytest.mark.own_logic
 def test_sigterm_cancels_at_a_step_boundary_and_saves(make_config, tmp_path):
     config = make_config(max_train_steps=500, save_every_steps=0, run_name="cancel")
     proc = subprocess.Popen(_cli(config, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -774,6 +781,7 @@ def test_sigterm_cancels_at_a_step_boundary_and_saves(make_config, tmp_path):
     assert 0 < json.loads((saved[0] / "state" / "trainer.json").read_text())["step"] < 500
 
 
+@pytest.mark.own_logic
 @pytest.mark.slow  # two real CLI trainings
 def test_a_second_training_in_the_same_run_folder_is_refused_and_changes_nothing(make_config, tmp_path):
     first = make_config(max_train_steps=500, save_every_steps=0, run_name="dup")
@@ -833,6 +841,7 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch,
         assert time.time() - run.lock_path.stat().st_mtime < 5
 
 
+@pytest.mark.own_logic
 def test_a_second_ctrl_c_stops_at_once_with_one_line(make_config, tmp_path):
     config = make_config(max_train_steps=500, save_every_steps=0, run_name="twice")
     proc = subprocess.Popen(_cli(config, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -847,6 +856,7 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(make_config, tmp_path):
     assert not list((tmp_path / "runs" / "twice" / "checkpoints").iterdir())  # no half-written save either
 
 
+@pytest.mark.own_logic
 def test_two_process_cpu_ddp_completes(make_config, tmp_path):
     config = make_config(max_train_steps=4, save_every_steps=2, run_name="ddp")
     path = config.save(tmp_path / "ddp.json")
@@ -868,6 +878,7 @@ def _ddp(config, tmp_path, env=None):
                             text=True, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.own_logic
 def test_two_process_ddp_stops_together_when_only_one_rank_is_signalled(make_config, tmp_path):
     """A SIGTERM that reaches one process (the other rank's) stops both at one step, saved."""
     import psutil
@@ -891,6 +902,7 @@ def test_two_process_ddp_stops_together_when_only_one_rank_is_signalled(make_con
     assert len(saved) == 1 and int(saved[0][5:]) < 400
 
 
+@pytest.mark.own_logic
 def test_two_process_ddp_raises_on_both_ranks_when_one_loss_is_nan(make_config, tmp_path):
     """An fp16 overflow on one rank's batch: both ranks stop with dbnb's divergence message."""
     hook = tmp_path / "hook"
