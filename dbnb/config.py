@@ -356,9 +356,9 @@ class Config:
                                               "VRAM 12GB だと落ちるので 0 推奨。", minimum=0, learns=False, memory_saving=0)
     keep_last_n: int = setting(1, "Intervals", "Keep Last N Resume States",
                                "Resume states older than the newest N are deleted: the fp32 master weights and the "
-                               "optimizer's state, 4.8 GiB on SD 1.5 with 8-bit Adam. Trained weights are kept; "
+                               "optimizer's state, on SD 1.5 with 8-bit Adam 5.5 GiB (4.8 GiB without train_text_encoder). Trained weights are kept; "
                                "while a save is written, one more state exists until the oldest goes.",
-                               help_ja="最新 N 個より古い再開用データ（fp32 の重みとオプティマイザの状態。SD 1.5 と 8bit Adam で 4.8 GiB）を削除します。学習済みの重みは残ります。保存中は一時的にもう 1 個増えます。", minimum=1, learns=False)
+                               help_ja="最新 N 個より古い再開用データ（fp32 の重みとオプティマイザの状態。SD 1.5 と 8bit Adam で 5.5 GiB、テキストエンコーダを学習しないなら 4.8 GiB）を削除します。学習済みの重みは残ります。保存中は一時的にもう 1 個増えます。", minimum=1, learns=False)
 
     # --- Learning Rate -------------------------------------------------------------------
     learning_rate: float = setting(1e-6, "Learning Rate", "Learning Rate",
