@@ -3,13 +3,14 @@
     python bench/bench_deterministic.py                  # about 7 minutes on 2 cores
     python bench/bench_deterministic.py --pairs 1 --skip-demo
     python bench/bench_deterministic.py --record         # docs/cpu-results/ and docs/performance.md
+    python bench/bench_deterministic.py --record --skip-demo   # the tiny runs again, the day's demo kept
 
 Runs at the machine's default thread count (nothing here pins threads), alternating off and on so
 a slow spell of the machine falls on both:
 - the demo's training as a user starts it: `dbnb train` in a process of its own on the demo's
   config (world model, 400 steps, batch 2 + prior preservation, text encoder trained, previews),
   whole-process seconds and steps/s over the loop after its warm-up;
-- the tiny model at 64 px, batch 1, AdamW, fp32 (issue 36's case: batch 1 is where the CPU's
+- the tiny model at 64 px, batch 1, AdamW, fp32, text encoder trained (the default; issue 36's case: batch 1 is where the CPU's
   backward is not reproducible), in this process, steps/s after the warm-up;
 and for each, the largest difference between the fp32 master UNet weights of two runs of one config.
 """
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTE = (
     "The cause (dbnb/reproducible.py): at batch 1 the UNet's 3x3 convolutions on its 1x1 lowest level run the "
     "slow_conv2d path (not oneDNN), whose input gradient is one MKL sgemm; on two or more threads MKL splits it "
-    "differently from call to call (~1e-7), and Adam amplifies that to ~1e-3 within tens of steps. At batch 2 and "
+    "differently from call to call (~1e-7), and Adam amplifies that (issue 36's UNet-only run: 1.2e-3 apart "
+    "after 20 steps; with the text encoder trained, the default now, the table's 6e-6 after 100). At batch 2 and "
     "more that convolution parallelises over the batch and comes out reproducible, which is why the demo's two "
     "runs can be equal with it off. `torch.use_deterministic_algorithms(True)` and "
     "`torch.backends.mkldnn.enabled = False` leave it; `MKL_CBWR=AUTO,STRICT` cures it only when set before the "
@@ -119,6 +121,8 @@ def record(figures: dict, date: str) -> Path:
 
     out = ROOT / "docs" / "cpu-results" / f"deterministic-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    if "demo" not in figures and out.exists():  # a --skip-demo rerun keeps the day's demo figures
+        figures = {**figures, "demo": json.loads(out.read_text())["demo"]}
     out.write_text(json.dumps({**figures, "notes": [NOTE]}, indent=1) + "\n")
     return write_doc(ROOT / "docs")
 

@@ -215,10 +215,10 @@ def deterministic_section(result: dict) -> list[str]:
     def difference(figures):
         value = figures["max_weight_difference"]
         return "-" if value is None else f"{value:.2g}"
-    pairs = " / ".join(f"pair {n + 1}" for n in range(result["pairs"]))
     lines = [f"### {m['cpu']}, {m['date']}", "",
              f"Python {m['python']}, torch {m['torch']}, default thread count ({m['threads']}); off and on "
-             f"alternating, one run after the other ({pairs}).", "", "| figure | off | on |", "|---|---|---|"]
+             f"alternating, one run after the other; each figure is one run, pairs in order.", "",
+             "| figure | off | on |", "|---|---|---|"]
     if demo:
         lines += [f"| the demo's training, whole `dbnb train` process ({demo['steps']} steps, batch 2 + prior "
                   f"preservation, text encoder trained, previews), seconds | {each(demo['off']['process_s'], '.1f')} "
@@ -227,7 +227,7 @@ def deterministic_section(result: dict) -> list[str]:
                   f"{each(demo['on']['steps_per_s'], '.2f')} |",
                   f"| the demo, two runs of one config: max difference of the fp32 UNet weights | "
                   f"{difference(demo['off'])} | {difference(demo['on'])} |"]
-    lines += [f"| tiny model, 64 px, batch 1, AdamW, fp32, {tiny['steps']} steps: steps/s after step {tiny['warmup']} "
+    lines += [f"| tiny model, 64 px, batch 1, AdamW, fp32, text encoder trained, {tiny['steps']} steps: steps/s after step {tiny['warmup']} "
               f"| {each(tiny['off']['steps_per_s'], '.2f')} | {each(tiny['on']['steps_per_s'], '.2f')} |",
               f"| the tiny model, two runs of one config: max difference of the fp32 UNet weights | "
               f"{difference(tiny['off'])} | {difference(tiny['on'])} |"]
