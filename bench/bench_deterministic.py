@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))  # hot_path's tiny run
 NOTE = (
     "The cause (dbnb/reproducible.py): at batch 1 the UNet's 3x3 convolutions on its 1x1 lowest level run the "
     "slow_conv2d path (not oneDNN), whose input gradient is one MKL sgemm; on two or more threads MKL splits it "
@@ -52,22 +53,10 @@ def loop_speed(run_dir: Path, warmup: int) -> float:
 
 
 def tiny_runs(cache: Path, pairs: int, steps: int, warmup: int) -> dict:
-    from dbnb.classimages import write_blank_images
-    from dbnb.config import Config
-    from dbnb.demo import write_dataset
-    from dbnb.tiny import make_tiny_model
     from dbnb.train import train
+    from hot_path import tiny_config
 
-    model = cache / "tiny"
-    if not (model / "model_index.json").exists():
-        make_tiny_model(model)
-    instance, klass = write_dataset(cache / "data-64", n_instance=5, size=64)
-    write_blank_images(klass, 10, 64, progress=False)
-    base = Config(pretrained_model_name_or_path=str(model), instance_data_dir=str(instance),
-                  class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
-                  output_dir=str(cache / "runs"), resolution=64, max_train_steps=steps, seed=7,
-                  save_every_steps=0, sample_every_steps=0, lr_warmup_steps=0, mixed_precision="no",
-                  use_8bit_adam=False, gradient_checkpointing=False, train_batch_size=1)
+    base = tiny_config(cache, steps, seed=7, sample_every_steps=0, train_batch_size=1)
     out = {"off": {"steps_per_s": [], "runs": []}, "on": {"steps_per_s": [], "runs": []}}
     for pair in range(pairs):
         for mode in ("off", "on"):

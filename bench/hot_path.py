@@ -54,9 +54,9 @@ def count_host_reads(state: dict) -> None:
     torch.cuda.synchronize = counting("synchronize", torch.cuda.synchronize)
 
 
-def tiny_run(cache: Path, steps: int, warmup: int, settings: dict) -> dict:
-    """Train the tiny model `steps` steps; host reads per step and steps/s after `warmup`."""
-    from dbnb import train as train_module
+def tiny_config(cache: Path, steps: int, **settings):
+    """The tiny model (made once in `cache`) on 5 drawn pictures and 10 blank class images at
+    64 px, fp32 and torch AdamW, `steps` steps with no saves between: the bench scripts' CPU run."""
     from dbnb.classimages import write_blank_images
     from dbnb.config import Config
     from dbnb.demo import write_dataset
@@ -67,11 +67,18 @@ def tiny_run(cache: Path, steps: int, warmup: int, settings: dict) -> dict:
         make_tiny_model(model)
     instance, klass = write_dataset(cache / "data-64", n_instance=5, size=64)
     write_blank_images(klass, 10, 64, progress=False)
-    config = Config(**{**dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(instance),
-                              class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
-                              output_dir=str(cache / "runs"), run_name=f"hot-{time.time_ns()}", resolution=64,
-                              max_train_steps=steps, save_every_steps=0, lr_warmup_steps=0, mixed_precision="no",
-                              use_8bit_adam=False, gradient_checkpointing=False), **settings})
+    return Config(**{**dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(instance),
+                            class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
+                            output_dir=str(cache / "runs"), run_name=f"hot-{time.time_ns()}", resolution=64,
+                            max_train_steps=steps, save_every_steps=0, lr_warmup_steps=0, mixed_precision="no",
+                            use_8bit_adam=False, gradient_checkpointing=False), **settings})
+
+
+def tiny_run(cache: Path, steps: int, warmup: int, settings: dict) -> dict:
+    """Train the tiny model `steps` steps; host reads per step and steps/s after `warmup`."""
+    from dbnb import train as train_module
+
+    config = tiny_config(cache, steps, **settings)
     state, seen = COUNT, {}
     state.update(on=False, reads=0)
     real_loop = train_module.loop
