@@ -17,12 +17,12 @@ from dbnb.errors import DbnbError
 from dbnb import __version__
 from dbnb.checkpoints import RunFolder
 from dbnb.fetch import free_name
-from dbnb.layout import original_state_dict, remove_leftovers, write_single_file
+from dbnb.layout import WRITTEN_SUFFIXES, original_state_dict, remove_leftovers, write_single_file
 from dbnb.models import public_name
 from dbnb.precision import FILE_DTYPES
 from dbnb.versions import dtype_argument
 
-FORMATS = ("safetensors", "ckpt")
+FORMATS = tuple(suffix.lstrip(".") for suffix in WRITTEN_SUFFIXES)
 
 
 class ExportError(DbnbError, RuntimeError):
