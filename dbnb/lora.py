@@ -129,16 +129,15 @@ def text_encoder_lora_config(text_encoder, spec: Spec):
 def add_adapters(unet, text_encoder, spec: Spec, seed: int | None = None) -> None:
     """Freeze both models and put fresh adapters on them (fp32, whatever the models' dtype). The
     initial weights come from `seed` (peft draws them from the global RNG)."""
+    from diffusers.training_utils import cast_training_params
+
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
         _add(unet, text_encoder, spec)
-    for model in (unet, text_encoder):
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    cast_training_params([unet, text_encoder], torch.float32)
 
 
 def _add(unet, text_encoder, spec: Spec) -> None:
