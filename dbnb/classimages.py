@@ -30,6 +30,7 @@ from dbnb.data import DatasetError
 from dbnb.env import shown
 from dbnb.fetch import IMAGE_SUFFIXES
 from dbnb.images import SAMPLERS, cpu_batch_size, make_scheduler, render
+from dbnb.precision import inference_dtype
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
 TRANSPARENT_PER_INSTANCE = 10  # the seed: 10x the instance images
@@ -210,10 +211,8 @@ def generation_prompt(config) -> str:
 
 
 def generation_device_dtype(config) -> tuple[torch.device, torch.dtype]:
-    if not torch.cuda.is_available():
-        return torch.device("cpu"), torch.float32  # fp16 on CPU is slow or unsupported
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}[config.mixed_precision]
-    return torch.device("cuda"), dtype
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, inference_dtype(config.mixed_precision, device)
 
 
 def load_generation_pipeline(config):

@@ -17,12 +17,12 @@ from dbnb.errors import DbnbError
 from dbnb import __version__
 from dbnb.checkpoints import RunFolder
 from dbnb.fetch import free_name
-from dbnb.layout import original_state_dict, remove_leftovers, write_single_file
+from dbnb.layout import WRITTEN_SUFFIXES, original_state_dict, remove_leftovers, write_single_file
 from dbnb.models import public_name
+from dbnb.precision import FILE_DTYPES
 from dbnb.versions import dtype_argument
 
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
-FORMATS = ("safetensors", "ckpt")
+FORMATS = tuple(suffix.lstrip(".") for suffix in WRITTEN_SUFFIXES)
 
 
 class ExportError(DbnbError, RuntimeError):
@@ -200,9 +200,9 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     run's checkpoint becomes a LoRA file, or with `bake` a full model with the LoRA merged in."""
     if fmt not in FORMATS:
         raise ExportError(f"format {fmt!r}: choose safetensors or ckpt.")
-    if precision not in DTYPES:
+    if precision not in FILE_DTYPES:
         raise ExportError(f"precision {precision!r}: choose fp16, fp32 or bf16.")
-    dtype = DTYPES[precision]
+    dtype = FILE_DTYPES[precision]
     run = RunFolder(source)
     if not run.config_path.is_file():
         refuse_runs_folder(Path(source))
@@ -249,7 +249,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
     if fmt != "safetensors":
         raise ExportError(f"format {fmt}: a LoRA is exported as .safetensors (what the webui's models/Lora "
                           "folder takes); leave out --format, or add --bake for a full model file.")
-    config, dtype = load_config(run.config_path), DTYPES[precision]
+    config, dtype = load_config(run.config_path), FILE_DTYPES[precision]
     spec, unet, text = checkpoint.adapters(ema)
     state = kohya.kohya_state_dict(unet, text, spec, dtype)
     stem = name or f"{config.run_name}_{checkpoint.step}" + ("_ema" if ema else "")

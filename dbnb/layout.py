@@ -32,7 +32,6 @@ ORIGINAL_PREFIXES: Mapping[str, str] = MappingProxyType({
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.transformer.text_model.",
 })
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 # Every tensor in these models is a module's weight or bias; anything else (buffers, stray
 # entries) must not slip through under a plausible-looking name.
@@ -397,6 +396,7 @@ class _WebuiCkptArchive:
 
 
 _WRITERS = {".safetensors": _save_safetensors, ".ckpt": _save_ckpt}
+WRITTEN_SUFFIXES = tuple(_WRITERS)  # what write_single_file writes: the formats export offers
 
 
 # What write_single_file names its file while writing it; and how long a live writer's file
@@ -434,7 +434,7 @@ def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
     writer = _WRITERS.get(path.suffix.lower())
     if writer is None:
         raise ValueError(f"cannot write {str(path)!r}: suffix must be one of "
-                         f"{', '.join(SINGLE_FILE_SUFFIXES)}")
+                         f"{', '.join(WRITTEN_SUFFIXES)}")
     metadata = _check_metadata(metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Same folder, so os.replace is an atomic rename on one filesystem; the dot hides it from

@@ -24,8 +24,9 @@ import torch
 from dbnb.errors import DbnbError
 
 ADAPTER = "dbnb"  # the peft adapter name on the UNet / text encoder
-SPEC_FILE, UNET_FILE, TEXT_ENCODER_FILE, EMA_FILE = ("adapters.json", "unet.safetensors",
-                                                     "text_encoder.safetensors", "ema.safetensors")
+# A checkpoint's lora/ folder (not the diffusers files of dbnb.checkpoints' unet/ and text_encoder/)
+SPEC_FILE, UNET_ADAPTERS_FILE, TEXT_ENCODER_ADAPTERS_FILE, EMA_ADAPTERS_FILE = (
+    "adapters.json", "unet.safetensors", "text_encoder.safetensors", "ema.safetensors")
 TRANSFORMER_BLOCKS = ("Transformer2DModel",)
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
@@ -128,16 +129,15 @@ def text_encoder_lora_config(text_encoder, spec: Spec):
 def add_adapters(unet, text_encoder, spec: Spec, seed: int | None = None) -> None:
     """Freeze both models and put fresh adapters on them (fp32, whatever the models' dtype). The
     initial weights come from `seed` (peft draws them from the global RNG)."""
+    from diffusers.training_utils import cast_training_params
+
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
         unet.requires_grad_(False)
         text_encoder.requires_grad_(False)
         _add(unet, text_encoder, spec)
-    for model in (unet, text_encoder):
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+    cast_training_params([unet, text_encoder], torch.float32)
 
 
 def _add(unet, text_encoder, spec: Spec) -> None:
@@ -189,7 +189,8 @@ def set_scale(model, scale: float) -> None:
 # --- in a checkpoint's lora/ folder -------------------------------------------------------------
 
 def held_parts(folder: Path) -> set[str]:
-    return {part for part, file in (("unet", UNET_FILE), ("text_encoder", TEXT_ENCODER_FILE), ("ema", EMA_FILE))
+    return {part for part, file in (("unet", UNET_ADAPTERS_FILE), ("text_encoder", TEXT_ENCODER_ADAPTERS_FILE),
+                                    ("ema", EMA_ADAPTERS_FILE))
             if (folder / file).is_file()}
 
 
@@ -198,11 +199,11 @@ def save(folder: Path, unet, text_encoder, spec: Spec, ema_state: dict | None) -
 
     folder.mkdir()
     spec.save(folder)
-    save_file(adapter_state(unet), folder / UNET_FILE)
+    save_file(adapter_state(unet), folder / UNET_ADAPTERS_FILE)
     if spec.text_encoder_rank:
-        save_file(adapter_state(text_encoder), folder / TEXT_ENCODER_FILE)
+        save_file(adapter_state(text_encoder), folder / TEXT_ENCODER_ADAPTERS_FILE)
     if ema_state is not None:
-        save_file(ema_state, folder / EMA_FILE)
+        save_file(ema_state, folder / EMA_ADAPTERS_FILE)
 
 
 def ema_state(shadow: list[torch.Tensor], unet, text_encoder) -> dict[str, torch.Tensor]:
@@ -216,12 +217,12 @@ def read_ema_shadow(folder: Path, unet, text_encoder) -> list[torch.Tensor]:
     """The saved EMA shadow, in the order of `trainable(unet, text_encoder)`."""
     from dbnb.weights import read_safetensors
 
-    saved = read_safetensors(folder / EMA_FILE)
+    saved = read_safetensors(folder / EMA_ADAPTERS_FILE)
     keys = [f"{part}.{k}" for part, model in (("unet", unet), ("text_encoder", text_encoder))
             for k, _ in adapter_parameters(model)]
     if set(keys) != saved.keys():
-        raise LoraError(f"{folder / EMA_FILE}: its EMA does not match this run's adapters; resume from another "
-                        "checkpoint.")
+        raise LoraError(f"{folder / EMA_ADAPTERS_FILE}: its EMA does not match this run's adapters; resume from "
+                        "another checkpoint.")
     return [saved[k] for k in keys]
 
 
@@ -235,11 +236,11 @@ def read(folder: Path, ema: bool = False) -> tuple[dict, dict]:
     from dbnb.weights import read_safetensors
 
     if ema:
-        both = read_safetensors(folder / EMA_FILE)
+        both = read_safetensors(folder / EMA_ADAPTERS_FILE)
         split = lambda part: {k[len(part) + 1:]: v for k, v in both.items() if k.startswith(part + ".")}  # noqa: E731
         return split("unet"), split("text_encoder")
-    text = folder / TEXT_ENCODER_FILE
-    return read_safetensors(folder / UNET_FILE), (read_safetensors(text) if text.is_file() else {})
+    text = folder / TEXT_ENCODER_ADAPTERS_FILE
+    return read_safetensors(folder / UNET_ADAPTERS_FILE), (read_safetensors(text) if text.is_file() else {})
 
 
 def load_into(folder: Path, pipe, ema: bool = False, scale: float = 1.0) -> None:

@@ -50,10 +50,10 @@ from dbnb.fetch import free_name
 from dbnb.hashes import legacy_hash, sha256_of
 from dbnb.layout import ORIGINAL_PREFIXES, remove_leftovers, write_single_file
 from dbnb.models import ModelLoadError, fetch_model, public_name, save_folder, sd1_variant
+from dbnb.precision import FILE_DTYPES
 from dbnb.sdfile import COMPONENTS, Entry, SDFileError, file_entries, folder_entries, weight_files
 
 MODES = ("weighted_sum", "add_difference")
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
 EMA_PREFIX = "model_ema."
 TE_OLD, TE_NEW = "cond_stage_model.transformer.", ORIGINAL_PREFIXES["text_encoder"]
 POSITION_IDS = TE_NEW + "embeddings.position_ids"
@@ -408,7 +408,7 @@ def merge(inputs: Sequence[str], weights: Sequence[float] | None = None, *, mode
     if len(labels) != len(inputs):
         raise MergeError(f"{len(labels)} labels for {len(inputs)} models: give one label per model.")
     coeffs = coefficients(len(inputs), weights, mode=mode, alpha=alpha, normalize=normalize, labels=labels)
-    if dtype not in DTYPES:
+    if dtype not in FILE_DTYPES:
         raise MergeError(f"dtype {dtype!r}: choose fp16, fp32 or bf16.")
     merged = {"unet"} | ({"vae"} if include_vae and not unet_only else set()) \
         | ({"text_encoder"} if include_text_encoder and not unet_only else set())
@@ -432,7 +432,7 @@ def merge(inputs: Sequence[str], weights: Sequence[float] | None = None, *, mode
         info = {"name": name, "recipe": title, "mode": mode, "coefficients": coeffs, "dtype": dtype,
                 "normalized": normalize, "merged": sorted(merged), "inputs": [_input_info(m) for m in models],
                 "rules": notes, "dbnb_version": __version__}
-        state = _merge_state(models, merged, mode, coeffs, DTYPES[dtype], progress)
+        state = _merge_state(models, merged, mode, coeffs, FILE_DTYPES[dtype], progress)
         del models  # unmaps .ckpt inputs before the write, which needs the RAM
     _, short = _write(state, info, file, folder, log)
     return MergeResult(file, folder, name, title, short, info["inputs"], notes, time.time() - started)

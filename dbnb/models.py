@@ -25,7 +25,8 @@ from dbnb.sdfile import keys_and_shapes
 from dbnb.versions import dtype_argument
 from dbnb.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleton_config
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+# A single-file model dbnb loads (dbnb.weights reads them all); what it writes: dbnb.layout.WRITTEN_SUFFIXES
+LOADABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 VAE_SETTING = "pretrained_vae_name_or_path"
 
@@ -64,9 +65,9 @@ def resolve_source(source: str, cache_dir: str | Path | None = None, what: str =
                       else "the folder that holds model_index.json")
             raise ModelLoadError(f"{setting} {named} is a .zip: unzip it, then set {setting} to {inside} or to "
                                  "the .safetensors / .ckpt file inside.")
-        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        if path.suffix.lower() not in LOADABLE_SUFFIXES:
             raise ModelLoadError(f"{setting} {named}: unknown model file type {path.suffix!r}; expected one of "
-                                 f"{', '.join(SINGLE_FILE_SUFFIXES)}.")
+                                 f"{', '.join(LOADABLE_SUFFIXES)}.")
         return "file", str(path)
     if looks_like_path(source):
         # Said before the Hub is asked: 'models/my.safetensors' also fits a repo id's pattern, and
@@ -92,7 +93,7 @@ def fetched(url: str, cache_dir, setting: str) -> Path:
 def looks_like_path(source: str) -> bool:
     """Whether `source` can only be a path, never a Hub id ('org/name'): a weight file's suffix,
     a start that only paths have, a backslash, or more than one slash."""
-    return (Path(source).suffix.lower() in SINGLE_FILE_SUFFIXES or source.startswith(("./", "../", "/", "~"))
+    return (Path(source).suffix.lower() in LOADABLE_SUFFIXES or source.startswith(("./", "../", "/", "~"))
             or "\\" in source or source.count("/") > 1)
 
 
@@ -142,7 +143,7 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
         else:
             # Drive's name as gdown was given it; a name without a model suffix gets the one its
             # first bytes tell, so the suffix check reads the truth.
-            name = got.name if got.suffix.lower() in SINGLE_FILE_SUFFIXES else got.name + _sniff_suffix(got)
+            name = got.name if got.suffix.lower() in LOADABLE_SUFFIXES else got.name + _sniff_suffix(got)
             final = cache / f"{key}-{name}"
             os.replace(got, final)
             tmp.rmdir()

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from dbnb.config import FEW_PREVIEWS  # the guide's Number of Samples warning (5000 → 5000 images a preview)
+from dbnb import precision
 from dbnb.images import PREVIEW_SAMPLER, make_grid, make_scheduler, render, with_legend
 
 
@@ -81,8 +82,7 @@ def write_previews(run, step: int, pipe, unet, config) -> Path:
     was_training = unet.training
     unet.eval()
     try:
-        with torch.autocast(unet.device.type, enabled=config.mixed_precision != "no",
-                            dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16):
+        with precision.autocast(unet.device.type, config.mixed_precision):
             results = render_prompts(sampler, preview_prompts(config),
                                      config.sample_negative_prompt, config.num_samples, config.sample_seed,
                                      config.sample_guidance_scale, config.sample_steps, config.resolution)

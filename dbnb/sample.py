@@ -22,6 +22,7 @@ from PIL import Image
 
 from dbnb.errors import DbnbError
 from dbnb.images import PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, labelled_grid, make_scheduler, render
+from dbnb.precision import inference_dtype
 
 if TYPE_CHECKING:
     from dbnb.checkpoints import Checkpoint
@@ -174,9 +175,7 @@ def _image_key(settings: dict, weights: list, prompt: TestPrompt, seed: int) -> 
 
 def _device_and_dtype(config, device: str | None) -> tuple[str, torch.dtype]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return device, torch.float32  # CPU half precision is slow and poorly supported
-    return device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    return device, inference_dtype(config.mixed_precision, device)
 
 
 class TestPipeline:

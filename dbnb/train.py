@@ -31,6 +31,7 @@ from dbnb.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, 
 from dbnb.config import BLANK_CLASS_IMAGES, FIELDS, Config, ConfigError, check_schedule, class_word_warning
 from dbnb.env import shown
 from dbnb.memory import apply_memory_profile, memory_advice
+from dbnb.precision import mixed_dtype
 from dbnb.previews import warn_many_previews, write_previews
 from dbnb.process import cancel_on_signal, forget_accelerator_state
 from dbnb.reproducible import backward_threads, deterministic_mode
@@ -295,7 +296,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     from diffusers.training_utils import EMAModel
 
     device, world = accelerator.device, accelerator.num_processes
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = mixed_dtype(accelerator.mixed_precision)
 
     if config.optimizer_in_backward:
         from dbnb.inbackward import check_supported
