@@ -17,18 +17,29 @@ from dbnb.config import Config
 
 # --- randomness derived from (seed, step) ----------------------------------------------------
 
+# Each consumer XORs its own high bit into the step's seed, so turning caption shuffling or
+# dropout on leaves the flips, noise and timesteps of every step as they were.
+CAPTION_STREAM = 1 << 62
+DROPOUT_STREAM = 1 << 61
+
+
+def step_seed(seed: int, micro_step: int, rank: int, stream: int = 0) -> int:
+    """The one seed of (seed, micro-step, rank): the run's seed and step spread apart, then a
+    slot per process (up to 64), then the consumer's `stream` bit."""
+    return ((seed * 1_000_003 + micro_step) * 64 + rank) ^ stream
+
+
 def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 64 + rank)
+    return torch.Generator().manual_seed(step_seed(seed, micro_step, rank))
 
 
 def caption_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """Caption shuffling / dropout draw from their own stream, so turning them on leaves the
-    flips, noise and timesteps of every step as they were."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 62))
+    """Caption shuffling / dropout draw from their own stream (see CAPTION_STREAM)."""
+    return torch.Generator().manual_seed(step_seed(seed, micro_step, rank, CAPTION_STREAM))
 
 
 def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
-    return ((seed * 1_000_003 + micro_step) * 64 + rank) ^ (1 << 61)
+    return step_seed(seed, micro_step, rank, DROPOUT_STREAM)
 
 
 def to_device(tensor: torch.Tensor, device) -> torch.Tensor:

@@ -5,6 +5,8 @@
       base_model.json             what the run started from: the base model's sources and fingerprint
       checkpoints/step-000500/    a Checkpoint: the trained models or LoRA adapters + state/ (resume only)
       samples/step-000500/        preview PNGs + grid.png
+      tests/                      dbnb sample's test-prompt images, grid-0.png …, index.html (dbnb.sample)
+      exports/                    dbnb export's files when no other destination is given
       logs/train.jsonl            step, loss, lr, time
       train.lock                  while a training writes here: its pid, host, start time
 
@@ -170,8 +172,10 @@ class RunFolder:
         self.root = Path(root)
 
     @classmethod
-    def for_config(cls, config) -> "RunFolder":
-        return cls(Path(config.output_dir) / config.run_name)
+    def for_config(cls, config, run_name: str = "") -> "RunFolder":
+        """<output_dir>/<run_name> of `config`, or of another run there (`run_name`, e.g. the
+        run notebook 05 tests)."""
+        return cls(Path(config.output_dir) / (run_name or config.run_name))
 
     @property
     def config_path(self) -> Path:
@@ -181,11 +185,43 @@ class RunFolder:
     def log_path(self) -> Path:
         return self.root / "logs" / "train.jsonl"
 
+    @property
+    def samples_root(self) -> Path:
+        return self.root / "samples"
+
     def samples_dir(self, step: int) -> Path:
-        return self.root / "samples" / f"step-{step:06d}"
+        return self.samples_root / f"step-{step:06d}"
+
+    def preview_grids(self) -> list[Path]:
+        """The training previews' grids (dbnb.previews writes one per step), oldest first."""
+        return sorted(self.samples_root.glob("step-*/grid.png"))
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
 
     def checkpoint_dir(self, step: int) -> Path:
-        return self.root / "checkpoints" / f"step-{step:06d}"
+        return self.checkpoints_dir / f"step-{step:06d}"
+
+    @property
+    def tests_dir(self) -> Path:
+        """What dbnb sample makes: its layout inside is dbnb.sample's, except the grids' names."""
+        return self.root / "tests"
+
+    # One grid per test prompt; its index fills the braces. The notebooks and the report find
+    # the grids by this name, so dbnb.sample writes and links them by it too.
+    TEST_GRID = "grid-{}.png"
+
+    def test_grid(self, prompt_index: int) -> Path:
+        return self.tests_dir / self.TEST_GRID.format(prompt_index)
+
+    def test_grids(self) -> list[Path]:
+        return sorted(self.tests_dir.glob(self.TEST_GRID.format("*")))
+
+    @property
+    def exports_dir(self) -> Path:
+        """Where dbnb export writes when no destination is given."""
+        return self.root / "exports"
 
     @property
     def lock_path(self) -> Path:
@@ -263,13 +299,13 @@ class RunFolder:
         return (self.saved_config() or {}).get("run_id")
 
     def create(self) -> None:
-        for sub in ("checkpoints", "samples", "logs"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        for folder in (self.checkpoints_dir, self.samples_root, self.log_path.parent):
+            folder.mkdir(parents=True, exist_ok=True)
 
     # --- reading --------------------------------------------------------------------------
     def checkpoints(self) -> list["Checkpoint"]:
         """Complete checkpoints, oldest first. Temporary (half-written) folders are not listed."""
-        folder = self.root / "checkpoints"
+        folder = self.checkpoints_dir
         if not folder.is_dir():
             return []
         found = [Checkpoint(int(m.group(1)), p) for p in folder.iterdir()
@@ -352,7 +388,7 @@ class RunFolder:
         older ones without it must at least lie in this run's checkpoints/."""
         state = json.loads((checkpoint / STATE / "trainer.json").read_text(encoding="utf-8"))
         theirs, mine = state.get("run_id"), self.run_id()
-        inside = checkpoint.resolve().parent == (self.root / "checkpoints").resolve()
+        inside = checkpoint.resolve().parent == self.checkpoints_dir.resolve()
         if (theirs and mine and theirs == mine) or (not (theirs and mine) and inside):
             return
         owner = checkpoint.resolve().parent.parent
@@ -385,7 +421,7 @@ class RunFolder:
 
     def remove_partial(self) -> list[Path]:
         """Delete what a killed save left behind (never picked by resume, but it takes disk)."""
-        folder = self.root / "checkpoints"
+        folder = self.checkpoints_dir
         leftovers = [p for p in folder.glob(f"{TMP_PREFIX}*")] if folder.is_dir() else []
         for p in leftovers:
             shutil.rmtree(p, ignore_errors=True)
@@ -484,11 +520,11 @@ def free_space_advice(run: RunFolder, shown: int = 5) -> str:
 
     found = run.checkpoints()
     older = [f"{c.name} ({format_bytes(dir_size(c.path))})" for c in found[:-1]]
-    samples = run.root / "samples"
+    samples = run.samples_root
     space = dir_size(samples) if samples.is_dir() else 0
     places = []
     if older:
-        places.append(f"older checkpoint folders in {run.root / 'checkpoints'} you will not test or export: "
+        places.append(f"older checkpoint folders in {run.checkpoints_dir} you will not test or export: "
                       + ", ".join(older[:shown]) + (f" and {len(older) - shown} more" if len(older) > shown else "")
                       + f" (keep the newest, {found[-1].name}: resume goes on from it)")
     if space:

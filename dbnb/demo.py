@@ -135,6 +135,7 @@ def next_steps(scores) -> list[str]:
 
 def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool = True, lora: bool = False,
              **overrides) -> dict:
+    from dbnb.checkpoints import RunFolder
     from dbnb.report import write_report
     from dbnb.score import score_run
     from dbnb.train import train
@@ -144,7 +145,7 @@ def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool
     config = demo_config(out, steps, lora, **overrides)
     announce(config)
     prepare_world(out, config)
-    resume = "latest" if (Path(config.output_dir) / config.run_name / "checkpoints").exists() else None
+    resume = "latest" if RunFolder.for_config(config).checkpoints_dir.exists() else None
     if resume:
         print("[dbnb] demo run exists: resuming it (delete the folder for a fresh one).")
     result = train(config, resume=resume)
@@ -163,7 +164,7 @@ def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool
     print(f"  run folder:            {result.run_dir}")
     for path in result.checkpoints:
         print(f"  checkpoint:            {path}")
-    samples = sorted((result.run_dir / "samples").glob("step-*/grid.png"))
+    samples = RunFolder(result.run_dir).preview_grids()
     for path in samples:
         print(f"  preview grid:          {path}")
     if scores:

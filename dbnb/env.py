@@ -288,18 +288,28 @@ def _on_cuda(device: str | torch.device | None) -> bool:
 
 
 def check_xformers(device: str | torch.device | None = None) -> Check:
-    """Usable only if memory_efficient_attention really runs on the GPU."""
+    """Usable only if memory_efficient_attention really runs on the GPU (xformers.ops is the
+    part that loads the compiled kernels, so importing it is part of the check)."""
+    return _smoke_check(("xformers", "xformers.ops"), device, _xformers_smoke,
+                        "memory_efficient_attention runs", SDPA_FALLBACK)
+
+
+def _smoke_check(modules: tuple[str, ...], device, smoke: Callable, runs: str, fallback: str) -> Check:
+    """An optional GPU library, usable only if `smoke` really runs on the GPU: an installed wheel
+    proves nothing (built for another CUDA or torch, a missing .so), and broken wheels raise
+    anything at import (ImportError, OSError, RuntimeError), so every failure becomes a Check."""
+    name = modules[0]
     try:
-        import xformers
-        import xformers.ops  # noqa: F401  (the part that loads the compiled kernels)
-        version = getattr(xformers, "__version__", "?")
+        module = importlib.import_module(name)
+        for part in modules[1:]:
+            importlib.import_module(part)
+        version = getattr(module, "__version__", "?")
         if not _on_cuda(device):
-            return Check("xformers", False, f"{version} installed, but needs a CUDA GPU",
-                         fallback=SDPA_FALLBACK)
-        _xformers_smoke(device)
-        return Check("xformers", True, f"{version}: memory_efficient_attention runs")
-    except Exception as exc:  # broken wheels raise anything: ImportError, OSError, RuntimeError
-        return Check("xformers", False, _unusable("xformers", exc), fallback=SDPA_FALLBACK)
+            return Check(name, False, f"{version} installed, but needs a CUDA GPU", fallback=fallback)
+        smoke(device)
+        return Check(name, True, f"{version}: {runs}")
+    except Exception as exc:
+        return Check(name, False, _unusable(name, exc), fallback=fallback)
 
 
 def _xformers_smoke(device: str | torch.device) -> None:
@@ -315,17 +325,7 @@ def _xformers_smoke(device: str | torch.device) -> None:
 
 def check_bitsandbytes(device: str | torch.device | None = None) -> Check:
     """Usable only if one AdamW8bit step really runs on the GPU."""
-    try:
-        import bitsandbytes as bnb
-        version = getattr(bnb, "__version__", "?")
-        if not _on_cuda(device):
-            return Check("bitsandbytes", False, f"{version} installed, but needs a CUDA GPU",
-                         fallback=ADAMW_FALLBACK)
-        _bnb_smoke(device)
-        return Check("bitsandbytes", True, f"{version}: AdamW8bit step runs")
-    except Exception as exc:  # e.g. OSError for a missing libbitsandbytes_cuda*.so
-        return Check("bitsandbytes", False, _unusable("bitsandbytes", exc),
-                     fallback=ADAMW_FALLBACK)
+    return _smoke_check(("bitsandbytes",), device, _bnb_smoke, "AdamW8bit step runs", ADAMW_FALLBACK)
 
 
 def _bnb_smoke(device: str | torch.device) -> None:

@@ -88,7 +88,7 @@ def refuse_runs_folder(folder: Path) -> None:
     if not folder.is_dir() or (folder / "model_index.json").is_file():
         return
     runs = sorted(d for d in folder.iterdir()
-                  if RunFolder(d).config_path.is_file() and (d / "checkpoints").is_dir())
+                  if RunFolder(d).config_path.is_file() and RunFolder(d).checkpoints_dir.is_dir())
     if not runs:
         return
     import shlex
@@ -213,7 +213,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
         unet, vae_sd, text, step, config = run_state_dicts(run, step, ema, dtype, vae)
         label = config.run_name
         stem = name or f"{label}_{step}" + ("_ema" if ema else "")
-        default, base_model = run.root / "exports", config.pretrained_model_name_or_path
+        default, base_model = run.exports_dir, config.pretrained_model_name_or_path
         info = {"dbnb_instance_prompt": config.instance_prompt, "dbnb_resolution": str(config.resolution),
                 "dbnb_class_prompt": config.class_prompt, "dbnb_ema": str(ema).lower()}
     else:
@@ -253,7 +253,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
     spec, unet, text = checkpoint.adapters(ema)
     state = kohya.kohya_state_dict(unet, text, spec, dtype)
     stem = name or f"{config.run_name}_{checkpoint.step}" + ("_ema" if ema else "")
-    folder = destination_folder(to, config.run_name, run.root / "exports")
+    folder = destination_folder(to, config.run_name, run.exports_dir)
     remove_leftovers(folder)
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder / f"{stem}.safetensors", overwrite)

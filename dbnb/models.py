@@ -20,7 +20,7 @@ import torch
 
 from dbnb.errors import DbnbError
 from dbnb.weights import UnsafeCheckpointError, WeightFileError, read_state_dict  # noqa: F401 (re-exported)
-from dbnb import fetch, weights
+from dbnb import download as downloads, weights
 from dbnb.sdfile import keys_and_shapes
 from dbnb.versions import dtype_argument
 from dbnb.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleton_config
@@ -105,10 +105,10 @@ def public_name(source: str) -> str:
     and the first 10 characters of its id only (the whole id fetches the file), as the merge
     labels it."""
     text = str(source).strip()
-    if fetch.is_drive(text):
+    if downloads.is_drive(text):
         try:
-            return f"drive-{fetch.drive_link(text)[1][:10]}"
-        except fetch.FetchError:
+            return f"drive-{downloads.drive_link(text)[1][:10]}"
+        except downloads.FetchError:
             return "drive"
     if text.startswith(("http://", "https://")):
         url = urllib.parse.urlparse(text)  # a user:password@ goes too
@@ -129,13 +129,13 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
     done = [p for p in cache.glob(f"{key}-*") if not p.name.endswith(".part")]
     if done:
         return done[0]
-    if fetch.is_drive(url):
+    if downloads.is_drive(url):
         tmp = cache / f"{key}.part"
         shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted download left
         tmp.mkdir()
         try:
-            got = fetch.fetch_drive(url, tmp)
-        except fetch.FetchError as e:
+            got = downloads.fetch_drive(url, tmp)
+        except downloads.FetchError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModelLoadError(str(e)) from None
         if got == tmp:
@@ -153,8 +153,8 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
         final = cache / f"{key}-{name}"
         tmp = cache / f"{final.name}.part"
         try:
-            fetch.download(url, tmp, progress=True)
-        except fetch.FetchError as e:
+            downloads.download(url, tmp, progress=True)
+        except downloads.FetchError as e:
             raise ModelLoadError(str(e)) from None
     os.replace(tmp, final)
     return final

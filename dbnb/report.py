@@ -172,7 +172,7 @@ def section_result(run: RunFolder) -> tuple[list[str], list[str], dict | None]:
 
 
 def grids(run: RunFolder) -> list[Path]:
-    return sorted(run.root.glob("tests/grid-*.png")) + sorted(run.root.glob("samples/step-*/grid.png"))
+    return run.test_grids() + run.preview_grids()
 
 
 def section_trainer(run: RunFolder) -> list[str]:
@@ -204,7 +204,7 @@ def report_markdown(run_dir: str | Path) -> str:
     source, processing, processed, instance_count = section_images(config, prep)
     call, result, _ = section_result(run)
     base = base_model_facts(config.pretrained_model_name_or_path)
-    exports = sorted((run.root / "exports").glob("*.safetensors")) + sorted((run.root / "exports").glob("*.ckpt"))
+    exports = sorted(run.exports_dir.glob("*.safetensors")) + sorted(run.exports_dir.glob("*.ckpt"))
     step, seconds = training_time(run)
     settings = [f"{_label(n)} (`{n}`): {_value(v)}" + ("" if v == p else f" (preset: {_value(p)})")
                 for n, v, p in changed_settings(config)]

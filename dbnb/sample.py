@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from dbnb.checkpoints import RunFolder
 from dbnb.errors import DbnbError
 from dbnb.images import PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, labelled_grid, make_scheduler, render
 from dbnb.precision import inference_dtype
@@ -221,7 +222,6 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
     """Test images of a run: base model and chosen checkpoints × test prompts × seeds, grids and
     index.html under RUN/tests/. Images already made with the same settings and weights are kept.
     `batch_size`: images per call (default: 4 on a GPU, cpu_batch_size on a CPU)."""
-    from dbnb.checkpoints import RunFolder
     from dbnb.config import load_config
 
     run = RunFolder(run_dir)
@@ -239,7 +239,7 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
                     revision=config.revision, scheduler=SCHEDULER, guidance=config.test_guidance_scale,
                     infer_steps=config.test_infer_steps, resolution=config.resolution, ema=ema,
                     device=device.split(":")[0], dtype=str(dtype))
-    folder = run.root / "tests"
+    folder = run.tests_dir
     result = SampleResult(folder, rows, prompts, seeds, [], folder / "index.html")
     # The manifest keeps what every image on disk was made from, so a later call (more seeds,
     # new checkpoints, `dbnb score`) only makes what is missing or out of date.
@@ -307,7 +307,7 @@ def write_grid(result: SampleResult, prompt: TestPrompt) -> Path:
     images = [[Image.open(result.image_path(r, prompt, s)) for s in result.seeds] for r in result.rows]
     title = f"p{prompt.index} [{prompt.kind}{prompt.shape}] {prompt.text}"
     grid = labelled_grid(images, [r.label for r in result.rows], [f"seed {s}" for s in result.seeds], title)
-    path = result.folder / f"grid-{prompt.index}.png"
+    path = result.folder / RunFolder.TEST_GRID.format(prompt.index)
     grid.save(path)
     return path
 
@@ -329,9 +329,10 @@ def write_html(result: SampleResult, scores: dict | None = None) -> Path:
     if scores:
         parts.append(_scores_html(scores))
     for p in result.prompts:
+        grid = RunFolder.TEST_GRID.format(p.index)
         parts.append(f"<h2 id='p{p.index}'>p{p.index} · {e(p.kind + p.shape)}: {e(p.text)}</h2>"
                      f"<p>{e(KIND_HELP.get(p.kind, '') + (WIDE_HELP if p.size else ''))}. Negative: <i>{e(p.negative)}</i></p>"
-                     f"<p><a href='grid-{p.index}.png'>grid-{p.index}.png</a></p><table><tr><th></th>"
+                     f"<p><a href='{grid}'>{grid}</a></p><table><tr><th></th>"
                      + "".join(f"<th>seed {s}</th>" for s in result.seeds) + "</tr>")
         for r in result.rows:
             cells = "".join(f"<td><a href='{e(image_name(r, p, s))}'><img src='{e(image_name(r, p, s))}' "

@@ -1,5 +1,5 @@
-"""dbnb.fetch: folders copied, archives extracted safely. No network: downloads run the real
-urllib and gdown against a web server on 127.0.0.1 (conftest's http_server and drive)."""
+"""dbnb.fetch: folders copied, archives extracted safely. No network: downloads (dbnb.download)
+run the real urllib and gdown against a web server on 127.0.0.1 (conftest's http_server and drive)."""
 import stat
 import zipfile
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dbnb import fetch
+from dbnb import download, fetch
 from dbnb.fetch import FetchError, fetch_images
 
 
@@ -238,7 +238,7 @@ def test_stalled_download_times_out(tmp_path, http_server, monkeypatch):
         release.wait(30)
 
     http_server.routes["/slow.png"] = (stall, {"Content-Type": "image/png"})
-    monkeypatch.setattr(fetch, "DOWNLOAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(download, "DOWNLOAD_TIMEOUT_S", 0.5)
     start = time.monotonic()
     with pytest.raises(FetchError, match="slow.png failed: timed out"):
         fetch_images(http_server.url + "/slow.png", tmp_path / "dest")
