@@ -12,10 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dbnb.config import FEW_PREVIEWS  # the guide's Number of Samples warning (5000 → 5000 images a preview)
 from dbnb import precision
+from dbnb.config import FEW_PREVIEWS
 from dbnb.images import PREVIEW_SAMPLER, make_grid, make_scheduler, render, with_legend
-
 
 
 def preview_prompts(config) -> list[str]:

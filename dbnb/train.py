@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -95,8 +96,9 @@ def resolve_class_count(config: Config) -> Config:
     from dbnb.classimages import wanted_class_images
 
     wanted = wanted_class_images(config)
-    print(f"[dbnb] num_class_images=0 with class_images_mode={config.class_images_mode}: {wanted}, 10x the "
-          f"instance pictures (the seed's rule).", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # said once, not by every DDP worker
+        print(f"[dbnb] num_class_images=0 with class_images_mode={config.class_images_mode}: {wanted}, 10x the "
+              f"instance pictures (the seed's rule).", flush=True)
     return config.replace(num_class_images=wanted)
 
 
