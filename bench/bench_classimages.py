@@ -1,4 +1,4 @@
-"""Class-image generation speed (images/s) through dbnb.classimages.generate_class_images.
+"""Class-image generation speed (images/s) through dbnb.prep.classimages.generate_class_images.
 
 Default: the tiny model at 64 px (runs anywhere, a smoke figure). `--full`: an SD 1.5-size
 model (random weights from the shipped config, no download) at 512 px, 28 steps, CFG 12,
@@ -17,15 +17,15 @@ from pathlib import Path
 
 import torch
 
-from dbnb.images import SAMPLERS
+from dbnb.family.render import SAMPLERS
 
 
 def build_pipeline(full: bool):
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from dbnb.skeleton import SKELETON, skeleton_config
-    from dbnb.tiny import build_components, build_tiny_pipeline
+    from dbnb.family.sd1.skeleton import SKELETON, skeleton_config
+    from dbnb.world.tiny import build_components, build_tiny_pipeline
 
     if not full:
         return build_tiny_pipeline()
@@ -39,8 +39,8 @@ def build_pipeline(full: bool):
 
 
 def main():
-    from dbnb import classimages as ci
-    from dbnb.config import Config
+    from dbnb.core.config import Config
+    from dbnb.prep import classimages as ci
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="SD 1.5-size model at 512 px (needs a GPU to be quick)")

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))  # hot_path's tiny run
 NOTE = (
-    "The cause (dbnb/reproducible.py): at batch 1 the UNet's 3x3 convolutions on its 1x1 lowest level run the "
+    "The cause (dbnb/train/reproducible.py): at batch 1 the UNet's 3x3 convolutions on its 1x1 lowest level run the "
     "slow_conv2d path (not oneDNN), whose input gradient is one MKL sgemm; on two or more threads MKL splits it "
     "differently from call to call (~1e-7), and Adam amplifies that (issue 36's UNet-only run: 1.2e-3 apart "
     "after 20 steps; with the text encoder trained, the default now, the table's 6e-6 after 100). At batch 2 and "
@@ -41,7 +41,7 @@ NOTE = (
 
 
 def max_difference(a_dir: Path, b_dir: Path) -> float:
-    from dbnb.checkpoints import RunFolder, master_state
+    from dbnb.run.checkpoints import RunFolder, master_state
 
     a, b = (master_state(RunFolder(d).checkpoints()[-1], "unet") for d in (a_dir, b_dir))
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
@@ -53,8 +53,9 @@ def loop_speed(run_dir: Path, warmup: int) -> float:
 
 
 def tiny_runs(cache: Path, pairs: int, steps: int, warmup: int) -> dict:
-    from dbnb.train import train
     from hot_path import tiny_config
+
+    from dbnb.train.loop import train
 
     base = tiny_config(cache, steps, seed=7, sample_every_steps=0, train_batch_size=1)
     out = {"off": {"steps_per_s": [], "runs": []}, "on": {"steps_per_s": [], "runs": []}}
@@ -69,7 +70,7 @@ def tiny_runs(cache: Path, pairs: int, steps: int, warmup: int) -> dict:
 
 
 def demo_runs(cache: Path, pairs: int, warmup: int) -> dict:
-    from dbnb.demo import DEMO_STEPS, demo_config, prepare_world
+    from dbnb.world.demo import DEMO_STEPS, demo_config, prepare_world
 
     out_dir = cache / "demo"
     prepare_world(out_dir, demo_config(out_dir, DEMO_STEPS))
@@ -137,7 +138,7 @@ def main() -> int:
                "tiny": {"steps": args.tiny_steps, "warmup": args.warmup,
                         **tiny_runs(cache, args.pairs, args.tiny_steps, args.warmup)}}
     if not args.skip_demo:
-        from dbnb.demo import DEMO_STEPS
+        from dbnb.world.demo import DEMO_STEPS
         figures["demo"] = {"steps": DEMO_STEPS, "warmup": args.demo_warmup,
                            **demo_runs(cache, args.pairs, args.demo_warmup)}
     for name in ("tiny", "demo"):

@@ -1,9 +1,9 @@
 """Disk per save on a full-size SD 1.5 run, and the disk plan's figure for the default run.
 
 Builds SD 1.5's UNet from the shipped config with random weights (no download), writes one
-checkpoint's parts with the trainer's own writers (`dbnb.checkpoints`: fp16 weights, fp32
+checkpoint's parts with the trainer's own writers (`dbnb.run.checkpoints`: fp16 weights, fp32
 master) and, for comparison, the fp32 folder every save wrote before; prints sizes and times.
-Then the disk plan (`dbnb.diskplan`) for the default settings (3000 steps, a save every 500,
+Then the disk plan (`dbnb.train.diskplan`) for the default settings (3000 steps, a save every 500,
 8-bit Adam, keep_last_n 1) from the real models' shapes, and what it offers on a free Google
 Drive (15 GiB).
 
@@ -25,7 +25,7 @@ def sd15(device: str):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dbnb.skeleton import skeleton_config
+    from dbnb.family.sd1.skeleton import skeleton_config
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -35,8 +35,8 @@ def sd15(device: str):
 
 
 def timed(what: str, write, path: Path) -> None:
-    from dbnb.checkpoints import dir_size
-    from dbnb.env import format_bytes
+    from dbnb.core.disk import format_bytes
+    from dbnb.run.checkpoints import dir_size
 
     started = time.perf_counter()
     write()
@@ -50,10 +50,10 @@ def main() -> None:
     parser.add_argument("--free-gib", type=float, default=15.0, help="free space to plan against (Drive: 15)")
     args = parser.parse_args()
 
-    from dbnb import diskplan
-    from dbnb.checkpoints import RunFolder, WEIGHTS_DTYPE, write_model, write_tensors
-    from dbnb.config import Config
-    from dbnb.env import format_bytes
+    from dbnb.core.config import Config
+    from dbnb.core.disk import format_bytes
+    from dbnb.run.checkpoints import WEIGHTS_DTYPE, RunFolder, write_model, write_tensors
+    from dbnb.train import diskplan
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="dbnb-bench-disk-"))
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,17 +20,17 @@ from pathlib import Path
 # One export in a fresh process that reports its own peak RSS.
 EXPORT = """
 import resource, sys
-from dbnb.export import export
+from dbnb.ship.export import export
 result = export(sys.argv[1], precision=sys.argv[2], overwrite=True)
 print("PEAK", result.path, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
 def make_run(folder: Path) -> Path:
-    from dbnb.config import Config
-    from dbnb.layout import original_state_dict, write_single_file
-    from dbnb.skeleton import skeleton_config
-    from dbnb.tiny import build_components
+    from dbnb.core.config import Config
+    from dbnb.family.sd1.layout import original_state_dict, write_single_file
+    from dbnb.family.sd1.skeleton import skeleton_config
+    from dbnb.world.tiny import build_components
 
     unet, vae, text = build_components(skeleton_config("unet"), skeleton_config("vae"),
                                        skeleton_config("text_encoder"), seed=0)
@@ -69,7 +69,7 @@ def main():
 def counts(path: Path) -> str:
     from safetensors import safe_open
 
-    from dbnb.layout import ORIGINAL_PREFIXES
+    from dbnb.family.sd1.layout import ORIGINAL_PREFIXES
 
     with safe_open(path, "pt") as f:
         keys = list(f.keys())

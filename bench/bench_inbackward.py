@@ -39,8 +39,8 @@ def child(mode: str, latent: int, steps: int, checkpointing: bool) -> dict:
     import torch.nn.functional as F
     from diffusers import UNet2DConditionModel
 
-    from dbnb.inbackward import OptimizerInBackward
-    from dbnb.skeleton import skeleton_config
+    from dbnb.family.sd1.skeleton import skeleton_config
+    from dbnb.train.inbackward import OptimizerInBackward
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"

@@ -1,4 +1,4 @@
-"""Full-size check of dbnb.layout: random-weight SD 1.5 → original layout → fp16 file → diffusers.
+"""Full-size check of dbnb.family.sd1.layout: random-weight SD 1.5 → original layout → fp16 file → diffusers.
 
 Not a test (≈1 min, several GB of RAM). Run: python bench/bench_layout.py [--keep DIR]
 
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from dbnb.layout import (ORIGINAL_PREFIXES, original_state_dict, text_encoder_key_map,
-                         unet_key_map, vae_key_map, write_single_file)
-from dbnb.skeleton import SKELETON, skeleton_config
-from dbnb.tiny import build_components
+from dbnb.family.sd1.layout import (ORIGINAL_PREFIXES, original_state_dict, text_encoder_key_map, unet_key_map,
+                                    vae_key_map, write_single_file)
+from dbnb.family.sd1.skeleton import SKELETON, skeleton_config
+from dbnb.world.tiny import build_components
 
 KEY_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
 EXPECTED = {"unet": 686, "vae": 248, "text_encoder": 196}

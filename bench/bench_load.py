@@ -1,4 +1,4 @@
-"""Peak RAM of loading a full-size SD 1.5 single file through dbnb.models.load_pipeline.
+"""Peak RAM of loading a full-size SD 1.5 single file through dbnb.family.sd1.load.load_pipeline.
 
 Free Colab has ~12 GB of system RAM and converting / loading a 4 GB .ckpt there is the top
 complaint about other notebooks. This builds an SD 1.5-size model with random weights from
@@ -21,7 +21,7 @@ from pathlib import Path
 LOAD = """
 import json, resource, sys, time
 t = time.time()
-from dbnb.models import load_pipeline
+from dbnb.family.sd1.load import load_pipeline
 pipe = load_pipeline(sys.argv[1])
 seconds = round(time.time() - t, 1)
 loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -35,9 +35,9 @@ print(json.dumps({"seconds": seconds, "params": sum(p.numel() for p in params), 
 
 
 def write_full_size(folder: Path, formats: list[str]) -> dict[str, Path]:
-    from dbnb.layout import original_state_dict, write_single_file
-    from dbnb.skeleton import skeleton_config
-    from dbnb.tiny import build_components
+    from dbnb.family.sd1.layout import original_state_dict, write_single_file
+    from dbnb.family.sd1.skeleton import skeleton_config
+    from dbnb.world.tiny import build_components
 
     unet, vae, text = build_components(skeleton_config("unet"), skeleton_config("vae"),
                                        skeleton_config("text_encoder"), seed=0)

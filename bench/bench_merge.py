@@ -1,4 +1,4 @@
-"""Peak RAM and time of a four-way weighted-sum merge of full-size SD 1.5 models (dbnb.merge).
+"""Peak RAM and time of a four-way weighted-sum merge of full-size SD 1.5 models (dbnb.ship.merge).
 
 Free Colab has ~12 GB of system RAM, and the seed's base models are merges of four 4 GB
 checkpoints ("NAI 5, any 2.7, gape 2, SD1.4 0.3"). This writes four distinct SD 1.5-size
@@ -25,7 +25,7 @@ WEIGHTS, LABELS = [5, 2.7, 2, 0.3], ["NAI", "any", "gape", "SD1.4"]
 MERGE = """
 import json, resource, sys, time
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-from dbnb.merge import merge
+from dbnb.ship.merge import merge
 imported = rss()
 files, out, dtype = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 t = time.time()
@@ -43,9 +43,9 @@ def write_inputs(folder: Path, n: int) -> list[Path]:
     """n distinct full-size models: one seeded random SD 1.5, then seeded noise on top of it."""
     import torch
 
-    from dbnb.layout import original_state_dict, write_single_file
-    from dbnb.skeleton import skeleton_config
-    from dbnb.tiny import build_components
+    from dbnb.family.sd1.layout import original_state_dict, write_single_file
+    from dbnb.family.sd1.skeleton import skeleton_config
+    from dbnb.world.tiny import build_components
 
     unet, vae, text = build_components(skeleton_config("unet"), skeleton_config("vae"),
                                        skeleton_config("text_encoder"), seed=0)
@@ -80,7 +80,7 @@ def main():
     if args.ckpt:
         ckpt = files[-1].with_suffix(".ckpt")
         if not ckpt.exists():
-            code = (f"from safetensors.torch import load_file; from dbnb.layout import write_single_file; "
+            code = (f"from safetensors.torch import load_file; from dbnb.family.sd1.layout import write_single_file; "
                     f"write_single_file({str(ckpt)!r}, load_file({str(files[-1])!r}))")
             subprocess.run([sys.executable, "-c", code], check=True)
         files[-1] = ckpt

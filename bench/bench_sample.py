@@ -1,5 +1,5 @@
 """Test-prompt grid speed (`dbnb sample RUN_DIR`): pipeline load, per-checkpoint weight swap,
-seconds per image, peak (V)RAM, through dbnb.sample.sample_run.
+seconds per image, peak (V)RAM, through dbnb.evaluate.sample.sample_run.
 
     python bench/bench_sample.py                                   # tiny model, 64 px (CPU: seconds)
     python bench/bench_sample.py --model sd15 --checkpoints 2      # full-size SD 1.5 architecture (a GPU)
@@ -22,7 +22,7 @@ import torch
 
 
 def model_folder(kind: str, cache: Path) -> Path:
-    from dbnb.tiny import make_full_size_model, make_tiny_model
+    from dbnb.world.tiny import make_full_size_model, make_tiny_model
 
     folder = cache / f"model-{kind}"
     if (folder / "model_index.json").exists():
@@ -34,9 +34,9 @@ def make_run(model: Path, folder: Path, checkpoints: int, resolution: int) -> Pa
     """A run folder as training leaves it: config.json and checkpoints/step-NNNNNN/unet/."""
     from diffusers import UNet2DConditionModel
 
-    from dbnb.checkpoints import UNET, RunFolder
-    from dbnb.config import Config
-    from dbnb.demo import write_dataset
+    from dbnb.core.config import Config
+    from dbnb.run.checkpoints import UNET, RunFolder
+    from dbnb.world.demo import write_dataset
 
     instance, _ = write_dataset(folder / "data", n_instance=3, size=resolution)
     config = Config(pretrained_model_name_or_path=str(model), instance_data_dir=str(instance),
@@ -76,7 +76,7 @@ def main():
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
 
-    from dbnb.sample import sample_run
+    from dbnb.evaluate.sample import sample_run
 
     if args.threads:
         torch.set_num_threads(args.threads)

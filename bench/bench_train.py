@@ -1,4 +1,4 @@
-"""Training speed and memory: steps/s after a warm-up, peak (V)RAM, through dbnb.train.train.
+"""Training speed and memory: steps/s after a warm-up, peak (V)RAM, through dbnb.train.loop.train.
 
     python bench/bench_train.py                      # tiny model on this machine (CPU: seconds)
     python bench/bench_train.py --model sd15 --resolution 512 --steps 40 --warmup 10 \\
@@ -27,7 +27,7 @@ import torch
 
 
 def model_folder(kind: str, cache: Path) -> Path:
-    from dbnb.tiny import make_full_size_model, make_tiny_model
+    from dbnb.world.tiny import make_full_size_model, make_tiny_model
 
     folder = cache / f"model-{kind}"
     if (folder / "model_index.json").exists():
@@ -82,10 +82,10 @@ def main():
     if args.model == "sd15" and not torch.cuda.is_available():
         parser.error("--model sd15 needs a CUDA GPU (a full-size SD 1.5 step on a CPU takes minutes)")
 
-    from dbnb.config import load_config
-    from dbnb.classimages import write_blank_images
-    from dbnb.demo import write_dataset
-    from dbnb.train import train
+    from dbnb.core.config import load_config
+    from dbnb.prep.classimages import write_blank_images
+    from dbnb.train.loop import train
+    from dbnb.world.demo import write_dataset
 
     cache = Path(args.cache)
     resolution = args.resolution or (64 if args.model == "tiny" else 512)

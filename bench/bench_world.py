@@ -1,5 +1,5 @@
 """DreamBooth's effects in the tiny pretrained world, measured: the demo's run and the
-settings the seed warns about, each scored by pixel analysis (dbnb.world.metrics).
+settings the seed warns about, each scored by pixel analysis (dbnb.evaluate.scorers.world.metrics).
 
     python bench/bench_world.py [--steps 400] [--out /tmp/dbnb-world]
 
@@ -8,7 +8,7 @@ Runs, on one model and one set of 5 pictures and 50 generated class images:
   hflip      Apply Horizontal Flip on: the outfit's sides get swapped in samples
   no-prior   prior preservation off: "girl" drifts toward the trained character
 and prints, per checkpoint, identity / swapped / copies / flexibility / drift / variety
-(dbnb.score.WorldScorer.columns) plus the wall time of each run, then the trade-off table: identity
+(dbnb.evaluate.score.WorldScorer.columns) plus the wall time of each run, then the trade-off table: identity
 ("hnzk girl" draws the character) against flexibility ("hnzk girl, upper body" is drawn
 upper body, a framing the full-body training pictures never show), and which checkpoints are
 both faithful (>= 0.7) and flexible (>= 0.5). The overfitting curve (copies
@@ -37,9 +37,9 @@ def trade_off(rows: list[dict], recommendation: dict) -> str:
 
 
 def main(argv=None) -> None:
-    from dbnb.config import parse_override
-    from dbnb.demo import DEMO_STEPS, run_demo
-    from dbnb.score import WorldScorer, format_table
+    from dbnb.core.config import parse_override
+    from dbnb.evaluate.score import WorldScorer, format_table
+    from dbnb.world.demo import DEMO_STEPS, run_demo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=DEMO_STEPS)

@@ -4,7 +4,7 @@
 
 Each `<folder>/gpu-results/*.json` becomes one table (one per GPU and date; a dry run's is marked
 as such); beside them the published figures and the memory_profile=auto table, both from
-dbnb.memory. With no GPU results the doc says so. Each `<folder>/cpu-results/*.json`
+dbnb.train.memory. With no GPU results the doc says so. Each `<folder>/cpu-results/*.json`
 (bench/hot_path.py --record) becomes a before / after table of the training step's hot path.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dbnb.memory import BASIS, NO_8BIT_FIGURE, NO_GPU, PUBLISHED, TIERS, settings_text  # noqa: E402
+from dbnb.train.memory import BASIS, NO_8BIT_FIGURE, NO_GPU, PUBLISHED, TIERS, settings_text  # noqa: E402
 
 T4_CARD = "T4 15 GB"
 EXTRA_NAMES = {"classimages": "class images", "preview": "preview during training", "export": "export fp16",
@@ -165,7 +165,7 @@ def published_section() -> list[str]:
 
 
 def auto_section() -> list[str]:
-    lines = ["## What memory_profile=auto chooses", "", f"From dbnb/memory.py; based on {BASIS}.", "",
+    lines = ["## What memory_profile=auto chooses", "", f"From dbnb/train/memory.py; based on {BASIS}.", "",
              "| GPU VRAM (as torch reports it) | cards | settings | expected VRAM (published) |", "|---|---|---|---|"]
     above = None
     for tier in TIERS:

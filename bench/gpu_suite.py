@@ -8,7 +8,7 @@
 
 The model is SD 1.5's architecture with random weights from dbnb's shipped config (no download;
 built once into --cache), trained on 5 instance pictures and 10 class images at 512 px. Each
-profile runs `dbnb.train.train` in a process of its own (so no allocator cache or CUDA context
+profile runs `dbnb.train.loop.train` in a process of its own (so no allocator cache or CUDA context
 carries over), reports steps/s after the warm-up steps, torch's peak VRAM allocated and
 reserved, whether every logged loss was finite, and whether peak reserved + CUDA context fits a
 T4 / a 12 GB card. The extras time class-image generation, a preview rendered during training,
@@ -90,7 +90,7 @@ PROFILES = (
             {"optimizer_in_backward": True, "max_grad_norm": 0.0, "mixed_precision": "bf16"}),
 )
 # What the CPU children would each import again (diffusers imports most lazily).
-PRELOAD = ["dbnb.train", "dbnb.classimages", "dbnb.export", "dbnb.models", "dbnb.sample", "accelerate",
+PRELOAD = ["dbnb.train.loop", "dbnb.prep.classimages", "dbnb.ship.export", "dbnb.family.sd1.load", "dbnb.evaluate.sample", "accelerate",
            "diffusers.training_utils", "diffusers.optimization", "diffusers.pipelines.stable_diffusion",
            "diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
            "transformers.models.clip.modeling_clip", "transformers.models.clip.tokenization_clip", "tqdm.auto"]
@@ -160,8 +160,9 @@ def train_profile(plan: Plan, task: dict) -> dict:
     import warnings
 
     from bench_train import steps_per_second
-    from dbnb.config import Config
-    from dbnb.train import train
+
+    from dbnb.core.config import Config
+    from dbnb.train.loop import train
 
     config = Config(**task["settings"])
     start_measuring()
@@ -192,8 +193,8 @@ def preview(plan: Plan, task: dict) -> dict:
 def class_images(plan: Plan, task: dict) -> dict:
     import torch
 
-    from dbnb import classimages as ci
-    from dbnb.config import Config
+    from dbnb.core.config import Config
+    from dbnb.prep import classimages as ci
 
     config = Config(pretrained_model_name_or_path=str(plan.model), class_prompt="1girl", resolution=plan.resolution,
                     class_data_dir=str(plan.cache / "class-warmup"), num_class_images=1,
@@ -218,7 +219,7 @@ def class_images(plan: Plan, task: dict) -> dict:
 
 
 def export_fp16(plan: Plan, task: dict) -> dict:
-    from dbnb.export import export
+    from dbnb.ship.export import export
 
     start_measuring()
     t = time.perf_counter()
@@ -229,7 +230,7 @@ def export_fp16(plan: Plan, task: dict) -> dict:
 
 def bake_lora(plan: Plan, task: dict) -> dict:
     """`dbnb export RUN --bake`: profile 7's LoRA merged into the base model, one verified fp16 file."""
-    from dbnb.export import export
+    from dbnb.ship.export import export
 
     start_measuring()
     t = time.perf_counter()
@@ -239,7 +240,7 @@ def bake_lora(plan: Plan, task: dict) -> dict:
 
 
 def load_single_file(plan: Plan, task: dict) -> dict:
-    from dbnb.models import load_pipeline
+    from dbnb.family.sd1.load import load_pipeline
 
     start_measuring()
     t = time.perf_counter()
@@ -252,7 +253,7 @@ def compare_runs(plan: Plan, task: dict) -> dict:
     """The fp32 master UNet weights two runs end with (what a resume reads): bitwise equal or not."""
     import torch
 
-    from dbnb.checkpoints import RunFolder, master_state
+    from dbnb.run.checkpoints import RunFolder, master_state
 
     first, second = (master_state(RunFolder(d).checkpoints()[-1], "unet") for d in task["run_dirs"])
     differing = [k for k in first if not torch.equal(first[k], second[k])]
@@ -291,8 +292,9 @@ def hf_script(plan: Plan, task: dict) -> dict:
 
 def build_inputs(plan: Plan, task: dict) -> dict:
     from bench_train import model_folder
-    from dbnb.classimages import write_blank_images
-    from dbnb.demo import write_dataset
+
+    from dbnb.prep.classimages import write_blank_images
+    from dbnb.world.demo import write_dataset
 
     t = time.perf_counter()
     model_folder("tiny" if plan.dry_run else "sd15", plan.cache)
@@ -308,7 +310,7 @@ def machine_info(plan: Plan, task: dict) -> dict:
 
     import torch
 
-    from dbnb.env import check_bitsandbytes, check_xformers, cuda_summary
+    from dbnb.core.hardware import check_bitsandbytes, check_xformers, cuda_summary
 
     def version(module: str) -> str:
         try:

@@ -13,7 +13,7 @@ tolist / __float__ / __bool__ / ... and torch.cuda.synchronize (the real methods
 each epoch's shuffle (a CPU generator's randperm, never a device value) are not counted. The
 SD 1.5 scan builds SD 1.5's UNet with random weights from dbnb's shipped config, gives it AdamW's
 state (two fp32 tensors per weight, as after a first step) and times the scan before issue 29
-(written out below) against dbnb.divergence.first_non_finite.
+(written out below) against dbnb.train.divergence.first_non_finite.
 """
 from __future__ import annotations
 
@@ -57,10 +57,10 @@ def count_host_reads(state: dict) -> None:
 def tiny_config(cache: Path, steps: int, **settings):
     """The tiny model (made once in `cache`) on 5 drawn pictures and 10 blank class images at
     64 px, fp32 and torch AdamW, `steps` steps with no saves between: the bench scripts' CPU run."""
-    from dbnb.classimages import write_blank_images
-    from dbnb.config import Config
-    from dbnb.demo import write_dataset
-    from dbnb.tiny import make_tiny_model
+    from dbnb.core.config import Config
+    from dbnb.prep.classimages import write_blank_images
+    from dbnb.world.demo import write_dataset
+    from dbnb.world.tiny import make_tiny_model
 
     model = cache / "tiny"
     if not (model / "model_index.json").exists():
@@ -76,7 +76,7 @@ def tiny_config(cache: Path, steps: int, **settings):
 
 def tiny_run(cache: Path, steps: int, warmup: int, settings: dict) -> dict:
     """Train the tiny model `steps` steps; host reads per step and steps/s after `warmup`."""
-    from dbnb import train as train_module
+    from dbnb.train import loop as train_module
 
     config = tiny_config(cache, steps, **settings)
     state, seen = COUNT, {}
@@ -103,10 +103,10 @@ def picture_ram(cache: Path, n: int, resolution: int) -> float:
     """MiB the training set holds per 100 pictures at `resolution` (before any latent cache)."""
     from transformers import CLIPTokenizer
 
-    from dbnb.config import Config
-    from dbnb.batches import read_images
-    from dbnb.demo import write_dataset
-    from dbnb.skeleton import SKELETON
+    from dbnb.core.config import Config
+    from dbnb.data.batches import read_images
+    from dbnb.family.sd1.skeleton import SKELETON
+    from dbnb.world.demo import write_dataset
 
     instance, _ = write_dataset(cache / f"data-{resolution}", n_instance=n, size=resolution)
     config = Config(instance_data_dir=str(instance), instance_prompt="hnzk girl", resolution=resolution,
@@ -130,8 +130,8 @@ def sd15_scan(repeat: int) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from dbnb.divergence import first_non_finite
-    from dbnb.skeleton import skeleton_config
+    from dbnb.family.sd1.skeleton import skeleton_config
+    from dbnb.train.divergence import first_non_finite
 
     started = time.perf_counter()
     unet = UNet2DConditionModel(**{k: v for k, v in skeleton_config("unet").items() if not k.startswith("_")})

@@ -1,4 +1,4 @@
 """`python -m dbnb` and `accelerate launch -m dbnb ...` enter the same CLI as `dbnb`."""
-from dbnb.cli import main
+from dbnb.faces.cli import main
 
 raise SystemExit(main())

@@ -6,7 +6,7 @@ Seeded end to end: the same torch version and thread count give the same weights
 stages, as Stable Diffusion was built: a VAE on world images (reconstruction + a small KL
 term), then the UNet and the CLIP text encoder together on the VAE's latents with the
 captions (epsilon prediction, SD 1.5's noise schedule, 10% empty captions so
-classifier-free guidance works). The topology is SD 1.5's at small widths (dbnb.tiny), so
+classifier-free guidance works). The topology is SD 1.5's at small widths (dbnb.world.tiny), so
 the result loads, trains and exports through the same paths as a real SD 1.x model.
 """
 from __future__ import annotations
@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dbnb import skeleton, tiny, world
+from dbnb.evaluate.scorers import world
+from dbnb.family.sd1 import skeleton
+from dbnb.world import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +97,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, captions, steps: int, bat
 
 
 def save(out: Path, unet, vae, text_encoder) -> None:
-    """fp16 weights (a few MB) + configs; dbnb.tiny.make_world_model loads them as fp32."""
+    """fp16 weights (a few MB) + configs; dbnb.world.tiny.make_world_model loads them as fp32."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):

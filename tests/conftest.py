@@ -57,7 +57,7 @@ def shared_once(tmp_path_factory, name: str, build) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """The tiny model as a diffusers folder (written once per test session)."""
-    from dbnb.tiny import make_tiny_model
+    from dbnb.world.tiny import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-sd")
 
@@ -109,7 +109,7 @@ def embedders(tmp_path_factory):
     import torch
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, ViTConfig, ViTModel
 
-    from dbnb.skeleton import SKELETON
+    from dbnb.family.sd1.skeleton import SKELETON
 
     root = tmp_path_factory.mktemp("embedders")
     layers = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
@@ -152,8 +152,8 @@ def fake_gpu(monkeypatch):
 def dataset_with_class_images(folder, n_instance: int, class_per_instance: int, size: int = 64):
     """The demo's instance pictures and, as a quick stand-in for generated ones, fully transparent
     class images (the community's trick, written by dbnb's own transparent mode)."""
-    from dbnb.classimages import write_blank_images
-    from dbnb.demo import write_dataset
+    from dbnb.prep.classimages import write_blank_images
+    from dbnb.world.demo import write_dataset
 
     instance, klass = write_dataset(folder, n_instance=n_instance, size=size)
     write_blank_images(klass, n_instance * class_per_instance, size, progress=False)
@@ -174,16 +174,16 @@ def make_config(tiny_dir, tmp_path):
                     # the UNet alone, as these runs were written for (the default trains the text encoder
                     # too, issue 30); tests of the text encoder set it themselves
                     train_text_encoder=False)
-        from dbnb.config import Config
+        from dbnb.core.config import Config
         return Config(**{**base, **overrides})
     return make
 
 
 def two_checkpoint_run(tiny_dir, folder, **overrides):
     """A real 2-step run of the tiny model with a checkpoint at each step."""
-    from dbnb.config import Config
-    from dbnb.demo import CLASS_PROMPT, INSTANCE_PROMPT, write_dataset
-    from dbnb.train import train
+    from dbnb.core.config import Config
+    from dbnb.train.loop import train
+    from dbnb.world.demo import CLASS_PROMPT, INSTANCE_PROMPT, write_dataset
 
     instance, _ = write_dataset(folder / "data", n_instance=3)
     config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
@@ -309,7 +309,7 @@ def drive(http_server, monkeypatch):
 def world_folder(tmp_path_factory):
     """The demo's world, made once per session: the pretrained world model, the instance
     pictures and the class images generated from it. Every world run trains beside it."""
-    from dbnb.demo import DEMO_STEPS, demo_config, prepare_world
+    from dbnb.world.demo import DEMO_STEPS, demo_config, prepare_world
 
     def build(out):
         with torch_threads(1):  # see one_thread
@@ -321,7 +321,7 @@ def world_folder(tmp_path_factory):
 def world_demo(world_folder, tmp_path_factory):
     """`dbnb demo` as a user types it, run once per session on world_folder: the scored run, its
     export and what it printed, read by the demo test and the world-effects tests."""
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     def build(folder):
         printed = io.StringIO()

@@ -1,4 +1,4 @@
-"""dbnb.autoencoder: every path that runs the VAE (class images, previews, test images, the latent
+"""dbnb.family.sd1.autoencoder: every path that runs the VAE (class images, previews, test images, the latent
 cache and live training batches) runs it in fp32, so a VAE that overflows in fp16, as anime VAEs
 do, still gives pictures and finite latents when the rest of the model is in fp16."""
 from types import SimpleNamespace
@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dbnb import autoencoder
-from dbnb import classimages as ci
-from dbnb.batches import cache_latents, latent_batch, read_images
-from dbnb.config import Config
-from dbnb.demo import write_dataset
-from dbnb.previews import write_previews
-from dbnb.tiny import build_tiny_pipeline
+from dbnb.core.config import Config
+from dbnb.data.batches import cache_latents, latent_batch, read_images
+from dbnb.family.sd1 import autoencoder
+from dbnb.prep import classimages as ci
+from dbnb.train.previews import write_previews
+from dbnb.world.demo import write_dataset
+from dbnb.world.tiny import build_tiny_pipeline
 
 # Past fp16's largest value (65504) right after the first convolutions of the encoder and the
 # decoder; the GroupNorm that follows brings an fp32 pass back to scale.

@@ -71,7 +71,7 @@ def write_train_notebook(folder: Path, config, **parameters) -> tuple[Path, int,
 
 @pytest.fixture
 def train_notebook(tmp_path):
-    from dbnb.config import Config
+    from dbnb.core.config import Config
 
     # as notebook 02 leaves it: 04 asks for 02 first where no dataset folder is set
     path, form, _ = write_train_notebook(tmp_path, Config(instance_data_dir=str(tmp_path / "ws" / "dataset")))
@@ -159,7 +159,7 @@ def test_train_notebook_form_renders_and_edits_reach_the_config(lab, chromium, t
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    from dbnb.config import SECTIONS, describe
+    from dbnb.core.config import SECTIONS, describe
 
     path, form_cell = train_notebook
     chromium.get(f"{lab}/lab/tree/{path.name}?token={TOKEN}")
@@ -205,8 +205,8 @@ def test_train_notebook_shows_the_live_view_and_keeps_the_final_plot_and_preview
     preview at its own aspect ratio (it once showed 64x78 stretched to 65x232)."""
     from selenium.webdriver.common.by import By
 
-    from dbnb.config import Config
-    from dbnb.demo import write_dataset
+    from dbnb.core.config import Config
+    from dbnb.world.demo import write_dataset
 
     instance, _ = write_dataset(tmp_path / "data", n_instance=3)
     config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dbnb import world
-from dbnb.ccip import CCIP, CCIPError, asked_tags, fidelity, load_ccip, prepare, tag_adherence, write_stand_in_ccip
-from dbnb.config import Config
+from dbnb.core.config import Config
+from dbnb.evaluate.scorers import world
+from dbnb.evaluate.scorers.ccip import (CCIP, CCIPError, asked_tags, fidelity, load_ccip, prepare, tag_adherence,
+                                        write_stand_in_ccip)
 from dbnb.prep.tagger import load_tagger, write_stand_in_tagger
 
 OTHER = world.Character(hair="blue", left="red", right="blue", coil="right")

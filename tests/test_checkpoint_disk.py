@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dbnb.checkpoints import CheckpointError, RunFolder, dir_size
-from dbnb.diskplan import count_saves
-from dbnb.env import DiskFullError
-from dbnb.train import train
+from dbnb.core.disk import DiskFullError
+from dbnb.run.checkpoints import CheckpointError, RunFolder, dir_size
+from dbnb.train.diskplan import count_saves
+from dbnb.train.loop import train
 
 GB = 1 << 30
 
@@ -76,8 +76,8 @@ def test_the_plan_is_what_the_run_writes(make_config, capsys):
     result = train(config, progress=False)
     printed = [ln for ln in capsys.readouterr().out.splitlines() if "disk plan:" in ln]
     assert printed and "2 save(s)" in printed[0], printed
-    from dbnb import diskplan
-    from dbnb.models import load_pipeline
+    from dbnb.family.sd1.load import load_pipeline
+    from dbnb.train import diskplan
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     pipe.unet.requires_grad_(True)
     plan = diskplan.plan(config, pipe, "AdamW", 0, 4, RunFolder(result.run_dir / "elsewhere"))
@@ -103,7 +103,7 @@ def sd15_on_meta():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dbnb.skeleton import skeleton_config
+    from dbnb.family.sd1.skeleton import skeleton_config
     with torch.device("meta"):
         pipe = SimpleNamespace(unet=UNet2DConditionModel.from_config(skeleton_config("unet")),
                                vae=AutoencoderKL.from_config(skeleton_config("vae")),
@@ -113,8 +113,8 @@ def sd15_on_meta():
 
 
 def test_the_default_sd15_run_and_what_the_plan_offers_on_a_free_drive(tmp_path):
-    from dbnb import diskplan
-    from dbnb.config import Config
+    from dbnb.core.config import Config
+    from dbnb.train import diskplan
 
     # the defaults: 3000 steps, a save every 500, 8-bit Adam, the text encoder trained (as train() sets it up)
     config = Config(output_dir=str(tmp_path))

@@ -7,14 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from dbnb import classimages as ci
-from dbnb import models
-from dbnb.config import Config
-from dbnb.data import DatasetError
-from dbnb.images import cpu_batch_size
-from dbnb.demo import draw_character
-from dbnb.skeleton import SKELETON
-from dbnb.batches import read_images
+from dbnb.core.config import Config
+from dbnb.data.batches import read_images
+from dbnb.data.dataset import DatasetError
+from dbnb.family.render import cpu_batch_size
+from dbnb.family.sd1 import load as models
+from dbnb.family.sd1.skeleton import SKELETON
+from dbnb.prep import classimages as ci
+from dbnb.world.demo import draw_character
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_generate_writes_numbered_pngs_with_captions_of_the_right_size(make_conf
 
 
 def test_an_unwritable_class_folder_is_named_before_the_model_loads(make_config, loads, tmp_path):
-    from dbnb.env import NotWritableError
+    from dbnb.core.disk import NotWritableError
 
     (tmp_path / "a-file").write_text("x")
     config = make_config(class_data_dir=str(tmp_path / "a-file" / "class"))
@@ -146,10 +146,10 @@ def test_errors_name_the_setting(make_config):
 
 
 def test_auto_batch_size_from_free_vram(make_config, monkeypatch):
-    import dbnb.env
+    import dbnb.core.hardware
 
     free = {}
-    monkeypatch.setattr(dbnb.env, "cuda_summary", lambda: {"free_vram_gib": free["gib"]})
+    monkeypatch.setattr(dbnb.core.hardware, "cuda_summary", lambda: {"free_vram_gib": free["gib"]})
     config, cuda = make_config(resolution=512), torch.device("cuda")
     for gib, expected in ((40.0, ci.GPU_MAX_BATCH), (6.0, 4), (3.5, 1), (1.0, 1)):
         free["gib"] = gib
@@ -207,7 +207,7 @@ def test_black_mode_stays_black_on_a_white_background(make_config, tmp_path, tok
 
 
 def test_cli_classimages_tops_up_and_prints_errors_without_traceback(make_config, tmp_path, capsys):
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     config = make_config(class_images_mode="transparent", num_class_images=3)
     path = config.save(tmp_path / "my.yaml")
@@ -219,7 +219,7 @@ def test_cli_classimages_tops_up_and_prints_errors_without_traceback(make_config
 
 
 def test_cli_classimages_imports_from_a_google_drive_folder(make_config, tmp_path, drive, capsys):
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     png = io.BytesIO()
     Image.new("RGB", (64, 64), "white").save(png, "PNG")

@@ -5,16 +5,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dbnb.cli import main
+from dbnb.faces.cli import main
 
 
 @pytest.mark.slow
 def test_demo_trains_scores_and_ends_with_the_file_for_the_webui(world_demo, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from dbnb.demo import DEMO_STEPS, demo_config
-    from dbnb.models import sd1_variant, skeleton_folder
-    from dbnb.sdfile import keys_and_shapes
+    from dbnb.family.sd1.load import sd1_variant, skeleton_folder
+    from dbnb.family.sd1.singlefile import keys_and_shapes
+    from dbnb.world.demo import DEMO_STEPS, demo_config
 
     out, run = world_demo.printed, world_demo.run
     assert world_demo.code == 0 and f"run folder:            {run}" in out
@@ -59,7 +59,7 @@ def test_make_tiny_model_writes_both_layouts(tmp_path, capsys):
 def test_doctor_reports_the_device_and_the_fallbacks_it_will_use(capsys):
     import torch
 
-    from dbnb import env
+    from dbnb.core import hardware
 
     code = main(["doctor"])
     out = capsys.readouterr().out
@@ -69,8 +69,8 @@ def test_doctor_reports_the_device_and_the_fallbacks_it_will_use(capsys):
     else:  # a GPU machine: named, never called CPU-only
         assert torch.cuda.get_device_name() in out and "CPU only" not in out
     # a fallback is named exactly when the accelerator does not work here
-    assert ("SDPA" in out) == (not env.check_xformers(device).ok)
-    assert ("torch.optim.AdamW" in out) == (not env.check_bitsandbytes(device).ok)
+    assert ("SDPA" in out) == (not hardware.check_xformers(device).ok)
+    assert ("torch.optim.AdamW" in out) == (not hardware.check_bitsandbytes(device).ok)
 
 
 def test_train_errors_are_one_clear_line(tmp_path, capsys):
@@ -88,11 +88,11 @@ def test_every_user_error_class_derives_from_dbnb_error():
     import pkgutil
 
     import dbnb
-    from dbnb.errors import DbnbError
+    from dbnb.core.errors import DbnbError
 
     found = []
     for info in pkgutil.walk_packages(dbnb.__path__, "dbnb."):
-        if info.name in ("dbnb.widgets", "dbnb.__main__"):
+        if info.name in ("dbnb.faces.widgets", "dbnb.__main__"):
             continue
         module = importlib.import_module(info.name)
         for name, obj in vars(module).items():

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from dbnb.cli import main
-from dbnb.config import FIELDS, PRESETS, Config, ConfigError, describe, from_dict, load_config
+from dbnb.core.config import FIELDS, PRESETS, Config, ConfigError, describe, from_dict, load_config
+from dbnb.faces.cli import main
 
 
 def test_defaults_are_the_seeds_character_settings():
@@ -39,7 +39,7 @@ def test_overrides_apply_after_preset_and_file(tmp_path):
 
 def test_an_override_reads_as_the_value_config_takes():
     # bench scripts pass parse_override's values to Config directly; PyYAML reads 1e-6 as a string
-    from dbnb.config import parse_override
+    from dbnb.core.config import parse_override
 
     assert parse_override("learning_rate=1e-6") == ("learning_rate", 1e-6)
     assert parse_override("sample_prompts=[x, y]") == ("sample_prompts", ("x", "y"))
@@ -155,7 +155,7 @@ def test_cli_config_list_shows_each_settings_help_in_english_and_japanese(capsys
 
 
 def test_workspace_config_takes_the_notebooks_parameters_by_name(tmp_path):
-    from dbnb.workspace import load_workspace
+    from dbnb.faces.workspace import load_workspace
 
     first = load_workspace(tmp_path, {"pretrained_model_name_or_path": "m", "workspace": "ignored", "x": 1})
     assert first.pretrained_model_name_or_path == "m"
@@ -165,7 +165,7 @@ def test_workspace_config_takes_the_notebooks_parameters_by_name(tmp_path):
 
 
 def test_overrides_from_a_config_read_back_to_the_same_values():
-    from dbnb.config import as_overrides, section_fields
+    from dbnb.core.config import as_overrides, section_fields
 
     config = Config(test_fidelity_prompts=("a, b", "c: d"), test_seeds=2, test_guidance_scale=5.0,
                     test_steps="100,200", test_class_prompt_in_negative=True)
@@ -175,7 +175,7 @@ def test_overrides_from_a_config_read_back_to_the_same_values():
 
 
 def test_every_fields_own_limits_are_enforced_with_its_name_and_default():
-    from dbnb.config import FIELDS
+    from dbnb.core.config import FIELDS
 
     limited = {n: f.metadata for n, f in FIELDS.items()
                if any(f.metadata[k] is not None for k in ("minimum", "above", "maximum"))}
@@ -190,9 +190,9 @@ def test_every_fields_own_limits_are_enforced_with_its_name_and_default():
 
 
 def test_resume_report_and_memory_facts_live_on_the_fields():
-    from dbnb.config import FIELDS
-    from dbnb.report import changed_settings
-    from dbnb.memory import memory_advice
+    from dbnb.core.config import FIELDS
+    from dbnb.ship.report import changed_settings
+    from dbnb.train.memory import memory_advice
 
     meta = {n: f.metadata for n, f in FIELDS.items()}
     assert not meta["max_train_steps"]["learns"] and meta["learning_rate"]["learns"]
@@ -214,7 +214,7 @@ def test_resume_report_and_memory_facts_live_on_the_fields():
 
 
 def test_the_person_preset_is_the_guides_character_setup(capsys):
-    from dbnb.config import GUIDE_CHARACTER
+    from dbnb.core.config import GUIDE_CHARACTER
 
     c = load_config(preset="person")
     assert c.to_dict() == {**Config().to_dict(), **GUIDE_CHARACTER}
@@ -231,7 +231,7 @@ def test_the_preset_does_not_depend_on_what_is_installed():
     import subprocess
     import sys
 
-    show = ("import json\nfrom dbnb.config import PRESETS, load_config\n"
+    show = ("import json\nfrom dbnb.core.config import PRESETS, load_config\n"
             "print(json.dumps([PRESETS, load_config(preset='person').to_dict()], sort_keys=True))\n")
     block = ("import sys\n"
              "class Block:\n"
@@ -251,7 +251,7 @@ def test_the_preset_does_not_depend_on_what_is_installed():
     ("(woman:1.2)", "transparent", True), ("Unan", "transparent", False), ("1girl", "generate", False),
     ("1girl", "import", False)])
 def test_a_common_class_word_on_blank_class_images_is_warned(class_prompt, mode, warned):
-    from dbnb.config import class_word_warning
+    from dbnb.core.config import class_word_warning
 
     c = Config(with_prior_preservation=True, class_prompt=class_prompt, class_images_mode=mode,
                class_data_dir="c", num_class_images=5)

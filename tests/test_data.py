@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dbnb import data
-from dbnb.data import DatasetError, Example, build_prompt, caption_for, load_rgb
-from dbnb.skeleton import SKELETON
+from dbnb.data import dataset as data
+from dbnb.data.dataset import DatasetError, Example, build_prompt, caption_for, load_rgb
+from dbnb.family.sd1.skeleton import SKELETON
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +136,7 @@ def test_missing_and_empty_folders_are_named(tmp_path):
 def test_concepts_list(tmp_path):
     import json
 
-    from dbnb.config import Config
+    from dbnb.core.config import Config
 
     path = tmp_path / "concepts.json"
     path.write_text(json.dumps([{"instance_data_dir": "a", "instance_prompt": "x girl"},

@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+from conftest import torch_threads
 from safetensors.torch import load_file
 
-from conftest import torch_threads
-from dbnb.reproducible import CUBLAS_WORKSPACE, deterministic_mode
-from dbnb.train import train
+from dbnb.train.loop import train
+from dbnb.train.reproducible import CUBLAS_WORKSPACE, deterministic_mode
 
 STEPS, HALF = 16, 7
 THREADS = os.cpu_count() or 1

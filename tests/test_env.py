@@ -1,4 +1,4 @@
-"""dbnb.env: platform detection, persistent storage, disk-space guard and `dbnb doctor`.
+"""dbnb.core.platform, disk, hardware and dbnb.faces.doctor: platform detection, persistent storage, disk-space guard and `dbnb doctor`.
 
 Everything runs on a CPU box without network: platforms are faked through `environ`,
 a tmp `root` and fake modules in sys.modules; disk sizes through a fake disk_usage.
@@ -16,8 +16,12 @@ from dataclasses import FrozenInstanceError
 import pytest
 import torch
 
-from dbnb import env
-from dbnb.env import Check, DiskFullError, DoctorReport
+from dbnb.core import disk, hardware
+from dbnb.core import platform as plat
+from dbnb.core.disk import DiskFullError
+from dbnb.core.hardware import Check
+from dbnb.faces import doctor
+from dbnb.faces.doctor import DoctorReport
 
 GIB = 1024 ** 3
 Usage = namedtuple("Usage", "total used free")
@@ -26,12 +30,12 @@ Usage = namedtuple("Usage", "total used free")
 @pytest.fixture
 def not_colab(monkeypatch):
     """Detection must not depend on whether google.colab happens to be installed here."""
-    monkeypatch.setattr(env, "_colab_importable", lambda: False)
+    monkeypatch.setattr(plat, "_colab_importable", lambda: False)
 
 
 @pytest.fixture
 def no_kernel(monkeypatch, not_colab):
-    monkeypatch.setattr(env, "_in_notebook_kernel", lambda: False)
+    monkeypatch.setattr(plat, "_in_notebook_kernel", lambda: False)
 
 
 @pytest.fixture
@@ -66,44 +70,44 @@ def fake_ipython(monkeypatch, shell_class_name):
     ({"HOME": "/root", "PATH": "/usr/bin"}, "terminal"),
 ])
 def test_detect_platform_from_environ(no_kernel, tmp_path, environ, expected):
-    assert env.detect_platform(environ, root=tmp_path) == expected
+    assert plat.detect_platform(environ, root=tmp_path) == expected
 
 
 def test_detect_paperspace_from_notebooks_and_storage_dirs(no_kernel, tmp_path):
     (tmp_path / "notebooks").mkdir()
-    assert env.detect_platform({}, root=tmp_path) == "terminal"  # one of the two is not enough
+    assert plat.detect_platform({}, root=tmp_path) == "terminal"  # one of the two is not enough
     (tmp_path / "storage").mkdir()
-    assert env.detect_platform({}, root=tmp_path) == "paperspace"
+    assert plat.detect_platform({}, root=tmp_path) == "paperspace"
 
 
 def test_detect_colab_when_google_colab_is_importable(monkeypatch, tmp_path):
     module = types.ModuleType("google.colab")
-    module.__spec__ = env.importlib.machinery.ModuleSpec("google.colab", None)
+    module.__spec__ = plat.importlib.machinery.ModuleSpec("google.colab", None)
     monkeypatch.setitem(sys.modules, "google.colab", module)
-    assert env._colab_importable()
-    assert env.detect_platform({}, root=tmp_path) == "colab"
+    assert plat._colab_importable()
+    assert plat.detect_platform({}, root=tmp_path) == "colab"
 
 
 def test_detect_jupyter_only_inside_a_zmq_kernel(not_colab, monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "IPython", raising=False)
-    assert env.detect_platform({}, root=tmp_path) == "terminal"
+    assert plat.detect_platform({}, root=tmp_path) == "terminal"
 
     fake_ipython(monkeypatch, "TerminalInteractiveShell")  # plain `ipython` in a terminal
-    assert env.detect_platform({}, root=tmp_path) == "terminal"
+    assert plat.detect_platform({}, root=tmp_path) == "terminal"
 
     fake_ipython(monkeypatch, "ZMQInteractiveShell")
-    assert env.detect_platform({}, root=tmp_path) == "jupyter"
+    assert plat.detect_platform({}, root=tmp_path) == "jupyter"
 
 
 def test_hosted_platforms_win_over_their_own_jupyter_kernel(not_colab, monkeypatch, tmp_path):
     fake_ipython(monkeypatch, "ZMQInteractiveShell")
-    assert env.detect_platform({"COLAB_GPU": "1"}, root=tmp_path) == "colab"
-    assert env.detect_platform({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, root=tmp_path) == "kaggle"
+    assert plat.detect_platform({"COLAB_GPU": "1"}, root=tmp_path) == "colab"
+    assert plat.detect_platform({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, root=tmp_path) == "kaggle"
 
 
 def test_detect_platform_does_not_import_ipython(not_colab, monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "IPython", raising=False)
-    env.detect_platform({}, root=tmp_path)
+    plat.detect_platform({}, root=tmp_path)
     assert "IPython" not in sys.modules
 
 
@@ -112,47 +116,47 @@ def test_detect_platform_does_not_import_ipython(not_colab, monkeypatch, tmp_pat
 def test_persistent_dir_paperspace_prefers_writable_storage(tmp_path, monkeypatch):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "storage").mkdir()
-    assert env.persistent_dir("paperspace", root=tmp_path) == tmp_path / "storage" / "dbnb"
+    assert plat.persistent_dir("paperspace", root=tmp_path) == tmp_path / "storage" / "dbnb"
     # detected from the same fake root when no platform is given
-    monkeypatch.setattr(env, "_colab_importable", lambda: False)
-    for name in list(env.os.environ):
+    monkeypatch.setattr(plat, "_colab_importable", lambda: False)
+    for name in list(plat.os.environ):
         if name.startswith(("PAPERSPACE_", "COLAB_", "KAGGLE_")):
             monkeypatch.delenv(name)
-    assert env.persistent_dir(root=tmp_path) == tmp_path / "storage" / "dbnb"
+    assert plat.persistent_dir(root=tmp_path) == tmp_path / "storage" / "dbnb"
 
 
 def test_persistent_dir_paperspace_falls_back_to_notebooks(tmp_path, monkeypatch):
     (tmp_path / "notebooks").mkdir()
-    assert env.persistent_dir("paperspace", root=tmp_path) == tmp_path / "notebooks" / "dbnb"
+    assert plat.persistent_dir("paperspace", root=tmp_path) == tmp_path / "notebooks" / "dbnb"
 
     (tmp_path / "storage").mkdir()
     # os.access is always True for root, so read-only /storage is faked at the helper.
-    monkeypatch.setattr(env, "_writable", lambda path: False)
-    assert env.persistent_dir("paperspace", root=tmp_path) == tmp_path / "notebooks" / "dbnb"
+    monkeypatch.setattr(plat, "_writable", lambda path: False)
+    assert plat.persistent_dir("paperspace", root=tmp_path) == tmp_path / "notebooks" / "dbnb"
 
 
 def test_persistent_dir_colab_needs_mounted_drive(tmp_path):
-    assert not env.drive_mounted(tmp_path)
-    assert env.persistent_dir("colab", root=tmp_path) is None
+    assert not plat.drive_mounted(tmp_path)
+    assert plat.persistent_dir("colab", root=tmp_path) is None
 
     (tmp_path / "content" / "drive" / "MyDrive").mkdir(parents=True)
-    assert env.drive_mounted(tmp_path)
-    assert env.persistent_dir("colab", root=tmp_path) == (
+    assert plat.drive_mounted(tmp_path)
+    assert plat.persistent_dir("colab", root=tmp_path) == (
         tmp_path / "content" / "drive" / "MyDrive" / "dbnb")
 
 
 @pytest.mark.parametrize("platform", ["kaggle", "jupyter", "terminal"])
 def test_persistent_dir_none_elsewhere(tmp_path, platform):
-    assert env.persistent_dir(platform, root=tmp_path) is None
+    assert plat.persistent_dir(platform, root=tmp_path) is None
 
 
 def test_mount_drive_outside_colab_raises_clearly(monkeypatch):
-    monkeypatch.setattr(env, "detect_platform", lambda: "terminal")
+    monkeypatch.setattr(plat, "detect_platform", lambda: "terminal")
     with pytest.raises(RuntimeError, match=r"only works on Google Colab.*'terminal'"):
-        env.mount_drive()
-    monkeypatch.setattr(env, "detect_platform", lambda: "paperspace")
+        plat.mount_drive()
+    monkeypatch.setattr(plat, "detect_platform", lambda: "paperspace")
     with pytest.raises(RuntimeError, match="/storage"):
-        env.mount_drive()
+        plat.mount_drive()
 
 
 def test_mount_drive_on_colab_calls_google_colab_drive(monkeypatch):
@@ -160,10 +164,10 @@ def test_mount_drive_on_colab_calls_google_colab_drive(monkeypatch):
     drive = types.ModuleType("google.colab.drive")
     drive.mount = mounted.append
     monkeypatch.setitem(sys.modules, "google.colab.drive", drive)
-    monkeypatch.setattr(env, "detect_platform", lambda: "colab")
-    monkeypatch.setattr(env, "drive_mounted", lambda root="/": False)
+    monkeypatch.setattr(plat, "detect_platform", lambda: "colab")
+    monkeypatch.setattr(plat, "drive_mounted", lambda root="/": False)
 
-    path = env.mount_drive()
+    path = plat.mount_drive()
 
     assert mounted == ["/content/drive"]
     assert str(path) == "/content/drive/MyDrive/dbnb"
@@ -174,19 +178,19 @@ def test_mount_drive_on_colab_calls_google_colab_drive(monkeypatch):
 def test_free_disk_bytes_uses_nearest_existing_parent(tmp_path, fake_disk):
     calls = fake_disk(free=7 * GIB)
     missing = tmp_path / "runs" / "not" / "yet"
-    assert env.free_disk_bytes(missing) == 7 * GIB
+    assert disk.free_disk_bytes(missing) == 7 * GIB
     assert calls == [tmp_path]
     assert not (tmp_path / "runs").exists()  # asking must not create anything
 
 
 def test_free_disk_bytes_on_the_real_disk(tmp_path):
-    assert env.free_disk_bytes(tmp_path / "missing" / "dir") > 0
+    assert disk.free_disk_bytes(tmp_path / "missing" / "dir") > 0
 
 
 def test_check_free_space_raises_with_numbers_path_and_advice(tmp_path, fake_disk):
     fake_disk(free=1 * GIB)
     with pytest.raises(DiskFullError) as caught:
-        env.check_free_space(tmp_path / "run", 3 * GIB, "checkpoint step 400")
+        disk.check_free_space(tmp_path / "run", 3 * GIB, "checkpoint step 400")
 
     error = caught.value
     assert isinstance(error, OSError) and error.errno == errno.ENOSPC
@@ -203,33 +207,33 @@ def test_check_free_space_gives_the_callers_advice_and_asks_for_it_only_when_sho
     fake_disk(free=1 * GIB)
     asked = []
     with pytest.raises(DiskFullError, match=r"free at .*\. Delete step-000001\.$"):
-        env.check_free_space(tmp_path, 2 * GIB, "a checkpoint", lambda: asked.append(1) or "Delete step-000001.")
-    assert env.check_free_space(tmp_path, 1, "a byte", lambda: asked.append(2) or "") == 1 * GIB
+        disk.check_free_space(tmp_path, 2 * GIB, "a checkpoint", lambda: asked.append(1) or "Delete step-000001.")
+    assert disk.check_free_space(tmp_path, 1, "a byte", lambda: asked.append(2) or "") == 1 * GIB
     assert asked == [1]
 
 
 def test_check_free_space_passes_when_it_fits(tmp_path, fake_disk):
     fake_disk(free=5 * GIB)
-    assert env.check_free_space(tmp_path, 5 * GIB, "export") == 5 * GIB
+    assert disk.check_free_space(tmp_path, 5 * GIB, "export") == 5 * GIB
 
 
 def test_check_free_space_on_the_real_disk(tmp_path):
-    assert env.check_free_space(tmp_path, 1, "a byte") > 0
+    assert disk.check_free_space(tmp_path, 1, "a byte") > 0
     with pytest.raises(DiskFullError):
-        env.check_free_space(tmp_path, 1 << 60, "an exabyte")
+        disk.check_free_space(tmp_path, 1 << 60, "an exabyte")
 
 
 @pytest.mark.parametrize("n, text", [(512, "512 B"), (1536, "1.50 KiB"),
                                      (3 * 1024 ** 2, "3.00 MiB"), (2048 * GIB, "2048.00 GiB")])
 def test_format_bytes(n, text):
-    assert env.format_bytes(n) == text
+    assert disk.format_bytes(n) == text
 
 
 # --------------------------------------------------------------------------- accelerators
 
 @pytest.mark.parametrize("check, fallback", [
-    (env.check_xformers, "scaled_dot_product_attention"),
-    (env.check_bitsandbytes, "torch.optim.AdamW"),
+    (hardware.check_xformers, "scaled_dot_product_attention"),
+    (hardware.check_bitsandbytes, "torch.optim.AdamW"),
 ])
 def test_accelerators_not_usable_on_cpu_name_their_fallback(check, fallback):
     result = check("cpu")
@@ -245,11 +249,11 @@ def test_installed_xformers_on_cpu_needs_cuda(monkeypatch):
     monkeypatch.setitem(sys.modules, "xformers", xformers)
     monkeypatch.setitem(sys.modules, "xformers.ops", xformers.ops)
 
-    result = env.check_xformers("cpu")
+    result = hardware.check_xformers("cpu")
 
     assert not result.ok
     assert "0.0.99" in result.detail and "needs a CUDA GPU" in result.detail
-    assert result.fallback == env.SDPA_FALLBACK
+    assert result.fallback == hardware.SDPA_FALLBACK
 
 
 def test_broken_bitsandbytes_wheel_is_reported_not_raised(monkeypatch):
@@ -262,7 +266,7 @@ def test_broken_bitsandbytes_wheel_is_reported_not_raised(monkeypatch):
     monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
     monkeypatch.setattr(sys, "meta_path", [BrokenWheel(), *sys.meta_path])
 
-    result = env.check_bitsandbytes("cpu")
+    result = hardware.check_bitsandbytes("cpu")
 
     assert not result.ok
     assert result.detail == ("not usable (OSError: libbitsandbytes_cuda121.so: "
@@ -282,13 +286,13 @@ def test_check_is_frozen_and_marks_its_severity():
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    return env.run_doctor(tmp_path_factory.mktemp("out"))
+    return doctor.run_doctor(tmp_path_factory.mktemp("out"))
 
 
 def test_doctor_on_this_machine_is_ready(report):
     assert isinstance(report, DoctorReport)
     assert report.ok
-    for name in ("python", *env.REQUIRED_PACKAGES):
+    for name in ("python", *doctor.REQUIRED_PACKAGES):
         check = report.get(name)
         assert check is not None and check.required and check.ok, check
     assert report.get("torch").detail == torch.__version__
@@ -298,16 +302,16 @@ def test_doctor_on_this_machine_is_ready(report):
 def test_doctor_reports_cpu_only_and_fallbacks(report):
     cuda = report.get("cuda")
     assert not cuda.ok and not cuda.required
-    assert env.CPU_ONLY in cuda.detail
-    assert env.cuda_summary() is None
-    for name, fallback in (("xformers", env.SDPA_FALLBACK),
-                           ("bitsandbytes", env.ADAMW_FALLBACK)):
+    assert hardware.CPU_ONLY in cuda.detail
+    assert hardware.cuda_summary() is None
+    for name, fallback in (("xformers", hardware.SDPA_FALLBACK),
+                           ("bitsandbytes", hardware.ADAMW_FALLBACK)):
         check = report.get(name)
         assert not check.ok and check.fallback == fallback
 
     text = report.format()
-    assert env.CPU_ONLY in text
-    assert env.SDPA_FALLBACK in text and env.ADAMW_FALLBACK in text
+    assert hardware.CPU_ONLY in text
+    assert hardware.SDPA_FALLBACK in text and hardware.ADAMW_FALLBACK in text
     assert text.splitlines()[-1].startswith("ready")
 
 
@@ -330,15 +334,15 @@ def test_format_aligns_details_and_marks_each_check(report):
 
 
 def test_required_check_failing_makes_doctor_not_ok(monkeypatch, tmp_path):
-    real = env._package_version
+    real = doctor._package_version
 
     def broken(module):
         if module == "diffusers":
             raise ImportError("cannot import name 'cached_download' from 'huggingface_hub'")
         return real(module)
 
-    monkeypatch.setattr(env, "_package_version", broken)
-    report = env.run_doctor(tmp_path)
+    monkeypatch.setattr(doctor, "_package_version", broken)
+    report = doctor.run_doctor(tmp_path)
 
     assert not report.ok
     diffusers = report.get("diffusers")
@@ -364,22 +368,22 @@ def test_optional_failures_do_not_block():
 
 def test_disk_warning_under_10_gib(tmp_path, fake_disk):
     fake_disk(free=2 * GIB)
-    check = env._check_disk(tmp_path / "new_run")
+    check = doctor._check_disk(tmp_path / "new_run")
     assert not check.ok and not check.required
     assert "2.00 GiB" in check.detail and str(tmp_path) in check.detail
     assert "output_dir" in check.detail
 
     fake_disk(free=50 * GIB)
-    assert env._check_disk(tmp_path).ok
+    assert doctor._check_disk(tmp_path).ok
 
 
 def test_colab_storage_warns_until_drive_is_mounted(monkeypatch):
-    monkeypatch.setattr(env, "drive_mounted", lambda root="/": False)
-    check = env._check_storage("colab")
+    monkeypatch.setattr(plat, "drive_mounted", lambda root="/": False)
+    check = doctor._check_storage("colab")
     assert not check.ok and "mount_drive()" in check.detail
 
-    monkeypatch.setattr(env, "drive_mounted", lambda root="/": True)
-    check = env._check_storage("colab")
+    monkeypatch.setattr(plat, "drive_mounted", lambda root="/": True)
+    check = doctor._check_storage("colab")
     assert check.ok and "/content/drive/MyDrive/dbnb" in check.detail
 
 
@@ -388,8 +392,8 @@ def test_colab_storage_warns_until_drive_is_mounted(monkeypatch):
 def test_doctor_says_bf16_by_compute_capability_not_torchs_emulation(fake_gpu, card, bf16, tmp_path):
     fake_gpu(*card)
     assert torch.cuda.is_bf16_supported()  # what torch >= 2.3 really answers on both
-    assert env.cuda_summary()["bf16"] is bf16
-    cuda = env.run_doctor(tmp_path).get("cuda")
+    assert hardware.cuda_summary()["bf16"] is bf16
+    cuda = doctor.run_doctor(tmp_path).get("cuda")
     assert cuda.ok and card[0] in cuda.detail
     assert ("bf16 yes" if bf16 else "bf16 no (fp16 only)") in cuda.detail
 
@@ -398,8 +402,8 @@ def test_a_crashing_check_becomes_a_failed_line(monkeypatch, tmp_path):
     def explode():
         raise RuntimeError("CUDA driver version is insufficient\nlong traceback")
 
-    monkeypatch.setattr(env, "cuda_summary", explode)
-    report = env.run_doctor(tmp_path)
+    monkeypatch.setattr(doctor, "cuda_summary", explode)
+    report = doctor.run_doctor(tmp_path)
     cuda = report.get("cuda")
     assert not cuda.ok
     assert cuda.detail == "check failed (RuntimeError: CUDA driver version is insufficient)"
@@ -407,22 +411,22 @@ def test_a_crashing_check_becomes_a_failed_line(monkeypatch, tmp_path):
 
 
 def test_doctor_prints_the_stack_and_warns_outside_the_tested_range(monkeypatch, tmp_path):
-    from dbnb import versions
-
     import diffusers
-    assert f"diffusers {diffusers.__version__}" in env.run_doctor(tmp_path).get("versions").detail
+
+    from dbnb.core import versions
+    assert f"diffusers {diffusers.__version__}" in doctor.run_doctor(tmp_path).get("versions").detail
 
     # the stack CI tested, whatever this environment has (a release newer than NEWEST_TESTED
     # is test_versions' business, not this test's)
     tested = {name: f"{series}.99" for name, series in versions.NEWEST_TESTED.items()}
     monkeypatch.setattr(versions, "installed_version", tested.get)
-    fine = env.run_doctor(tmp_path).get("versions")
+    fine = doctor.run_doctor(tmp_path).get("versions")
     assert fine.ok and not fine.required
     assert f"diffusers {tested['diffusers']}" in fine.detail and "matplotlib" in fine.detail
 
     monkeypatch.setattr(versions, "installed_version",
                         lambda name: "99.0.0" if name == "transformers" else tested.get(name))
-    report = env.run_doctor(tmp_path)
+    report = doctor.run_doctor(tmp_path)
     check = report.get("versions")
     assert not check.ok and check.marker == "!" and report.ok  # a warning, never a blocker
     assert "transformers 99.0.0 is newer than the newest tested" in check.detail

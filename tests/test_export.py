@@ -5,14 +5,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from dbnb import export as export_mod
-from dbnb.checkpoints import CheckpointError, RunFolder
-from dbnb.config import Config
-from dbnb.demo import write_dataset
-from dbnb.env import DiskFullError
-from dbnb.export import ExportError, convert, export
-from dbnb.models import load_checkpoint_file, load_pipeline
-from dbnb.train import train
+from dbnb.core.config import Config
+from dbnb.core.disk import DiskFullError
+from dbnb.family.sd1.load import load_checkpoint_file, load_pipeline
+from dbnb.run.checkpoints import CheckpointError, RunFolder
+from dbnb.ship import export as export_mod
+from dbnb.ship.export import ExportError, convert, export
+from dbnb.train.loop import train
+from dbnb.world.demo import write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_export_reads_back_equal_to_the_runs_weights(run_dir, fmt, precision, em
 
 
 # Original SD 1.x names (CompVis ldm / the webui), written out here rather than taken from
-# dbnb.layout's maps: a wrong rule in the maps would otherwise be checked against itself.
+# dbnb.family.sd1.layout's maps: a wrong rule in the maps would otherwise be checked against itself.
 # Value: the shape's rank where it tells the layouts apart (1x1 convs where diffusers has linears).
 SD1_KEYS = {
     "model.diffusion_model.time_embed.0.weight": 2,
@@ -143,8 +143,8 @@ def test_a_disk_that_fills_during_the_export_is_named_with_another_target_and_le
     import safetensors.torch
     from safetensors import SafetensorError
 
-    from dbnb import layout
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
+    from dbnb.family.sd1 import layout
 
     def full(tensors, filename, *args, **kwargs):
         open(filename, "wb").write(b"half a file")
@@ -164,7 +164,7 @@ def test_a_disk_that_fills_during_the_export_is_named_with_another_target_and_le
 
 
 def test_the_runs_folder_given_instead_of_a_run_lists_its_runs_and_what_to_type(run_dir, tmp_path, capsys):
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     runs = run_dir.parent
     (runs / "fresh" / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -184,7 +184,7 @@ def test_the_runs_folder_given_instead_of_a_run_lists_its_runs_and_what_to_type(
 
 def test_unwritable_destination_fails_clearly(run_dir, tmp_path):
     (tmp_path / "a-file").write_text("x")
-    from dbnb.env import NotWritableError
+    from dbnb.core.disk import NotWritableError
 
     with pytest.raises(NotWritableError, match="Cannot write the exported model to .*a-file"):
         export(run_dir, to=str(tmp_path / "a-file" / "exports"))
@@ -207,7 +207,7 @@ def test_a_killed_exports_hidden_half_file_is_removed_by_the_next_export(run_dir
 
 
 def test_convert_into_an_unwritable_folder_says_so_before_loading(tiny_dir, tmp_path, capsys):
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     (tmp_path / "a-file").write_text("x")
     assert main(["convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "a-file" / "out")]) == 2

@@ -1,4 +1,4 @@
-"""dbnb.fetch: folders copied, archives extracted safely. No network: downloads (dbnb.download)
+"""dbnb.data.intake: folders copied, archives extracted safely. No network: downloads (dbnb.core.download)
 run the real urllib and gdown against a web server on 127.0.0.1 (conftest's http_server and drive)."""
 import stat
 import zipfile
@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dbnb import download, fetch
-from dbnb.fetch import FetchError, fetch_images
+from dbnb.core import download
+from dbnb.data import intake as fetch
+from dbnb.data.intake import FetchError, fetch_images
 
 
 def _png_bytes(color=(255, 0, 0)) -> bytes:

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dbnb import lora
-from dbnb.train import train
+from dbnb.family import lora
+from dbnb.train.loop import train
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def make_config(make_config):
 def watch(monkeypatch):
     """`watch(at_start)`: calls at_start(session) as the real loop starts; returns what it noted.
     A forward hook notes the dtype a UNet linear layer computes in (autocast's, not the weights')."""
-    from dbnb import train as train_module
+    from dbnb.train import loop as train_module
 
     real, noted = train_module.loop, {"matmul": set()}
 
@@ -45,7 +45,7 @@ def loss_scaler(monkeypatch):
     fp16, check_machine sees the CUDA device that run has (on a CPU it refuses fp16)."""
     import accelerate
 
-    from dbnb import train as train_module
+    from dbnb.train import loop as train_module
 
     real_init, real_check, scalers = accelerate.Accelerator.__init__, train_module.check_machine, []
 

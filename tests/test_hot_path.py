@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from dbnb import data
-from dbnb.batches import gather_examples, read_images
-from dbnb.divergence import first_non_finite
-from dbnb.train import train
+from dbnb.data import dataset as data
+from dbnb.data.batches import gather_examples, read_images
+from dbnb.train.divergence import first_non_finite
+from dbnb.train.loop import train
 
 pytestmark = pytest.mark.own_logic  # how dbnb drives the step, not what a library's API does
 
@@ -46,7 +46,7 @@ class HostReads:
 
 def _session_of(monkeypatch) -> dict:
     """The Session the real loop runs on, noted as the loop starts (the loop itself runs as is)."""
-    from dbnb import train as train_module
+    from dbnb.train import loop as train_module
 
     real, seen = train_module.loop, {}
     monkeypatch.setattr(train_module, "loop", lambda s, *a, **k: real(seen.setdefault("s", s), *a, **k))
@@ -70,7 +70,7 @@ def test_an_optimizer_step_reads_from_the_device_once(make_config, monkeypatch, 
     train(make_config(max_train_steps=steps, run_name="reads", **settings), progress=False, on_step=window)
     per_step = collections.Counter(reads.seen)
     assert len(reads.seen) == steps - 2, f"{name}: {len(reads.seen) / (steps - 2):.2f} reads per step: {per_step}"
-    assert list(per_step) == ["tolist in agree_on_stops (train.py)"]  # loss, norm and stop flags together
+    assert list(per_step) == ["tolist in agree_on_stops (loop.py)"]  # loss, norm and stop flags together
 
 
 def test_pictures_are_held_as_uint8_and_freed_once_their_latents_are_cached(make_config, monkeypatch):
@@ -113,7 +113,7 @@ def test_the_ema_updates_all_its_tensors_at_once(make_config, monkeypatch):
     seen = _session_of(monkeypatch)
     result = train(make_config(use_ema=True, ema_decay=0.5, max_train_steps=2), progress=False)
     assert seen["s"].ema.foreach  # diffusers' EMAModel: one fused update, not a kernel launch per tensor
-    from dbnb.checkpoints import RunFolder
+    from dbnb.run.checkpoints import RunFolder
     raw, ema = (RunFolder(result.run_dir).pick(2).unet_state(e) for e in (False, True))
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
 
@@ -138,7 +138,7 @@ def test_the_pre_save_scan_names_the_first_bad_part_in_one_host_read(monkeypatch
 
 
 def test_host_copies_to_the_cpu_are_plain_and_equal():
-    from dbnb.batches import to_device
+    from dbnb.data.batches import to_device
 
     t = torch.randn(2, 3)
     assert to_device(t, "cpu") is t  # nothing to copy, nothing pinned
@@ -146,7 +146,7 @@ def test_host_copies_to_the_cpu_are_plain_and_equal():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_host_to_gpu_copies_are_from_pinned_memory_without_waiting(monkeypatch):
-    from dbnb.batches import to_device
+    from dbnb.data.batches import to_device
 
     pinned, copies = [], []
     real_pin, real_to = torch.Tensor.pin_memory, torch.Tensor.to

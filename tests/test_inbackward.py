@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 
-from dbnb.config import Config, ConfigError
-from dbnb.inbackward import OptimizerInBackward, check_supported, unsupported_settings
-from dbnb.skeleton import TINY_TEXT, TINY_UNET, TINY_VAE, skeleton_config
-from dbnb.tiny import build_components
+from dbnb.core.config import Config, ConfigError
+from dbnb.family.sd1.skeleton import TINY_TEXT, TINY_UNET, TINY_VAE, skeleton_config
+from dbnb.train.inbackward import OptimizerInBackward, check_supported, unsupported_settings
+from dbnb.world.tiny import build_components
 
 ADAMW = dict(betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 EXACT = dict(rtol=0, atol=0)
@@ -44,7 +44,7 @@ def fresh(tiny, checkpointing=False):
 
 
 def groups(unet, text_encoder):
-    """What dbnb.optimizers.build builds with train_text_encoder on: two groups, two LRs."""
+    """What dbnb.train.optimizers.build builds with train_text_encoder on: two groups, two LRs."""
     return [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": 1e-3},
             {"params": list(text_encoder.parameters()), "lr": 5e-4}]
 
@@ -66,7 +66,7 @@ def loss_at(unet, text_encoder, k):
 
 
 def train_step(models, optimizer, scheduler, k):
-    """What dbnb.train.optimizer_step does (less accelerate): backward, step, zero_grad, schedule."""
+    """What dbnb.train.loop.optimizer_step does (less accelerate): backward, step, zero_grad, schedule."""
     loss_at(*models, k).backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -202,7 +202,7 @@ def test_through_accelerate_as_the_trainer_would_use_it(tiny, reference):
     accelerator = Accelerator(cpu=True, mixed_precision="no", gradient_accumulation_steps=1)
     try:
         unet, text_encoder = fresh(tiny)
-        optimizer = in_backward((unet, text_encoder))  # built before prepare, as in dbnb.train.setup
+        optimizer = in_backward((unet, text_encoder))  # built before prepare, as in dbnb.train.loop.setup
         sched = schedule(optimizer)
         unet, text_encoder = accelerator.prepare(unet, text_encoder)
         for k in range(2):
@@ -312,7 +312,7 @@ def test_bitsandbytes_adamw8bit_same_update_and_resume(tiny, tmp_path):
 
 def test_the_config_refuses_optimizer_in_backward_with_what_it_cannot_combine_at_once():
     # the form validates through from_dict: the refusal comes when the setting is typed, not at training
-    from dbnb.config import from_dict
+    from dbnb.core.config import from_dict
 
     with pytest.raises(ConfigError) as e:
         from_dict({"optimizer_in_backward": True})  # the defaults: fp16 and max_grad_norm=1.0
@@ -322,5 +322,5 @@ def test_the_config_refuses_optimizer_in_backward_with_what_it_cannot_combine_at
         from_dict({"optimizer_in_backward": True, "max_grad_norm": 0.0, "mixed_precision": "bf16",
                    "gradient_accumulation_steps": 2})
     assert from_dict({"optimizer_in_backward": True, "max_grad_norm": 0.0, "mixed_precision": "bf16"})
-    # auto picks the precision from the GPU at training, where dbnb.memory refuses fp16
+    # auto picks the precision from the GPU at training, where dbnb.train.memory refuses fp16
     assert from_dict({"optimizer_in_backward": True, "max_grad_norm": 0.0, "memory_profile": "auto"})

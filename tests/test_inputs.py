@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 from conftest import dataset_with_class_images
 
-from dbnb.classimages import make_class_images
-from dbnb.config import Config
-from dbnb.errors import DbnbError
-from dbnb.export import export
+from dbnb.core.config import Config
+from dbnb.core.errors import DbnbError
 from dbnb.prep import prepare_dataset
-from dbnb.train import train
+from dbnb.prep.classimages import make_class_images
+from dbnb.ship.export import export
+from dbnb.train.loop import train
 
 CASES = ("missing", "wrong_kind", "zip", "url_fails", "drive")
 
@@ -36,7 +36,7 @@ def zipped(folder: Path, archive: Path) -> Path:
 def made(tiny_dir, tmp_path_factory):
     """What the cases are made of, once: the tiny model as a folder and a single file, a VAE
     folder, the pictures (and class pictures) as folders and zips, and a trained run to export."""
-    from dbnb.tiny import build_tiny_pipeline, make_tiny_model
+    from dbnb.world.tiny import build_tiny_pipeline, make_tiny_model
 
     root = tmp_path_factory.mktemp("inputs")
     make_tiny_model(root / "model", single_file=root / "tiny.safetensors")

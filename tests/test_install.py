@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dbnb import install, notebook
+from dbnb.faces import install, notebook
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,10 +56,10 @@ def test_dbnb_imported_from_a_wheel_on_sys_path_is_seen_as_the_wheel(tmp_path):
     ensure() pip-installs it (a zip cannot serve the package data as files)."""
     wheel = tmp_path / "dbnb-0.1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        for f in ("__init__.py", "errors.py", "install.py"):
+        for f in ("__init__.py", "core/__init__.py", "core/errors.py", "faces/__init__.py", "faces/install.py"):
             z.write(ROOT / "dbnb" / f, f"dbnb/{f}")
     code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
-            f"sys.path.insert(0, {str(wheel)!r}); import dbnb.install as i; print(i.origin())")
+            f"sys.path.insert(0, {str(wheel)!r}); import dbnb.faces.install as i; print(i.origin())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, check=True)
     assert out.stdout.strip() == repr(("wheel", wheel))
 

@@ -1,4 +1,4 @@
-"""dbnb.layout: diffusers → original single-file layout, checked with diffusers' own importer."""
+"""dbnb.family.sd1.layout: diffusers → original single-file layout, checked with diffusers' own importer."""
 from __future__ import annotations
 
 import re
@@ -7,10 +7,10 @@ import socket
 import pytest
 import torch
 
-from dbnb import layout
-from dbnb.layout import (ORIGINAL_PREFIXES, original_state_dict, text_encoder_key_map,
-                         unet_key_map, vae_key_map, write_single_file)
-from dbnb.tiny import build_tiny_pipeline, make_tiny_model
+from dbnb.family.sd1 import layout
+from dbnb.family.sd1.layout import (ORIGINAL_PREFIXES, original_state_dict, text_encoder_key_map, unet_key_map,
+                                    vae_key_map, write_single_file)
+from dbnb.world.tiny import build_tiny_pipeline, make_tiny_model
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 # Exported with a different seed from the config folder's weights, so a passing round trip

@@ -9,15 +9,15 @@ import pytest
 import torch
 from conftest import dataset_with_class_images
 
-from dbnb import lora
-from dbnb.checkpoints import RunFolder, dir_size
-from dbnb.config import Config, ConfigError
-from dbnb.demo import write_dataset
-from dbnb.models import load_pipeline
-from dbnb.tiny import build_tiny_pipeline
-from dbnb.batches import MicroBatch, read_images
-from dbnb.data import unit_range
-from dbnb.train import diffusion_loss, train
+from dbnb.core.config import Config, ConfigError
+from dbnb.data.batches import MicroBatch, read_images
+from dbnb.data.dataset import unit_range
+from dbnb.family import lora
+from dbnb.family.sd1.load import load_pipeline
+from dbnb.run.checkpoints import RunFolder, dir_size
+from dbnb.train.loop import diffusion_loss, train
+from dbnb.world.demo import write_dataset
+from dbnb.world.tiny import build_tiny_pipeline
 
 LORA = dict(use_lora=True, lora_rank=4, lora_conv_rank=2, lora_text_encoder_rank=2)
 
@@ -68,7 +68,7 @@ def test_lora_with_conv_and_text_encoder_trains_and_the_loss_drops(make_config):
 
 
 def test_a_lora_checkpoint_holds_only_the_adapters_and_its_size_is_estimated(make_config, monkeypatch):
-    from dbnb import checkpoints
+    from dbnb.run import checkpoints
 
     asked = []
     real = checkpoints.expected_size
@@ -189,7 +189,7 @@ def lora_run(tiny_dir, tmp_path_factory):
 
 
 def _checkpoint_outputs(run_dir, ema=False):
-    from dbnb import kohya
+    from dbnb.ship import kohya
 
     pipe = load_pipeline(_base(run_dir))
     RunFolder(run_dir).pick(None).load_into(pipe, ema=ema)
@@ -204,7 +204,7 @@ def _base(run_dir):
 def test_the_lora_export_has_kohyas_keys_and_metadata(lora_run):
     from safetensors import safe_open
 
-    from dbnb.export import export
+    from dbnb.ship.export import export
 
     result = export(lora_run, precision="fp16", overwrite=True)
     assert result.verified and result.path == lora_run / "exports" / "hnzk_3.safetensors"
@@ -231,8 +231,8 @@ def test_the_lora_export_has_kohyas_keys_and_metadata(lora_run):
 
 
 def test_diffusers_reads_the_lora_file_back_equal_to_the_checkpoint(lora_run):
-    from dbnb import kohya
-    from dbnb.export import export
+    from dbnb.ship import kohya
+    from dbnb.ship.export import export
 
     for ema in (False, True):
         path = export(lora_run, precision="fp32", ema=ema, overwrite=True).path
@@ -249,8 +249,8 @@ def test_diffusers_reads_the_lora_file_back_equal_to_the_checkpoint(lora_run):
 def test_a_key_diffusers_would_ignore_is_an_error(lora_run, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from dbnb import kohya
-    from dbnb.export import export
+    from dbnb.ship import kohya
+    from dbnb.ship.export import export
 
     path = export(lora_run, precision="fp32", overwrite=True).path
     state = load_file(str(path))
@@ -264,8 +264,8 @@ def test_a_key_diffusers_would_ignore_is_an_error(lora_run, tmp_path):
 
 
 def test_bake_writes_a_full_model_equal_to_base_plus_lora(lora_run):
-    from dbnb import kohya
-    from dbnb.export import export
+    from dbnb.ship import kohya
+    from dbnb.ship.export import export
 
     result = export(lora_run, bake=True, precision="fp32", overwrite=True)
     assert result.verified and result.size > 4 << 20
@@ -279,7 +279,7 @@ def test_sampling_a_lora_checkpoint_differs_from_the_base_and_follows_lora_scale
     import numpy as np
     from PIL import Image
 
-    from dbnb.sample import sample_run
+    from dbnb.evaluate.sample import sample_run
 
     fast = ["test_seeds=1", "test_infer_steps=2", "test_flexibility_prompts=[]", "test_wide=0"]
     first = sample_run(lora_run, fast, progress=False)
@@ -294,8 +294,8 @@ def test_sampling_a_lora_checkpoint_differs_from_the_base_and_follows_lora_scale
 
 
 def test_the_report_of_a_lora_run_names_its_ranks_and_file_size(lora_run):
-    from dbnb.export import export
-    from dbnb.report import report_markdown
+    from dbnb.ship.export import export
+    from dbnb.ship.report import report_markdown
 
     path = export(lora_run, overwrite=True).path
     text = report_markdown(lora_run)

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from dbnb.config import Config, ConfigError
-from dbnb.memory import apply_memory_profile, choose
+from dbnb.core.config import Config, ConfigError
+from dbnb.train.memory import apply_memory_profile, choose
 
-# What torch reports for these cards (total_vram_gib as dbnb.env.cuda_summary() gives it).
+# What torch reports for these cards (total_vram_gib as dbnb.core.hardware.cuda_summary() gives it).
 T4 = {"name": "Tesla T4", "total_vram_gib": 14.74, "bf16": False}
 RTX3060 = {"name": "NVIDIA GeForce RTX 3060", "total_vram_gib": 11.76, "bf16": True}
 A10G = {"name": "NVIDIA A10G", "total_vram_gib": 22.07, "bf16": True}
@@ -91,8 +91,8 @@ def test_auto_keeps_8bit_adam_where_the_optimizer_asks_for_it(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU choice")
 def test_train_applies_auto_at_its_start(tiny_dir, tmp_path, capsys):
     """The defaults (fp16, 8-bit Adam) cannot train on a CPU; memory_profile=auto makes them fit it."""
-    from dbnb.demo import INSTANCE_PROMPT, write_dataset
-    from dbnb.train import train
+    from dbnb.train.loop import train
+    from dbnb.world.demo import INSTANCE_PROMPT, write_dataset
 
     instance, _ = write_dataset(tmp_path / "data", n_instance=2)
     config = Config(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),

@@ -15,15 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dbnb.config import Config
-from dbnb.demo import write_dataset
-from dbnb.export import export
-from dbnb.layout import ORIGINAL_PREFIXES, write_single_file
-from dbnb.hashes import short_hash
-from dbnb.merge import MergeError, file_stem, merge, recipe
-from dbnb.models import UnsafeCheckpointError, load_checkpoint_file, load_pipeline
-from dbnb.tiny import make_tiny_model
-from dbnb.train import train
+from dbnb.core.config import Config
+from dbnb.family.sd1.layout import ORIGINAL_PREFIXES, write_single_file
+from dbnb.family.sd1.load import UnsafeCheckpointError, load_checkpoint_file, load_pipeline
+from dbnb.ship.export import export
+from dbnb.ship.hashes import short_hash
+from dbnb.ship.merge import MergeError, file_stem, merge, recipe
+from dbnb.train.loop import train
+from dbnb.world.demo import write_dataset
+from dbnb.world.tiny import make_tiny_model
 
 UNET, VAE, TE = ORIGINAL_PREFIXES["unet"], ORIGINAL_PREFIXES["vae"], ORIGINAL_PREFIXES["text_encoder"]
 POSITION_IDS = TE + "embeddings.position_ids"
@@ -60,7 +60,7 @@ def assert_matches(got, want, exact=False):
 
 def test_weighted_sum_of_three_equals_the_state_dict_arithmetic(tiny, tmp_path, monkeypatch):
     files, _ = tiny
-    monkeypatch.setattr("dbnb.sdfile.REOPEN_BYTES", 100_000)  # reopen the inputs every few tensors
+    monkeypatch.setattr("dbnb.family.sd1.singlefile.REOPEN_BYTES", 100_000)  # reopen the inputs every few tensors
     result = run(files, tmp_path, weights=[5, 2.7, 2])
     sds = [load_file(f) for f in files]
     w = [5 / 9.7, 2.7 / 9.7, 2 / 9.7]  # normalised
@@ -153,7 +153,7 @@ def test_ckpt_inputs_go_through_the_safe_loader(tiny, tmp_path, monkeypatch):
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
-    monkeypatch.setattr("dbnb.sdfile.REOPEN_BYTES", 100_000)  # the .ckpt is loaded again, safely
+    monkeypatch.setattr("dbnb.family.sd1.singlefile.REOPEN_BYTES", 100_000)  # the .ckpt is loaded again, safely
     result = run([files[0], ckpt], tmp_path, weights=[1, 3])
     assert len(calls) > 1 and all(kw.get("weights_only") is True for kw in calls)
     a, b = load_file(files[0]), load_file(files[1])
@@ -200,7 +200,7 @@ def test_hub_id_input_offline_from_the_cache(tiny, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     script = textwrap.dedent(f"""
-        from dbnb.merge import merge
+        from dbnb.ship.merge import merge
         r = merge([{str(folders[0])!r}, "dbnb-test/tiny-sd"], out_file={str(tmp_path / "hub.safetensors")!r},
                   dtype="fp32", progress=False)
         print("RECIPE", r.recipe)
@@ -269,7 +269,7 @@ def test_outputs_are_never_silently_replaced(tiny, tmp_path):
 
 
 def test_an_unwritable_destination_is_named_before_any_work(tiny, tmp_path, capsys):
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     files, _ = tiny
     (tmp_path / "a-file").write_text("x")

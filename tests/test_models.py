@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dbnb.models import (ModelLoadError, UnsafeCheckpointError, load_checkpoint_file, load_pipeline,
-                         public_name, resolve_source, sd1_variant)
-from dbnb.tiny import build_tiny_pipeline
+from dbnb.family.sd1.load import (ModelLoadError, UnsafeCheckpointError, load_checkpoint_file, load_pipeline,
+                                  public_name, resolve_source, sd1_variant)
+from dbnb.world.tiny import build_tiny_pipeline
 
 
 def assert_same_weights(a, b):
@@ -44,7 +44,7 @@ def test_hub_id_resolved_offline_from_a_local_cache(tiny_dir, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     script = textwrap.dedent("""
-        from dbnb.models import resolve_source, load_pipeline
+        from dbnb.family.sd1.load import resolve_source, load_pipeline
         assert resolve_source("dbnb-test/tiny-sd") == ("hub", "dbnb-test/tiny-sd")
         pipe = load_pipeline("dbnb-test/tiny-sd")
         print("loaded", pipe.unet.config.block_out_channels)
@@ -82,7 +82,7 @@ def test_a_missing_path_is_named_as_a_path_not_asked_of_the_hub(source, tmp_path
 
 
 def test_a_missing_model_file_through_the_cli_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["convert", "models/my.safetensors", "out"]) == 2
@@ -93,7 +93,7 @@ def test_a_missing_model_file_through_the_cli_is_one_line_naming_the_file(tmp_pa
 
 @pytest.mark.parametrize("vae", ["vae/missing.safetensors", "nothere"])
 def test_a_missing_vae_is_called_the_vae_and_its_setting_named(vae, tiny_dir, tmp_path, monkeypatch):
-    from dbnb.models import load_vae
+    from dbnb.family.sd1.load import load_vae
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ModelLoadError) as caught:
@@ -104,9 +104,9 @@ def test_a_missing_vae_is_called_the_vae_and_its_setting_named(vae, tiny_dir, tm
 
 
 def test_a_model_folder_with_a_part_missing_is_named_before_anything_loads(tiny_dir, tmp_path, capsys):
-    from dbnb.cli import main
-    from dbnb.config import Config
-    from dbnb.demo import write_dataset
+    from dbnb.core.config import Config
+    from dbnb.faces.cli import main
+    from dbnb.world.demo import write_dataset
 
     instance, _ = write_dataset(tmp_path / "data", n_instance=2)
     for gone, said in (("tokenizer", "tokenizer/ is missing"), ("unet", "unet/ is missing"),
@@ -179,7 +179,7 @@ def test_sd2_and_sdxl_keys_are_not_supported_yet():
 
 
 def test_single_safetensors_file_loads_offline(tmp_path, reference, monkeypatch):
-    from dbnb.tiny import make_tiny_model
+    from dbnb.world.tiny import make_tiny_model
 
     make_tiny_model(tmp_path / "folder", single_file=tmp_path / "tiny.safetensors", seed=0)
     pipe = load_pipeline(str(tmp_path / "tiny.safetensors"))
@@ -187,7 +187,7 @@ def test_single_safetensors_file_loads_offline(tmp_path, reference, monkeypatch)
 
 
 def test_ckpt_written_with_torch_save_loads(tmp_path, reference):
-    from dbnb.layout import original_state_dict
+    from dbnb.family.sd1.layout import original_state_dict
 
     state = original_state_dict(reference.unet.state_dict(), reference.vae.state_dict(),
                                 reference.text_encoder.state_dict())
@@ -200,7 +200,7 @@ def test_ckpt_written_with_torch_save_loads(tmp_path, reference):
 def _vae_only(vae, prefix=""):
     """A VAE alone in the original layout, as VAE files are shared (optionally with the
     first_stage_model. prefix a whole checkpoint gives it)."""
-    from dbnb.layout import original_state_dict
+    from dbnb.family.sd1.layout import original_state_dict
 
     state = original_state_dict({}, vae.state_dict())
     return {prefix + k[len("first_stage_model."):]: v for k, v in state.items()}
@@ -213,7 +213,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def test_a_separate_vae_is_the_one_used(tiny_dir, tmp_path, reference, drive):
     from safetensors.torch import save_file
 
-    from dbnb.models import load_vae
+    from dbnb.family.sd1.load import load_vae
 
     other = build_tiny_pipeline(seed=1).vae
     other.save_pretrained(tmp_path / "bare")  # a VAE folder: config.json, no model_index.json
@@ -240,9 +240,8 @@ def test_a_separate_vae_is_the_one_used(tiny_dir, tmp_path, reference, drive):
 
 
 def test_fetch_model_keeps_local_sources_and_downloads_urls_once(tiny_dir, tmp_path, http_server, drive):
-    from dbnb.models import fetch_model
-
-    from dbnb.tiny import make_tiny_model
+    from dbnb.family.sd1.load import fetch_model
+    from dbnb.world.tiny import make_tiny_model
 
     make_tiny_model(tmp_path / "folder", single_file=tmp_path / "tiny.safetensors")
     assert fetch_model(str(tiny_dir), cache_dir=tmp_path / "c") == str(tiny_dir)

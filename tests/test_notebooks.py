@@ -22,7 +22,7 @@ NOISE = ("requires torchvision", "should be kept in float32", "Loading pipeline 
 
 
 def install_cell(path):
-    return next("".join(c["source"]) for c in cells(path) if "dbnb.notebook.start()" in "".join(c["source"]))
+    return next("".join(c["source"]) for c in cells(path) if "dbnb.faces.notebook.start()" in "".join(c["source"]))
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -46,7 +46,7 @@ def test_committed_clean_with_one_parameters_cell_and_no_definitions(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_parameters_cell_sets_only_what_its_notebook_owns(path):
     """A later notebook never overwrites an earlier one's decision with its own default."""
-    from dbnb.config import FIELDS, STEPS, owner
+    from dbnb.core.config import FIELDS, STEPS, owner
 
     step = next(s for s, name in STEPS.items() if path.stem == name)
     tree = ast.parse("".join(cells(path)[1]["source"]))
@@ -99,11 +99,11 @@ def test_the_line_break_check_finds_a_broken_sentence_and_passes_whole_ones(tmp_
 
 
 def test_the_notebooks_default_to_the_guides_character_setup():
-    """One source: every setting of the person preset (dbnb.config.GUIDE_CHARACTER) that a parameters
+    """One source: every setting of the person preset (dbnb.core.config.GUIDE_CHARACTER) that a parameters
     cell shows has the preset's value there (an empty prompt: the one built from 02's two words), and
     one no cell shows has it as its Config default, so 01 → 05 run as they come train the guide's setup."""
-    from dbnb.config import GUIDE_CHARACTER, Config
-    from dbnb.notebook import FROM_TOKENS
+    from dbnb.core.config import GUIDE_CHARACTER, Config
+    from dbnb.faces.notebook import FROM_TOKENS
 
     shown = {}
     for path in NOTEBOOKS:
@@ -211,8 +211,8 @@ def test_the_colab_path_from_the_wheel_runs_01_to_05_each_in_a_fresh_runtime_to_
     form's parameters a user fills (local stand-ins for what would come from the network)."""
     import shutil
 
-    from dbnb.demo import draw_character
     from dbnb.prep import write_stand_in_model
+    from dbnb.world.demo import draw_character
 
     ws, pictures, opened = tmp_path / "ws", tmp_path / "pictures", tmp_path / "opened"
     pictures.mkdir()
@@ -274,7 +274,7 @@ def test_the_colab_path_from_the_wheel_runs_01_to_05_each_in_a_fresh_runtime_to_
     assert (run_dir / "exports" / "nb_4.safetensors").is_file() and (run_dir / "exports" / "README.md").is_file()
     report = (run_dir / "report.md").read_text(encoding="utf-8")
     assert "## 学習対象 / Target" in report and "30 used of 30" in report
-    printed = [line for c in json.loads(out.read_text())["cells"] if "dbnb.notebook.start()" not in "".join(c["source"])
+    printed = [line for c in json.loads(out.read_text())["cells"] if "dbnb.faces.notebook.start()" not in "".join(c["source"])
                for o in c.get("outputs", []) if o["output_type"] == "stream" for line in "".join(o["text"]).splitlines()]
     assert any(line.startswith("runs/nb/exports/nb_4.safetensors") for line in printed)
     said_ws = [line for line in printed if str(ws) in line]

@@ -8,13 +8,13 @@ import warnings
 import pytest
 import torch
 
-from dbnb import optimizers
-from dbnb.checkpoints import CheckpointError, RunFolder
-from dbnb.config import Config, ConfigError, load_config
-from dbnb.demo import write_dataset
-from dbnb.env import Check
-from dbnb.models import load_pipeline
-from dbnb.train import train
+from dbnb.core.config import Config, ConfigError, load_config
+from dbnb.core.hardware import Check
+from dbnb.family.sd1.load import load_pipeline
+from dbnb.run.checkpoints import CheckpointError, RunFolder, name_of
+from dbnb.train import optimizers
+from dbnb.train.loop import train
+from dbnb.world.demo import write_dataset
 
 HAS_PRODIGY = importlib.util.find_spec("prodigyopt") is not None
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -38,7 +38,7 @@ def make_config(tiny_dir, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_dir):
-    from dbnb import lora
+    from dbnb.family import lora
 
     pipe = load_pipeline(str(tiny_dir))
     lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec(rank=4, alpha=4, conv_rank=0, text_encoder_rank=2,
@@ -77,7 +77,7 @@ def test_each_choice_builds_and_steps_the_tiny_model(make_config, tiny_lora, set
         warnings.simplefilter("error")  # no fallback here
         optimizer = optimizers.build(config, tiny_lora.unet, tiny_lora.text_encoder, 1, torch.device("cpu"),
                                      bnb_check=BNB_RUNS)
-    assert optimizers.name_of(optimizer) == built == type(optimizer).__name__
+    assert name_of(optimizer) == built == type(optimizer).__name__
     assert [g["lr"] for g in optimizer.param_groups] == [getattr(config, n) for n in config.learning_rate_settings]
     assert step_changes_the_adapters(optimizer, tiny_lora)
 

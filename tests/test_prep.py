@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dbnb.config import Config
-from dbnb.data import build_prompt, caption_for, list_images
+from dbnb.core.config import Config
+from dbnb.data.dataset import build_prompt, caption_for, list_images
+from dbnb.data.pictures import dhash, hamming
 from dbnb.prep import (BadImage, PrepError, Segmenter, SegmenterError, caption, framing_crops, framing_of,
                        framing_regions, load_image, make_square, prepare_dataset, write_stand_in_model)
-from dbnb.prep.images import dhash, hamming
 
 RED, GREEN, BLUE, WHITE = (255, 0, 0), (0, 200, 0), (0, 0, 255), (255, 255, 255)
 
@@ -601,8 +601,8 @@ def test_animeface_detector_runs_offline():
 # --- notebook widgets ----------------------------------------------------------------------------
 
 def test_upload_and_caption_editor(tmp_path):
-    from dbnb.fetch import save_uploads
-    from dbnb.widgets import caption_editor
+    from dbnb.data.intake import save_uploads
+    from dbnb.faces.widgets import caption_editor
 
     buf = io.BytesIO()
     figure().save(buf, "PNG")
@@ -653,7 +653,7 @@ def test_keep_alpha_writes_the_cut_out_with_transparent_padding(tmp_path, segmen
 
 
 def test_caption_editor_removes_and_adds_a_tag_everywhere(tmp_path):
-    from dbnb.widgets import caption_editor
+    from dbnb.faces.widgets import caption_editor
 
     for i, tags in enumerate(("nanU, 1girl, white background, smile", "nanU, white background", "nanU, solo")):
         figure(body=(i * 40, 0, 0)).save(tmp_path / f"{i}.png")
@@ -674,7 +674,7 @@ def test_caption_editor_removes_and_adds_a_tag_everywhere(tmp_path):
 
 
 def test_cli_prep_takes_a_google_drive_link(tmp_path, drive, capsys):
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     good = io.BytesIO()
     figure().save(good, "PNG")

@@ -1,4 +1,4 @@
-"""What dbnb.quiet silences: the exact library lines, through the real logging machinery."""
+"""What dbnb.core.quiet silences: the exact library lines, through the real logging machinery."""
 import logging
 import os
 import subprocess
@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from dbnb import quiet
+from dbnb.core import quiet
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_importing_bitsandbytes_after_library_noise_prints_neither_line(tmp_path
     pytest.importorskip("bitsandbytes")
     script = textwrap.dedent("""
         import logging
-        from dbnb.quiet import library_noise
+        from dbnb.core.quiet import library_noise
         seen = []
         for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
             logging.getLogger(name).addFilter(lambda record: seen.append(record.getMessage()) or True)

@@ -1,4 +1,5 @@
 """The repository's own promises: the README's commands are what CI and users run."""
+import ast
 import re
 from pathlib import Path
 
@@ -32,3 +33,43 @@ def test_only_the_checkpoint_class_spells_a_checkpoints_layout():
             assert "unet_ema" not in text, path
             assert '"state" /' not in text and "/ \"state\"" not in text, path
         assert "strict=False" not in text, path
+
+
+# Top to bottom: a folder may import the folders after it, never one before it. The README's
+# "Layout" section draws the same order.
+LAYERS = ("faces", "world", "ship", "evaluate", "train", "prep", "run", "data", "family", "core")
+
+
+def imported_modules(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name.startswith("dbnb.")}
+
+
+def test_each_folder_imports_only_the_folders_below_it():
+    package = ROOT / "dbnb"
+    assert {p.name for p in package.glob("*.py")} == {"__init__.py", "__main__.py"}, "every module lives in a layer"
+    assert {p.name for p in package.iterdir() if (p / "__init__.py").is_file()} == set(LAYERS)
+    wrong = []
+    for path in sorted(package.rglob("*.py")):
+        layer = path.relative_to(package).parts[0]
+        if layer not in LAYERS:
+            continue
+        for name in imported_modules(path):
+            target = name.split(".")[1]
+            if target in LAYERS and LAYERS.index(target) < LAYERS.index(layer):
+                wrong.append(f"{path.relative_to(ROOT)} imports {name} ({target} is above {layer})")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_each_folder_says_its_job_in_one_line():
+    for folder in sorted((ROOT / "dbnb").rglob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(folder.read_text(encoding="utf-8")))
+        assert doc, f"{folder.relative_to(ROOT)}: no docstring saying what the folder is for"
+        if folder.parent.name != "prep":  # prep's package docstring is also its usage guide
+            assert len(doc.splitlines()) == 1, f"{folder.relative_to(ROOT)}: the job in one line"

@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dbnb.config import load_config
-from dbnb.demo import run_demo
-from dbnb.export import export
-from dbnb.report import USER_FIELD, model_card, write_report
+from dbnb.core.config import load_config
+from dbnb.ship.export import export
+from dbnb.ship.report import USER_FIELD, model_card, write_report
+from dbnb.world.demo import run_demo
 
 # A demo run beside the session's world, whose class images are generated: slow, as the world is.
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def test_every_heading_is_filled_from_the_run(demo_run):
     for heading in HEADINGS:
         assert f"## {heading} /" in text
     # the guide's DBモデルハッシュ is the trainer's commit: the dbnb that started the run, as recorded
-    from dbnb.versions import dbnb_version
+    from dbnb.core.versions import dbnb_version
     assert json.loads((demo_run / "config.json").read_text())["dbnb_version"] == dbnb_version()
     assert f"`{dbnb_version()}`" in section(text, "DBモデルハッシュ") and "dbnb 0." in dbnb_version()
     assert config.instance_prompt in section(text, "学習対象")
@@ -70,7 +70,7 @@ def test_export_hash_and_scores_appear_once_they_exist(demo_run):
         text = write_report(demo_run).read_text(encoding="utf-8")
     finally:
         (demo_run / "scores.json").unlink()
-    from dbnb.hashes import short_hash
+    from dbnb.ship.hashes import short_hash
     assert f"`{short_hash(exported.path)}` {exported.path.name}" in section(text, "モデルハッシュ")
     assert short_hash(exported.path) not in section(text, "DBモデルハッシュ")  # the file's hash has its own heading
     assert "recommended checkpoint: **step-000002**" in section(text, "結果")
@@ -99,6 +99,6 @@ def test_model_card_is_yaml_front_matter_and_markdown(demo_run):
     assert meta["instance_prompt"] == "hnzk girl" and "dreambooth" in meta["tags"] and meta["license"]
     assert "base_model" not in meta  # a local path means nothing on the Hub
     assert exported.path.name in body and body.lstrip().startswith("# report")
-    from dbnb.config import load_config
+    from dbnb.core.config import load_config
     base = load_config(demo_run / "config.json").pretrained_model_name_or_path
     assert base not in body and f"base model: `{Path(base).name}`" in body  # the card is shared: no local path

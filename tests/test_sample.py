@@ -7,10 +7,10 @@ import pytest
 from conftest import two_checkpoint_run
 from PIL import Image
 
-from dbnb.checkpoints import CheckpointError, RunFolder
-from dbnb.config import Config
-from dbnb.images import cpu_batch_size
-from dbnb.sample import SampleError, labelled_grid, prompt_set, sample_run
+from dbnb.core.config import Config
+from dbnb.evaluate.sample import SampleError, labelled_grid, prompt_set, sample_run
+from dbnb.family.render import cpu_batch_size
+from dbnb.run.checkpoints import CheckpointError, RunFolder
 
 # Few, small images: the whole module stays well under a minute on a CPU. The wide test image
 # (test_wide) is rendered and scored in test_score.py; here the grids are all square.
@@ -170,8 +170,8 @@ def test_the_cpu_batch_holds_as_many_pixels_as_four_512px_images_up_to_sixteen()
 
 def test_the_preview_grid_says_what_its_labels_stand_for(tmp_path):
     """p0 / s7 under each preview are explained on the grid itself (users open grid.png alone)."""
-    from dbnb.images import make_grid
-    from dbnb.previews import save_previews
+    from dbnb.family.render import make_grid
+    from dbnb.train.previews import save_previews
 
     red, blue = Image.new("RGB", (64, 64), "red"), Image.new("RGB", (64, 64), "blue")
     results = [("hnzk girl", 7, red), ("hnzk girl, upper body", 7, blue)]

@@ -11,10 +11,10 @@ import torch
 from conftest import two_checkpoint_run
 from PIL import Image, ImageOps
 
-from dbnb.config import Config
-from dbnb.demo import draw_character
-from dbnb.clipscore import COLUMNS, cosine, load_clip, load_dino, mean_similarity, paired_similarity
-from dbnb.score import ScoreError, plot_scores, recommend, score_figure, score_run
+from dbnb.core.config import Config
+from dbnb.evaluate.score import ScoreError, plot_scores, recommend, score_figure, score_run
+from dbnb.evaluate.scorers.clip import COLUMNS, cosine, load_clip, load_dino, mean_similarity, paired_similarity
+from dbnb.world.demo import draw_character
 
 FAST = ["test_seeds=2", "test_infer_steps=2", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
 
@@ -138,7 +138,7 @@ def test_recommendation_is_the_most_faithful_checkpoint_within_the_flexibility_t
 
 
 def test_plot_draws_each_score_at_its_step_on_a_scale_of_its_panel(tmp_path):
-    from dbnb.clipscore import PANELS
+    from dbnb.evaluate.scorers.clip import PANELS
 
     rows = table((0, 0.5, 0.30), (250, 0.6, math.nan), (1000, 0.7, 0.25))
     for r, dino in zip(rows, (0.55, 0.65, 0.6)):
@@ -166,7 +166,7 @@ def test_plot_draws_each_score_at_its_step_on_a_scale_of_its_panel(tmp_path):
 
 def _scores_by_hand(run_dir, embedders, data) -> dict[str, dict]:
     """The table's numbers straight from transformers (its own processors, models and tokenizer)
-    and the images on disk, as the DreamBooth paper defines them: no dbnb.score code."""
+    and the images on disk, as the DreamBooth paper defines them: no dbnb.evaluate.score code."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer, ViTModel
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
@@ -274,9 +274,10 @@ def test_score_run_needs_a_fidelity_prompt(run_dir):
 
 
 def test_score_run_with_ccip_and_tag_adherence(run_dir, tmp_path, monkeypatch):
-    from dbnb.ccip import CCIPError, write_stand_in_ccip
+    from dbnb.evaluate.scorers.ccip import COLUMNS as CCIP_COLUMNS
+    from dbnb.evaluate.scorers.ccip import WEIGHED as CCIP_WEIGHED
+    from dbnb.evaluate.scorers.ccip import CCIPError, write_stand_in_ccip
     from dbnb.prep.tagger import write_stand_in_tagger
-    from dbnb.ccip import COLUMNS as CCIP_COLUMNS, WEIGHED as CCIP_WEIGHED
 
     ccip, wd14 = write_stand_in_ccip(tmp_path / "ccip", size=64), write_stand_in_tagger(tmp_path / "wd14", size=64)
     overrides = [*FAST, "score_with=ccip", f"ccip_model={ccip}", f"tagger_model={wd14}",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from dbnb.data import caption_for
+from dbnb.data.dataset import caption_for
 from dbnb.prep import SegmenterError, Tagger, TaggerError, prepare_dataset, write_stand_in_tagger
 from dbnb.prep.tagger import load_tagger, prepare
 from dbnb.prep.tags import caption_tag, core_tags, frequency, is_core, tag_caption

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dbnb import data
-from dbnb.checkpoints import RunFolder, RunFolderError
-from dbnb.config import Config, ConfigError
-from dbnb.batches import MicroBatch, read_images
-from dbnb.train import TrainingError, diffusion_loss, train
+from dbnb.core.config import Config, ConfigError
+from dbnb.data import dataset as data
+from dbnb.data.batches import MicroBatch, read_images
+from dbnb.run.checkpoints import RunFolder, RunFolderError
+from dbnb.train.loop import TrainingError, diffusion_loss, train
 
 
 def unet_weights(run_dir, step, ema=False):
@@ -27,7 +27,7 @@ def unet_weights(run_dir, step, ema=False):
 
 def fixed_loss(config, unet_state=None):
     """Mean training-set loss at fixed noise and timesteps (the same for every call)."""
-    from dbnb.models import load_pipeline
+    from dbnb.family.sd1.load import load_pipeline
 
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     if unet_state is not None:
@@ -62,7 +62,7 @@ def test_training_lowers_the_loss_on_the_training_set(make_config):
 
 
 def test_prior_preservation_adds_the_weighted_class_term(make_config):
-    from dbnb.models import load_pipeline
+    from dbnb.family.sd1.load import load_pipeline
 
     pipe = load_pipeline(make_config().pretrained_model_name_or_path)
     config = make_config(with_prior_preservation=True, num_class_images=6)
@@ -130,8 +130,8 @@ def test_without_the_latent_cache_training_computes_the_same(make_config):
     # The batches themselves: the same pictures, flips and noise, latents equal up to the VAE's
     # float noise (a missed flip or scaling is off by far more). Not the weights: Adam turns that
     # noise in near-zero gradients into whole lr steps.
-    from dbnb.models import load_pipeline
-    from dbnb.batches import cache_latents, next_batch
+    from dbnb.data.batches import cache_latents, next_batch
+    from dbnb.family.sd1.load import load_pipeline
 
     config = make_config(hflip=True)
     pipe = load_pipeline(config.pretrained_model_name_or_path)
@@ -158,7 +158,7 @@ def test_resume_with_a_trained_text_encoder_matches_the_straight_run(make_config
 
 
 def test_snr_gamma_and_offset_noise_change_the_loss_as_defined(make_config):
-    from dbnb.models import load_pipeline
+    from dbnb.family.sd1.load import load_pipeline
 
     pipe = load_pipeline(make_config().pretrained_model_name_or_path)
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -219,7 +219,7 @@ def test_nan_guard_names_the_last_checkpoint_that_really_is_good(make_config):
 def _poison_gradients_at(monkeypatch, call):
     """A finite loss whose gradient is NaN at the `call`-th micro-step: 0 * sqrt(0) is 0, its
     derivative 0 * inf."""
-    from dbnb import train as train_module
+    from dbnb.train import loop as train_module
 
     real, calls = train_module.diffusion_loss, []
 
@@ -246,7 +246,7 @@ def test_a_non_finite_gradient_stops_before_the_step_even_without_clipping(make_
 
 
 def test_non_finite_weights_are_never_saved(make_config, monkeypatch):
-    from dbnb import train as train_module
+    from dbnb.train import loop as train_module
 
     real, seen = train_module.diffusion_loss, {}
     monkeypatch.setattr(train_module, "diffusion_loss", lambda unet, *a, **k: seen.setdefault("unet", unet)
@@ -281,8 +281,8 @@ def test_gradient_clipping_really_clips(make_config):
 def test_the_preview_pipeline_has_every_part_on_the_unets_device(tiny_dir):
     """cache_latents parks the VAE on the CPU while the UNet trains on the GPU; previews must
     not mix the two. The meta device stands in for the GPU, so CPU-only CI guards it."""
-    from dbnb.models import load_pipeline
-    from dbnb.previews import preview_pipeline
+    from dbnb.family.sd1.load import load_pipeline
+    from dbnb.train.previews import preview_pipeline
 
     pipe = load_pipeline(str(tiny_dir))
     unet = pipe.unet.to("meta")
@@ -303,8 +303,8 @@ def test_settings_that_cannot_work_say_what_to_change(make_config):
 
 
 def test_the_lr_schedule_is_checked_whole_before_the_first_step(make_config, tmp_path, capsys):
-    from dbnb.cli import main
-    from dbnb.models import ModelLoadError
+    from dbnb.faces.cli import main
+    from dbnb.family.sd1.load import ModelLoadError
 
     # A base model that does not exist: an error about it would mean the model loaded first.
     config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), lr_scheduler="polynomial",
@@ -341,7 +341,7 @@ def test_bf16_on_a_turing_gpu_is_refused_before_anything_loads(make_config, fake
 
 
 def test_out_of_gpu_memory_says_what_to_change_on_a_torch_before_2_5(make_config, monkeypatch):
-    import dbnb.train
+    import dbnb.train.loop
 
     # torch < 2.5 has no torch.OutOfMemoryError: naming it in the `except` would raise there,
     # hiding the real error behind an AttributeError
@@ -350,7 +350,7 @@ def test_out_of_gpu_memory_says_what_to_change_on_a_torch_before_2_5(make_config
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
 
-    monkeypatch.setattr(dbnb.train, "diffusion_loss", out_of_memory)
+    monkeypatch.setattr(dbnb.train.loop, "diffusion_loss", out_of_memory)
     with pytest.raises(TrainingError, match="Out of GPU memory at step 1. .*gradient_checkpointing=true"):
         train(make_config(), progress=False)
 
@@ -358,7 +358,7 @@ def test_out_of_gpu_memory_says_what_to_change_on_a_torch_before_2_5(make_config
 def test_the_gradient_norm_is_the_same_without_torch_2_6s_get_total_norm(monkeypatch):
     from types import SimpleNamespace
 
-    from dbnb.divergence import gradient_norm
+    from dbnb.train.divergence import gradient_norm
 
     params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 70, 5)]
     for p in params:
@@ -434,8 +434,8 @@ def test_an_existing_run_needs_resume(make_config, capsys):
 
 
 def test_the_resume_message_counts_saves_from_step_0():
-    from dbnb.config import Config
-    from dbnb.train import resume_message
+    from dbnb.core.config import Config
+    from dbnb.train.loop import resume_message
 
     said = resume_message(2000, 3000, Config(save_every_steps=500))
     assert "1000 steps are left, not 3000 more" in said and "(next at step 2500)" in said
@@ -458,7 +458,7 @@ def _resumed_equals_straight(make_config, name: str, first: dict, then: dict):
 
 def test_resume_takes_the_changes_dbnb_advises_and_continues_exactly(make_config, capsys):
     """Only what changes what is learnt blocks a resume. The three journeys of a Colab user:"""
-    from dbnb.memory import memory_advice
+    from dbnb.train.memory import memory_advice
 
     # 1. Out of memory: the advice names gradient_checkpointing, and the resume takes it. 8-bit
     #    Adam would change the optimizer, so the advice says it is for a new run.
@@ -480,7 +480,7 @@ def test_resume_takes_the_changes_dbnb_advises_and_continues_exactly(make_config
 
 
 def test_auto_on_another_gpu_tier_keeps_what_the_resumed_run_learns_with():
-    from dbnb.memory import apply_memory_profile
+    from dbnb.train.memory import apply_memory_profile
 
     t4 = {"name": "Tesla T4", "total_vram_gib": 14.57, "free_vram_gib": 14.0, "capability": [7, 5], "bf16": False}
     a100 = {"name": "NVIDIA A100-SXM4-40GB", "total_vram_gib": 39.39, "free_vram_gib": 39.0, "capability": [8, 0],
@@ -511,13 +511,13 @@ def test_resume_refuses_another_runs_checkpoint(make_config, tmp_path):
     state = json.loads((b / "checkpoints" / "step-000003" / "state" / "trainer.json").read_text())
     assert state["run_id"] == json.loads((b / "config.json").read_text())["run_id"] and state["run_name"] == "b"
     # a run's config.json starts a new run as it is (the run id is not a setting)
-    from dbnb.config import load_config
+    from dbnb.core.config import load_config
     assert load_config(b / "config.json") == b_config
 
 
 def test_resume_refuses_another_base_model_but_takes_a_copy_of_the_same(make_config, tiny_dir, tmp_path, capsys):
-    from dbnb.cli import main
-    from dbnb.tiny import make_tiny_model
+    from dbnb.faces.cli import main
+    from dbnb.world.tiny import make_tiny_model
 
     config = make_config(max_train_steps=2, save_every_steps=1, run_name="based")
     train(config, progress=False)
@@ -558,7 +558,7 @@ def test_resume_latest_names_a_damaged_checkpoint_and_the_one_to_resume_from(mak
 
 @pytest.mark.own_logic
 def test_disk_full_while_saving_keeps_the_previous_checkpoint_and_resume_works(make_config, monkeypatch):
-    from dbnb.env import DiskFullError
+    from dbnb.core.disk import DiskFullError
 
     config = make_config(max_train_steps=3, save_every_steps=1, run_name="full")
     real_save = torch.save
@@ -586,8 +586,8 @@ def test_previews_that_would_render_more_than_a_few_images_warn_before_the_model
     count and the settings that lower it before the first step, while the user can still change them."""
     import warnings
 
-    from dbnb.config import FEW_PREVIEWS
-    from dbnb.models import ModelLoadError
+    from dbnb.core.config import FEW_PREVIEWS
+    from dbnb.family.sd1.load import ModelLoadError
 
     config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), max_train_steps=4,
                          sample_every_steps=2, num_samples=3, sample_prompts=("a", "b"))
@@ -643,8 +643,8 @@ def test_prompts_past_77_tokens_warn_once_per_run_with_the_count_and_the_longest
 def test_disk_full_says_which_older_checkpoints_and_previews_to_delete_with_their_sizes(make_config, monkeypatch):
     """keep_last_n prunes resume states only, which are gone already when the disk fills: the
     advice is what really takes the room, with sizes, and that the newest must stay."""
-    from dbnb.checkpoints import dir_size
-    from dbnb.env import DiskFullError, format_bytes
+    from dbnb.core.disk import DiskFullError, format_bytes
+    from dbnb.run.checkpoints import dir_size
 
     config = make_config(max_train_steps=3, save_every_steps=1, sample_every_steps=1, run_name="fullold",
                          keep_last_n=1)
@@ -673,7 +673,7 @@ def test_disk_full_inside_safetensors_is_the_same_disk_full(make_config, tmp_pat
     import safetensors.torch
     from safetensors import SafetensorError
 
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     real_save = safetensors.torch.save_file
 
@@ -699,8 +699,8 @@ def test_disk_full_inside_safetensors_is_the_same_disk_full(make_config, tmp_pat
 def test_disk_full_while_logging_stops_with_the_same_message(make_config, monkeypatch):
     import errno
 
-    from dbnb.checkpoints import RunFolder
-    from dbnb.env import DiskFullError
+    from dbnb.core.disk import DiskFullError
+    from dbnb.run.checkpoints import RunFolder
 
     real_append = RunFolder.append_log
 
@@ -717,7 +717,7 @@ def test_disk_full_while_logging_stops_with_the_same_message(make_config, monkey
 
 
 def test_the_free_space_estimate_is_not_below_the_real_checkpoint_size(make_config, monkeypatch):
-    from dbnb import checkpoints
+    from dbnb.run import checkpoints
 
     asked = []
     real_check = checkpoints.expected_size
@@ -810,8 +810,8 @@ def test_a_second_training_in_the_same_run_folder_is_refused_and_changes_nothing
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, monkeypatch, capsys):
-    from dbnb import runlock
-    from dbnb.checkpoints import RunFolder, RunInUseError
+    from dbnb.run import lock as runlock
+    from dbnb.run.checkpoints import RunFolder, RunInUseError
 
     run = RunFolder(tmp_path / "run")
     run.root.mkdir()
@@ -910,7 +910,7 @@ def test_two_process_ddp_raises_on_both_ranks_when_one_loss_is_nan(make_config, 
     # Stands in for an overflow on rank 1's third micro-step; everything else is the real trainer.
     (hook / "sitecustomize.py").write_text(
         "import os\nif os.environ.get('RANK') == '1':\n"
-        "    import dbnb.train as t\n    real, calls = t.diffusion_loss, []\n"
+        "    import dbnb.train.loop as t\n    real, calls = t.diffusion_loss, []\n"
         "    def nan_on_third(*a, **k):\n        calls.append(1)\n        loss = real(*a, **k)\n"
         "        return loss * float('nan') if len(calls) == 3 else loss\n"
         "    t.diffusion_loss = nan_on_third\n")
@@ -958,7 +958,7 @@ def test_shuffled_captions_resume_exactly(make_config, tmp_path):
 
 
 def test_alpha_mask_loss_equals_the_plain_loss_when_opaque_and_ignores_transparent_pixels(make_config):
-    from dbnb.models import load_pipeline
+    from dbnb.family.sd1.load import load_pipeline
 
     config = make_config()
     pipe = load_pipeline(config.pretrained_model_name_or_path)
@@ -1002,7 +1002,7 @@ def test_alpha_mask_loss_trains_like_plain_on_opaque_pictures_and_refuses_transp
 def test_min_snr_weights_follow_the_definition():
     from diffusers import DDPMScheduler
 
-    from dbnb.train import min_snr_weights
+    from dbnb.train.loop import min_snr_weights
 
     t = torch.tensor([0, 10, 500, 999])
     for prediction in ("epsilon", "v_prediction"):
@@ -1014,7 +1014,7 @@ def test_min_snr_weights_follow_the_definition():
 
 
 def test_0_transparent_class_images_means_10x_the_pictures_in_the_run(make_config, capsys):
-    from dbnb.train import resolve_class_count
+    from dbnb.train.loop import resolve_class_count
 
     config = make_config(with_prior_preservation=True, class_images_mode="transparent", num_class_images=0)
     assert resolve_class_count(config).num_class_images == 30  # 3 pictures, the seed's 10x

@@ -1,4 +1,4 @@
-"""dbnb.versions: the declared range, its tested ends, and the loader keyword that was renamed."""
+"""dbnb.core.versions: the declared range, its tested ends, and the loader keyword that was renamed."""
 from __future__ import annotations
 
 import ast
@@ -9,7 +9,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from dbnb import versions
+from dbnb.core import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +44,7 @@ def test_the_environment_running_the_tests_is_within_the_tested_range():
     newer = [p for p in problems if "is newer than the newest tested" in p]
     assert problems == newer
     if newer:
-        pytest.skip("; ".join(newer) + ": raise dbnb.versions.NEWEST_TESTED if the rest of the suite passes")
+        pytest.skip("; ".join(newer) + ": raise dbnb.core.versions.NEWEST_TESTED if the rest of the suite passes")
 
 
 def test_a_release_newer_than_tested_is_reported_not_failed(monkeypatch):
@@ -185,7 +185,7 @@ def test_the_trainer_version_names_this_checkouts_commit():
     import subprocess
 
     from dbnb import __version__
-    from dbnb.versions import dbnb_version
+    from dbnb.core.versions import dbnb_version
 
     root = Path(__file__).resolve().parents[1]
     if not shutil.which("git") or not (root / ".git").exists():

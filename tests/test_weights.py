@@ -7,9 +7,9 @@ import torch
 from conftest import two_checkpoint_run
 from safetensors.torch import save_file
 
-from dbnb import weights
-from dbnb.cli import main
-from dbnb.weights import UnsafeCheckpointError, WeightFileError
+from dbnb.core import weights
+from dbnb.core.weights import UnsafeCheckpointError, WeightFileError
+from dbnb.faces.cli import main
 
 
 def truncate(path, keep=0.5):
@@ -25,7 +25,7 @@ def run_dir(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_file(tiny_dir, tmp_path_factory):
-    from dbnb.tiny import make_tiny_model
+    from dbnb.world.tiny import make_tiny_model
 
     path = tmp_path_factory.mktemp("single") / "tiny.safetensors"
     make_tiny_model(path.parent / "folder", single_file=path)

@@ -4,8 +4,8 @@ import re
 import ipywidgets as w
 import pytest
 
-from dbnb.config import FIELDS, Config, ConfigError, describe
-from dbnb.widgets import ConfigForm, TrainingView, loss_curve_png
+from dbnb.core.config import FIELDS, Config, ConfigError, describe
+from dbnb.faces.widgets import ConfigForm, TrainingView, loss_curve_png
 
 
 def test_form_round_trips_the_config_and_shows_every_field():
@@ -101,7 +101,7 @@ def test_the_loss_curve_is_drawn_off_the_training_thread_at_most_every_redraw_s(
     import threading
     import time
 
-    from dbnb import widgets
+    from dbnb.faces import widgets
 
     real, draws = widgets.loss_curve_png, []
 

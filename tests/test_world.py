@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 from PIL import Image
 
-from dbnb import world
+from dbnb.evaluate.scorers import world
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,14 @@ pixel analysis: fidelity, hflip swapping an asymmetric design's sides, language 
 without prior preservation, and overfitting with steps. Thresholds fail when training breaks.
 
 The demo's own run (the session's `world_demo`) is read as it is; the other runs are the
-demo's (dbnb.demo.run_demo) with the setting under test changed, trained beside it on the
+demo's (dbnb.world.demo.run_demo) with the setting under test changed, trained beside it on the
 same model, pictures and generated class images.
 """
 import json
 
 import pytest
 
-from dbnb.demo import run_demo
+from dbnb.world.demo import run_demo
 
 pytestmark = pytest.mark.slow
 # The side runs' length: their thresholds below were measured at 200 steps, half the demo's.

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from safetensors import safe_open
 
-from dbnb.demo import LORA_DEMO, LORA_DEMO_STEPS, run_demo
+from dbnb.world.demo import LORA_DEMO, LORA_DEMO_STEPS, run_demo
 
 pytestmark = pytest.mark.slow
 # Measured with hflip (8 seeds): the left side kept in 3 of 8 samples at steps 40 and 50, in none
@@ -29,7 +29,7 @@ def last(rows):
 
 @pytest.fixture(scope="module")
 def lora_runs(world_folder, one_thread):
-    from dbnb.cli import main
+    from dbnb.faces.cli import main
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):

@@ -1,5 +1,5 @@
 """Captions: one `.txt` beside each prepared picture, read by the trainer's [filewords]
-(`dbnb.data.caption_for`). Made from `caption_template` (or the tagger's tags with
+(`dbnb.data.dataset.caption_for`). Made from `caption_template` (or the tagger's tags with
 caption_mode=tags), with the tags of a `.txt` that came with the original, and never over a
 caption someone has edited by hand since prep wrote it.
 """

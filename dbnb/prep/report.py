@@ -14,9 +14,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from dbnb.env import shown
-from dbnb.images import make_grid
-from dbnb.prep.images import flatten
+from dbnb.core.platform import shown
+from dbnb.data.pictures import flatten
+from dbnb.family.render import make_grid
 from dbnb.prep.views import balance_advice, flagged_advice, framing_counts
 
 REPORT_JSON = "prep_report.json"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageColor
 
-from dbnb.onnxrun import OnnxModel, OnnxModelError, model_files
+from dbnb.core.onnx import OnnxModel, OnnxModelError, model_files
 
 MODEL_FILE = "isnetis.onnx"
 DEFAULT_SIZE = 1024

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dbnb.onnxrun import OnnxModel, OnnxModelError, model_files
+from dbnb.core.onnx import OnnxModel, OnnxModelError, model_files
 
 MODEL_FILE, LABELS_FILE = "model.onnx", "selected_tags.csv"
 DEFAULT_SIZE = 448

@@ -1,0 +1,1 @@
+"""The ground floor: errors, the one typed config, versions, progress and quiet output, platform and disk, hardware checks, precision rules, downloads, weight files and ONNX sessions. Imports no other dbnb folder."""

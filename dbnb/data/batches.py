@@ -1,0 +1,161 @@
+"""The training batches: the pictures read once, their latents (cached, or encoded live),
+and one process's micro-batch at each step.
+
+Randomness that shapes the result (data order, flips, noise, timesteps, caption shuffling)
+is derived from (seed, micro-step, rank), never drawn from a global RNG, so a run resumed
+after a lost session computes exactly what the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dbnb.core.config import Config
+from dbnb.data import dataset as data
+from dbnb.family.sd1 import autoencoder
+
+# --- randomness derived from (seed, step) ----------------------------------------------------
+
+# Each consumer XORs its own high bit into the step's seed, so turning caption shuffling or
+# dropout on leaves the flips, noise and timesteps of every step as they were.
+CAPTION_STREAM = 1 << 62
+DROPOUT_STREAM = 1 << 61
+
+
+def step_seed(seed: int, micro_step: int, rank: int, stream: int = 0) -> int:
+    """The one seed of (seed, micro-step, rank): the run's seed and step spread apart, then a
+    slot per process (up to 64), then the consumer's `stream` bit."""
+    return ((seed * 1_000_003 + micro_step) * 64 + rank) ^ stream
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(step_seed(seed, micro_step, rank))
+
+
+def caption_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """Caption shuffling / dropout draw from their own stream (see CAPTION_STREAM)."""
+    return torch.Generator().manual_seed(step_seed(seed, micro_step, rank, CAPTION_STREAM))
+
+
+def dropout_seed(seed: int, micro_step: int, rank: int) -> int:
+    return step_seed(seed, micro_step, rank, DROPOUT_STREAM)
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without the host waiting: a CUDA copy from pinned memory runs
+    asynchronously (from pageable memory it blocks until done); elsewhere a plain `.to`."""
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+# --- data --------------------------------------------------------------------------------------
+
+@dataclass
+class Batches:
+    """Instance (and class) tensors plus what the loop needs to cut batches from them."""
+    instance: data.ImageSet
+    klass: data.ImageSet | None
+    latents: dict | None  # cached latent distributions: {(kind, flipped): (mean, std)}
+
+    @property
+    def epoch_len(self) -> int:
+        return epoch_length(len(self.instance), len(self.klass) if self.klass else 0)
+
+
+def epoch_length(instance: int, klass: int) -> int:
+    """Pictures in one epoch: the longer of the two sets (the shorter one repeats); known from the
+    examples alone, so the run's length is known before the model loads."""
+    return max(instance, klass)
+
+
+@dataclass
+class MicroBatch:
+    """One process's micro-batch: latents drawn from the VAE's distribution (not yet scaled),
+    token ids, the (seed, step) generator that also draws its noise and timesteps, and the
+    alpha mask (alpha_mask_loss) or None. Instance rows first, then class rows."""
+    latents: torch.Tensor
+    input_ids: torch.Tensor
+    generator: torch.Generator
+    mask: torch.Tensor | None = None
+
+
+def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Example]]:
+    """The instance and class pictures with their prompts, checked before the model loads or
+    the run folder is made: a missing folder or caption stops here, leaving nothing behind."""
+    concepts = data.concepts_from_config(config)
+    # The check decodes every picture anyway: it keeps them squared, so read_images decodes none again.
+    keep = data.keep_square(config.resolution, config.center_crop, config.background_color, config.alpha_mask_loss)
+    instance, klass = data.examples_for(concepts, config.with_prior_preservation, config.skip_bad_images, keep)
+    if config.with_prior_preservation:
+        klass = data.select_class_images(klass, config.num_class_images)
+    return instance, klass
+
+
+def read_images(config: Config, tokenizer, examples=None) -> Batches:
+    instance, klass = examples or gather_examples(config)
+    make = lambda ex: data.ImageSet(ex, tokenizer, config.resolution, config.center_crop,  # noqa: E731
+                                    config.background_color, config.hflip, data.CaptionRules.from_config(config),
+                                    config.alpha_mask_loss)
+    batches = Batches(make(instance), make(klass) if klass else None, None)
+    sets = [batches.instance] + ([batches.klass] if batches.klass is not None else [])
+    data.warn_cut([c for images in sets for c in images.cut], sum(map(len, sets)))
+    if batches.klass is not None:
+        data.refuse_masked_out_class_images(batches.klass)
+    return batches
+
+
+@torch.no_grad()
+def cache_latents(batches: Batches, vae, hflip: bool) -> dict:
+    """Latent distribution (mean, std) of every image, flipped ones too when hflip is on."""
+    cache = {}
+    sets = {"instance": batches.instance, "class": batches.klass}
+    for kind, images in sets.items():
+        if images is None:
+            continue
+        for flipped in (False, True) if hflip else (False,):
+            means, stds = [], []
+            for chunk in images.images.split(8):
+                chunk = data.unit_range(to_device(chunk, vae.device))
+                dist = autoencoder.encode(vae, chunk.flip(-1) if flipped else chunk)
+                means.append(dist.mean.float().cpu())
+                stds.append(dist.std.float().cpu())
+            cache[(kind, flipped)] = (torch.cat(means), torch.cat(stds))
+    return cache
+
+
+def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tensor, vae):
+    """(mean, std) of the latent distributions of one batch, from the cache or the VAE."""
+    if batches.latents is not None:  # chosen by tensor ops: no per-pick read of `flips`
+        mean, std = (t[idx] for t in batches.latents[(kind, False)])
+        if (kind, True) in batches.latents:
+            flipped, where = batches.latents[(kind, True)], flips[:, None, None, None]
+            mean, std = torch.where(where, flipped[0][idx], mean), torch.where(where, flipped[1][idx], std)
+        return mean, std
+    pictures = (batches.instance if kind == "instance" else batches.klass).picks(idx, flips)
+    dist = autoencoder.encode(vae, data.unit_range(to_device(pictures, vae.device)))
+    # Left on the VAE's device: bringing them to the host would wait for the GPU every micro-step.
+    return dist.mean.float(), dist.std.float()
+
+
+def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae) -> MicroBatch:
+    """One process's micro-batch at `micro_step`."""
+    g = step_generator(config.seed, micro_step, rank)
+    captions = caption_generator(config.seed, micro_step, rank)
+    pos = data.batch_positions(micro_step, config.train_batch_size, rank, world, batches.epoch_len, config.seed)
+    parts = [("instance", batches.instance, [p % len(batches.instance) for p in pos])]
+    if batches.klass is not None:
+        parts.append(("class", batches.klass, [p % len(batches.klass) for p in pos]))
+    means, stds, ids, masks = [], [], [], []
+    for kind, images, idx in parts:
+        flips = images.flips(len(idx), g)
+        mean, std = latent_batch(batches, kind, idx, flips, vae)
+        means.append(mean)
+        stds.append(std)
+        ids.append(images.token_ids(idx, captions))
+        masks.append(images.mask_batch(idx, flips))
+    mean, std = torch.cat(means), torch.cat(stds)
+    latents = mean + std * to_device(torch.randn(mean.shape, generator=g), mean.device)
+    return MicroBatch(latents, torch.cat(ids), g, torch.cat(masks) if masks[0] is not None else None)

@@ -1,0 +1,1 @@
+"""Judging a run: test images rendered for each checkpoint and the scores that compare them."""

@@ -1,0 +1,1 @@
+"""The scorers: one interface (base) and its implementations (CLIP, CCIP, the tiny world's pixel analysis)."""

@@ -1,0 +1,268 @@
+"""LoRA / LoCon adapters on the UNet and the text encoder, through peft (diffusers' and
+transformers' own adapter support), on the module set kohya's `networks/lora.py` trains:
+
+  UNet, always    every Linear and 1x1 conv inside the transformer blocks' Transformer2DModel:
+                  proj_in, proj_out, attn1/attn2 to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2
+  UNet, LoCon     (lora_conv_rank > 0) the ResNet blocks and the up/down samplers too: their 3x3
+                  convs at lora_conv_rank, time_emb_proj and conv_shortcut at lora_rank
+  text encoder    (lora_text_encoder_rank > 0) q/k/v/out_proj and mlp.fc1/fc2 of every layer
+
+Every adapter has the scale alpha / rank (kohya's and peft's meaning of alpha); LoCon convs keep
+the linear layers' ratio. A checkpoint's `lora/` folder holds the adapters (peft's state-dict
+layout), their EMA, and `adapters.json` (the shapes), so the adapters can be rebuilt on the base
+model without the run's config.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dbnb.core.errors import DbnbError
+
+ADAPTER = "dbnb"  # the peft adapter name on the UNet / text encoder
+# A checkpoint's lora/ folder (not the diffusers files of dbnb.run.checkpoints' unet/ and text_encoder/)
+SPEC_FILE, UNET_ADAPTERS_FILE, TEXT_ENCODER_ADAPTERS_FILE, EMA_ADAPTERS_FILE = (
+    "adapters.json", "unet.safetensors", "text_encoder.safetensors", "ema.safetensors")
+TRANSFORMER_BLOCKS = ("Transformer2DModel",)
+CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+
+
+class LoraError(DbnbError, RuntimeError):
+    """LoRA adapters cannot be built or loaded as asked; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The adapters' shapes: what a checkpoint needs to rebuild them on the base model."""
+    rank: int
+    alpha: float
+    conv_rank: int = 0
+    text_encoder_rank: int = 0
+    dropout: float = 0.0
+
+    @classmethod
+    def from_config(cls, config) -> "Spec":
+        return cls(config.lora_rank, float(config.lora_alpha or config.lora_rank), config.lora_conv_rank,
+                   config.lora_text_encoder_rank, config.lora_dropout)
+
+    @property
+    def conv_alpha(self) -> float:
+        return self.alpha * self.conv_rank / self.rank
+
+    @property
+    def text_encoder_alpha(self) -> float:
+        return self.alpha * self.text_encoder_rank / self.rank
+
+    def save(self, folder: Path) -> None:
+        (folder / SPEC_FILE).write_text(json.dumps(asdict(self), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def read(cls, folder: Path) -> "Spec":
+        try:
+            return cls(**json.loads((folder / SPEC_FILE).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as e:
+            raise LoraError(f"{folder / SPEC_FILE} cannot be read ({e}): this LoRA checkpoint is incomplete; "
+                            "choose another step.") from None
+
+
+# --- which modules get adapters ------------------------------------------------------------------
+
+def _children(root: torch.nn.Module, blocks: tuple[str, ...]):
+    """(name, module) of every Linear / Conv2d inside a module of one of the `blocks` classes."""
+    seen = set()
+    for name, module in root.named_modules():
+        if type(module).__name__ not in blocks:
+            continue
+        for child_name, child in module.named_modules():
+            full = f"{name}.{child_name}" if child_name else name
+            if isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) and full not in seen:
+                seen.add(full)
+                yield full, child
+
+
+def _is_3x3(module) -> bool:
+    return isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
+
+
+def unet_targets(unet, spec: Spec) -> tuple[list[str], list[str]]:
+    """(modules at lora_rank, 3x3 convs at lora_conv_rank) of this UNet, by module path."""
+    linear = [n for n, _ in _children(unet, TRANSFORMER_BLOCKS)]
+    convs = []
+    if spec.conv_rank:
+        for name, module in _children(unet, CONV_BLOCKS):
+            (convs if _is_3x3(module) else linear).append(name)
+    return linear, convs
+
+
+def text_encoder_targets(text_encoder) -> list[str]:
+    return [n for n, _ in _children(text_encoder, TEXT_BLOCKS)]
+
+
+def _exact(names: list[str]) -> str:
+    # One regex matching exactly these module paths: peft's list form matches by suffix, which
+    # would also catch a same-named module elsewhere.
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
+def unet_lora_config(unet, spec: Spec):
+    from peft import LoraConfig
+
+    linear, convs = unet_targets(unet, spec)
+    pattern = {re.escape(n): spec.conv_rank for n in convs}
+    return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=True,
+                      target_modules=_exact(linear + convs), rank_pattern=pattern,
+                      alpha_pattern={k: spec.conv_alpha for k in pattern})
+
+
+def text_encoder_lora_config(text_encoder, spec: Spec):
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.text_encoder_rank, lora_alpha=spec.text_encoder_alpha, lora_dropout=spec.dropout,
+                      init_lora_weights=True, target_modules=_exact(text_encoder_targets(text_encoder)))
+
+
+def add_adapters(unet, text_encoder, spec: Spec, seed: int | None = None) -> None:
+    """Freeze both models and put fresh adapters on them (fp32, whatever the models' dtype). The
+    initial weights come from `seed` (peft draws them from the global RNG)."""
+    from diffusers.training_utils import cast_training_params
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        unet.requires_grad_(False)
+        text_encoder.requires_grad_(False)
+        _add(unet, text_encoder, spec)
+    cast_training_params([unet, text_encoder], torch.float32)
+
+
+def _add(unet, text_encoder, spec: Spec) -> None:
+    from peft import inject_adapter_in_model
+
+    unet.add_adapter(unet_lora_config(unet, spec), adapter_name=ADAPTER)
+    if spec.text_encoder_rank:
+        # peft itself, not transformers' add_adapter: that one refuses peft releases older than
+        # its own pin even where they work (transformers 5.24 wants peft >= 0.22)
+        inject_adapter_in_model(text_encoder_lora_config(text_encoder, spec), text_encoder, adapter_name=ADAPTER)
+
+
+def adapter_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(state-dict key, parameter) of a model's adapters, keys as in `adapter_state`."""
+    return [(name.replace(f".{ADAPTER}.", "."), p) for name, p in model.named_parameters()
+            if f".{ADAPTER}." in name]
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapters' weights in peft's layout (`<module>.lora_A.weight`, `.lora_B.weight`); {} when none."""
+    return {k: p.detach().to("cpu", torch.float32, copy=True) for k, p in adapter_parameters(model)}
+
+
+def set_adapter_state(model, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load adapter weights, refusing any that do not fit or are missing."""
+    params = dict(adapter_parameters(model))
+    missing, extra = params.keys() - state.keys(), state.keys() - params.keys()
+    if missing or extra:
+        raise LoraError(f"{source}: its adapters do not fit this model ({len(missing)} missing, {len(extra)} "
+                        f"unexpected, e.g. {sorted(missing or extra)[0]}): was the run trained from another base "
+                        "model?")
+    with torch.no_grad():
+        for k, p in params.items():
+            if p.shape != state[k].shape:
+                raise LoraError(f"{source}: adapter {k} has shape {tuple(state[k].shape)}, this model needs "
+                                f"{tuple(p.shape)}: was the run trained from another base model?")
+            p.copy_(state[k])
+
+
+def set_scale(model, scale: float) -> None:
+    """Every adapter of the model at `scale` × alpha / rank (the webui's <lora:name:scale>)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.set_scale(ADAPTER, scale)
+
+
+# --- in a checkpoint's lora/ folder -------------------------------------------------------------
+
+def held_parts(folder: Path) -> set[str]:
+    return {part for part, file in (("unet", UNET_ADAPTERS_FILE), ("text_encoder", TEXT_ENCODER_ADAPTERS_FILE),
+                                    ("ema", EMA_ADAPTERS_FILE))
+            if (folder / file).is_file()}
+
+
+def save(folder: Path, unet, text_encoder, spec: Spec, ema_state: dict | None) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    spec.save(folder)
+    save_file(adapter_state(unet), folder / UNET_ADAPTERS_FILE)
+    if spec.text_encoder_rank:
+        save_file(adapter_state(text_encoder), folder / TEXT_ENCODER_ADAPTERS_FILE)
+    if ema_state is not None:
+        save_file(ema_state, folder / EMA_ADAPTERS_FILE)
+
+
+def ema_state(shadow: list[torch.Tensor], unet, text_encoder) -> dict[str, torch.Tensor]:
+    """The EMA's shadow of `trainable(unet, text_encoder)`, keyed "unet.<key>" / "text_encoder.<key>"."""
+    keys = [f"{part}.{k}" for part, model in (("unet", unet), ("text_encoder", text_encoder))
+            for k, _ in adapter_parameters(model)]
+    return {k: t.detach().to("cpu", torch.float32, copy=True) for k, t in zip(keys, shadow)}
+
+
+def read_ema_shadow(folder: Path, unet, text_encoder) -> list[torch.Tensor]:
+    """The saved EMA shadow, in the order of `trainable(unet, text_encoder)`."""
+    from dbnb.core.weights import read_safetensors
+
+    saved = read_safetensors(folder / EMA_ADAPTERS_FILE)
+    keys = [f"{part}.{k}" for part, model in (("unet", unet), ("text_encoder", text_encoder))
+            for k, _ in adapter_parameters(model)]
+    if set(keys) != saved.keys():
+        raise LoraError(f"{folder / EMA_ADAPTERS_FILE}: its EMA does not match this run's adapters; resume from "
+                        "another checkpoint.")
+    return [saved[k] for k in keys]
+
+
+def trainable(unet, text_encoder) -> list[torch.nn.Parameter]:
+    """The adapters' parameters in a fixed order (the optimizer's and the EMA's)."""
+    return [p for model in (unet, text_encoder) for _, p in adapter_parameters(model)]
+
+
+def read(folder: Path, ema: bool = False) -> tuple[dict, dict]:
+    """(unet, text_encoder) adapter state dicts of a checkpoint (their EMA when `ema`)."""
+    from dbnb.core.weights import read_safetensors
+
+    if ema:
+        both = read_safetensors(folder / EMA_ADAPTERS_FILE)
+        split = lambda part: {k[len(part) + 1:]: v for k, v in both.items() if k.startswith(part + ".")}  # noqa: E731
+        return split("unet"), split("text_encoder")
+    text = folder / TEXT_ENCODER_ADAPTERS_FILE
+    return read_safetensors(folder / UNET_ADAPTERS_FILE), (read_safetensors(text) if text.is_file() else {})
+
+
+def load_into(folder: Path, pipe, ema: bool = False, scale: float = 1.0) -> None:
+    """Put a checkpoint's adapters on `pipe`'s UNet and text encoder (adding them on first use)."""
+    spec = Spec.read(folder)
+    unet_sd, text_sd = read(folder, ema)
+    if not any(f".{ADAPTER}." in n for n, _ in pipe.unet.named_parameters()):
+        with torch.random.fork_rng(devices=[]):
+            _add(pipe.unet, pipe.text_encoder, spec)
+    set_adapter_state(pipe.unet, unet_sd, folder)
+    if spec.text_encoder_rank:
+        set_adapter_state(pipe.text_encoder, text_sd, folder)
+    for model in (pipe.unet, pipe.text_encoder):
+        set_scale(model, scale)
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's plain state dict with its adapters merged into the weights (base + LoRA)."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.merge(adapter_names=[ADAPTER])
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if ".lora_" not in k}

@@ -1,0 +1,49 @@
+"""The configs the loader builds a model from when a single file carries none: SD 1.5's own
+(`assets/sd15`: each component's config.json, the scheduler's, the CLIP tokenizer) and the
+widths of dbnb's small variants (`tiny`, `world`: the same topology, read offline by their
+widths), plus the tokenizer writer every saved diffusers folder uses.
+
+The models built from these widths for tests, bench and the demo are in `dbnb.world.tiny`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+SKELETON = Path(__file__).resolve().parents[2] / "assets" / "sd15"  # dbnb/assets: package data
+
+# Only the widths change; everything else comes from SD 1.5's own configs.
+TINY_UNET = dict(block_out_channels=[32, 32, 64, 64], attention_head_dim=4,
+                 cross_attention_dim=32, sample_size=8)
+TINY_VAE = dict(block_out_channels=[32, 32, 32, 32], sample_size=64)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                 num_hidden_layers=2, projection_dim=32)
+# The pretrained world model (dbnb.evaluate.scorers.world, scripts/pretrain_world.py): same topology, a little
+# wider where learning the world needs it.
+WORLD_UNET = dict(block_out_channels=[32, 64, 64, 64], attention_head_dim=4, cross_attention_dim=32,
+                  sample_size=8)
+WORLD_VAE = dict(block_out_channels=[16, 16, 32, 32], norm_num_groups=16, sample_size=64)
+WORLD_TEXT = dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
+                  projection_dim=32)
+# The small single-file variants dbnb reads offline, by their widths (unet, vae, text encoder).
+VARIANTS = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "world": (WORLD_UNET, WORLD_VAE, WORLD_TEXT)}
+
+
+def skeleton_config(component: str, **overrides) -> dict:
+    """SD 1.5's config for one component (`unet`, `vae`, `text_encoder`, `scheduler`)."""
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    config = json.loads((SKELETON / component / name).read_text())
+    config.update(copy.deepcopy(overrides))
+    return config
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> None:
+    """save_pretrained, plus the vocab/merges files that older readers still look for."""
+    import shutil
+
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    for name in ("vocab.json", "merges.txt"):
+        if not (out_dir / name).exists():
+            shutil.copy(SKELETON / "tokenizer" / name, out_dir / name)

@@ -1,0 +1,306 @@
+"""One file that AUTOMATIC1111's webui loads: a run's checkpoint (or any model) → SD 1.x
+`.safetensors` / `.ckpt` in the original layout, verified by reading it back.
+
+The trained parts come from the run's checkpoint (UNet, or its EMA; the text encoder when
+it was trained); the rest (VAE, untouched text encoder) from the run's base model. Every
+export is read back with diffusers' `from_single_file` and compared tensor by tensor with
+what was meant to be written; a file that does not match is deleted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dbnb import __version__
+from dbnb.core.errors import DbnbError
+from dbnb.core.precision import FILE_DTYPES
+from dbnb.core.versions import dtype_argument
+from dbnb.data.intake import free_name
+from dbnb.family.sd1.layout import WRITTEN_SUFFIXES, original_state_dict, remove_leftovers, write_single_file
+from dbnb.family.sd1.load import public_name
+from dbnb.run.checkpoints import RunFolder
+
+FORMATS = tuple(suffix.lstrip(".") for suffix in WRITTEN_SUFFIXES)
+
+
+class ExportError(DbnbError, RuntimeError):
+    """The export could not be made or did not verify; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    size: int
+    step: int | None
+    verified: bool
+
+    def line(self) -> str:
+        """The export as it is reported: where (relative to a notebook's workspace), how big, verified."""
+        from dbnb.core.disk import format_bytes
+        from dbnb.core.platform import shown
+
+        return f"{shown(self.path)}  {format_bytes(self.size)}  {'verified / 確認済み' if self.verified else 'not verified'}"
+
+
+# --- what to export ----------------------------------------------------------------------------
+
+def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dtype, vae: str = ""):
+    """(unet, vae, text_encoder) diffusers state dicts of a run's checkpoint, plus (step, config).
+    A LoRA checkpoint is baked: its adapters merged into the base model."""
+    from dbnb.core.config import load_config
+    from dbnb.family.sd1.load import load_pipeline
+
+    config = load_config(run.config_path)
+    checkpoint = run.pick(step)
+    checkpoint.require(ema)
+    if checkpoint.kind == "lora":
+        from dbnb.family.lora import merged_state_dict
+
+        base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
+                             revision=config.revision, dtype=torch.float32)  # merged in fp32, then cast
+        checkpoint.load_into(base, ema=ema)
+        cast = lambda sd: {k: v.to(dtype) for k, v in sd.items()}  # noqa: E731
+        return (cast(merged_state_dict(base.unet)), cast(base.vae.state_dict()),
+                cast(merged_state_dict(base.text_encoder)), checkpoint.step, config)
+    base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
+                         revision=config.revision, dtype=dtype)
+    del base.unet  # replaced by the trained one; dropping it first keeps peak RAM down
+    # cast tensor by tensor while reading: never two full copies in RAM
+    unet = checkpoint.unet_state(ema, dtype)
+    text = checkpoint.text_encoder_state(dtype)
+    return unet, base.vae.state_dict(), text if text is not None else base.text_encoder.state_dict(), \
+        checkpoint.step, config
+
+
+def model_state_dicts(source: str, dtype: torch.dtype, vae: str = ""):
+    """(unet, vae, text_encoder) diffusers state dicts of any model dbnb can load."""
+    from dbnb.family.sd1.load import load_pipeline
+
+    pipe = load_pipeline(source, vae=vae, dtype=dtype)
+    return pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict()
+
+
+def refuse_runs_folder(folder: Path) -> None:
+    """An ExportError when `folder` is output_dir, the folder of run folders, given instead of a
+    run: it would be read as a model folder and refused for a missing model_index.json, which
+    hides that one run inside is what was meant."""
+    if not folder.is_dir() or (folder / "model_index.json").is_file():
+        return
+    runs = sorted(d for d in folder.iterdir()
+                  if RunFolder(d).config_path.is_file() and RunFolder(d).checkpoints_dir.is_dir())
+    if not runs:
+        return
+    import shlex
+
+    steps = {d: RunFolder(d).checkpoints() for d in runs}
+    listing = ", ".join(f"{d.name} ({f'newest checkpoint: step {found[-1].step}' if found else 'no checkpoint yet'})"
+                        for d, found in steps.items())
+    example = next((d for d, found in steps.items() if found), runs[0])
+    raise ExportError(f"{folder} holds run folders, not a run: {listing}. Export one run: "
+                      f"`dbnb export {shlex.quote(str(example))}` (its newest checkpoint; --step N for another).")
+
+
+# --- where it goes -------------------------------------------------------------------------------
+
+def destination_folder(where: str, run_name: str, default: Path) -> Path:
+    """`local` (default), `drive` (Colab: MyDrive/dbnb/<run>), `storage` (Paperspace), or a path."""
+    from dbnb.core import platform
+
+    if where in ("", "local"):
+        return default
+    if where.strip().lower().startswith(("http://", "https://")):
+        raise ExportError(f"--to {where}: a link cannot be written to; give a folder on this machine (CLI: --to PATH; "
+                          "notebook 04: export_to), or --to drive for Google Drive on Colab. To share the file, "
+                          "upload it with --hub REPO.")
+    if where == "drive":
+        if platform.detect_platform() != "colab":
+            raise ExportError("--to drive works on Google Colab only; use --to PATH here.")
+        return (platform.persistent_dir("colab") or platform.mount_drive()) / run_name
+    if where == "storage":
+        folder = platform.persistent_dir("paperspace")
+        if folder is None:
+            raise ExportError("--to storage: no Paperspace persistent storage (/storage or /notebooks) here.")
+        return folder / run_name
+    return Path(where).expanduser()
+
+
+def prepare_folder(folder: Path, needed: int) -> None:
+    from dbnb.core.disk import check_free_space, check_writable
+
+    check_writable(folder, "the exported model")
+    check_free_space(folder, needed, "the exported model", room_advice(folder))
+
+
+def room_advice(folder: Path) -> str:
+    """What to do when the export does not fit: the run's checkpoints are not in the way (an
+    export reads them), another target is the quick fix."""
+    return (f"Export to a place with room (CLI: --to PATH, or --to drive on Colab; notebook 04: export_to), "
+            f"or free space at {folder}, then export again.")
+
+
+def write_export(path: Path, state: dict, **options) -> Path:
+    """write_single_file, with a disk that fills during the write named as such. Nothing is left
+    behind: write_single_file deletes its half-written temporary file."""
+    from dbnb.core.disk import DiskFullError, format_bytes, free_disk_bytes, is_disk_full, write_errors
+
+    try:
+        return write_single_file(path, state, **options)
+    except write_errors() as e:
+        if isinstance(e, DbnbError) or not is_disk_full(e):
+            raise
+        free = free_disk_bytes(path.parent)
+        raise DiskFullError(f"Disk full at {path.parent} while writing the export {path.name} (free "
+                            f"{format_bytes(free)}); the half-written file was deleted. {room_advice(path.parent)}",
+                            free=free, path=path.parent) from None
+
+
+# --- verify --------------------------------------------------------------------------------------
+
+def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
+    """Read the file back as the webui's loaders do and demand every key and tensor, exactly.
+    The key set is checked on its own: from_single_file ignores extra keys silently."""
+    from diffusers import StableDiffusionPipeline
+
+    from dbnb.family.sd1.layout import text_encoder_key_map, unet_key_map, vae_key_map
+    from dbnb.family.sd1.load import sd1_variant, skeleton_folder
+    from dbnb.family.sd1.singlefile import keys_and_shapes
+
+    original_keys = {*unet_key_map(expected["unet"]).values(), *vae_key_map(expected["vae"]).values(),
+                     *text_encoder_key_map(expected["text_encoder"]).values()}
+    keys, shapes = keys_and_shapes(path)
+    missing, extra = original_keys - set(keys), set(keys) - original_keys
+    if missing or extra:
+        raise ExportError(f"{path.name}: {len(missing)} keys missing, {len(extra)} unexpected "
+                          f"(e.g. {sorted(missing or extra)[0]}).")
+    config = skeleton_folder(sd1_variant(keys, shapes), None)
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                        **dtype_argument("diffusers", dtype), safety_checker=None,
+                                                        requires_safety_checker=False)
+    except Exception as e:  # noqa: BLE001 — whatever the loader trips on, the file is bad
+        raise ExportError(f"{path.name} does not load back with diffusers' from_single_file: {e}") from e
+    for name, want in expected.items():
+        got = {k: v for k, v in getattr(pipe, name).state_dict().items() if not k.endswith("position_ids")}
+        want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
+        if got.keys() != want.keys():
+            raise ExportError(f"{path.name}: {name} read back with different keys "
+                              f"({sorted(got.keys() ^ want.keys())[:3]}).")
+        for k, v in want.items():
+            if got[k].is_meta or got[k].dtype != v.dtype or not torch.equal(got[k], v):
+                raise ExportError(f"{path.name}: {name}.{k} read back different from what was written.")
+
+
+# --- the export ----------------------------------------------------------------------------------
+
+def export(source: str | Path, *, step: int | None = None, ema: bool = False, fmt: str = "safetensors",
+           precision: str = "fp16", vae: str = "", to: str = "", overwrite: bool = False,
+           name: str = "", bake: bool = False) -> ExportResult:
+    """Export a run (its checkpoint `step`, default the latest) or a model folder / file. A LoRA
+    run's checkpoint becomes a LoRA file, or with `bake` a full model with the LoRA merged in."""
+    if fmt not in FORMATS:
+        raise ExportError(f"format {fmt!r}: choose safetensors or ckpt.")
+    if precision not in FILE_DTYPES:
+        raise ExportError(f"precision {precision!r}: choose fp16, fp32 or bf16.")
+    dtype = FILE_DTYPES[precision]
+    run = RunFolder(source)
+    if not run.config_path.is_file():
+        refuse_runs_folder(Path(source))
+    if run.config_path.is_file() and not bake and run.pick(step).kind == "lora":
+        return export_lora(run, run.pick(step), ema=ema, fmt=fmt, precision=precision, to=to,
+                           overwrite=overwrite, name=name)
+    if run.config_path.is_file():
+        unet, vae_sd, text, step, config = run_state_dicts(run, step, ema, dtype, vae)
+        label = config.run_name
+        stem = name or f"{label}_{step}" + ("_ema" if ema else "")
+        default, base_model = run.exports_dir, config.pretrained_model_name_or_path
+        info = {"dbnb_instance_prompt": config.instance_prompt, "dbnb_resolution": str(config.resolution),
+                "dbnb_class_prompt": config.class_prompt, "dbnb_ema": str(ema).lower()}
+    else:
+        unet, vae_sd, text = model_state_dicts(str(source), dtype, vae)
+        label = Path(str(source).rstrip("/")).stem
+        stem = name or label
+        default, base_model, info, step = Path("exports"), str(source), {}, None
+    state = original_state_dict(unet, vae_sd, text)
+    folder = destination_folder(to, label, default)
+    remove_leftovers(folder)  # an export killed earlier: its hidden half-file holds the disk
+    prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
+    path = free_name(folder / f"{stem}.{fmt}", overwrite)
+    metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": public_name(base_model),
+                "dbnb_precision": precision, **info}
+    write_export(path, state, metadata=metadata, global_step=step)
+    del state
+    try:
+        verify(path, {"unet": unet, "vae": vae_sd, "text_encoder": text}, dtype)
+    except Exception:
+        path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
+        raise
+    return ExportResult(path, path.stat().st_size, step, True)
+
+
+def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: str, to: str, overwrite: bool,
+                name: str) -> ExportResult:
+    """The checkpoint's adapters as one kohya-layout LoRA file, read back with diffusers'
+    `load_lora_weights` onto the base model: its outputs must be the checkpoint's."""
+    from dbnb.core.config import load_config
+    from dbnb.family import lora
+    from dbnb.family.sd1.load import load_pipeline
+    from dbnb.ship import kohya
+
+    if fmt != "safetensors":
+        raise ExportError(f"format {fmt}: a LoRA is exported as .safetensors (what the webui's models/Lora "
+                          "folder takes); leave out --format, or add --bake for a full model file.")
+    config, dtype = load_config(run.config_path), FILE_DTYPES[precision]
+    spec, unet, text = checkpoint.adapters(ema)
+    state = kohya.kohya_state_dict(unet, text, spec, dtype)
+    stem = name or f"{config.run_name}_{checkpoint.step}" + ("_ema" if ema else "")
+    folder = destination_folder(to, config.run_name, run.exports_dir)
+    remove_leftovers(folder)
+    prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
+    path = free_name(folder / f"{stem}.safetensors", overwrite)
+    write_export(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
+                                        "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
+
+    def base():
+        return load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
+                             revision=config.revision, dtype=torch.float32)
+    try:
+        pipe = base()
+        checkpoint.load_into(pipe, ema=ema)
+        with torch.no_grad():  # what the file can hold: the adapters at its precision
+            for p in lora.trainable(pipe.unet, pipe.text_encoder):
+                p.copy_(p.to(dtype).float())
+        expected = kohya.outputs(pipe)
+        del pipe
+        kohya.verify(path, expected, base)
+    except Exception:
+        path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
+        raise
+    return ExportResult(path, path.stat().st_size, checkpoint.step, True)
+
+
+def upload_to_hub(path: Path, repo_id: str, api=None) -> str:
+    """Upload an export to a private Hub model repo; the token comes from HF_TOKEN or
+    `huggingface-cli login`, and is never printed."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
+    api.upload_file(path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, repo_type="model")
+    card = path.parent / "README.md"  # dbnb.ship.report.model_card writes it beside the export
+    if card.is_file():
+        api.upload_file(path_or_fileobj=str(card), path_in_repo="README.md", repo_id=repo_id, repo_type="model")
+    return f"https://huggingface.co/{repo_id}/blob/main/{path.name}"
+
+
+def convert(single_file: str | Path, out_dir: str | Path) -> Path:
+    """A single SD 1.x file → a diffusers folder (to train from, or to merge)."""
+    from dbnb.core.disk import check_writable
+    from dbnb.family.sd1.load import save_folder
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not empty; choose a new folder.")
+    check_writable(out_dir.parent, "the diffusers folder")
+    return save_folder(single_file, out_dir, {"dbnb_source.json": {"converted_from": str(single_file)}})

@@ -1,0 +1,178 @@
+"""A LoRA checkpoint as the file AUTOMATIC1111's webui loads: kohya sd-scripts' layout.
+
+  lora_unet_<diffusers module path, '.' → '_'>.lora_down.weight / .lora_up.weight / .alpha
+  lora_te_text_model_<encoder module path>.…                      (the CLIP text encoder)
+  metadata ss_network_dim, ss_network_alpha, ss_network_module, ss_tag_frequency, …
+
+diffusers' `convert_state_dict_to_kohya` does the renaming; it writes SDXL's `lora_te1_` prefix
+and alpha = rank, so the SD 1.x prefix `lora_te_` and the trained alpha are set here. Every file
+is read back with diffusers' `load_lora_weights` and must give the checkpoint's outputs.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from dbnb.core.errors import DbnbError
+from dbnb.family.lora import Spec
+from dbnb.family.sd1.load import public_name
+
+TEXT_PREFIX = "lora_te_"
+TOLERANCE = 1e-4  # max abs difference of the UNet / text-encoder outputs, in fp32
+
+
+class KohyaError(DbnbError, RuntimeError):
+    """A LoRA file does not read back as trained; the message says what was wrong."""
+
+
+def kohya_state_dict(unet: dict, text_encoder: dict, spec: Spec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """peft-layout adapter state dicts → kohya keys, with each module's alpha."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    peft = {**{f"unet.{k}": v for k, v in unet.items()},
+            # the webui's CLIP keeps the `text_model.` level that transformers 5 dropped (4 has it)
+            **{"text_encoder." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+               for k, v in text_encoder.items()}}
+    out = {}
+    for key, value in convert_state_dict_to_kohya(peft).items():
+        key = TEXT_PREFIX + key[len("lora_te1_"):] if key.startswith("lora_te1_") else key
+        if key.endswith(".alpha"):  # alpha / rank is the adapter's scale: keep the trained one
+            value = torch.tensor(float(value) * spec.alpha / spec.rank)
+        out[key] = value.to(dtype).contiguous()
+    return out
+
+
+def metadata(config, spec: Spec, step: int, name: str, version: str) -> dict[str, str]:
+    """kohya's `ss_*` fields that the webui and LoRA browsers show, and dbnb's own."""
+    from dbnb.data.dataset import DatasetError, caption_for, list_images
+
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
+            "ss_network_alpha": str(spec.alpha), "ss_base_model_version": "sd_v1", "ss_v2": "False",
+            "ss_resolution": f"({config.resolution}, {config.resolution})", "ss_output_name": name,
+            "ss_steps": str(step), "ss_unet_lr": str(config.lora_learning_rate),
+            "ss_text_encoder_lr": str(config.lora_text_encoder_learning_rate if spec.text_encoder_rank else 0),
+            "ss_sd_model_name": public_name(config.pretrained_model_name_or_path), "ss_training_comment": f"dbnb {version}",
+            "dbnb_version": version, "dbnb_instance_prompt": config.instance_prompt}
+    if spec.conv_rank:
+        meta["ss_network_args"] = json.dumps({"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_alpha)})
+    try:
+        images = list_images(config.instance_data_dir, "instance_data_dir")
+    except DatasetError:  # the dataset moved since training: the file is complete without these
+        return meta
+    meta["ss_num_train_images"] = str(len(images))
+    tags = Counter(t.strip() for p in images for t in caption_for(p).split(",") if t.strip())
+    if tags:
+        meta["ss_tag_frequency"] = json.dumps({Path(config.instance_data_dir).name: dict(tags)}, ensure_ascii=False)
+    return meta
+
+
+# --- reading it back -------------------------------------------------------------------------------
+
+def _probe(pipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fixed inputs: token ids, noisy latents, a timestep."""
+    ids = pipe.tokenizer(["a photo of sks girl, 1girl, solo"], padding="max_length", truncation=True,
+                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=g)
+    return ids, latents, torch.tensor([500])
+
+
+@torch.no_grad()
+def outputs(pipe, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text-encoder output, UNet output) on the fixed inputs; the UNet gets `hidden` when given,
+    so a difference in one model does not show up as one in the other."""
+    ids, latents, t = _probe(pipe)
+    text = pipe.text_encoder(ids)[0].float()
+    unet = pipe.unet(latents, t, text if hidden is None else hidden).sample.float()
+    return text, unet
+
+
+def _lora_modules(model) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def load_file_into(pipe, path: Path) -> None:
+    """diffusers' own reading of a kohya file (`load_lora_weights`); every module in the file must
+    land on a layer: a key diffusers ignores is an error."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    want_unet = sum(k.startswith("lora_unet_") and k.endswith("lora_down.weight") for k in state)
+    want_text = sum(k.startswith(TEXT_PREFIX) and k.endswith("lora_down.weight") for k in state)
+    other = [k for k in state if not k.startswith(("lora_unet_", TEXT_PREFIX))]
+    if other:
+        raise KohyaError(f"{path.name}: keys the webui does not read, e.g. {other[0]}.")
+    if _transformers_takes_this_peft():
+        # folder + weight_name: diffusers < 0.32 refuses a bare file path when the Hub is offline
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="file")
+    else:
+        _load_around_the_peft_pin(pipe, state)
+    got_unet, got_text = _lora_modules(pipe.unet), _lora_modules(pipe.text_encoder)
+    if (got_unet, got_text) != (want_unet, want_text):
+        raise KohyaError(f"{path.name}: diffusers' load_lora_weights put {got_unet} of {want_unet} UNet and "
+                         f"{got_text} of {want_text} text-encoder modules on the model: the other keys are ignored.")
+
+
+def _transformers_takes_this_peft() -> bool:
+    """transformers' adapter loading refuses peft releases below its own pin (5.24 wants >= 0.22)."""
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+        from transformers.utils.peft_utils import check_peft_version
+
+        check_peft_version(min_version=MIN_PEFT_VERSION)
+    except ValueError:
+        return False
+    except ImportError:
+        return True
+    return True
+
+
+def _load_around_the_peft_pin(pipe, state: dict) -> None:
+    """The UNet through `load_lora_weights`; the text encoder's part converted by diffusers
+    (`lora_state_dict`, as load_lora_weights does) and injected with peft itself, which is what
+    transformers' refused `load_adapter` would do."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    from diffusers.utils.peft_utils import _create_lora_config  # diffusers' own reading, private
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    unet_part = {k: v for k, v in state.items() if k.startswith("lora_unet_")}
+    text_part = {k: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    if unet_part:
+        pipe.load_lora_weights(unet_part, adapter_name="file")
+    if not text_part:
+        return
+    converted, alphas = pipe.lora_state_dict(text_part)
+    text = {k.removeprefix("text_encoder."): v for k, v in converted.items() if k.startswith("text_encoder.")}
+    text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))
+    if not hasattr(pipe.text_encoder, "text_model"):
+        text = {k.removeprefix("text_model."): v for k, v in text.items()}
+    alphas = {k.removeprefix("text_encoder."): v for k, v in (alphas or {}).items() if k.startswith("text_encoder.")}
+    rank = {k: v.shape[1] for k, v in text.items() if k.endswith("lora_B.weight")}
+    config = _create_lora_config(text, alphas, None, rank, is_unet=False)
+    inject_adapter_in_model(config, pipe.text_encoder, adapter_name="file")
+    result = set_peft_model_state_dict(pipe.text_encoder, text, adapter_name="file")
+    if result.unexpected_keys:
+        raise KohyaError(f"text-encoder keys that fit no layer, e.g. {result.unexpected_keys[0]}.")
+
+
+def verify(path: Path, expected: tuple[torch.Tensor, torch.Tensor], load_base) -> float:
+    """Load the file onto a fresh base pipeline (`load_base()`, fp32) the way diffusers does and
+    compare its outputs with `expected` (the checkpoint's); returns the max abs difference."""
+    pipe = load_base()
+    try:
+        load_file_into(pipe, path)
+    except KohyaError:
+        raise
+    except Exception as e:  # noqa: BLE001 — whatever diffusers trips on, the file is bad
+        raise KohyaError(f"{path.name} does not load with diffusers' load_lora_weights: {e}") from e
+    text, unet = outputs(pipe, hidden=expected[0])
+    diff = max((text - expected[0]).abs().max().item(), (unet - expected[1]).abs().max().item())
+    if not diff <= TOLERANCE:
+        raise KohyaError(f"{path.name} read back with diffusers gives outputs {diff:.2e} away from the trained "
+                         f"checkpoint's (at most {TOLERANCE:g} allowed).")
+    return diff

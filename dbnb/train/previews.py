@@ -1,0 +1,93 @@
+"""Training previews: a few images of the sample prompts every `sample_every_steps`, rendered
+with the UNet being trained and saved under RUN/samples/step-NNNNNN/ with a grid.
+
+Seeds are sample_seed, sample_seed+1, … for every prompt, so the previews of different steps
+differ only by what was learnt (`dbnb.family.render.render`).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from dbnb.core import precision
+from dbnb.core.config import FEW_PREVIEWS
+from dbnb.family.render import PREVIEW_SAMPLER, make_grid, make_scheduler, render, with_legend
+
+
+def preview_prompts(config) -> list[str]:
+    """The prompts a preview renders: sample_prompts, or the instance prompt."""
+    return list(config.sample_prompts) or [config.instance_prompt]
+
+
+def warn_many_previews(config, steps: int) -> None:
+    """Before the first step: a warning when each preview of a `steps`-step run renders more than
+    FEW_PREVIEWS images, naming the count and the settings that lower it."""
+    prompts = len(preview_prompts(config))
+    each = prompts * config.num_samples
+    previews = steps // config.sample_every_steps if config.sample_every_steps else 0
+    if previews and each > FEW_PREVIEWS:
+        warnings.warn(f"previews: every sample_every_steps={config.sample_every_steps} steps renders {prompts} "
+                      f"prompt(s) × num_samples={config.num_samples} = {each} images ({previews * each} in the "
+                      f"run), each a full generation ({config.sample_steps} sampling steps) while training waits. "
+                      f"1-2 per prompt show how the run goes: lower num_samples or the number of sample_prompts, "
+                      f"or raise sample_every_steps.", stacklevel=3)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def preview_pipeline(pipe, unet):
+    """The pipeline previews render with: the training UNet, and every other part on its
+    device (cache_latents parks the VAE on the CPU, where a CUDA UNet's latents cannot reach it)."""
+    parts = {**pipe.components, "unet": unet, "scheduler": make_scheduler(PREVIEW_SAMPLER, pipe.scheduler.config)}
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module) and _device(part) != _device(unet):
+            part.to(_device(unet))
+    sampler = pipe.__class__(**parts, requires_safety_checker=False)
+    sampler.set_progress_bar_config(disable=True)
+    return sampler
+
+
+def render_prompts(pipe, prompts: list[str], negative_prompt: str, num_per_prompt: int, seed: int,
+                   guidance_scale: float, steps: int, resolution: int) -> list[tuple[str, int, Image.Image]]:
+    """(prompt, seed, image) for each prompt × seed; seeds are seed, seed+1, ... One image at a
+    time: a preview must not need more VRAM than training leaves free."""
+    return [(prompt, seed + k, render(pipe, prompt, [seed + k], negative=negative_prompt, steps=steps,
+                                      guidance=guidance_scale, resolution=resolution)[0])
+            for prompt in prompts for k in range(num_per_prompt)]
+
+
+def save_previews(results: list[tuple[str, int, Image.Image]], folder: Path, cols: int) -> Path:
+    """PNG per image (p{prompt}-s{seed}.png) plus grid.png; returns the grid's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = list(dict.fromkeys(p for p, _, _ in results))
+    for prompt, seed, image in results:
+        image.save(folder / f"p{prompts.index(prompt)}-s{seed}.png")
+    (folder / "prompts.txt").write_text("".join(f"p{i}: {p}\n" for i, p in enumerate(prompts)), encoding="utf-8")
+    grid = make_grid([im for _, _, im in results], cols, [f"p{prompts.index(p)} s{s}" for p, s, _ in results])
+    grid = with_legend(grid, [f"p{i}: {p}" for i, p in enumerate(prompts)] + ["s: the sample's seed"])
+    grid.save(folder / "grid.png")
+    return folder / "grid.png"
+
+
+def write_previews(run, step: int, pipe, unet, config) -> Path:
+    """The previews of `step` in run.samples_dir(step); the parts moved for them go back after."""
+    parked = {name: _device(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    sampler = preview_pipeline(pipe, unet)
+    was_training = unet.training
+    unet.eval()
+    try:
+        with precision.autocast(unet.device.type, config.mixed_precision):
+            results = render_prompts(sampler, preview_prompts(config),
+                                     config.sample_negative_prompt, config.num_samples, config.sample_seed,
+                                     config.sample_guidance_scale, config.sample_steps, config.resolution)
+    finally:
+        unet.train(was_training)
+        for name, device in parked.items():  # back where they were parked, to free the VRAM again
+            if name != "unet" and _device(pipe.components[name]) != device:
+                pipe.components[name].to(device)
+    return save_previews(results, run.samples_dir(step), cols=config.num_samples)
