@@ -18,7 +18,7 @@ from pathlib import Path
 NEWEST_TESTED = {
     "torch": "2.13",
     "diffusers": "0.42",
-    "transformers": "5.24",
+    "transformers": "5.25",
     "accelerate": "1.16",
     "safetensors": "0.8",
     "huggingface-hub": "2.4",
