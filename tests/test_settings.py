@@ -53,3 +53,38 @@ def test_each_config_module_stays_small():
     sizes = {p.name: len(p.read_text(encoding="utf-8").splitlines()) for p in folder.glob("*.py")}
     assert {"__init__.py", "declare.py", "whole.py", "checks.py", "io.py", "presets.py"} <= set(sizes)
     assert all(n < 500 for n in sizes.values()), sizes
+
+
+class _Run:
+    """What check_resume_config reads of a run folder: its saved config.json."""
+    def __init__(self, saved: dict):
+        self.saved, self.root, self.config_path = saved, Path("runs/run"), Path("runs/run/config.json")
+
+    def saved_config(self) -> dict:
+        return self.saved
+
+
+def test_a_prep_class_image_or_test_change_never_blocks_a_resume_while_a_training_change_does(capsys):
+    import pytest
+
+    from dbnb.core.config import ConfigError
+    from dbnb.train.loop import check_resume_config
+
+    started = Config(with_prior_preservation=True, class_prompt="Unan", class_data_dir="class", num_class_images=10)
+    # an old run's config.json: every setting, with the run's keys beside them
+    saved = {**started.to_dict(), "run_id": "abc", "dbnb_version": "0.1.0"}
+    check_resume_config(_Run(saved), started.replace(
+        tag_threshold=0.5, remove_background=False, class_guidance_scale=7.0, class_infer_steps=20,
+        class_images_mode="import", test_seeds=2, test_fidelity_prompts=["nanU Unan, smile"], score_with="ccip"))
+    assert capsys.readouterr().out == ""  # not compared, so not even said
+    check_resume_config(_Run(saved), started.replace(gradient_checkpointing=False, sample_steps=3))
+    assert "resuming with changed settings: gradient_checkpointing True -> False, sample_steps 20 -> 3" in (
+        capsys.readouterr().out)
+    for change in (dict(learning_rate=2e-6), dict(num_class_images=20), dict(prior_loss_weight=0.5),
+                   dict(class_prompt="Other"), dict(resolution=256)):
+        (name, value), = change.items()
+        with pytest.raises(ConfigError, match=rf"change what it learns: {name} .* -> {value!r} .*Set them back"):
+            check_resume_config(_Run(saved), started.replace(**change))
+    # a setting a run from an older dbnb did not record is not compared
+    del saved["prior_loss_weight"]
+    check_resume_config(_Run(saved), started.replace(prior_loss_weight=0.5))

@@ -50,7 +50,8 @@ def setting(default, section: str, label: str, help: str, choices: tuple = (), h
     is the notebook step that owns it (default: its section's). The value must be at least
     `minimum` / greater than `above`, and at most `maximum`. `learns`: it changes what the run learns
     (rates, schedule, optimizer, seed, data, prompts, what is trained), so a resumed run must keep
-    it; False for what only changes memory, speed, what is saved or shown, prep and tests. `memory_saving`:
+    it; False for what only changes memory, speed, what is saved or shown, prep and tests. A resume
+    compares only the settings of the groups a run freezes (`Config.frozen`). `memory_saving`:
     the value (or values) that lowers VRAM, named after an out-of-memory stop when not set.
     `report`: in the training report "always", "if changed" from the preset, or "apart"
     (paths and prompts, which have their own headings)."""
