@@ -1,4 +1,4 @@
-"""The one typed config, one module per job: declare (setting()), a group per notebook step (model, prep, train, tuning, classimages, evaluate), whole (Config), checks, io, presets."""
+"""The one typed config, one module per job: declare (setting()), the settings grouped by step (model, prep, train, tuning, classimages, evaluate), whole (Config), checks, io, presets."""
 from dbnb.core.config.checks import (BLANK_CLASS_IMAGES, COMMON_CLASS_WORDS, check_schedule, class_word_warning,
                                      inbackward_conflicts, schedule_problems)
 from dbnb.core.config.classimages import ClassImageSettings
