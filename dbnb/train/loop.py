@@ -75,10 +75,11 @@ def total_steps(config: Config, epoch_len: int, world: int) -> int:
 
 
 def check_resume_config(run: RunFolder, config: Config) -> None:
-    """A resume may change how the run is trained (memory savers, precision, attention, saving,
-    previews, tests), said in one line; not what it learns (the fields marked `learns`)."""
-    saved, now = run.saved_config() or {}, config.to_dict()
-    changed = [k for k in FIELDS if k in saved and saved[k] != now[k]]
+    """Only the settings a run freezes (Config.frozen: model, training) are compared, never prep, class-image
+    making or tests. A resume may change how the run is trained (memory savers, precision, attention, saving,
+    previews), said in one line; not what it learns (the fields marked `learns`)."""
+    saved, now = run.saved_config() or {}, config.frozen()
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
     learnt = [k for k in changed if FIELDS[k].metadata["learns"]]
     if learnt:
         raise ConfigError(f"Resuming {run.root} with settings that change what it learns: "
