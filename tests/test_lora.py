@@ -14,7 +14,8 @@ from dbnb.data.batches import MicroBatch, read_images
 from dbnb.data.dataset import unit_range
 from dbnb.family import lora
 from dbnb.family.sd1.load import load_pipeline
-from dbnb.run.checkpoints import RunFolder, dir_size
+from dbnb.run.checkpoints import dir_size
+from dbnb.run.folder import RunFolder
 from dbnb.train.loop import diffusion_loss, train
 from dbnb.world.demo import write_dataset
 from dbnb.world.tiny import build_tiny_pipeline

@@ -23,7 +23,7 @@ from PIL import Image
 from dbnb.core.errors import DbnbError
 from dbnb.core.precision import inference_dtype
 from dbnb.family.render import PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, labelled_grid, make_scheduler, render
-from dbnb.run.checkpoints import RunFolder
+from dbnb.run.folder import RunFolder
 
 if TYPE_CHECKING:
     from dbnb.run.checkpoints import Checkpoint

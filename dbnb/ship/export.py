@@ -20,7 +20,7 @@ from dbnb.core.versions import dtype_argument
 from dbnb.data.intake import free_name
 from dbnb.family.sd1.layout import WRITTEN_SUFFIXES, original_state_dict, remove_leftovers, write_single_file
 from dbnb.family.sd1.load import public_name
-from dbnb.run.checkpoints import RunFolder
+from dbnb.run.folder import RunFolder
 
 FORMATS = tuple(suffix.lstrip(".") for suffix in WRITTEN_SUFFIXES)
 

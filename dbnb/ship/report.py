@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dbnb.core.config import FIELDS, PRESETS, Config, from_dict, load_config
 from dbnb.prep.report import framing_line
-from dbnb.run.checkpoints import RunFolder
+from dbnb.run.folder import RunFolder
 from dbnb.ship.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
 
 # What the user fills in, shown as it is in the rendered report (see the module's doc).

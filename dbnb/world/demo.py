@@ -136,7 +136,7 @@ def next_steps(scores) -> list[str]:
 def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool = True, lora: bool = False,
              **overrides) -> dict:
     from dbnb.evaluate.score import score_run
-    from dbnb.run.checkpoints import RunFolder
+    from dbnb.run.folder import RunFolder
     from dbnb.ship.report import write_report
     from dbnb.train.loop import train
 
