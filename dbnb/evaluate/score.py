@@ -30,6 +30,7 @@ from PIL import Image
 from dbnb.evaluate.scorers import ccip
 from dbnb.evaluate.scorers import clip as clipscore
 from dbnb.evaluate.scorers.base import Panel, ScoreError, Scorer, Series, Weighed
+from dbnb.run.folder import RunFolder
 
 
 def _finite(x) -> bool:
@@ -189,16 +190,16 @@ def score_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: s
     from dbnb.core.config import load_config
     from dbnb.evaluate.sample import sample_run, write_html
 
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise ScoreError(f"{run} has no config.json: give the run folder (<output_dir>/<run_name>).")
-    config = load_config(run / "config.json", overrides)
+    run = RunFolder(run_dir)
+    if not run.config_path.is_file():
+        raise ScoreError(f"{run.root} has no config.json: give the run folder (<output_dir>/<run_name>).")
+    config = load_config(run.config_path, overrides)
     if not config.test_fidelity_prompts:
         raise ScoreError("test_fidelity_prompts is empty: fidelity (CLIP-I, DINO) needs at least one prompt, "
                          "e.g. test_fidelity_prompts=['{instance_prompt}, 1girl, solo'].")
     instance = instance_images(config)
     scorer = load_scorer(config, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    samples = sample_run(run, overrides, ema=ema, device=device, progress=progress)
+    samples = sample_run(run.root, overrides, ema=ema, device=device, progress=progress)
     rows = scorer.table(samples, instance)
     rec = recommend(rows, config.flexibility_tolerance, scorer.weighed)
     data = dict(columns=list(scorer.columns), rows=rows, recommendation=rec, score_with=config.score_with,
@@ -208,10 +209,10 @@ def score_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: s
                 prompts=[dict(index=p.index, kind=p.kind, text=p.text, clip_text=p.clip_text, size=p.size)
                          for p in samples.prompts],
                 ema=ema)
-    json_path = run / "scores.json"
+    json_path = run.scores_file(".json")
     json_path.write_text(json.dumps(_no_nan(data), indent=1, ensure_ascii=False), encoding="utf-8")
-    result = ScoreResult(rows, rec, write_csv(rows, run / "scores.csv", scorer.columns),
-                         plot_scores(rows, run / "scores.png", rec["step"], panels=scorer.panels), json_path,
+    result = ScoreResult(rows, rec, write_csv(rows, run.scores_file(".csv"), scorer.columns),
+                         plot_scores(rows, run.scores_file(".png"), rec["step"], panels=scorer.panels), json_path,
                          write_html(samples, data))
     print(format_table(rows, scorer.columns))
     print(f"\nrecommended checkpoint: {rec['checkpoint']} ({rec['reason']})\nrule: {rec['rule']}")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from dbnb.core.errors import DbnbError
 
@@ -62,12 +61,13 @@ def cmd_demo(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from dbnb.run.folder import RunFolder  # lazy: torch (checkpoints), kept out of `dbnb --help`
     from dbnb.ship.export import export, upload_to_hub
 
     result = export(args.source, step=args.step, ema=args.ema, fmt=args.format, precision=args.precision,
                     vae=args.vae, to=args.to, overwrite=args.overwrite, name=args.name, bake=args.bake)
     print(result.line())
-    if (Path(args.source) / "config.json").is_file():  # a run folder: the model card beside the file
+    if RunFolder(args.source).config_path.is_file():  # a run folder: the model card beside the file
         from dbnb.ship.report import model_card
 
         model_card(args.source, result.path)

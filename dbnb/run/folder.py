@@ -9,6 +9,7 @@ spells its layout; sampling, scoring, export, the report and the notebooks ask i
                                   + state/ (resume only)
       samples/step-000500/        preview PNGs + grid.png
       tests/                      dbnb sample's test-prompt images, grid-0.png …, index.html (dbnb.evaluate.sample)
+      scores.csv, .json, .png     dbnb score's table, data and plot (dbnb.evaluate.score)
       exports/                    dbnb export's files when no other destination is given
       logs/train.jsonl            step, loss, lr, time
       train.lock                  while a training writes here: its pid, host, start time (dbnb.run.lock)
@@ -84,6 +85,10 @@ class RunFolder:
 
     def test_grids(self) -> list[Path]:
         return sorted(self.tests_dir.glob(self.TEST_GRID.format("*")))
+
+    def scores_file(self, suffix: str) -> Path:
+        """What dbnb score writes (dbnb.evaluate.score): scores.csv, scores.json, scores.png."""
+        return self.root / f"scores{suffix}"
 
     @property
     def exports_dir(self) -> Path:

@@ -153,7 +153,7 @@ def section_disk(run: RunFolder) -> list[str]:
 
 def section_result(run: RunFolder) -> tuple[list[str], list[str], dict | None]:
     """(安定した呼び出し方 suggestion, 結果 lines, recommendation) from scores.json when scored."""
-    path = run.root / "scores.json"
+    path = run.scores_file(".json")
     if not path.is_file():
         return (["no scores yet (`dbnb score RUN`)"], ["not scored yet: run `dbnb score` for CLIP-I / DINO / "
                                                         "CLIP-T per checkpoint"], None)
