@@ -1,5 +1,5 @@
 """Downloads: an http(s) URL by urllib, a Google Drive file or folder link by gdown. The one
-place that knows what a Drive address looks like and how gdown is called, so the picture
+place that knows what a URL and a Drive address look like and how gdown is called, so the picture
 intake (dbnb.data.intake) and the model loader (dbnb.family.sd1.load) fetch the same way and fail with the
 same advice.
 """
@@ -24,6 +24,11 @@ class FetchError(DbnbError, ValueError):
 
 
 DRIVE_HOSTS = ("drive.google.com", "docs.google.com")
+
+
+def is_url(text: str) -> bool:
+    """An http(s) address (the scheme in any case), not a path on this machine."""
+    return text.strip().lower().startswith(("http://", "https://"))
 
 
 def is_drive(url: str) -> bool:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dbnb import __version__
+from dbnb.core.download import is_url
 from dbnb.core.errors import DbnbError
 from dbnb.core.precision import FILE_DTYPES
 from dbnb.core.versions import dtype_argument
@@ -110,7 +111,7 @@ def destination_folder(where: str, run_name: str, default: Path) -> Path:
 
     if where in ("", "local"):
         return default
-    if where.strip().lower().startswith(("http://", "https://")):
+    if is_url(where):
         raise ExportError(f"--to {where}: a link cannot be written to; give a folder on this machine (CLI: --to PATH; "
                           "notebook 04: export_to), or --to drive for Google Drive on Colab. To share the file, "
                           "upload it with --hub REPO.")
