@@ -13,6 +13,7 @@ import hashlib
 import html
 import json
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,9 +21,13 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from dbnb.core.config import load_config
 from dbnb.core.errors import DbnbError
 from dbnb.core.precision import inference_dtype
+from dbnb.core.progress import bar as tqdm
+from dbnb.data.dataset import FILEWORDS, DatasetError, caption_for, concepts_from_config, list_images
 from dbnb.family.render import PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, labelled_grid, make_scheduler, render
+from dbnb.family.sd1.load import load_pipeline
 from dbnb.run.folder import RunFolder
 
 if TYPE_CHECKING:
@@ -96,10 +101,6 @@ def _identity_words(c) -> str:
     """What `[filewords]` stands for in a test prompt: the tokens training put into every
     caption, or, without tokens, the captions' most common first tag (prep writes the
     character's name there)."""
-    from collections import Counter
-
-    from dbnb.data.dataset import FILEWORDS, DatasetError, caption_for, list_images
-
     words = f"{c.instance_token} {c.class_token}".strip()
     if words or FILEWORDS not in c.instance_prompt:
         return words
@@ -124,8 +125,6 @@ def fill_template(template: str, instance_prompt: str, class_prompt: str) -> str
 def prompt_set(config) -> list[TestPrompt]:
     """Fidelity prompts, flexibility prompts, then the class prompt alone (when there is one).
     With a concepts_list, the first concept's prompts are used."""
-    from dbnb.data.dataset import concepts_from_config
-
     c = concepts_from_config(config)[0]
     instance = _plain(c.instance_prompt, _identity_words(c))
     klass = _plain(c.class_prompt, c.class_token)
@@ -184,8 +183,6 @@ class TestPipeline:
     __test__ = False
 
     def __init__(self, config, device: str, dtype: torch.dtype, ema: bool):
-        from dbnb.family.sd1.load import load_pipeline
-
         pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                              revision=config.revision, dtype=dtype)
         pipe.scheduler = make_scheduler(PREVIEW_SAMPLER, pipe.scheduler.config)
@@ -222,8 +219,6 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
     """Test images of a run: base model and chosen checkpoints × test prompts × seeds, grids and
     index.html under RUN/tests/. Images already made with the same settings and weights are kept.
     `batch_size`: images per call (default: 4 on a GPU, cpu_batch_size on a CPU)."""
-    from dbnb.core.config import load_config
-
     run = RunFolder(run_dir)
     if not run.config_path.is_file():
         raise SampleError(f"{run.root} has no config.json: give the run folder (<output_dir>/<run_name>).")
@@ -258,7 +253,6 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
 def _render_missing(config, result: SampleResult, todo: set[str], device, dtype, ema, batch_size, progress) -> None:
     if not todo:
         return
-    from dbnb.core.progress import bar as tqdm
 
     started = time.perf_counter()
     tester = TestPipeline(config, device, dtype, ema)

@@ -27,9 +27,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dbnb.core.config import load_config
+from dbnb.data.dataset import concepts_from_config, list_images, load_rgb
+from dbnb.evaluate.sample import sample_run, write_html
 from dbnb.evaluate.scorers import ccip
 from dbnb.evaluate.scorers import clip as clipscore
 from dbnb.evaluate.scorers.base import Panel, ScoreError, Scorer, Series, Weighed
+from dbnb.evaluate.scorers.world import world_table
 from dbnb.run.folder import RunFolder
 
 
@@ -75,8 +79,6 @@ class WorldScorer:
                                                  Series("variety", "class variety", "#9467bd"))))
 
     def table(self, samples, instance: list[Image.Image]) -> list[dict]:
-        from dbnb.evaluate.scorers.world import world_table
-
         return world_table(samples, instance)
 
 
@@ -117,8 +119,8 @@ def score_figure(rows: list[dict], recommended: int | None = None, panels=clipsc
     """Scores against training step (the base model at step 0, ticked "base"): a panel per group
     of series, each with its own y scale, legends beside them, the recommended step as a line.
     A matplotlib Figure without pyplot: nothing global, no display."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.figure import Figure  # lazy: loads matplotlib
+    from matplotlib.ticker import FuncFormatter, MaxNLocator  # lazy: loads matplotlib
 
     dpi = 100
     figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
@@ -150,7 +152,7 @@ def score_figure(rows: list[dict], recommended: int | None = None, panels=clipsc
 def plot_scores(rows: list[dict], path: Path, recommended: int | None = None, size=(720, 520),
                 panels=clipscore.PANELS) -> Path:
     """scores.png: `score_figure` as a PNG of `size` pixels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: loads matplotlib
 
     figure = score_figure(rows, recommended, panels, size)
     FigureCanvasAgg(figure).print_png(str(path))
@@ -178,8 +180,6 @@ class ScoreResult:
 
 def instance_images(config) -> list[Image.Image]:
     """The first concept's training images, transparency put on the training background."""
-    from dbnb.data.dataset import concepts_from_config, list_images, load_rgb
-
     concept = concepts_from_config(config)[0]
     return [load_rgb(p, config.background_color) for p in list_images(concept.instance_data_dir, "instance_data_dir")]
 
@@ -187,9 +187,6 @@ def instance_images(config) -> list[Image.Image]:
 def score_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: str | None = None,
               progress: bool = True) -> ScoreResult:
     """Scores of a run's test images (made first where missing): RUN/scores.csv, .png, .json."""
-    from dbnb.core.config import load_config
-    from dbnb.evaluate.sample import sample_run, write_html
-
     run = RunFolder(run_dir)
     if not run.config_path.is_file():
         raise ScoreError(f"{run.root} has no config.json: give the run folder (<output_dir>/<run_name>).")

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from dbnb.core import weights
+from dbnb.core.disk import DiskFullError, check_free_space, format_bytes, free_disk_bytes, is_disk_full, write_errors
+from dbnb.family import lora
 from dbnb.run.lock import RunFolderError
 
 if TYPE_CHECKING:
@@ -71,7 +73,6 @@ class Checkpoint:
         """What it holds: "unet", "text_encoder", "ema" (as weights, or as adapters for kind lora),
         and "state" when it can be resumed."""
         if self.kind == LORA:
-            from dbnb.family import lora
             held = lora.held_parts(self.path / LORA)
         else:
             held = {n for n, sub, f in ((UNET, UNET, UNET_FILE), (TEXT_ENCODER, TEXT_ENCODER, TEXT_ENCODER_FILE),
@@ -119,8 +120,6 @@ class Checkpoint:
 
     def adapters(self, ema: bool = False) -> tuple["Spec", dict, dict]:
         """(shapes, UNet adapters, text-encoder adapters) of a LoRA checkpoint, in peft's layout."""
-        from dbnb.family import lora
-
         self.require(ema)
         if self.kind != LORA:
             raise CheckpointError(f"{self.path} holds the trained models, not LoRA adapters.")
@@ -135,7 +134,6 @@ class Checkpoint:
         trained UNet / text encoder for kind full; for kind lora, its adapters at `scale`."""
         self.require(ema)
         if self.kind == LORA:
-            from dbnb.family import lora
             lora.load_into(self.path / LORA, pipe, ema=ema, scale=scale)
             return
         self._load(pipe.unet, self.unet_state(ema), "UNet")
@@ -218,8 +216,6 @@ def expected_size(run: RunFolder, tensors: int) -> int:
 
 def disk_full(run: RunFolder, what: str, needed: int = 0):
     """The DiskFullError for a write that ran out of disk during training."""
-    from dbnb.core.disk import DiskFullError, format_bytes, free_disk_bytes
-
     found = run.checkpoints()
     free = free_disk_bytes(run.root)
     return DiskFullError(
@@ -233,8 +229,6 @@ def free_space_advice(run: RunFolder, shown: int = 5) -> str:
     """What a user can delete to go on after a full disk, with sizes, and how to go on. Not
     keep_last_n: it prunes only resume states, already pruned when the disk fills, while the
     older checkpoints' weights (kept for sampling and export) are what takes the room."""
-    from dbnb.core.disk import format_bytes
-
     found = run.checkpoints()
     older = [f"{c.name} ({format_bytes(dir_size(c.path))})" for c in found[:-1]]
     samples = run.samples_root
@@ -254,9 +248,6 @@ def free_space_advice(run: RunFolder, shown: int = 5) -> str:
 
 def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encoder, optimizer,
                     lr_scheduler, ema, config) -> Path:
-    from dbnb.core.disk import DiskFullError, check_free_space, is_disk_full, write_errors
-    from dbnb.family import lora
-
     if config.use_lora:  # only the adapters are saved: tens of MB, not a UNet
         trained = [lora.adapter_state(unet), lora.adapter_state(text_encoder)]
         held = tensor_bytes(trained) + tensor_bytes(ema.shadow_params if ema is not None else [])
@@ -314,7 +305,7 @@ def write_model(folder: Path, module, state: dict, dtype: torch.dtype) -> None:
 
 
 def write_tensors(path: Path, state: dict, dtype: torch.dtype) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # lazy: loads safetensors
 
     # On the CPU one tensor at a time: a GPU copy of a whole UNet at save time could run out of VRAM.
     save_file({k: v.detach().to("cpu", dtype).contiguous() for k, v in state.items()}, str(path),
@@ -338,8 +329,6 @@ def load_checkpoint(checkpoint: Checkpoint, unet, text_encoder, ema, config) -> 
     """Weights (before accelerate wraps the models); returns trainer.json."""
     path = checkpoint.path
     if checkpoint.kind == LORA:
-        from dbnb.family import lora
-
         unet_state, text_state = lora.read(path / LORA)
         lora.set_adapter_state(unet, unet_state, path / LORA)
         if config.trains_text_encoder:
@@ -379,7 +368,6 @@ def load_ema_state(checkpoint: Checkpoint, ema, shadow: list[torch.Tensor]) -> N
 
 
 def load_optimizer_state(checkpoint: Checkpoint, optimizer, lr_scheduler) -> None:
-
     # Same settings can build another optimizer elsewhere (bitsandbytes or prodigyopt missing
     # there: the fallback); its state would not fit, or would fit and mean something else.
     saved, built = checkpoint.trainer_state().get("optimizer"), name_of(optimizer)
