@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import html
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -321,7 +322,8 @@ def write_html(result: SampleResult, scores: dict | None = None) -> Path:
              "table{border-collapse:collapse}th{text-align:left}</style>",
              f"<h1>Test prompts: {e(result.folder.parent.name)}</h1>"]
     if scores:
-        parts.append(_scores_html(scores))
+        plot = os.path.relpath(RunFolder(result.folder.parent).scores_file(".png"), result.folder)
+        parts.append(_scores_html(scores, Path(plot).as_posix()))
     for p in result.prompts:
         grid = RunFolder.TEST_GRID.format(p.index)
         parts.append(f"<h2 id='p{p.index}'>p{p.index} · {e(p.kind + p.shape)}: {e(p.text)}</h2>"
@@ -337,7 +339,7 @@ def write_html(result: SampleResult, scores: dict | None = None) -> Path:
     return result.html
 
 
-def _scores_html(scores: dict) -> str:
+def _scores_html(scores: dict, plot: str) -> str:
     e = html.escape
     columns = scores["columns"]
     head = "".join(f"<th>{e(c)}</th>" for c in columns)
@@ -345,7 +347,7 @@ def _scores_html(scores: dict) -> str:
                    for row in scores["rows"])
     rec = scores.get("recommendation") or {}
     return (f"<h2>Scores</h2><p><b>Recommended: step {e(str(rec.get('step')))}</b> — {e(rec.get('rule', ''))}</p>"
-            f"<table border='1'><tr>{head}</tr>{body}</table><p><img src='../scores.png'></p>")
+            f"<table border='1'><tr>{head}</tr>{body}</table><p><img src='{e(plot)}'></p>")
 
 
 def _cell(value) -> str:
