@@ -41,7 +41,8 @@ NOTE = (
 
 
 def max_difference(a_dir: Path, b_dir: Path) -> float:
-    from dbnb.run.checkpoints import RunFolder, master_state
+    from dbnb.run.checkpoints import master_state
+    from dbnb.run.folder import RunFolder
 
     a, b = (master_state(RunFolder(d).checkpoints()[-1], "unet") for d in (a_dir, b_dir))
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

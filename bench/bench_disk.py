@@ -52,7 +52,8 @@ def main() -> None:
 
     from dbnb.core.config import Config
     from dbnb.core.disk import format_bytes
-    from dbnb.run.checkpoints import WEIGHTS_DTYPE, RunFolder, write_model, write_tensors
+    from dbnb.run.checkpoints import WEIGHTS_DTYPE, write_model, write_tensors
+    from dbnb.run.folder import RunFolder
     from dbnb.train import diskplan
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="dbnb-bench-disk-"))

@@ -35,7 +35,8 @@ def make_run(model: Path, folder: Path, checkpoints: int, resolution: int) -> Pa
     from diffusers import UNet2DConditionModel
 
     from dbnb.core.config import Config
-    from dbnb.run.checkpoints import UNET, RunFolder
+    from dbnb.run.checkpoints import UNET
+    from dbnb.run.folder import RunFolder
     from dbnb.world.demo import write_dataset
 
     instance, _ = write_dataset(folder / "data", n_instance=3, size=resolution)

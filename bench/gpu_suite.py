@@ -253,7 +253,8 @@ def compare_runs(plan: Plan, task: dict) -> dict:
     """The fp32 master UNet weights two runs end with (what a resume reads): bitwise equal or not."""
     import torch
 
-    from dbnb.run.checkpoints import RunFolder, master_state
+    from dbnb.run.checkpoints import master_state
+    from dbnb.run.folder import RunFolder
 
     first, second = (master_state(RunFolder(d).checkpoints()[-1], "unet") for d in task["run_dirs"])
     differing = [k for k in first if not torch.equal(first[k], second[k])]

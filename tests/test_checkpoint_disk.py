@@ -7,7 +7,8 @@ import torch
 from safetensors import safe_open
 
 from dbnb.core.disk import DiskFullError
-from dbnb.run.checkpoints import CheckpointError, RunFolder, dir_size
+from dbnb.run.checkpoints import CheckpointError, dir_size
+from dbnb.run.folder import RunFolder
 from dbnb.train.diskplan import count_saves
 from dbnb.train.loop import train
 

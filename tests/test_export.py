@@ -8,7 +8,8 @@ from safetensors import safe_open
 from dbnb.core.config import Config
 from dbnb.core.disk import DiskFullError
 from dbnb.family.sd1.load import load_checkpoint_file, load_pipeline
-from dbnb.run.checkpoints import CheckpointError, RunFolder
+from dbnb.run.checkpoints import CheckpointError
+from dbnb.run.folder import RunFolder
 from dbnb.ship import export as export_mod
 from dbnb.ship.export import ExportError, convert, export
 from dbnb.train.loop import train

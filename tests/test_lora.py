@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import dataset_with_class_images
 
-from dbnb.core.config import Config, ConfigError
+from dbnb.core.config import FIELDS, Config, ConfigError
 from dbnb.data.batches import MicroBatch, read_images
 from dbnb.data.dataset import unit_range
 from dbnb.family import lora
 from dbnb.family.sd1.load import load_pipeline
-from dbnb.run.checkpoints import RunFolder, dir_size
+from dbnb.run.checkpoints import dir_size
+from dbnb.run.folder import RunFolder
 from dbnb.train.loop import diffusion_loss, train
 from dbnb.world.demo import write_dataset
 from dbnb.world.tiny import build_tiny_pipeline
@@ -23,17 +23,10 @@ LORA = dict(use_lora=True, lora_rank=4, lora_conv_rank=2, lora_text_encoder_rank
 
 
 @pytest.fixture
-def make_config(tiny_dir, tmp_path):
-    instance, klass = dataset_with_class_images(tmp_path / "data", n_instance=3, class_per_instance=2)
-
-    def make(**overrides):
-        base = dict(pretrained_model_name_or_path=str(tiny_dir), instance_data_dir=str(instance),
-                    class_data_dir=str(klass), instance_prompt="hnzk girl", class_prompt="girl",
-                    output_dir=str(tmp_path / "runs"), run_name="run", resolution=64, max_train_steps=4,
-                    save_every_steps=0, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
-                    use_8bit_adam=False, gradient_checkpointing=False, **LORA)
-        return Config(**{**base, **overrides})
-    return make
+def make_config(make_config):
+    """conftest's tiny run, as LoRA, with the settings' own learning_rate and train_text_encoder."""
+    defaults = {name: FIELDS[name].default for name in ("learning_rate", "train_text_encoder")}
+    return lambda **overrides: make_config(**{**defaults, **LORA, **overrides})
 
 
 def fixed_loss(config, checkpoint=None):

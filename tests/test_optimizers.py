@@ -11,7 +11,8 @@ import torch
 from dbnb.core.config import Config, ConfigError, load_config
 from dbnb.core.hardware import Check
 from dbnb.family.sd1.load import load_pipeline
-from dbnb.run.checkpoints import CheckpointError, RunFolder, name_of
+from dbnb.run.checkpoints import CheckpointError, name_of
+from dbnb.run.folder import RunFolder
 from dbnb.train import optimizers
 from dbnb.train.loop import train
 from dbnb.world.demo import write_dataset

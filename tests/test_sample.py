@@ -10,7 +10,8 @@ from PIL import Image
 from dbnb.core.config import Config
 from dbnb.evaluate.sample import SampleError, labelled_grid, prompt_set, sample_run
 from dbnb.family.render import cpu_batch_size
-from dbnb.run.checkpoints import CheckpointError, RunFolder
+from dbnb.run.checkpoints import CheckpointError
+from dbnb.run.folder import RunFolder
 
 # Few, small images: the whole module stays well under a minute on a CPU. The wide test image
 # (test_wide) is rendered and scored in test_score.py; here the grids are all square.

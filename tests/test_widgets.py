@@ -17,6 +17,12 @@ def test_form_round_trips_the_config_and_shows_every_field():
     assert form.config() == config
 
 
+def test_the_form_does_not_offer_the_demo_worlds_scorer_but_keeps_a_config_that_set_it():
+    assert "world" not in ConfigForm(Config()).fields["score_with"].options
+    form = ConfigForm(Config(score_with="world"))
+    assert form.fields["score_with"].value == "world" and form.config().score_with == "world"
+
+
 def test_editing_a_widget_changes_the_config_and_bad_values_are_named():
     form = ConfigForm(Config())
     form.fields["hflip"].value = True

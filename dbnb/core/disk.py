@@ -88,7 +88,7 @@ def write_errors() -> tuple[type[BaseException], ...]:
     """What a failed write of weights raises: OSError, torch.save's RuntimeError, and safetensors'
     SafetensorError, which derives from Exception only (diffusers' and transformers' save_pretrained
     write through it, so a full disk there is neither an OSError nor a RuntimeError)."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError  # lazy: loads safetensors
 
     return OSError, RuntimeError, SafetensorError
 

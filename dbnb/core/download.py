@@ -1,10 +1,11 @@
 """Downloads: an http(s) URL by urllib, a Google Drive file or folder link by gdown. The one
-place that knows what a Drive address looks like and how gdown is called, so the picture
+place that knows what a URL and a Drive address look like and how gdown is called, so the picture
 intake (dbnb.data.intake) and the model loader (dbnb.family.sd1.load) fetch the same way and fail with the
 same advice.
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import urllib.parse
@@ -12,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from dbnb.core.errors import DbnbError
+from dbnb.core.progress import bar
 
 # Bytes read at a time, from a response or an archive entry: a model is gigabytes, never read whole.
 CHUNK = 1 << 20
@@ -24,6 +26,11 @@ class FetchError(DbnbError, ValueError):
 
 
 DRIVE_HOSTS = ("drive.google.com", "docs.google.com")
+
+
+def is_url(text: str) -> bool:
+    """An http(s) address (the scheme in any case), not a path on this machine."""
+    return text.strip().lower().startswith(("http://", "https://"))
 
 
 def is_drive(url: str) -> bool:
@@ -53,10 +60,8 @@ def fetch_drive(url: str, into: Path) -> Path:
     per folder). Anything gdown or the connection raises becomes a FetchError saying why; a
     programming error (a TypeError from a changed gdown) keeps its traceback. gdown has no size
     cap, so fetch_images' max_bytes bounds what Drive archives expand to, not the download."""
-    import inspect
-
-    import gdown
-    import requests
+    import gdown  # lazy: loads gdown
+    import requests  # lazy: loads requests
 
     kind, drive_id = drive_link(url)
     get = gdown.download_folder if kind == "folder" else gdown.download
@@ -114,8 +119,6 @@ def download(url: str, target: Path, *, max_bytes: int | None = None, progress: 
     """dbnb's one urllib download: `url` into `target`, at most `max_bytes`, given up after
     DOWNLOAD_TIMEOUT_S without a byte, HF_TOKEN sent to huggingface.co (a gated model), with a
     progress bar if asked. A failed download leaves no file. Returns the response's content type."""
-    from dbnb.core.progress import bar
-
     request = urllib.request.Request(url, headers={"User-Agent": "dbnb"})
     token = os.environ.get("HF_TOKEN")
     if token and "huggingface.co" in url:

@@ -53,14 +53,14 @@ def _unusable(module: str, exc: Exception) -> str:
 
 def _default_device() -> str:
     try:
-        import torch
+        import torch  # lazy: optional torch
         return "cuda" if torch.cuda.is_available() else "cpu"
     except Exception:
         return "cpu"
 
 
 def _on_cuda(device: str | torch.device | None) -> bool:
-    import torch
+    import torch  # lazy: loads torch
     device = _default_device() if device is None else device
     return torch.device(device).type == "cuda" and torch.cuda.is_available()
 
@@ -91,8 +91,8 @@ def _smoke_check(modules: tuple[str, ...], device, smoke: Callable, runs: str, f
 
 
 def _xformers_smoke(device: str | torch.device) -> None:
-    import torch
-    import xformers.ops
+    import torch  # lazy: loads torch
+    import xformers.ops  # lazy: optional xformers, not always installed
 
     # (batch, tokens, heads, head_dim) with SD 1.5's head_dim of 40, which some builds lack.
     q = torch.randn(1, 16, 2, 40, device=device, dtype=torch.float16)
@@ -108,8 +108,8 @@ def check_bitsandbytes(device: str | torch.device | None = None) -> Check:
 
 
 def _bnb_smoke(device: str | torch.device) -> None:
-    import bitsandbytes as bnb
-    import torch
+    import bitsandbytes as bnb  # lazy: loads bitsandbytes
+    import torch  # lazy: loads torch
 
     # 64×64 = 4096 elements: below bnb's min_8bit_size (4096) it silently keeps 32-bit
     # state and the 8-bit kernels would not be exercised at all.
@@ -129,14 +129,14 @@ BF16_MIN_CAPABILITY = (8, 0)
 
 def has_bf16(device: int | str | torch.device | None = None) -> bool:
     """Whether the CUDA GPU `device` (the current one by default) computes in bf16 natively."""
-    import torch
+    import torch  # lazy: loads torch
     return tuple(torch.cuda.get_device_capability(device)) >= BF16_MIN_CAPABILITY
 
 
 def cuda_summary() -> dict | None:
     """The current GPU as a dict (name, total_vram_gib, free_vram_gib, capability, bf16),
     or None without CUDA. capability is a (major, minor) tuple."""
-    import torch
+    import torch  # lazy: loads torch
     if not torch.cuda.is_available():
         return None
     index = torch.cuda.current_device()

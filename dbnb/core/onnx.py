@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dbnb.core.errors import DbnbError
+from dbnb.core.platform import default_cache_dir
 
 INSTALL = "pip install 'dbnb[prep]' (onnxruntime-gpu on a GPU machine)"
 
@@ -31,7 +32,7 @@ def providers(ort) -> list[str]:
 def import_onnxruntime(purpose: str, alternative: str = "", error: type = OnnxModelError):
     """onnxruntime, or `error` saying what needs it and what else the user can do."""
     try:
-        import onnxruntime
+        import onnxruntime  # lazy: optional onnxruntime
     except ImportError:
         raise error(f"{purpose} needs onnxruntime: {INSTALL}" + (f", or {alternative}" if alternative else "")
                     + ".") from None
@@ -95,9 +96,7 @@ def model_files(setting: str, value: str, files: tuple[str, ...], error: type = 
         raise error(f"{setting} {value!r} is neither an existing local model nor a Hub repo id like "
                     f"'owner/name'. Check the path (on Colab: is Drive mounted?).")
     repo, subfolder = "/".join(parts[:2]), parts[2] if len(parts) == 3 else default_subfolder
-    from huggingface_hub import hf_hub_download
-
-    from dbnb.core.platform import default_cache_dir
+    from huggingface_hub import hf_hub_download  # lazy: loads huggingface_hub
 
     found = {}
     for f in files:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
 
 def bar(iterable=None, **options):
-    from tqdm import tqdm
-
     options.setdefault("file", sys.stdout)
     options.setdefault("mininterval", 1.0 if "ipykernel" in sys.modules else 0.1)
     return tqdm(iterable, **options)

@@ -42,8 +42,8 @@ def library_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) and f.pattern is pattern for f in logger.filters):
             logger.addFilter(_Drop(pattern))
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    from diffusers.utils import logging as diffusers_logging  # lazy: loads diffusers
+    from transformers.utils import logging as transformers_logging  # lazy: loads transformers
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()

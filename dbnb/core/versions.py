@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import configparser
 import importlib.metadata
+import json
+import subprocess
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from dbnb import __version__
 
 # The newest release series (major.minor) the full suite passed with; a patch release of
 # one of these counts as tested. Raise an entry when `.ci/run` passes on a newer release.
@@ -47,8 +55,6 @@ DTYPE_RENAMED = {"diffusers": "0.40", "transformers": "4.56"}
 
 
 def _canonical(name: str) -> str:
-    from packaging.utils import canonicalize_name
-
     return canonicalize_name(name)
 
 
@@ -65,8 +71,6 @@ def requirement_lines() -> list[str]:
 
 def declared() -> dict:
     """{canonical name: SpecifierSet} of every dependency dbnb always needs."""
-    from packaging.requirements import Requirement
-
     requirements = [Requirement(line) for line in requirement_lines()]
     return {_canonical(r.name): r.specifier for r in requirements if r.marker is None or r.marker.evaluate()}
 
@@ -87,8 +91,6 @@ def outside_tested(versions: dict[str, str | None] | None = None) -> list[str]:
     """One sentence per dependency that is missing, outside the declared range, or outside the
     tested one; empty when the whole stack is what CI tests. `versions` maps names to installed
     versions (default: this environment's)."""
-    from packaging.version import Version
-
     problems = []
     for name, specifier in declared().items():
         got = versions.get(name) if versions is not None else installed_version(name)
@@ -116,8 +118,6 @@ def stack_line(versions: dict[str, str | None] | None = None) -> str:
 def dtype_argument(library: str, dtype) -> dict:
     """The keyword that sets a model's dtype in this `library`'s loaders: `dtype` from the
     release that renamed it, `torch_dtype` before (see DTYPE_RENAMED)."""
-    from packaging.version import Version
-
     version = installed_version(library)
     if version is not None and Version(version) < Version(DTYPE_RENAMED[library]):
         return {"torch_dtype": dtype}
@@ -129,9 +129,6 @@ def dbnb_commit() -> str | None:
     install; "+ local changes" when dbnb/ differs from it), else the commit pip recorded when it
     installed dbnb from git+https://; None for a wheel. The seed's reports pin their trainer the
     same way (the extension's commit)."""
-    import json
-    import subprocess
-
     package = Path(__file__).resolve().parents[1]
     try:
         head = subprocess.run(["git", "-C", str(package), "rev-parse", "--show-toplevel", "HEAD"],
@@ -153,7 +150,5 @@ def dbnb_commit() -> str | None:
 
 def dbnb_version() -> str:
     """'dbnb 0.1.0, commit <40 hex>' (or without the commit): what a run records as its trainer."""
-    from dbnb import __version__
-
     commit = dbnb_commit()
     return f"dbnb {__version__}" + (f", commit {commit}" if commit else "")

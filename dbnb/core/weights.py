@@ -50,7 +50,7 @@ def _missing(path: Path) -> WeightFileError:
 def open_safetensors(path: str | Path):
     """safetensors' `safe_open` (tensors read one at a time), its errors naming the file. The
     header is checked against the file size when opened, so a truncated file fails here."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError, safe_open  # lazy: loads safetensors
 
     path = Path(path)
     try:

@@ -16,7 +16,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 # FetchError is re-exported: callers catch it from here, the downloads raise the same class.
-from dbnb.core.download import CHUNK, FetchError, download, fetch_drive, is_drive
+from dbnb.core.download import CHUNK, FetchError, download, fetch_drive, is_drive, is_url
 
 # What counts as a picture everywhere (import, prep, the trainer's folders): what PIL reads and
 # dbnb.data.pictures.load_image decodes (a GIF's first frame, 16-bit TIFF).
@@ -50,7 +50,7 @@ def fetch_images(source: str | Path, dest: Path, *, max_bytes: int = 2 * 2**30,
     if not text:
         raise FetchError("No image source given: set dataset_source to a folder, .zip, Google Drive link, "
                          "URL or .txt list of URLs.")
-    if text.startswith(("http://", "https://")):
+    if is_url(text):
         return _fetch_url(text, dest, max_bytes, skip)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -256,7 +256,7 @@ def _fetch_url_list(listing: Path, dest: Path, max_bytes: int, skip: SkipHook) -
     fatal: one broken link should not cost the other ninety-nine pictures."""
     urls = [ln.strip() for ln in listing.read_text(encoding="utf-8-sig").splitlines()]
     urls = [u for u in urls if u and not u.startswith("#")]
-    bad = [u for u in urls if not u.startswith(("http://", "https://"))]
+    bad = [u for u in urls if not is_url(u)]
     if bad or not urls:
         raise FetchError(f"{listing}: expected one http(s) URL per line" + (f"; not a URL: {bad[0]!r}" if bad
                                                                               else ", found none") + ".")

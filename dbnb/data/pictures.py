@@ -120,7 +120,7 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
     icc = im.info.get("icc_profile")
     if icc:
         try:
-            from PIL import ImageCms
+            from PIL import ImageCms  # lazy: optional: a Pillow built without littlecms has none
 
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
             return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")

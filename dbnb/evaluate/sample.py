@@ -12,7 +12,9 @@ import dataclasses
 import hashlib
 import html
 import json
+import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,10 +22,14 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
+from dbnb.core.config import load_config
 from dbnb.core.errors import DbnbError
 from dbnb.core.precision import inference_dtype
+from dbnb.core.progress import bar as tqdm
+from dbnb.data.dataset import FILEWORDS, DatasetError, caption_for, concepts_from_config, list_images
 from dbnb.family.render import PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, labelled_grid, make_scheduler, render
-from dbnb.run.checkpoints import RunFolder
+from dbnb.family.sd1.load import load_pipeline
+from dbnb.run.folder import RunFolder
 
 if TYPE_CHECKING:
     from dbnb.run.checkpoints import Checkpoint
@@ -96,10 +102,6 @@ def _identity_words(c) -> str:
     """What `[filewords]` stands for in a test prompt: the tokens training put into every
     caption, or, without tokens, the captions' most common first tag (prep writes the
     character's name there)."""
-    from collections import Counter
-
-    from dbnb.data.dataset import FILEWORDS, DatasetError, caption_for, list_images
-
     words = f"{c.instance_token} {c.class_token}".strip()
     if words or FILEWORDS not in c.instance_prompt:
         return words
@@ -124,8 +126,6 @@ def fill_template(template: str, instance_prompt: str, class_prompt: str) -> str
 def prompt_set(config) -> list[TestPrompt]:
     """Fidelity prompts, flexibility prompts, then the class prompt alone (when there is one).
     With a concepts_list, the first concept's prompts are used."""
-    from dbnb.data.dataset import concepts_from_config
-
     c = concepts_from_config(config)[0]
     instance = _plain(c.instance_prompt, _identity_words(c))
     klass = _plain(c.class_prompt, c.class_token)
@@ -184,8 +184,6 @@ class TestPipeline:
     __test__ = False
 
     def __init__(self, config, device: str, dtype: torch.dtype, ema: bool):
-        from dbnb.family.sd1.load import load_pipeline
-
         pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                              revision=config.revision, dtype=dtype)
         pipe.scheduler = make_scheduler(PREVIEW_SAMPLER, pipe.scheduler.config)
@@ -222,8 +220,6 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
     """Test images of a run: base model and chosen checkpoints × test prompts × seeds, grids and
     index.html under RUN/tests/. Images already made with the same settings and weights are kept.
     `batch_size`: images per call (default: 4 on a GPU, cpu_batch_size on a CPU)."""
-    from dbnb.core.config import load_config
-
     run = RunFolder(run_dir)
     if not run.config_path.is_file():
         raise SampleError(f"{run.root} has no config.json: give the run folder (<output_dir>/<run_name>).")
@@ -258,7 +254,6 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
 def _render_missing(config, result: SampleResult, todo: set[str], device, dtype, ema, batch_size, progress) -> None:
     if not todo:
         return
-    from dbnb.core.progress import bar as tqdm
 
     started = time.perf_counter()
     tester = TestPipeline(config, device, dtype, ema)
@@ -327,7 +322,8 @@ def write_html(result: SampleResult, scores: dict | None = None) -> Path:
              "table{border-collapse:collapse}th{text-align:left}</style>",
              f"<h1>Test prompts: {e(result.folder.parent.name)}</h1>"]
     if scores:
-        parts.append(_scores_html(scores))
+        plot = os.path.relpath(RunFolder(result.folder.parent).scores_file(".png"), result.folder)
+        parts.append(_scores_html(scores, Path(plot).as_posix()))
     for p in result.prompts:
         grid = RunFolder.TEST_GRID.format(p.index)
         parts.append(f"<h2 id='p{p.index}'>p{p.index} · {e(p.kind + p.shape)}: {e(p.text)}</h2>"
@@ -343,7 +339,7 @@ def write_html(result: SampleResult, scores: dict | None = None) -> Path:
     return result.html
 
 
-def _scores_html(scores: dict) -> str:
+def _scores_html(scores: dict, plot: str) -> str:
     e = html.escape
     columns = scores["columns"]
     head = "".join(f"<th>{e(c)}</th>" for c in columns)
@@ -351,7 +347,7 @@ def _scores_html(scores: dict) -> str:
                    for row in scores["rows"])
     rec = scores.get("recommendation") or {}
     return (f"<h2>Scores</h2><p><b>Recommended: step {e(str(rec.get('step')))}</b> — {e(rec.get('rule', ''))}</p>"
-            f"<table border='1'><tr>{head}</tr>{body}</table><p><img src='../scores.png'></p>")
+            f"<table border='1'><tr>{head}</tr>{body}</table><p><img src='{e(plot)}'></p>")
 
 
 def _cell(value) -> str:

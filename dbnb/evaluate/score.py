@@ -27,9 +27,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dbnb.core.config import load_config
+from dbnb.data.dataset import concepts_from_config, list_images, load_rgb
+from dbnb.evaluate.sample import sample_run, write_html
 from dbnb.evaluate.scorers import ccip
 from dbnb.evaluate.scorers import clip as clipscore
 from dbnb.evaluate.scorers.base import Panel, ScoreError, Scorer, Series, Weighed
+from dbnb.evaluate.scorers.world import world_table
+from dbnb.run.folder import RunFolder
 
 
 def _finite(x) -> bool:
@@ -74,8 +79,6 @@ class WorldScorer:
                                                  Series("variety", "class variety", "#9467bd"))))
 
     def table(self, samples, instance: list[Image.Image]) -> list[dict]:
-        from dbnb.evaluate.scorers.world import world_table
-
         return world_table(samples, instance)
 
 
@@ -116,8 +119,8 @@ def score_figure(rows: list[dict], recommended: int | None = None, panels=clipsc
     """Scores against training step (the base model at step 0, ticked "base"): a panel per group
     of series, each with its own y scale, legends beside them, the recommended step as a line.
     A matplotlib Figure without pyplot: nothing global, no display."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter, MaxNLocator
+    from matplotlib.figure import Figure  # lazy: loads matplotlib
+    from matplotlib.ticker import FuncFormatter, MaxNLocator  # lazy: loads matplotlib
 
     dpi = 100
     figure = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi, layout="constrained")
@@ -149,7 +152,7 @@ def score_figure(rows: list[dict], recommended: int | None = None, panels=clipsc
 def plot_scores(rows: list[dict], path: Path, recommended: int | None = None, size=(720, 520),
                 panels=clipscore.PANELS) -> Path:
     """scores.png: `score_figure` as a PNG of `size` pixels."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: loads matplotlib
 
     figure = score_figure(rows, recommended, panels, size)
     FigureCanvasAgg(figure).print_png(str(path))
@@ -177,8 +180,6 @@ class ScoreResult:
 
 def instance_images(config) -> list[Image.Image]:
     """The first concept's training images, transparency put on the training background."""
-    from dbnb.data.dataset import concepts_from_config, list_images, load_rgb
-
     concept = concepts_from_config(config)[0]
     return [load_rgb(p, config.background_color) for p in list_images(concept.instance_data_dir, "instance_data_dir")]
 
@@ -186,19 +187,16 @@ def instance_images(config) -> list[Image.Image]:
 def score_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: str | None = None,
               progress: bool = True) -> ScoreResult:
     """Scores of a run's test images (made first where missing): RUN/scores.csv, .png, .json."""
-    from dbnb.core.config import load_config
-    from dbnb.evaluate.sample import sample_run, write_html
-
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise ScoreError(f"{run} has no config.json: give the run folder (<output_dir>/<run_name>).")
-    config = load_config(run / "config.json", overrides)
+    run = RunFolder(run_dir)
+    if not run.config_path.is_file():
+        raise ScoreError(f"{run.root} has no config.json: give the run folder (<output_dir>/<run_name>).")
+    config = load_config(run.config_path, overrides)
     if not config.test_fidelity_prompts:
         raise ScoreError("test_fidelity_prompts is empty: fidelity (CLIP-I, DINO) needs at least one prompt, "
                          "e.g. test_fidelity_prompts=['{instance_prompt}, 1girl, solo'].")
     instance = instance_images(config)
     scorer = load_scorer(config, device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    samples = sample_run(run, overrides, ema=ema, device=device, progress=progress)
+    samples = sample_run(run.root, overrides, ema=ema, device=device, progress=progress)
     rows = scorer.table(samples, instance)
     rec = recommend(rows, config.flexibility_tolerance, scorer.weighed)
     data = dict(columns=list(scorer.columns), rows=rows, recommendation=rec, score_with=config.score_with,
@@ -208,10 +206,10 @@ def score_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: s
                 prompts=[dict(index=p.index, kind=p.kind, text=p.text, clip_text=p.clip_text, size=p.size)
                          for p in samples.prompts],
                 ema=ema)
-    json_path = run / "scores.json"
+    json_path = run.scores_file(".json")
     json_path.write_text(json.dumps(_no_nan(data), indent=1, ensure_ascii=False), encoding="utf-8")
-    result = ScoreResult(rows, rec, write_csv(rows, run / "scores.csv", scorer.columns),
-                         plot_scores(rows, run / "scores.png", rec["step"], panels=scorer.panels), json_path,
+    result = ScoreResult(rows, rec, write_csv(rows, run.scores_file(".csv"), scorer.columns),
+                         plot_scores(rows, run.scores_file(".png"), rec["step"], panels=scorer.panels), json_path,
                          write_html(samples, data))
     print(format_table(rows, scorer.columns))
     print(f"\nrecommended checkpoint: {rec['checkpoint']} ({rec['reason']})\nrule: {rec['rule']}")

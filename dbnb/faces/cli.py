@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from dbnb.core.errors import DbnbError
 
 
 def cmd_doctor(args) -> int:
-    from dbnb.faces.doctor import run_doctor
+    from dbnb.faces.doctor import run_doctor  # lazy: keeps `dbnb --help` fast
 
     report = run_doctor(args.output_dir)
     print(report.format())
@@ -17,7 +16,7 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_make_tiny_model(args) -> int:
-    from dbnb.world.tiny import make_tiny_model
+    from dbnb.world.tiny import make_tiny_model  # lazy: torch, kept out of `dbnb --help`
 
     out = make_tiny_model(args.out, single_file=args.single_file, seed=args.seed)
     print(f"tiny SD 1.x model (diffusers layout): {out}")
@@ -27,9 +26,9 @@ def cmd_make_tiny_model(args) -> int:
 
 
 def cmd_config(args) -> int:
-    import yaml
+    import yaml  # lazy: yaml, kept out of `dbnb --help`
 
-    from dbnb.core.config import class_word_warning, describe, load_config
+    from dbnb.core.config import class_word_warning, describe, load_config  # lazy: keeps `dbnb --help` fast
 
     if args.list:
         for row in describe():  # the Japanese help too: the seed's readers look for it (as in the form)
@@ -46,8 +45,8 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from dbnb.core.config import load_config
-    from dbnb.train.loop import train
+    from dbnb.core.config import load_config  # lazy: keeps `dbnb --help` fast
+    from dbnb.train.loop import train  # lazy: torch, kept out of `dbnb --help`
 
     config = load_config(args.config, args.overrides, preset=args.preset)
     result = train(config, resume=args.resume, progress=not args.no_progress)
@@ -55,20 +54,21 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from dbnb.world.demo import DEMO_STEPS, LORA_DEMO_STEPS, run_demo
+    from dbnb.world.demo import DEMO_STEPS, LORA_DEMO_STEPS, run_demo  # lazy: torch, kept out of `dbnb --help`
 
     run_demo(args.out, steps=args.steps or (LORA_DEMO_STEPS if args.lora else DEMO_STEPS), lora=args.lora)
     return 0
 
 
 def cmd_export(args) -> int:
-    from dbnb.ship.export import export, upload_to_hub
+    from dbnb.run.folder import RunFolder  # lazy: torch (checkpoints), kept out of `dbnb --help`
+    from dbnb.ship.export import export, upload_to_hub  # lazy: torch, kept out of `dbnb --help`
 
     result = export(args.source, step=args.step, ema=args.ema, fmt=args.format, precision=args.precision,
                     vae=args.vae, to=args.to, overwrite=args.overwrite, name=args.name, bake=args.bake)
     print(result.line())
-    if (Path(args.source) / "config.json").is_file():  # a run folder: the model card beside the file
-        from dbnb.ship.report import model_card
+    if RunFolder(args.source).config_path.is_file():  # a run folder: the model card beside the file
+        from dbnb.ship.report import model_card  # lazy: torch, kept out of `dbnb --help`
 
         model_card(args.source, result.path)
     if args.hub:
@@ -77,15 +77,15 @@ def cmd_export(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from dbnb.ship.export import convert
+    from dbnb.ship.export import convert  # lazy: torch, kept out of `dbnb --help`
 
     print(f"diffusers folder: {convert(args.file, args.out)}")
     return 0
 
 
 def cmd_prep(args) -> int:
-    from dbnb.core.config import load_config
-    from dbnb.prep import prepare_dataset
+    from dbnb.core.config import load_config  # lazy: keeps `dbnb --help` fast
+    from dbnb.prep import prepare_dataset  # lazy: torch, kept out of `dbnb --help`
 
     config = load_config(args.config, args.overrides, preset=args.preset)
     report = prepare_dataset(config, src=args.src, out=args.out)
@@ -96,7 +96,7 @@ def cmd_prep(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from dbnb.ship.merge import merge
+    from dbnb.ship.merge import merge  # lazy: torch, kept out of `dbnb --help`
 
     result = merge(args.models, args.weights, mode="add_difference" if args.add_difference else "weighted_sum",
                    alpha=args.alpha, normalize=not args.as_given, labels=args.labels, include_vae=not args.no_vae,
@@ -107,7 +107,7 @@ def cmd_merge(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from dbnb.ship.report import write_report
+    from dbnb.ship.report import write_report  # lazy: torch, kept out of `dbnb --help`
 
     path = write_report(args.run)
     print(path.read_text(encoding="utf-8"))
@@ -116,8 +116,8 @@ def cmd_report(args) -> int:
 
 
 def cmd_classimages(args) -> int:
-    from dbnb.core.config import load_config
-    from dbnb.prep.classimages import make_class_images
+    from dbnb.core.config import load_config  # lazy: keeps `dbnb --help` fast
+    from dbnb.prep.classimages import make_class_images  # lazy: torch, kept out of `dbnb --help`
 
     status = make_class_images(load_config(args.config, args.overrides, preset=args.preset))
     print(status.message)
@@ -125,7 +125,7 @@ def cmd_classimages(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from dbnb.evaluate.sample import sample_run
+    from dbnb.evaluate.sample import sample_run  # lazy: torch, kept out of `dbnb --help`
 
     result = sample_run(args.run, args.overrides, ema=args.ema, force=args.force, progress=not args.no_progress)
     for grid in result.grids:
@@ -135,7 +135,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from dbnb.evaluate.score import score_run
+    from dbnb.evaluate.score import score_run  # lazy: torch, kept out of `dbnb --help`
 
     result = score_run(args.run, args.overrides, ema=args.ema, progress=not args.no_progress)
     print(f"\ntable: {result.csv}\nplot: {result.plot}\npage: {result.html}")
@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.func not in (cmd_doctor, cmd_config, cmd_report):  # these load no model: spare the import
-        from dbnb.core.quiet import library_noise
+        from dbnb.core.quiet import library_noise  # lazy: keeps `dbnb --help` fast
         library_noise()
     try:
         return args.func(args)

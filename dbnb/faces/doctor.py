@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import psutil
+
+from dbnb.core import versions
 from dbnb.core.disk import DISK_WARN_BYTES, format_bytes, nearest_existing
 from dbnb.core.hardware import (CPU_ONLY, Check, _default_device, _reason, check_bitsandbytes, check_xformers,
                                 cuda_summary)
@@ -107,7 +110,6 @@ def _check_package(module: str) -> Check:
 
 def _check_versions() -> Check:
     # Outside the tested range is a warning: it often works, and the line tells a bug report why not.
-    from dbnb.core import versions
 
     problems = versions.outside_tested()
     if problems:
@@ -131,7 +133,7 @@ def _cpu_torch_hint() -> str:
     # A driver without CUDA in torch usually means pip replaced the platform's CUDA torch.
     if not (shutil.which("nvidia-smi") or Path("/dev/nvidiactl").exists()):
         return ""
-    import torch
+    import torch  # lazy: loads torch
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
     return (f" — but an NVIDIA driver is present and torch {torch.__version__} is built for "
             f"{build}: reinstall the CUDA torch this platform ships")
@@ -148,7 +150,6 @@ def _check_disk(output_dir: str | os.PathLike[str]) -> Check:
 
 def _check_ram() -> Check:
     # Only reported: Colab's free tier has ~12 GiB, which is enough with the right profile.
-    import psutil
     memory = psutil.virtual_memory()
     return Check("ram", True, f"{format_bytes(memory.available)} available of "
                  f"{format_bytes(memory.total)}")

@@ -18,6 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import dbnb
 from dbnb.core.errors import DbnbError
 
 EXTRAS = "bnb,prep"
@@ -44,8 +45,6 @@ class InstallError(DbnbError):
 def origin() -> tuple[str, Path]:
     """Where the imported dbnb comes from: ("installed", package folder), ("checkout",
     repository root) or ("wheel", the .whl file put on sys.path)."""
-    import dbnb
-
     here = Path(dbnb.__file__).resolve().parent
     for parent in here.parents:
         if parent.suffix == ".whl":

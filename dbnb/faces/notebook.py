@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dbnb.core.config import FIELDS, STEPS, Config, owner, read_config_file
 from dbnb.core.errors import DbnbError
+from dbnb.core.platform import WORKSPACE_VARIABLE
 from dbnb.faces import install
 from dbnb.faces.workspace import load_workspace
 from dbnb.faces.workspace import workspace as find_workspace
@@ -48,7 +49,7 @@ def start() -> None:
 
 def _show_dbnb_errors_briefly(*classes: type) -> None:
     try:
-        from IPython import get_ipython
+        from IPython import get_ipython  # lazy: optional IPython
     except ImportError:
         return
     shell = get_ipython()
@@ -69,8 +70,6 @@ def open_step(step: str, workspace: str = "", namespace: dict | None = None) -> 
 
     Only the settings `step` owns are taken from `namespace` (the notebook's `globals()`);
     a setting another notebook owns is reported and left as that notebook decided."""
-    from dbnb.core.platform import WORKSPACE_VARIABLE
-
     assert step in STEPS, step
     ws = find_workspace(workspace)
     os.environ[WORKSPACE_VARIABLE] = str(ws)  # the library shows paths relative to it
@@ -106,7 +105,7 @@ def show_markdown(path: str | Path) -> None:
     """Display a Markdown report with its PNG links embedded as pictures, so they show in the
     notebook (relative links would resolve next to the notebook, not the run folder) and
     stay in the saved notebook."""
-    from IPython.display import Markdown, display
+    from IPython.display import Markdown, display  # lazy: loads IPython
 
     path = Path(path)
     text = path.read_text(encoding="utf-8")

@@ -14,10 +14,16 @@ import threading
 import time
 from pathlib import Path
 
+import IPython.display
 import ipywidgets as w
 
 from dbnb.core.config import SECTIONS, Config, ConfigError, describe, from_dict
+from dbnb.core.platform import detect_platform
 from dbnb.data import intake as fetch
+from dbnb.evaluate import scorers
+
+# Choices a setting accepts that the form does not offer: test-only pieces.
+NOT_OFFERED = {"score_with": scorers.DEMO_ONLY}
 
 LABEL_WIDTH = 260
 LABEL_STYLE = {"description_width": f"{LABEL_WIDTH}px"}
@@ -29,7 +35,9 @@ def _widget(row: dict, value) -> w.Widget:
     common = dict(description=row["label"], tooltip=f"{row['name']}: {row['help']}", style=LABEL_STYLE,
                   layout=LAYOUT)
     if row["choices"]:
-        return w.Dropdown(options=list(row["choices"]), value=value, **common)
+        hidden = NOT_OFFERED.get(row["name"], ())
+        options = [c for c in row["choices"] if c not in hidden or c == value]  # a config that set one keeps it
+        return w.Dropdown(options=options, value=value, **common)
     if row["type"] == "bool":
         return w.Checkbox(value=value, indent=False, **common)
     if row["type"] == "int":
@@ -89,8 +97,7 @@ class ConfigForm:
             self.status.value = f"<pre style='color:#b00'>{html.escape(str(e))}</pre>"
 
     def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+        IPython.display.display(self.widget)
 
 
 # The loss curve is redrawn at most this often, on a thread of its own: a redraw takes about
@@ -109,8 +116,6 @@ class TrainingView:
     a step only appends its record."""
 
     def __init__(self, config: Config, every: int = 10, plain: bool | None = None, redraw_s: float = REDRAW_S):
-        from dbnb.core.platform import detect_platform
-
         self.config, self.every, self.redraw_s = config, every, redraw_s
         self.plain = detect_platform() == "paperspace" if plain is None else plain
         self.steps, self.losses, self.times, self.lr = [], [], [], 0.0
@@ -203,23 +208,20 @@ class TrainingView:
 
     def finish(self) -> None:
         """The final loss plot and last preview as plain outputs (kept by a saved notebook)."""
-        from IPython.display import Image, display
-
         self.close()
         self.widget.layout.display = "none"
-        display(Image(data=self.loss_png(), format="png"))
+        IPython.display.display(IPython.display.Image(data=self.loss_png(), format="png"))
         if self.last_preview is not None:
-            display(Image(filename=str(self.last_preview)))
+            IPython.display.display(IPython.display.Image(filename=str(self.last_preview)))
 
     def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+        IPython.display.display(self.widget)
 
 
 def loss_curve_png(steps: list[int], losses: list[float], title: str = "", size=(4.8, 2.6)) -> bytes:
     """Loss against step, drawn with matplotlib (no pyplot: nothing global, no display)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: loads matplotlib
+    from matplotlib.figure import Figure  # lazy: loads matplotlib
 
     figure = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
@@ -266,7 +268,7 @@ def caption_editor(folder: str | Path, suffixes: tuple[str, ...] = (".png",)):
 
 
 def _bulk_row(folder: Path, rows, suffixes):
-    from dbnb.prep.captions import edit_tag_everywhere
+    from dbnb.prep.captions import edit_tag_everywhere  # lazy: loads torch, PIL, numpy
 
     tag = w.Text(placeholder="tag, e.g. white background", layout=w.Layout(width="300px"))
     remove, add, status = w.Button(description="Remove everywhere"), w.Button(description="Add to all"), w.Label()
@@ -284,7 +286,7 @@ def _bulk_row(folder: Path, rows, suffixes):
 
 
 def _editor_row(image: Path):
-    from PIL import Image
+    from PIL import Image  # lazy: loads PIL
 
     txt = image.with_suffix(".txt")
     buf = io.BytesIO()

@@ -19,18 +19,23 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, PngImagePlugin
 
+from dbnb.core import hardware
+from dbnb.core.disk import check_free_space, check_writable
 from dbnb.core.platform import shown
 from dbnb.core.precision import inference_dtype
+from dbnb.core.progress import bar as tqdm
 from dbnb.data import dataset as data
 from dbnb.data.dataset import DatasetError
-from dbnb.data.intake import IMAGE_SUFFIXES
+from dbnb.data.intake import IMAGE_SUFFIXES, FetchError, fetch_images
 from dbnb.family.render import SAMPLERS, cpu_batch_size, make_scheduler, render
+from dbnb.family.sd1 import load as models
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
 TRANSPARENT_PER_INSTANCE = 10  # the seed: 10x the instance images
@@ -165,8 +170,6 @@ def save_numbered(folder: Path, k: int, png: bytes, caption: str) -> Path:
 
 
 def prepare_folder(folder: Path, count: int, resolution: int) -> None:
-    from dbnb.core.disk import check_free_space, check_writable
-
     check_writable(folder, "class images")
     check_free_space(folder, int(count * PNG_BYTES_512 * (resolution / 512) ** 2), f"{count} class images",
                      "Free some space there, or set class_data_dir to a folder on a disk with room.")
@@ -179,8 +182,6 @@ def write_blank_images(folder: str | Path, count: int, resolution: int, caption:
     """Top `folder` up to `count` fully transparent RGBA PNGs (alpha 0 everywhere) of
     `resolution`², or with `black=True` opaque black RGB ones (what the old extension
     trained on when given transparent images). Returns the files written."""
-    from dbnb.core.progress import bar as tqdm
-
     folder = Path(folder)
     todo = todo_indices(folder, count)
     if not todo:
@@ -217,10 +218,8 @@ def generation_device_dtype(config) -> tuple[torch.device, torch.dtype]:
 
 def load_generation_pipeline(config):
     """The base model, loaded once, ready to sample class images on this machine."""
-    from dbnb.family.sd1.load import load_pipeline
-
     _, dtype = generation_device_dtype(config)
-    pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
+    pipe = models.load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                          revision=config.revision, dtype=dtype)
     return prepare_pipeline(pipe, config)
 
@@ -233,9 +232,7 @@ def prepare_pipeline(pipe, config):
     if pipe.unet.dtype != dtype:  # a pipeline handed in; load_generation_pipeline loads in dtype
         pipe.to(dtype=dtype)
     if config.attention == "xformers" and device.type == "cuda":
-        from dbnb.core.hardware import check_xformers
-
-        if check_xformers(device.type).ok:
+        if hardware.check_xformers(device.type).ok:
             pipe.enable_xformers_memory_efficient_attention()
     # Otherwise diffusers' default attention processor is already PyTorch SDPA.
     pipe.vae.enable_slicing()  # decode one image at a time: the batch's VRAM peak is the UNet's
@@ -250,9 +247,8 @@ def pick_batch_size(config, device: torch.device, dtype: torch.dtype = torch.flo
         return config.class_batch_size
     if device.type != "cuda":
         return cpu_batch_size(config.resolution)
-    from dbnb.core.hardware import cuda_summary
 
-    gpu = cuda_summary()
+    gpu = hardware.cuda_summary()
     per_image = GPU_GIB_PER_IMAGE_512 * (config.resolution / 512) ** 2 * (2 if dtype == torch.float32 else 1)
     return max(1, min(GPU_MAX_BATCH, int((gpu["free_vram_gib"] - GPU_RESERVE_GIB) / per_image)))
 
@@ -277,8 +273,6 @@ def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path
     """Top class_data_dir up to num_class_images with images sampled from the base model
     (loaded once, and only when something is missing). `pipe`: an already loaded
     StableDiffusionPipeline to use instead. Returns the files written, in order."""
-    from dbnb.core.progress import bar as tqdm
-
     folder, wanted = class_folder(config), wanted_class_images(config)
     if wanted < 1:
         raise ClassImagesError("num_class_images is 0: set how many class images to generate "
@@ -324,10 +318,6 @@ def import_class_images(config) -> list[Path]:
     level, so nested pictures are flattened (`sub/a.png` → `sub_a.png`); every picture the
     importer takes, the trainer reads (one IMAGE_SUFFIXES). A rerun overwrites its own earlier
     copies instead of adding duplicates."""
-    import tempfile
-
-    from dbnb.data.intake import FetchError, fetch_images
-
     source = config.class_images_import
     if not source:
         raise ClassImagesError("class_images_mode is import but class_images_import is empty: set it to a folder, "
@@ -335,7 +325,6 @@ def import_class_images(config) -> list[Path]:
     folder = class_folder(config)
     if Path(source).expanduser().resolve() == folder.resolve():
         return existing_images(folder)  # already in place: nothing to copy
-    from dbnb.core.disk import check_writable
 
     check_writable(folder, "class images")
     with tempfile.TemporaryDirectory(prefix="dbnb-classimport-") as tmp:

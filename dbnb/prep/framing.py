@@ -31,7 +31,7 @@ def animeface_detector() -> FaceDetector | None:
     """animeface's detector (its model ships in the wheel, no download), or None when the
     package is not installed."""
     try:
-        import animeface
+        import animeface  # lazy: optional animeface
     except ImportError:
         return None
 

@@ -18,8 +18,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from dbnb.core.config import Config
 from dbnb.core.errors import DbnbError
 from dbnb.core.platform import shown
+from dbnb.core.progress import bar as tqdm
+from dbnb.data.dataset import caption_for
 from dbnb.data.intake import IMAGE_SUFFIXES, FetchError, fetch_images, iter_files, keep_kind
 from dbnb.data.pictures import BadImage, dhash, file_sha256, flatten, hamming, load_image
 from dbnb.prep import captions
@@ -64,7 +67,6 @@ def prepare_dataset(config=None, src: str | Path | None = None, out: str | Path 
         if cfg.caption_mode == "tags" and tagger is None:
             tagger = load_tagger(cfg.tagger_model)
         out.mkdir(parents=True, exist_ok=True)  # only now: a wrong SRC leaves no empty folder behind
-        from dbnb.core.progress import bar as tqdm
 
         rows = [job.run(name, path) for name, path in tqdm(sources, desc="prep", unit="img", disable=not progress)]
         sidecars = {name: captions.sidecar(path) for name, path in sources}
@@ -87,8 +89,6 @@ def prepare_dataset(config=None, src: str | Path | None = None, out: str | Path 
 
 
 def _config(config, settings: dict):
-    from dbnb.core.config import Config
-
     cfg = config if config is not None else Config()
     return cfg.replace(**settings) if settings else cfg
 
@@ -236,8 +236,6 @@ class _Job:
 
 def caption_frequency(rows: list[FileResult], out: Path) -> dict[str, int]:
     """Tag counts of the captions as the trainer will read them (hand edits included)."""
-    from dbnb.data.dataset import caption_for
-
     return frequency([caption_for(out / name) for r in rows if r.usable for name in r.outputs])
 
 

@@ -72,8 +72,8 @@ def write_stand_in_model(path: str | Path, size: int = DEFAULT_SIZE, strength: f
     """A tiny ONNX model with isnetis.onnx's input / output contract, for tests and the bench
     (nothing downloaded): mask = sigmoid(strength * (R - G)), so red is character, green is
     background. Needs the `onnx` package."""
-    import onnx
-    from onnx import TensorProto, helper
+    import onnx  # lazy: loads onnx
+    from onnx import TensorProto, helper  # lazy: loads onnx
 
     weight = helper.make_tensor("w", TensorProto.FLOAT, [1, 3, 1, 1], [strength, -strength, 0.0])
     graph = helper.make_graph(

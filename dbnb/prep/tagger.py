@@ -125,8 +125,8 @@ def write_stand_in_tagger(folder: str | Path, size: int = DEFAULT_SIZE) -> Path:
     """A tiny tagger with the WD14 v3 contract (NHWC BGR 0–255 in, sigmoid per tag out,
     `model.onnx` + `selected_tags.csv`), for tests and the bench: nothing downloaded. Its
     logits are linear in the picture's mean colour (STAND_IN_TAGS). Needs the `onnx` package."""
-    import onnx
-    from onnx import TensorProto, helper
+    import onnx  # lazy: loads onnx
+    from onnx import TensorProto, helper  # lazy: loads onnx
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

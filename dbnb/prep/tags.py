@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 # Body traits, as caption text. Whole-tag patterns; NOT_CORE names the look-alikes that are
 # expressions or actions ("closed eyes", "hand in own hair").
 CORE_TAGS = re.compile(
@@ -86,8 +88,6 @@ def tag_outputs(rows, out: Path, tagger, cfg) -> TagTable:
     """Tag every training picture (the prepared PNGs, crops included: what the trainer sees).
     A row keeps its tags with the tagger and thresholds they were made with, so an unchanged
     picture is not tagged again."""
-    from PIL import Image
-
     used_with = f"{getattr(tagger, 'name', type(tagger).__name__)} {cfg.tag_threshold:g} {cfg.character_tag_threshold:g}"
     usable = [row for row in rows if row.usable]
     for row in usable:

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from dbnb.core.disk import why_not_made
 from dbnb.core.errors import DbnbError
 
 # The lock's holder touches it this often; a lock not touched for STALE_AFTER_S belongs to a
@@ -42,8 +43,6 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            from dbnb.core.disk import why_not_made
-
             why = why_not_made(self.path.parent, e)
             raise RunFolderError(f"Cannot write the run folder {self.path.parent}: {why}. "
                                  "Choose another output_dir (on Colab: is Drive still mounted?).") from None

@@ -8,19 +8,31 @@ what was meant to be written; a file that does not match is deleted.
 """
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dbnb import __version__
+from dbnb.core import platform
+from dbnb.core.config import load_config
+from dbnb.core.disk import (DiskFullError, check_free_space, check_writable, format_bytes, free_disk_bytes,
+                            is_disk_full, write_errors)
+from dbnb.core.download import is_url
 from dbnb.core.errors import DbnbError
+from dbnb.core.platform import shown
 from dbnb.core.precision import FILE_DTYPES
 from dbnb.core.versions import dtype_argument
 from dbnb.data.intake import free_name
-from dbnb.family.sd1.layout import WRITTEN_SUFFIXES, original_state_dict, remove_leftovers, write_single_file
-from dbnb.family.sd1.load import public_name
-from dbnb.run.checkpoints import RunFolder
+from dbnb.family import lora
+from dbnb.family.lora import merged_state_dict
+from dbnb.family.sd1.layout import (WRITTEN_SUFFIXES, original_state_dict, remove_leftovers, text_encoder_key_map,
+                                    unet_key_map, vae_key_map, write_single_file)
+from dbnb.family.sd1.load import load_pipeline, public_name, save_folder, sd1_variant, skeleton_folder
+from dbnb.family.sd1.singlefile import keys_and_shapes
+from dbnb.run.folder import RunFolder
+from dbnb.ship import kohya
 
 FORMATS = tuple(suffix.lstrip(".") for suffix in WRITTEN_SUFFIXES)
 
@@ -38,9 +50,6 @@ class ExportResult:
 
     def line(self) -> str:
         """The export as it is reported: where (relative to a notebook's workspace), how big, verified."""
-        from dbnb.core.disk import format_bytes
-        from dbnb.core.platform import shown
-
         return f"{shown(self.path)}  {format_bytes(self.size)}  {'verified / 確認済み' if self.verified else 'not verified'}"
 
 
@@ -49,15 +58,10 @@ class ExportResult:
 def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dtype, vae: str = ""):
     """(unet, vae, text_encoder) diffusers state dicts of a run's checkpoint, plus (step, config).
     A LoRA checkpoint is baked: its adapters merged into the base model."""
-    from dbnb.core.config import load_config
-    from dbnb.family.sd1.load import load_pipeline
-
     config = load_config(run.config_path)
     checkpoint = run.pick(step)
     checkpoint.require(ema)
     if checkpoint.kind == "lora":
-        from dbnb.family.lora import merged_state_dict
-
         base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
                              revision=config.revision, dtype=torch.float32)  # merged in fp32, then cast
         checkpoint.load_into(base, ema=ema)
@@ -76,8 +80,6 @@ def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dt
 
 def model_state_dicts(source: str, dtype: torch.dtype, vae: str = ""):
     """(unet, vae, text_encoder) diffusers state dicts of any model dbnb can load."""
-    from dbnb.family.sd1.load import load_pipeline
-
     pipe = load_pipeline(source, vae=vae, dtype=dtype)
     return pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict()
 
@@ -92,7 +94,6 @@ def refuse_runs_folder(folder: Path) -> None:
                   if RunFolder(d).config_path.is_file() and RunFolder(d).checkpoints_dir.is_dir())
     if not runs:
         return
-    import shlex
 
     steps = {d: RunFolder(d).checkpoints() for d in runs}
     listing = ", ".join(f"{d.name} ({f'newest checkpoint: step {found[-1].step}' if found else 'no checkpoint yet'})"
@@ -106,11 +107,9 @@ def refuse_runs_folder(folder: Path) -> None:
 
 def destination_folder(where: str, run_name: str, default: Path) -> Path:
     """`local` (default), `drive` (Colab: MyDrive/dbnb/<run>), `storage` (Paperspace), or a path."""
-    from dbnb.core import platform
-
     if where in ("", "local"):
         return default
-    if where.strip().lower().startswith(("http://", "https://")):
+    if is_url(where):
         raise ExportError(f"--to {where}: a link cannot be written to; give a folder on this machine (CLI: --to PATH; "
                           "notebook 04: export_to), or --to drive for Google Drive on Colab. To share the file, "
                           "upload it with --hub REPO.")
@@ -127,8 +126,6 @@ def destination_folder(where: str, run_name: str, default: Path) -> Path:
 
 
 def prepare_folder(folder: Path, needed: int) -> None:
-    from dbnb.core.disk import check_free_space, check_writable
-
     check_writable(folder, "the exported model")
     check_free_space(folder, needed, "the exported model", room_advice(folder))
 
@@ -143,8 +140,6 @@ def room_advice(folder: Path) -> str:
 def write_export(path: Path, state: dict, **options) -> Path:
     """write_single_file, with a disk that fills during the write named as such. Nothing is left
     behind: write_single_file deletes its half-written temporary file."""
-    from dbnb.core.disk import DiskFullError, format_bytes, free_disk_bytes, is_disk_full, write_errors
-
     try:
         return write_single_file(path, state, **options)
     except write_errors() as e:
@@ -161,11 +156,7 @@ def write_export(path: Path, state: dict, **options) -> Path:
 def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
     """Read the file back as the webui's loaders do and demand every key and tensor, exactly.
     The key set is checked on its own: from_single_file ignores extra keys silently."""
-    from diffusers import StableDiffusionPipeline
-
-    from dbnb.family.sd1.layout import text_encoder_key_map, unet_key_map, vae_key_map
-    from dbnb.family.sd1.load import sd1_variant, skeleton_folder
-    from dbnb.family.sd1.singlefile import keys_and_shapes
+    from diffusers import StableDiffusionPipeline  # lazy: loads diffusers
 
     original_keys = {*unet_key_map(expected["unet"]).values(), *vae_key_map(expected["vae"]).values(),
                      *text_encoder_key_map(expected["text_encoder"]).values()}
@@ -243,11 +234,6 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
                 name: str) -> ExportResult:
     """The checkpoint's adapters as one kohya-layout LoRA file, read back with diffusers'
     `load_lora_weights` onto the base model: its outputs must be the checkpoint's."""
-    from dbnb.core.config import load_config
-    from dbnb.family import lora
-    from dbnb.family.sd1.load import load_pipeline
-    from dbnb.ship import kohya
-
     if fmt != "safetensors":
         raise ExportError(f"format {fmt}: a LoRA is exported as .safetensors (what the webui's models/Lora "
                           "folder takes); leave out --format, or add --bake for a full model file.")
@@ -283,7 +269,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
 def upload_to_hub(path: Path, repo_id: str, api=None) -> str:
     """Upload an export to a private Hub model repo; the token comes from HF_TOKEN or
     `huggingface-cli login`, and is never printed."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi  # lazy: loads huggingface_hub
 
     api = api or HfApi()
     api.create_repo(repo_id, private=True, exist_ok=True, repo_type="model")
@@ -296,9 +282,6 @@ def upload_to_hub(path: Path, repo_id: str, api=None) -> str:
 
 def convert(single_file: str | Path, out_dir: str | Path) -> Path:
     """A single SD 1.x file → a diffusers folder (to train from, or to merge)."""
-    from dbnb.core.disk import check_writable
-    from dbnb.family.sd1.load import save_folder
-
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new folder.")

@@ -30,7 +30,7 @@ class KohyaError(DbnbError, RuntimeError):
 
 def kohya_state_dict(unet: dict, text_encoder: dict, spec: Spec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """peft-layout adapter state dicts → kohya keys, with each module's alpha."""
-    from diffusers.utils import convert_state_dict_to_kohya
+    from diffusers.utils import convert_state_dict_to_kohya  # lazy: loads diffusers
 
     peft = {**{f"unet.{k}": v for k, v in unet.items()},
             # the webui's CLIP keeps the `text_model.` level that transformers 5 dropped (4 has it)
@@ -47,7 +47,7 @@ def kohya_state_dict(unet: dict, text_encoder: dict, spec: Spec, dtype: torch.dt
 
 def metadata(config, spec: Spec, step: int, name: str, version: str) -> dict[str, str]:
     """kohya's `ss_*` fields that the webui and LoRA browsers show, and dbnb's own."""
-    from dbnb.data.dataset import DatasetError, caption_for, list_images
+    from dbnb.data.dataset import DatasetError, caption_for, list_images  # lazy: loads PIL
 
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
             "ss_network_alpha": str(spec.alpha), "ss_base_model_version": "sd_v1", "ss_v2": "False",
@@ -91,7 +91,7 @@ def outputs(pipe, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, tor
 
 
 def _lora_modules(model) -> int:
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import LoraLayer  # lazy: loads peft, transformers, accelerate
 
     return sum(isinstance(m, LoraLayer) for m in model.modules())
 
@@ -99,7 +99,7 @@ def _lora_modules(model) -> int:
 def load_file_into(pipe, path: Path) -> None:
     """diffusers' own reading of a kohya file (`load_lora_weights`); every module in the file must
     land on a layer: a key diffusers ignores is an error."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file  # lazy: loads safetensors
 
     state = load_file(str(path))
     want_unet = sum(k.startswith("lora_unet_") and k.endswith("lora_down.weight") for k in state)
@@ -121,8 +121,8 @@ def load_file_into(pipe, path: Path) -> None:
 def _transformers_takes_this_peft() -> bool:
     """transformers' adapter loading refuses peft releases below its own pin (5.24 wants >= 0.22)."""
     try:
-        from transformers.integrations.peft import MIN_PEFT_VERSION
-        from transformers.utils.peft_utils import check_peft_version
+        from transformers.integrations.peft import MIN_PEFT_VERSION  # lazy: optional transformers
+        from transformers.utils.peft_utils import check_peft_version  # lazy: optional transformers
 
         check_peft_version(min_version=MIN_PEFT_VERSION)
     except ValueError:
@@ -136,9 +136,11 @@ def _load_around_the_peft_pin(pipe, state: dict) -> None:
     """The UNet through `load_lora_weights`; the text encoder's part converted by diffusers
     (`lora_state_dict`, as load_lora_weights does) and injected with peft itself, which is what
     transformers' refused `load_adapter` would do."""
+    # lazy: loads diffusers, yaml, PIL
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+    # lazy: loads diffusers, yaml, PIL
     from diffusers.utils.peft_utils import _create_lora_config  # diffusers' own reading, private
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft import inject_adapter_in_model, set_peft_model_state_dict  # lazy: loads peft, transformers, accelerate
 
     unet_part = {k: v for k, v in state.items() if k.startswith("lora_unet_")}
     text_part = {k: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}

@@ -45,8 +45,10 @@ from typing import Callable, Sequence
 import torch
 
 from dbnb import __version__
+from dbnb.core.disk import check_free_space, check_writable
 from dbnb.core.errors import DbnbError
 from dbnb.core.precision import FILE_DTYPES
+from dbnb.core.progress import bar as tqdm
 from dbnb.data.intake import free_name
 from dbnb.family.sd1.layout import ORIGINAL_PREFIXES, remove_leftovers, write_single_file
 from dbnb.family.sd1.load import ModelLoadError, fetch_model, public_name, save_folder, sd1_variant
@@ -286,8 +288,6 @@ def _combine(first: torch.Tensor, others: list[Callable[[], torch.Tensor]], mode
 
 def _merge_state(models: list[_Input], merged: set[str], mode: str, coeffs: list[float],
                  dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
-    from dbnb.core.progress import bar as tqdm
-
     state: dict[str, torch.Tensor] = {}
     for key in tqdm(list(models[0].entries), desc="merging", unit="key", disable=not progress):
         read, shape = models[0].entries[key]
@@ -318,7 +318,6 @@ def _outputs(out_file, out_dir, name: str, overwrite: bool) -> tuple[Path | None
     folder = Path(out_dir).expanduser() if out_dir is not None else None
     if folder is not None and folder.exists() and any(folder.iterdir()):
         raise MergeError(f"{folder} exists and is not empty; choose a new folder for the diffusers model.")
-    from dbnb.core.disk import check_writable
 
     for target in (file, folder):
         if target is not None:  # before the inputs are read and merged, which takes minutes
@@ -358,8 +357,6 @@ def _write_sidecar(file: Path, info: dict) -> None:
 
 def _write(state, info, file: Path | None, folder: Path | None, log) -> tuple[str, str]:
     """Write the file and / or folder; returns (sha256, short hash) of the result."""
-    from dbnb.core.disk import check_free_space
-
     target = file or folder.with_name(f".{folder.name}.merge.safetensors")  # folder only: a scratch file
     remove_leftovers(target.parent)  # a merge killed earlier: its hidden half-file holds the disk
     check_free_space(target.parent, sum(t.numel() * t.element_size() for t in state.values()), "the merged model",

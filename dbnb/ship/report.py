@@ -15,9 +15,15 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from dbnb import __version__
 from dbnb.core.config import FIELDS, PRESETS, Config, from_dict, load_config
+from dbnb.core.disk import format_bytes
+from dbnb.core.versions import dbnb_version
+from dbnb.data.dataset import list_images
+from dbnb.family.sd1.load import public_name
 from dbnb.prep.report import framing_line
-from dbnb.run.checkpoints import RunFolder
+from dbnb.run.checkpoints import STATE, dir_size
+from dbnb.run.folder import RunFolder
 from dbnb.ship.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
 
 # What the user fills in, shown as it is in the rendered report (see the module's doc).
@@ -83,8 +89,6 @@ def _label(name: str) -> str:
 def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[str], list[str], int]:
     """(使用素材 source, 加工 processing, 加工後素材詳細 processed set) lines, and the number of
     training images (the class images are given as a multiple of it)."""
-    from dbnb.data.dataset import list_images
-
     count = len(list_images(config.instance_data_dir, "instance_data_dir"))
     if prep is None:
         return ([f"{count} images in `{config.instance_data_dir}` (not prepared with `dbnb prep`: source unknown)"],
@@ -105,7 +109,6 @@ def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[s
 def section_class_images(config: Config, instance_count: int) -> list[str]:
     if not config.with_prior_preservation:
         return ["none (prior preservation off) / 正則化画像なし"]
-    from dbnb.data.dataset import list_images
 
     found = list_images(config.class_data_dir, "class_data_dir")
     how = {"generate": f"generated with the base model from `{config.class_prompt}` (CFG "
@@ -136,9 +139,6 @@ def section_lora(run: RunFolder, config: Config, exports: list[Path]) -> list[st
 
 def section_disk(run: RunFolder) -> list[str]:
     """What the run takes on disk, measured: the figure the seed's "2 GB per model" stood for."""
-    from dbnb.core.disk import format_bytes
-    from dbnb.run.checkpoints import STATE, dir_size
-
     found = run.checkpoints()
     if not found:
         return ["no checkpoint saved yet"]
@@ -153,7 +153,7 @@ def section_disk(run: RunFolder) -> list[str]:
 
 def section_result(run: RunFolder) -> tuple[list[str], list[str], dict | None]:
     """(安定した呼び出し方 suggestion, 結果 lines, recommendation) from scores.json when scored."""
-    path = run.root / "scores.json"
+    path = run.scores_file(".json")
     if not path.is_file():
         return (["no scores yet (`dbnb score RUN`)"], ["not scored yet: run `dbnb score` for CLIP-I / DINO / "
                                                         "CLIP-T per checkpoint"], None)
@@ -179,8 +179,6 @@ def section_trainer(run: RunFolder) -> list[str]:
     """DBモデルハッシュ: the seed's reports give the commit of the extension that trained the run
     (725d85ca…, the version the guide pins), so a reader can train with the same code. Here: the
     dbnb version and commit that config.json recorded when the run started."""
-    from dbnb.core.versions import dbnb_version
-
     recorded = (run.saved_config() or {}).get("dbnb_version")
     line = f"`{recorded}`" if recorded else (f"not recorded (the run started before dbnb recorded its version); "
                                              f"this report was written by `{dbnb_version()}`")
@@ -246,16 +244,13 @@ def write_report(run_dir: str | Path) -> Path:
 
 def model_card(run_dir: str | Path, exported: Path) -> Path:
     """README.md with YAML metadata beside an exported file (what the Hub shows)."""
-    import yaml
-
-    from dbnb import __version__
+    import yaml  # lazy: loads yaml
 
     run = RunFolder(run_dir)
     config = load_config(run.config_path)
     meta = {"license": "creativeml-openrail-m", "library_name": "dbnb", "pipeline_tag": "text-to-image",
             "tags": ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "dreambooth", "dbnb"],
             "instance_prompt": config.instance_prompt}
-    from dbnb.family.sd1.load import public_name
 
     source = config.pretrained_model_name_or_path
     if not Path(source).exists():

@@ -17,7 +17,13 @@ from pathlib import Path
 from PIL import Image
 
 from dbnb.core.config import Config
+from dbnb.evaluate.score import score_run
 from dbnb.evaluate.scorers import world
+from dbnb.prep.classimages import ensure_class_images
+from dbnb.run.folder import RunFolder
+from dbnb.ship.export import export
+from dbnb.ship.report import model_card, write_report
+from dbnb.train.loop import train
 from dbnb.world.tiny import TINY_RESOLUTION, make_world_model
 
 INSTANCE_PROMPT = "hnzk girl"
@@ -95,8 +101,6 @@ def demo_config(out: Path, steps: int, lora: bool = False, **overrides) -> Confi
 
 def prepare_world(out: Path, config: Config) -> None:
     """The model, the instance pictures and the generated class images (each made once per folder)."""
-    from dbnb.prep.classimages import ensure_class_images
-
     if not (out / "model" / "model_index.json").exists():
         make_world_model(out / "model")
     write_dataset(out / "data")
@@ -106,9 +110,6 @@ def prepare_world(out: Path, config: Config) -> None:
 def export_recommended(run_dir: Path, step: int) -> Path:
     """The recommended checkpoint as the webui's single file, read back through from_single_file,
     with its model card beside it (exports/README.md), as every export of a run has."""
-    from dbnb.ship.export import export
-    from dbnb.ship.report import model_card
-
     path = export(run_dir, step=step, overwrite=True).path
     model_card(run_dir, path)
     return path
@@ -135,11 +136,6 @@ def next_steps(scores) -> list[str]:
 
 def run_demo(out: str | Path = "dbnb-demo", steps: int = DEMO_STEPS, score: bool = True, lora: bool = False,
              **overrides) -> dict:
-    from dbnb.evaluate.score import score_run
-    from dbnb.run.checkpoints import RunFolder
-    from dbnb.ship.report import write_report
-    from dbnb.train.loop import train
-
     out = Path(out)
     started = time.time()
     config = demo_config(out, steps, lora, **overrides)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from dbnb.core.versions import dtype_argument
+from dbnb.family.sd1.layout import original_state_dict, write_single_file
 from dbnb.family.sd1.skeleton import (SKELETON, TINY_TEXT, TINY_UNET, TINY_VAE, WORLD_TEXT, WORLD_UNET, WORLD_VAE,
                                       save_tokenizer, skeleton_config)
 
@@ -23,8 +24,8 @@ WORLD = Path(__file__).resolve().parents[1] / "assets" / "world"  # dbnb/assets:
 
 def build_components(unet_config: dict, vae_config: dict, text_config: dict, seed: int = 0):
     """UNet, VAE and text encoder with seeded random weights, from config dicts."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # lazy: loads diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel  # lazy: loads transformers
 
     strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
     generator_state = torch.random.get_rng_state()
@@ -54,8 +55,8 @@ def build_world_pipeline(seed: int = 0):
 
 
 def assemble(unet, vae, text_encoder):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer
+    from diffusers import PNDMScheduler, StableDiffusionPipeline  # lazy: loads diffusers
+    from transformers import CLIPTokenizer  # lazy: loads transformers
 
     return StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder,
@@ -71,8 +72,6 @@ def make_tiny_model(out_dir: str | Path, single_file: str | Path | None = None, 
     pipe.save_pretrained(out_dir, safe_serialization=True)
     save_tokenizer(pipe.tokenizer, out_dir / "tokenizer")
     if single_file is not None:
-        from dbnb.family.sd1.layout import original_state_dict, write_single_file
-
         state = original_state_dict(pipe.unet.state_dict(), pipe.vae.state_dict(),
                                     pipe.text_encoder.state_dict())
         write_single_file(single_file, state, metadata={"dbnb_model": "tiny", "seed": str(seed)})
@@ -84,8 +83,8 @@ def make_world_model(out_dir: str | Path) -> Path:
 
     Its weights come from scripts/pretrain_world.py; see dbnb.evaluate.scorers.world for what it knows.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel  # lazy: loads diffusers
+    from transformers import CLIPTextModel  # lazy: loads transformers
 
     if not (WORLD / "unet" / "config.json").exists():
         raise FileNotFoundError(f"The pretrained world model is missing from {WORLD}: reinstall dbnb, or "

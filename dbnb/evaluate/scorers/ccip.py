@@ -78,7 +78,7 @@ def prepare(image: Image.Image, size: int) -> np.ndarray:
     rgb = Image.new("RGB", rgba.size, (255, 255, 255))
     rgb.paste(rgba, mask=rgba)
     array = np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # lazy: loads transformers
 
     mean, std = np.asarray(OPENAI_CLIP_MEAN, np.float32), np.asarray(OPENAI_CLIP_STD, np.float32)
     return ((array - mean) / std).transpose(2, 0, 1)
@@ -157,7 +157,7 @@ class CcipScorer:
     def load(cls, config) -> "CcipScorer":
         """Both models loaded now: `dbnb score` does so before any test image is made, so a
         missing model is said at once."""
-        from dbnb.prep.tagger import load_tagger
+        from dbnb.prep.tagger import load_tagger  # lazy: loads torch
 
         return cls(load_ccip(config.ccip_model),
                    load_tagger(config.tagger_model) if config.test_flexibility_prompts else None, config)
@@ -170,8 +170,8 @@ def write_stand_in_ccip(folder: str | Path, size: int = DEFAULT_SIZE, threshold:
     """A tiny CCIP with the real models' contract (the three files, the same inputs and
     outputs), for tests and benches: nothing downloaded. Its features are the mean colour of a
     4x4 grid; its difference is the cosine distance. Needs the `onnx` package."""
-    import onnx
-    from onnx import TensorProto, helper
+    import onnx  # lazy: loads onnx
+    from onnx import TensorProto, helper  # lazy: loads onnx
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def image_processor(size: int, mean, std):
     """Shortest side to `size`, the centre square, bicubic, normalised: the CLIP model card's
     preprocessing, and DINO's with ImageNet's mean and std (the centre square rather than
     ViT's squash, so a wide picture is judged by its middle, as CLIP's is)."""
-    import transformers
+    import transformers  # lazy: loads transformers
 
     # transformers 5: the PIL backend by its own name (the plain name warns and falls back to it
     # without torchvision); 4.x has only the plain name, which is that backend.
@@ -98,8 +98,8 @@ def _load_error(setting: str, name: str, e: Exception) -> ScoreError:
 
 
 def load_clip(name: str, device: str = "cpu") -> Embedder:
-    from transformers import CLIPModel, CLIPTokenizer
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from transformers import CLIPModel, CLIPTokenizer  # lazy: loads transformers
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # lazy: loads transformers
 
     try:
         model = CLIPModel.from_pretrained(name)
@@ -111,7 +111,8 @@ def load_clip(name: str, device: str = "cpu") -> Embedder:
 
 
 def load_dino(name: str, device: str = "cpu") -> Embedder:
-    from transformers import ViTModel
+    from transformers import ViTModel  # lazy: loads transformers
+    # lazy: loads transformers, yaml, huggingface_hub
     from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
     try:  # the DINO checkpoints carry no pooler; only the CLS token is used

@@ -18,6 +18,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dbnb.evaluate.scorers.base import ScoreError, images_of, row_scores
+
 SIZE = 64
 CLASS_WORD = "girl"
 SKIN, COIL = (255, 222, 196), (250, 190, 40)
@@ -246,8 +248,6 @@ def metrics(fidelity: list[Image.Image], flexibility: list[tuple[str, Image.Imag
 def world_table(samples, instance: list[Image.Image]) -> list[dict]:
     """`score_with=world`: `metrics` per row of a run's test images (a dbnb.evaluate.sample.SampleResult);
     the character is read off the instance images."""
-    from dbnb.evaluate.scorers.base import ScoreError, images_of, row_scores
-
     try:
         character = character_of(instance)
     except ValueError as e:
