@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dbnb.data.batches import MicroBatch, cache_latents, next_batch, read_images
+from dbnb.data.batches import cache_latents, next_batch, read_images
 from dbnb.family import base
 from dbnb.family.sd1.family import SD1
 from dbnb.train.loss import diffusion_loss, min_snr_weights
