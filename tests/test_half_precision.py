@@ -28,7 +28,7 @@ def watch(monkeypatch):
     def install(at_start=None):
         def loop(s, *args, **kwargs):
             noted["session"] = s
-            layer = next(m for m in s.accelerator.unwrap_model(s.unet).modules() if isinstance(m, torch.nn.Linear))
+            layer = next(m for m in s.accelerator.unwrap_model(s.denoiser).modules() if isinstance(m, torch.nn.Linear))
             layer.register_forward_hook(lambda m, inputs, out: noted["matmul"].add(out.dtype))
             if at_start:
                 at_start(s)
@@ -73,8 +73,8 @@ def test_full_fine_tuning_under_bf16_autocast(make_config, watch):
     assert result.step == 4 and [r["step"] for r in _log(result)] == [1, 2, 3, 4]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in _log(result))
     assert noted["matmul"] == {torch.bfloat16}  # the UNet computed under autocast
-    assert {p.dtype for p in s.unet.parameters()} == {torch.float32}  # fp32 master weights
-    assert {p.dtype for p in s.text_encoder.parameters()} == {torch.bfloat16}  # frozen: in the run's dtype
+    assert {p.dtype for p in s.denoiser.parameters()} == {torch.float32}  # fp32 master weights
+    assert {p.dtype for p in s.encoder.parameters()} == {torch.bfloat16}  # frozen: in the run's dtype
     assert {p.dtype for p in s.ema.shadow_params} == {torch.float32}
     assert (result.run_dir / "samples").is_dir() and any((result.run_dir / "samples").rglob("*.png"))
     assert [p.name for p in result.checkpoints] == ["step-000002", "step-000004"]
@@ -82,13 +82,13 @@ def test_full_fine_tuning_under_bf16_autocast(make_config, watch):
 
 def test_lora_on_a_bf16_base_trains_fp32_adapters(make_config, watch):
     start = {}
-    noted = watch(lambda s: start.update({n: p.detach().clone() for n, p in s.unet.named_parameters()
+    noted = watch(lambda s: start.update({n: p.detach().clone() for n, p in s.denoiser.named_parameters()
                                           if p.requires_grad}))
     result = train(make_config(use_lora=True, lora_rank=4, lora_text_encoder_rank=4, use_ema=True,
                                cache_latents=False, max_train_steps=3, save_every_steps=3), progress=False)
     s = noted["session"]
-    unet = s.accelerator.unwrap_model(s.unet)
-    adapters = lora.trainable(unet, s.accelerator.unwrap_model(s.text_encoder))
+    unet = s.accelerator.unwrap_model(s.denoiser)
+    adapters = lora.trainable(unet, s.accelerator.unwrap_model(s.encoder))
     assert adapters and {p.dtype for p in adapters} == {torch.float32}
     assert {p.dtype for p in unet.parameters() if not p.requires_grad} == {torch.bfloat16}  # the base
     assert noted["matmul"] == {torch.bfloat16}
@@ -109,12 +109,12 @@ def test_the_loss_scaler_skips_a_step_whose_gradients_overflow(make_config, watc
         def overflow(grad):
             calls.append(1)
             return grad * float("inf") if len(calls) == 3 else grad
-        next(p for p in s.accelerator.unwrap_model(s.unet).parameters() if p.requires_grad).register_hook(overflow)
+        next(p for p in s.accelerator.unwrap_model(s.denoiser).parameters() if p.requires_grad).register_hook(overflow)
 
     noted = watch(inject)
 
     def keep(record):  # the weights in memory after each step
-        weights[record["step"]] = [p.detach().clone() for p in noted["session"].unet.parameters() if p.requires_grad]
+        weights[record["step"]] = [p.detach().clone() for p in noted["session"].denoiser.parameters() if p.requires_grad]
     extra = dict(use_lora=True, lora_rank=4) if precision == "fp16" else {}
     result = train(make_config(mixed_precision=precision, max_grad_norm=max_grad_norm, **extra), progress=False,
                    on_step=keep)

@@ -41,7 +41,8 @@ def fixed_loss(config, checkpoint=None):
     with torch.no_grad():
         latents = pipe.vae.encode(unit_range(batches.instance.images)).latent_dist.mean
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config),
-                                 MicroBatch(latents, batches.instance.input_ids, torch.Generator().manual_seed(k)),
+                                 MicroBatch(latents, {"input_ids": batches.instance.input_ids},
+                                            torch.Generator().manual_seed(k)),
                                  plain, scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
     return sum(losses) / len(losses)
 

@@ -36,7 +36,8 @@ def fixed_loss(config, unet_state=None):
     with torch.no_grad():
         latents = pipe.vae.encode(data.unit_range(batches.instance.images)).latent_dist.mean
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, _ddpm(pipe),
-                                 MicroBatch(latents, batches.instance.input_ids, torch.Generator().manual_seed(k)),
+                                 MicroBatch(latents, {"input_ids": batches.instance.input_ids},
+                                            torch.Generator().manual_seed(k)),
                                  config.replace(with_prior_preservation=False),
                                  scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
     return sum(losses) / len(losses)
@@ -74,7 +75,7 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
     def loss(**kw):
         c = config.replace(**kw)
         return diffusion_loss(pipe.unet, pipe.text_encoder, _ddpm(pipe),
-                              MicroBatch(latents, ids, torch.Generator().manual_seed(1)), c).item()
+                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1)), c).item()
     instance_only = loss(prior_loss_weight=0.0)
     one, two = loss(prior_loss_weight=1.0), loss(prior_loss_weight=2.0)
     class_term = one - instance_only
@@ -140,7 +141,7 @@ def test_without_the_latent_cache_training_computes_the_same(make_config):
     batches.latents = cache_latents(batches, pipe.vae, hflip=True)
     for m, want in enumerate(live_batches):
         got = next_batch(batches, m, config, 0, 1, pipe.vae)
-        assert torch.equal(got.input_ids, want.input_ids)
+        assert torch.equal(got.inputs["input_ids"], want.inputs["input_ids"])
         torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-5, msg=f"micro-step {m}")
 
 
@@ -166,7 +167,8 @@ def test_snr_gamma_and_offset_noise_change_the_loss_as_defined(make_config):
 
     def loss(scheduler=None, **kw):
         return diffusion_loss(pipe.unet, pipe.text_encoder, scheduler or _ddpm(pipe),
-                              MicroBatch(latents, ids, torch.Generator().manual_seed(3)), make_config(**kw)).item()
+                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(3)),
+                              make_config(**kw)).item()
     plain = loss()
     # Min-SNR weights are min(SNR, γ) / SNR ≤ 1: a huge γ changes nothing, a small one lowers the loss
     assert loss(snr_gamma=1e9) == pytest.approx(plain, rel=1e-6)
@@ -977,7 +979,7 @@ def test_alpha_mask_loss_equals_the_plain_loss_when_opaque_and_ignores_transpare
 
     def loss(mask, unet=pipe.unet):
         return diffusion_loss(unet, pipe.text_encoder, _ddpm(pipe),
-                              MicroBatch(latents, ids, torch.Generator().manual_seed(1), mask), config)
+                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1), mask), config)
     assert loss(torch.ones(2, 1, 8, 8)).item() == loss(None).item()
     half = torch.ones(2, 1, 8, 8)
     half[..., :4] = 0.0  # the left half transparent
@@ -1002,7 +1004,7 @@ def test_alpha_mask_loss_trains_like_plain_on_opaque_pictures_and_refuses_transp
 def test_min_snr_weights_follow_the_definition():
     from diffusers import DDPMScheduler
 
-    from dbnb.train.loop import min_snr_weights
+    from dbnb.train.loss import min_snr_weights
 
     t = torch.tensor([0, 10, 500, 999])
     for prediction in ("epsilon", "v_prediction"):

@@ -13,7 +13,7 @@ import torch
 
 from dbnb.core.config import Config
 from dbnb.data import dataset as data
-from dbnb.family.sd1 import autoencoder
+from dbnb.family import base
 
 # --- randomness derived from (seed, step) ----------------------------------------------------
 
@@ -73,11 +73,12 @@ def epoch_length(instance: int, klass: int) -> int:
 
 @dataclass
 class MicroBatch:
-    """One process's micro-batch: latents drawn from the VAE's distribution (not yet scaled),
-    token ids, the (seed, step) generator that also draws its noise and timesteps, and the
-    alpha mask (alpha_mask_loss) or None. Instance rows first, then class rows."""
+    """One process's micro-batch: latents drawn from the autoencoder's distribution (not yet
+    scaled), the family's token inputs by name (SD 1.x: {"input_ids": ...}), the (seed, step)
+    generator that also draws its noise and timesteps, and the alpha mask (alpha_mask_loss) or
+    None. Instance rows first, then class rows."""
     latents: torch.Tensor
-    input_ids: torch.Tensor
+    inputs: dict[str, torch.Tensor]
     generator: torch.Generator
     mask: torch.Tensor | None = None
 
@@ -94,9 +95,11 @@ def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Examp
     return instance, klass
 
 
-def read_images(config: Config, tokenizer, examples=None) -> Batches:
+def read_images(config: Config, tokenizers, examples=None) -> Batches:
+    """The pictures read once, with the token inputs of every tokenizer (the family's
+    `Models.tokenizers`: name -> tokenizer; a lone tokenizer is {"input_ids": it})."""
     instance, klass = examples or gather_examples(config)
-    make = lambda ex: data.ImageSet(ex, tokenizer, config.resolution, config.center_crop,  # noqa: E731
+    make = lambda ex: data.ImageSet(ex, tokenizers, config.resolution, config.center_crop,  # noqa: E731
                                     config.background_color, config.hflip, data.CaptionRules.from_config(config),
                                     config.alpha_mask_loss)
     batches = Batches(make(instance), make(klass) if klass else None, None)
@@ -108,8 +111,10 @@ def read_images(config: Config, tokenizer, examples=None) -> Batches:
 
 
 @torch.no_grad()
-def cache_latents(batches: Batches, vae, hflip: bool) -> dict:
-    """Latent distribution (mean, std) of every image, flipped ones too when hflip is on."""
+def cache_latents(batches: Batches, autoencoder, hflip: bool, family=None) -> dict:
+    """Latent distribution (mean, std) of every image, flipped ones too when hflip is on
+    (`family`: SD 1.x unless given)."""
+    family, device = family or base.default(), module_device(autoencoder)
     cache = {}
     sets = {"instance": batches.instance, "class": batches.klass}
     for kind, images in sets.items():
@@ -118,16 +123,21 @@ def cache_latents(batches: Batches, vae, hflip: bool) -> dict:
         for flipped in (False, True) if hflip else (False,):
             means, stds = [], []
             for chunk in images.images.split(8):
-                chunk = data.unit_range(to_device(chunk, vae.device))
-                dist = autoencoder.encode(vae, chunk.flip(-1) if flipped else chunk)
+                chunk = data.unit_range(to_device(chunk, device))
+                dist = family.encode_images(autoencoder, chunk.flip(-1) if flipped else chunk)
                 means.append(dist.mean.float().cpu())
                 stds.append(dist.std.float().cpu())
             cache[(kind, flipped)] = (torch.cat(means), torch.cat(stds))
     return cache
 
 
-def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tensor, vae):
-    """(mean, std) of the latent distributions of one batch, from the cache or the VAE."""
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's weights are (its first parameter's device, as diffusers' `.device`)."""
+    return next(module.parameters()).device
+
+
+def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tensor, autoencoder, family=None):
+    """(mean, std) of the latent distributions of one batch, from the cache or the autoencoder."""
     if batches.latents is not None:  # chosen by tensor ops: no per-pick read of `flips`
         mean, std = (t[idx] for t in batches.latents[(kind, False)])
         if (kind, True) in batches.latents:
@@ -135,27 +145,30 @@ def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tenso
             mean, std = torch.where(where, flipped[0][idx], mean), torch.where(where, flipped[1][idx], std)
         return mean, std
     pictures = (batches.instance if kind == "instance" else batches.klass).picks(idx, flips)
-    dist = autoencoder.encode(vae, data.unit_range(to_device(pictures, vae.device)))
-    # Left on the VAE's device: bringing them to the host would wait for the GPU every micro-step.
+    family = family or base.default()
+    dist = family.encode_images(autoencoder, data.unit_range(to_device(pictures, module_device(autoencoder))))
+    # Left on the autoencoder's device: bringing them to the host would wait for the GPU every micro-step.
     return dist.mean.float(), dist.std.float()
 
 
-def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, vae) -> MicroBatch:
-    """One process's micro-batch at `micro_step`."""
+def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, world: int, autoencoder,
+               family=None) -> MicroBatch:
+    """One process's micro-batch at `micro_step` (`family`: SD 1.x unless given)."""
     g = step_generator(config.seed, micro_step, rank)
     captions = caption_generator(config.seed, micro_step, rank)
     pos = data.batch_positions(micro_step, config.train_batch_size, rank, world, batches.epoch_len, config.seed)
     parts = [("instance", batches.instance, [p % len(batches.instance) for p in pos])]
     if batches.klass is not None:
         parts.append(("class", batches.klass, [p % len(batches.klass) for p in pos]))
-    means, stds, ids, masks = [], [], [], []
+    means, stds, inputs, masks = [], [], [], []
     for kind, images, idx in parts:
         flips = images.flips(len(idx), g)
-        mean, std = latent_batch(batches, kind, idx, flips, vae)
+        mean, std = latent_batch(batches, kind, idx, flips, autoencoder, family)
         means.append(mean)
         stds.append(std)
-        ids.append(images.token_ids(idx, captions))
+        inputs.append(images.token_inputs(idx, captions))
         masks.append(images.mask_batch(idx, flips))
     mean, std = torch.cat(means), torch.cat(stds)
     latents = mean + std * to_device(torch.randn(mean.shape, generator=g), mean.device)
-    return MicroBatch(latents, torch.cat(ids), g, torch.cat(masks) if masks[0] is not None else None)
+    joined = {name: torch.cat([part[name] for part in inputs]) for name in inputs[0]}
+    return MicroBatch(latents, joined, g, torch.cat(masks) if masks[0] is not None else None)

@@ -357,15 +357,19 @@ def unit_range(pictures: torch.Tensor) -> torch.Tensor:
 
 class ImageSet:
     """Examples of one kind (instance or class): the pictures (uint8, until `drop_pictures`),
-    token ids and alpha masks."""
+    token inputs and alpha masks. `tokenizers`: name -> tokenizer, one token input each (a
+    model family with two tokenizers has two); a lone tokenizer is {"input_ids": it}."""
 
-    def __init__(self, examples: list[Example], tokenizer, resolution: int, center_crop: bool,
+    def __init__(self, examples: list[Example], tokenizers, resolution: int, center_crop: bool,
                  background: str, hflip: bool, captions: CaptionRules = CaptionRules(), alpha_mask: bool = False):
         from dbnb.data.pictures import load_image
 
-        self.tokenizer, self.captions = tokenizer, captions
+        self.tokenizers = tokenizers if isinstance(tokenizers, dict) else {"input_ids": tokenizers}
+        self.captions = captions
         self.cut: list[tuple[Example, int]] = []  # prompts past 75 tokens, for one warning (warn_cut)
-        self.input_ids = tokenize(tokenizer, examples, self.cut)
+        # the cut prompts are noted from the first tokenizer only: each prompt once
+        self.inputs = {name: tokenize(t, examples, self.cut if k == 0 else None)
+                       for k, (name, t) in enumerate(self.tokenizers.items())}
         settings, prepared = (resolution, center_crop, background, alpha_mask), []
         for e in examples:  # the check's decoded picture when it kept one; the file otherwise
             made, picture = (e.held.take() if e.held is not None else None) or (None, None)
@@ -390,15 +394,25 @@ class ImageSet:
             return torch.zeros(n, dtype=torch.bool)
         return torch.rand(n, generator=generator) < 0.5
 
-    def token_ids(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
-        """Token ids of the picks' prompts, varied by the caption rules when they are on (cut at
-        CLIP's 75 tokens from the end; warn_cut told of the full prompt once)."""
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The "input_ids" token input (SD 1.x's only one)."""
+        return self.inputs["input_ids"]
+
+    def token_inputs(self, indices: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Every token input of the picks' prompts, varied by the caption rules when they are on
+        (each prompt varied once, then tokenized by each tokenizer; cut at CLIP's 75 tokens from
+        the end; warn_cut told of the full prompt once)."""
         if not self.captions.active:
-            return self.input_ids[indices]
+            return {name: ids[indices] for name, ids in self.inputs.items()}
         prompts = [vary_caption(self.examples[i].prompt, self.captions, generator) for i in indices]
-        limit = self.tokenizer.model_max_length
-        return torch.tensor(self.tokenizer(prompts, truncation=True, padding="max_length",
-                                           max_length=limit).input_ids, dtype=torch.long)
+        return {name: torch.tensor(t(prompts, truncation=True, padding="max_length",
+                                     max_length=t.model_max_length).input_ids, dtype=torch.long)
+                for name, t in self.tokenizers.items()}
+
+    def token_ids(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        """The "input_ids" token input of the picks' prompts (see token_inputs)."""
+        return self.token_inputs(indices, generator)["input_ids"]
 
     def mask_batch(self, indices: list[int], flips: torch.Tensor) -> torch.Tensor | None:
         if self.masks is None:

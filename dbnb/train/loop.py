@@ -1,8 +1,9 @@
-"""DreamBooth fine-tuning of Stable Diffusion 1.x: one training loop, read top to bottom.
+"""DreamBooth fine-tuning: one training loop, read top to bottom.
 
 `train(config)` runs the whole story: check the settings against this machine, open the run
-folder, load the base model, read the images, set up the memory options and optimizer,
-resume if asked, then loop — loss, backward, clip, step, EMA, log, preview, save — and save
+folder, load the base model (through its family, dbnb.family.base: the loop works on the roles
+denoiser / encoder / autoencoder, never on a family's components), read the images, set up the
+memory options and optimizer, resume if asked, then loop — loss, backward, clip, step, EMA, log, preview, save — and save
 once more at the end or on cancel. `accelerate launch -m dbnb train ...` runs the same code
 on several GPUs.
 
@@ -12,7 +13,6 @@ session computes exactly what the uninterrupted run would have.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from dbnb.core.config import BLANK_CLASS_IMAGES, FIELDS, Config, ConfigError, check_schedule, class_word_warning
 from dbnb.core.disk import format_bytes, is_disk_full
@@ -29,12 +28,14 @@ from dbnb.core.errors import DbnbError
 from dbnb.core.hardware import has_bf16
 from dbnb.core.platform import shown
 from dbnb.core.precision import mixed_dtype
-from dbnb.data.batches import (Batches, MicroBatch, cache_latents, dropout_seed, epoch_length, gather_examples,
-                               next_batch, read_images, to_device)
+from dbnb.data.batches import (Batches, cache_latents, dropout_seed, epoch_length, gather_examples, next_batch,
+                               read_images)
 from dbnb.family import lora
+from dbnb.family.base import Family, Models, family_of
 from dbnb.run.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint,
                                   load_optimizer_state, name_of, save_checkpoint)
 from dbnb.train import diskplan, divergence, optimizers
+from dbnb.train.loss import diffusion_loss
 from dbnb.train.memory import apply_memory_profile, memory_advice
 from dbnb.train.previews import warn_many_previews, write_previews
 from dbnb.train.process import cancel_on_signal, forget_accelerator_state
@@ -133,92 +134,6 @@ def check_steps_left(checkpoint: Checkpoint, max_steps: int, config: Config) -> 
                             "Raise it to train further, or sample / export the run as it is.")
 
 
-# --- models ------------------------------------------------------------------------------------
-
-def load_models(config: Config, device: torch.device, weight_dtype: torch.dtype):
-    """(pipeline ready to train, the noise scheduler, the base model's fingerprint as loaded)."""
-    from diffusers import DDPMScheduler
-
-    from dbnb.core.hardware import check_xformers
-    from dbnb.family.sd1.load import fingerprint, load_pipeline
-
-    pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
-                         revision=config.revision)
-    base = fingerprint(pipe)  # as loaded: before casts and adapters change what the weights read
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.family.sd1.autoencoder: fp32);
-    # trained parts keep fp32 master weights.
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(config.fine_tunes_text_encoder)
-    pipe.to(device)
-    if weight_dtype != torch.float32:
-        if not config.fine_tunes_text_encoder:
-            pipe.text_encoder.to(dtype=weight_dtype)
-        if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
-            pipe.unet.to(dtype=weight_dtype)
-    if config.use_lora:
-        lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec.from_config(config), seed=config.seed)
-    if config.attention == "xformers":
-        check = check_xformers(device.type)
-        if check.ok:
-            pipe.unet.enable_xformers_memory_efficient_attention()
-        else:
-            warnings.warn(f"attention=xformers: {check.detail}; using PyTorch SDPA instead.", stacklevel=2)
-    if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        if config.trains_text_encoder:
-            pipe.text_encoder.gradient_checkpointing_enable()
-            if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
-                pipe.text_encoder.enable_input_require_grads()
-    return pipe, noise_scheduler, base
-
-
-
-
-# --- the loss ------------------------------------------------------------------------------------
-
-def diffusion_loss(unet, text_encoder, noise_scheduler, batch: MicroBatch, config: Config, *,
-                   scaling_factor: float = 1.0, device="cpu", encode_with_grad: bool = False) -> torch.Tensor:
-    g = batch.generator
-    # Drawn on the host from the (seed, step) generator; copied without the host waiting.
-    latents = to_device(batch.latents * scaling_factor, device)
-    noise = torch.randn(latents.shape, generator=g)
-    if config.offset_noise:
-        noise = noise + config.offset_noise * torch.randn(latents.shape[:2] + (1, 1), generator=g)
-    noise = to_device(noise, device)
-    timesteps = to_device(torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                        generator=g), device)
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    with torch.set_grad_enabled(encode_with_grad):
-        hidden = text_encoder(to_device(batch.input_ids, device))[0]
-    pred = unet(noisy, timesteps, hidden).sample.float()
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        target = noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    per_pixel = F.mse_loss(pred, target.float(), reduction="none")
-    if batch.mask is not None:  # alpha_mask_loss: kohya's apply_masked_loss (weights, then the plain mean)
-        mask = to_device(batch.mask, per_pixel.device).to(per_pixel.dtype)
-        per_pixel = per_pixel * F.interpolate(mask, size=per_pixel.shape[-2:], mode="area")
-    per_sample = per_pixel.mean(dim=(1, 2, 3))
-    if config.snr_gamma:
-        per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, config.snr_gamma)
-    if config.with_prior_preservation:
-        instance, klass = per_sample.chunk(2)
-        return instance.mean() + config.prior_loss_weight * klass.mean()
-    return per_sample.mean()
-
-
-def min_snr_weights(noise_scheduler, timesteps, gamma: float) -> torch.Tensor:
-    """Min-SNR-γ (Hang et al. 2023): weight min(SNR, γ)/SNR, or /(SNR+1) for v-prediction."""
-    from diffusers.training_utils import compute_snr
-
-    snr = compute_snr(noise_scheduler, timesteps)
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return (torch.clamp(snr, max=gamma) / (snr + 1)).float()
-    return (torch.clamp(snr, max=gamma) / snr).float()
-
-
 # --- the run ---------------------------------------------------------------------------------------
 
 def open_run(config: Config, resume: str | None, is_main: bool) -> tuple[RunFolder, Checkpoint | None]:
@@ -244,10 +159,10 @@ class Session:
     config: Config
     accelerator: object
     run: RunFolder
-    pipe: object
-    noise_scheduler: object
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    family: Family
+    models: Models             # as the family loaded them (denoiser / encoder unwrapped)
+    denoiser: torch.nn.Module  # as accelerate prepared them
+    encoder: torch.nn.Module
     optimizer: object
     lr_scheduler: object
     ema: object | None
@@ -313,13 +228,14 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     accelerator.wait_for_everyone()
 
     # 3. Base model and training images.
-    pipe, noise_scheduler, base = load_models(config, device, weight_dtype)
+    family = family_of(config)
+    models = family.load(config, device, weight_dtype)
     if resume_from is not None:
-        run.check_base(config, base)
+        run.check_base(config, models.base)
     elif accelerator.is_main_process:
-        run.record_base(config, base)
-    unet, text_encoder = pipe.unet, pipe.text_encoder
-    batches = read_images(config, pipe.tokenizer, examples)
+        run.record_base(config, models.base)
+    denoiser, encoder = models.denoiser, models.encoder
+    batches = read_images(config, models.tokenizers, examples)
     max_steps = total_steps(config, batches.epoch_len, world)
     if resume_from is not None:
         check_steps_left(resume_from, max_steps, config)
@@ -327,7 +243,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
             print(resume_message(resume_from.trainer_state()["step"], max_steps, config), flush=True)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.
-    optimizer = optimizers.build(config, unet, text_encoder, world, device)
+    optimizer = optimizers.build(config, denoiser, encoder, world, device)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
@@ -335,40 +251,40 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     if not config.use_ema:
         ema = None
     elif config.use_lora:  # the EMA of the adapters, saved beside them
-        ema = EMAModel(lora.trainable(unet, text_encoder), decay=config.ema_decay, foreach=True)
+        ema = EMAModel(lora.trainable(denoiser, encoder), decay=config.ema_decay, foreach=True)
     else:
-        ema = EMAModel(unet.parameters(), decay=config.ema_decay, model_cls=type(unet), model_config=unet.config,
-                       foreach=True)
-    state = load_checkpoint(resume_from, unet, text_encoder, ema, config) if resume_from else {}
+        ema = EMAModel(denoiser.parameters(), decay=config.ema_decay, model_cls=type(denoiser),
+                       model_config=denoiser.config, foreach=True)
+    state = load_checkpoint(resume_from, denoiser, encoder, ema, config) if resume_from else {}
     # Every process on its own: each asks the same disk, so all stop here or none does.
-    disk = diskplan.plan(config, pipe, name_of(optimizer), state.get("step", 0), max_steps, run)
+    disk = diskplan.plan(config, models.pipe, name_of(optimizer), state.get("step", 0), max_steps, run)
     free = diskplan.check(run, config, disk)
     if accelerator.is_main_process:
         print(f"[dbnb] disk plan: {disk.line()}; {format_bytes(free)} free", flush=True)
     # An optimizer that steps inside backward gains nothing from accelerate's wrapper.
-    parts = [unet] + ([text_encoder] if config.trains_text_encoder else []) \
+    parts = [denoiser] + ([encoder] if config.trains_text_encoder else []) \
         + ([] if config.optimizer_in_backward else [optimizer])
     prepared = accelerator.prepare(*parts)
     prepared = list(prepared) if len(parts) > 1 else [prepared]  # one object comes back bare
-    unet = prepared.pop(0)
-    text_encoder = prepared.pop(0) if config.trains_text_encoder else text_encoder
+    denoiser = prepared.pop(0)
+    encoder = prepared.pop(0) if config.trains_text_encoder else encoder
     optimizer = prepared.pop(0) if prepared else optimizer
     if resume_from is not None:
         load_optimizer_state(resume_from, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(device)
 
-    # 5. Latents once, so the VAE can leave the GPU (flipped copies too when hflip is on).
+    # 5. Latents once, so the autoencoder can leave the GPU (flipped copies too when hflip is on).
     if config.cache_latents:
-        batches.latents = cache_latents(batches, pipe.vae, config.hflip)
-        pipe.vae.to("cpu")
+        batches.latents = cache_latents(batches, models.autoencoder, config.hflip, family)
+        models.autoencoder.to("cpu")
         for images in (batches.instance, batches.klass):  # their latents are all the loop reads
             if images is not None:
                 images.drop_pictures()
     if accelerator.is_main_process:
         run.truncate_log(state.get("step", 0))
-    return Session(config=config, accelerator=accelerator, run=run, pipe=pipe, noise_scheduler=noise_scheduler,
-                   unet=unet, text_encoder=text_encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+    return Session(config=config, accelerator=accelerator, run=run, family=family, models=models,
+                   denoiser=denoiser, encoder=encoder, optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
                    batches=batches, max_steps=max_steps, weight_dtype=weight_dtype, step=state.get("step", 0),
                    micro_step=state.get("micro_step", 0))
 
@@ -385,7 +301,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
     saved, cancelled, started = [], False, time.time()
     bar = tqdm(total=s.max_steps, initial=s.step, disable=not (progress and acc.is_main_process),
                desc="training", unit="step", dynamic_ncols=True)
-    s.unet.train()
+    s.denoiser.train()
     with cancel_on_signal() as flag:
         s.stop_asked = flag
         try:
@@ -400,8 +316,8 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                               "time": round(time.time() - started, 3)}
                     s.run.append_log(record)
                     if config.sample_every_steps and s.step % config.sample_every_steps == 0:
-                        record["preview"] = str(write_previews(s.run, s.step, s.pipe, acc.unwrap_model(s.unet),
-                                                               config))
+                        record["preview"] = str(write_previews(s.run, s.step, s.models.pipe,
+                                                               acc.unwrap_model(s.denoiser), config))
                     if on_step is not None:
                         on_step({**record, "max_steps": s.max_steps, "last": cancelled or s.step == s.max_steps})
                 due = config.save_every_steps and s.step % config.save_every_steps == 0
@@ -409,8 +325,8 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                     if bad := non_finite_part(s):
                         raise diverged(s, f"A value in the {bad}", "inf or NaN", at=s.step)
                     if acc.is_main_process:
-                        saved.append(save_checkpoint(s.run, s.step, s.micro_step, acc.unwrap_model(s.unet),
-                                                     acc.unwrap_model(s.text_encoder), s.optimizer,
+                        saved.append(save_checkpoint(s.run, s.step, s.micro_step, acc.unwrap_model(s.denoiser),
+                                                     acc.unwrap_model(s.encoder), s.optimizer,
                                                      s.lr_scheduler, s.ema, config))
                     acc.wait_for_everyone()
         except KeyboardInterrupt:
@@ -443,17 +359,16 @@ def optimizer_step(s: Session) -> tuple[float, float | None]:
     rank, world = acc.process_index, acc.num_processes
     train_te = config.trains_text_encoder and s.step < int(config.stop_text_encoder * s.max_steps)
     # A frozen text encoder runs outside DDP, which would otherwise wait for its gradients.
-    encoder = s.text_encoder if train_te else acc.unwrap_model(s.text_encoder)
+    encoder = s.encoder if train_te else acc.unwrap_model(s.encoder)
     encoder.train(train_te)
     tracked = None  # the first non-finite loss of this step, else the last loss (on the device)
     while True:
-        with acc.accumulate(s.unet):
-            batch = next_batch(s.batches, s.micro_step, config, rank, world, s.pipe.vae)
+        with acc.accumulate(s.denoiser):
+            batch = next_batch(s.batches, s.micro_step, config, rank, world, s.models.autoencoder, s.family)
             if config.use_lora and config.lora_dropout:  # peft's dropout draws from the global RNG
                 torch.manual_seed(dropout_seed(config.seed, s.micro_step, rank))
-            loss = diffusion_loss(s.unet, encoder, s.noise_scheduler, batch, config,
-                                  scaling_factor=s.pipe.vae.config.scaling_factor, device=acc.device,
-                                  encode_with_grad=train_te)
+            loss = diffusion_loss(s.denoiser, encoder, s.models.noise_scheduler, batch, config, family=s.family,
+                                  scaling_factor=s.models.latent_scale, device=acc.device, encode_with_grad=train_te)
             tracked = loss.detach() if tracked is None else torch.where(torch.isfinite(tracked), loss.detach(),
                                                                          tracked)
             # A non-finite loss is found below, before the step: its gradients are never applied
@@ -504,20 +419,21 @@ def agree_on_stops(s: Session, tracked: torch.Tensor, norm: torch.Tensor | None)
 
 
 def trained_parameters(s: Session) -> list[torch.nn.Parameter]:
-    """What the EMA follows: the UNet, or with use_lora every adapter."""
-    unet = s.accelerator.unwrap_model(s.unet)
+    """What the EMA follows: the denoiser, or with use_lora every adapter."""
+    denoiser = s.accelerator.unwrap_model(s.denoiser)
     if s.config.use_lora:
-        return lora.trainable(unet, s.accelerator.unwrap_model(s.text_encoder))
-    return list(unet.parameters())
+        return lora.trainable(denoiser, s.accelerator.unwrap_model(s.encoder))
+    return list(denoiser.parameters())
 
 
 def non_finite_part(s: Session) -> str:
     """Which trained tensors hold an inf or NaN ("" when none): checked before every save."""
     acc = s.accelerator
-    unet, text_encoder = acc.unwrap_model(s.unet), acc.unwrap_model(s.text_encoder)
-    parts = {"UNet weights": [p for p in unet.parameters() if p.requires_grad]}
+    denoiser, encoder = acc.unwrap_model(s.denoiser), acc.unwrap_model(s.encoder)
+    named = s.family.part_names
+    parts = {f"{named[0]} weights": [p for p in denoiser.parameters() if p.requires_grad]}
     if s.config.trains_text_encoder:
-        parts["text encoder weights"] = [p for p in text_encoder.parameters() if p.requires_grad]
+        parts[f"{named[1]} weights"] = [p for p in encoder.parameters() if p.requires_grad]
     if s.ema is not None:
         parts["EMA weights"] = list(s.ema.shadow_params)
     parts["optimizer state"] = divergence.optimizer_tensors(s.optimizer)

@@ -1,0 +1,91 @@
+"""The model-family seam: what the trainer asks of a model family, and which family a model is.
+
+The trainer (dbnb.train.loop, dbnb.train.loss) and the batches (dbnb.data.batches) work on
+roles, never on a family's components: a `denoiser` that predicts the noise and always learns
+(as weights or as adapters), an `encoder` that turns the batches' token inputs into the
+denoiser's conditioning (learning when config.trains_text_encoder says so), an `autoencoder`
+that turns pictures into latents. A family with two tokenizers carries two entries in the
+batches' token inputs; one with two text encoders and a pooled embedding returns them all in
+its conditioning dict. SD 1.x (dbnb.family.sd1.family) is the one family dbnb ships.
+
+Which family a model is: `for_model(source)` asks the registered families (newest first)
+whether they recognize the source and falls back to SD 1.x. `register(family)` adds one: a
+test's stand-in, or a user's own family, without any edit to the trainer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(kw_only=True)
+class Models:
+    """One family's base model, loaded and set up to train, as the trainer sees it."""
+    denoiser: torch.nn.Module      # predicts the noise (or velocity) from noisy latents: always learns
+    encoder: torch.nn.Module       # the prompt encoder(s): learns when config.trains_text_encoder
+    autoencoder: torch.nn.Module   # pictures -> latent distributions; frozen
+    tokenizers: dict[str, object]  # one per token input the batches carry, by that input's name
+    noise_scheduler: object        # the training noise schedule (diffusers' DDPMScheduler API)
+    latent_scale: float            # the autoencoder's scaling_factor: latents are scaled by it before noising
+    pipe: object                   # the whole pipeline: previews sample with it, the disk plan sizes it
+    base: dict[str, str]           # the base model's fingerprint as loaded (RunFolder.record_base / check_base)
+
+
+@runtime_checkable
+class Family(Protocol):
+    """A model family, as the trainer uses it. Everything component-specific lives behind it:
+    what is frozen or cast, which modules get LoRA adapters, gradient checkpointing, attention."""
+
+    name: str
+    part_names: tuple[str, str]  # the denoiser's and the encoder's names in messages ("UNet", "text encoder")
+
+    def recognizes(self, source: str) -> bool:
+        """Whether `source` (pretrained_model_name_or_path) is a model of this family."""
+
+    def load(self, config, device: torch.device, weight_dtype: torch.dtype) -> Models:
+        """The base model of `config` on `device`, ready to train: frozen parts in `weight_dtype`,
+        trained ones in fp32, adapters added (use_lora), memory and attention switches set."""
+
+    def encode_images(self, autoencoder: torch.nn.Module, images: torch.Tensor):
+        """The latent distribution (`.mean`, `.std`, unscaled) of `images` in [-1, 1], under
+        the family's precision rule for its autoencoder."""
+
+    def encode_prompts(self, encoder: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning from the batch's token inputs (already on the device)."""
+
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's output (noise, or velocity for v-prediction) for `noisy` at `timesteps`."""
+
+
+FAMILIES: list[Family] = []  # registered families besides SD 1.x, asked newest first
+
+
+def register(family: Family) -> Family:
+    """Add `family`: `for_model` asks it before the families registered earlier and SD 1.x."""
+    if not isinstance(family, Family):
+        raise TypeError(f"{family!r} does not implement dbnb.family.base.Family")
+    FAMILIES.insert(0, family)
+    return family
+
+
+def default() -> Family:
+    """SD 1.x, the family of every model no registered family recognizes."""
+    from dbnb.family.sd1.family import SD1
+
+    return SD1
+
+
+def for_model(source: str) -> Family:
+    """The family of the model at `source` (a folder, repo id, single file or URL)."""
+    for family in FAMILIES:
+        if family.recognizes(str(source)):
+            return family
+    return default()
+
+
+def family_of(config) -> Family:
+    """The family of `config`'s base model."""
+    return for_model(config.pretrained_model_name_or_path)

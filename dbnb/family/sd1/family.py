@@ -1,0 +1,82 @@
+"""SD 1.x as a model family (dbnb.family.base.Family): one CLIP tokenizer and text encoder,
+a UNet conditioned on the encoder's last hidden states, the VAE in fp32.
+
+What the trainer used to do to the components itself is here: which parts are frozen and in
+which dtype, the LoRA adapters (dbnb.family.lora's SD 1.x targets), xformers, gradient
+checkpointing, the text encoding and the UNet call.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from dbnb.family.base import Models
+from dbnb.family.sd1 import autoencoder
+
+
+class SD1Family:
+    name = "sd1"
+    part_names = ("UNet", "text encoder")
+
+    def recognizes(self, source: str) -> bool:
+        return True  # the fallback: dbnb.family.sd1.load says what is not an SD 1.x model
+
+    def load(self, config, device: torch.device, weight_dtype: torch.dtype) -> Models:
+        from diffusers import DDPMScheduler
+
+        from dbnb.family import lora
+        from dbnb.family.sd1.load import fingerprint, load_pipeline
+
+        pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
+                             revision=config.revision)
+        base = fingerprint(pipe)  # as loaded: before casts and adapters change what the weights read
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.family.sd1.autoencoder: fp32);
+        # trained parts keep fp32 master weights.
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(config.fine_tunes_text_encoder)
+        pipe.to(device)
+        if weight_dtype != torch.float32:
+            if not config.fine_tunes_text_encoder:
+                pipe.text_encoder.to(dtype=weight_dtype)
+            if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
+                pipe.unet.to(dtype=weight_dtype)
+        if config.use_lora:
+            lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec.from_config(config), seed=config.seed)
+        set_attention(pipe.unet, config.attention, device)
+        if config.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+            if config.trains_text_encoder:
+                pipe.text_encoder.gradient_checkpointing_enable()
+                if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
+                    pipe.text_encoder.enable_input_require_grads()
+        return Models(denoiser=pipe.unet, encoder=pipe.text_encoder, autoencoder=pipe.vae,
+                      tokenizers={"input_ids": pipe.tokenizer}, noise_scheduler=noise_scheduler,
+                      latent_scale=pipe.vae.config.scaling_factor, pipe=pipe, base=base)
+
+    def encode_images(self, vae, images: torch.Tensor):
+        return autoencoder.encode(vae, images)
+
+    def encode_prompts(self, text_encoder, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"hidden_states": text_encoder(inputs["input_ids"])[0]}
+
+    def predict(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        return unet(noisy, timesteps, conditioning["hidden_states"]).sample
+
+
+def set_attention(unet, attention: str, device: torch.device) -> None:
+    """attention=xformers where it runs; PyTorch SDPA (diffusers' default) otherwise."""
+    from dbnb.core.hardware import check_xformers
+
+    if attention != "xformers":
+        return
+    check = check_xformers(device.type)
+    if check.ok:
+        unet.enable_xformers_memory_efficient_attention()
+    else:
+        warnings.warn(f"attention=xformers: {check.detail}; using PyTorch SDPA instead.", stacklevel=3)
+
+
+SD1 = SD1Family()
