@@ -40,9 +40,10 @@ def test_labels_are_the_extension_names_with_help_shown_under_each_field_in_both
     form = ConfigForm(Config(), sections=("Image Processing",))
     flip = form.fields["hflip"]
     assert flip.description == "Apply Horizontal Flip"
-    assert set(form.fields) == {"resolution", "center_crop", "hflip", "alpha_mask_loss", "background_color", "skip_bad_images"}
+    assert set(form.fields) == {"resolution", "center_crop", "hflip", "alpha_mask_loss", "background_color", "skip_bad_images",
+                                "bucketing", "bucket_min_side", "bucket_max_side", "bucket_upscale_limit"}
     shown = [c.value for c in form.widget.children[0].children[0].children if isinstance(c, w.HTML)]
-    assert len(shown) == 6  # one visible help line per field, not a tooltip
+    assert len(shown) == 10  # one visible help line per field, not a tooltip
     flip_help = next(h for h in shown if "<code>hflip</code>" in h)
     assert "asymmetric" in flip_help and "左右" in flip_help
 

@@ -7,12 +7,15 @@ after a lost session computes exactly what the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from dbnb.core.config import Config
 from dbnb.data import dataset as data
+from dbnb.data.bucketed import BucketedImages
+from dbnb.data.buckets import BucketPlan, histogram_line, keep_bucketed, plan_buckets
 from dbnb.family import base
 
 # --- randomness derived from (seed, step) ----------------------------------------------------
@@ -55,20 +58,35 @@ def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
 
 @dataclass
 class Batches:
-    """Instance (and class) tensors plus what the loop needs to cut batches from them."""
-    instance: data.ImageSet
-    klass: data.ImageSet | None
-    latents: dict | None  # cached latent distributions: {(kind, flipped): (mean, std)}
+    """Instance (and class) tensors plus what the loop needs to cut batches from them; with
+    bucketing each kind is a BucketedImages and `plan` says which bucket each micro-batch is cut from."""
+    instance: data.ImageSet | BucketedImages
+    klass: data.ImageSet | BucketedImages | None
+    latents: dict | None  # cached latent distributions: {(part, flipped): (mean, std)}, see `parts`
+    plan: BucketPlan | None = None
 
     @property
     def epoch_len(self) -> int:
-        return epoch_length(len(self.instance), len(self.klass) if self.klass else 0)
+        if self.plan is not None:
+            return self.plan.epoch_len
+        return max(len(self.instance), len(self.klass) if self.klass else 0)
+
+    def parts(self) -> dict:
+        """The ImageSets by name: "instance" and "class", or with bucketing (kind, bucket) each."""
+        kinds = {kind: images for kind, images in (("instance", self.instance), ("class", self.klass))
+                 if images is not None}
+        if self.plan is None:
+            return kinds
+        return {(kind, bucket): s for kind, images in kinds.items() for bucket, s in images.sets.items()}
 
 
-def epoch_length(instance: int, klass: int) -> int:
-    """Pictures in one epoch: the longer of the two sets (the shorter one repeats); known from the
-    examples alone, so the run's length is known before the model loads."""
-    return max(instance, klass)
+def epoch_length(config: Config, examples: tuple[list[data.Example], list[data.Example]]) -> int:
+    """Pictures in one epoch: the longer of the two sets (the shorter one repeats), or with
+    bucketing the sum over the buckets (`BucketPlan.lengths`); known from the examples alone, so
+    the run's length is known before the model loads."""
+    if config.bucketing:
+        return plan_buckets(config, *examples).epoch_len
+    return max(map(len, examples))
 
 
 @dataclass
@@ -87,8 +105,10 @@ def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Examp
     """The instance and class pictures with their prompts, checked before the model loads or
     the run folder is made: a missing folder or caption stops here, leaving nothing behind."""
     concepts = data.concepts_from_config(config)
-    # The check decodes every picture anyway: it keeps them squared, so read_images decodes none again.
-    keep = data.keep_square(config.resolution, config.center_crop, config.background_color, config.alpha_mask_loss)
+    # The check decodes every picture anyway: it keeps them squared (or at their bucket), so
+    # read_images decodes none again.
+    keep = (keep_bucketed(config) if config.bucketing else
+            data.keep_square(config.resolution, config.center_crop, config.background_color, config.alpha_mask_loss))
     instance, klass = data.examples_for(concepts, config.with_prior_preservation, config.skip_bad_images, keep)
     if config.with_prior_preservation:
         klass = data.select_class_images(klass, config.num_class_images)
@@ -99,15 +119,28 @@ def read_images(config: Config, tokenizers, examples=None) -> Batches:
     """The pictures read once, with the token inputs of every tokenizer (the family's
     `Models.tokenizers`: name -> tokenizer; a lone tokenizer is {"input_ids": it})."""
     instance, klass = examples or gather_examples(config)
-    make = lambda ex: data.ImageSet(ex, tokenizers, config.resolution, config.center_crop,  # noqa: E731
-                                    config.background_color, config.hflip, data.CaptionRules.from_config(config),
-                                    config.alpha_mask_loss)
-    batches = Batches(make(instance), make(klass) if klass else None, None)
+    batches = (bucketed_images(config, tokenizers, instance, klass) if config.bucketing else
+               Batches(*(data.ImageSet(ex, tokenizers, config.resolution, config.center_crop, config.background_color,
+                                       config.hflip, data.CaptionRules.from_config(config), config.alpha_mask_loss)
+                         if ex else None for ex in (instance, klass)), None))
     sets = [batches.instance] + ([batches.klass] if batches.klass is not None else [])
     data.warn_cut([c for images in sets for c in images.cut], sum(map(len, sets)))
     if batches.klass is not None:
         data.refuse_masked_out_class_images(batches.klass)
     return batches
+
+
+def bucketed_images(config: Config, tokenizers, instance, klass) -> Batches:
+    """The pictures at their aspect buckets (bucketing), with the plan that draws from them."""
+    plan = plan_buckets(config, instance, klass)
+    make = lambda ex, members, lent=frozenset(): BucketedImages(  # noqa: E731
+        ex, members, tokenizers, config.background_color, config.hflip, data.CaptionRules.from_config(config),
+        config.alpha_mask_loss, lent)
+    if os.environ.get("RANK", "0") == "0":  # said once, not by every DDP worker
+        print(f"[dbnb] bucketing: instance pictures per bucket (width x height): {histogram_line(plan.histogram())}",
+              flush=True)
+    return Batches(make(instance, plan.instance), make(klass, plan.klass, plan.borrowing) if klass else None, None,
+                   plan)
 
 
 @torch.no_grad()
@@ -116,10 +149,7 @@ def cache_latents(batches: Batches, autoencoder, hflip: bool, family=None) -> di
     (`family`: SD 1.x unless given)."""
     family, device = family or base.default(), module_device(autoencoder)
     cache = {}
-    sets = {"instance": batches.instance, "class": batches.klass}
-    for kind, images in sets.items():
-        if images is None:
-            continue
+    for part, images in batches.parts().items():
         for flipped in (False, True) if hflip else (False,):
             means, stds = [], []
             for chunk in images.images.split(8):
@@ -127,7 +157,7 @@ def cache_latents(batches: Batches, autoencoder, hflip: bool, family=None) -> di
                 dist = family.encode_images(autoencoder, chunk.flip(-1) if flipped else chunk)
                 means.append(dist.mean.float().cpu())
                 stds.append(dist.std.float().cpu())
-            cache[(kind, flipped)] = (torch.cat(means), torch.cat(stds))
+            cache[(part, flipped)] = (torch.cat(means), torch.cat(stds))
     return cache
 
 
@@ -136,15 +166,16 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def latent_batch(batches: Batches, kind: str, idx: list[int], flips: torch.Tensor, autoencoder, family=None):
-    """(mean, std) of the latent distributions of one batch, from the cache or the autoencoder."""
+def latent_batch(batches: Batches, part, idx: list[int], flips: torch.Tensor, autoencoder, family=None):
+    """(mean, std) of the latent distributions of one batch of `part` (see Batches.parts), from the
+    cache or the autoencoder."""
     if batches.latents is not None:  # chosen by tensor ops: no per-pick read of `flips`
-        mean, std = (t[idx] for t in batches.latents[(kind, False)])
-        if (kind, True) in batches.latents:
-            flipped, where = batches.latents[(kind, True)], flips[:, None, None, None]
+        mean, std = (t[idx] for t in batches.latents[(part, False)])
+        if (part, True) in batches.latents:
+            flipped, where = batches.latents[(part, True)], flips[:, None, None, None]
             mean, std = torch.where(where, flipped[0][idx], mean), torch.where(where, flipped[1][idx], std)
         return mean, std
-    pictures = (batches.instance if kind == "instance" else batches.klass).picks(idx, flips)
+    pictures = batches.parts()[part].picks(idx, flips)
     family = family or base.default()
     dist = family.encode_images(autoencoder, data.unit_range(to_device(pictures, module_device(autoencoder))))
     # Left on the autoencoder's device: bringing them to the host would wait for the GPU every micro-step.
@@ -156,19 +187,34 @@ def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, wor
     """One process's micro-batch at `micro_step` (`family`: SD 1.x unless given)."""
     g = step_generator(config.seed, micro_step, rank)
     captions = caption_generator(config.seed, micro_step, rank)
-    pos = data.batch_positions(micro_step, config.train_batch_size, rank, world, batches.epoch_len, config.seed)
-    parts = [("instance", batches.instance, [p % len(batches.instance) for p in pos])]
-    if batches.klass is not None:
-        parts.append(("class", batches.klass, [p % len(batches.klass) for p in pos]))
     means, stds, inputs, masks = [], [], [], []
-    for kind, images, idx in parts:
+    for part, images, idx in batch_parts(batches, micro_step, config, rank, world):
         flips = images.flips(len(idx), g)
-        mean, std = latent_batch(batches, kind, idx, flips, autoencoder, family)
+        mean, std = latent_batch(batches, part, idx, flips, autoencoder, family)
         means.append(mean)
         stds.append(std)
         inputs.append(images.token_inputs(idx, captions))
+        if batches.plan is not None:  # the size conditioning, for a family conditioned on it
+            inputs[-1].update(sized_kind(batches, part).size_inputs(part[1], idx, flips))
         masks.append(images.mask_batch(idx, flips))
     mean, std = torch.cat(means), torch.cat(stds)
     latents = mean + std * to_device(torch.randn(mean.shape, generator=g), mean.device)
     joined = {name: torch.cat([part[name] for part in inputs]) for name in inputs[0]}
     return MicroBatch(latents, joined, g, torch.cat(masks) if masks[0] is not None else None)
+
+
+def batch_parts(batches: Batches, micro_step: int, config: Config, rank: int, world: int) -> list:
+    """(part, ImageSet, picks) of the micro-batch: its instance rows, then its class rows."""
+    if batches.plan is not None:
+        bucket, instance, klass = batches.plan.picks(micro_step, rank, world)
+        parts = [(("instance", bucket), instance)] + ([(("class", bucket), klass)] if batches.klass else [])
+        return [(part, batches.parts()[part], idx) for part, idx in parts]
+    pos = data.batch_positions(micro_step, config.train_batch_size, rank, world, batches.epoch_len, config.seed)
+    parts = [("instance", batches.instance, [p % len(batches.instance) for p in pos])]
+    if batches.klass is not None:
+        parts.append(("class", batches.klass, [p % len(batches.klass) for p in pos]))
+    return parts
+
+
+def sized_kind(batches: Batches, part) -> BucketedImages:
+    return batches.instance if part[0] == "instance" else batches.klass

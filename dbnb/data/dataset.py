@@ -50,10 +50,11 @@ class Example:
 class Held:
     """A picture decoded by the check, handed to the training set once: `take()` returns it and
     forgets it, so the pixels have one owner (the ImageSet, which frees them once the latents are
-    cached) however long the examples list lives, and no file is decoded twice."""
+    cached) however long the examples list lives, and no file is decoded twice. `size`: the
+    picture's (width, height) as decoded, which bucketing reads before the pixels are taken."""
 
-    def __init__(self, value):
-        self._value = value
+    def __init__(self, value, size: tuple[int, int] | None = None):
+        self._value, self.size = value, size
 
     def take(self):
         value, self._value = self._value, None
@@ -180,7 +181,7 @@ def usable_images(images: list[Path], what: str, skip_bad: bool, keep=None) -> l
         except OSError as e:
             bad.append(f"{path.name}: cannot be read ({e.strerror or e})")
             continue
-        held[path] = Held(keep(loaded)) if keep is not None else None
+        held[path] = Held(keep(loaded), loaded.image.size) if keep is not None else None
     if bad:
         listing = "; ".join(bad[:10]) + (f"; and {len(bad) - 10} more" if len(bad) > 10 else "")
         where = f"{len(bad)} of {len(images)} pictures in {what} {images[0].parent} cannot be used"
@@ -358,10 +359,13 @@ def unit_range(pictures: torch.Tensor) -> torch.Tensor:
 class ImageSet:
     """Examples of one kind (instance or class): the pictures (uint8, until `drop_pictures`),
     token inputs and alpha masks. `tokenizers`: name -> tokenizer, one token input each (a
-    model family with two tokenizers has two); a lone tokenizer is {"input_ids": it}."""
+    model family with two tokenizers has two); a lone tokenizer is {"input_ids": it}. `picture`:
+    (settings tag, make(loaded) -> (picture, mask)) to make them otherwise than squared (an
+    aspect bucket: dbnb.data.buckets.picture_maker)."""
 
     def __init__(self, examples: list[Example], tokenizers, resolution: int, center_crop: bool,
-                 background: str, hflip: bool, captions: CaptionRules = CaptionRules(), alpha_mask: bool = False):
+                 background: str, hflip: bool, captions: CaptionRules = CaptionRules(), alpha_mask: bool = False,
+                 picture=None):
         from dbnb.data.pictures import load_image
 
         self.tokenizers = tokenizers if isinstance(tokenizers, dict) else {"input_ids": tokenizers}
@@ -370,10 +374,12 @@ class ImageSet:
         # the cut prompts are noted from the first tokenizer only: each prompt once
         self.inputs = {name: tokenize(t, examples, self.cut if k == 0 else None)
                        for k, (name, t) in enumerate(self.tokenizers.items())}
-        settings, prepared = (resolution, center_crop, background, alpha_mask), []
+        square = (resolution, center_crop, background, alpha_mask)
+        settings, make = picture or (square, lambda loaded: square_picture(loaded, *square))
+        prepared = []
         for e in examples:  # the check's decoded picture when it kept one; the file otherwise
-            made, picture = (e.held.take() if e.held is not None else None) or (None, None)
-            prepared.append(picture if made == settings else square_picture(load_image(e.path), *settings))
+            made, kept = (e.held.take() if e.held is not None else None) or (None, None)
+            prepared.append(kept if made == settings else make(load_image(e.path)))
         self.examples = [replace(e, held=None) for e in examples]
         self.images: torch.Tensor | None = torch.stack([p for p, _ in prepared])
         self.hflip = hflip

@@ -200,7 +200,7 @@ def train_in_mode(config: Config, resume: str | None, progress: bool, on_step) -
         examples = gather_examples(config)
         # Before the run folder and the model: a schedule that cannot run would fail at the last step;
         # previews that would hold training up are said while the user can still stop and change them.
-        steps = total_steps(config, epoch_length(*map(len, examples)), accelerator.num_processes)
+        steps = total_steps(config, epoch_length(config, examples), accelerator.num_processes)
         check_schedule(config, steps)
         warn_many_previews(config, steps)
         with RunFolder.for_config(config).hold(accelerator.is_main_process):

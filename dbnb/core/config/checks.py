@@ -49,6 +49,7 @@ def value_problems(c: Config, fields: typing.Iterable[dataclasses.Field]) -> lis
     p = _limit_problems(c, fields)
     if c.resolution <= 0 or c.resolution % 8:
         p.append(f"resolution: {c.resolution} must be a positive multiple of 8 (SD 1.x: 512).")
+    p += _bucket_problems(c)
     if c.max_train_steps <= 0 and c.num_train_epochs <= 0:
         p.append(f"max_train_steps: {c.max_train_steps} must be > 0 (or set num_train_epochs > 0).")
     p += _lora_problems(c)
@@ -238,4 +239,17 @@ def _optimizer_problems(c: Config) -> list[str]:
         if c.optimizer_in_backward:
             p.append("optimizer=prodigy with optimizer_in_backward: Prodigy estimates one step size from all "
                      "weights together, which per-weight stepping cannot do; set optimizer_in_backward=false.")
+    return p
+
+
+def _bucket_problems(c: Config) -> list[str]:
+    """Bucket sides are whole latents, and the range holds the square of the resolution."""
+    p = [f"{name}: {getattr(c, name)} must be a multiple of 8 (the autoencoder's 8 pixels a latent), or 0."
+         for name in ("bucket_min_side", "bucket_max_side") if getattr(c, name) % 8]
+    if c.bucket_min_side and c.bucket_min_side > c.resolution:
+        p.append(f"bucket_min_side: {c.bucket_min_side} is above resolution {c.resolution}, so no bucket is "
+                 "square: set it at most the resolution, or 0 (half the resolution).")
+    if c.bucket_max_side and c.bucket_max_side < c.resolution:
+        p.append(f"bucket_max_side: {c.bucket_max_side} is below resolution {c.resolution}, so no bucket is "
+                 "square: set it at least the resolution, or 0 (twice the resolution).")
     return p

@@ -295,3 +295,30 @@ class TrainSettings:
         "naming each. Off: such a picture stops training before the model loads.",
         help_ja="読み込めない画像（破損・途中で切れたファイル・画像でないもの）を警告付きで除いて学習します。"
                 "オフなら、そのような画像があるとモデルを読み込む前に学習を止めます。", learns=False)
+    # Aspect-ratio buckets (dbnb.data.buckets): off for SD 1.x, whose guide pads every picture to a
+    # square at 512 on purpose.
+    bucketing: bool = setting(
+        False, "Image Processing", "Aspect Ratio Bucketing",
+        "Train each picture at the bucket closest to its shape (about resolution x resolution pixels, e.g. "
+        "448x576 for a tall picture at 512) instead of squaring it: full-body pictures train whole. Each "
+        "micro-batch comes from one bucket. Off for SD 1.x by default: the seed pads every picture to a "
+        "square (dbnb prep does) and trains at 512x512.",
+        help_ja="各画像を形の近いバケット（約 resolution × resolution ピクセル。512 なら縦長は 448x576 など）で学習し、"
+                "正方形にしません。全身の縦長画像もそのまま学習できます。ミニバッチは 1 つのバケットから作ります。"
+                "SD 1.x では既定でオフ: ガイドは画像を正方形に余白を足して 512x512 で学習します（dbnb prep もそうします）。")
+    bucket_min_side: int = setting(
+        0, "Image Processing", "Bucket Min Side",
+        "With bucketing: the shortest side a bucket may have, in pixels. 0: half the resolution (256 at 512).",
+        help_ja="bucketing のとき、バケットの短い辺の最小値（ピクセル）。0: resolution の半分（512 なら 256）。",
+        minimum=0)
+    bucket_max_side: int = setting(
+        0, "Image Processing", "Bucket Max Side",
+        "With bucketing: the longest side a bucket may have, in pixels. 0: twice the resolution (1024 at 512).",
+        help_ja="bucketing のとき、バケットの長い辺の最大値（ピクセル）。0: resolution の 2 倍（512 なら 1024）。",
+        minimum=0)
+    bucket_upscale_limit: float = setting(
+        2.0, "Image Processing", "Bucket Upscale Limit",
+        "With bucketing: the most a picture is enlarged to fill its bucket; a smaller picture gets a smaller "
+        "bucket of the same shape instead. 1: never enlarge (kohya's bucket_no_upscale).",
+        help_ja="bucketing のとき、画像をバケットに合わせて拡大する最大倍率。これより小さい画像は同じ形の小さいバケットに"
+                "入ります。1: 拡大しない（kohya の bucket_no_upscale）。", minimum=1)

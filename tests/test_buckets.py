@@ -1,0 +1,196 @@
+"""Aspect-ratio bucketing (issue 34) on the tiny models: which bucket a picture trains at, batches
+cut from one bucket, masks that follow the picture's crop, and a resume that continues exactly."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_family import DualEncoderFamily
+
+from dbnb.core.config import ConfigError
+from dbnb.data import buckets
+from dbnb.data.batches import cache_latents, epoch_length, gather_examples, next_batch, read_images
+from dbnb.family import base
+from dbnb.run.checkpoints import RunFolder
+from dbnb.train.loop import train
+
+TALL, WIDE = (48, 96), (96, 48)  # at the tiny 64 px: buckets 40x88 and 88x40
+
+
+def add_shapes(config, shapes=(TALL, WIDE)):
+    """Tall and wide copies of the first demo picture beside the square ones."""
+    folder = Path(config.instance_data_dir)
+    first = Image.open(sorted(folder.glob("*.png"))[0]).convert("RGB")
+    for k, size in enumerate(shapes):
+        first.resize(size).save(folder / f"shape{k}.png")
+    return config
+
+
+def sd_buckets():
+    return buckets.bucket_sizes(512, 256, 1024)
+
+
+def test_tall_wide_and_square_pictures_go_to_the_bucket_of_their_shape():
+    sizes = sd_buckets()
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in sizes)
+    assert (512, 512) in sizes and min(map(min, sizes)) == 256 and max(map(max, sizes)) == 1024
+    assign = lambda size, limit=2.0: buckets.assign(size, sizes, limit, 64)  # noqa: E731
+    assert assign((1000, 1000)) == (512, 512)
+    tall = assign((832, 1216))  # a full-body picture, about 2:3
+    assert tall == (448, 576) and assign((1216, 832)) == (576, 448) and assign((768, 1152)) == (384, 640)
+    # cropped by as little as the shapes allow: 832x1216 -> 448x655, 79 rows cut, 39 at the top
+    assert buckets.cover((832, 1216), tall) == ((448, 655), (39, 0))
+    # a small picture is not blown up past the limit: a bucket of its own shape instead
+    assert assign((160, 240)) == (320, 448) and assign((160, 240), limit=1.0) == (128, 192)
+    # SD resolutions step by 64 px, the tiny test models by one latent
+    assert buckets.bucket_step(512) == buckets.bucket_step(1024) == 64 and buckets.bucket_step(64) == 8
+    tiny = buckets.bucket_sizes(64, 32, 128)
+    assert buckets.assign(TALL, tiny, 2.0, 8) == (40, 88) and buckets.assign(WIDE, tiny, 2.0, 8) == (88, 40)
+
+
+def test_bucket_settings_are_checked_with_what_to_do():
+    with pytest.raises(ConfigError, match="bucket_min_side: 100 must be a multiple of 8"):
+        from dbnb.core.config import Config
+        Config(bucket_min_side=100)
+    with pytest.raises(ConfigError, match="bucket_max_side: 256 is below resolution 512"):
+        Config(bucket_max_side=256)
+
+
+def test_each_batch_is_one_bucket_every_picture_once_an_epoch(make_config, tiny_dir):
+    from dbnb.family.sd1.load import load_pipeline
+
+    config = add_shapes(make_config(bucketing=True, train_batch_size=2, with_prior_preservation=True,
+                                    num_class_images=6, hflip=True))
+    examples = gather_examples(config)
+    pipe = load_pipeline(str(tiny_dir))
+    batches = read_images(config, pipe.tokenizer, examples)
+    plan = batches.plan
+    assert plan.histogram() == {(64, 64): 3, (40, 88): 1, (88, 40): 1}
+    # square class images: the square bucket's own (6 of them: 6 positions); the others borrow all six
+    assert plan.lengths == {(40, 88): 2, (64, 64): 6, (88, 40): 2} and plan.borrowing == {(40, 88), (88, 40)}
+    assert epoch_length(config, examples) == batches.epoch_len == 10
+    batches.latents = cache_latents(batches, pipe.vae, config.hflip)
+    seen = []
+    for micro_step in range(batches.epoch_len // 2):
+        batch = next_batch(batches, micro_step, config, 0, 1, pipe.vae)
+        bucket, instance, _ = plan.picks(micro_step, 0, 1)
+        assert batch.latents.shape == (4, 4, bucket[1] // 8, bucket[0] // 8)
+        assert batch.inputs["input_ids"].shape == (4, 77)
+        assert batch.inputs["target_size"].tolist() == [[bucket[1], bucket[0]]] * 4
+        seen += [plan.instance[bucket][i] for i in instance]
+    # each instance picture at least once in the epoch; only the short buckets repeat theirs
+    assert sorted(set(seen)) == list(range(5)) and len(seen) == 10
+    # the original size and crop a family conditioned on them reads (SD 1.x reads input_ids alone)
+    tall = batches.instance.sets[(40, 88)]
+    rows = batches.instance.size_inputs((40, 88), [0, 0], torch.tensor([False, True]))
+    assert rows["original_size"].tolist() == [[96, 48], [96, 48]] and tall.images.shape[-2:] == (88, 40)
+    assert rows["crops_coords_top_left"].tolist() == [[0, 2], [0, 2]]  # 44 px wide, 2 cut each side
+
+
+def test_the_alpha_mask_follows_the_pictures_resize_and_crop(make_config, tiny_dir):
+    from transformers import CLIPTokenizer
+
+    config = make_config(bucketing=True, alpha_mask_loss=True)
+    cut = Image.new("RGBA", (60, 120), (200, 30, 30, 255))  # tall: bucket 40x88, cropped at the sides
+    cut.paste((0, 0, 0, 0), (0, 0, 60, 50))  # the top 50 rows transparent
+    cut.paste((0, 0, 0, 0), (0, 0, 9, 120))  # and a strip at the left, partly cropped away
+    cut.save(Path(config.instance_data_dir) / "cut.png")
+    batches = read_images(config, CLIPTokenizer.from_pretrained(tiny_dir / "tokenizer"))
+    images = batches.instance.sets[(40, 88)]
+    picture, mask = images.images[0], images.masks[0, 0]
+    assert mask.shape == (11, 5)
+    # red (G 30) put on white (G 255): the picture's own G channel says how opaque each pixel was
+    opacity = (255.0 - torch.from_numpy(np.asarray(picture[1], dtype=np.float32))) / (255 - 30)
+    expected = torch.nn.functional.avg_pool2d(opacity[None, None], 8)[0, 0]
+    torch.testing.assert_close(mask, expected, atol=0.03, rtol=0)
+    assert mask[0].max() == 0 and mask[-1, 1:].min() == 1 and 0 < mask[-1, 0] < 1
+    flipped = images.mask_batch([0], torch.tensor([True]))[0, 0]
+    assert torch.equal(flipped, mask.flip(-1))
+
+
+def _resumed_equals_straight(config, steps: int, half: int):
+    straight = train(config.replace(run_name="straight", max_train_steps=steps), progress=False)
+    train(config.replace(run_name="resumed", max_train_steps=half, save_every_steps=half), progress=False)
+    resumed = train(config.replace(run_name="resumed", max_train_steps=steps), resume="latest", progress=False)
+    a, b = (RunFolder(r.run_dir).pick(steps).unet_state() for r in (straight, resumed))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_resume_across_buckets_continues_exactly(make_config):
+    config = add_shapes(make_config(bucketing=True, train_batch_size=1, hflip=True, with_prior_preservation=True,
+                                    num_class_images=6, shuffle_caption=True, seed=5))
+    plan = read_images(config, _tokenizer(config)).plan
+    # an epoch is 8 micro-batches; stopped at 10, in the second epoch, the run goes on across buckets
+    drawn = [plan.picks(m, 0, 1)[0] for m in range(14)]
+    assert plan.epoch_len == 8 and len(set(drawn[:10])) == 3 and len(set(drawn[10:])) == 2
+    _resumed_equals_straight(config, 14, 10)
+
+
+def _tokenizer(config):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(Path(config.pretrained_model_name_or_path) / "tokenizer")
+
+
+@pytest.mark.own_logic
+def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(make_config, tmp_path):
+    """As a user runs it: `dbnb train`, killed between two saves mid-epoch, then `--resume latest`."""
+    config = add_shapes(make_config(bucketing=True, max_train_steps=8, save_every_steps=3, seed=7,
+                                    run_name="killed"))
+    cli = [sys.executable, "-m", "dbnb", "train", str(config.save(tmp_path / "killed.json")), "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    log = tmp_path / "runs" / "killed" / "logs" / "train.jsonl"
+    deadline = time.time() + 300
+    while not log.exists() or len(log.read_text().splitlines()) < 5:  # past the save at 3, before 6
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the run never reached step 5"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed = subprocess.run(cli + ["--resume", "latest"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "[dbnb] bucketing: instance pictures per bucket (width x height): 64x64: 3, 40x88: 1, 88x40: 1" \
+        in resumed.stdout
+    straight = train(config.replace(run_name="straight"), progress=False)
+    a, b = (RunFolder(tmp_path / "runs" / name).pick(8).unet_state() for name in ("killed", "straight"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(1, 9))
+    assert straight.step == 8
+
+
+class SizedFamily(DualEncoderFamily):
+    """The two-encoder stand-in, conditioned on size as SDXL is: it reads the batch's original
+    size, crop and target size, and checks the target is the size of the latents it denoises."""
+    seen = []
+
+    def encode_prompts(self, encoder, inputs):
+        conditioning = super().encode_prompts(encoder, inputs)
+        sizes = torch.cat([inputs[k] for k in ("original_size", "crops_coords_top_left", "target_size")], dim=1)
+        return {**conditioning, "sizes": sizes}
+
+    def predict(self, denoiser, noisy, timesteps, conditioning):
+        target = conditioning["sizes"][:, 4:6]
+        assert (target == torch.tensor(noisy.shape[-2:]) * 8).all(), (target, noisy.shape)
+        self.seen.append(tuple(noisy.shape[-2:]))
+        return super().predict(denoiser, noisy, timesteps, conditioning)
+
+
+def test_a_family_conditioned_on_size_trains_and_resumes_on_buckets(make_config, tmp_path, monkeypatch):
+    family = SizedFamily()
+    monkeypatch.setattr(base, "FAMILIES", list(base.FAMILIES))
+    base.register(family)
+    model = SizedFamily.make_model(tmp_path / "sized-model")
+    config = add_shapes(make_config(pretrained_model_name_or_path=str(model), bucketing=True, learning_rate=1e-3))
+    _resumed_equals_straight(config, 6, 3)
+    assert {(11, 5), (8, 8), (5, 11)} <= set(family.seen)
