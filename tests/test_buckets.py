@@ -115,6 +115,26 @@ def test_the_alpha_mask_follows_the_pictures_resize_and_crop(make_config, tiny_d
     assert torch.equal(flipped, mask.flip(-1))
 
 
+def test_the_prep_report_shows_the_bucket_histogram(tmp_path):
+    from dbnb.core.config import Config
+    from dbnb.prep.pipeline import prepare_dataset
+    from dbnb.prep.report import bucket_line
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, size in (("tall", TALL), ("wide", WIDE), ("square", (64, 64)), ("square2", (80, 80))):
+        Image.new("RGB", size, (200, 30, 30)).save(src / f"{name}.png")
+    config = Config(resolution=64, bucketing=True)
+    assert bucket_line(sorted(src.glob("*.png")), config) == \
+        "buckets (bucketing=true, width x height): 64x64: 2, 40x88: 1, 88x40: 1"
+    assert bucket_line(sorted(src.glob("*.png")), config.replace(bucketing=False)) == ""
+    # prep squares what it writes: the report says so, and how to train at the pictures' own shapes
+    report = prepare_dataset(config, src=src, out=tmp_path / "out", progress=False, remove_background=False,
+                             face_detector=None)
+    assert report.buckets.startswith("buckets (bucketing=true, width x height): 64x64: 4 — every picture is square")
+    assert report.buckets in report.summary() and report.buckets in (tmp_path / "out" / "report.md").read_text()
+
+
 def _resumed_equals_straight(config, steps: int, half: int):
     straight = train(config.replace(run_name="straight", max_train_steps=steps), progress=False)
     train(config.replace(run_name="resumed", max_train_steps=half, save_every_steps=half), progress=False)

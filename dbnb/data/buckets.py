@@ -110,10 +110,8 @@ def picture_maker(bucket: Bucket, background: str, alpha_mask: bool):
 def keep_bucketed(config):
     """`usable_images`' keep with bucketing: the picture made at its own bucket, tagged as
     `picture_maker` tags it, so the bucket's ImageSet takes it instead of decoding the file again."""
-    sizes, step = bucket_sizes(config.resolution, *side_limits(config)), bucket_step(config.resolution)
-
     def keep(loaded):
-        bucket = assign(loaded.image.size, sizes, config.bucket_upscale_limit, step)
+        bucket = assign_all([loaded.image.size], config)[0]
         settings, make = picture_maker(bucket, config.background_color, config.alpha_mask_loss)
         return settings, make(loaded)
     return keep
@@ -124,7 +122,12 @@ def picture_size(example) -> tuple[int, int]:
     check that decoded it, else read from the file's header."""
     if example.held is not None and example.held.size is not None:
         return example.held.size
-    with Image.open(Path(example.path)) as im:
+    return file_size(example.path)
+
+
+def file_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a picture file as trained (EXIF orientation applied), from its header."""
+    with Image.open(Path(path)) as im:
         turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
         return (im.size[1], im.size[0]) if turned else im.size
 
@@ -170,8 +173,8 @@ class BucketPlan:
         return bucket, instance, klass
 
     def histogram(self) -> dict[Bucket, int]:
-        """Instance pictures per bucket, largest count first."""
-        return dict(sorted(((b, len(m)) for b, m in self.instance.items()), key=lambda item: (-item[1], item[0])))
+        """Instance pictures per bucket, the most used first."""
+        return counts([b for b, members in self.instance.items() for _ in members])
 
 
 def bucket_seed(seed: int, bucket: Bucket) -> int:
@@ -180,13 +183,24 @@ def bucket_seed(seed: int, bucket: Bucket) -> int:
     return (seed * 1_000_003 + bucket[0] * 4099 + bucket[1]) % (1 << 40)
 
 
+def assign_all(sizes: list[tuple[int, int]], config) -> list[Bucket]:
+    """The bucket of each picture size (width, height) under `config`'s bucket settings."""
+    buckets, step = bucket_sizes(config.resolution, *side_limits(config)), bucket_step(config.resolution)
+    return [assign(size, buckets, config.bucket_upscale_limit, step) for size in sizes]
+
+
+def counts(buckets: list[Bucket]) -> dict[Bucket, int]:
+    """Pictures per bucket, the most used first."""
+    tally = {b: buckets.count(b) for b in set(buckets)}
+    return dict(sorted(tally.items(), key=lambda item: (-item[1], item[0])))
+
+
 def plan_buckets(config, instance, klass) -> BucketPlan:
     """The plan for the instance and class examples (`dbnb.data.dataset.Example`) under `config`."""
-    sizes, step = bucket_sizes(config.resolution, *side_limits(config)), bucket_step(config.resolution)
-    own = [assign(picture_size(e), sizes, config.bucket_upscale_limit, step) for e in instance]
+    own = assign_all([picture_size(e) for e in instance], config)
     used = sorted(set(own))
     members = {b: tuple(i for i, o in enumerate(own) if o == b) for b in used}
-    theirs = [nearest(assign(picture_size(e), sizes, config.bucket_upscale_limit, step), used) for e in klass]
+    theirs = [nearest(b, used) for b in assign_all([picture_size(e) for e in klass], config)]
     pools = {b: tuple(i for i, t in enumerate(theirs) if t == b) for b in used} if klass else {}
     lengths = {b: math.ceil(max(len(members[b]), len(pools.get(b, ()))) / config.train_batch_size)
                * config.train_batch_size for b in used}
@@ -195,6 +209,6 @@ def plan_buckets(config, instance, klass) -> BucketPlan:
     return BucketPlan(config.train_batch_size, config.seed, members, pools, lengths, borrowing)
 
 
-def histogram_line(counts: dict[Bucket, int]) -> str:
+def histogram_line(tally: dict[Bucket, int]) -> str:
     """'512x512: 4, 448x576: 2' — pictures per bucket, as the prep report and the run say it."""
-    return ", ".join(f"{w}x{h}: {n}" for (w, h), n in counts.items())
+    return ", ".join(f"{w}x{h}: {n}" for (w, h), n in tally.items())

@@ -28,7 +28,8 @@ from dbnb.data.pictures import BadImage, dhash, file_sha256, flatten, hamming, l
 from dbnb.prep import captions
 from dbnb.prep.framing import (FRAMING_TAGS, animeface_detector, framing_crops, framing_of, main_face, make_square,
                                subject_box)
-from dbnb.prep.report import CONTACT_SHEET, FileResult, PrepReport, advice, contact_sheet, count_framings, read_previous
+from dbnb.prep.report import (CONTACT_SHEET, FileResult, PrepReport, advice, bucket_line, contact_sheet, count_framings,
+                              read_previous)
 from dbnb.prep.segment import SegmenterError, composite, load_segmenter
 from dbnb.prep.tagger import load_tagger
 from dbnb.prep.tags import frequency, tag_outputs
@@ -81,6 +82,7 @@ def prepare_dataset(config=None, src: str | Path | None = None, out: str | Path 
     report = PrepReport(out, rows, set_warnings + advice(rows, cfg.resolution), counts,
                         tagged.to_dict() if tagged else None, caption_frequency(rows, out), job.detector_name,
                         balance_line(framing_counts(rows)))
+    report.buckets = bucket_line(report.images, cfg)
     contact_sheet(report.images, out / CONTACT_SHEET)
     report.write()
     if progress:

@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from dbnb.core.platform import shown
+from dbnb.data.buckets import assign_all, counts, file_size, histogram_line
 from dbnb.data.pictures import flatten
 from dbnb.family.render import make_grid
 from dbnb.prep.views import balance_advice, flagged_advice, framing_counts
@@ -61,6 +62,7 @@ class PrepReport:
     tag_frequency: dict[str, int] = field(default_factory=dict)  # caption tag -> pictures (ss_tag_frequency)
     detector: str = ""                           # the face detector's name; "" when none is installed
     balance: str = ""                            # full body : bust-up against the guide's 3 : 2 (prep.views)
+    buckets: str = ""                            # with bucketing: the pictures per bucket (bucket_line)
 
     @property
     def images(self) -> list[Path]:
@@ -77,13 +79,14 @@ class PrepReport:
     def to_dict(self) -> dict:
         return {"out_dir": str(self.out_dir), "counts": self.counts, "warnings": self.warnings,
                 "tags": self.tags, "tag_frequency": self.tag_frequency, "detector": self.detector,
-                "balance": self.balance, "files": [asdict(f) for f in self.files]}
+                "balance": self.balance, "buckets": self.buckets, "files": [asdict(f) for f in self.files]}
 
     def summary(self) -> str:
         by = Counter(f.status for f in self.files)
         lines = [f"dbnb prep: {len(self.images)} training pictures in {shown(self.out_dir)} "
                  f"({', '.join(f'{n} {s}' for s, n in sorted(by.items()))}).", self.framing_line()]
         lines += [f"balance: {self.balance}"] if self.balance else []
+        lines += [self.buckets] if self.buckets else []
         lines += [f"  ! {f.source}: {f.status}: {'; '.join(f.warnings)}" for f in self.files
                   if f.status in ("failed", "duplicate")]
         guided = [f"  guide: {f.source}: {g}" for f in self.files if f.usable for g in f.guide]
@@ -108,6 +111,7 @@ class PrepReport:
             rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         advice = [f"- {w}" for w in self.warnings] or ["- none"]
         balance = [f"Balance: {self.balance}", ""] if self.balance else []
+        balance += [self.buckets, ""] if self.buckets else []
         return "\n".join([f"# dbnb prep report: {self.out_dir.name}", "", self.framing_line().capitalize(), "",
                           *balance, f"Contact sheet: {CONTACT_SHEET}", "",
                           "## Warnings", *advice, "", *self._guide_list(), *self._tag_table(), "## Files", *rows, ""])
@@ -198,6 +202,19 @@ def advice(files: list[FileResult], resolution: int) -> list[str]:
         out.append(f"{len(failed)} file(s) could not be used: " + ", ".join(f.source for f in failed[:5])
                    + (" …" if len(failed) > 5 else "") + " (reasons in the table)")
     return out
+
+
+def bucket_line(images: list[Path], config) -> str:
+    """With bucketing: how many of the prepared pictures train at each bucket (width x height);
+    "" without it."""
+    if not config.bucketing or not images:
+        return ""
+    tally = counts(assign_all([file_size(p) for p in images], config))
+    line = f"buckets (bucketing=true, width x height): {histogram_line(tally)}"
+    if list(tally) == [(config.resolution, config.resolution)]:
+        line += (" — every picture is square (prep squares them, square_mode): give the trainer the unsquared "
+                 "pictures for them to train at their own shape")
+    return line
 
 
 def contact_sheet(paths: list[Path], target: Path, thumb: int = THUMB) -> Path | None:
