@@ -179,6 +179,24 @@ def make_config(tiny_dir, tmp_path):
     return make
 
 
+def kill_9_at_step(cli: list[str], env: dict, log: Path, step: int) -> None:
+    """Start `dbnb train` (`cli`) and kill -9 it once its train log reaches `step`, as a lost
+    Colab session stops a run: no handler runs, nothing is saved."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 300
+    while not log.exists() or len(log.read_text().splitlines()) < step:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, f"the run never reached step {step}"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
 def two_checkpoint_run(tiny_dir, folder, **overrides):
     """A real 2-step run of the tiny model with a checkpoint at each step."""
     from dbnb.core.config import Config

@@ -2,15 +2,14 @@
 cut from one bucket, masks that follow the picture's crop, and a resume that continues exactly."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import kill_9_at_step
 from PIL import Image
 from test_family import DualEncoderFamily
 
@@ -167,16 +166,8 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(make_confi
                                     run_name="killed"))
     cli = [sys.executable, "-m", "dbnb", "train", str(config.save(tmp_path / "killed.json")), "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log = tmp_path / "runs" / "killed" / "logs" / "train.jsonl"
-    deadline = time.time() + 300
-    while not log.exists() or len(log.read_text().splitlines()) < 5:  # past the save at 3, before 6
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "the run never reached step 5"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_at_step(cli, env, log, 5)  # past the save at 3, before 6
     resumed = subprocess.run(cli + ["--resume", "latest"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "[dbnb] bucketing: instance pictures per bucket (width x height): 64x64: 3, 40x88: 1, 88x40: 1" \

@@ -3,14 +3,12 @@ count (issue 36). The rest of the suite pins one thread (conftest), which hides 
 difference these tests are about, so each of them trains at os.cpu_count() threads."""
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import torch_threads
+from conftest import kill_9_at_step, torch_threads
 from safetensors.torch import load_file
 
 from dbnb.train.loop import train
@@ -88,17 +86,9 @@ def test_on_kill_9_at_any_moment_then_resume_latest_gives_the_uninterrupted_weig
     config = make_config(max_train_steps=STEPS, save_every_steps=2, seed=7, deterministic=True, run_name="killed")
     env = {**os.environ, "OMP_NUM_THREADS": str(THREADS)}
     cli = [sys.executable, "-m", "dbnb", "train", str(config.save(tmp_path / "killed.json")), "--no-progress"]
-    proc = subprocess.Popen(cli, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     log = tmp_path / "runs" / "killed" / "logs" / "train.jsonl"
-    deadline = time.time() + 300
     # Not at a save: mid-way between two, where the newest checkpoint is some steps behind.
-    while not log.exists() or len(log.read_text().splitlines()) < 5:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "the run never reached step 5"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    kill_9_at_step(cli, env, log, 5)
     resumed = subprocess.run(cli + ["--resume", "latest"], capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     with torch_threads(THREADS):
