@@ -134,6 +134,29 @@ def test_the_prep_report_shows_the_bucket_histogram(tmp_path):
     assert report.buckets in report.summary() and report.buckets in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_class_images_are_made_at_the_buckets_sizes_in_proportion(make_config, tmp_path):
+    from collections import Counter
+
+    from dbnb.prep import classimages as ci
+
+    assert Counter(buckets.allot({"a": 3, "b": 1, "c": 1}, 10)) == {"a": 6, "b": 2, "c": 2}
+    assert Counter(buckets.allot({"a": 3, "b": 1, "c": 1}, 5)) == {"a": 3, "b": 1, "c": 1}  # any first N too
+    config = add_shapes(make_config(bucketing=True, with_prior_preservation=True, num_class_images=10,
+                                    class_images_mode="transparent", class_data_dir=str(tmp_path / "blank")))
+    ci.make_class_images(config, progress=False)
+    blank = Counter(Image.open(p).size for p in ci.existing_images(Path(config.class_data_dir)))
+    assert blank == {(64, 64): 6, (40, 88): 2, (88, 40): 2}  # 3 : 1 : 1, as the instance pictures
+    plan = buckets.plan_buckets(config, *gather_examples(config))
+    assert not plan.borrowing and plan.lengths == {(40, 88): 2, (64, 64): 6, (88, 40): 2}
+    # generated from the base model: batches of one shape each, the size in the PNG's parameters
+    generated = make_config(bucketing=True, num_class_images=5, class_batch_size=2, class_infer_steps=1,
+                            class_data_dir=str(tmp_path / "generated"))
+    written = ci.generate_class_images(add_shapes(generated), progress=False)
+    sizes = {p.name: Image.open(p).size for p in written}
+    assert Counter(sizes.values()) == {(64, 64): 3, (40, 88): 1, (88, 40): 1}
+    assert all(f"Size: {w}x{h}" in Image.open(p).text["parameters"] for p in written for w, h in [sizes[p.name]])
+
+
 def _resumed_equals_straight(config, steps: int, half: int):
     straight = train(config.replace(run_name="straight", max_train_steps=steps), progress=False)
     train(config.replace(run_name="resumed", max_train_steps=half, save_every_steps=half), progress=False)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dbnb.data.dataset import LATENT_SCALE, epoch_order
+from dbnb.data.dataset import LATENT_SCALE, epoch_order, list_images
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 ORIENTATION = 0x0112      # EXIF tag; values 5-8 turn the stored picture a quarter
@@ -207,6 +207,27 @@ def plan_buckets(config, instance, klass) -> BucketPlan:
     borrowing = frozenset(b for b, pool in pools.items() if not pool)
     pools = {b: pool or tuple(range(len(klass))) for b, pool in pools.items()}
     return BucketPlan(config.train_batch_size, config.seed, members, pools, lengths, borrowing)
+
+
+def allot(tally: dict[Bucket, int], count: int) -> list[Bucket]:
+    """`count` buckets in proportion to `tally`, spread so that any first N of them are in
+    proportion too (the trainer uses the first num_class_images): each next one goes to the bucket
+    furthest behind its share, the most used of equals."""
+    total, given, out = sum(tally.values()), dict.fromkeys(tally, 0), []
+    for k in range(count):
+        bucket = max(tally, key=lambda b: (k + 1) * tally[b] / total - given[b])
+        given[bucket] += 1
+        out.append(bucket)
+    return out
+
+
+def class_image_sizes(config, count: int) -> list[Bucket]:
+    """(width, height) of class images 0 .. count-1: with bucketing, the instance pictures'
+    buckets in proportion, so each bucket has class pictures of its own shape; else squares."""
+    if not (config.bucketing and config.instance_data_dir):
+        return [(config.resolution, config.resolution)] * count
+    pictures = list_images(config.instance_data_dir, "instance_data_dir")
+    return allot(counts(assign_all([file_size(p) for p in pictures], config)), count)
 
 
 def histogram_line(tally: dict[Bucket, int]) -> str:

@@ -17,6 +17,7 @@ but it also puts the cut-out training pictures on black, where the seed's users 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import tempfile
@@ -32,6 +33,7 @@ from dbnb.core.platform import shown
 from dbnb.core.precision import inference_dtype
 from dbnb.core.progress import bar as tqdm
 from dbnb.data import dataset as data
+from dbnb.data.buckets import class_image_sizes
 from dbnb.data.dataset import DatasetError
 from dbnb.data.intake import IMAGE_SUFFIXES, FetchError, fetch_images
 from dbnb.family.render import SAMPLERS, cpu_batch_size, make_scheduler, render
@@ -178,19 +180,21 @@ def prepare_folder(folder: Path, count: int, resolution: int) -> None:
 # --- transparent (and black) -------------------------------------------------------------------
 
 def write_blank_images(folder: str | Path, count: int, resolution: int, caption: str = "",
-                       black: bool = False, progress: bool = True) -> list[Path]:
+                       black: bool = False, progress: bool = True, sizes=None) -> list[Path]:
     """Top `folder` up to `count` fully transparent RGBA PNGs (alpha 0 everywhere) of
     `resolution`², or with `black=True` opaque black RGB ones (what the old extension
-    trained on when given transparent images). Returns the files written."""
+    trained on when given transparent images). `sizes(n)`: the (width, height) of images
+    0 .. n-1 instead (`dbnb.data.buckets.class_image_sizes`). Returns the files written."""
     folder = Path(folder)
     todo = todo_indices(folder, count)
     if not todo:
         return []
     prepare_folder(folder, len(todo), resolution)
-    image = (Image.new("RGB", (resolution, resolution), (0, 0, 0)) if black
-             else Image.new("RGBA", (resolution, resolution), (0, 0, 0, 0)))
-    png = png_bytes(image)  # identical images: encode once
-    return [save_numbered(folder, k, png, caption)
+    size_of = sizes(max(todo) + 1) if sizes else [(resolution, resolution)] * (max(todo) + 1)
+    blank = lambda size: (Image.new("RGB", size, (0, 0, 0)) if black  # noqa: E731
+                          else Image.new("RGBA", size, (0, 0, 0, 0)))
+    pngs = {size: png_bytes(blank(size)) for size in set(size_of)}  # identical images: encode each size once
+    return [save_numbered(folder, k, pngs[size_of[k]], caption)
             for k in tqdm(todo, desc="class images", unit="img", disable=not progress)]
 
 
@@ -253,20 +257,23 @@ def pick_batch_size(config, device: torch.device, dtype: torch.dtype = torch.flo
     return max(1, min(GPU_MAX_BATCH, int((gpu["free_vram_gib"] - GPU_RESERVE_GIB) / per_image)))
 
 
-def parameters_text(config, prompt: str, seed: int) -> str:
+def parameters_text(config, prompt: str, seed: int, size: tuple[int, int] | None = None) -> str:
     """A1111's generation-parameters text, so PNG Info shows how a class image was made."""
     negative = f"\nNegative prompt: {config.class_negative_prompt}" if config.class_negative_prompt else ""
+    width, height = size or (config.resolution, config.resolution)
     return (f"{prompt}{negative}\nSteps: {config.class_infer_steps}, Sampler: {SAMPLERS[config.class_sampler][1]}, "
-            f"CFG scale: {config.class_guidance_scale:g}, Seed: {seed}, "
-            f"Size: {config.resolution}x{config.resolution}")
+            f"CFG scale: {config.class_guidance_scale:g}, Seed: {seed}, Size: {width}x{height}")
 
 
 @torch.inference_mode()
-def render_batch(pipe, config, prompt: str, indices: list[int]) -> list[Image.Image]:
-    """One batch; image k has its own CPU generator seeded class_seed + k, so it is the same
-    picture whatever the batch size or device."""
+def render_batch(pipe, config, prompt: str, indices: list[int], size: tuple[int, int] | None = None
+                 ) -> list[Image.Image]:
+    """One batch, `size` (width, height; default resolution²); image k has its own CPU generator
+    seeded class_seed + k, so it is the same picture whatever the batch size or device."""
+    width, height = size or (config.resolution, config.resolution)
     return render(pipe, prompt, [config.class_seed + k for k in indices], negative=config.class_negative_prompt,
-                  steps=config.class_infer_steps, guidance=config.class_guidance_scale, resolution=config.resolution)
+                  steps=config.class_infer_steps, guidance=config.class_guidance_scale, resolution=height,
+                  width=width)
 
 
 def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path]:
@@ -284,18 +291,23 @@ def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path
     prepare_folder(folder, len(todo), config.resolution)
     pipe = load_generation_pipeline(config) if pipe is None else prepare_pipeline(pipe, config)
     batch = pick_batch_size(config, pipe.device, pipe.unet.dtype)
+    # With bucketing, in the instance pictures' shapes; a batch is one shape, so they go shape by shape.
+    sizes = class_image_sizes(config, max(todo) + 1)
+    shapes = list(dict.fromkeys(sizes))
+    todo = sorted(todo, key=lambda k: shapes.index(sizes[k]))
     written = []
     with tqdm(total=len(todo), desc=f"class images (batch {batch})", unit="img", disable=not progress) as bar:
         while len(written) < len(todo):
-            chunk = todo[len(written):len(written) + batch]
+            size = sizes[todo[len(written)]]
+            chunk = [k for k in todo[len(written):len(written) + batch] if sizes[k] == size]
             try:
-                images = render_batch(pipe, config, prompt, chunk)
+                images = render_batch(pipe, config, prompt, chunk, size)
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, by the name torch < 2.5 has too
                 batch = smaller_batch(batch, config)
                 bar.set_description(f"class images (batch {batch})")
                 continue
             for k, image in zip(chunk, images):
-                png = png_bytes(image, parameters_text(config, prompt, config.class_seed + k))
+                png = png_bytes(image, parameters_text(config, prompt, config.class_seed + k, size))
                 written.append(save_numbered(folder, k, png, prompt))
             bar.update(len(chunk))
     return written
@@ -353,7 +365,8 @@ def make_class_images(config, progress: bool = True, pipe=None) -> ClassImageSta
         import_class_images(config)
     elif mode in ("transparent", "black"):  # "black": see the module docstring
         write_blank_images(folder, wanted_class_images(config), config.resolution, resolved_class_prompt(config),
-                           black=mode == "black", progress=progress)
+                           black=mode == "black", progress=progress,
+                           sizes=functools.partial(class_image_sizes, config))
     else:
         generate_class_images(config, progress=progress, pipe=pipe)
     return check_class_images(config)
