@@ -8,6 +8,10 @@ of square, tall and wide pictures, each run in its own process through bench/ben
 Off, every picture is squeezed to resolution²; on, each trains at its bucket (about the same
 area, so the work per step should stay about the same; what changes is that steps alternate
 between shapes). Any Config setting can follow as key=value, for both runs.
+
+Measured on a shared 2-core CPU box (tiny model, 64 px, one thread, 60 steps, 10 warm-up):
+batch 1: 3.81 steps/s off, 3.94 on (x1.03); batch 2: 2.95 off, 2.88 on (x0.98); peak RSS
+0.58-0.59 GiB either way. Within this box's noise: bucketing costs no speed or memory here.
 """
 from __future__ import annotations
 

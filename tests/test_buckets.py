@@ -93,6 +93,21 @@ def test_each_batch_is_one_bucket_every_picture_once_an_epoch(make_config, tiny_
     assert rows["crops_coords_top_left"].tolist() == [[0, 2], [0, 2]]  # 44 px wide, 2 cut each side
 
 
+def test_each_picture_file_is_decoded_once_at_its_bucket(make_config, monkeypatch):
+    from collections import Counter
+
+    config = add_shapes(make_config(bucketing=True))
+    real, opened = Image.open, Counter()
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.update([Path(fp).name]) or real(fp, *a, **k))
+    examples = gather_examples(config)
+    assert epoch_length(config, examples) == 5  # the plan reads the sizes the check noted
+    batches = read_images(config, _tokenizer(config), examples)
+    assert opened == {e.path.name: 1 for e in examples[0]} and len(opened) == 5
+    tall = Path(config.instance_data_dir) / "shape0.png"
+    assert torch.equal(batches.instance.sets[(40, 88)].images[0],
+                       torch.from_numpy(np.asarray(buckets.fit(real(tall).convert("RGB"), (40, 88)))).permute(2, 0, 1))
+
+
 def test_the_alpha_mask_follows_the_pictures_resize_and_crop(make_config, tiny_dir):
     from transformers import CLIPTokenizer
 
