@@ -61,6 +61,8 @@ def _session_of(monkeypatch) -> dict:
                                             cache_latents=False, alpha_mask_loss=True, hflip=True)),
     ("optimizer in backward", dict(optimizer_in_backward=True, max_grad_norm=0.0)),
     ("bf16 autocast", dict(mixed_precision="bf16", use_ema=True, max_grad_norm=1.0)),
+    ("aspect buckets, live latents", dict(bucketing=True, cache_latents=False, hflip=True, with_prior_preservation=True,
+                                          num_class_images=6)),
 ])
 def test_an_optimizer_step_reads_from_the_device_once(make_config, monkeypatch, name, settings):
     reads, steps = HostReads(monkeypatch), 8
