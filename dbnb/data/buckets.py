@@ -10,6 +10,7 @@ so a resumed run draws exactly the batches the uninterrupted run would have.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from dbnb.data.dataset import LATENT_SCALE, epoch_order, list_images
 
 Bucket = tuple[int, int]  # (width, height) in pixels
 ORIENTATION = 0x0112      # EXIF tag; values 5-8 turn the stored picture a quarter
+CLASS_STREAM = 1 << 41    # the class pictures' shuffles: a bit above every bucket_seed
 
 
 def bucket_step(resolution: int) -> int:
@@ -103,8 +105,8 @@ def bucket_picture(loaded, bucket: Bucket, background: str,
 
 def picture_maker(bucket: Bucket, background: str, alpha_mask: bool):
     """(settings tag, make): an ImageSet's way to make its pictures at `bucket` (see ImageSet)."""
-    return ("bucket", bucket, background, alpha_mask), lambda loaded: bucket_picture(loaded, bucket, background,
-                                                                                      alpha_mask)
+    return ("bucket", bucket, background, alpha_mask), functools.partial(bucket_picture, bucket=bucket,
+                                                                          background=background, alpha_mask=alpha_mask)
 
 
 def keep_bucketed(config):
@@ -165,11 +167,12 @@ class BucketPlan:
         members = self.instance[bucket]
         order = epoch_order(len(members), seed, epoch)
         instance = [order[(first + k) % len(members)] for k in range(self.batch_size)]
-        klass = []
-        if self.klass:  # the class pictures cycle through whole shuffles, across epochs
-            pool = len(self.klass[bucket])
-            for k in range(first + epoch * self.lengths[bucket], first + epoch * self.lengths[bucket] + self.batch_size):
-                klass.append(epoch_order(pool, seed + 1, k // pool)[k % pool])
+        if not self.klass:
+            return bucket, instance, []
+        # The class pictures cycle through whole shuffles of their pool, across epochs.
+        pool, start = len(self.klass[bucket]), first + epoch * self.lengths[bucket]
+        klass = [epoch_order(pool, seed | CLASS_STREAM, k // pool)[k % pool]
+                 for k in range(start, start + self.batch_size)]
         return bucket, instance, klass
 
     def histogram(self) -> dict[Bucket, int]:
