@@ -133,9 +133,9 @@ def read_images(config: Config, tokenizers, examples=None) -> Batches:
 def bucketed_images(config: Config, tokenizers, instance, klass) -> Batches:
     """The pictures at their aspect buckets (bucketing), with the plan that draws from them."""
     plan = plan_buckets(config, instance, klass)
-    make = lambda ex, members, lent=frozenset(): BucketedImages(  # noqa: E731
+    make = lambda ex, members, borrowing=frozenset(): BucketedImages(  # noqa: E731
         ex, members, tokenizers, config.background_color, config.hflip, data.CaptionRules.from_config(config),
-        config.alpha_mask_loss, lent)
+        config.alpha_mask_loss, borrowing)
     if os.environ.get("RANK", "0") == "0":  # said once, not by every DDP worker
         print(f"[dbnb] bucketing: instance pictures per bucket (width x height): {histogram_line(plan.histogram())}",
               flush=True)

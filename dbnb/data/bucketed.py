@@ -14,19 +14,20 @@ SIZE_INPUTS = ("original_size", "crops_coords_top_left", "target_size")
 
 class BucketedImages:
     """`sets[bucket]`: the ImageSet of the examples `members[bucket]` names, made at that bucket's
-    size (an example may be in several: class pictures lent to a bucket none of them is close to).
+    size (an example may be in several: the class pictures a bucket borrows, see BucketPlan).
     `conditioning[bucket]`: one row per picture, (original height, width, crop top, crop left,
     bucket height, width, crop left when mirrored)."""
 
     def __init__(self, examples: list[Example], members: dict[Bucket, tuple[int, ...]], tokenizers,
                  background: str, hflip: bool, captions: CaptionRules = CaptionRules(), alpha_mask: bool = False,
-                 lent: frozenset[Bucket] = frozenset()):
+                 borrowing: frozenset[Bucket] = frozenset()):
         sizes = [picture_size(e) for e in examples]  # before the sets take the pictures the check kept
         self.examples = examples
         self.sets: dict[Bucket, ImageSet] = {}
         self.conditioning: dict[Bucket, torch.Tensor] = {}
-        # A picture kept at its own bucket goes to that bucket's set: those are made before the lent ones.
-        for bucket in sorted(members, key=lambda b: b in lent):
+        # A picture the check kept at its own bucket goes to that bucket's set, so those sets are
+        # made before the ones of the buckets borrowing every picture (BucketPlan.borrowing).
+        for bucket in sorted(members, key=lambda b: b in borrowing):
             picks = members[bucket]
             self.sets[bucket] = ImageSet([examples[i] for i in picks], tokenizers, 0, False, background, hflip,
                                          captions, alpha_mask, picture=picture_maker(bucket, background, alpha_mask))
