@@ -301,10 +301,10 @@ class TrainSettings:
         False, "Image Processing", "Aspect Ratio Bucketing",
         "Train each picture at the bucket closest to its shape (about resolution x resolution pixels, e.g. "
         "448x576 for a tall picture at 512) instead of squaring it: full-body pictures train whole. Each "
-        "micro-batch comes from one bucket. Off for SD 1.x by default: the seed pads every picture to a "
+        "micro-batch comes from one bucket; center_crop does not apply. Off for SD 1.x by default: the seed pads every picture to a "
         "square (dbnb prep does) and trains at 512x512.",
         help_ja="各画像を形の近いバケット（約 resolution × resolution ピクセル。512 なら縦長は 448x576 など）で学習し、"
-                "正方形にしません。全身の縦長画像もそのまま学習できます。ミニバッチは 1 つのバケットから作ります。"
+                "正方形にしません。全身の縦長画像もそのまま学習できます。ミニバッチは 1 つのバケットから作ります（center_crop は使いません）。"
                 "SD 1.x では既定でオフ: ガイドは画像を正方形に余白を足して 512x512 で学習します（dbnb prep もそうします）。")
     bucket_min_side: int = setting(
         0, "Image Processing", "Bucket Min Side",
