@@ -56,6 +56,20 @@ def test_parameters_cell_sets_only_what_its_notebook_owns(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_dropdowns_offer_the_settings_choices_but_the_demo_only_ones(path):
+    """A #@param list is a view of the setting's declaration: every choice users may pick, none of
+    the demo_only ones (score_with=world reads only the demo's drawn characters)."""
+    from dbnb.core.config import FIELDS
+
+    for line in "".join(cells(path)[1]["source"]).splitlines():
+        found = re.match(r"(\w+) = .*#@param (\[.*?\])", line)
+        if found and found[1] in FIELDS:
+            meta = FIELDS[found[1]].metadata
+            offered = set(ast.literal_eval(found[2]))
+            assert offered == set(meta["choices"]) - set(meta["demo_only"]), f"{path.name}: {line}"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_colab_form_fields_have_descriptions(path):
     lines = "".join(cells(path)[1]["source"]).splitlines()
     fields = [i for i, line in enumerate(lines) if "#@param" in line]

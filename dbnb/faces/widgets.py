@@ -20,10 +20,6 @@ import ipywidgets as w
 from dbnb.core.config import SECTIONS, Config, ConfigError, describe, from_dict
 from dbnb.core.platform import detect_platform
 from dbnb.data import intake as fetch
-from dbnb.evaluate import scorers
-
-# Choices a setting accepts that the form does not offer: test-only pieces.
-NOT_OFFERED = {"score_with": scorers.DEMO_ONLY}
 
 LABEL_WIDTH = 260
 LABEL_STYLE = {"description_width": f"{LABEL_WIDTH}px"}
@@ -35,8 +31,7 @@ def _widget(row: dict, value) -> w.Widget:
     common = dict(description=row["label"], tooltip=f"{row['name']}: {row['help']}", style=LABEL_STYLE,
                   layout=LAYOUT)
     if row["choices"]:
-        hidden = NOT_OFFERED.get(row["name"], ())
-        options = [c for c in row["choices"] if c not in hidden or c == value]  # a config that set one keeps it
+        options = [c for c in row["choices"] if c not in row["demo_only"] or c == value]  # a config that set one keeps it
         return w.Dropdown(options=options, value=value, **common)
     if row["type"] == "bool":
         return w.Checkbox(value=value, indent=False, **common)

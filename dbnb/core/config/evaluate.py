@@ -72,6 +72,8 @@ class EvaluateSettings:
         "of dbnb's tiny world (the demo model): identity, swapped sides, copied poses, hair following the "
         "prompt, class drift.",
         choices=("clip", "ccip", "world"),
+        # world reads only the tiny demo world's drawn characters: dbnb demo and the tests name it
+        demo_only=("world",),
         help_ja="clip: CLIP-I / DINO / CLIP-T（どのモデルでも）。ccip: アニメキャラ向け。"
                 "再現度は deepghs の CCIP（学習画像と同じキャラと判定された割合）、"
                 "汎用性はタグの再現率（プロンプトで指定したタグを WD14 タガーが見つけた割合）。world: "
