@@ -149,6 +149,56 @@ def test_the_prep_report_shows_the_bucket_histogram(tmp_path):
     assert report.buckets in report.summary() and report.buckets in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_prep_keeps_a_tall_picture_tall_and_training_draws_it_at_a_tall_bucket(make_config, tiny_dir, tmp_path):
+    """The notebook flow (02 prep, then 04 train) with square_mode=keep: a full-body picture is
+    prepared at its bucket, not squared, and trains there whole."""
+    from dbnb.family.sd1.load import load_pipeline
+    from dbnb.prep.pipeline import prepare_dataset
+
+    config = make_config(bucketing=True, square_mode="keep", train_batch_size=1)
+    src = Path(config.instance_data_dir)
+    first = Image.open(sorted(src.glob("*.png"))[0]).convert("RGB")
+    first.resize((96, 192)).save(src / "tall.png")  # 1:2, larger than its 40x88 bucket
+    first.resize((24, 48)).save(src / "small.png")  # too small for any bucket: never enlarged by prep
+    out = tmp_path / "prepared"
+    report = prepare_dataset(config, src=src, out=out, progress=False, remove_background=False, face_detector=None)
+    sizes = {p.name.split("-")[0]: Image.open(p).size for p in report.images}
+    assert sizes["tall"] == (40, 88) and sizes["small"] == (24, 48)
+    assert {sizes[n] for n in sizes if n not in ("tall", "small")} == {(64, 64)}
+    small = next(r for r in report.files if r.source == "small.png")
+    assert any(w.startswith("low resolution: 24x48px, kept at 24x48") for w in small.warnings)
+    # the small one trains enlarged by at most bucket_upscale_limit (2): to 40x88, 1.83 times
+    assert report.buckets == "buckets (bucketing=true, width x height): 64x64: 3, 40x88: 2"
+    # training reads the prepared folder: the tall picture is drawn whole, at its own bucket
+    config = config.replace(instance_data_dir=str(out))
+    examples = gather_examples(config)
+    pipe = load_pipeline(str(tiny_dir))
+    batches = read_images(config, pipe.tokenizer, examples)
+    names = [examples[0][i].path.name.split("-")[0] for i in batches.plan.instance[(40, 88)]]
+    assert sorted(names) == ["small", "tall"]
+    tall = examples[0][batches.plan.instance[(40, 88)][names.index("tall")]]
+    prepared = torch.from_numpy(np.array(Image.open(tall.path).convert("RGB"))).permute(2, 0, 1)
+    assert torch.equal(batches.instance.sets[(40, 88)].images[names.index("tall")], prepared)  # as prepared, whole
+    batches.latents = cache_latents(batches, pipe.vae, config.hflip)
+    step = next(m for m in range(batches.epoch_len) if batches.plan.picks(m, 0, 1)[0] == (40, 88))
+    assert next_batch(batches, step, config, 0, 1, pipe.vae).latents.shape == (1, 4, 11, 5)
+
+
+def test_keep_sizes_by_the_buckets_rule_and_needs_bucketing():
+    from dbnb.core.config import Config
+
+    config = Config(bucketing=True, square_mode="keep")
+    assert buckets.kept_size((832, 1216), config) == ((448, 576), False)   # its bucket, as training gives it
+    assert buckets.kept_size((2000, 2000), config) == ((512, 512), False)
+    assert buckets.kept_size((160, 240), config) == ((128, 192), True)     # never enlarged: its own size
+    assert buckets.assign_all([(448, 576)], config) == [(448, 576)]        # the written size is its bucket
+    with pytest.raises(ConfigError, match="square_mode=keep with bucketing=false: .* squeeze every one to a "
+                                          r"512x512 square\. Set bucketing=true .* or square_mode=pad"):
+        Config(square_mode="keep")
+    with pytest.raises(ConfigError, match="would crop every one"):
+        Config(square_mode="keep", center_crop=True)
+
+
 def test_class_images_are_made_at_the_buckets_sizes_in_proportion(make_config, tmp_path):
     from collections import Counter
 

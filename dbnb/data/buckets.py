@@ -186,10 +186,25 @@ def bucket_seed(seed: int, bucket: Bucket) -> int:
     return (seed * 1_000_003 + bucket[0] * 4099 + bucket[1]) % (1 << 40)
 
 
+def grid(config) -> tuple[list[Bucket], int]:
+    """(the buckets, the step of their sides) under `config`'s bucket settings."""
+    return bucket_sizes(config.resolution, *side_limits(config)), bucket_step(config.resolution)
+
+
 def assign_all(sizes: list[tuple[int, int]], config) -> list[Bucket]:
     """The bucket of each picture size (width, height) under `config`'s bucket settings."""
-    buckets, step = bucket_sizes(config.resolution, *side_limits(config)), bucket_step(config.resolution)
+    buckets, step = grid(config)
     return [assign(size, buckets, config.bucket_upscale_limit, step) for size in sizes]
+
+
+def kept_size(size: tuple[int, int], config) -> tuple[Bucket, bool]:
+    """(the size prep's square_mode=keep writes a picture of `size` at, whether the picture was too
+    small for it): the bucket training gives that shape, but never enlarged: a picture smaller than
+    its bucket keeps its own size, sides rounded down to whole steps, and training enlarges it by
+    at most bucket_upscale_limit, once. A picture written at its bucket trains at that bucket, as is."""
+    buckets, step = grid(config)
+    kept = assign(size, buckets, 1.0, step)
+    return kept, kept not in buckets
 
 
 def counts(buckets: list[Bucket]) -> dict[Bucket, int]:

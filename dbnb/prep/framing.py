@@ -12,6 +12,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageColor
 
+from dbnb.data import buckets
+
 Box = tuple[int, int, int, int]
 FaceDetector = Callable[[Image.Image], list[Box]]
 
@@ -174,6 +176,17 @@ def make_square(rgb: Image.Image, mode: str, resolution: int, background: str, f
         warns.append(f"low resolution: {square.width}px square, upscaled to {resolution}")
     done.append(f"resized to {resolution}")
     return fit(square, resolution), done, warns
+
+
+def keep_shape(rgb: Image.Image, config) -> tuple[Image.Image, list[str], list[str]]:
+    """square_mode=keep: the picture at the aspect bucket training will give it (about resolution²
+    pixels, cropped by as little as the bucket's shape leaves), never enlarged. Returns (image,
+    done, warnings) as `make_square` does."""
+    size, small = buckets.kept_size(rgb.size, config)
+    done = [f"kept its shape: resized to {size[0]}x{size[1]} (its bucket)"]
+    warns = [f"low resolution: {rgb.width}x{rgb.height}px, kept at {size[0]}x{size[1]}; training enlarges it by "
+             f"at most bucket_upscale_limit ({config.bucket_upscale_limit:g})"] if small else []
+    return buckets.fit(rgb, size), done, warns
 
 
 def framing_regions(face: Box, subject: tuple[int, int, int, int],

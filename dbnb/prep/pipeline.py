@@ -1,10 +1,11 @@
 """`dbnb prep SRC OUT`: originals in, a training folder out (PNGs + captions + report).
 
 Per picture: decode and normalise → cut out (anime-segmentation, or the picture's own
-transparency) onto the background colour → find the face → square and resize → optional
-bust-up / cowboy crops → caption. The originals are only ever read. Outputs are named
-`<name>-<content hash>.png`, so a re-run skips pictures whose content and settings have not
-changed and writes byte-identical files when it does work.
+transparency) onto the background colour → find the face → square and resize (square_mode=keep:
+resize to the picture's aspect bucket) → optional bust-up / cowboy crops → caption. The
+originals are only ever read. Outputs are named `<name>-<content hash>.png`, so a re-run skips
+pictures whose content and settings have not changed and writes byte-identical files when it
+does work.
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ from dbnb.data.dataset import caption_for
 from dbnb.data.intake import IMAGE_SUFFIXES, FetchError, fetch_images, iter_files, keep_kind
 from dbnb.data.pictures import BadImage, dhash, file_sha256, flatten, hamming, load_image
 from dbnb.prep import captions
-from dbnb.prep.framing import (FRAMING_TAGS, animeface_detector, framing_crops, framing_of, main_face, make_square,
-                               subject_box)
+from dbnb.prep.framing import (FRAMING_TAGS, animeface_detector, framing_crops, framing_of, keep_shape, main_face,
+                               make_square, subject_box)
 from dbnb.prep.report import (CONTACT_SHEET, FileResult, PrepReport, advice, bucket_line, contact_sheet, count_framings,
                               read_previous)
 from dbnb.prep.segment import SegmenterError, composite, load_segmenter
@@ -154,6 +155,8 @@ class _Job:
                       extra_framings=cfg.extra_framings, detector=det_id)
         if cfg.keep_alpha:  # only when on, so the outputs of earlier runs keep their key
             fields["keep_alpha"] = True
+        if cfg.square_mode == "keep":  # the bucket settings size what keep writes
+            fields["buckets"] = [cfg.bucket_min_side, cfg.bucket_max_side, cfg.bucket_upscale_limit]
         self.key = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
     def run(self, name: str, path: Path) -> FileResult:
@@ -196,8 +199,11 @@ class _Job:
             rgb = rgb.copy()
             rgb.putalpha(mask)
             row.done.append("alpha kept")
-        square, done, warns = make_square(rgb, cfg.square_mode, cfg.resolution, cfg.background_color, face,
-                                          mask)
+        if cfg.square_mode == "keep":
+            square, done, warns = keep_shape(rgb, cfg)
+        else:
+            square, done, warns = make_square(rgb, cfg.square_mode, cfg.resolution, cfg.background_color, face,
+                                              mask)
         row.done += done
         row.warnings += warns
         stem = f"{_slug(Path(name).stem)}-{sha[:8]}"

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dbnb.core.platform import shown
 from dbnb.data.buckets import assign_all, counts, file_size, histogram_line
@@ -212,8 +212,8 @@ def bucket_line(images: list[Path], config) -> str:
     tally = counts(assign_all([file_size(p) for p in images], config))
     line = f"buckets (bucketing=true, width x height): {histogram_line(tally)}"
     if list(tally) == [(config.resolution, config.resolution)]:
-        line += (" — every picture is square (prep squares them, square_mode): give the trainer the unsquared "
-                 "pictures for them to train at their own shape")
+        line += (f" — every picture is square (prep squares them, square_mode={config.square_mode}): set "
+                 "square_mode=keep and prep again for them to train at their own shape")
     return line
 
 
@@ -225,7 +225,9 @@ def contact_sheet(paths: list[Path], target: Path, thumb: int = THUMB) -> Path |
     thumbs, names = [], []
     for p in paths:  # thumbnails one by one: a large set's full-size pictures never sit in memory together
         with Image.open(p) as im:
-            thumbs.append(flatten(im, "white").resize((thumb - 4, thumb - 4), Image.Resampling.BILINEAR))
+            # padded, not squeezed: a picture prep left unsquared (square_mode=keep) shows its shape
+            thumbs.append(ImageOps.pad(flatten(im, "white"), (thumb - 4, thumb - 4), Image.Resampling.BILINEAR,
+                                       color="white"))
         # ASCII: Pillow's built-in font has no Japanese glyphs; the hash suffix identifies the file.
         name = p.stem.encode("ascii", "replace").decode()
         names.append(name if len(name) <= 24 else name[:11] + "~" + name[-11:])

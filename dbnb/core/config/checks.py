@@ -243,9 +243,15 @@ def _optimizer_problems(c: Config) -> list[str]:
 
 
 def _bucket_problems(c: Config) -> list[str]:
-    """Bucket sides are whole latents, and the range holds the square of the resolution."""
+    """Bucket sides are whole latents, the range holds the square of the resolution, and pictures
+    prep leaves unsquared are trained unsquared."""
     p = [f"{name}: {getattr(c, name)} must be a multiple of 8 (the autoencoder's 8 pixels a latent), or 0."
          for name in ("bucket_min_side", "bucket_max_side") if getattr(c, name) % 8]
+    if c.square_mode == "keep" and not c.bucketing:
+        p.append("square_mode=keep with bucketing=false: prep would keep each picture's shape, then training would "
+                 f"{'crop' if c.center_crop else 'squeeze'} every one to a {c.resolution}x{c.resolution} square. "
+                 "Set bucketing=true (notebook 02, beside square_mode) to train them at their own shapes, or "
+                 "square_mode=pad to square them in prep.")
     if c.bucket_min_side and c.bucket_min_side > c.resolution:
         p.append(f"bucket_min_side: {c.bucket_min_side} is above resolution {c.resolution}, so no bucket is "
                  "square: set it at most the resolution, or 0 (half the resolution).")

@@ -32,12 +32,16 @@ class PrepSettings:
                                               "isnetis.onnx が入った Hub のリポジトリか、ローカルの .onnx ファイル。", learns=False)
     square_mode: str = setting("pad", "Dataset", "Make Square",
                                "pad: whole picture on a square of background_color (no straight-cut bands; the seed's "
-                               "advice). center: center crop. face: crop around the detected face.",
-                               choices=("pad", "center", "face"),
+                               "advice). center: center crop. face: crop around the detected face. keep: not squared: "
+                               "each picture keeps its shape, resized to its aspect bucket (about resolution x "
+                               "resolution pixels, never enlarged), for bucketing=true, which it needs.",
+                               choices=("pad", "center", "face", "keep"),
                                help_ja="正方形にする方法。pad: "
                                        "切り取らずに background_color の余白を足して正方形にします（ガイドのおすすめ。"
                                        "まっすぐ切り取った跡が学習されません）。center: 中央を正方形に切り抜きます。"
-                                       "face: 検出した顔を中心に切り抜きます。", learns=False)
+                                       "face: 検出した顔を中心に切り抜きます。keep: 正方形にせず、形を保ったまま"
+                                       "バケットの大きさ（約 resolution × resolution ピクセル、拡大はしません）に縮小します。"
+                                       "bucketing=true 用で、bucketing がオンでないと使えません。", learns=False)
     extra_framings: bool = setting(False, "Dataset", "Add Bust-up / Cowboy-shot Crops",
                                    "Also derive bust-up and cowboy-shot crops from full-body pictures (the seed's "
                                    "花月 workflow). Face-only close-ups are never made: the seed found they hurt.",

@@ -296,16 +296,18 @@ class TrainSettings:
         help_ja="読み込めない画像（破損・途中で切れたファイル・画像でないもの）を警告付きで除いて学習します。"
                 "オフなら、そのような画像があるとモデルを読み込む前に学習を止めます。", learns=False)
     # Aspect-ratio buckets (dbnb.data.buckets): off for SD 1.x, whose guide pads every picture to a
-    # square at 512 on purpose.
+    # square at 512 on purpose. Notebook 02 sets it, beside square_mode, which must agree with it.
     bucketing: bool = setting(
         False, "Image Processing", "Aspect Ratio Bucketing",
         "Train each picture at the bucket closest to its shape (about resolution x resolution pixels, e.g. "
         "448x576 for a tall picture at 512) instead of squaring it: full-body pictures train whole. Each "
         "micro-batch comes from one bucket; center_crop does not apply. Off for SD 1.x by default: the seed pads every picture to a "
-        "square (dbnb prep does) and trains at 512x512.",
+        "square (dbnb prep does) and trains at 512x512. Set with square_mode=keep, so prep keeps the pictures' shapes.",
         help_ja="各画像を形の近いバケット（約 resolution × resolution ピクセル。512 なら縦長は 448x576 など）で学習し、"
                 "正方形にしません。全身の縦長画像もそのまま学習できます。ミニバッチは 1 つのバケットから作ります（center_crop は使いません）。"
-                "SD 1.x では既定でオフ: ガイドは画像を正方形に余白を足して 512x512 で学習します（dbnb prep もそうします）。")
+                "SD 1.x では既定でオフ: ガイドは画像を正方形に余白を足して 512x512 で学習します（dbnb prep もそうします）。"
+                "前処理で形を保つには square_mode=keep と一緒に使います。",
+        step="dataset")
     bucket_min_side: int = setting(
         0, "Image Processing", "Bucket Min Side",
         "With bucketing: the shortest side a bucket may have, in pixels. 0: half the resolution (256 at 512).",
