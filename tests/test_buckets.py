@@ -184,6 +184,14 @@ def test_prep_keeps_a_tall_picture_tall_and_training_draws_it_at_a_tall_bucket(m
     assert next_batch(batches, step, config, 0, 1, pipe.vae).latents.shape == (1, 4, 11, 5)
 
 
+def test_the_trainer_says_when_bucketing_finds_only_square_pictures(make_config, capsys):
+    config = make_config(bucketing=True)  # the three square demo pictures, as square_mode=pad writes them
+    read_images(config, _tokenizer(config))
+    said = capsys.readouterr().out
+    assert "per bucket (width x height): 64x64: 3 — every picture is square" in said
+    assert "prepare them with square_mode=keep (now pad;" in said
+
+
 def test_keep_sizes_by_the_buckets_rule_and_needs_bucketing():
     from dbnb.core.config import Config
 

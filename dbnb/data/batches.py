@@ -15,7 +15,7 @@ import torch
 from dbnb.core.config import Config
 from dbnb.data import dataset as data
 from dbnb.data.bucketed import BucketedImages
-from dbnb.data.buckets import BucketPlan, histogram_line, keep_bucketed, plan_buckets
+from dbnb.data.buckets import BucketPlan, all_square_note, histogram_line, keep_bucketed, plan_buckets
 from dbnb.family import base
 
 # --- randomness derived from (seed, step) ----------------------------------------------------
@@ -137,8 +137,9 @@ def bucketed_images(config: Config, tokenizers, instance, klass) -> Batches:
         ex, members, tokenizers, config.background_color, config.hflip, data.CaptionRules.from_config(config),
         config.alpha_mask_loss, borrowing)
     if os.environ.get("RANK", "0") == "0":  # said once, not by every DDP worker
-        print(f"[dbnb] bucketing: instance pictures per bucket (width x height): {histogram_line(plan.histogram())}",
-              flush=True)
+        tally = plan.histogram()
+        print(f"[dbnb] bucketing: instance pictures per bucket (width x height): {histogram_line(tally)}"
+              f"{all_square_note(tally, config)}", flush=True)
     return Batches(make(instance, plan.instance), make(klass, plan.klass, plan.borrowing) if klass else None, None,
                    plan)
 

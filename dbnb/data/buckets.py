@@ -251,3 +251,13 @@ def class_image_sizes(config, count: int) -> list[Bucket]:
 def histogram_line(tally: dict[Bucket, int]) -> str:
     """'512x512: 4, 448x576: 2' — pictures per bucket, as the prep report and the run say it."""
     return ", ".join(f"{w}x{h}: {n}" for (w, h), n in tally.items())
+
+
+def all_square_note(tally: dict[Bucket, int], config) -> str:
+    """What to do when bucketing finds only square pictures (prep squared them): said after the
+    histogram by the prep report and by the trainer; "" otherwise."""
+    if list(tally) != [(config.resolution, config.resolution)]:
+        return ""
+    return (f" — every picture is square, so bucketing trains them as without it: prepare them with "
+            f"square_mode=keep (now {config.square_mode}; notebook 02 or `dbnb prep`) for them to train at their "
+            "own shape")

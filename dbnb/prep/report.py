@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from dbnb.core.platform import shown
-from dbnb.data.buckets import assign_all, counts, file_size, histogram_line
+from dbnb.data.buckets import all_square_note, assign_all, counts, file_size, histogram_line
 from dbnb.data.pictures import flatten
 from dbnb.family.render import make_grid
 from dbnb.prep.views import balance_advice, flagged_advice, framing_counts
@@ -210,11 +210,7 @@ def bucket_line(images: list[Path], config) -> str:
     if not config.bucketing or not images:
         return ""
     tally = counts(assign_all([file_size(p) for p in images], config))
-    line = f"buckets (bucketing=true, width x height): {histogram_line(tally)}"
-    if list(tally) == [(config.resolution, config.resolution)]:
-        line += (f" — every picture is square (prep squares them, square_mode={config.square_mode}): set "
-                 "square_mode=keep and prep again for them to train at their own shape")
-    return line
+    return f"buckets (bucketing=true, width x height): {histogram_line(tally)}{all_square_note(tally, config)}"
 
 
 def contact_sheet(paths: list[Path], target: Path, thumb: int = THUMB) -> Path | None:
