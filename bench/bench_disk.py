@@ -77,7 +77,8 @@ def main() -> None:
     config = Config(output_dir=str(folder))
     pipe = sd15("meta")
     pipe.text_encoder.requires_grad_(False)
-    plan = diskplan.plan(config, pipe, "AdamW8bit", 0, config.max_train_steps, RunFolder(folder))
+    plan = diskplan.plan(config, pipe.unet, pipe.text_encoder, pipe.vae, "AdamW8bit", 0, config.max_train_steps,
+                         RunFolder(folder))
     print(f"default run (SD 1.5, {config.max_train_steps} steps, save every {config.save_every_steps}, "
           f"8-bit Adam, keep_last_n {config.keep_last_n}): {plan.line()}")
     print(f"  during the last save {format_bytes(plan.during_last_save)}, at the end {format_bytes(plan.at_the_end)}")

@@ -122,7 +122,7 @@ def test_sd1_losses_are_bitwise_what_they_were(make_config, settings):
         assert set(batch.inputs) == {"input_ids"}
         state = batch.generator.get_state()
         new = diffusion_loss(models.denoiser, models.encoder, models.noise_scheduler, batch, config,
-                             scaling_factor=models.latent_scale)
+                             family=SD1, scaling_factor=models.latent_scale)
         old = _loss_before_the_seam(models.denoiser, models.encoder, models.noise_scheduler, batch.latents,
                                     batch.inputs["input_ids"], torch.Generator().set_state(state), batch.mask,
                                     config, models.latent_scale)
@@ -164,8 +164,6 @@ class DualEncoderFamily:
         return folder
 
     def load(self, config, device, weight_dtype):
-        from types import SimpleNamespace
-
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -186,8 +184,7 @@ class DualEncoderFamily:
                            tokenizers={"input_ids": tokenizer, "input_ids_2": tokenizer},
                            noise_scheduler=DDPMScheduler.from_config(skeleton_config("scheduler")),
                            latent_scale=autoencoder.config.scaling_factor,
-                           # what the disk plan sizes (dbnb.train.diskplan still reads SD 1.x's part names)
-                           pipe=SimpleNamespace(unet=denoiser, text_encoder=encoder, vae=autoencoder), base=base)
+                           pipe=None, base=base)
 
     def encode_images(self, autoencoder, images):
         with torch.no_grad():

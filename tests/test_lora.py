@@ -12,6 +12,7 @@ from dbnb.core.config import FIELDS, Config, ConfigError
 from dbnb.data.batches import MicroBatch, read_images
 from dbnb.data.dataset import unit_range
 from dbnb.family import lora
+from dbnb.family.sd1.family import SD1
 from dbnb.family.sd1.load import load_pipeline
 from dbnb.run.checkpoints import dir_size
 from dbnb.run.folder import RunFolder
@@ -43,7 +44,7 @@ def fixed_loss(config, checkpoint=None):
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config),
                                  MicroBatch(latents, {"input_ids": batches.instance.input_ids},
                                             torch.Generator().manual_seed(k)),
-                                 plain, scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
+                                 plain, family=SD1, scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
     return sum(losses) / len(losses)
 
 

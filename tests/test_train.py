@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from dbnb.core.config import Config, ConfigError
 from dbnb.data import dataset as data
 from dbnb.data.batches import MicroBatch, read_images
+from dbnb.family.sd1.family import SD1
 from dbnb.run.checkpoints import RunFolder, RunFolderError
 from dbnb.train.loop import TrainingError, diffusion_loss, train
 
@@ -38,7 +39,7 @@ def fixed_loss(config, unet_state=None):
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, _ddpm(pipe),
                                  MicroBatch(latents, {"input_ids": batches.instance.input_ids},
                                             torch.Generator().manual_seed(k)),
-                                 config.replace(with_prior_preservation=False),
+                                 config.replace(with_prior_preservation=False), family=SD1,
                                  scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
     return sum(losses) / len(losses)
 
@@ -75,7 +76,7 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
     def loss(**kw):
         c = config.replace(**kw)
         return diffusion_loss(pipe.unet, pipe.text_encoder, _ddpm(pipe),
-                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1)), c).item()
+                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1)), c, family=SD1).item()
     instance_only = loss(prior_loss_weight=0.0)
     one, two = loss(prior_loss_weight=1.0), loss(prior_loss_weight=2.0)
     class_term = one - instance_only
@@ -168,7 +169,7 @@ def test_snr_gamma_and_offset_noise_change_the_loss_as_defined(make_config):
     def loss(scheduler=None, **kw):
         return diffusion_loss(pipe.unet, pipe.text_encoder, scheduler or _ddpm(pipe),
                               MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(3)),
-                              make_config(**kw)).item()
+                              make_config(**kw), family=SD1).item()
     plain = loss()
     # Min-SNR weights are min(SNR, γ) / SNR ≤ 1: a huge γ changes nothing, a small one lowers the loss
     assert loss(snr_gamma=1e9) == pytest.approx(plain, rel=1e-6)
@@ -979,7 +980,8 @@ def test_alpha_mask_loss_equals_the_plain_loss_when_opaque_and_ignores_transpare
 
     def loss(mask, unet=pipe.unet):
         return diffusion_loss(unet, pipe.text_encoder, _ddpm(pipe),
-                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1), mask), config)
+                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1), mask), config,
+                              family=SD1)
     assert loss(torch.ones(2, 1, 8, 8)).item() == loss(None).item()
     half = torch.ones(2, 1, 8, 8)
     half[..., :4] = 0.0  # the left half transparent

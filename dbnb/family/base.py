@@ -29,7 +29,7 @@ class Models:
     tokenizers: dict[str, object]  # one per token input the batches carry, by that input's name
     noise_scheduler: object        # the training noise schedule (diffusers' DDPMScheduler API)
     latent_scale: float            # the autoencoder's scaling_factor: latents are scaled by it before noising
-    pipe: object                   # the whole pipeline: previews sample with it, the disk plan sizes it
+    pipe: object                   # the family's own pipeline of these parts, if it has one (previews)
     base: dict[str, str]           # the base model's fingerprint as loaded (RunFolder.record_base / check_base)
 
 

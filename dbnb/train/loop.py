@@ -257,7 +257,8 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
                        model_config=denoiser.config, foreach=True)
     state = load_checkpoint(resume_from, denoiser, encoder, ema, config) if resume_from else {}
     # Every process on its own: each asks the same disk, so all stop here or none does.
-    disk = diskplan.plan(config, models.pipe, name_of(optimizer), state.get("step", 0), max_steps, run)
+    disk = diskplan.plan(config, models.denoiser, models.encoder, models.autoencoder, name_of(optimizer),
+                         state.get("step", 0), max_steps, run)
     free = diskplan.check(run, config, disk)
     if accelerator.is_main_process:
         print(f"[dbnb] disk plan: {disk.line()}; {format_bytes(free)} free", flush=True)
