@@ -52,6 +52,7 @@ def main() -> None:
 
     from dbnb.core.config import Config
     from dbnb.core.disk import format_bytes
+    from dbnb.family.sd1.family import SD1
     from dbnb.run.checkpoints import WEIGHTS_DTYPE, write_model, write_tensors
     from dbnb.run.folder import RunFolder
     from dbnb.train import diskplan
@@ -64,8 +65,8 @@ def main() -> None:
     unet = sd15("cpu").unet
     state = unet.state_dict()
     print(f"SD 1.5 UNet: {sum(p.numel() for p in unet.parameters()):,} values")
-    timed("weights, fp16 (unet/, kept for every save)", lambda: write_model(folder / "unet", unet, state,
-                                                                            WEIGHTS_DTYPE), folder / "unet")
+    timed("weights, fp16 (unet/, kept for every save)",
+          lambda: write_model(folder / "unet", unet, state, WEIGHTS_DTYPE, SD1.parts.denoiser.file), folder / "unet")
     timed("master, fp32 (state/unet.safetensors)", lambda: write_tensors(folder / "master.safetensors", state,
                                                                          torch.float32), folder / "master.safetensors")
     timed("before: fp32 weights kept for every save", lambda: unet.save_pretrained(folder / "unet-fp32"),

@@ -37,7 +37,7 @@ def test_every_save_keeps_fp16_weights_and_only_the_resume_state_the_fp32_master
         assert dtypes(new.path / "state" / f"{name}.safetensors") == {"F32"}, name
     assert not (old.path / "state").exists()  # keep_last_n pruned the master with the rest
     # the weights are the master, rounded: what the run trained, at half the size
-    weights, full = new.unet_state(), master(result.run_dir, 3)
+    weights, full = new.denoiser_state(), master(result.run_dir, 3)
     assert weights.keys() == full.keys()
     assert all(torch.equal(weights[k], full[k].half()) for k in full)
     assert dir_size(new.path / "unet") < 0.55 * (new.path / "state" / "unet.safetensors").stat().st_size

@@ -30,7 +30,7 @@ def run_dir(tiny_dir, tmp_path_factory):
 
 def checkpoint_weights(run_dir, step, name, ema=False):
     checkpoint = RunFolder(run_dir).pick(step)
-    return checkpoint.text_encoder_state() if name == "text_encoder" else checkpoint.unet_state(ema)
+    return checkpoint.encoder_state() if name == "text_encoder" else checkpoint.denoiser_state(ema)
 
 
 @pytest.mark.parametrize("fmt, precision, ema", [

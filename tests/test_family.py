@@ -15,7 +15,8 @@ from dbnb.family.sd1.family import SD1
 from dbnb.train.loss import diffusion_loss, min_snr_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERIC = ("dbnb/train/loop.py", "dbnb/train/loss.py", "dbnb/data/batches.py")
+GENERIC = ("dbnb/train/loop.py", "dbnb/train/loss.py", "dbnb/data/batches.py", "dbnb/run/checkpoints.py",
+           "dbnb/run/folder.py", "dbnb/train/diskplan.py")
 SD1_NAMES = {"unet", "text_encoder", "vae", "tokenizer", "UNet2DConditionModel", "CLIPTextModel", "AutoencoderKL"}
 
 
@@ -136,7 +137,8 @@ class DualEncoderFamily:
     two tokenizers, one token input each) whose hidden states are concatenated, so the UNet's
     cross_attention_dim is the sum of their widths. Recognized by the marker file in its folder."""
     name = "dual-encoder (test)"
-    part_names = ("denoiser", "text encoders")
+    parts = base.Parts(denoiser=base.Part("denoiser", "denoiser", "diffusion_pytorch_model.safetensors"),
+                       encoder=base.Part("encoders", "text encoders", "model.safetensors"))
     MARKER = "dual_encoder_family.json"
     WIDTHS = (32, 16)
 
@@ -231,9 +233,9 @@ def test_a_second_family_trains_saves_and_resumes_through_the_real_trainer(make_
     log = [json.loads(x) for x in (resumed.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     before = load_file(str(model / "denoiser" / "diffusion_pytorch_model.safetensors"))
-    after = RunFolder(resumed.run_dir).pick(4).unet_state()
+    after = RunFolder(resumed.run_dir).pick(4).denoiser_state()
     assert set(after) == set(before) and any(not torch.equal(after[k].float(), before[k].float()) for k in before)
-    assert [p.name for p in first.checkpoints] == ["step-000002"] and (first.checkpoints[0] / "unet").is_dir()
-    uninterrupted = RunFolder(straight.run_dir).pick(4).unet_state()
+    assert [p.name for p in first.checkpoints] == ["step-000002"] and (first.checkpoints[0] / "denoiser").is_dir()
+    uninterrupted = RunFolder(straight.run_dir).pick(4).denoiser_state()
     for k in after:  # resumed exactly where it stopped: the same weights as the run that never stopped
         torch.testing.assert_close(after[k], uninterrupted[k], rtol=0, atol=1e-6, msg=k)

@@ -23,7 +23,7 @@ from dbnb.train.loop import TrainingError, diffusion_loss, train
 
 
 def unet_weights(run_dir, step, ema=False):
-    return RunFolder(run_dir).pick(step).unet_state(ema)
+    return RunFolder(run_dir).pick(step).denoiser_state(ema)
 
 
 def fixed_loss(config, unet_state=None):
@@ -85,7 +85,7 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
 
 
 def _text_encoder(run_dir, step):
-    return RunFolder(run_dir).pick(step).text_encoder_state()
+    return RunFolder(run_dir).pick(step).encoder_state()
 
 
 def _differ(a, b):

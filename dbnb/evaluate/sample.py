@@ -199,11 +199,11 @@ class TestPipeline:
         if row.checkpoint is None:
             raise SampleError("The base row must be rendered before any checkpoint is swapped in.")
         ckpt = row.checkpoint
-        if ckpt.kind == "full" and "text_encoder" in ckpt.parts and self.base_text is None:
+        if ckpt.kind == "full" and ckpt.holds_encoder and self.base_text is None:
             self.base_text = {k: v.detach().to("cpu", copy=True) for k, v in self.pipe.text_encoder.state_dict().items()}
-        elif "text_encoder" not in ckpt.parts and self.base_text is not None:
+        elif not ckpt.holds_encoder and self.base_text is not None:
             self.pipe.text_encoder.load_state_dict(self.base_text)
-        ckpt.load_into(self.pipe, ema=self.ema, scale=self.config.lora_scale)
+        ckpt.load_into(self.pipe.unet, self.pipe.text_encoder, ema=self.ema, scale=self.config.lora_scale)
         self.current = row.name
 
     @torch.no_grad()

@@ -33,13 +33,34 @@ class Models:
     base: dict[str, str]           # the base model's fingerprint as loaded (RunFolder.record_base / check_base)
 
 
+@dataclass(frozen=True)
+class Part:
+    """How a family names one trained part where it is saved and said (dbnb.run.checkpoints,
+    dbnb.family.lora): SD 1.x's UNet is Part("unet", "UNet", "diffusion_pytorch_model.safetensors")."""
+    name: str   # its folder in a checkpoint (its EMA's: `ema`), its adapters' file stem and key prefix
+    label: str  # in messages
+    file: str   # its weights file in its folder
+
+    @property
+    def ema(self) -> str:
+        """The folder of its EMA weights."""
+        return f"{self.name}_ema"
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A family's trained parts by role."""
+    denoiser: Part
+    encoder: Part
+
+
 @runtime_checkable
 class Family(Protocol):
     """A model family, as the trainer uses it. Everything component-specific lives behind it:
     what is frozen or cast, which modules get LoRA adapters, gradient checkpointing, attention."""
 
     name: str
-    part_names: tuple[str, str]  # the denoiser's and the encoder's names in messages ("UNet", "text encoder")
+    parts: Parts  # how its denoiser and encoder are named in checkpoints and messages
 
     def recognizes(self, source: str) -> bool:
         """Whether `source` (pretrained_model_name_or_path) is a model of this family."""

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from dbnb.core.errors import DbnbError
+from dbnb.family.base import Part, Parts
 
 ADAPTER = "dbnb"  # the peft adapter name on the UNet / text encoder
-# A checkpoint's lora/ folder (not the diffusers files of dbnb.run.checkpoints' unet/ and text_encoder/)
-SPEC_FILE, UNET_ADAPTERS_FILE, TEXT_ENCODER_ADAPTERS_FILE, EMA_ADAPTERS_FILE = (
-    "adapters.json", "unet.safetensors", "text_encoder.safetensors", "ema.safetensors")
+# A checkpoint's lora/ folder: these, and each part's adapters in <part name>.safetensors
+# (SD 1.x: unet.safetensors, text_encoder.safetensors; dbnb.family.base.Part)
+SPEC_FILE, EMA_ADAPTERS_FILE = "adapters.json", "ema.safetensors"
 TRANSFORMER_BLOCKS = ("Transformer2DModel",)
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
@@ -188,72 +189,81 @@ def set_scale(model, scale: float) -> None:
 
 # --- in a checkpoint's lora/ folder -------------------------------------------------------------
 
-def held_parts(folder: Path) -> set[str]:
-    return {part for part, file in (("unet", UNET_ADAPTERS_FILE), ("text_encoder", TEXT_ENCODER_ADAPTERS_FILE),
-                                    ("ema", EMA_ADAPTERS_FILE))
-            if (folder / file).is_file()}
+def adapters_file(folder: Path, part: Part) -> Path:
+    return folder / f"{part.name}.safetensors"
 
 
-def save(folder: Path, unet, text_encoder, spec: Spec, ema_state: dict | None) -> None:
+def held_parts(folder: Path, parts: Parts) -> set[str]:
+    """The names of the parts whose adapters `folder` holds, and "ema" when it holds their EMA."""
+    return ({part.name for part in (parts.denoiser, parts.encoder) if adapters_file(folder, part).is_file()}
+            | ({"ema"} if (folder / EMA_ADAPTERS_FILE).is_file() else set()))
+
+
+def save(folder: Path, denoiser, encoder, spec: Spec, ema_state: dict | None, parts: Parts) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir()
     spec.save(folder)
-    save_file(adapter_state(unet), folder / UNET_ADAPTERS_FILE)
+    save_file(adapter_state(denoiser), adapters_file(folder, parts.denoiser))
     if spec.text_encoder_rank:
-        save_file(adapter_state(text_encoder), folder / TEXT_ENCODER_ADAPTERS_FILE)
+        save_file(adapter_state(encoder), adapters_file(folder, parts.encoder))
     if ema_state is not None:
         save_file(ema_state, folder / EMA_ADAPTERS_FILE)
 
 
-def ema_state(shadow: list[torch.Tensor], unet, text_encoder) -> dict[str, torch.Tensor]:
-    """The EMA's shadow of `trainable(unet, text_encoder)`, keyed "unet.<key>" / "text_encoder.<key>"."""
-    keys = [f"{part}.{k}" for part, model in (("unet", unet), ("text_encoder", text_encoder))
+def _ema_keys(denoiser, encoder, parts: Parts) -> list[str]:
+    """The EMA's keys in the order of `trainable(denoiser, encoder)`: "<part name>.<adapter key>"."""
+    return [f"{part.name}.{k}" for part, model in ((parts.denoiser, denoiser), (parts.encoder, encoder))
             for k, _ in adapter_parameters(model)]
-    return {k: t.detach().to("cpu", torch.float32, copy=True) for k, t in zip(keys, shadow)}
 
 
-def read_ema_shadow(folder: Path, unet, text_encoder) -> list[torch.Tensor]:
-    """The saved EMA shadow, in the order of `trainable(unet, text_encoder)`."""
+def ema_state(shadow: list[torch.Tensor], denoiser, encoder, parts: Parts) -> dict[str, torch.Tensor]:
+    """The EMA's shadow of `trainable(denoiser, encoder)`, keyed "unet.<key>" / "text_encoder.<key>" (SD 1.x)."""
+    return {k: t.detach().to("cpu", torch.float32, copy=True)
+            for k, t in zip(_ema_keys(denoiser, encoder, parts), shadow)}
+
+
+def read_ema_shadow(folder: Path, denoiser, encoder, parts: Parts) -> list[torch.Tensor]:
+    """The saved EMA shadow, in the order of `trainable(denoiser, encoder)`."""
     from dbnb.core.weights import read_safetensors
 
     saved = read_safetensors(folder / EMA_ADAPTERS_FILE)
-    keys = [f"{part}.{k}" for part, model in (("unet", unet), ("text_encoder", text_encoder))
-            for k, _ in adapter_parameters(model)]
+    keys = _ema_keys(denoiser, encoder, parts)
     if set(keys) != saved.keys():
         raise LoraError(f"{folder / EMA_ADAPTERS_FILE}: its EMA does not match this run's adapters; resume from "
                         "another checkpoint.")
     return [saved[k] for k in keys]
 
 
-def trainable(unet, text_encoder) -> list[torch.nn.Parameter]:
+def trainable(denoiser, encoder) -> list[torch.nn.Parameter]:
     """The adapters' parameters in a fixed order (the optimizer's and the EMA's)."""
-    return [p for model in (unet, text_encoder) for _, p in adapter_parameters(model)]
+    return [p for model in (denoiser, encoder) for _, p in adapter_parameters(model)]
 
 
-def read(folder: Path, ema: bool = False) -> tuple[dict, dict]:
-    """(unet, text_encoder) adapter state dicts of a checkpoint (their EMA when `ema`)."""
+def read(folder: Path, parts: Parts, ema: bool = False) -> tuple[dict, dict]:
+    """(denoiser, encoder) adapter state dicts of a checkpoint (their EMA when `ema`)."""
     from dbnb.core.weights import read_safetensors
 
     if ema:
         both = read_safetensors(folder / EMA_ADAPTERS_FILE)
         split = lambda part: {k[len(part) + 1:]: v for k, v in both.items() if k.startswith(part + ".")}  # noqa: E731
-        return split("unet"), split("text_encoder")
-    text = folder / TEXT_ENCODER_ADAPTERS_FILE
-    return read_safetensors(folder / UNET_ADAPTERS_FILE), (read_safetensors(text) if text.is_file() else {})
+        return split(parts.denoiser.name), split(parts.encoder.name)
+    encoder = adapters_file(folder, parts.encoder)
+    return (read_safetensors(adapters_file(folder, parts.denoiser)),
+            read_safetensors(encoder) if encoder.is_file() else {})
 
 
-def load_into(folder: Path, pipe, ema: bool = False, scale: float = 1.0) -> None:
-    """Put a checkpoint's adapters on `pipe`'s UNet and text encoder (adding them on first use)."""
+def load_into(folder: Path, denoiser, encoder, parts: Parts, ema: bool = False, scale: float = 1.0) -> None:
+    """Put a checkpoint's adapters on a denoiser and an encoder (adding them on first use)."""
     spec = Spec.read(folder)
-    unet_sd, text_sd = read(folder, ema)
-    if not any(f".{ADAPTER}." in n for n, _ in pipe.unet.named_parameters()):
+    denoiser_sd, encoder_sd = read(folder, parts, ema)
+    if not any(f".{ADAPTER}." in n for n, _ in denoiser.named_parameters()):
         with torch.random.fork_rng(devices=[]):
-            _add(pipe.unet, pipe.text_encoder, spec)
-    set_adapter_state(pipe.unet, unet_sd, folder)
+            _add(denoiser, encoder, spec)
+    set_adapter_state(denoiser, denoiser_sd, folder)
     if spec.text_encoder_rank:
-        set_adapter_state(pipe.text_encoder, text_sd, folder)
-    for model in (pipe.unet, pipe.text_encoder):
+        set_adapter_state(encoder, encoder_sd, folder)
+    for model in (denoiser, encoder):
         set_scale(model, scale)
 
 

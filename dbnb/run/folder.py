@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dbnb.core.versions import dbnb_version
+from dbnb.family.base import Family, default, for_model
 from dbnb.run.checkpoints import Checkpoint, CheckpointError, damage
 from dbnb.run.lock import RunFolderError, RunLock
 
@@ -131,7 +132,7 @@ class RunFolder:
 
     def record_base(self, config, parts: dict[str, str]) -> None:
         """What a new run starts from: the base model's settings and its fingerprint
-        (dbnb.family.sd1.load.fingerprint), which resume compares by content."""
+        (its family's, dbnb.family.base.Models.base), which resume compares by content."""
         record = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
                   "pretrained_vae_name_or_path": config.pretrained_vae_name_or_path, "fingerprint": parts}
         self.base_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -168,6 +169,12 @@ class RunFolder:
     def run_id(self) -> str | None:
         return (self.saved_config() or {}).get("run_id")
 
+    @property
+    def family(self) -> Family:
+        """The family of the run's base model (its checkpoints' part names are that family's)."""
+        source = (self.saved_config() or {}).get("pretrained_model_name_or_path")
+        return for_model(source) if source else default()
+
     def create(self) -> None:
         for folder in (self.checkpoints_dir, self.samples_root, self.log_path.parent):
             folder.mkdir(parents=True, exist_ok=True)
@@ -178,7 +185,8 @@ class RunFolder:
         folder = self.checkpoints_dir
         if not folder.is_dir():
             return []
-        found = [c for p in folder.iterdir() if (c := Checkpoint.at(p))]
+        family = self.family
+        found = [c for p in folder.iterdir() if (c := Checkpoint.at(p, family))]
         return sorted(found, key=lambda c: c.step)
 
     def resumable(self) -> list["Checkpoint"]:
@@ -241,7 +249,7 @@ class RunFolder:
                                      "No earlier checkpoint with a resume state is complete: start a new run_name."))
             return newest
         path = Path(resume)
-        found = Checkpoint.at(path)
+        found = Checkpoint.at(path, self.family)
         if found is None or not found.resumable:
             raise RunFolderError(f"--resume {resume}: not a checkpoint folder with state/trainer.json "
                                  "(its resume state may have been pruned by keep_last_n).")

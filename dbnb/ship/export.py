@@ -64,7 +64,7 @@ def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dt
     if checkpoint.kind == "lora":
         base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
                              revision=config.revision, dtype=torch.float32)  # merged in fp32, then cast
-        checkpoint.load_into(base, ema=ema)
+        checkpoint.load_into(base.unet, base.text_encoder, ema=ema)
         cast = lambda sd: {k: v.to(dtype) for k, v in sd.items()}  # noqa: E731
         return (cast(merged_state_dict(base.unet)), cast(base.vae.state_dict()),
                 cast(merged_state_dict(base.text_encoder)), checkpoint.step, config)
@@ -72,8 +72,8 @@ def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dt
                          revision=config.revision, dtype=dtype)
     del base.unet  # replaced by the trained one; dropping it first keeps peak RAM down
     # cast tensor by tensor while reading: never two full copies in RAM
-    unet = checkpoint.unet_state(ema, dtype)
-    text = checkpoint.text_encoder_state(dtype)
+    unet = checkpoint.denoiser_state(ema, dtype)
+    text = checkpoint.encoder_state(dtype)
     return unet, base.vae.state_dict(), text if text is not None else base.text_encoder.state_dict(), \
         checkpoint.step, config
 
@@ -253,7 +253,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
                              revision=config.revision, dtype=torch.float32)
     try:
         pipe = base()
-        checkpoint.load_into(pipe, ema=ema)
+        checkpoint.load_into(pipe.unet, pipe.text_encoder, ema=ema)
         with torch.no_grad():  # what the file can hold: the adapters at its precision
             for p in lora.trainable(pipe.unet, pipe.text_encoder):
                 p.copy_(p.to(dtype).float())

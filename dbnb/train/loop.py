@@ -328,7 +328,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                     if acc.is_main_process:
                         saved.append(save_checkpoint(s.run, s.step, s.micro_step, acc.unwrap_model(s.denoiser),
                                                      acc.unwrap_model(s.encoder), s.optimizer,
-                                                     s.lr_scheduler, s.ema, config))
+                                                     s.lr_scheduler, s.ema, config, s.family))
                     acc.wait_for_everyone()
         except KeyboardInterrupt:
             if not flag["cancel"]:  # not ours (a notebook's interrupt outside the handler): as it was
@@ -431,10 +431,10 @@ def non_finite_part(s: Session) -> str:
     """Which trained tensors hold an inf or NaN ("" when none): checked before every save."""
     acc = s.accelerator
     denoiser, encoder = acc.unwrap_model(s.denoiser), acc.unwrap_model(s.encoder)
-    named = s.family.part_names
-    parts = {f"{named[0]} weights": [p for p in denoiser.parameters() if p.requires_grad]}
+    named = s.family.parts
+    parts = {f"{named.denoiser.label} weights": [p for p in denoiser.parameters() if p.requires_grad]}
     if s.config.trains_text_encoder:
-        parts[f"{named[1]} weights"] = [p for p in encoder.parameters() if p.requires_grad]
+        parts[f"{named.encoder.label} weights"] = [p for p in encoder.parameters() if p.requires_grad]
     if s.ema is not None:
         parts["EMA weights"] = list(s.ema.shadow_params)
     parts["optimizer state"] = divergence.optimizer_tensors(s.optimizer)

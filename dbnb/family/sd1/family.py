@@ -11,13 +11,14 @@ import warnings
 
 import torch
 
-from dbnb.family.base import Models
+from dbnb.family.base import Models, Part, Parts
 from dbnb.family.sd1 import autoencoder
 
 
 class SD1Family:
     name = "sd1"
-    part_names = ("UNet", "text encoder")
+    parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors"),
+                  encoder=Part("text_encoder", "text encoder", "model.safetensors"))
 
     def recognizes(self, source: str) -> bool:
         return True  # the fallback: dbnb.family.sd1.load says what is not an SD 1.x model
