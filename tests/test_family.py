@@ -137,8 +137,8 @@ class DualEncoderFamily:
     two tokenizers, one token input each) whose hidden states are concatenated, so the UNet's
     cross_attention_dim is the sum of their widths. Recognized by the marker file in its folder."""
     name = "dual-encoder (test)"
-    parts = base.Parts(denoiser=base.Part("denoiser", "denoiser", "diffusion_pytorch_model.safetensors"),
-                       encoder=base.Part("encoders", "text encoders", "model.safetensors"))
+    parts = base.Parts(denoiser=base.Part("denoiser", "denoiser", "diffusion_pytorch_model.safetensors", "lora_dn_"),
+                       encoder=base.Part("encoders", "text encoders", "model.safetensors", "lora_enc_"))
     MARKER = "dual_encoder_family.json"
     WIDTHS = (32, 16)
 
@@ -187,6 +187,11 @@ class DualEncoderFamily:
                            noise_scheduler=DDPMScheduler.from_config(skeleton_config("scheduler")),
                            latent_scale=autoencoder.config.scaling_factor,
                            pipe=None, base=base)
+
+    def adapter_targets(self, denoiser, encoder, spec):
+        from dbnb.family.sd1.adapters import targets
+
+        return targets(denoiser, encoder, spec)  # SD 1.x's blocks: the same UNet, CLIP layers inside the ModuleDict
 
     def encode_images(self, autoencoder, images):
         with torch.no_grad():

@@ -86,7 +86,7 @@ def test_a_lora_checkpoint_holds_only_the_adapters_and_its_size_is_estimated(mak
 def test_every_text_encoder_layer_and_every_transformer_block_gets_its_adapters():
     pipe = build_tiny_pipeline()
     spec = lora.Spec(rank=4, alpha=4.0, conv_rank=2, text_encoder_rank=2)
-    lora.add_adapters(pipe.unet, pipe.text_encoder, spec, seed=0)
+    lora.add_adapters(pipe.unet, pipe.text_encoder, spec, SD1, seed=0)
     # kohya once trained a third of the encoder's modules: every layer must have all six
     per_layer = {}
     for key in lora.adapter_state(pipe.text_encoder):
@@ -234,7 +234,7 @@ def test_diffusers_reads_the_lora_file_back_equal_to_the_checkpoint(lora_run):
         expected = _checkpoint_outputs(lora_run, ema)
         pipe = load_pipeline(_base(lora_run))
         base = kohya.outputs(pipe, hidden=expected[0])
-        kohya.load_file_into(pipe, path)
+        kohya.load_file_into(pipe, path, SD1.parts)
         got = kohya.outputs(pipe, hidden=expected[0])
         for e, g, b in zip(expected, got, base):
             assert (e - g).abs().max().item() <= 1e-4
@@ -255,7 +255,7 @@ def test_a_key_diffusers_would_ignore_is_an_error(lora_run, tmp_path):
     for bad in ("odd", "x"):
         with pytest.raises(kohya.KohyaError):
             kohya.verify(tmp_path / f"{bad}.safetensors", _checkpoint_outputs(lora_run),
-                         lambda: load_pipeline(_base(lora_run)))
+                         lambda: load_pipeline(_base(lora_run)), SD1.parts)
 
 
 def test_bake_writes_a_full_model_equal_to_base_plus_lora(lora_run):

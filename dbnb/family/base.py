@@ -36,10 +36,11 @@ class Models:
 @dataclass(frozen=True)
 class Part:
     """How a family names one trained part where it is saved and said (dbnb.run.checkpoints,
-    dbnb.family.lora): SD 1.x's UNet is Part("unet", "UNet", "diffusion_pytorch_model.safetensors")."""
+    dbnb.family.lora): SD 1.x's UNet is Part("unet", "UNet", "diffusion_pytorch_model.safetensors", "lora_unet_")."""
     name: str   # its folder in a checkpoint (its EMA's: `ema`), its adapters' file stem and key prefix
     label: str  # in messages
     file: str   # its weights file in its folder
+    kohya: str  # its adapters' key prefix in a kohya-layout LoRA file, the webui's (dbnb.ship.kohya)
 
     @property
     def ema(self) -> str:
@@ -52,6 +53,14 @@ class Parts:
     """A family's trained parts by role."""
     denoiser: Part
     encoder: Part
+
+
+@dataclass(frozen=True)
+class AdapterTargets:
+    """Which modules of a denoiser and an encoder get LoRA adapters, by module path (dbnb.family.lora)."""
+    denoiser: list[str]        # at lora_rank
+    denoiser_convs: list[str]  # 3x3 convs at lora_conv_rank (LoCon; empty unless conv_rank)
+    encoder: list[str]         # at lora_text_encoder_rank
 
 
 @runtime_checkable
@@ -68,6 +77,9 @@ class Family(Protocol):
     def load(self, config, device: torch.device, weight_dtype: torch.dtype) -> Models:
         """The base model of `config` on `device`, ready to train: frozen parts in `weight_dtype`,
         trained ones in fp32, adapters added (use_lora), memory and attention switches set."""
+
+    def adapter_targets(self, denoiser: torch.nn.Module, encoder: torch.nn.Module, spec) -> AdapterTargets:
+        """The modules that get LoRA adapters of `spec` (dbnb.family.lora.Spec's shapes)."""
 
     def encode_images(self, autoencoder: torch.nn.Module, images: torch.Tensor):
         """The latent distribution (`.mean`, `.std`, unscaled) of `images` in [-1, 1], under

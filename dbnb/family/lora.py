@@ -1,11 +1,8 @@
-"""LoRA / LoCon adapters on the UNet and the text encoder, through peft (diffusers' and
-transformers' own adapter support), on the module set kohya's `networks/lora.py` trains:
-
-  UNet, always    every Linear and 1x1 conv inside the transformer blocks' Transformer2DModel:
-                  proj_in, proj_out, attn1/attn2 to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2
-  UNet, LoCon     (lora_conv_rank > 0) the ResNet blocks and the up/down samplers too: their 3x3
-                  convs at lora_conv_rank, time_emb_proj and conv_shortcut at lora_rank
-  text encoder    (lora_text_encoder_rank > 0) q/k/v/out_proj and mlp.fc1/fc2 of every layer
+"""LoRA / LoCon adapters on any family's denoiser and encoder, through peft (diffusers' and
+transformers' own adapter support). Which modules get them is the family's
+(`Family.adapter_targets`; SD 1.x: dbnb.family.sd1.adapters, kohya's module set): the
+denoiser's at lora_rank, its 3x3 convs at lora_conv_rank (LoCon), the encoder's at
+lora_text_encoder_rank (when > 0).
 
 Every adapter has the scale alpha / rank (kohya's and peft's meaning of alpha); LoCon convs keep
 the linear layers' ratio. A checkpoint's `lora/` folder holds the adapters (peft's state-dict
@@ -22,15 +19,12 @@ from pathlib import Path
 import torch
 
 from dbnb.core.errors import DbnbError
-from dbnb.family.base import Part, Parts
+from dbnb.family.base import AdapterTargets, Family, Part, Parts
 
-ADAPTER = "dbnb"  # the peft adapter name on the UNet / text encoder
+ADAPTER = "dbnb"  # the peft adapter name on the denoiser / encoder
 # A checkpoint's lora/ folder: these, and each part's adapters in <part name>.safetensors
 # (SD 1.x: unet.safetensors, text_encoder.safetensors; dbnb.family.base.Part)
 SPEC_FILE, EMA_ADAPTERS_FILE = "adapters.json", "ema.safetensors"
-TRANSFORMER_BLOCKS = ("Transformer2DModel",)
-CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 
 
 class LoraError(DbnbError, RuntimeError):
@@ -73,7 +67,7 @@ class Spec:
 
 # --- which modules get adapters ------------------------------------------------------------------
 
-def _children(root: torch.nn.Module, blocks: tuple[str, ...]):
+def modules_inside(root: torch.nn.Module, blocks: tuple[str, ...]):
     """(name, module) of every Linear / Conv2d inside a module of one of the `blocks` classes."""
     seen = set()
     for name, module in root.named_modules():
@@ -86,22 +80,9 @@ def _children(root: torch.nn.Module, blocks: tuple[str, ...]):
                 yield full, child
 
 
-def _is_3x3(module) -> bool:
+def is_3x3(module) -> bool:
+    """A conv that LoCon adapts at lora_conv_rank (1x1 convs count as linear layers)."""
     return isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
-
-
-def unet_targets(unet, spec: Spec) -> tuple[list[str], list[str]]:
-    """(modules at lora_rank, 3x3 convs at lora_conv_rank) of this UNet, by module path."""
-    linear = [n for n, _ in _children(unet, TRANSFORMER_BLOCKS)]
-    convs = []
-    if spec.conv_rank:
-        for name, module in _children(unet, CONV_BLOCKS):
-            (convs if _is_3x3(module) else linear).append(name)
-    return linear, convs
-
-
-def text_encoder_targets(text_encoder) -> list[str]:
-    return [n for n, _ in _children(text_encoder, TEXT_BLOCKS)]
 
 
 def _exact(names: list[str]) -> str:
@@ -110,45 +91,45 @@ def _exact(names: list[str]) -> str:
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def unet_lora_config(unet, spec: Spec):
+def denoiser_lora_config(targets: AdapterTargets, spec: Spec):
     from peft import LoraConfig
 
-    linear, convs = unet_targets(unet, spec)
-    pattern = {re.escape(n): spec.conv_rank for n in convs}
+    pattern = {re.escape(n): spec.conv_rank for n in targets.denoiser_convs}
     return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=True,
-                      target_modules=_exact(linear + convs), rank_pattern=pattern,
+                      target_modules=_exact(targets.denoiser + targets.denoiser_convs), rank_pattern=pattern,
                       alpha_pattern={k: spec.conv_alpha for k in pattern})
 
 
-def text_encoder_lora_config(text_encoder, spec: Spec):
+def encoder_lora_config(targets: AdapterTargets, spec: Spec):
     from peft import LoraConfig
 
     return LoraConfig(r=spec.text_encoder_rank, lora_alpha=spec.text_encoder_alpha, lora_dropout=spec.dropout,
-                      init_lora_weights=True, target_modules=_exact(text_encoder_targets(text_encoder)))
+                      init_lora_weights=True, target_modules=_exact(targets.encoder))
 
 
-def add_adapters(unet, text_encoder, spec: Spec, seed: int | None = None) -> None:
-    """Freeze both models and put fresh adapters on them (fp32, whatever the models' dtype). The
-    initial weights come from `seed` (peft draws them from the global RNG)."""
+def add_adapters(denoiser, encoder, spec: Spec, family: Family, seed: int | None = None) -> None:
+    """Freeze both models and put fresh adapters on the modules `family` names (fp32, whatever
+    the models' dtype). The initial weights come from `seed` (peft draws them from the global RNG)."""
     from diffusers.training_utils import cast_training_params
 
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
-        _add(unet, text_encoder, spec)
-    cast_training_params([unet, text_encoder], torch.float32)
+        denoiser.requires_grad_(False)
+        encoder.requires_grad_(False)
+        _add(denoiser, encoder, spec, family)
+    cast_training_params([denoiser, encoder], torch.float32)
 
 
-def _add(unet, text_encoder, spec: Spec) -> None:
+def _add(denoiser, encoder, spec: Spec, family: Family) -> None:
     from peft import inject_adapter_in_model
 
-    unet.add_adapter(unet_lora_config(unet, spec), adapter_name=ADAPTER)
+    targets = family.adapter_targets(denoiser, encoder, spec)
+    denoiser.add_adapter(denoiser_lora_config(targets, spec), adapter_name=ADAPTER)
     if spec.text_encoder_rank:
         # peft itself, not transformers' add_adapter: that one refuses peft releases older than
         # its own pin even where they work (transformers 5.24 wants peft >= 0.22)
-        inject_adapter_in_model(text_encoder_lora_config(text_encoder, spec), text_encoder, adapter_name=ADAPTER)
+        inject_adapter_in_model(encoder_lora_config(targets, spec), encoder, adapter_name=ADAPTER)
 
 
 def adapter_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -253,13 +234,13 @@ def read(folder: Path, parts: Parts, ema: bool = False) -> tuple[dict, dict]:
             read_safetensors(encoder) if encoder.is_file() else {})
 
 
-def load_into(folder: Path, denoiser, encoder, parts: Parts, ema: bool = False, scale: float = 1.0) -> None:
-    """Put a checkpoint's adapters on a denoiser and an encoder (adding them on first use)."""
+def load_into(folder: Path, denoiser, encoder, family: Family, ema: bool = False, scale: float = 1.0) -> None:
+    """Put a checkpoint's adapters on `family`'s denoiser and encoder (adding them on first use)."""
     spec = Spec.read(folder)
-    denoiser_sd, encoder_sd = read(folder, parts, ema)
+    denoiser_sd, encoder_sd = read(folder, family.parts, ema)
     if not any(f".{ADAPTER}." in n for n, _ in denoiser.named_parameters()):
         with torch.random.fork_rng(devices=[]):
-            _add(denoiser, encoder, spec)
+            _add(denoiser, encoder, spec, family)
     set_adapter_state(denoiser, denoiser_sd, folder)
     if spec.text_encoder_rank:
         set_adapter_state(encoder, encoder_sd, folder)

@@ -152,7 +152,7 @@ class Checkpoint:
         self.require(ema)
         parts = self.family.parts
         if self.kind == LORA:
-            lora.load_into(self.path / LORA, denoiser, encoder, parts, ema=ema, scale=scale)
+            lora.load_into(self.path / LORA, denoiser, encoder, self.family, ema=ema, scale=scale)
             return
         self._load(denoiser, self.denoiser_state(ema), parts.denoiser.label)
         trained = self.encoder_state()

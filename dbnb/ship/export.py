@@ -239,7 +239,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
                           "folder takes); leave out --format, or add --bake for a full model file.")
     config, dtype = load_config(run.config_path), FILE_DTYPES[precision]
     spec, unet, text = checkpoint.adapters(ema)
-    state = kohya.kohya_state_dict(unet, text, spec, dtype)
+    state = kohya.kohya_state_dict(unet, text, spec, dtype, run.family.parts)
     stem = name or f"{config.run_name}_{checkpoint.step}" + ("_ema" if ema else "")
     folder = destination_folder(to, config.run_name, run.exports_dir)
     remove_leftovers(folder)
@@ -259,7 +259,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
                 p.copy_(p.to(dtype).float())
         expected = kohya.outputs(pipe)
         del pipe
-        kohya.verify(path, expected, base)
+        kohya.verify(path, expected, base, run.family.parts)
     except Exception:
         path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
         raise

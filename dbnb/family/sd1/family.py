@@ -2,7 +2,7 @@
 a UNet conditioned on the encoder's last hidden states, the VAE in fp32.
 
 What the trainer used to do to the components itself is here: which parts are frozen and in
-which dtype, the LoRA adapters (dbnb.family.lora's SD 1.x targets), xformers, gradient
+which dtype, the LoRA adapters (dbnb.family.sd1.adapters' targets), xformers, gradient
 checkpointing, the text encoding and the UNet call.
 """
 from __future__ import annotations
@@ -11,14 +11,14 @@ import warnings
 
 import torch
 
-from dbnb.family.base import Models, Part, Parts
-from dbnb.family.sd1 import autoencoder
+from dbnb.family.base import AdapterTargets, Models, Part, Parts
+from dbnb.family.sd1 import adapters, autoencoder
 
 
 class SD1Family:
     name = "sd1"
-    parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors"),
-                  encoder=Part("text_encoder", "text encoder", "model.safetensors"))
+    parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors", kohya="lora_unet_"),
+                  encoder=Part("text_encoder", "text encoder", "model.safetensors", kohya="lora_te_"))
 
     def recognizes(self, source: str) -> bool:
         return True  # the fallback: dbnb.family.sd1.load says what is not an SD 1.x model
@@ -44,7 +44,7 @@ class SD1Family:
             if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
                 pipe.unet.to(dtype=weight_dtype)
         if config.use_lora:
-            lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec.from_config(config), seed=config.seed)
+            lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec.from_config(config), self, seed=config.seed)
         set_attention(pipe.unet, config.attention, device)
         if config.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
@@ -55,6 +55,9 @@ class SD1Family:
         return Models(denoiser=pipe.unet, encoder=pipe.text_encoder, autoencoder=pipe.vae,
                       tokenizers={"input_ids": pipe.tokenizer}, noise_scheduler=noise_scheduler,
                       latent_scale=pipe.vae.config.scaling_factor, pipe=pipe, base=base)
+
+    def adapter_targets(self, unet, text_encoder, spec) -> AdapterTargets:
+        return adapters.targets(unet, text_encoder, spec)
 
     def encode_images(self, vae, images: torch.Tensor):
         return autoencoder.encode(vae, images)
