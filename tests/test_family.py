@@ -16,7 +16,7 @@ from dbnb.train.loss import diffusion_loss, min_snr_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC = ("dbnb/train/loop.py", "dbnb/train/loss.py", "dbnb/data/batches.py", "dbnb/run/checkpoints.py",
-           "dbnb/run/folder.py", "dbnb/train/diskplan.py")
+           "dbnb/run/folder.py", "dbnb/train/diskplan.py", "dbnb/train/previews.py", "dbnb/family/lora.py")
 SD1_NAMES = {"unet", "text_encoder", "vae", "tokenizer", "UNet2DConditionModel", "CLIPTextModel", "AutoencoderKL"}
 
 
@@ -192,6 +192,9 @@ class DualEncoderFamily:
         from dbnb.family.sd1.adapters import targets
 
         return targets(denoiser, encoder, spec)  # SD 1.x's blocks: the same UNet, CLIP layers inside the ModuleDict
+
+    def pipeline(self, models, denoiser):
+        raise NotImplementedError("the stand-in renders no previews")
 
     def encode_images(self, autoencoder, images):
         with torch.no_grad():

@@ -289,7 +289,7 @@ def test_the_preview_pipeline_has_every_part_on_the_unets_device(tiny_dir):
 
     pipe = load_pipeline(str(tiny_dir))
     unet = pipe.unet.to("meta")
-    sampler = preview_pipeline(pipe, unet)
+    sampler, _ = preview_pipeline(SD1, SD1.models_of(pipe), unet)
     modules = {name: part for name, part in sampler.components.items() if isinstance(part, torch.nn.Module)}
     assert set(modules) >= {"unet", "vae", "text_encoder"}
     assert {name: next(m.parameters()).device.type for name, m in modules.items()} == \

@@ -81,6 +81,10 @@ class Family(Protocol):
     def adapter_targets(self, denoiser: torch.nn.Module, encoder: torch.nn.Module, spec) -> AdapterTargets:
         """The modules that get LoRA adapters of `spec` (dbnb.family.lora.Spec's shapes)."""
 
+    def pipeline(self, models: Models, denoiser: torch.nn.Module):
+        """A diffusers pipeline of `models` that renders with `denoiser` in place of the loaded one
+        (previews: the one being trained); its other parts are `models`' own, where they are."""
+
     def encode_images(self, autoencoder: torch.nn.Module, images: torch.Tensor):
         """The latent distribution (`.mean`, `.std`, unscaled) of `images` in [-1, 1], under
         the family's precision rule for its autoencoder."""

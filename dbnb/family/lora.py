@@ -1,6 +1,6 @@
 """LoRA / LoCon adapters on any family's denoiser and encoder, through peft (diffusers' and
 transformers' own adapter support). Which modules get them is the family's
-(`Family.adapter_targets`; SD 1.x: dbnb.family.sd1.adapters, kohya's module set): the
+(`Family.adapter_targets`; SD 1.x's: kohya's module set, in its family's folder): the
 denoiser's at lora_rank, its 3x3 convs at lora_conv_rank (LoCon), the encoder's at
 lora_text_encoder_rank (when > 0).
 

@@ -317,7 +317,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                               "time": round(time.time() - started, 3)}
                     s.run.append_log(record)
                     if config.sample_every_steps and s.step % config.sample_every_steps == 0:
-                        record["preview"] = str(write_previews(s.run, s.step, s.models.pipe,
+                        record["preview"] = str(write_previews(s.run, s.step, s.family, s.models,
                                                                acc.unwrap_model(s.denoiser), config))
                     if on_step is not None:
                         on_step({**record, "max_steps": s.max_steps, "last": cancelled or s.step == s.max_steps})

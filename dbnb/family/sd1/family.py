@@ -52,9 +52,17 @@ class SD1Family:
                 pipe.text_encoder.gradient_checkpointing_enable()
                 if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
                     pipe.text_encoder.enable_input_require_grads()
+        return self.models_of(pipe, noise_scheduler, base)
+
+    def models_of(self, pipe, noise_scheduler=None, base: dict | None = None) -> Models:
+        """A StableDiffusionPipeline's parts by role."""
         return Models(denoiser=pipe.unet, encoder=pipe.text_encoder, autoencoder=pipe.vae,
                       tokenizers={"input_ids": pipe.tokenizer}, noise_scheduler=noise_scheduler,
-                      latent_scale=pipe.vae.config.scaling_factor, pipe=pipe, base=base)
+                      latent_scale=pipe.vae.config.scaling_factor, pipe=pipe, base=base or {})
+
+    def pipeline(self, models: Models, unet):
+        pipe = models.pipe
+        return pipe.__class__(**{**pipe.components, "unet": unet}, requires_safety_checker=False)
 
     def adapter_targets(self, unet, text_encoder, spec) -> AdapterTargets:
         return adapters.targets(unet, text_encoder, spec)
