@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dbnb.data.batches import cache_latents, next_batch, read_images
-from dbnb.family import base
+from dbnb.family import base, lora
 from dbnb.family.sd1.family import SD1
 from dbnb.train.loss import diffusion_loss, min_snr_weights
 
@@ -176,12 +176,15 @@ class DualEncoderFamily:
         autoencoder = AutoencoderKL.from_pretrained(folder / "autoencoder").requires_grad_(False)
         encoder = torch.nn.ModuleDict({f"encoder_{k}": CLIPTextModel.from_pretrained(folder / f"encoder_{k}")
                                        for k in range(len(self.WIDTHS))})
-        assert not config.trains_text_encoder and not config.use_lora, "the stand-in trains its denoiser only"
-        encoder.requires_grad_(False)
+        base = {"denoiser": str(sum(p.double().sum().item() for p in denoiser.parameters()))}
+        if config.use_lora:  # on both parts when lora_text_encoder_rank says so, under the family's names
+            lora.add_adapters(denoiser, encoder, lora.Spec.from_config(config), self, seed=config.seed)
+        else:
+            assert not config.trains_text_encoder, "the stand-in fine-tunes its denoiser only"
+            encoder.requires_grad_(False)
         for part in (denoiser, autoencoder, encoder):
             part.to(device)
         tokenizer = CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77)
-        base = {"denoiser": str(sum(p.double().sum().item() for p in denoiser.parameters()))}
         return base_models(denoiser=denoiser, encoder=encoder, autoencoder=autoencoder,
                            tokenizers={"input_ids": tokenizer, "input_ids_2": tokenizer},
                            noise_scheduler=DDPMScheduler.from_config(skeleton_config("scheduler")),
@@ -194,7 +197,13 @@ class DualEncoderFamily:
         return targets(denoiser, encoder, spec)  # SD 1.x's blocks: the same UNet, CLIP layers inside the ModuleDict
 
     def pipeline(self, models, denoiser):
-        raise NotImplementedError("the stand-in renders no previews")
+        from diffusers import StableDiffusionPipeline
+
+        # diffusers' SD pipeline, its one text encoder the two side by side (they read the same tokens)
+        return StableDiffusionPipeline(vae=models.autoencoder, text_encoder=JoinedEncoders(models.encoder),
+                                       tokenizer=models.tokenizers["input_ids"], unet=denoiser,
+                                       scheduler=models.noise_scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
 
     def encode_images(self, autoencoder, images):
         with torch.no_grad():
@@ -211,6 +220,26 @@ class DualEncoderFamily:
 
 
 base_models = base.Models
+
+
+class JoinedEncoders(torch.nn.Module):
+    """The stand-in's encoders as the one text encoder a StableDiffusionPipeline calls."""
+
+    def __init__(self, encoders: torch.nn.ModuleDict):
+        super().__init__()
+        self.encoders = encoders
+        self.config = encoders["encoder_0"].config
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def forward(self, input_ids, attention_mask=None):
+        return (torch.cat([encoder(input_ids)[0] for encoder in self.encoders.values()], dim=-1),)
 
 
 @pytest.fixture
@@ -233,13 +262,17 @@ def test_a_second_family_trains_saves_and_resumes_through_the_real_trainer(make_
     settings = {"pretrained_model_name_or_path": str(model), "max_train_steps": 4, "save_every_steps": 2,
                 "learning_rate": 1e-3}
     config = lambda **kw: make_config(**{**settings, **kw})  # noqa: E731
-    straight = train(config(run_name="straight"), progress=False)
+    # the uninterrupted run renders previews too: through the family's pipeline, never a "unet" slot
+    straight = train(config(run_name="straight", sample_every_steps=2, num_samples=1, sample_steps=2),
+                     progress=False)
     first = train(config(run_name="resumed", max_train_steps=2), progress=False)
     resumed = train(config(run_name="resumed"), resume="latest", progress=False)
 
     assert (straight.step, first.step, resumed.step) == (4, 2, 4)
     log = [json.loads(x) for x in (resumed.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    previews = RunFolder(straight.run_dir).preview_grids()
+    assert [p.parent.name for p in previews] == ["step-000002", "step-000004"], previews
     before = load_file(str(model / "denoiser" / "diffusion_pytorch_model.safetensors"))
     after = RunFolder(resumed.run_dir).pick(4).denoiser_state()
     assert set(after) == set(before) and any(not torch.equal(after[k].float(), before[k].float()) for k in before)
@@ -247,3 +280,36 @@ def test_a_second_family_trains_saves_and_resumes_through_the_real_trainer(make_
     uninterrupted = RunFolder(straight.run_dir).pick(4).denoiser_state()
     for k in after:  # resumed exactly where it stopped: the same weights as the run that never stopped
         torch.testing.assert_close(after[k], uninterrupted[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_second_family_trains_lora_adapters_under_its_own_names_and_resumes_them(make_config, dual_family):
+    from dbnb.run.checkpoints import RunFolder
+    from dbnb.train.loop import train
+
+    family, model = dual_family
+    settings = {"pretrained_model_name_or_path": str(model), "max_train_steps": 2, "save_every_steps": 1,
+                "use_lora": True, "lora_rank": 4, "lora_conv_rank": 2, "lora_text_encoder_rank": 2,
+                "use_ema": True, "keep_last_n": 2, "learning_rate": 1e-3}
+    config = lambda **kw: make_config(**{**settings, **kw})  # noqa: E731
+    straight = train(config(run_name="straight"), progress=False)
+    train(config(run_name="resumed", max_train_steps=1), progress=False)
+    resumed = train(config(run_name="resumed"), resume="latest", progress=False)
+
+    checkpoint = RunFolder(resumed.run_dir).pick(2)
+    assert checkpoint.kind == "lora" and checkpoint.parts == {"denoiser", "encoders", "ema", "state"}
+    assert sorted(p.name for p in (checkpoint.path / "lora").iterdir()) == [
+        "adapters.json", "denoiser.safetensors", "ema.safetensors", "encoders.safetensors"]
+    for ema in (False, True):  # resumed exactly, the EMA too
+        _, *got = checkpoint.adapters(ema)
+        _, *want = RunFolder(straight.run_dir).pick(2).adapters(ema)
+        for mine, theirs in zip(got, want):
+            assert mine and mine.keys() == theirs.keys()
+            for k in mine:
+                torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-6, msg=k)
+    # onto a fresh base model: the family says where the adapters go
+    fresh = family.load(config(use_lora=False, lora_text_encoder_rank=0), torch.device("cpu"), torch.float32)
+    checkpoint.load_into(fresh.denoiser, fresh.encoder)
+    _, denoiser, encoder = checkpoint.adapters()
+    for part, saved in ((fresh.denoiser, denoiser), (fresh.encoder, encoder)):
+        assert lora.adapter_state(part).keys() == saved.keys()
+        assert all(torch.equal(lora.adapter_state(part)[k], v) for k, v in saved.items())
