@@ -217,13 +217,15 @@ def test_convert_into_an_unwritable_folder_says_so_before_loading(tiny_dir, tmp_
 
 
 def test_a_file_that_does_not_verify_is_removed(run_dir, tmp_path, monkeypatch):
-    real = export_mod.original_state_dict
+    from dbnb.family.sd1.family import SD1
+
+    real = SD1.single_file.state_dict
 
     def drops_a_key(*parts):
         state = real(*parts)
         state.pop("model.diffusion_model.out.2.bias")
         return state
-    monkeypatch.setattr(export_mod, "original_state_dict", drops_a_key)
+    monkeypatch.setattr(SD1.single_file, "state_dict", drops_a_key)
     with pytest.raises(ExportError, match="keys missing"):
         export(run_dir, to=str(tmp_path / "out"))
     assert list((tmp_path / "out").iterdir()) == []

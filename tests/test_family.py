@@ -16,7 +16,8 @@ from dbnb.train.loss import diffusion_loss, min_snr_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 GENERIC = ("dbnb/train/loop.py", "dbnb/train/loss.py", "dbnb/data/batches.py", "dbnb/run/checkpoints.py",
-           "dbnb/run/folder.py", "dbnb/train/diskplan.py", "dbnb/train/previews.py", "dbnb/family/lora.py")
+           "dbnb/run/folder.py", "dbnb/train/diskplan.py", "dbnb/train/previews.py", "dbnb/family/lora.py",
+           "dbnb/evaluate/score.py")
 SD1_NAMES = {"unet", "text_encoder", "vae", "tokenizer", "UNet2DConditionModel", "CLIPTextModel", "AutoencoderKL"}
 
 
@@ -139,6 +140,7 @@ class DualEncoderFamily:
     name = "dual-encoder (test)"
     parts = base.Parts(denoiser=base.Part("denoiser", "denoiser", "diffusion_pytorch_model.safetensors", "lora_dn_"),
                        encoder=base.Part("encoders", "text encoders", "model.safetensors", "lora_enc_"))
+    single_file = None  # no one-file format: these tests export nothing
     MARKER = "dual_encoder_family.json"
     WIDTHS = (32, 16)
 
@@ -165,31 +167,42 @@ class DualEncoderFamily:
         (folder / cls.MARKER).write_text(json.dumps({"widths": cls.WIDTHS}))
         return folder
 
-    def load(self, config, device, weight_dtype):
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def open(self, source, *, autoencoder="", revision="", dtype=None):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from dbnb.family.sd1.skeleton import SKELETON, skeleton_config
+        from dbnb.family.sd1.skeleton import SKELETON
 
-        folder = Path(config.pretrained_model_name_or_path)
-        denoiser = UNet2DConditionModel.from_pretrained(folder / "denoiser")
-        autoencoder = AutoencoderKL.from_pretrained(folder / "autoencoder").requires_grad_(False)
+        folder = Path(source)
         encoder = torch.nn.ModuleDict({f"encoder_{k}": CLIPTextModel.from_pretrained(folder / f"encoder_{k}")
                                        for k in range(len(self.WIDTHS))})
-        base = {"denoiser": str(sum(p.double().sum().item() for p in denoiser.parameters()))}
+        autoencoder = AutoencoderKL.from_pretrained(folder / "autoencoder")
+        tokenizer = CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77)
+        models = base_models(denoiser=UNet2DConditionModel.from_pretrained(folder / "denoiser"), encoder=encoder,
+                             autoencoder=autoencoder, tokenizers={"input_ids": tokenizer, "input_ids_2": tokenizer},
+                             noise_scheduler=None, latent_scale=autoencoder.config.scaling_factor, pipe=None, base={})
+        for part in (models.denoiser, encoder, autoencoder):
+            part.to(dtype=dtype)
+        return models
+
+    def load(self, config, device, weight_dtype):
+        from diffusers import DDPMScheduler
+
+        from dbnb.family.sd1.skeleton import skeleton_config
+
+        models = self.open(config.pretrained_model_name_or_path)
+        denoiser, encoder = models.denoiser, models.encoder
+        models.autoencoder.requires_grad_(False)
+        models.base = {"denoiser": str(sum(p.double().sum().item() for p in denoiser.parameters()))}
         if config.use_lora:  # on both parts when lora_text_encoder_rank says so, under the family's names
             lora.add_adapters(denoiser, encoder, lora.Spec.from_config(config), self, seed=config.seed)
         else:
             assert not config.trains_text_encoder, "the stand-in fine-tunes its denoiser only"
             encoder.requires_grad_(False)
-        for part in (denoiser, autoencoder, encoder):
+        for part in (denoiser, models.autoencoder, encoder):
             part.to(device)
-        tokenizer = CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77)
-        return base_models(denoiser=denoiser, encoder=encoder, autoencoder=autoencoder,
-                           tokenizers={"input_ids": tokenizer, "input_ids_2": tokenizer},
-                           noise_scheduler=DDPMScheduler.from_config(skeleton_config("scheduler")),
-                           latent_scale=autoencoder.config.scaling_factor,
-                           pipe=None, base=base)
+        models.noise_scheduler = DDPMScheduler.from_config(skeleton_config("scheduler"))
+        return models
 
     def adapter_targets(self, denoiser, encoder, spec):
         from dbnb.family.sd1.adapters import targets
@@ -307,7 +320,7 @@ def test_a_second_family_trains_lora_adapters_under_its_own_names_and_resumes_th
             for k in mine:
                 torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-6, msg=k)
     # onto a fresh base model: the family says where the adapters go
-    fresh = family.load(config(use_lora=False, lora_text_encoder_rank=0), torch.device("cpu"), torch.float32)
+    fresh = family.open(str(model))
     checkpoint.load_into(fresh.denoiser, fresh.encoder)
     _, denoiser, encoder = checkpoint.adapters()
     for part, saved in ((fresh.denoiser, denoiser), (fresh.encoder, encoder)):

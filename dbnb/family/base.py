@@ -63,6 +63,31 @@ class AdapterTargets:
     encoder: list[str]         # at lora_text_encoder_rank
 
 
+class SingleFile(Protocol):
+    """A family's one-file format (SD 1.x's: the webui's checkpoint), which dbnb.ship.export writes.
+    The parts' state dicts go in by role: denoiser, autoencoder, encoder."""
+
+    suffixes: tuple[str, ...]  # the files it writes (".safetensors", ".ckpt")
+
+    def state_dict(self, denoiser: dict, autoencoder: dict, encoder: dict) -> dict[str, torch.Tensor]:
+        """The parts as one state dict in the file's layout."""
+
+    def keys(self, denoiser: dict, autoencoder: dict, encoder: dict) -> set[str]:
+        """The keys `state_dict` of these parts holds."""
+
+    def keys_and_shapes(self, path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        """A written file's keys and shapes, reading no tensor where the format allows."""
+
+    def write(self, path, state: dict, **options):
+        """Write `state` to `path` (its suffix says which format) under a temporary name first."""
+
+    def remove_leftovers(self, folder) -> list:
+        """Delete the temporary files a killed write left in `folder`."""
+
+    def read_back(self, path, keys: list[str], shapes: dict, dtype: torch.dtype) -> Models:
+        """The file at `path` loaded as its users' loaders load it, its parts by role."""
+
+
 @runtime_checkable
 class Family(Protocol):
     """A model family, as the trainer uses it. Everything component-specific lives behind it:
@@ -70,9 +95,15 @@ class Family(Protocol):
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages
+    single_file: SingleFile  # its one-file format, which exports write
 
     def recognizes(self, source: str) -> bool:
         """Whether `source` (pretrained_model_name_or_path) is a model of this family."""
+
+    def open(self, source: str, *, autoencoder: str = "", revision: str = "",
+             dtype: torch.dtype | None = None) -> Models:
+        """The model at `source` (with the autoencoder at `autoencoder` when given) as it is, to render
+        or export with: nothing frozen, cast (but to `dtype`) or adapted; no noise_scheduler."""
 
     def load(self, config, device: torch.device, weight_dtype: torch.dtype) -> Models:
         """The base model of `config` on `device`, ready to train: frozen parts in `weight_dtype`,

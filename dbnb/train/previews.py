@@ -1,5 +1,6 @@
 """Training previews: a few images of the sample prompts every `sample_every_steps`, rendered
-with the denoiser being trained (in its family's pipeline, dbnb.family.base.Family.pipeline) and saved under RUN/samples/step-NNNNNN/ with a grid.
+with the denoiser being trained (in its family's pipeline, dbnb.family.base.Family.pipeline) and
+saved under RUN/samples/step-NNNNNN/ with a grid.
 
 Seeds are sample_seed, sample_seed+1, … for every prompt, so the previews of different steps
 differ only by what was learnt (`dbnb.family.render.render`).

@@ -13,15 +13,23 @@ import torch
 
 from dbnb.family.base import AdapterTargets, Models, Part, Parts
 from dbnb.family.sd1 import adapters, autoencoder
+from dbnb.family.sd1.webui import WebuiFile
 
 
 class SD1Family:
     name = "sd1"
     parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors", kohya="lora_unet_"),
                   encoder=Part("text_encoder", "text encoder", "model.safetensors", kohya="lora_te_"))
+    single_file = WebuiFile()
 
     def recognizes(self, source: str) -> bool:
         return True  # the fallback: dbnb.family.sd1.load says what is not an SD 1.x model
+
+    def open(self, source: str, *, autoencoder: str = "", revision: str = "",
+             dtype: torch.dtype | None = None) -> Models:
+        from dbnb.family.sd1.load import load_pipeline
+
+        return self.models_of(load_pipeline(source, vae=autoencoder, revision=revision, dtype=dtype))
 
     def load(self, config, device: torch.device, weight_dtype: torch.dtype) -> Models:
         from diffusers import DDPMScheduler
