@@ -44,7 +44,8 @@ def fixed_loss(config, checkpoint=None):
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config),
                                  MicroBatch(latents, {"input_ids": batches.instance.input_ids},
                                             torch.Generator().manual_seed(k)),
-                                 plain, family=SD1, scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
+                                 plain, family=SD1, scaling_factor=pipe.vae.config.scaling_factor).item()
+                  for k in range(8)]
     return sum(losses) / len(losses)
 
 

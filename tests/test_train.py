@@ -76,7 +76,8 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
     def loss(**kw):
         c = config.replace(**kw)
         return diffusion_loss(pipe.unet, pipe.text_encoder, _ddpm(pipe),
-                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1)), c, family=SD1).item()
+                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1)), c,
+                              family=SD1).item()
     instance_only = loss(prior_loss_weight=0.0)
     one, two = loss(prior_loss_weight=1.0), loss(prior_loss_weight=2.0)
     class_term = one - instance_only

@@ -8,6 +8,12 @@ that turns pictures into latents. A family with two tokenizers carries two entri
 batches' token inputs; one with two text encoders and a pooled embedding returns them all in
 its conditioning dict. SD 1.x (dbnb.family.sd1.family) is the one family dbnb ships.
 
+What comes after training asks the family too: how its parts are named in a checkpoint's
+folders and files (`Part`: dbnb.run.checkpoints, dbnb.family.lora, dbnb.ship.kohya), which
+modules get LoRA adapters (`adapter_targets`), the pipeline that renders with a given denoiser
+(`pipeline`: previews, test grids, class images), the base model to render or export from
+(`open`), and the one file exports write and read back (`single_file`: dbnb.ship.export).
+
 Which family a model is: `for_model(source)` asks the registered families (newest first)
 whether they recognize the source and falls back to SD 1.x. `register(family)` adds one: a
 test's stand-in, or a user's own family, without any edit to the trainer.

@@ -78,10 +78,9 @@ class Checkpoint:
         if self.kind == LORA:
             held = lora.held_parts(self.path / LORA, parts)
         else:
-            held = {n for n, sub, f in ((parts.denoiser.name, parts.denoiser.name, parts.denoiser.file),
-                                        (parts.encoder.name, parts.encoder.name, parts.encoder.file),
-                                        ("ema", parts.denoiser.ema, parts.denoiser.file))
-                    if (self.path / sub / f).is_file()}
+            held = {n for n, file in ((parts.denoiser.name, self._weights_file(parts.denoiser)),
+                                      (parts.encoder.name, self._weights_file(parts.encoder)),
+                                      ("ema", self._weights_file(parts.denoiser, ema=True))) if file.is_file()}
         return frozenset(held | ({"state"} if self.resumable else set()))
 
     @property
