@@ -210,12 +210,15 @@ class DualEncoderFamily:
         return targets(denoiser, encoder, spec)  # SD 1.x's blocks: the same UNet, CLIP layers inside the ModuleDict
 
     def pipeline(self, models, denoiser):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+        from dbnb.family.sd1.skeleton import skeleton_config
 
         # diffusers' SD pipeline, its one text encoder the two side by side (they read the same tokens)
         return StableDiffusionPipeline(vae=models.autoencoder, text_encoder=JoinedEncoders(models.encoder),
                                        tokenizer=models.tokenizers["input_ids"], unet=denoiser,
-                                       scheduler=models.noise_scheduler, safety_checker=None,
+                                       scheduler=DDPMScheduler.from_config(skeleton_config("scheduler")),
+                                       safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
 
     def encode_images(self, autoencoder, images):
@@ -267,6 +270,7 @@ def dual_family(tmp_path_factory, monkeypatch):
 def test_a_second_family_trains_saves_and_resumes_through_the_real_trainer(make_config, dual_family):
     from safetensors.torch import load_file
 
+    from dbnb.evaluate.sample import sample_run
     from dbnb.run.checkpoints import RunFolder
     from dbnb.train.loop import train
 
@@ -293,6 +297,11 @@ def test_a_second_family_trains_saves_and_resumes_through_the_real_trainer(make_
     uninterrupted = RunFolder(straight.run_dir).pick(4).denoiser_state()
     for k in after:  # resumed exactly where it stopped: the same weights as the run that never stopped
         torch.testing.assert_close(after[k], uninterrupted[k], rtol=0, atol=1e-6, msg=k)
+    # its test grids: the base model and the last checkpoint, through the family's open() and pipeline()
+    tests = sample_run(resumed.run_dir, ["test_steps=4", "test_seeds=1", "test_infer_steps=2", "test_wide=0",
+                                         "test_flexibility_prompts=['{instance_prompt}, 1girl']"], progress=False)
+    assert [r.name for r in tests.rows] == ["base", "step-000004"] and tests.rendered
+    assert tests.grids and all(grid.is_file() for grid in tests.grids)
 
 
 def test_a_second_family_trains_lora_adapters_under_its_own_names_and_resumes_them(make_config, dual_family):
