@@ -37,7 +37,7 @@ class WebuiFile:
     def read_back(self, path: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> Models:
         from diffusers import StableDiffusionPipeline  # lazy: loads diffusers
 
-        from dbnb.family.sd1.family import SD1  # lazy: the family module offers this one
+        from dbnb.family.sd1.family import SD1  # lazy: that module imports this one
 
         config = skeleton_folder(sd1_variant(keys, shapes), None)
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
