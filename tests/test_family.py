@@ -288,6 +288,7 @@ def test_a_second_family_trains_saves_and_resumes_through_the_real_trainer(make_
     assert (straight.step, first.step, resumed.step) == (4, 2, 4)
     log = [json.loads(x) for x in (resumed.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert json.loads(RunFolder(resumed.run_dir).base_path.read_text())["family"] == family.name
     previews = RunFolder(straight.run_dir).preview_grids()
     assert [p.parent.name for p in previews] == ["step-000002", "step-000004"], previews
     before = load_file(str(model / "denoiser" / "diffusion_pytorch_model.safetensors"))
@@ -335,3 +336,15 @@ def test_a_second_family_trains_lora_adapters_under_its_own_names_and_resumes_th
     for part, saved in ((fresh.denoiser, denoiser), (fresh.encoder, encoder)):
         assert lora.adapter_state(part).keys() == saved.keys()
         assert all(torch.equal(lora.adapter_state(part)[k], v) for k, v in saved.items())
+
+
+def test_a_run_of_a_family_that_is_not_registered_says_so(make_config, dual_family, monkeypatch):
+    from dbnb.run.checkpoints import RunFolder, RunFolderError
+    from dbnb.train.loop import train
+
+    family, model = dual_family
+    run = train(make_config(pretrained_model_name_or_path=str(model), max_train_steps=1), progress=False).run_dir
+    assert RunFolder(run).family is family
+    monkeypatch.setattr(base, "FAMILIES", [])  # a later session that did not register it
+    with pytest.raises(RunFolderError, match=r"family 'dual-encoder \(test\)' .* not registered here: register it"):
+        RunFolder(run).pick(1)

@@ -160,6 +160,11 @@ def for_model(source: str) -> Family:
     return default()
 
 
+def named(name: str) -> Family | None:
+    """The family called `name` among the registered ones and SD 1.x; None when none is."""
+    return next((family for family in (*FAMILIES, default()) if family.name == name), None)
+
+
 def family_of(config) -> Family:
     """The family of `config`'s base model."""
     return for_model(config.pretrained_model_name_or_path)

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dbnb.core.versions import dbnb_version
-from dbnb.family.base import Family, default, for_model
+from dbnb.family.base import Family, default, for_model, named
 from dbnb.run.checkpoints import Checkpoint, CheckpointError, damage
 from dbnb.run.lock import RunFolderError, RunLock
 
@@ -130,11 +130,12 @@ class RunFolder:
     def base_path(self) -> Path:
         return self.root / "base_model.json"
 
-    def record_base(self, config, parts: dict[str, str]) -> None:
-        """What a new run starts from: the base model's settings and its fingerprint
-        (its family's, dbnb.family.base.Models.base), which resume compares by content."""
+    def record_base(self, config, parts: dict[str, str], family: str) -> None:
+        """What a new run starts from: the base model's settings, its `family` (by name) and its
+        fingerprint (the family's, dbnb.family.base.Models.base), which resume compares by content."""
         record = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
-                  "pretrained_vae_name_or_path": config.pretrained_vae_name_or_path, "fingerprint": parts}
+                  "pretrained_vae_name_or_path": config.pretrained_vae_name_or_path, "family": family,
+                  "fingerprint": parts}
         self.base_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def check_base(self, config, parts: dict[str, str]) -> None:
@@ -171,7 +172,20 @@ class RunFolder:
 
     @property
     def family(self) -> Family:
-        """The family of the run's base model (its checkpoints' part names are that family's)."""
+        """The family of the run's base model (its checkpoints' part names are that family's): as
+        recorded when the run started; for runs from before the record named it, the family that
+        recognizes the configured model."""
+        try:
+            name = json.loads(self.base_path.read_text(encoding="utf-8")).get("family")
+        except (OSError, ValueError):
+            name = None
+        if name:
+            family = named(name)
+            if family is None:
+                raise RunFolderError(f"{self.root} was trained as a model of the family {name!r} (recorded in "
+                                     f"{self.base_path}), which is not registered here: register it "
+                                     "(dbnb.family.base.register) before opening the run.")
+            return family
         source = (self.saved_config() or {}).get("pretrained_model_name_or_path")
         return for_model(source) if source else default()
 

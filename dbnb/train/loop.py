@@ -233,7 +233,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     if resume_from is not None:
         run.check_base(config, models.base)
     elif accelerator.is_main_process:
-        run.record_base(config, models.base)
+        run.record_base(config, models.base, family.name)
     denoiser, encoder = models.denoiser, models.encoder
     batches = read_images(config, models.tokenizers, examples)
     max_steps = total_steps(config, batches.epoch_len, world)
