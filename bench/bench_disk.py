@@ -52,6 +52,7 @@ def main() -> None:
 
     from dbnb.core.config import Config
     from dbnb.core.disk import format_bytes
+    from dbnb.family.sd1.family import SD1
     from dbnb.run.checkpoints import WEIGHTS_DTYPE, write_model, write_tensors
     from dbnb.run.folder import RunFolder
     from dbnb.train import diskplan
@@ -64,8 +65,8 @@ def main() -> None:
     unet = sd15("cpu").unet
     state = unet.state_dict()
     print(f"SD 1.5 UNet: {sum(p.numel() for p in unet.parameters()):,} values")
-    timed("weights, fp16 (unet/, kept for every save)", lambda: write_model(folder / "unet", unet, state,
-                                                                            WEIGHTS_DTYPE), folder / "unet")
+    timed("weights, fp16 (unet/, kept for every save)",
+          lambda: write_model(folder / "unet", unet, state, WEIGHTS_DTYPE, SD1.parts.denoiser.file), folder / "unet")
     timed("master, fp32 (state/unet.safetensors)", lambda: write_tensors(folder / "master.safetensors", state,
                                                                          torch.float32), folder / "master.safetensors")
     timed("before: fp32 weights kept for every save", lambda: unet.save_pretrained(folder / "unet-fp32"),
@@ -77,7 +78,8 @@ def main() -> None:
     config = Config(output_dir=str(folder))
     pipe = sd15("meta")
     pipe.text_encoder.requires_grad_(False)
-    plan = diskplan.plan(config, pipe, "AdamW8bit", 0, config.max_train_steps, RunFolder(folder))
+    plan = diskplan.plan(config, pipe.unet, pipe.text_encoder, pipe.vae, "AdamW8bit", 0, config.max_train_steps,
+                         RunFolder(folder))
     print(f"default run (SD 1.5, {config.max_train_steps} steps, save every {config.save_every_steps}, "
           f"8-bit Adam, keep_last_n {config.keep_last_n}): {plan.line()}")
     print(f"  during the last save {format_bytes(plan.during_last_save)}, at the end {format_bytes(plan.at_the_end)}")

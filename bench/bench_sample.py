@@ -35,7 +35,7 @@ def make_run(model: Path, folder: Path, checkpoints: int, resolution: int) -> Pa
     from diffusers import UNet2DConditionModel
 
     from dbnb.core.config import Config
-    from dbnb.run.checkpoints import UNET
+    from dbnb.family.sd1.family import SD1
     from dbnb.run.folder import RunFolder
     from dbnb.world.demo import write_dataset
 
@@ -51,7 +51,7 @@ def make_run(model: Path, folder: Path, checkpoints: int, resolution: int) -> Pa
     for k in range(1, checkpoints + 1):
         if not run.checkpoint_dir(500 * k).exists():
             unet.load_state_dict({name: v * (1 + 1e-3 * k) for name, v in base.items()})
-            run.write_checkpoint(500 * k, lambda f: unet.save_pretrained(f / UNET))
+            run.write_checkpoint(500 * k, lambda f: unet.save_pretrained(f / SD1.parts.denoiser.name))
     return run.root
 
 

@@ -11,6 +11,7 @@ from PIL import Image
 from dbnb.core.config import Config
 from dbnb.data.batches import cache_latents, latent_batch, read_images
 from dbnb.family.sd1 import autoencoder
+from dbnb.family.sd1.family import SD1
 from dbnb.prep import classimages as ci
 from dbnb.train.previews import write_previews
 from dbnb.world.demo import write_dataset
@@ -64,7 +65,7 @@ def test_previews_under_fp16_autocast_are_pictures(hot_pipe, tmp_path):
     config = Config(instance_prompt="hnzk girl", resolution=64, num_samples=1, sample_steps=1,
                     mixed_precision="fp16")
     run = SimpleNamespace(samples_dir=lambda step: tmp_path / f"step-{step}")
-    grid = write_previews(run, 1, hot_pipe, hot_pipe.unet, config)
+    grid = write_previews(run, 1, SD1, SD1.models_of(hot_pipe), hot_pipe.unet, config)
     shown = sorted(grid.parent.glob("p0-s*.png"))
     assert len(shown) == 1 and is_a_picture(shown[0])
 

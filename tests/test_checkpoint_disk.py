@@ -37,7 +37,7 @@ def test_every_save_keeps_fp16_weights_and_only_the_resume_state_the_fp32_master
         assert dtypes(new.path / "state" / f"{name}.safetensors") == {"F32"}, name
     assert not (old.path / "state").exists()  # keep_last_n pruned the master with the rest
     # the weights are the master, rounded: what the run trained, at half the size
-    weights, full = new.unet_state(), master(result.run_dir, 3)
+    weights, full = new.denoiser_state(), master(result.run_dir, 3)
     assert weights.keys() == full.keys()
     assert all(torch.equal(weights[k], full[k].half()) for k in full)
     assert dir_size(new.path / "unet") < 0.55 * (new.path / "state" / "unet.safetensors").stat().st_size
@@ -81,7 +81,8 @@ def test_the_plan_is_what_the_run_writes(make_config, capsys):
     from dbnb.train import diskplan
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     pipe.unet.requires_grad_(True)
-    plan = diskplan.plan(config, pipe, "AdamW", 0, 4, RunFolder(result.run_dir / "elsewhere"))
+    plan = diskplan.plan(config, pipe.unet, pipe.text_encoder, pipe.vae, "AdamW", 0, 4,
+                         RunFolder(result.run_dir / "elsewhere"))
     checkpoint = RunFolder(result.run_dir).pick(4).path
     weights, state = dir_size(checkpoint) - dir_size(checkpoint / "state"), dir_size(checkpoint / "state")
     assert plan.weights <= weights <= plan.weights * 1.05 + (1 << 16), (plan.weights, weights)
@@ -121,15 +122,17 @@ def test_the_default_sd15_run_and_what_the_plan_offers_on_a_free_drive(tmp_path)
     config = Config(output_dir=str(tmp_path))
     pipe = sd15_on_meta()
     pipe.text_encoder.requires_grad_(config.fine_tunes_text_encoder)
-    default = diskplan.plan(config, pipe, "AdamW8bit", 0, config.max_train_steps, RunFolder(tmp_path))
+    default = diskplan.plan(config, pipe.unet, pipe.text_encoder, pipe.vae, "AdamW8bit", 0, config.max_train_steps,
+                            RunFolder(tmp_path))
     assert default.saves == 6 and default.keep_last_n == 1
     assert 1.8 * GB < default.weights < 1.85 * GB   # 859.5 M UNet + 123.1 M text encoder values in fp16
     assert 5.5 * GB < default.state < 5.55 * GB     # fp32 master + two 8-bit moments
     assert 22 * GB < default.need < 22.1 * GB       # during the last save: 6 weights + 2 states
     assert diskplan.fitting(default, 15 * GB) == "Settings that fit: save_every_steps=1500 (2 saves)."
     # the UNet alone (train_text_encoder=false)
-    unet_only = diskplan.plan(config.replace(train_text_encoder=False), sd15_on_meta(), "AdamW8bit", 0,
-                              config.max_train_steps, RunFolder(tmp_path))
+    sd15 = sd15_on_meta()
+    unet_only = diskplan.plan(config.replace(train_text_encoder=False), sd15.unet, sd15.text_encoder, sd15.vae,
+                              "AdamW8bit", 0, config.max_train_steps, RunFolder(tmp_path))
     assert 1.55 * GB < unet_only.weights < 1.65 * GB and 4.75 * GB < unet_only.state < 4.85 * GB
     assert 19 * GB < unet_only.need < 19.5 * GB
     assert diskplan.fitting(unet_only, 15 * GB) == "Settings that fit: save_every_steps=1000 (3 saves)."

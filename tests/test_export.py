@@ -30,7 +30,7 @@ def run_dir(tiny_dir, tmp_path_factory):
 
 def checkpoint_weights(run_dir, step, name, ema=False):
     checkpoint = RunFolder(run_dir).pick(step)
-    return checkpoint.text_encoder_state() if name == "text_encoder" else checkpoint.unet_state(ema)
+    return checkpoint.encoder_state() if name == "text_encoder" else checkpoint.denoiser_state(ema)
 
 
 @pytest.mark.parametrize("fmt, precision, ema", [
@@ -217,13 +217,15 @@ def test_convert_into_an_unwritable_folder_says_so_before_loading(tiny_dir, tmp_
 
 
 def test_a_file_that_does_not_verify_is_removed(run_dir, tmp_path, monkeypatch):
-    real = export_mod.original_state_dict
+    from dbnb.family.sd1.family import SD1
+
+    real = SD1.single_file.state_dict
 
     def drops_a_key(*parts):
         state = real(*parts)
         state.pop("model.diffusion_model.out.2.bias")
         return state
-    monkeypatch.setattr(export_mod, "original_state_dict", drops_a_key)
+    monkeypatch.setattr(SD1.single_file, "state_dict", drops_a_key)
     with pytest.raises(ExportError, match="keys missing"):
         export(run_dir, to=str(tmp_path / "out"))
     assert list((tmp_path / "out").iterdir()) == []

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from dbnb.data.batches import cache_latents, next_batch, read_images
-from dbnb.family import base
+from dbnb.family import base, lora
 from dbnb.family.sd1.family import SD1
 from dbnb.train.loss import diffusion_loss, min_snr_weights
 
 ROOT = Path(__file__).resolve().parents[1]
-GENERIC = ("dbnb/train/loop.py", "dbnb/train/loss.py", "dbnb/data/batches.py")
+GENERIC = ("dbnb/train/loop.py", "dbnb/train/loss.py", "dbnb/data/batches.py", "dbnb/run/checkpoints.py",
+           "dbnb/run/folder.py", "dbnb/train/diskplan.py", "dbnb/train/previews.py", "dbnb/family/lora.py",
+           "dbnb/evaluate/score.py")
 SD1_NAMES = {"unet", "text_encoder", "vae", "tokenizer", "UNet2DConditionModel", "CLIPTextModel", "AutoencoderKL"}
 
 
@@ -122,7 +124,7 @@ def test_sd1_losses_are_bitwise_what_they_were(make_config, settings):
         assert set(batch.inputs) == {"input_ids"}
         state = batch.generator.get_state()
         new = diffusion_loss(models.denoiser, models.encoder, models.noise_scheduler, batch, config,
-                             scaling_factor=models.latent_scale)
+                             family=SD1, scaling_factor=models.latent_scale)
         old = _loss_before_the_seam(models.denoiser, models.encoder, models.noise_scheduler, batch.latents,
                                     batch.inputs["input_ids"], torch.Generator().set_state(state), batch.mask,
                                     config, models.latent_scale)
@@ -136,7 +138,9 @@ class DualEncoderFamily:
     two tokenizers, one token input each) whose hidden states are concatenated, so the UNet's
     cross_attention_dim is the sum of their widths. Recognized by the marker file in its folder."""
     name = "dual-encoder (test)"
-    part_names = ("denoiser", "text encoders")
+    parts = base.Parts(denoiser=base.Part("denoiser", "denoiser", "diffusion_pytorch_model.safetensors", "lora_dn_"),
+                       encoder=base.Part("encoders", "text encoders", "model.safetensors", "lora_enc_"))
+    single_file = None  # no one-file format: these tests export nothing
     MARKER = "dual_encoder_family.json"
     WIDTHS = (32, 16)
 
@@ -163,31 +167,59 @@ class DualEncoderFamily:
         (folder / cls.MARKER).write_text(json.dumps({"widths": cls.WIDTHS}))
         return folder
 
-    def load(self, config, device, weight_dtype):
-        from types import SimpleNamespace
-
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    def open(self, source, *, autoencoder="", revision="", dtype=None):
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from dbnb.family.sd1.skeleton import SKELETON, skeleton_config
+        from dbnb.family.sd1.skeleton import SKELETON
 
-        folder = Path(config.pretrained_model_name_or_path)
-        denoiser = UNet2DConditionModel.from_pretrained(folder / "denoiser")
-        autoencoder = AutoencoderKL.from_pretrained(folder / "autoencoder").requires_grad_(False)
+        folder = Path(source)
         encoder = torch.nn.ModuleDict({f"encoder_{k}": CLIPTextModel.from_pretrained(folder / f"encoder_{k}")
                                        for k in range(len(self.WIDTHS))})
-        assert not config.trains_text_encoder and not config.use_lora, "the stand-in trains its denoiser only"
-        encoder.requires_grad_(False)
-        for part in (denoiser, autoencoder, encoder):
-            part.to(device)
+        autoencoder = AutoencoderKL.from_pretrained(folder / "autoencoder")
         tokenizer = CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77)
-        base = {"denoiser": str(sum(p.double().sum().item() for p in denoiser.parameters()))}
-        return base_models(denoiser=denoiser, encoder=encoder, autoencoder=autoencoder,
-                           tokenizers={"input_ids": tokenizer, "input_ids_2": tokenizer},
-                           noise_scheduler=DDPMScheduler.from_config(skeleton_config("scheduler")),
-                           latent_scale=autoencoder.config.scaling_factor,
-                           # what the disk plan sizes (dbnb.train.diskplan still reads SD 1.x's part names)
-                           pipe=SimpleNamespace(unet=denoiser, text_encoder=encoder, vae=autoencoder), base=base)
+        models = base_models(denoiser=UNet2DConditionModel.from_pretrained(folder / "denoiser"), encoder=encoder,
+                             autoencoder=autoencoder, tokenizers={"input_ids": tokenizer, "input_ids_2": tokenizer},
+                             noise_scheduler=None, latent_scale=autoencoder.config.scaling_factor, pipe=None, base={})
+        for part in (models.denoiser, encoder, autoencoder):
+            part.to(dtype=dtype)
+        return models
+
+    def load(self, config, device, weight_dtype):
+        from diffusers import DDPMScheduler
+
+        from dbnb.family.sd1.skeleton import skeleton_config
+
+        models = self.open(config.pretrained_model_name_or_path)
+        denoiser, encoder = models.denoiser, models.encoder
+        models.autoencoder.requires_grad_(False)
+        models.base = {"denoiser": str(sum(p.double().sum().item() for p in denoiser.parameters()))}
+        if config.use_lora:  # on both parts when lora_text_encoder_rank says so, under the family's names
+            lora.add_adapters(denoiser, encoder, lora.Spec.from_config(config), self, seed=config.seed)
+        else:
+            assert not config.trains_text_encoder, "the stand-in fine-tunes its denoiser only"
+            encoder.requires_grad_(False)
+        for part in (denoiser, models.autoencoder, encoder):
+            part.to(device)
+        models.noise_scheduler = DDPMScheduler.from_config(skeleton_config("scheduler"))
+        return models
+
+    def adapter_targets(self, denoiser, encoder, spec):
+        from dbnb.family.sd1.adapters import targets
+
+        return targets(denoiser, encoder, spec)  # SD 1.x's blocks: the same UNet, CLIP layers inside the ModuleDict
+
+    def pipeline(self, models, denoiser):
+        from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+        from dbnb.family.sd1.skeleton import skeleton_config
+
+        # diffusers' SD pipeline, its one text encoder the two side by side (they read the same tokens)
+        return StableDiffusionPipeline(vae=models.autoencoder, text_encoder=JoinedEncoders(models.encoder),
+                                       tokenizer=models.tokenizers["input_ids"], unet=denoiser,
+                                       scheduler=DDPMScheduler.from_config(skeleton_config("scheduler")),
+                                       safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
 
     def encode_images(self, autoencoder, images):
         with torch.no_grad():
@@ -206,6 +238,26 @@ class DualEncoderFamily:
 base_models = base.Models
 
 
+class JoinedEncoders(torch.nn.Module):
+    """The stand-in's encoders as the one text encoder a StableDiffusionPipeline calls."""
+
+    def __init__(self, encoders: torch.nn.ModuleDict):
+        super().__init__()
+        self.encoders = encoders
+        self.config = encoders["encoder_0"].config
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def forward(self, input_ids, attention_mask=None):
+        return (torch.cat([encoder(input_ids)[0] for encoder in self.encoders.values()], dim=-1),)
+
+
 @pytest.fixture
 def dual_family(tmp_path_factory, monkeypatch):
     """The stand-in registered (for this test only) and its model folder."""
@@ -218,6 +270,7 @@ def dual_family(tmp_path_factory, monkeypatch):
 def test_a_second_family_trains_saves_and_resumes_through_the_real_trainer(make_config, dual_family):
     from safetensors.torch import load_file
 
+    from dbnb.evaluate.sample import sample_run
     from dbnb.run.checkpoints import RunFolder
     from dbnb.train.loop import train
 
@@ -226,17 +279,72 @@ def test_a_second_family_trains_saves_and_resumes_through_the_real_trainer(make_
     settings = {"pretrained_model_name_or_path": str(model), "max_train_steps": 4, "save_every_steps": 2,
                 "learning_rate": 1e-3}
     config = lambda **kw: make_config(**{**settings, **kw})  # noqa: E731
-    straight = train(config(run_name="straight"), progress=False)
+    # the uninterrupted run renders previews too: through the family's pipeline, never a "unet" slot
+    straight = train(config(run_name="straight", sample_every_steps=2, num_samples=1, sample_steps=2),
+                     progress=False)
     first = train(config(run_name="resumed", max_train_steps=2), progress=False)
     resumed = train(config(run_name="resumed"), resume="latest", progress=False)
 
     assert (straight.step, first.step, resumed.step) == (4, 2, 4)
     log = [json.loads(x) for x in (resumed.run_dir / "logs" / "train.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert json.loads(RunFolder(resumed.run_dir).base_path.read_text())["family"] == family.name
+    previews = RunFolder(straight.run_dir).preview_grids()
+    assert [p.parent.name for p in previews] == ["step-000002", "step-000004"], previews
     before = load_file(str(model / "denoiser" / "diffusion_pytorch_model.safetensors"))
-    after = RunFolder(resumed.run_dir).pick(4).unet_state()
+    after = RunFolder(resumed.run_dir).pick(4).denoiser_state()
     assert set(after) == set(before) and any(not torch.equal(after[k].float(), before[k].float()) for k in before)
-    assert [p.name for p in first.checkpoints] == ["step-000002"] and (first.checkpoints[0] / "unet").is_dir()
-    uninterrupted = RunFolder(straight.run_dir).pick(4).unet_state()
+    assert [p.name for p in first.checkpoints] == ["step-000002"] and (first.checkpoints[0] / "denoiser").is_dir()
+    uninterrupted = RunFolder(straight.run_dir).pick(4).denoiser_state()
     for k in after:  # resumed exactly where it stopped: the same weights as the run that never stopped
         torch.testing.assert_close(after[k], uninterrupted[k], rtol=0, atol=1e-6, msg=k)
+    # its test grids: the base model and the last checkpoint, through the family's open() and pipeline()
+    tests = sample_run(resumed.run_dir, ["test_steps=4", "test_seeds=1", "test_infer_steps=2", "test_wide=0",
+                                         "test_flexibility_prompts=['{instance_prompt}, 1girl']"], progress=False)
+    assert [r.name for r in tests.rows] == ["base", "step-000004"] and tests.rendered
+    assert tests.grids and all(grid.is_file() for grid in tests.grids)
+
+
+def test_a_second_family_trains_lora_adapters_under_its_own_names_and_resumes_them(make_config, dual_family):
+    from dbnb.run.checkpoints import RunFolder
+    from dbnb.train.loop import train
+
+    family, model = dual_family
+    settings = {"pretrained_model_name_or_path": str(model), "max_train_steps": 2, "save_every_steps": 1,
+                "use_lora": True, "lora_rank": 4, "lora_conv_rank": 2, "lora_text_encoder_rank": 2,
+                "use_ema": True, "keep_last_n": 2, "learning_rate": 1e-3}
+    config = lambda **kw: make_config(**{**settings, **kw})  # noqa: E731
+    straight = train(config(run_name="straight"), progress=False)
+    train(config(run_name="resumed", max_train_steps=1), progress=False)
+    resumed = train(config(run_name="resumed"), resume="latest", progress=False)
+
+    checkpoint = RunFolder(resumed.run_dir).pick(2)
+    assert checkpoint.kind == "lora" and checkpoint.parts == {"denoiser", "encoders", "ema", "state"}
+    assert sorted(p.name for p in (checkpoint.path / "lora").iterdir()) == [
+        "adapters.json", "denoiser.safetensors", "ema.safetensors", "encoders.safetensors"]
+    for ema in (False, True):  # resumed exactly, the EMA too
+        _, *got = checkpoint.adapters(ema)
+        _, *want = RunFolder(straight.run_dir).pick(2).adapters(ema)
+        for mine, theirs in zip(got, want):
+            assert mine and mine.keys() == theirs.keys()
+            for k in mine:
+                torch.testing.assert_close(mine[k], theirs[k], rtol=0, atol=1e-6, msg=k)
+    # onto a fresh base model: the family says where the adapters go
+    fresh = family.open(str(model))
+    checkpoint.load_into(fresh.denoiser, fresh.encoder)
+    _, denoiser, encoder = checkpoint.adapters()
+    for part, saved in ((fresh.denoiser, denoiser), (fresh.encoder, encoder)):
+        assert lora.adapter_state(part).keys() == saved.keys()
+        assert all(torch.equal(lora.adapter_state(part)[k], v) for k, v in saved.items())
+
+
+def test_a_run_of_a_family_that_is_not_registered_says_so(make_config, dual_family, monkeypatch):
+    from dbnb.run.checkpoints import RunFolder, RunFolderError
+    from dbnb.train.loop import train
+
+    family, model = dual_family
+    run = train(make_config(pretrained_model_name_or_path=str(model), max_train_steps=1), progress=False).run_dir
+    assert RunFolder(run).family is family
+    monkeypatch.setattr(base, "FAMILIES", [])  # a later session that did not register it
+    with pytest.raises(RunFolderError, match=r"family 'dual-encoder \(test\)' .* not registered here: register it"):
+        RunFolder(run).pick(1)

@@ -116,7 +116,7 @@ def test_the_ema_updates_all_its_tensors_at_once(make_config, monkeypatch):
     result = train(make_config(use_ema=True, ema_decay=0.5, max_train_steps=2), progress=False)
     assert seen["s"].ema.foreach  # diffusers' EMAModel: one fused update, not a kernel launch per tensor
     from dbnb.run.folder import RunFolder
-    raw, ema = (RunFolder(result.run_dir).pick(2).unet_state(e) for e in (False, True))
+    raw, ema = (RunFolder(result.run_dir).pick(2).denoiser_state(e) for e in (False, True))
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
 
 

@@ -12,6 +12,7 @@ from dbnb.core.config import FIELDS, Config, ConfigError
 from dbnb.data.batches import MicroBatch, read_images
 from dbnb.data.dataset import unit_range
 from dbnb.family import lora
+from dbnb.family.sd1.family import SD1
 from dbnb.family.sd1.load import load_pipeline
 from dbnb.run.checkpoints import dir_size
 from dbnb.run.folder import RunFolder
@@ -35,7 +36,7 @@ def fixed_loss(config, checkpoint=None):
 
     pipe = load_pipeline(config.pretrained_model_name_or_path)
     if checkpoint is not None:
-        checkpoint.load_into(pipe)
+        checkpoint.load_into(pipe.unet, pipe.text_encoder)
     plain = config.replace(with_prior_preservation=False)
     batches = read_images(plain, pipe.tokenizer)
     with torch.no_grad():
@@ -43,7 +44,8 @@ def fixed_loss(config, checkpoint=None):
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, DDPMScheduler.from_config(pipe.scheduler.config),
                                  MicroBatch(latents, {"input_ids": batches.instance.input_ids},
                                             torch.Generator().manual_seed(k)),
-                                 plain, scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
+                                 plain, family=SD1, scaling_factor=pipe.vae.config.scaling_factor).item()
+                  for k in range(8)]
     return sum(losses) / len(losses)
 
 
@@ -57,7 +59,7 @@ def test_lora_with_conv_and_text_encoder_trains_and_the_loss_drops(make_config):
     print(f"fixed-noise training loss: before {before:.4f}, after {after:.4f}")
     assert after <= 0.7 * before, (before, after)
     # the text encoder's adapters learnt too (they start at zero: lora_B is zero-initialised)
-    _, text = lora.read(checkpoint.path / "lora")
+    _, text = lora.read(checkpoint.path / "lora", SD1.parts)
     assert text and max(v.abs().max().item() for k, v in text.items() if "lora_B" in k) > 0
 
 
@@ -79,13 +81,13 @@ def test_a_lora_checkpoint_holds_only_the_adapters_and_its_size_is_estimated(mak
     for estimate, path in zip(asked, result.checkpoints):
         assert dir_size(path) <= estimate <= dir_size(path) * 1.1 + (1 << 20)
     with pytest.raises(checkpoints.CheckpointError, match="LoRA checkpoint"):
-        checkpoint.unet_state()
+        checkpoint.denoiser_state()
 
 
 def test_every_text_encoder_layer_and_every_transformer_block_gets_its_adapters():
     pipe = build_tiny_pipeline()
     spec = lora.Spec(rank=4, alpha=4.0, conv_rank=2, text_encoder_rank=2)
-    lora.add_adapters(pipe.unet, pipe.text_encoder, spec, seed=0)
+    lora.add_adapters(pipe.unet, pipe.text_encoder, spec, SD1, seed=0)
     # kohya once trained a third of the encoder's modules: every layer must have all six
     per_layer = {}
     for key in lora.adapter_state(pipe.text_encoder):
@@ -151,8 +153,8 @@ def test_kill_9_then_resume_of_a_lora_run_matches_the_uninterrupted_run(make_con
     assert resumed.step == steps and resumed.checkpoints[0].name > "step-000006"
     straight = train(killed.replace(run_name="straight"), progress=False)
     for ema in (False, True):
-        a = lora.read(RunFolder(resumed.run_dir).pick(steps).path / "lora", ema)
-        b = lora.read(RunFolder(straight.run_dir).pick(steps).path / "lora", ema)
+        a = lora.read(RunFolder(resumed.run_dir).pick(steps).path / "lora", SD1.parts, ema)
+        b = lora.read(RunFolder(straight.run_dir).pick(steps).path / "lora", SD1.parts, ema)
         for part_a, part_b in zip(a, b):
             assert part_a.keys() == part_b.keys() and part_a
             for k in part_a:
@@ -163,7 +165,7 @@ def test_the_ema_of_the_adapters_differs_from_them(make_config):
     result = train(make_config(use_ema=True, ema_decay=0.5, max_train_steps=3, lora_learning_rate=1e-2),
                    progress=False)
     folder = RunFolder(result.run_dir).pick(3).path / "lora"
-    (raw_unet, raw_text), (ema_unet, ema_text) = lora.read(folder), lora.read(folder, ema=True)
+    (raw_unet, raw_text), (ema_unet, ema_text) = lora.read(folder, SD1.parts), lora.read(folder, SD1.parts, ema=True)
     assert raw_unet.keys() == ema_unet.keys() and raw_text.keys() == ema_text.keys()
     assert any(not torch.equal(raw_unet[k], ema_unet[k]) for k in raw_unet)
 
@@ -186,7 +188,7 @@ def _checkpoint_outputs(run_dir, ema=False):
     from dbnb.ship import kohya
 
     pipe = load_pipeline(_base(run_dir))
-    RunFolder(run_dir).pick(None).load_into(pipe, ema=ema)
+    RunFolder(run_dir).pick(None).load_into(pipe.unet, pipe.text_encoder, ema=ema)
     return kohya.outputs(pipe)
 
 
@@ -233,7 +235,7 @@ def test_diffusers_reads_the_lora_file_back_equal_to_the_checkpoint(lora_run):
         expected = _checkpoint_outputs(lora_run, ema)
         pipe = load_pipeline(_base(lora_run))
         base = kohya.outputs(pipe, hidden=expected[0])
-        kohya.load_file_into(pipe, path)
+        kohya.load_file_into(pipe, path, SD1.parts)
         got = kohya.outputs(pipe, hidden=expected[0])
         for e, g, b in zip(expected, got, base):
             assert (e - g).abs().max().item() <= 1e-4
@@ -254,7 +256,7 @@ def test_a_key_diffusers_would_ignore_is_an_error(lora_run, tmp_path):
     for bad in ("odd", "x"):
         with pytest.raises(kohya.KohyaError):
             kohya.verify(tmp_path / f"{bad}.safetensors", _checkpoint_outputs(lora_run),
-                         lambda: load_pipeline(_base(lora_run)))
+                         lambda: load_pipeline(_base(lora_run)), SD1.parts)
 
 
 def test_bake_writes_a_full_model_equal_to_base_plus_lora(lora_run):

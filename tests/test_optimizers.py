@@ -40,10 +40,11 @@ def make_config(tiny_dir, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_lora(tiny_dir):
     from dbnb.family import lora
+    from dbnb.family.sd1.family import SD1
 
     pipe = load_pipeline(str(tiny_dir))
     lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec(rank=4, alpha=4, conv_rank=0, text_encoder_rank=2,
-                                                            dropout=0.0), seed=0)
+                                                            dropout=0.0), SD1, seed=0)
     return pipe
 
 

@@ -17,12 +17,13 @@ from safetensors.torch import load_file
 from dbnb.core.config import Config, ConfigError
 from dbnb.data import dataset as data
 from dbnb.data.batches import MicroBatch, read_images
+from dbnb.family.sd1.family import SD1
 from dbnb.run.checkpoints import RunFolder, RunFolderError
 from dbnb.train.loop import TrainingError, diffusion_loss, train
 
 
 def unet_weights(run_dir, step, ema=False):
-    return RunFolder(run_dir).pick(step).unet_state(ema)
+    return RunFolder(run_dir).pick(step).denoiser_state(ema)
 
 
 def fixed_loss(config, unet_state=None):
@@ -38,7 +39,7 @@ def fixed_loss(config, unet_state=None):
         losses = [diffusion_loss(pipe.unet, pipe.text_encoder, _ddpm(pipe),
                                  MicroBatch(latents, {"input_ids": batches.instance.input_ids},
                                             torch.Generator().manual_seed(k)),
-                                 config.replace(with_prior_preservation=False),
+                                 config.replace(with_prior_preservation=False), family=SD1,
                                  scaling_factor=pipe.vae.config.scaling_factor).item() for k in range(8)]
     return sum(losses) / len(losses)
 
@@ -75,7 +76,8 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
     def loss(**kw):
         c = config.replace(**kw)
         return diffusion_loss(pipe.unet, pipe.text_encoder, _ddpm(pipe),
-                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1)), c).item()
+                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1)), c,
+                              family=SD1).item()
     instance_only = loss(prior_loss_weight=0.0)
     one, two = loss(prior_loss_weight=1.0), loss(prior_loss_weight=2.0)
     class_term = one - instance_only
@@ -84,7 +86,7 @@ def test_prior_preservation_adds_the_weighted_class_term(make_config):
 
 
 def _text_encoder(run_dir, step):
-    return RunFolder(run_dir).pick(step).text_encoder_state()
+    return RunFolder(run_dir).pick(step).encoder_state()
 
 
 def _differ(a, b):
@@ -168,7 +170,7 @@ def test_snr_gamma_and_offset_noise_change_the_loss_as_defined(make_config):
     def loss(scheduler=None, **kw):
         return diffusion_loss(pipe.unet, pipe.text_encoder, scheduler or _ddpm(pipe),
                               MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(3)),
-                              make_config(**kw)).item()
+                              make_config(**kw), family=SD1).item()
     plain = loss()
     # Min-SNR weights are min(SNR, γ) / SNR ≤ 1: a huge γ changes nothing, a small one lowers the loss
     assert loss(snr_gamma=1e9) == pytest.approx(plain, rel=1e-6)
@@ -288,7 +290,7 @@ def test_the_preview_pipeline_has_every_part_on_the_unets_device(tiny_dir):
 
     pipe = load_pipeline(str(tiny_dir))
     unet = pipe.unet.to("meta")
-    sampler = preview_pipeline(pipe, unet)
+    sampler, _ = preview_pipeline(SD1, SD1.models_of(pipe), unet)
     modules = {name: part for name, part in sampler.components.items() if isinstance(part, torch.nn.Module)}
     assert set(modules) >= {"unet", "vae", "text_encoder"}
     assert {name: next(m.parameters()).device.type for name, m in modules.items()} == \
@@ -979,7 +981,8 @@ def test_alpha_mask_loss_equals_the_plain_loss_when_opaque_and_ignores_transpare
 
     def loss(mask, unet=pipe.unet):
         return diffusion_loss(unet, pipe.text_encoder, _ddpm(pipe),
-                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1), mask), config)
+                              MicroBatch(latents, {"input_ids": ids}, torch.Generator().manual_seed(1), mask), config,
+                              family=SD1)
     assert loss(torch.ones(2, 1, 8, 8)).item() == loss(None).item()
     half = torch.ones(2, 1, 8, 8)
     half[..., :4] = 0.0  # the left half transparent

@@ -28,7 +28,7 @@ from dbnb.core.precision import inference_dtype
 from dbnb.core.progress import bar as tqdm
 from dbnb.data.dataset import FILEWORDS, DatasetError, caption_for, concepts_from_config, list_images
 from dbnb.family.render import PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, labelled_grid, make_scheduler, render
-from dbnb.family.sd1.load import load_pipeline
+from dbnb.family.base import family_of
 from dbnb.run.folder import RunFolder
 
 if TYPE_CHECKING:
@@ -184,8 +184,10 @@ class TestPipeline:
     __test__ = False
 
     def __init__(self, config, device: str, dtype: torch.dtype, ema: bool):
-        pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
-                             revision=config.revision, dtype=dtype)
+        family = family_of(config)
+        self.models = family.open(config.pretrained_model_name_or_path,
+                                  autoencoder=config.pretrained_vae_name_or_path, revision=config.revision, dtype=dtype)
+        pipe = family.pipeline(self.models, self.models.denoiser)
         pipe.scheduler = make_scheduler(PREVIEW_SAMPLER, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
@@ -199,11 +201,11 @@ class TestPipeline:
         if row.checkpoint is None:
             raise SampleError("The base row must be rendered before any checkpoint is swapped in.")
         ckpt = row.checkpoint
-        if ckpt.kind == "full" and "text_encoder" in ckpt.parts and self.base_text is None:
-            self.base_text = {k: v.detach().to("cpu", copy=True) for k, v in self.pipe.text_encoder.state_dict().items()}
-        elif "text_encoder" not in ckpt.parts and self.base_text is not None:
-            self.pipe.text_encoder.load_state_dict(self.base_text)
-        ckpt.load_into(self.pipe, ema=self.ema, scale=self.config.lora_scale)
+        if ckpt.kind == "full" and ckpt.holds_encoder and self.base_text is None:
+            self.base_text = {k: v.detach().to("cpu", copy=True) for k, v in self.models.encoder.state_dict().items()}
+        elif not ckpt.holds_encoder and self.base_text is not None:
+            self.models.encoder.load_state_dict(self.base_text)
+        ckpt.load_into(self.models.denoiser, self.models.encoder, ema=self.ema, scale=self.config.lora_scale)
         self.current = row.name
 
     @torch.no_grad()

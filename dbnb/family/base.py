@@ -8,6 +8,12 @@ that turns pictures into latents. A family with two tokenizers carries two entri
 batches' token inputs; one with two text encoders and a pooled embedding returns them all in
 its conditioning dict. SD 1.x (dbnb.family.sd1.family) is the one family dbnb ships.
 
+What comes after training asks the family too: how its parts are named in a checkpoint's
+folders and files (`Part`: dbnb.run.checkpoints, dbnb.family.lora, dbnb.ship.kohya), which
+modules get LoRA adapters (`adapter_targets`), the pipeline that renders with a given denoiser
+(`pipeline`: previews, test grids, class images), the base model to render or export from
+(`open`), and the one file exports write and read back (`single_file`: dbnb.ship.export).
+
 Which family a model is: `for_model(source)` asks the registered families (newest first)
 whether they recognize the source and falls back to SD 1.x. `register(family)` adds one: a
 test's stand-in, or a user's own family, without any edit to the trainer.
@@ -29,8 +35,63 @@ class Models:
     tokenizers: dict[str, object]  # one per token input the batches carry, by that input's name
     noise_scheduler: object        # the training noise schedule (diffusers' DDPMScheduler API)
     latent_scale: float            # the autoencoder's scaling_factor: latents are scaled by it before noising
-    pipe: object                   # the whole pipeline: previews sample with it, the disk plan sizes it
+    pipe: object                   # the family's own pipeline of these parts, if it has one (previews)
     base: dict[str, str]           # the base model's fingerprint as loaded (RunFolder.record_base / check_base)
+
+
+@dataclass(frozen=True)
+class Part:
+    """How a family names one trained part where it is saved and said (dbnb.run.checkpoints,
+    dbnb.family.lora): SD 1.x's UNet is Part("unet", "UNet", "diffusion_pytorch_model.safetensors", "lora_unet_")."""
+    name: str   # its folder in a checkpoint (its EMA's: `ema`), its adapters' file stem and key prefix
+    label: str  # in messages
+    file: str   # its weights file in its folder
+    kohya: str  # its adapters' key prefix in a kohya-layout LoRA file, the webui's (dbnb.ship.kohya)
+
+    @property
+    def ema(self) -> str:
+        """The folder of its EMA weights."""
+        return f"{self.name}_ema"
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A family's trained parts by role."""
+    denoiser: Part
+    encoder: Part
+
+
+@dataclass(frozen=True)
+class AdapterTargets:
+    """Which modules of a denoiser and an encoder get LoRA adapters, by module path (dbnb.family.lora)."""
+    denoiser: list[str]        # at lora_rank
+    denoiser_convs: list[str]  # 3x3 convs at lora_conv_rank (LoCon; empty unless conv_rank)
+    encoder: list[str]         # at lora_text_encoder_rank
+
+
+class SingleFile(Protocol):
+    """A family's one-file format (SD 1.x's: the webui's checkpoint), which dbnb.ship.export writes.
+    The parts' state dicts go in by role: denoiser, autoencoder, encoder."""
+
+    suffixes: tuple[str, ...]  # the files it writes (".safetensors", ".ckpt")
+
+    def state_dict(self, denoiser: dict, autoencoder: dict, encoder: dict) -> dict[str, torch.Tensor]:
+        """The parts as one state dict in the file's layout."""
+
+    def keys(self, denoiser: dict, autoencoder: dict, encoder: dict) -> set[str]:
+        """The keys `state_dict` of these parts holds."""
+
+    def keys_and_shapes(self, path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        """A written file's keys and shapes, reading no tensor where the format allows."""
+
+    def write(self, path, state: dict, **options):
+        """Write `state` to `path` (its suffix says which format) under a temporary name first."""
+
+    def remove_leftovers(self, folder) -> list:
+        """Delete the temporary files a killed write left in `folder`."""
+
+    def read_back(self, path, keys: list[str], shapes: dict, dtype: torch.dtype) -> Models:
+        """The file at `path` loaded as its users' loaders load it, its parts by role."""
 
 
 @runtime_checkable
@@ -39,14 +100,27 @@ class Family(Protocol):
     what is frozen or cast, which modules get LoRA adapters, gradient checkpointing, attention."""
 
     name: str
-    part_names: tuple[str, str]  # the denoiser's and the encoder's names in messages ("UNet", "text encoder")
+    parts: Parts  # how its denoiser and encoder are named in checkpoints and messages
+    single_file: SingleFile  # its one-file format, which exports write
 
     def recognizes(self, source: str) -> bool:
         """Whether `source` (pretrained_model_name_or_path) is a model of this family."""
 
+    def open(self, source: str, *, autoencoder: str = "", revision: str = "",
+             dtype: torch.dtype | None = None) -> Models:
+        """The model at `source` (with the autoencoder at `autoencoder` when given) as it is, to render
+        or export with: nothing frozen, cast (but to `dtype`) or adapted; no noise_scheduler."""
+
     def load(self, config, device: torch.device, weight_dtype: torch.dtype) -> Models:
         """The base model of `config` on `device`, ready to train: frozen parts in `weight_dtype`,
         trained ones in fp32, adapters added (use_lora), memory and attention switches set."""
+
+    def adapter_targets(self, denoiser: torch.nn.Module, encoder: torch.nn.Module, spec) -> AdapterTargets:
+        """The modules that get LoRA adapters of `spec` (dbnb.family.lora.Spec's shapes)."""
+
+    def pipeline(self, models: Models, denoiser: torch.nn.Module):
+        """A diffusers pipeline of `models` that renders with `denoiser` in place of the loaded one
+        (previews: the one being trained); its other parts are `models`' own, where they are."""
 
     def encode_images(self, autoencoder: torch.nn.Module, images: torch.Tensor):
         """The latent distribution (`.mean`, `.std`, unscaled) of `images` in [-1, 1], under
@@ -84,6 +158,11 @@ def for_model(source: str) -> Family:
         if family.recognizes(str(source)):
             return family
     return default()
+
+
+def named(name: str) -> Family | None:
+    """The family called `name` among the registered ones and SD 1.x; None when none is."""
+    return next((family for family in (*FAMILIES, default()) if family.name == name), None)
 
 
 def family_of(config) -> Family:

@@ -1,11 +1,8 @@
-"""LoRA / LoCon adapters on the UNet and the text encoder, through peft (diffusers' and
-transformers' own adapter support), on the module set kohya's `networks/lora.py` trains:
-
-  UNet, always    every Linear and 1x1 conv inside the transformer blocks' Transformer2DModel:
-                  proj_in, proj_out, attn1/attn2 to_q, to_k, to_v, to_out.0, ff.net.0.proj, ff.net.2
-  UNet, LoCon     (lora_conv_rank > 0) the ResNet blocks and the up/down samplers too: their 3x3
-                  convs at lora_conv_rank, time_emb_proj and conv_shortcut at lora_rank
-  text encoder    (lora_text_encoder_rank > 0) q/k/v/out_proj and mlp.fc1/fc2 of every layer
+"""LoRA / LoCon adapters on any family's denoiser and encoder, through peft (diffusers' and
+transformers' own adapter support). Which modules get them is the family's
+(`Family.adapter_targets`; SD 1.x's: kohya's module set, in its family's folder): the
+denoiser's at lora_rank, its 3x3 convs at lora_conv_rank (LoCon), the encoder's at
+lora_text_encoder_rank (when > 0).
 
 Every adapter has the scale alpha / rank (kohya's and peft's meaning of alpha); LoCon convs keep
 the linear layers' ratio. A checkpoint's `lora/` folder holds the adapters (peft's state-dict
@@ -22,14 +19,12 @@ from pathlib import Path
 import torch
 
 from dbnb.core.errors import DbnbError
+from dbnb.family.base import AdapterTargets, Family, Part, Parts
 
-ADAPTER = "dbnb"  # the peft adapter name on the UNet / text encoder
-# A checkpoint's lora/ folder (not the diffusers files of dbnb.run.checkpoints' unet/ and text_encoder/)
-SPEC_FILE, UNET_ADAPTERS_FILE, TEXT_ENCODER_ADAPTERS_FILE, EMA_ADAPTERS_FILE = (
-    "adapters.json", "unet.safetensors", "text_encoder.safetensors", "ema.safetensors")
-TRANSFORMER_BLOCKS = ("Transformer2DModel",)
-CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
-TEXT_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+ADAPTER = "dbnb"  # the peft adapter name on the denoiser / encoder
+# A checkpoint's lora/ folder: these, and each part's adapters in <part name>.safetensors
+# (SD 1.x: unet.safetensors, text_encoder.safetensors; dbnb.family.base.Part)
+SPEC_FILE, EMA_ADAPTERS_FILE = "adapters.json", "ema.safetensors"
 
 
 class LoraError(DbnbError, RuntimeError):
@@ -72,7 +67,7 @@ class Spec:
 
 # --- which modules get adapters ------------------------------------------------------------------
 
-def _children(root: torch.nn.Module, blocks: tuple[str, ...]):
+def modules_inside(root: torch.nn.Module, blocks: tuple[str, ...]):
     """(name, module) of every Linear / Conv2d inside a module of one of the `blocks` classes."""
     seen = set()
     for name, module in root.named_modules():
@@ -85,22 +80,9 @@ def _children(root: torch.nn.Module, blocks: tuple[str, ...]):
                 yield full, child
 
 
-def _is_3x3(module) -> bool:
+def is_3x3(module) -> bool:
+    """A conv that LoCon adapts at lora_conv_rank (1x1 convs count as linear layers)."""
     return isinstance(module, torch.nn.Conv2d) and module.kernel_size != (1, 1)
-
-
-def unet_targets(unet, spec: Spec) -> tuple[list[str], list[str]]:
-    """(modules at lora_rank, 3x3 convs at lora_conv_rank) of this UNet, by module path."""
-    linear = [n for n, _ in _children(unet, TRANSFORMER_BLOCKS)]
-    convs = []
-    if spec.conv_rank:
-        for name, module in _children(unet, CONV_BLOCKS):
-            (convs if _is_3x3(module) else linear).append(name)
-    return linear, convs
-
-
-def text_encoder_targets(text_encoder) -> list[str]:
-    return [n for n, _ in _children(text_encoder, TEXT_BLOCKS)]
 
 
 def _exact(names: list[str]) -> str:
@@ -109,45 +91,45 @@ def _exact(names: list[str]) -> str:
     return "^(" + "|".join(re.escape(n) for n in names) + ")$"
 
 
-def unet_lora_config(unet, spec: Spec):
+def denoiser_lora_config(targets: AdapterTargets, spec: Spec):
     from peft import LoraConfig
 
-    linear, convs = unet_targets(unet, spec)
-    pattern = {re.escape(n): spec.conv_rank for n in convs}
+    pattern = {re.escape(n): spec.conv_rank for n in targets.denoiser_convs}
     return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout, init_lora_weights=True,
-                      target_modules=_exact(linear + convs), rank_pattern=pattern,
+                      target_modules=_exact(targets.denoiser + targets.denoiser_convs), rank_pattern=pattern,
                       alpha_pattern={k: spec.conv_alpha for k in pattern})
 
 
-def text_encoder_lora_config(text_encoder, spec: Spec):
+def encoder_lora_config(targets: AdapterTargets, spec: Spec):
     from peft import LoraConfig
 
     return LoraConfig(r=spec.text_encoder_rank, lora_alpha=spec.text_encoder_alpha, lora_dropout=spec.dropout,
-                      init_lora_weights=True, target_modules=_exact(text_encoder_targets(text_encoder)))
+                      init_lora_weights=True, target_modules=_exact(targets.encoder))
 
 
-def add_adapters(unet, text_encoder, spec: Spec, seed: int | None = None) -> None:
-    """Freeze both models and put fresh adapters on them (fp32, whatever the models' dtype). The
-    initial weights come from `seed` (peft draws them from the global RNG)."""
+def add_adapters(denoiser, encoder, spec: Spec, family: Family, seed: int | None = None) -> None:
+    """Freeze both models and put fresh adapters on the modules `family` names (fp32, whatever
+    the models' dtype). The initial weights come from `seed` (peft draws them from the global RNG)."""
     from diffusers.training_utils import cast_training_params
 
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
-        _add(unet, text_encoder, spec)
-    cast_training_params([unet, text_encoder], torch.float32)
+        denoiser.requires_grad_(False)
+        encoder.requires_grad_(False)
+        _add(denoiser, encoder, spec, family)
+    cast_training_params([denoiser, encoder], torch.float32)
 
 
-def _add(unet, text_encoder, spec: Spec) -> None:
+def _add(denoiser, encoder, spec: Spec, family: Family) -> None:
     from peft import inject_adapter_in_model
 
-    unet.add_adapter(unet_lora_config(unet, spec), adapter_name=ADAPTER)
+    targets = family.adapter_targets(denoiser, encoder, spec)
+    denoiser.add_adapter(denoiser_lora_config(targets, spec), adapter_name=ADAPTER)
     if spec.text_encoder_rank:
         # peft itself, not transformers' add_adapter: that one refuses peft releases older than
         # its own pin even where they work (transformers 5.24 wants peft >= 0.22)
-        inject_adapter_in_model(text_encoder_lora_config(text_encoder, spec), text_encoder, adapter_name=ADAPTER)
+        inject_adapter_in_model(encoder_lora_config(targets, spec), encoder, adapter_name=ADAPTER)
 
 
 def adapter_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
@@ -188,72 +170,81 @@ def set_scale(model, scale: float) -> None:
 
 # --- in a checkpoint's lora/ folder -------------------------------------------------------------
 
-def held_parts(folder: Path) -> set[str]:
-    return {part for part, file in (("unet", UNET_ADAPTERS_FILE), ("text_encoder", TEXT_ENCODER_ADAPTERS_FILE),
-                                    ("ema", EMA_ADAPTERS_FILE))
-            if (folder / file).is_file()}
+def adapters_file(folder: Path, part: Part) -> Path:
+    return folder / f"{part.name}.safetensors"
 
 
-def save(folder: Path, unet, text_encoder, spec: Spec, ema_state: dict | None) -> None:
+def held_parts(folder: Path, parts: Parts) -> set[str]:
+    """The names of the parts whose adapters `folder` holds, and "ema" when it holds their EMA."""
+    return ({part.name for part in (parts.denoiser, parts.encoder) if adapters_file(folder, part).is_file()}
+            | ({"ema"} if (folder / EMA_ADAPTERS_FILE).is_file() else set()))
+
+
+def save(folder: Path, denoiser, encoder, spec: Spec, ema_state: dict | None, parts: Parts) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir()
     spec.save(folder)
-    save_file(adapter_state(unet), folder / UNET_ADAPTERS_FILE)
+    save_file(adapter_state(denoiser), adapters_file(folder, parts.denoiser))
     if spec.text_encoder_rank:
-        save_file(adapter_state(text_encoder), folder / TEXT_ENCODER_ADAPTERS_FILE)
+        save_file(adapter_state(encoder), adapters_file(folder, parts.encoder))
     if ema_state is not None:
         save_file(ema_state, folder / EMA_ADAPTERS_FILE)
 
 
-def ema_state(shadow: list[torch.Tensor], unet, text_encoder) -> dict[str, torch.Tensor]:
-    """The EMA's shadow of `trainable(unet, text_encoder)`, keyed "unet.<key>" / "text_encoder.<key>"."""
-    keys = [f"{part}.{k}" for part, model in (("unet", unet), ("text_encoder", text_encoder))
+def _ema_keys(denoiser, encoder, parts: Parts) -> list[str]:
+    """The EMA's keys in the order of `trainable(denoiser, encoder)`: "<part name>.<adapter key>"."""
+    return [f"{part.name}.{k}" for part, model in ((parts.denoiser, denoiser), (parts.encoder, encoder))
             for k, _ in adapter_parameters(model)]
-    return {k: t.detach().to("cpu", torch.float32, copy=True) for k, t in zip(keys, shadow)}
 
 
-def read_ema_shadow(folder: Path, unet, text_encoder) -> list[torch.Tensor]:
-    """The saved EMA shadow, in the order of `trainable(unet, text_encoder)`."""
+def ema_state(shadow: list[torch.Tensor], denoiser, encoder, parts: Parts) -> dict[str, torch.Tensor]:
+    """The EMA's shadow of `trainable(denoiser, encoder)`, keyed "unet.<key>" / "text_encoder.<key>" (SD 1.x)."""
+    return {k: t.detach().to("cpu", torch.float32, copy=True)
+            for k, t in zip(_ema_keys(denoiser, encoder, parts), shadow)}
+
+
+def read_ema_shadow(folder: Path, denoiser, encoder, parts: Parts) -> list[torch.Tensor]:
+    """The saved EMA shadow, in the order of `trainable(denoiser, encoder)`."""
     from dbnb.core.weights import read_safetensors
 
     saved = read_safetensors(folder / EMA_ADAPTERS_FILE)
-    keys = [f"{part}.{k}" for part, model in (("unet", unet), ("text_encoder", text_encoder))
-            for k, _ in adapter_parameters(model)]
+    keys = _ema_keys(denoiser, encoder, parts)
     if set(keys) != saved.keys():
         raise LoraError(f"{folder / EMA_ADAPTERS_FILE}: its EMA does not match this run's adapters; resume from "
                         "another checkpoint.")
     return [saved[k] for k in keys]
 
 
-def trainable(unet, text_encoder) -> list[torch.nn.Parameter]:
+def trainable(denoiser, encoder) -> list[torch.nn.Parameter]:
     """The adapters' parameters in a fixed order (the optimizer's and the EMA's)."""
-    return [p for model in (unet, text_encoder) for _, p in adapter_parameters(model)]
+    return [p for model in (denoiser, encoder) for _, p in adapter_parameters(model)]
 
 
-def read(folder: Path, ema: bool = False) -> tuple[dict, dict]:
-    """(unet, text_encoder) adapter state dicts of a checkpoint (their EMA when `ema`)."""
+def read(folder: Path, parts: Parts, ema: bool = False) -> tuple[dict, dict]:
+    """(denoiser, encoder) adapter state dicts of a checkpoint (their EMA when `ema`)."""
     from dbnb.core.weights import read_safetensors
 
     if ema:
         both = read_safetensors(folder / EMA_ADAPTERS_FILE)
         split = lambda part: {k[len(part) + 1:]: v for k, v in both.items() if k.startswith(part + ".")}  # noqa: E731
-        return split("unet"), split("text_encoder")
-    text = folder / TEXT_ENCODER_ADAPTERS_FILE
-    return read_safetensors(folder / UNET_ADAPTERS_FILE), (read_safetensors(text) if text.is_file() else {})
+        return split(parts.denoiser.name), split(parts.encoder.name)
+    encoder = adapters_file(folder, parts.encoder)
+    return (read_safetensors(adapters_file(folder, parts.denoiser)),
+            read_safetensors(encoder) if encoder.is_file() else {})
 
 
-def load_into(folder: Path, pipe, ema: bool = False, scale: float = 1.0) -> None:
-    """Put a checkpoint's adapters on `pipe`'s UNet and text encoder (adding them on first use)."""
+def load_into(folder: Path, denoiser, encoder, family: Family, ema: bool = False, scale: float = 1.0) -> None:
+    """Put a checkpoint's adapters on `family`'s denoiser and encoder (adding them on first use)."""
     spec = Spec.read(folder)
-    unet_sd, text_sd = read(folder, ema)
-    if not any(f".{ADAPTER}." in n for n, _ in pipe.unet.named_parameters()):
+    denoiser_sd, encoder_sd = read(folder, family.parts, ema)
+    if not any(f".{ADAPTER}." in n for n, _ in denoiser.named_parameters()):
         with torch.random.fork_rng(devices=[]):
-            _add(pipe.unet, pipe.text_encoder, spec)
-    set_adapter_state(pipe.unet, unet_sd, folder)
+            _add(denoiser, encoder, spec, family)
+    set_adapter_state(denoiser, denoiser_sd, folder)
     if spec.text_encoder_rank:
-        set_adapter_state(pipe.text_encoder, text_sd, folder)
-    for model in (pipe.unet, pipe.text_encoder):
+        set_adapter_state(encoder, encoder_sd, folder)
+    for model in (denoiser, encoder):
         set_scale(model, scale)
 
 

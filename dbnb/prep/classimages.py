@@ -37,7 +37,7 @@ from dbnb.data.buckets import class_image_sizes
 from dbnb.data.dataset import DatasetError
 from dbnb.data.intake import IMAGE_SUFFIXES, FetchError, fetch_images
 from dbnb.family.render import SAMPLERS, cpu_batch_size, make_scheduler, render
-from dbnb.family.sd1 import load as models
+from dbnb.family.base import family_of
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
 TRANSPARENT_PER_INSTANCE = 10  # the seed: 10x the instance images
@@ -223,8 +223,10 @@ def generation_device_dtype(config) -> tuple[torch.device, torch.dtype]:
 def load_generation_pipeline(config):
     """The base model, loaded once, ready to sample class images on this machine."""
     _, dtype = generation_device_dtype(config)
-    pipe = models.load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
-                         revision=config.revision, dtype=dtype)
+    family = family_of(config)
+    base = family.open(config.pretrained_model_name_or_path,
+                       autoencoder=config.pretrained_vae_name_or_path, revision=config.revision, dtype=dtype)
+    pipe = family.pipeline(base, base.denoiser)
     return prepare_pipeline(pipe, config)
 
 

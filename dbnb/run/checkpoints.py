@@ -11,7 +11,7 @@ import importlib
 import json
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +20,7 @@ import torch
 from dbnb.core import weights
 from dbnb.core.disk import DiskFullError, check_free_space, format_bytes, free_disk_bytes, is_disk_full, write_errors
 from dbnb.family import lora
+from dbnb.family.base import Family, Part, default
 from dbnb.run.lock import RunFolderError
 
 if TYPE_CHECKING:
@@ -29,15 +30,15 @@ if TYPE_CHECKING:
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 # A checkpoint folder's layout. Only this module spells it: everything else asks a Checkpoint.
-#   full: unet/ [text_encoder/] [unet_ema/]   diffusers folders of the trained models, in fp16:
-#         what test rendering and export use, kept for every save
+# The parts' names are their family's (dbnb.family.base.Part; SD 1.x: unet, text_encoder, unet_ema).
+#   full: unet/ [text_encoder/] [unet_ema/]   diffusers / transformers folders of the trained
+#         models, in fp16: what test rendering and export use, kept for every save
 #   lora: lora/ adapters.json unet.safetensors [text_encoder.safetensors] [ema.safetensors]
 #   both: state/ optimizer.pt lr_scheduler.pt [ema.pt] trainer.json   (resume only; keep_last_n prunes it)
 #   full: state/ unet.safetensors [text_encoder.safetensors] [unet_ema.safetensors]: the fp32 master
 #         weights, so a resume continues exactly (checkpoints written before 2026-12-06 hold fp32
 #         weights in unet/ and no master copy: a resume reads those)
-UNET, TEXT_ENCODER, UNET_EMA, LORA, STATE = "unet", "text_encoder", "unet_ema", "lora", "state"
-UNET_FILE, TEXT_ENCODER_FILE = "diffusion_pytorch_model.safetensors", "model.safetensors"
+LORA, STATE = "lora", "state"
 # Per-step weights: fp16 halves every save (SD 1.5's UNet: 1.72 GB against 3.44) and is what
 # rendering and the fp16 export read anyway; training's fp32 master copy lives in the state.
 WEIGHTS_DTYPE = torch.float16
@@ -50,14 +51,15 @@ class CheckpointError(RunFolderError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One saved step of a run: what it holds and how it goes into a pipeline."""
+    """One saved step of a run of a `family`'s model: what it holds and how it goes into the model."""
     step: int
     path: Path
+    family: Family = field(default_factory=default, compare=False, repr=False)
 
     @classmethod
-    def at(cls, path: Path) -> "Checkpoint | None":
+    def at(cls, path: Path, family: Family | None = None) -> "Checkpoint | None":
         m = STEP_DIR.match(Path(path).name)
-        return cls(int(m.group(1)), Path(path)) if m and Path(path).is_dir() else None
+        return cls(int(m.group(1)), Path(path), family or default()) if m and Path(path).is_dir() else None
 
     @property
     def name(self) -> str:
@@ -70,14 +72,21 @@ class Checkpoint:
 
     @property
     def parts(self) -> frozenset[str]:
-        """What it holds: "unet", "text_encoder", "ema" (as weights, or as adapters for kind lora),
-        and "state" when it can be resumed."""
+        """What it holds: its parts by name (SD 1.x: "unet", "text_encoder"), "ema" (as weights, or
+        as adapters for kind lora), and "state" when it can be resumed."""
+        parts = self.family.parts
         if self.kind == LORA:
-            held = lora.held_parts(self.path / LORA)
+            held = lora.held_parts(self.path / LORA, parts)
         else:
-            held = {n for n, sub, f in ((UNET, UNET, UNET_FILE), (TEXT_ENCODER, TEXT_ENCODER, TEXT_ENCODER_FILE),
-                                        ("ema", UNET_EMA, UNET_FILE)) if (self.path / sub / f).is_file()}
+            held = {n for n, file in ((parts.denoiser.name, self._weights_file(parts.denoiser)),
+                                      (parts.encoder.name, self._weights_file(parts.encoder)),
+                                      ("ema", self._weights_file(parts.denoiser, ema=True))) if file.is_file()}
         return frozenset(held | ({"state"} if self.resumable else set()))
+
+    @property
+    def holds_encoder(self) -> bool:
+        """Whether it holds a trained encoder (as weights or adapters)."""
+        return self.family.parts.encoder.name in self.parts
 
     @property
     def resumable(self) -> bool:
@@ -95,51 +104,59 @@ class Checkpoint:
         if ema and "ema" not in self.parts:
             raise CheckpointError(f"{self.path} has no EMA weights: this run was trained without use_ema; "
                                   "leave out --ema (notebook: ema = False).")
-        if "unet" not in self.parts:
-            raise CheckpointError(f"{self.path} has no trained UNet: the checkpoint is incomplete; choose another "
-                                  "step.")
+        denoiser = self.family.parts.denoiser
+        if denoiser.name not in self.parts:
+            raise CheckpointError(f"{self.path} has no trained {denoiser.label}: the checkpoint is incomplete; "
+                                  "choose another step.")
+
+    def _weights_file(self, part: Part, ema: bool = False) -> Path:
+        return self.path / (part.ema if ema else part.name) / part.file
 
     def files(self, ema: bool = False) -> list[Path]:
-        """The weight files that `load_into(pipe, ema)` reads (to tell when they change)."""
+        """The weight files that `load_into(denoiser, encoder, ema)` reads (to tell when they change)."""
         if self.kind == LORA:
             return sorted((self.path / LORA).glob("*"))
-        unet = self.path / (UNET_EMA if ema else UNET) / UNET_FILE
-        return [f for f in (unet, self.path / TEXT_ENCODER / TEXT_ENCODER_FILE) if f.is_file()]
+        parts = self.family.parts
+        return [f for f in (self._weights_file(parts.denoiser, ema), self._weights_file(parts.encoder))
+                if f.is_file()]
 
-    def unet_state(self, ema: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The trained UNet's diffusers state dict (kind full)."""
+    def denoiser_state(self, ema: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The trained denoiser's state dict (kind full)."""
         self.require(ema)
-        self._require_full("the UNet's weights")
-        return weights.read_safetensors(self.path / (UNET_EMA if ema else UNET) / UNET_FILE, dtype)
+        denoiser = self.family.parts.denoiser
+        self._require_full(f"the {denoiser.label}'s weights")
+        return weights.read_safetensors(self._weights_file(denoiser, ema), dtype)
 
-    def text_encoder_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
-        """The trained text encoder's state dict, or None when it was not trained (kind full)."""
-        self._require_full("the text encoder's weights")
-        file = self.path / TEXT_ENCODER / TEXT_ENCODER_FILE
+    def encoder_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
+        """The trained encoder's state dict, or None when it was not trained (kind full)."""
+        encoder = self.family.parts.encoder
+        self._require_full(f"the {encoder.label}'s weights")
+        file = self._weights_file(encoder)
         return weights.read_safetensors(file, dtype) if file.is_file() else None
 
     def adapters(self, ema: bool = False) -> tuple["Spec", dict, dict]:
-        """(shapes, UNet adapters, text-encoder adapters) of a LoRA checkpoint, in peft's layout."""
+        """(shapes, denoiser adapters, encoder adapters) of a LoRA checkpoint, in peft's layout."""
         self.require(ema)
         if self.kind != LORA:
             raise CheckpointError(f"{self.path} holds the trained models, not LoRA adapters.")
-        return (lora.Spec.read(self.path / LORA), *lora.read(self.path / LORA, ema))
+        return (lora.Spec.read(self.path / LORA), *lora.read(self.path / LORA, self.family.parts, ema))
 
     def _require_full(self, what: str) -> None:
         if self.kind != FULL:
             raise CheckpointError(f"{self.path} is a LoRA checkpoint: it holds adapters, not {what}.")
 
-    def load_into(self, pipe, ema: bool = False, scale: float = 1.0) -> None:
-        """Put what this checkpoint holds into `pipe` (a pipeline of the run's base model): the
-        trained UNet / text encoder for kind full; for kind lora, its adapters at `scale`."""
+    def load_into(self, denoiser, encoder, ema: bool = False, scale: float = 1.0) -> None:
+        """Put what this checkpoint holds into the run's base model's `denoiser` and `encoder`:
+        the trained weights for kind full; for kind lora, its adapters at `scale`."""
         self.require(ema)
+        parts = self.family.parts
         if self.kind == LORA:
-            lora.load_into(self.path / LORA, pipe, ema=ema, scale=scale)
+            lora.load_into(self.path / LORA, denoiser, encoder, self.family, ema=ema, scale=scale)
             return
-        self._load(pipe.unet, self.unet_state(ema), "UNet")
-        text = self.text_encoder_state()
-        if text is not None:
-            self._load(pipe.text_encoder, text, "text encoder")
+        self._load(denoiser, self.denoiser_state(ema), parts.denoiser.label)
+        trained = self.encoder_state()
+        if trained is not None:
+            self._load(encoder, trained, parts.encoder.label)
 
     def _load(self, module, state: dict, what: str) -> None:
         try:
@@ -246,13 +263,15 @@ def free_space_advice(run: RunFolder, shown: int = 5) -> str:
     return "To make room, delete " + "; or ".join(places) + f". {go_on}"
 
 
-def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encoder, optimizer,
-                    lr_scheduler, ema, config) -> Path:
+def save_checkpoint(run: RunFolder, step: int, micro_step: int, denoiser, encoder, optimizer,
+                    lr_scheduler, ema, config, family: Family) -> Path:
+    """Checkpoint `step` of a run training `family`'s `denoiser` (and `encoder`) into `run`."""
+    parts = family.parts
     if config.use_lora:  # only the adapters are saved: tens of MB, not a UNet
-        trained = [lora.adapter_state(unet), lora.adapter_state(text_encoder)]
+        trained = [lora.adapter_state(denoiser), lora.adapter_state(encoder)]
         held = tensor_bytes(trained) + tensor_bytes(ema.shadow_params if ema is not None else [])
     else:  # fp16 weights + the fp32 master copy
-        trained = [state for _, _, state in trained_models(unet, text_encoder, ema, config)]
+        trained = [state for _, _, _, state in trained_models(denoiser, encoder, ema, config, family)]
         held = tensor_bytes(trained, WEIGHTS_DTYPE) + tensor_bytes(trained, torch.float32)
     needed = expected_size(run, held + tensor_bytes(optimizer.state_dict()))
     check_free_space(run.root, needed, f"checkpoint step {step}", lambda: free_space_advice(run))
@@ -261,14 +280,14 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
 
     def write(folder: Path):
         if config.use_lora:
-            lora.save(folder / LORA, unet, text_encoder, lora.Spec.from_config(config),
-                      lora.ema_state(ema.shadow_params, unet, text_encoder) if ema is not None else None)
+            lora.save(folder / LORA, denoiser, encoder, lora.Spec.from_config(config),
+                      lora.ema_state(ema.shadow_params, denoiser, encoder, parts) if ema is not None else None, parts)
         else:
-            for name, module, state in trained_models(unet, text_encoder, ema, config):
-                write_model(folder / name, module, state, WEIGHTS_DTYPE)
+            for name, file, module, state in trained_models(denoiser, encoder, ema, config, family):
+                write_model(folder / name, module, state, WEIGHTS_DTYPE, file)
         write_state(folder, step, micro_step, optimizer, lr_scheduler, ema, config, run_id)
         if not config.use_lora:  # the fp32 master copy, pruned with the rest of the state
-            for name, _, state in trained_models(unet, text_encoder, ema, config):
+            for name, _, _, state in trained_models(denoiser, encoder, ema, config, family):
                 write_tensors(folder / STATE / f"{name}.safetensors", state, torch.float32)
 
     try:
@@ -281,27 +300,28 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, unet, text_encod
     return path
 
 
-def trained_models(unet, text_encoder, ema, config) -> list[tuple[str, torch.nn.Module, dict]]:
-    """(folder name, module whose config describes it, state dict) of each trained model of a
-    full run: the UNet, the text encoder when trained, the EMA of the UNet when kept."""
-    models = [(UNET, unet, unet.state_dict())]
+def trained_models(denoiser, encoder, ema, config, family: Family) -> list[tuple[str, str, torch.nn.Module, dict]]:
+    """(folder name, weights file, module whose config describes it, state dict) of each trained
+    model of a full run: the denoiser, the encoder when trained, the EMA of the denoiser when kept."""
+    parts = family.parts
+    models = [(parts.denoiser.name, parts.denoiser.file, denoiser, denoiser.state_dict())]
     if config.fine_tunes_text_encoder:
-        models.append((TEXT_ENCODER, text_encoder, text_encoder.state_dict()))
-    if ema is not None:  # EMAModel follows unet.parameters() in order
-        shadow = dict(zip((n for n, _ in unet.named_parameters()), ema.shadow_params))
-        models.append((UNET_EMA, unet, {k: shadow.get(k, v) for k, v in unet.state_dict().items()}))
+        models.append((parts.encoder.name, parts.encoder.file, encoder, encoder.state_dict()))
+    if ema is not None:  # EMAModel follows denoiser.parameters() in order
+        shadow = dict(zip((n for n, _ in denoiser.named_parameters()), ema.shadow_params))
+        models.append((parts.denoiser.ema, parts.denoiser.file, denoiser,
+                       {k: shadow.get(k, v) for k, v in denoiser.state_dict().items()}))
     return models
 
 
-def write_model(folder: Path, module, state: dict, dtype: torch.dtype) -> None:
-    """A diffusers / transformers model folder (config + one safetensors file) holding `state`."""
+def write_model(folder: Path, module, state: dict, dtype: torch.dtype, file: str) -> None:
+    """A diffusers / transformers model folder (config + the safetensors `file`) holding `state`."""
     folder.mkdir()
     if hasattr(module, "save_config"):  # diffusers
         module.save_config(folder)
-        write_tensors(folder / UNET_FILE, state, dtype)
     else:  # transformers
         module.config.save_pretrained(folder)
-        write_tensors(folder / TEXT_ENCODER_FILE, state, dtype)
+    write_tensors(folder / file, state, dtype)
 
 
 def write_tensors(path: Path, state: dict, dtype: torch.dtype) -> None:
@@ -325,34 +345,36 @@ def write_state(folder: Path, step: int, micro_step: int, optimizer, lr_schedule
                                                     "optimizer": name_of(optimizer)}))
 
 
-def load_checkpoint(checkpoint: Checkpoint, unet, text_encoder, ema, config) -> dict:
+def load_checkpoint(checkpoint: Checkpoint, denoiser, encoder, ema, config) -> dict:
     """Weights (before accelerate wraps the models); returns trainer.json."""
-    path = checkpoint.path
+    path, parts = checkpoint.path, checkpoint.family.parts
     if checkpoint.kind == LORA:
-        unet_state, text_state = lora.read(path / LORA)
-        lora.set_adapter_state(unet, unet_state, path / LORA)
+        denoiser_state, encoder_state = lora.read(path / LORA, parts)
+        lora.set_adapter_state(denoiser, denoiser_state, path / LORA)
         if config.trains_text_encoder:
-            lora.set_adapter_state(text_encoder, text_state, path / LORA)
+            lora.set_adapter_state(encoder, encoder_state, path / LORA)
         if ema is not None:
-            load_ema_state(checkpoint, ema, lora.read_ema_shadow(path / LORA, unet, text_encoder))
+            load_ema_state(checkpoint, ema, lora.read_ema_shadow(path / LORA, denoiser, encoder, parts))
         return checkpoint.trainer_state()
-    load_strict(unet, master_state(checkpoint, UNET))
+    load_strict(denoiser, master_state(checkpoint, parts.denoiser.name))
     if config.fine_tunes_text_encoder:
-        load_strict(text_encoder, master_state(checkpoint, TEXT_ENCODER))
+        load_strict(encoder, master_state(checkpoint, parts.encoder.name))
     if ema is not None:
-        shadow = master_state(checkpoint, UNET_EMA)
-        load_ema_state(checkpoint, ema, [shadow[n].float() for n, _ in unet.named_parameters()])
+        shadow = master_state(checkpoint, parts.denoiser.ema)
+        load_ema_state(checkpoint, ema, [shadow[n].float() for n, _ in denoiser.named_parameters()])
     return checkpoint.trainer_state()
 
 
 def master_state(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
-    """The fp32 weights a resume continues from: the state's master copy, or in a checkpoint
-    written before there was one, the (then fp32) weights folder."""
+    """The fp32 weights of the part (or EMA) saved as `name` that a resume continues from: the
+    state's master copy, or in a checkpoint written before there was one, the (then fp32)
+    weights folder."""
     master = checkpoint.path / STATE / f"{name}.safetensors"
     if master.is_file():
         return weights.read_safetensors(master)
-    folder = checkpoint.path / name
-    file = folder / (TEXT_ENCODER_FILE if name == TEXT_ENCODER else UNET_FILE)
+    parts = checkpoint.family.parts
+    part = parts.encoder if name == parts.encoder.name else parts.denoiser  # the EMA's file is the denoiser's
+    file = checkpoint.path / name / part.file
     state = weights.read_safetensors(file)
     if any(v.is_floating_point() and v.dtype != torch.float32 for v in state.values()):
         raise CheckpointError(f"resume {checkpoint.path}: its state has no fp32 master copy of {name} "

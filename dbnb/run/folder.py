@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from dbnb.core.versions import dbnb_version
+from dbnb.family.base import Family, default, for_model, named
 from dbnb.run.checkpoints import Checkpoint, CheckpointError, damage
 from dbnb.run.lock import RunFolderError, RunLock
 
@@ -129,11 +130,12 @@ class RunFolder:
     def base_path(self) -> Path:
         return self.root / "base_model.json"
 
-    def record_base(self, config, parts: dict[str, str]) -> None:
-        """What a new run starts from: the base model's settings and its fingerprint
-        (dbnb.family.sd1.load.fingerprint), which resume compares by content."""
+    def record_base(self, config, parts: dict[str, str], family: str) -> None:
+        """What a new run starts from: the base model's settings, its `family` (by name) and its
+        fingerprint (the family's, dbnb.family.base.Models.base), which resume compares by content."""
         record = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
-                  "pretrained_vae_name_or_path": config.pretrained_vae_name_or_path, "fingerprint": parts}
+                  "pretrained_vae_name_or_path": config.pretrained_vae_name_or_path, "family": family,
+                  "fingerprint": parts}
         self.base_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def check_base(self, config, parts: dict[str, str]) -> None:
@@ -168,6 +170,25 @@ class RunFolder:
     def run_id(self) -> str | None:
         return (self.saved_config() or {}).get("run_id")
 
+    @property
+    def family(self) -> Family:
+        """The family of the run's base model (its checkpoints' part names are that family's): as
+        recorded when the run started; for runs from before the record named it, the family that
+        recognizes the configured model."""
+        try:
+            name = json.loads(self.base_path.read_text(encoding="utf-8")).get("family")
+        except (OSError, ValueError):
+            name = None
+        if name:
+            family = named(name)
+            if family is None:
+                raise RunFolderError(f"{self.root} was trained as a model of the family {name!r} (recorded in "
+                                     f"{self.base_path}), which is not registered here: register it "
+                                     "(dbnb.family.base.register) before opening the run.")
+            return family
+        source = (self.saved_config() or {}).get("pretrained_model_name_or_path")
+        return for_model(source) if source else default()
+
     def create(self) -> None:
         for folder in (self.checkpoints_dir, self.samples_root, self.log_path.parent):
             folder.mkdir(parents=True, exist_ok=True)
@@ -178,7 +199,8 @@ class RunFolder:
         folder = self.checkpoints_dir
         if not folder.is_dir():
             return []
-        found = [c for p in folder.iterdir() if (c := Checkpoint.at(p))]
+        family = self.family
+        found = [c for p in folder.iterdir() if (c := Checkpoint.at(p, family))]
         return sorted(found, key=lambda c: c.step)
 
     def resumable(self) -> list["Checkpoint"]:
@@ -241,7 +263,7 @@ class RunFolder:
                                      "No earlier checkpoint with a resume state is complete: start a new run_name."))
             return newest
         path = Path(resume)
-        found = Checkpoint.at(path)
+        found = Checkpoint.at(path, self.family)
         if found is None or not found.resumable:
             raise RunFolderError(f"--resume {resume}: not a checkpoint folder with state/trainer.json "
                                  "(its resume state may have been pruned by keep_last_n).")

@@ -1,10 +1,11 @@
-"""One file that AUTOMATIC1111's webui loads: a run's checkpoint (or any model) → SD 1.x
-`.safetensors` / `.ckpt` in the original layout, verified by reading it back.
+"""One file that AUTOMATIC1111's webui loads: a run's checkpoint (or any model) → its family's
+single file (dbnb.family.base.SingleFile; SD 1.x: `.safetensors` / `.ckpt` in the original
+layout), verified by reading it back.
 
-The trained parts come from the run's checkpoint (UNet, or its EMA; the text encoder when
-it was trained); the rest (VAE, untouched text encoder) from the run's base model. Every
-export is read back with diffusers' `from_single_file` and compared tensor by tensor with
-what was meant to be written; a file that does not match is deleted.
+The trained parts come from the run's checkpoint (the denoiser, or its EMA; the encoder when
+it was trained); the rest (autoencoder, untouched encoder) from the run's base model. Every
+export is read back as its users' loaders read it (SD 1.x: diffusers' `from_single_file`) and
+compared tensor by tensor with what was meant to be written; a file that does not match is deleted.
 """
 from __future__ import annotations
 
@@ -23,18 +24,15 @@ from dbnb.core.download import is_url
 from dbnb.core.errors import DbnbError
 from dbnb.core.platform import shown
 from dbnb.core.precision import FILE_DTYPES
-from dbnb.core.versions import dtype_argument
 from dbnb.data.intake import free_name
 from dbnb.family import lora
+from dbnb.family.base import Family, SingleFile, default, for_model
 from dbnb.family.lora import merged_state_dict
-from dbnb.family.sd1.layout import (WRITTEN_SUFFIXES, original_state_dict, remove_leftovers, text_encoder_key_map,
-                                    unet_key_map, vae_key_map, write_single_file)
-from dbnb.family.sd1.load import load_pipeline, public_name, save_folder, sd1_variant, skeleton_folder
-from dbnb.family.sd1.singlefile import keys_and_shapes
+from dbnb.family.sd1.load import public_name, save_folder
 from dbnb.run.folder import RunFolder
 from dbnb.ship import kohya
 
-FORMATS = tuple(suffix.lstrip(".") for suffix in WRITTEN_SUFFIXES)
+FORMATS = tuple(suffix.lstrip(".") for suffix in default().single_file.suffixes)
 
 
 class ExportError(DbnbError, RuntimeError):
@@ -56,32 +54,33 @@ class ExportResult:
 # --- what to export ----------------------------------------------------------------------------
 
 def run_state_dicts(run: RunFolder, step: int | None, ema: bool, dtype: torch.dtype, vae: str = ""):
-    """(unet, vae, text_encoder) diffusers state dicts of a run's checkpoint, plus (step, config).
+    """(denoiser, autoencoder, encoder) state dicts of a run's checkpoint, plus (step, config).
     A LoRA checkpoint is baked: its adapters merged into the base model."""
     config = load_config(run.config_path)
     checkpoint = run.pick(step)
     checkpoint.require(ema)
+    family = checkpoint.family
     if checkpoint.kind == "lora":
-        base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
-                             revision=config.revision, dtype=torch.float32)  # merged in fp32, then cast
-        checkpoint.load_into(base, ema=ema)
+        base = family.open(config.pretrained_model_name_or_path, autoencoder=vae or config.pretrained_vae_name_or_path,
+                           revision=config.revision, dtype=torch.float32)  # merged in fp32, then cast
+        checkpoint.load_into(base.denoiser, base.encoder, ema=ema)
         cast = lambda sd: {k: v.to(dtype) for k, v in sd.items()}  # noqa: E731
-        return (cast(merged_state_dict(base.unet)), cast(base.vae.state_dict()),
-                cast(merged_state_dict(base.text_encoder)), checkpoint.step, config)
-    base = load_pipeline(config.pretrained_model_name_or_path, vae=vae or config.pretrained_vae_name_or_path,
-                         revision=config.revision, dtype=dtype)
-    del base.unet  # replaced by the trained one; dropping it first keeps peak RAM down
+        return (cast(merged_state_dict(base.denoiser)), cast(base.autoencoder.state_dict()),
+                cast(merged_state_dict(base.encoder)), checkpoint.step, config)
+    base = family.open(config.pretrained_model_name_or_path, autoencoder=vae or config.pretrained_vae_name_or_path,
+                       revision=config.revision, dtype=dtype)
+    base.denoiser = base.pipe = None  # replaced by the trained one; dropping it first keeps peak RAM down
     # cast tensor by tensor while reading: never two full copies in RAM
-    unet = checkpoint.unet_state(ema, dtype)
-    text = checkpoint.text_encoder_state(dtype)
-    return unet, base.vae.state_dict(), text if text is not None else base.text_encoder.state_dict(), \
+    denoiser = checkpoint.denoiser_state(ema, dtype)
+    encoder = checkpoint.encoder_state(dtype)
+    return denoiser, base.autoencoder.state_dict(), encoder if encoder is not None else base.encoder.state_dict(), \
         checkpoint.step, config
 
 
 def model_state_dicts(source: str, dtype: torch.dtype, vae: str = ""):
-    """(unet, vae, text_encoder) diffusers state dicts of any model dbnb can load."""
-    pipe = load_pipeline(source, vae=vae, dtype=dtype)
-    return pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict()
+    """(denoiser, autoencoder, encoder) state dicts of any model dbnb can load."""
+    base = for_model(source).open(source, autoencoder=vae, dtype=dtype)
+    return base.denoiser.state_dict(), base.autoencoder.state_dict(), base.encoder.state_dict()
 
 
 def refuse_runs_folder(folder: Path) -> None:
@@ -137,11 +136,11 @@ def room_advice(folder: Path) -> str:
             f"or free space at {folder}, then export again.")
 
 
-def write_export(path: Path, state: dict, **options) -> Path:
-    """write_single_file, with a disk that fills during the write named as such. Nothing is left
-    behind: write_single_file deletes its half-written temporary file."""
+def write_export(path: Path, state: dict, single_file: SingleFile, **options) -> Path:
+    """The family's single-file writer, with a disk that fills during the write named as such.
+    Nothing is left behind: the writer deletes its half-written temporary file."""
     try:
-        return write_single_file(path, state, **options)
+        return single_file.write(path, state, **options)
     except write_errors() as e:
         if isinstance(e, DbnbError) or not is_disk_full(e):
             raise
@@ -153,27 +152,23 @@ def write_export(path: Path, state: dict, **options) -> Path:
 
 # --- verify --------------------------------------------------------------------------------------
 
-def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype) -> None:
-    """Read the file back as the webui's loaders do and demand every key and tensor, exactly.
-    The key set is checked on its own: from_single_file ignores extra keys silently."""
-    from diffusers import StableDiffusionPipeline  # lazy: loads diffusers
-
-    original_keys = {*unet_key_map(expected["unet"]).values(), *vae_key_map(expected["vae"]).values(),
-                     *text_encoder_key_map(expected["text_encoder"]).values()}
-    keys, shapes = keys_and_shapes(path)
+def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype, family: Family) -> None:
+    """Read the file back as its users' loaders do and demand every key and tensor, exactly:
+    `expected` holds the state dicts by role (denoiser, autoencoder, encoder). The key set is
+    checked on its own: loaders such as from_single_file ignore extra keys silently."""
+    single_file = family.single_file
+    original_keys = single_file.keys(expected["denoiser"], expected["autoencoder"], expected["encoder"])
+    keys, shapes = single_file.keys_and_shapes(path)
     missing, extra = original_keys - set(keys), set(keys) - original_keys
     if missing or extra:
         raise ExportError(f"{path.name}: {len(missing)} keys missing, {len(extra)} unexpected "
                           f"(e.g. {sorted(missing or extra)[0]}).")
-    config = skeleton_folder(sd1_variant(keys, shapes), None)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
-                                                        **dtype_argument("diffusers", dtype), safety_checker=None,
-                                                        requires_safety_checker=False)
+        read = single_file.read_back(path, keys, shapes, dtype)
     except Exception as e:  # noqa: BLE001 — whatever the loader trips on, the file is bad
         raise ExportError(f"{path.name} does not load back with diffusers' from_single_file: {e}") from e
     for name, want in expected.items():
-        got = {k: v for k, v in getattr(pipe, name).state_dict().items() if not k.endswith("position_ids")}
+        got = {k: v for k, v in getattr(read, name).state_dict().items() if not k.endswith("position_ids")}
         want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
         if got.keys() != want.keys():
             raise ExportError(f"{path.name}: {name} read back with different keys "
@@ -198,32 +193,33 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     run = RunFolder(source)
     if not run.config_path.is_file():
         refuse_runs_folder(Path(source))
+    family = run.family if run.config_path.is_file() else for_model(str(source))
     if run.config_path.is_file() and not bake and run.pick(step).kind == "lora":
         return export_lora(run, run.pick(step), ema=ema, fmt=fmt, precision=precision, to=to,
                            overwrite=overwrite, name=name)
     if run.config_path.is_file():
-        unet, vae_sd, text, step, config = run_state_dicts(run, step, ema, dtype, vae)
+        denoiser, autoencoder, encoder, step, config = run_state_dicts(run, step, ema, dtype, vae)
         label = config.run_name
         stem = name or f"{label}_{step}" + ("_ema" if ema else "")
         default, base_model = run.exports_dir, config.pretrained_model_name_or_path
         info = {"dbnb_instance_prompt": config.instance_prompt, "dbnb_resolution": str(config.resolution),
                 "dbnb_class_prompt": config.class_prompt, "dbnb_ema": str(ema).lower()}
     else:
-        unet, vae_sd, text = model_state_dicts(str(source), dtype, vae)
+        denoiser, autoencoder, encoder = model_state_dicts(str(source), dtype, vae)
         label = Path(str(source).rstrip("/")).stem
         stem = name or label
         default, base_model, info, step = Path("exports"), str(source), {}, None
-    state = original_state_dict(unet, vae_sd, text)
+    state = family.single_file.state_dict(denoiser, autoencoder, encoder)
     folder = destination_folder(to, label, default)
-    remove_leftovers(folder)  # an export killed earlier: its hidden half-file holds the disk
+    family.single_file.remove_leftovers(folder)  # an export killed earlier: its hidden half-file holds the disk
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder / f"{stem}.{fmt}", overwrite)
     metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": public_name(base_model),
                 "dbnb_precision": precision, **info}
-    write_export(path, state, metadata=metadata, global_step=step)
+    write_export(path, state, family.single_file, metadata=metadata, global_step=step)
     del state
     try:
-        verify(path, {"unet": unet, "vae": vae_sd, "text_encoder": text}, dtype)
+        verify(path, {"denoiser": denoiser, "autoencoder": autoencoder, "encoder": encoder}, dtype, family)
     except Exception:
         path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
         raise
@@ -237,29 +233,30 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
     if fmt != "safetensors":
         raise ExportError(f"format {fmt}: a LoRA is exported as .safetensors (what the webui's models/Lora "
                           "folder takes); leave out --format, or add --bake for a full model file.")
-    config, dtype = load_config(run.config_path), FILE_DTYPES[precision]
-    spec, unet, text = checkpoint.adapters(ema)
-    state = kohya.kohya_state_dict(unet, text, spec, dtype)
+    config, dtype, family = load_config(run.config_path), FILE_DTYPES[precision], checkpoint.family
+    spec, denoiser, encoder = checkpoint.adapters(ema)
+    state = kohya.kohya_state_dict(denoiser, encoder, spec, dtype, family.parts)
     stem = name or f"{config.run_name}_{checkpoint.step}" + ("_ema" if ema else "")
     folder = destination_folder(to, config.run_name, run.exports_dir)
-    remove_leftovers(folder)
+    family.single_file.remove_leftovers(folder)
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder / f"{stem}.safetensors", overwrite)
-    write_export(path, state, metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
-                                        "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
+    write_export(path, state, family.single_file,
+                 metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
+                           "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
 
     def base():
-        return load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
-                             revision=config.revision, dtype=torch.float32)
+        return family.open(config.pretrained_model_name_or_path, autoencoder=config.pretrained_vae_name_or_path,
+                           revision=config.revision, dtype=torch.float32)
     try:
-        pipe = base()
-        checkpoint.load_into(pipe, ema=ema)
+        models = base()
+        checkpoint.load_into(models.denoiser, models.encoder, ema=ema)
         with torch.no_grad():  # what the file can hold: the adapters at its precision
-            for p in lora.trainable(pipe.unet, pipe.text_encoder):
+            for p in lora.trainable(models.denoiser, models.encoder):
                 p.copy_(p.to(dtype).float())
-        expected = kohya.outputs(pipe)
-        del pipe
-        kohya.verify(path, expected, base)
+        expected = kohya.outputs(models.pipe)
+        del models
+        kohya.verify(path, expected, lambda: base().pipe, family.parts)
     except Exception:
         path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
         raise

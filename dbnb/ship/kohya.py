@@ -4,8 +4,9 @@
   lora_te_text_model_<encoder module path>.…                      (the CLIP text encoder)
   metadata ss_network_dim, ss_network_alpha, ss_network_module, ss_tag_frequency, …
 
-diffusers' `convert_state_dict_to_kohya` does the renaming; it writes SDXL's `lora_te1_` prefix
-and alpha = rank, so the SD 1.x prefix `lora_te_` and the trained alpha are set here. Every file
+diffusers' `convert_state_dict_to_kohya` does the renaming; it writes `lora_unet_` and SDXL's
+`lora_te1_` prefixes and alpha = rank, so the family's prefixes (dbnb.family.base.Part.kohya; SD
+1.x: `lora_unet_`, `lora_te_`) and the trained alpha are set here. Every file
 is read back with diffusers' `load_lora_weights` and must give the checkpoint's outputs.
 """
 from __future__ import annotations
@@ -17,10 +18,10 @@ from pathlib import Path
 import torch
 
 from dbnb.core.errors import DbnbError
+from dbnb.family.base import Parts
 from dbnb.family.lora import Spec
 from dbnb.family.sd1.load import public_name
 
-TEXT_PREFIX = "lora_te_"
 TOLERANCE = 1e-4  # max abs difference of the UNet / text-encoder outputs, in fp32
 
 
@@ -28,17 +29,22 @@ class KohyaError(DbnbError, RuntimeError):
     """A LoRA file does not read back as trained; the message says what was wrong."""
 
 
-def kohya_state_dict(unet: dict, text_encoder: dict, spec: Spec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """peft-layout adapter state dicts → kohya keys, with each module's alpha."""
+def kohya_state_dict(denoiser: dict, encoder: dict, spec: Spec, dtype: torch.dtype,
+                     parts: Parts) -> dict[str, torch.Tensor]:
+    """peft-layout adapter state dicts of a family's denoiser and encoder → kohya keys with the
+    family's prefixes, with each module's alpha."""
     from diffusers.utils import convert_state_dict_to_kohya  # lazy: loads diffusers
 
-    peft = {**{f"unet.{k}": v for k, v in unet.items()},
+    # diffusers' converter reads these prefixes and writes its own in their place
+    peft = {**{f"unet.{k}": v for k, v in denoiser.items()},
             # the webui's CLIP keeps the `text_model.` level that transformers 5 dropped (4 has it)
             **{"text_encoder." + ("" if k.startswith("text_model.") else "text_model.") + k: v
-               for k, v in text_encoder.items()}}
+               for k, v in encoder.items()}}
+    prefixes = {"lora_unet_": parts.denoiser.kohya, "lora_te1_": parts.encoder.kohya}
     out = {}
     for key, value in convert_state_dict_to_kohya(peft).items():
-        key = TEXT_PREFIX + key[len("lora_te1_"):] if key.startswith("lora_te1_") else key
+        written = next((p for p in prefixes if key.startswith(p)), "")
+        key = prefixes.get(written, "") + key[len(written):]
         if key.endswith(".alpha"):  # alpha / rank is the adapter's scale: keep the trained one
             value = torch.tensor(float(value) * spec.alpha / spec.rank)
         out[key] = value.to(dtype).contiguous()
@@ -96,22 +102,23 @@ def _lora_modules(model) -> int:
     return sum(isinstance(m, LoraLayer) for m in model.modules())
 
 
-def load_file_into(pipe, path: Path) -> None:
+def load_file_into(pipe, path: Path, parts: Parts) -> None:
     """diffusers' own reading of a kohya file (`load_lora_weights`); every module in the file must
     land on a layer: a key diffusers ignores is an error."""
     from safetensors.torch import load_file  # lazy: loads safetensors
 
     state = load_file(str(path))
-    want_unet = sum(k.startswith("lora_unet_") and k.endswith("lora_down.weight") for k in state)
-    want_text = sum(k.startswith(TEXT_PREFIX) and k.endswith("lora_down.weight") for k in state)
-    other = [k for k in state if not k.startswith(("lora_unet_", TEXT_PREFIX))]
+    denoiser, encoder = parts.denoiser.kohya, parts.encoder.kohya
+    want_unet = sum(k.startswith(denoiser) and k.endswith("lora_down.weight") for k in state)
+    want_text = sum(k.startswith(encoder) and k.endswith("lora_down.weight") for k in state)
+    other = [k for k in state if not k.startswith((denoiser, encoder))]
     if other:
         raise KohyaError(f"{path.name}: keys the webui does not read, e.g. {other[0]}.")
     if _transformers_takes_this_peft():
         # folder + weight_name: diffusers < 0.32 refuses a bare file path when the Hub is offline
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="file")
     else:
-        _load_around_the_peft_pin(pipe, state)
+        _load_around_the_peft_pin(pipe, state, parts)
     got_unet, got_text = _lora_modules(pipe.unet), _lora_modules(pipe.text_encoder)
     if (got_unet, got_text) != (want_unet, want_text):
         raise KohyaError(f"{path.name}: diffusers' load_lora_weights put {got_unet} of {want_unet} UNet and "
@@ -132,7 +139,7 @@ def _transformers_takes_this_peft() -> bool:
     return True
 
 
-def _load_around_the_peft_pin(pipe, state: dict) -> None:
+def _load_around_the_peft_pin(pipe, state: dict, parts: Parts) -> None:
     """The UNet through `load_lora_weights`; the text encoder's part converted by diffusers
     (`lora_state_dict`, as load_lora_weights does) and injected with peft itself, which is what
     transformers' refused `load_adapter` would do."""
@@ -142,8 +149,8 @@ def _load_around_the_peft_pin(pipe, state: dict) -> None:
     from diffusers.utils.peft_utils import _create_lora_config  # diffusers' own reading, private
     from peft import inject_adapter_in_model, set_peft_model_state_dict  # lazy: loads peft, transformers, accelerate
 
-    unet_part = {k: v for k, v in state.items() if k.startswith("lora_unet_")}
-    text_part = {k: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+    unet_part = {k: v for k, v in state.items() if k.startswith(parts.denoiser.kohya)}
+    text_part = {k: v for k, v in state.items() if k.startswith(parts.encoder.kohya)}
     if unet_part:
         pipe.load_lora_weights(unet_part, adapter_name="file")
     if not text_part:
@@ -162,12 +169,12 @@ def _load_around_the_peft_pin(pipe, state: dict) -> None:
         raise KohyaError(f"text-encoder keys that fit no layer, e.g. {result.unexpected_keys[0]}.")
 
 
-def verify(path: Path, expected: tuple[torch.Tensor, torch.Tensor], load_base) -> float:
+def verify(path: Path, expected: tuple[torch.Tensor, torch.Tensor], load_base, parts: Parts) -> float:
     """Load the file onto a fresh base pipeline (`load_base()`, fp32) the way diffusers does and
     compare its outputs with `expected` (the checkpoint's); returns the max abs difference."""
     pipe = load_base()
     try:
-        load_file_into(pipe, path)
+        load_file_into(pipe, path, parts)
     except KohyaError:
         raise
     except Exception as e:  # noqa: BLE001 — whatever diffusers trips on, the file is bad

@@ -70,32 +70,35 @@ def count_saves(start: int, max_steps: int, every: int) -> int:
     return scheduled + (0 if every and max_steps % every == 0 else 1)
 
 
-def plan(config: Config, pipe, optimizer_name: str, start: int, max_steps: int, run: RunFolder) -> DiskPlan:
-    """The plan for `config` training `pipe` (its trained parts set up: adapters added, grads on)."""
+def plan(config: Config, denoiser, encoder, autoencoder, optimizer_name: str, start: int, max_steps: int,
+         run: RunFolder) -> DiskPlan:
+    """The plan for `config` training a model of these parts (dbnb.family.base.Models' roles; the
+    trained ones set up: adapters added, grads on)."""
     from dbnb.family import lora
     from dbnb.train.optimizers import state_bytes
 
-    trained = [p for p in pipe.unet.parameters() if p.requires_grad]
+    trained = [p for p in denoiser.parameters() if p.requires_grad]
     if config.trains_text_encoder:
-        trained += [p for p in pipe.text_encoder.parameters() if p.requires_grad]
+        trained += [p for p in encoder.parameters() if p.requires_grad]
     ema = 2 if config.use_ema else 1
     if config.use_lora:  # adapters in fp32, as trained; the EMA's beside them
         weights = tensor_bytes(trained, torch.float32) * ema
         state = 0
-        export = tensor_bytes(lora.trainable(pipe.unet, pipe.text_encoder), torch.float16)
+        export = tensor_bytes(lora.trainable(denoiser, encoder), torch.float16)
     else:
-        unet = list(pipe.unet.parameters())
-        models = tensor_bytes(unet) // unet[0].element_size() * ema + (
-            tensor_bytes(list(pipe.text_encoder.parameters())) // next(pipe.text_encoder.parameters()).element_size()
-            if config.fine_tunes_text_encoder else 0)  # values, not bytes: the parts may sit in other dtypes
+        models = values(denoiser) * ema + (values(encoder) if config.fine_tunes_text_encoder else 0)
         weights = models * WEIGHTS_DTYPE.itemsize
         state = models * torch.float32.itemsize
-        export = sum(p.numel() for part in (pipe.unet, pipe.text_encoder, pipe.vae)
-                     for p in part.parameters()) * torch.float16.itemsize
+        export = sum(values(part) for part in (denoiser, encoder, autoencoder)) * torch.float16.itemsize
     state += state_bytes(optimizer_name, trained)
     return DiskPlan(weights=weights, state=state, export=export, max_steps=max_steps,
                     save_every_steps=config.save_every_steps, keep_last_n=config.keep_last_n, start=start,
                     states_now=len(run.resumable()))
+
+
+def values(part: torch.nn.Module) -> int:
+    """The values (not bytes: the parts may sit in other dtypes) of a part's parameters."""
+    return sum(p.numel() for p in part.parameters())
 
 
 def check(run: RunFolder, config: Config, disk: DiskPlan) -> int:

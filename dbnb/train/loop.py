@@ -233,7 +233,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
     if resume_from is not None:
         run.check_base(config, models.base)
     elif accelerator.is_main_process:
-        run.record_base(config, models.base)
+        run.record_base(config, models.base, family.name)
     denoiser, encoder = models.denoiser, models.encoder
     batches = read_images(config, models.tokenizers, examples)
     max_steps = total_steps(config, batches.epoch_len, world)
@@ -257,7 +257,8 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
                        model_config=denoiser.config, foreach=True)
     state = load_checkpoint(resume_from, denoiser, encoder, ema, config) if resume_from else {}
     # Every process on its own: each asks the same disk, so all stop here or none does.
-    disk = diskplan.plan(config, models.pipe, name_of(optimizer), state.get("step", 0), max_steps, run)
+    disk = diskplan.plan(config, models.denoiser, models.encoder, models.autoencoder, name_of(optimizer),
+                         state.get("step", 0), max_steps, run)
     free = diskplan.check(run, config, disk)
     if accelerator.is_main_process:
         print(f"[dbnb] disk plan: {disk.line()}; {format_bytes(free)} free", flush=True)
@@ -316,7 +317,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                               "time": round(time.time() - started, 3)}
                     s.run.append_log(record)
                     if config.sample_every_steps and s.step % config.sample_every_steps == 0:
-                        record["preview"] = str(write_previews(s.run, s.step, s.models.pipe,
+                        record["preview"] = str(write_previews(s.run, s.step, s.family, s.models,
                                                                acc.unwrap_model(s.denoiser), config))
                     if on_step is not None:
                         on_step({**record, "max_steps": s.max_steps, "last": cancelled or s.step == s.max_steps})
@@ -327,7 +328,7 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                     if acc.is_main_process:
                         saved.append(save_checkpoint(s.run, s.step, s.micro_step, acc.unwrap_model(s.denoiser),
                                                      acc.unwrap_model(s.encoder), s.optimizer,
-                                                     s.lr_scheduler, s.ema, config))
+                                                     s.lr_scheduler, s.ema, config, s.family))
                     acc.wait_for_everyone()
         except KeyboardInterrupt:
             if not flag["cancel"]:  # not ours (a notebook's interrupt outside the handler): as it was
@@ -430,10 +431,10 @@ def non_finite_part(s: Session) -> str:
     """Which trained tensors hold an inf or NaN ("" when none): checked before every save."""
     acc = s.accelerator
     denoiser, encoder = acc.unwrap_model(s.denoiser), acc.unwrap_model(s.encoder)
-    named = s.family.part_names
-    parts = {f"{named[0]} weights": [p for p in denoiser.parameters() if p.requires_grad]}
+    named = s.family.parts
+    parts = {f"{named.denoiser.label} weights": [p for p in denoiser.parameters() if p.requires_grad]}
     if s.config.trains_text_encoder:
-        parts[f"{named[1]} weights"] = [p for p in encoder.parameters() if p.requires_grad]
+        parts[f"{named.encoder.label} weights"] = [p for p in encoder.parameters() if p.requires_grad]
     if s.ema is not None:
         parts["EMA weights"] = list(s.ema.shadow_params)
     parts["optimizer state"] = divergence.optimizer_tensors(s.optimizer)

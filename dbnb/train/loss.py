@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 from dbnb.core.config import Config
 from dbnb.data.batches import MicroBatch, to_device
-from dbnb.family import base
+from dbnb.family.base import Family
 
 
-def diffusion_loss(denoiser, encoder, noise_scheduler, batch: MicroBatch, config: Config, *, family=None,
+def diffusion_loss(denoiser, encoder, noise_scheduler, batch: MicroBatch, config: Config, *, family: Family,
                    scaling_factor: float = 1.0, device="cpu", encode_with_grad: bool = False) -> torch.Tensor:
-    """The loss of one micro-batch; `family` is SD 1.x unless given."""
-    family = family or base.default()
+    """The loss of one micro-batch of `family`'s model."""
     g = batch.generator
     # Drawn on the host from the (seed, step) generator; copied without the host waiting.
     latents = to_device(batch.latents * scaling_factor, device)

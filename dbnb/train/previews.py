@@ -1,5 +1,6 @@
 """Training previews: a few images of the sample prompts every `sample_every_steps`, rendered
-with the UNet being trained and saved under RUN/samples/step-NNNNNN/ with a grid.
+with the denoiser being trained (in its family's pipeline, dbnb.family.base.Family.pipeline) and
+saved under RUN/samples/step-NNNNNN/ with a grid.
 
 Seeds are sample_seed, sample_seed+1, … for every prompt, so the previews of different steps
 differ only by what was learnt (`dbnb.family.render.render`).
@@ -14,6 +15,7 @@ from PIL import Image
 
 from dbnb.core import precision
 from dbnb.core.config import FEW_PREVIEWS
+from dbnb.family.base import Family, Models
 from dbnb.family.render import PREVIEW_SAMPLER, make_grid, make_scheduler, render, with_legend
 
 
@@ -40,16 +42,19 @@ def _device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
-def preview_pipeline(pipe, unet):
-    """The pipeline previews render with: the training UNet, and every other part on its
-    device (cache_latents parks the VAE on the CPU, where a CUDA UNet's latents cannot reach it)."""
-    parts = {**pipe.components, "unet": unet, "scheduler": make_scheduler(PREVIEW_SAMPLER, pipe.scheduler.config)}
-    for part in parts.values():
-        if isinstance(part, torch.nn.Module) and _device(part) != _device(unet):
-            part.to(_device(unet))
-    sampler = pipe.__class__(**parts, requires_safety_checker=False)
+def preview_pipeline(family: Family, models: Models, denoiser) -> tuple[object, list]:
+    """The pipeline previews render with: the training denoiser, and every other part on its
+    device (cache_latents parks the autoencoder on the CPU, where a CUDA denoiser's latents
+    cannot reach it); and (part, device it was on) of each part moved for it."""
+    sampler = family.pipeline(models, denoiser)
+    sampler.scheduler = make_scheduler(PREVIEW_SAMPLER, sampler.scheduler.config)
+    moved = []
+    for part in sampler.components.values():
+        if isinstance(part, torch.nn.Module) and _device(part) != _device(denoiser):
+            moved.append((part, _device(part)))
+            part.to(_device(denoiser))
     sampler.set_progress_bar_config(disable=True)
-    return sampler
+    return sampler, moved
 
 
 def render_prompts(pipe, prompts: list[str], negative_prompt: str, num_per_prompt: int, seed: int,
@@ -74,20 +79,19 @@ def save_previews(results: list[tuple[str, int, Image.Image]], folder: Path, col
     return folder / "grid.png"
 
 
-def write_previews(run, step: int, pipe, unet, config) -> Path:
-    """The previews of `step` in run.samples_dir(step); the parts moved for them go back after."""
-    parked = {name: _device(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    sampler = preview_pipeline(pipe, unet)
-    was_training = unet.training
-    unet.eval()
+def write_previews(run, step: int, family: Family, models: Models, denoiser, config) -> Path:
+    """The previews of `step` in run.samples_dir(step), rendered with `denoiser` (the one being
+    trained); the parts moved for them go back after."""
+    sampler, parked = preview_pipeline(family, models, denoiser)
+    was_training = denoiser.training
+    denoiser.eval()
     try:
-        with precision.autocast(unet.device.type, config.mixed_precision):
+        with precision.autocast(_device(denoiser).type, config.mixed_precision):
             results = render_prompts(sampler, preview_prompts(config),
                                      config.sample_negative_prompt, config.num_samples, config.sample_seed,
                                      config.sample_guidance_scale, config.sample_steps, config.resolution)
     finally:
-        unet.train(was_training)
-        for name, device in parked.items():  # back where they were parked, to free the VRAM again
-            if name != "unet" and _device(pipe.components[name]) != device:
-                pipe.components[name].to(device)
+        denoiser.train(was_training)
+        for part, device in parked:  # back where they were parked, to free the VRAM again
+            part.to(device)
     return save_previews(results, run.samples_dir(step), cols=config.num_samples)

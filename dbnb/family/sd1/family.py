@@ -2,7 +2,7 @@
 a UNet conditioned on the encoder's last hidden states, the VAE in fp32.
 
 What the trainer used to do to the components itself is here: which parts are frozen and in
-which dtype, the LoRA adapters (dbnb.family.lora's SD 1.x targets), xformers, gradient
+which dtype, the LoRA adapters (dbnb.family.sd1.adapters' targets), xformers, gradient
 checkpointing, the text encoding and the UNet call.
 """
 from __future__ import annotations
@@ -11,16 +11,25 @@ import warnings
 
 import torch
 
-from dbnb.family.base import Models
-from dbnb.family.sd1 import autoencoder
+from dbnb.family.base import AdapterTargets, Models, Part, Parts
+from dbnb.family.sd1 import adapters, autoencoder
+from dbnb.family.sd1.webui import WebuiFile
 
 
 class SD1Family:
     name = "sd1"
-    part_names = ("UNet", "text encoder")
+    parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors", kohya="lora_unet_"),
+                  encoder=Part("text_encoder", "text encoder", "model.safetensors", kohya="lora_te_"))
+    single_file = WebuiFile()
 
     def recognizes(self, source: str) -> bool:
         return True  # the fallback: dbnb.family.sd1.load says what is not an SD 1.x model
+
+    def open(self, source: str, *, autoencoder: str = "", revision: str = "",
+             dtype: torch.dtype | None = None) -> Models:
+        from dbnb.family.sd1.load import load_pipeline
+
+        return self.models_of(load_pipeline(source, vae=autoencoder, revision=revision, dtype=dtype))
 
     def load(self, config, device: torch.device, weight_dtype: torch.dtype) -> Models:
         from diffusers import DDPMScheduler
@@ -43,7 +52,7 @@ class SD1Family:
             if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
                 pipe.unet.to(dtype=weight_dtype)
         if config.use_lora:
-            lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec.from_config(config), seed=config.seed)
+            lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec.from_config(config), self, seed=config.seed)
         set_attention(pipe.unet, config.attention, device)
         if config.gradient_checkpointing:
             pipe.unet.enable_gradient_checkpointing()
@@ -51,9 +60,20 @@ class SD1Family:
                 pipe.text_encoder.gradient_checkpointing_enable()
                 if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
                     pipe.text_encoder.enable_input_require_grads()
+        return self.models_of(pipe, noise_scheduler, base)
+
+    def models_of(self, pipe, noise_scheduler=None, base: dict | None = None) -> Models:
+        """A StableDiffusionPipeline's parts by role."""
         return Models(denoiser=pipe.unet, encoder=pipe.text_encoder, autoencoder=pipe.vae,
                       tokenizers={"input_ids": pipe.tokenizer}, noise_scheduler=noise_scheduler,
-                      latent_scale=pipe.vae.config.scaling_factor, pipe=pipe, base=base)
+                      latent_scale=pipe.vae.config.scaling_factor, pipe=pipe, base=base or {})
+
+    def pipeline(self, models: Models, unet):
+        pipe = models.pipe
+        return pipe.__class__(**{**pipe.components, "unet": unet}, requires_safety_checker=False)
+
+    def adapter_targets(self, unet, text_encoder, spec) -> AdapterTargets:
+        return adapters.targets(unet, text_encoder, spec)
 
     def encode_images(self, vae, images: torch.Tensor):
         return autoencoder.encode(vae, images)

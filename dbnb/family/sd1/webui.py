@@ -1,0 +1,46 @@
+"""SD 1.x's single file, the checkpoint AUTOMATIC1111's webui loads, as its family offers it to
+dbnb.ship.export (dbnb.family.base.SingleFile): the parts in the original layout
+(dbnb.family.sd1.layout), the writer, and a written file read back as diffusers reads it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dbnb.core.versions import dtype_argument
+from dbnb.family.base import Models
+from dbnb.family.sd1 import layout
+from dbnb.family.sd1.load import sd1_variant, skeleton_folder
+from dbnb.family.sd1.singlefile import keys_and_shapes
+
+
+class WebuiFile:
+    suffixes = layout.WRITTEN_SUFFIXES
+
+    def state_dict(self, unet: dict, vae: dict, text_encoder: dict) -> dict[str, torch.Tensor]:
+        return layout.original_state_dict(unet, vae, text_encoder)
+
+    def keys(self, unet: dict, vae: dict, text_encoder: dict) -> set[str]:
+        return {*layout.unet_key_map(unet).values(), *layout.vae_key_map(vae).values(),
+                *layout.text_encoder_key_map(text_encoder).values()}
+
+    def keys_and_shapes(self, path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+        return keys_and_shapes(path)
+
+    def write(self, path: Path, state: dict, **options) -> Path:
+        return layout.write_single_file(path, state, **options)
+
+    def remove_leftovers(self, folder: Path) -> list[Path]:
+        return layout.remove_leftovers(folder)
+
+    def read_back(self, path: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> Models:
+        from diffusers import StableDiffusionPipeline  # lazy: loads diffusers
+
+        from dbnb.family.sd1.family import SD1  # lazy: that module imports this one
+
+        config = skeleton_folder(sd1_variant(keys, shapes), None)
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True,
+                                                        **dtype_argument("diffusers", dtype), safety_checker=None,
+                                                        requires_safety_checker=False)
+        return SD1.models_of(pipe)
