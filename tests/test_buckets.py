@@ -234,7 +234,7 @@ def _resumed_equals_straight(config, steps: int, half: int):
     straight = train(config.replace(run_name="straight", max_train_steps=steps), progress=False)
     train(config.replace(run_name="resumed", max_train_steps=half, save_every_steps=half), progress=False)
     resumed = train(config.replace(run_name="resumed", max_train_steps=steps), resume="latest", progress=False)
-    a, b = (RunFolder(r.run_dir).pick(steps).unet_state() for r in (straight, resumed))
+    a, b = (RunFolder(r.run_dir).pick(steps).denoiser_state() for r in (straight, resumed))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
@@ -269,7 +269,7 @@ def test_kill_9_mid_epoch_then_resume_gives_the_uninterrupted_weights(make_confi
     assert "[dbnb] bucketing: instance pictures per bucket (width x height): 64x64: 3, 40x88: 1, 88x40: 1" \
         in resumed.stdout
     straight = train(config.replace(run_name="straight"), progress=False)
-    a, b = (RunFolder(tmp_path / "runs" / name).pick(8).unet_state() for name in ("killed", "straight"))
+    a, b = (RunFolder(tmp_path / "runs" / name).pick(8).denoiser_state() for name in ("killed", "straight"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == list(range(1, 9))
