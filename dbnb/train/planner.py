@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from dbnb.core.config import Config
+from dbnb.core.errors import DbnbError
 from dbnb.core.platform import default_cache_dir
 from dbnb.train.optimizers import state_bytes, wanted
-from dbnb.train.steptrace import StepTrace, batch_rows
+from dbnb.train.steptrace import StepTrace
 
 GIB = 2 ** 30
 CUDA_CONTEXT_GIB = 0.5    # CUDA context, cuBLAS / cuDNN handles and workspaces: outside torch's allocator
@@ -56,7 +57,7 @@ TRACED = ("resolution", "train_batch_size", "with_prior_preservation", "mixed_pr
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "plan" / "traces.json"
 
 
-class PlanError(ValueError):
+class PlanError(DbnbError, ValueError):
     """The planner cannot size this config; the message says what is missing."""
 
 
@@ -95,17 +96,17 @@ class Plan:
         return "\n".join(rows)
 
 
-def card_total(card: str) -> tuple[str, float, bool]:
-    """(name, GiB, bf16) of a card named in CARDS (any case) or given as its GiB."""
-    for name, (total, bf16) in CARDS.items():
-        if name.lower() == card.strip().lower():
-            return name, total, bf16
+def card(name: str) -> dict:
+    """A card named in CARDS (any case), or given as its GiB, as cuda_summary() describes a GPU."""
+    for known, (total, bf16) in CARDS.items():
+        if known.lower() == name.strip().lower():
+            return {"name": known, "total_vram_gib": total, "bf16": bf16}
     try:
-        total = float(card)
+        total = float(name)
     except ValueError:
-        raise PlanError(f"--card {card!r}: not a card dbnb knows ({', '.join(CARDS)}) nor a size in GiB "
+        raise PlanError(f"--card {name!r}: not a card dbnb knows ({', '.join(CARDS)}) nor a size in GiB "
                         "(e.g. 12): name one of those, or give the card's VRAM as a number.") from None
-    return f"{total:g} GiB card", total, True
+    return {"name": f"{total:g} GiB card", "total_vram_gib": total, "bf16": True}
 
 
 def trace_key(config: Config) -> str:
