@@ -28,19 +28,19 @@ def tiny_config(tiny_dir, **settings) -> Config:
                      **settings})
 
 
+@pytest.mark.slow  # MemTracker hooks every module and tensor: a minute or more a case on two busy cores
 @pytest.mark.parametrize("settings", [
-    {"mixed_precision": "no"},
     {"mixed_precision": "fp16"},
-    {"mixed_precision": "no", "gradient_checkpointing": False},
-    {"mixed_precision": "no", "use_ema": True},
+    {"mixed_precision": "no", "use_ema": True, "gradient_checkpointing": False},
     {"mixed_precision": "fp16", "gradient_checkpointing": False, "resolution": 256},  # activations weigh most
 ])
 def test_planner_matches_memtracker_on_the_whole_step(tiny_dir, settings):
     """The planner sums optimizer state and EMA from parameter counts and traces only the forward
     and backward; MemTracker counts the real torch AdamW and EMAModel steps too. Both count the
-    same fake allocations, so they agree to within 1 % (a few scalars: the step counters, the loss)."""
+    same fake allocations, so they agree to within 1 % (a few scalars: the step counters, the loss).
+    """
     config = tiny_config(tiny_dir, **settings)
-    predicted = plan(config, step_trace(config, cache=False)).allocated
+    predicted = training_peak(plan(config, step_trace(config, cache=False)))
     reference = bench_plan().reference_peak(config)
     assert predicted == pytest.approx(reference, rel=0.01)
 
@@ -65,22 +65,29 @@ def measured_cpu_peak(config: Config) -> int:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             del latents, hidden, pred
-    running = peak = 0
-    for event in sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start):
-        running += event.cpu_memory_usage
+    running = peak = 0  # every allocation (+bytes) and free (-bytes) in order, as the profiler recorded them
+    events = prof.profiler.kineto_results.events()
+    for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+        running += event.nbytes()
         peak = max(peak, running)
     return held + peak
 
 
+def training_peak(predicted) -> int:
+    """The planner's peak over the training step's phases: the references have no latent-cache phase
+    (the autoencoder encoding every picture before training)."""
+    return max(size for phase, size in predicted.phases.items() if phase != "latent cache")
+
+
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_planner_is_close_to_a_real_cpu_step(tiny_dir, checkpointing):
-    """A real step allocates what the trace counts plus kernel scratch (oneDNN's convolution
-    workspaces, SDPA's CPU buffers) that a fake tensor never shows, and the tiny model's weights
-    are small beside them: within 15 % here; on the full model, where the weights and the
-    optimizer state dominate, the scratch is a smaller share still."""
-    config = tiny_config(tiny_dir, mixed_precision="no", gradient_checkpointing=checkpointing)
-    predicted = plan(config, step_trace(config, cache=False)).allocated
-    assert predicted == pytest.approx(measured_cpu_peak(config), rel=0.15)
+    """At 256 px without checkpointing the activations are a quarter of the peak. A real step also
+    allocates kernel scratch (oneDNN's convolution workspaces, SDPA's CPU buffers) that a fake
+    tensor never shows: measured here 0.0-0.3 % apart; 5 % leaves room for other CPUs' kernels
+    without hiding a missed part (the smallest, the activations, is 25 %)."""
+    config = tiny_config(tiny_dir, mixed_precision="no", gradient_checkpointing=checkpointing, resolution=256)
+    predicted = training_peak(plan(config, step_trace(config, cache=False)))
+    assert predicted == pytest.approx(measured_cpu_peak(config), rel=0.05)
 
 
 def test_optimizer_and_ema_add_their_real_state_sizes(tiny_dir):
@@ -97,7 +104,7 @@ def test_optimizer_and_ema_add_their_real_state_sizes(tiny_dir):
 def test_lora_plans_far_less_than_full_fine_tuning(tiny_dir):
     full = plan(tiny_config(tiny_dir), step_trace(tiny_config(tiny_dir), cache=False))
     lora = plan(tiny_config(tiny_dir, use_lora=True), step_trace(tiny_config(tiny_dir, use_lora=True), cache=False))
-    assert lora.parts["optimizer state"] < full.parts["optimizer state"] / 4
+    assert lora.phases["optimizer step"] < full.phases["optimizer step"] / 2
 
 
 def test_a_trace_is_kept_in_the_cache(tiny_dir, tmp_path, monkeypatch):
