@@ -30,8 +30,8 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from dbnb.core.config import Config  # noqa: E402
-from dbnb.train.memory import PRIOR, PUBLISHED  # noqa: E402
-from dbnb.train.planner import GIB, SHIPPED, plan, step_trace, store, trace_key  # noqa: E402
+from dbnb.train.memory import PRIOR, PUBLISHED, choose, settings_text  # noqa: E402
+from dbnb.train.planner import CARDS, GIB, SHIPPED, card, plan, step_trace, store, trace_key  # noqa: E402
 
 # The settings whose traces dbnb ships: the defaults and what memory_profile=auto tries on them,
 # the person preset, LoRA, and the published rows' settings.
@@ -105,6 +105,17 @@ def published_rows() -> list[dict]:
     return rows
 
 
+def auto_rows() -> list[dict]:
+    """What memory_profile=auto chooses for the default settings on each card dbnb knows."""
+    rows = []
+    for name in CARDS:
+        gpu = card(name)
+        choice = choose(Config(), gpu)
+        rows.append({"card": name, "total_gib": gpu["total_vram_gib"], "settings": settings_text(choice.settings),
+                     "predicted_gib": round(choice.predicted_gib, 2), "fits": choice.fits})
+    return rows
+
+
 def cli_seconds() -> float:
     """Wall time of `dbnb plan` on the default config, as a user runs it (a fresh process)."""
     with tempfile.TemporaryDirectory() as folder:
@@ -152,7 +163,9 @@ def main() -> None:
     if args.record:
         out = Path(args.record) / "cpu-results" / "plan.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"kind": "plan", "published": rows}, indent=1) + "\n")
+        machine = f"a {os.cpu_count()}-core CPU box without a GPU, torch {torch.__version__}"
+        out.write_text(json.dumps({"kind": "plan", "machine": machine, "published": rows, "auto": auto_rows()},
+                                  indent=1, ensure_ascii=False) + "\n")
         print(f"written: {out}")
 
 

@@ -143,3 +143,24 @@ def test_the_default_config_is_shipped_and_near_the_published_t4_figure():
     row = PUBLISHED[2]
     predicted = plan(Config(**row.config)).vram_gib * GIB / 1e9
     assert predicted == pytest.approx(row.vram_gb, rel=0.10)
+
+
+def test_doctor_gives_the_verdict_for_its_gpu(fake_gpu, tmp_path):
+    from dbnb.faces.doctor import run_doctor
+
+    assert run_doctor(tmp_path).get("plan") is None  # no GPU here: nothing to fit
+    fake_gpu("Tesla T4", 14.74, (7, 5))
+    check = run_doctor(tmp_path).get("plan")
+    assert check.ok and "Tesla T4: fits (14.7 GiB)" in check.detail and "default settings" in check.detail
+
+
+def test_notebook_check_stops_with_the_fix_where_the_settings_cannot_fit(tiny_dir, capsys):
+    from dbnb.core.config import ConfigError
+    from dbnb.train.memory import check_fits
+
+    config = tiny_config(tiny_dir, mixed_precision="fp16")
+    assert check_fits(config, gpu=None)  # no GPU: the T4's verdict, said only
+    assert "no CUDA GPU here" in capsys.readouterr().out
+    small = {"name": "Tiny GPU", "total_vram_gib": 0.6, "bf16": False}
+    with pytest.raises(ConfigError, match="Tiny GPU: does not fit .*lower resolution"):
+        check_fits(config, gpu=small)
