@@ -1,7 +1,7 @@
 """The memory planner (dbnb.train.planner) on the tiny model: against torch's MemTracker running the
 whole step on fake tensors (bench/bench_plan.py's reference), against a real CPU step's measured
 allocations, and as `dbnb plan` says it."""
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,12 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_plan():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import bench_plan
-    finally:
-        sys.path.pop(0)
-    return bench_plan
+    """bench/bench_plan.py as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_plan", ROOT / "bench" / "bench_plan.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(tiny_dir, **settings) -> Config:

@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.func not in (cmd_doctor, cmd_config, cmd_report):  # these load no model: spare the import
+    if args.func not in (cmd_doctor, cmd_config, cmd_report, cmd_plan):  # these load no model: spare the import
         from dbnb.core.quiet import library_noise  # lazy: keeps `dbnb --help` fast
         library_noise()
     try:

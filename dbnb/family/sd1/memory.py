@@ -10,6 +10,7 @@ so the seam stays as it is; each rule below mirrors a line there and must change
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,13 +45,12 @@ def empty_parts(config, weight_dtype: torch.dtype) -> EmptyParts:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from dbnb.family import lora
-    from dbnb.family.sd1 import autoencoder
 
     source = config.pretrained_model_name_or_path
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(component_config(source, "unet"))
         text_encoder = CLIPTextModel(CLIPTextConfig(**component_config(source, "text_encoder")))
-        vae = AutoencoderKL.from_config(component_config(source, "vae")).to(autoencoder.DTYPE)
+        vae = AutoencoderKL.from_config(component_config(source, "vae"))  # fp32 as built: autoencoder.DTYPE
     # As SD1Family.load: the frozen parts in the mixed-precision dtype, trained ones in fp32.
     vae.requires_grad_(False)
     text_encoder.requires_grad_(config.fine_tunes_text_encoder)
@@ -65,7 +65,9 @@ def empty_parts(config, weight_dtype: torch.dtype) -> EmptyParts:
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if config.trains_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            with warnings.catch_warnings():  # transformers renames it; SD1Family.load calls this one
+                warnings.simplefilter("ignore", FutureWarning)
+                text_encoder.gradient_checkpointing_enable()
             if config.use_lora:
                 text_encoder.enable_input_require_grads()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
