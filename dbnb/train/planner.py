@@ -51,9 +51,11 @@ OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "lion": "Lion", "
 # Copies of the largest trained tensor an optimizer's step makes on the way (fused AdamW and
 # bitsandbytes' kernels update in place; torch's Lion and Prodigy loop in Python with temporaries).
 STEP_TEMPORARIES = {"AdamW": 0, "AdamW8bit": 0, "Lion8bit": 0, "Lion": 2, "Prodigy": 3}
-# The settings that shape the traced step (the rest are sums of the parameter counts).
+# The settings that shape the traced step (the rest are sums of the parameter counts). attention is
+# not one: SDPA and xformers both attend without the tokens x tokens matrix.
 TRACED = ("resolution", "train_batch_size", "with_prior_preservation", "mixed_precision", "gradient_checkpointing",
           "cache_latents", "use_lora", "lora_rank", "lora_conv_rank", "lora_text_encoder_rank", "train_text_encoder")
+TRACE_VERSION = 1  # raised when dbnb.train.steptrace counts differently: older cached traces no longer match
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "plan" / "traces.json"
 
 
@@ -121,7 +123,8 @@ def trace_key(config: Config) -> str:
         for name in ("_diffusers_version", "transformers_version", "_name_or_path", "torch_dtype"):
             part.pop(name, None)
     wanted_settings = {name: getattr(config, name) for name in TRACED}
-    text = json.dumps({"family": family.name, "parts": shapes, "settings": wanted_settings}, sort_keys=True)
+    text = json.dumps({"version": TRACE_VERSION, "family": family.name, "parts": shapes, "settings": wanted_settings},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
