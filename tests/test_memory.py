@@ -114,3 +114,11 @@ def test_train_applies_auto_at_its_start(tiny_dir, tmp_path, capsys):
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert memory(saved) == ("no", False, False)
     assert "memory_profile=auto: no CUDA GPU" in capsys.readouterr().out
+
+
+def test_auto_falls_back_to_every_memory_option_when_the_planner_cannot_size_the_run(tmp_path):
+    """A base model whose config the planner cannot build: auto still lets the run start, all savers on."""
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel", "block_out_channels": []}')
+    choice = choose(Config(pretrained_model_name_or_path=str(tmp_path)), T4)
+    assert memory(choice.settings) == ("fp16", True, True) and "could not size this run" in choice.message

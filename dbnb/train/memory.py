@@ -97,19 +97,24 @@ def choose(config: Config, gpu: dict | None) -> Choice:
 
     if gpu is None:
         return Choice(dict(NO_GPU), "no CUDA GPU: " + settings_text(NO_GPU))
-    vram, fits = float(gpu["total_vram_gib"]), True
-    for settings in candidates(config, bool(gpu.get("bf16", False))):
-        predicted = plan(config.replace(**settings))
-        if predicted.fits(vram):
-            note = f"predicted peak {predicted.vram_gib:.1f} GiB, {vram - predicted.vram_gib:.1f} GiB to spare"
-            break
+    vram, tried = float(gpu["total_vram_gib"]), candidates(config, bool(gpu.get("bf16", False)))
+    name = gpu.get("name", "GPU")
+    try:
+        predictions = ((settings, plan(config.replace(**settings))) for settings in tried)
+        found = next(((s, p) for s, p in predictions if p.fits(vram)), None)
+        fits = found is not None
+        settings, predicted = found or (tried[-1], plan(config.replace(**tried[-1])))
+    except Exception as e:  # auto must not stop a run the planner cannot size: every memory option on then
+        settings = tried[-1]
+        return Choice(settings, f"{name} with {vram:.1f} GiB → {settings_text(settings)}: the planner could not "
+                                f"size this run ({type(e).__name__}: {e}), so every memory option is on.")
+    if fits:
+        note = f"predicted peak {predicted.vram_gib:.1f} GiB, {vram - predicted.vram_gib:.1f} GiB to spare"
     else:
-        fits = False
         note = (f"predicted peak {predicted.vram_gib:.1f} GiB, more than this GPU has even with every memory option "
                 "on: it may run out of memory (lower resolution or train_batch_size, use_lora=true, or a GPU "
                 "with more VRAM)")
-    text = (f"{gpu.get('name', 'GPU')} with {vram:.1f} GiB → {settings_text(settings)}: {note}. "
-            f"Based on {BASIS}.")
+    text = f"{name} with {vram:.1f} GiB → {settings_text(settings)}: {note}. Based on {BASIS}."
     return Choice(settings, text, predicted.vram_gib, fits)
 
 
