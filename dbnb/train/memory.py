@@ -3,7 +3,9 @@
 Training memory is decided above all by mixed_precision, use_8bit_adam and gradient_checkpointing.
 `PROFILES` lists their combinations fastest first; `choose` asks dbnb.train.planner for each one's
 peak VRAM with the run's other settings (resolution, batch, text encoder, LoRA, EMA, optimizer …)
-and takes the first that fits the card with planner.FIT_MARGIN_GIB to spare. `PUBLISHED` keeps the
+and takes the first that fits the card with planner.FIT_MARGIN_GIB to spare. `verdict` says it for
+one card (`dbnb plan`, `dbnb doctor`); `check_fits` stops notebook 04 before training with the fix
+when the settings cannot fit. `PUBLISHED` keeps the
 figures other DreamBooth trainers publish, which docs/performance.md and bench/bench_plan.py set
 beside the planner's predictions.
 """
