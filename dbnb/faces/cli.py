@@ -279,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.func not in (cmd_doctor, cmd_config, cmd_report, cmd_plan):  # these load no model: spare the import
+    if args.func not in (cmd_doctor, cmd_config, cmd_report):  # these load no model: spare the import
         from dbnb.core.quiet import library_noise  # lazy: keeps `dbnb --help` fast
-        library_noise()
+        library_noise(progress_bars=args.func is not cmd_plan)  # plan loads no weights, often not diffusers
     try:
         return args.func(args)
     except DbnbError as e:  # its message names what was wrong and the fix: no traceback
