@@ -145,12 +145,14 @@ def main() -> None:
         SHIPPED.unlink(missing_ok=True)
         store(SHIPPED, traces)
         print(f"written: {SHIPPED} ({len(traces)} traces)")
-    print(f"`dbnb plan` on the default config, a fresh process: {cli_seconds():.1f} s")
+    seconds = round(cli_seconds(), 1)
+    print(f"`dbnb plan` on the default config, a fresh process: {seconds} s")
     rows = published_rows()
     print("\n| source | GPU | settings | published GB | predicted GB | predicted / published |")
     for r in rows:
         print(f"| {r['source']} | {r['gpu']} | {r['settings']} | {r['published_gb']} | {r.get('predicted_gb', '-')} "
               f"| {r.get('ratio', '-')} |")
+    references = []
     if args.reference:
         for settings in ({"use_8bit_adam": False}, {"use_8bit_adam": False, "gradient_checkpointing": False}):
             config = Config(resolution=args.reference, **settings)
@@ -160,11 +162,15 @@ def main() -> None:
             predicted = plan(config, step_trace(config, cache=False)).allocated
             print(f"{args.reference} px {settings}: planner {predicted / GIB:.3f} GiB allocated, MemTracker reference "
                   f"{reference / GIB:.3f} GiB ({seconds:.0f} s): ratio {predicted / reference:.3f}", flush=True)
+            references.append({"resolution": args.reference, "settings": settings_text(settings),
+                               "planner_gib": round(predicted / GIB, 3), "reference_gib": round(reference / GIB, 3),
+                               "reference_s": round(seconds)})
     if args.record:
         out = Path(args.record) / "cpu-results" / "plan.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         machine = f"a {os.cpu_count()}-core CPU box without a GPU, torch {torch.__version__}"
-        out.write_text(json.dumps({"kind": "plan", "machine": machine, "published": rows, "auto": auto_rows()},
+        out.write_text(json.dumps({"kind": "plan", "machine": machine, "seconds": seconds, "published": rows,
+                                   "auto": auto_rows(), "reference": references},
                                   indent=1, ensure_ascii=False) + "\n")
         print(f"written: {out}")
 

@@ -176,6 +176,20 @@ def published_section(planned: dict | None) -> list[str]:
     for r in rows:
         lines.append(f"| {r['source']} | {r['gpu']} | {r['settings']} | {r['published_gb'] or '-'} | "
                      f"{r.get('predicted_gb', '-')} | {r.get('ratio', '-')} | {r['note']} |")
+    return lines + [""] + reference_lines(planned or {})
+
+
+def reference_lines(planned: dict) -> list[str]:
+    """The planner against the whole step under torch's MemTracker (SD 1.5, default settings otherwise)."""
+    if not planned.get("reference"):
+        return []
+    lines = [f"`dbnb plan` on the default config answered in {planned['seconds']} s (a fresh process). Against "
+             "the reference, the whole step (torch's fused AdamW, two steps) on fake tensors counted by MemTracker:", "",
+             "| resolution | settings | planner (GiB allocated) | reference (GiB) | reference took (s) |",
+             "|---|---|---|---|---|"]
+    for r in planned["reference"]:
+        lines.append(f"| {r['resolution']} px | {r['settings']} | {r['planner_gib']:.3f} | {r['reference_gib']:.3f} "
+                     f"| {r['reference_s']} |")
     return lines + [""]
 
 

@@ -27,7 +27,7 @@ def tiny_config(tiny_dir, **settings) -> Config:
                      **settings})
 
 
-@pytest.mark.slow  # MemTracker hooks every module and tensor: a minute or more a case on two busy cores
+@pytest.mark.slow  # MemTracker hooks every module and tensor: 16 min for the three on two busy cores
 @pytest.mark.parametrize("settings", [
     {"mixed_precision": "fp16"},
     {"mixed_precision": "no", "use_ema": True, "gradient_checkpointing": False},
