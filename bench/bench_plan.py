@@ -145,8 +145,8 @@ def main() -> None:
         SHIPPED.unlink(missing_ok=True)
         store(SHIPPED, traces)
         print(f"written: {SHIPPED} ({len(traces)} traces)")
-    seconds = round(cli_seconds(), 1)
-    print(f"`dbnb plan` on the default config, a fresh process: {seconds} s")
+    answered = round(cli_seconds(), 1)
+    print(f"`dbnb plan` on the default config, a fresh process: {answered} s")
     rows = published_rows()
     print("\n| source | GPU | settings | published GB | predicted GB | predicted / published |")
     for r in rows:
@@ -169,7 +169,7 @@ def main() -> None:
         out = Path(args.record) / "cpu-results" / "plan.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         machine = f"a {os.cpu_count()}-core CPU box without a GPU, torch {torch.__version__}"
-        out.write_text(json.dumps({"kind": "plan", "machine": machine, "seconds": seconds, "published": rows,
+        out.write_text(json.dumps({"kind": "plan", "machine": machine, "seconds": answered, "published": rows,
                                    "auto": auto_rows(), "reference": references},
                                   indent=1, ensure_ascii=False) + "\n")
         print(f"written: {out}")
