@@ -3,8 +3,8 @@
     python bench/gpu_report.py [docs]      # the same as: python bench/gpu_suite.py --write-doc
 
 Each `<folder>/gpu-results/*.json` becomes one table (one per GPU and date; a dry run's is marked
-as such); beside them the published figures and the memory_profile=auto table, both from
-dbnb.train.memory. With no GPU results the doc says so. Each `<folder>/cpu-results/*.json`
+as such); beside them the published figures with the planner's predictions and the
+memory_profile=auto table (`<folder>/cpu-results/plan.json`, bench/bench_plan.py --record). With no GPU results the doc says so. Each `<folder>/cpu-results/*.json`
 (bench/hot_path.py --record) becomes a before / after table of the training step's hot path.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dbnb.train.memory import BASIS, NO_8BIT_FIGURE, NO_GPU, PUBLISHED, TIERS, settings_text  # noqa: E402
+from dbnb.train.memory import BASIS, NO_GPU, PUBLISHED, settings_text  # noqa: E402
 
 T4_CARD = "T4 15 GB"
 EXTRA_NAMES = {"classimages": "class images", "preview": "preview during training", "export": "export fp16",
@@ -62,8 +62,9 @@ def yes_no(value) -> str:
 
 def profile_table(result: dict) -> list[str]:
     lines = ["| # | profile | status | steps/s | VRAM allocated (GiB) | reserved (GiB) | reserved + context (GiB) "
-             f"| fits {' | fits '.join(c for c in _cards(result))} | loss finite | peak RAM (GiB) |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(_cards(result)) + "---|---|"]
+             f"| fits {' | fits '.join(c for c in _cards(result))} | loss finite | peak RAM (GiB) "
+             "| planner: allocated (GiB) | measured / planner |",
+             "|---|---|---|---|---|---|---|" + "---|" * len(_cards(result)) + "---|---|---|---|"]
     base = next((r for r in result["profiles"] if r["id"] == 1 and r["status"] == "ok"), None)
     for row in result["profiles"]:
         status = row["status"] + (f": {row['reason']}" if row.get("reason") else "")
@@ -76,9 +77,14 @@ def profile_table(result: dict) -> list[str]:
         cells = [str(row["id"]), row["name"], status.replace("|", "/"), rate_text, gib(row.get("vram_allocated_gib")),
                  gib(row.get("vram_reserved_gib")), gib(row.get("need_gib")),
                  *[yes_no(fit.get(card)) for card in _cards(result)], yes_no(row.get("loss_finite")),
-                 gib(row.get("peak_rss_gib"))]
+                 gib(row.get("peak_rss_gib")), gib(row.get("predicted_allocated_gib")), measured_over_predicted(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def measured_over_predicted(row: dict) -> str:
+    measured, predicted = row.get("vram_allocated_gib"), row.get("predicted_allocated_gib")
+    return f"{measured / predicted:.2f}" if measured and predicted else "-"
 
 
 def _cards(result: dict) -> list[str]:
@@ -155,27 +161,50 @@ def t4_meaning(result: dict) -> str:
     return text
 
 
-def published_section() -> list[str]:
-    lines = ["## Published figures (other trainers, SD 1.x DreamBooth, 512 px, batch 1)", "",
-             "| source | GPU | settings | VRAM (GB) | it/s | note |", "|---|---|---|---|---|---|"]
-    for p in PUBLISHED:
-        lines.append(f"| {p.source} | {p.gpu} | {p.settings} | {p.vram_gb if p.vram_gb is not None else '-'} | "
-                     f"{p.it_per_s if p.it_per_s is not None else '-'} | {p.note} |")
+def published_section(planned: dict | None) -> list[str]:
+    """Other trainers' figures, and beside them the planner's for the same settings (bench/bench_plan.py --record)."""
+    rows = planned["published"] if planned else [
+        {"source": p.source, "gpu": p.gpu, "settings": p.settings, "published_gb": p.vram_gb, "note": p.note}
+        for p in PUBLISHED]
+    lines = ["## Published figures (other trainers, SD 1.x DreamBooth, 512 px, batch 1) and the planner's", "",
+             "Predicted: `dbnb plan` with the same settings (dbnb's own step: the VAE in fp32, SDPA attention), "
+             "in GB of 10^9 bytes like the published figures; a row without dbnb settings like its own has none. "
+             + (f"Recorded by `python bench/bench_plan.py --record docs` on {planned['machine']}." if planned else
+                "Run `python bench/bench_plan.py --record docs` for the predicted column."), "",
+             "| source | GPU | settings | published VRAM (GB) | predicted (GB) | predicted / published | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['source']} | {r['gpu']} | {r['settings']} | {r['published_gb'] or '-'} | "
+                     f"{r.get('predicted_gb', '-')} | {r.get('ratio', '-')} | {r['note']} |")
+    return lines + [""] + reference_lines(planned or {})
+
+
+def reference_lines(planned: dict) -> list[str]:
+    """The planner against the whole step under torch's MemTracker (SD 1.5, default settings otherwise)."""
+    if not planned.get("reference"):
+        return []
+    lines = [f"`dbnb plan` on the default config answered in {planned['seconds']} s (a fresh process). Against "
+             "the reference, the whole step (torch's fused AdamW, two steps) on fake tensors counted by MemTracker:", "",
+             "| resolution | settings | planner (GiB allocated) | reference (GiB) | reference took (s) |",
+             "|---|---|---|---|---|"]
+    for r in planned["reference"]:
+        lines.append(f"| {r['resolution']} px | {r['settings']} | {r['planner_gib']:.3f} | {r['reference_gib']:.3f} "
+                     f"| {r['reference_s']} |")
     return lines + [""]
 
 
-def auto_section() -> list[str]:
-    lines = ["## What memory_profile=auto chooses", "", f"From dbnb/train/memory.py; based on {BASIS}.", "",
-             "| GPU VRAM (as torch reports it) | cards | settings | expected VRAM (published) |", "|---|---|---|---|"]
-    above = None
-    for tier in TIERS:
-        vram = f"≥ {tier.min_vram_gib:g} GiB" if tier.min_vram_gib else f"< {above:g} GiB"
-        expected = (f"{tier.expected.vram_gb:g} GB ({tier.expected.settings})" if tier.expected else
-                    f"none published (more than {NO_8BIT_FIGURE.vram_gb:g} GB, the figure with checkpointing on)")
-        lines.append(f"| {vram} | {tier.cards} | {settings_text(tier.settings)} | {expected} |")
-        above = tier.min_vram_gib
-    lines.append(f"| no CUDA GPU | CPU | {settings_text(NO_GPU)} | - |")
-    return lines + ["", "bf16 only where the GPU has it (else fp16)."] + [""]
+def auto_section(planned: dict | None) -> list[str]:
+    lines = ["## What memory_profile=auto chooses", "", f"From dbnb/train/memory.py; based on {BASIS}. "
+             "The default settings (SD 1.5, 512 px, batch 1, text encoder trained, cached latents); the fastest "
+             "combination that fits each card with the planner's margin.", ""]
+    if not planned:
+        return lines + ["Run `python bench/bench_plan.py --record docs` for the table.", ""]
+    lines += ["| card | VRAM (GiB, as torch reports it) | settings | predicted peak (GiB) | fits |", "|---|---|---|---|---|"]
+    for r in planned["auto"]:
+        lines.append(f"| {r['card']} | {r['total_gib']:g} | {r['settings']} | {r['predicted_gib']:.2f} | "
+                     f"{yes_no(r['fits'])} |")
+    lines.append(f"| no CUDA GPU | - | {settings_text(NO_GPU)} | - | - |")
+    return lines + [""]
 
 
 def cpu_section(result: dict) -> list[str]:
@@ -246,7 +275,8 @@ def render(results: list[dict], cpu_results: list[dict] = ()) -> str:
                   "rests on the published figures below.", ""]
     for result in results:
         lines += result_section(result)
-    hot_path = [r for r in cpu_results if r.get("kind") != "deterministic"]
+    hot_path = [r for r in cpu_results if r.get("kind") not in ("deterministic", "plan")]
+    planned = next((r for r in cpu_results if r.get("kind") == "plan"), None)
     deterministic = [r for r in cpu_results if r.get("kind") == "deterministic"]
     if hot_path:
         lines += ["## dbnb's CPU figures: the training step's hot path", "",
@@ -259,7 +289,7 @@ def render(results: list[dict], cpu_results: list[dict] = ()) -> str:
                   "Written by `bench/bench_deterministic.py --record` from `docs/cpu-results/`.", ""]
         for result in deterministic:
             lines += deterministic_section(result)
-    lines += published_section() + auto_section() + [HOW_TO_RUN]
+    lines += published_section(planned) + auto_section(planned) + [HOW_TO_RUN]
     return "\n".join(lines)
 
 

@@ -165,6 +165,7 @@ def train_profile(plan: Plan, task: dict) -> dict:
     from dbnb.train.loop import train
 
     config = Config(**task["settings"])
+    predicted = predicted_figures(config)  # before measuring: the planner's fake tensors cost host RAM only
     start_measuring()
     stamps = []
     with warnings.catch_warnings(record=True) as caught:
@@ -175,7 +176,20 @@ def train_profile(plan: Plan, task: dict) -> dict:
     notes = sorted({str(w.message) for w in caught if any(f in str(w.message) for f in FALLBACKS)})
     return {"steps_per_s": steps_per_second([r["time"] for r in records], plan.warmup), "steps": len(records),
             "loss_finite": all(math.isfinite(x) for x in losses), "loss_last": losses[-1],
-            "run_dir": str(result.run_dir), "fell_back": notes, "stamps": stamps, **memory_figures()}
+            "run_dir": str(result.run_dir), "fell_back": notes, "stamps": stamps, **predicted, **memory_figures()}
+
+
+def predicted_figures(config) -> dict:
+    """The planner's prediction for this profile, recorded beside what the GPU measures: the first GPU
+    run calibrates dbnb.train.planner (its CUDA context and allocator slack are stated, not measured)."""
+    from dbnb.train.planner import GIB, plan
+
+    try:
+        predicted = plan(config)
+    except Exception as e:  # a figure missing from the table, never a profile lost
+        return {"predicted_error": f"{type(e).__name__}: {e}"}
+    return {"predicted_allocated_gib": predicted.allocated / GIB, "predicted_vram_gib": predicted.vram_gib,
+            "predicted_phase": predicted.peak_phase}
 
 
 def preview(plan: Plan, task: dict) -> dict:

@@ -48,6 +48,8 @@ def test_dry_run_trains_every_profile_it_can_and_says_why_not_the_others(dry_run
         assert row["status"] == "ok", row
         assert math.isfinite(row["steps_per_s"]) and row["steps_per_s"] > 0
         assert row["loss_finite"] is True and row["steps"] == results["plan"]["steps"]
+        # the planner's prediction beside what was measured: the first GPU run calibrates it
+        assert row["predicted_allocated_gib"] > 0 and row["predicted_vram_gib"] > row["predicted_allocated_gib"]
     assert rows[6]["settings"]["with_prior_preservation"] is True
     assert rows[9]["settings"]["optimizer_in_backward"] is True
     assert (rows[7]["settings"]["use_lora"], rows[7]["settings"]["lora_conv_rank"]) == (True, 16)

@@ -1,11 +1,13 @@
-"""memory_profile=auto: the settings chosen for faked GPUs (the VRAM is passed in), and the trainer applying it."""
+"""memory_profile=auto: the settings the planner chooses for faked GPUs (the VRAM is passed in), and the
+trainer applying it. SD 1.5's default config: its traces ship with dbnb (dbnb/assets/plan)."""
 import json
 
 import pytest
 import torch
 
 from dbnb.core.config import Config, ConfigError
-from dbnb.train.memory import apply_memory_profile, choose
+from dbnb.train.memory import apply_memory_profile, candidates, choose
+from dbnb.train.planner import plan
 
 # What torch reports for these cards (total_vram_gib as dbnb.core.hardware.cuda_summary() gives it).
 T4 = {"name": "Tesla T4", "total_vram_gib": 14.74, "bf16": False}
@@ -21,17 +23,23 @@ def memory(settings: dict) -> tuple:
     return settings["mixed_precision"], settings["use_8bit_adam"], settings["gradient_checkpointing"]
 
 
-@pytest.mark.parametrize("gpu, expected", [
-    (T4, ("fp16", True, True)),
-    (RTX3060, ("fp16", True, True)),
-    (A10G, ("fp16", True, False)),
-    (V100_32, ("fp16", True, False)),
-    (A100_40, ("bf16", False, False)),
-    (RTX8000, ("fp16", False, False)),  # 48 GB but no bf16
-    (None, ("no", False, False)),
-])
-def test_choose_by_vram(gpu, expected):
-    assert memory(choose(gpu).settings) == expected
+@pytest.mark.parametrize("gpu", [T4, RTX3060, A10G, V100_32, A100_40, RTX8000])
+def test_auto_takes_the_fastest_settings_the_planner_says_fit(gpu):
+    config = Config()
+    chosen = choose(config, gpu)
+    tried = candidates(config, gpu["bf16"])
+    assert chosen.fits and plan(config.replace(**chosen.settings)).fits(gpu["total_vram_gib"])
+    for faster in tried[:tried.index(chosen.settings)]:
+        assert not plan(config.replace(**faster)).fits(gpu["total_vram_gib"])
+    assert chosen.settings["mixed_precision"] == ("bf16" if gpu["bf16"] else "fp16")
+
+
+def test_what_auto_chooses_on_common_cards():
+    """AdamW's fp32 state (8 bytes a weight, UNet and text encoder) does not fit a T4; a 40 GB card takes everything off."""
+    assert memory(choose(Config(), T4).settings)[1] is True
+    assert memory(choose(Config(), A100_40).settings) == ("bf16", False, False)
+    assert memory(choose(Config(), RTX8000).settings) == ("fp16", False, False)  # 48 GB but no bf16
+    assert memory(choose(Config(), None).settings) == ("no", False, False)
 
 
 @pytest.mark.parametrize("card, precision", [(("Quadro RTX 8000", 47.46, (7, 5)), "fp16"),
@@ -46,15 +54,17 @@ def test_auto_picks_bf16_by_compute_capability(fake_gpu, card, precision, capsys
 
 
 def test_choice_says_what_and_why():
-    message = choose(T4).message
-    assert "Tesla T4" in message and "14.7 GiB" in message
-    assert "gradient_checkpointing=true" in message and "published figures" in message
-    assert "no bf16" in choose(RTX8000).message
+    choice = choose(Config(), T4)
+    assert "Tesla T4" in choice.message and "14.7 GiB" in choice.message
+    assert "use_8bit_adam=true" in choice.message and "predicted peak" in choice.message and "planner" in choice.message
+    assert choice.predicted_gib < T4["total_vram_gib"]
 
 
-def test_a_card_below_the_published_figure_is_warned():
-    assert "may run out of memory" in choose(SMALL).message
-    assert "may run out of memory" not in choose(T4).message
+def test_a_card_too_small_for_every_setting_is_warned():
+    choice = choose(Config(), SMALL)
+    assert not choice.fits and "may run out of memory" in choice.message
+    assert memory(choice.settings) == ("fp16", True, True)  # the most memory-saving of the candidates
+    assert "may run out of memory" not in choose(Config(), T4).message
 
 
 def test_manual_leaves_the_config_alone(capsys):
@@ -67,8 +77,8 @@ def test_auto_replaces_the_three_settings_and_prints_the_choice(capsys):
     config = Config(memory_profile="auto", mixed_precision="no", use_8bit_adam=False,
                     gradient_checkpointing=False, learning_rate=2e-6)
     chosen = apply_memory_profile(config, T4)
-    assert memory(chosen.to_dict()) == ("fp16", True, True)
-    assert chosen.learning_rate == 2e-6 and chosen.memory_profile == "auto"
+    assert memory(chosen.to_dict()) == memory(choose(config, T4).settings)
+    assert chosen.use_8bit_adam and chosen.learning_rate == 2e-6 and chosen.memory_profile == "auto"
     assert "memory_profile=auto: Tesla T4" in capsys.readouterr().out
 
 
@@ -80,11 +90,12 @@ def test_auto_refuses_fp16_with_optimizer_in_backward():
 
 
 def test_auto_keeps_8bit_adam_where_the_optimizer_asks_for_it(capsys):
-    """optimizer=adamw8bit on a 40 GB card: the tier turns use_8bit_adam off, which adamw8bit refuses."""
+    """optimizer=adamw8bit on a 40 GB card, where AdamW fits: auto only tries 8-bit ones; no GPU keeps it too."""
+    assert all(settings["use_8bit_adam"] for settings in candidates(Config(optimizer="adamw8bit"), True))
     for gpu in (A100_40, None):
         chosen = apply_memory_profile(Config(memory_profile="auto", optimizer="adamw8bit"), gpu)
         assert chosen.use_8bit_adam and chosen.optimizer == "adamw8bit"
-        assert "optimizer=adamw8bit asks for it" in capsys.readouterr().out
+    assert "optimizer=adamw8bit asks for it" in capsys.readouterr().out
     assert not apply_memory_profile(Config(memory_profile="auto", optimizer="adamw"), A100_40).use_8bit_adam
 
 
@@ -103,3 +114,11 @@ def test_train_applies_auto_at_its_start(tiny_dir, tmp_path, capsys):
     saved = json.loads((result.run_dir / "config.json").read_text())
     assert memory(saved) == ("no", False, False)
     assert "memory_profile=auto: no CUDA GPU" in capsys.readouterr().out
+
+
+def test_auto_falls_back_to_every_memory_option_when_the_planner_cannot_size_the_run(tmp_path):
+    """A base model whose config the planner cannot build: auto still lets the run start, all savers on."""
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text('{"_class_name": "UNet2DConditionModel", "block_out_channels": []}')
+    choice = choose(Config(pretrained_model_name_or_path=str(tmp_path)), T4)
+    assert memory(choice.settings) == ("fp16", True, True) and "could not size this run" in choice.message

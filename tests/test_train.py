@@ -490,9 +490,9 @@ def test_auto_on_another_gpu_tier_keeps_what_the_resumed_run_learns_with():
     a100 = {"name": "NVIDIA A100-SXM4-40GB", "total_vram_gib": 39.39, "free_vram_gib": 39.0, "capability": [8, 0],
             "bf16": True}
     started = apply_memory_profile(Config(memory_profile="auto"), gpu=t4)
-    assert started.use_8bit_adam and started.mixed_precision == "fp16" and started.gradient_checkpointing
+    assert started.use_8bit_adam and started.mixed_precision == "fp16"
     moved = apply_memory_profile(Config(memory_profile="auto"), gpu=a100, resumed=started.to_dict())
-    assert moved.use_8bit_adam  # the A100 tier alone would turn it off
+    assert moved.use_8bit_adam  # the A100's own choice would turn it off
     assert moved.mixed_precision == "bf16" and not moved.gradient_checkpointing  # how it runs: this GPU's
 
 

@@ -35,13 +35,16 @@ class _Drop(logging.Filter):
         return not self.pattern.search(record.getMessage())
 
 
-def library_noise() -> None:
+def library_noise(progress_bars: bool = True) -> None:
     """Drop the NOISE messages and the per-component "Loading pipeline components / Loading
-    weights / Writing model shards" bars (dbnb shows one bar for each step that takes long)."""
+    weights / Writing model shards" bars (dbnb shows one bar for each step that takes long).
+    `progress_bars=False` leaves the bars, and diffusers unimported, to a command that loads no weights."""
     for name, pattern in NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) and f.pattern is pattern for f in logger.filters):
             logger.addFilter(_Drop(pattern))
+    if not progress_bars:
+        return
     from diffusers.utils import logging as diffusers_logging  # lazy: loads diffusers
     from transformers.utils import logging as transformers_logging  # lazy: loads transformers
 

@@ -53,6 +53,25 @@ def cmd_train(args) -> int:
     return 130 if result.cancelled else 0
 
 
+def cmd_plan(args) -> int:
+    from dbnb.core.config import load_config  # lazy: keeps `dbnb --help` fast
+    from dbnb.train.memory import settings_text, verdict  # lazy: torch, kept out of `dbnb --help`
+    from dbnb.train.planner import CARDS, card, plan
+
+    config = load_config(args.config, args.overrides, preset=args.preset)
+    memory = {k: getattr(config, k) for k in ("mixed_precision", "use_8bit_adam", "gradient_checkpointing")}
+    print(f"{config.pretrained_model_name_or_path}, {config.resolution} px, batch {config.train_batch_size}"
+          + (" + class pictures" if config.with_prior_preservation else "") + f", {settings_text(memory)}, "
+          f"optimizer={config.optimizer}, use_lora={str(config.use_lora).lower()}, "
+          f"text encoder {'trained' if config.trains_text_encoder else 'frozen'}:")
+    if config.memory_profile == "manual":
+        print(plan(config).table())
+    fits = [verdict(config, card(name)) for name in ([args.card] if args.card else CARDS)]
+    for _, line in fits:
+        print(line)
+    return 0 if all(ok for ok, _ in fits) or not args.card else 1
+
+
 def cmd_demo(args) -> int:
     from dbnb.world.demo import DEMO_STEPS, LORA_DEMO_STEPS, run_demo  # lazy: torch, kept out of `dbnb --help`
 
@@ -178,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to logs/train.jsonl)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("plan", help="predict the run's peak VRAM and system RAM, and whether it fits a card "
+                                     "(no GPU, no weights needed)")
+    p.add_argument("config", help="config .yaml / .json")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="settings that override the file")
+    p.add_argument("--preset", help="person (the guide's character setup) or object_style, applied under the file")
+    p.add_argument("--card", help="T4, L4, A10G, A100-40, A100-80, H100 or a size in GiB (default: all of "
+                                  "them); the exit status is 1 when it does not fit")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("demo", help="a real DreamBooth run on the embedded tiny pretrained world model, scored: "
                                      "no download, CPU is enough")
     p.add_argument("--out", default="dbnb-demo", help="folder for the model, images and run (default: dbnb-demo)")
@@ -253,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.func not in (cmd_doctor, cmd_config, cmd_report):  # these load no model: spare the import
         from dbnb.core.quiet import library_noise  # lazy: keeps `dbnb --help` fast
-        library_noise()
+        library_noise(progress_bars=args.func is not cmd_plan)  # plan loads no weights, often not diffusers
     try:
         return args.func(args)
     except DbnbError as e:  # its message names what was wrong and the fix: no traceback

@@ -67,6 +67,7 @@ def run_doctor(output_dir: str | os.PathLike[str] = ".") -> DoctorReport:
     checks += [
         _guard("versions", False, _check_versions),
         _guard("cuda", False, _check_cuda),
+        *([_guard("plan", False, _check_plan)] if device == "cuda" else []),
         check_xformers(device),
         check_bitsandbytes(device),
         _guard("disk", False, lambda: _check_disk(output_dir)),
@@ -127,6 +128,15 @@ def _check_cuda() -> Check:
     bf16 = "yes" if gpu["bf16"] else "no (fp16 only)"
     return Check("cuda", True, f"{gpu['name']}, {gpu['total_vram_gib']:.1f} GiB VRAM "
                  f"({gpu['free_vram_gib']:.1f} GiB free), compute {major}.{minor}, bf16 {bf16}")
+
+
+def _check_plan() -> Check:
+    # The default settings on this card, by the planner (`dbnb plan CONFIG` says it for a run's own).
+    from dbnb.core.config import Config  # lazy: the planner loads torch and diffusers
+    from dbnb.train.memory import verdict
+
+    ok, line = verdict(Config(), cuda_summary())
+    return Check("plan", ok, f"default settings, SD 1.5 at 512 px — {line}")
 
 
 def _cpu_torch_hint() -> str:

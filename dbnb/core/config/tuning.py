@@ -18,18 +18,14 @@ class TuningSettings:
     memory_profile: str = setting(
         "manual", "Tuning", "Performance Wizard",
         "manual: mixed_precision, use_8bit_adam and gradient_checkpointing as set here. auto: training sets "
-        "those three from the GPU's VRAM at its start and prints what it chose (up to 16 GB, e.g. a T4: fp16 + "
-        "8-bit Adam + gradient checkpointing; 24 GB: no checkpointing; 40 GB or more: no 8-bit Adam, bf16 "
-        "where the GPU has it; no GPU: fp32; the table is in dbnb/train/memory.py). Until dbnb has been measured on "
-        "GPUs (docs/performance.md), auto uses the published figures of other DreamBooth trainers (T4, 512 px, "
-        "batch 1, all three on: 9.92 GB).",
+        "those three at its start to the fastest combination that fits the GPU by dbnb's prediction of the run's "
+        "peak VRAM (`dbnb plan CONFIG`, dbnb/train/planner.py: the training step traced without weights) and "
+        "prints what it chose; bf16 where the GPU has it; no GPU: fp32.",
         choices=("manual", "auto"),
         help_ja="manual: mixed_precision・use_8bit_adam・gradient_checkpointing を設定どおりに使います。"
-                "auto: 学習の開始時に GPU の VRAM からこの3つを決め、選んだ内容を表示します（T4 など 16 GB まで: "
-                "fp16 + 8bit Adam + gradient checkpointing、24 GB: checkpointing なし、40 GB 以上: 8bit Adam なし・"
-                "対応する GPU では bf16、GPU なし: fp32。表は dbnb/train/memory.py）。dbnb 自身の GPU 実測値"
-                "（docs/performance.md）ができるまでは、他の DreamBooth 実装の公開値（T4・512 px・バッチ 1・"
-                "3つとも有効で 9.92 GB）に基づきます。", learns=False)
+                "auto: 学習の開始時に、この学習に必要な VRAM の見積もり（`dbnb plan 設定ファイル`、"
+                "dbnb/train/planner.py：重みなしで学習ステップを実行して測ります）から、GPU に収まる最も速い"
+                "組み合わせを選び、選んだ内容を表示します。対応する GPU では bf16、GPU なし: fp32。", learns=False)
     mixed_precision: str = setting("fp16", "Tuning", "Mixed Precision",
                                    "fp16 (T4 / most Colab GPUs), bf16 (A100/H100) or no (CPU). "
                                    "Weights stay fp32 either way.", choices=("no", "fp16", "bf16"),
