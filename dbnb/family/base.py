@@ -97,7 +97,10 @@ class SingleFile(Protocol):
 @runtime_checkable
 class Family(Protocol):
     """A model family, as the trainer uses it. Everything component-specific lives behind it:
-    what is frozen or cast, which modules get LoRA adapters, gradient checkpointing, attention."""
+    what is frozen or cast, which modules get LoRA adapters, gradient checkpointing, attention.
+    Optional, for the memory planner (dbnb.train.planner): `part_configs(source)`, the parts'
+    config files, and `empty_parts(config, weight_dtype)`, the parts built without weights and set
+    up to train (SD 1.x's: dbnb.family.sd1.memory); a family without them is not planned."""
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages

@@ -33,6 +33,7 @@ import torch
 from dbnb.core.config import Config
 from dbnb.core.errors import DbnbError
 from dbnb.core.platform import default_cache_dir
+from dbnb.family.base import family_of
 from dbnb.train.optimizers import state_bytes, wanted
 from dbnb.train.steptrace import StepTrace
 
@@ -111,14 +112,21 @@ def card(name: str) -> dict:
     return {"name": f"{total:g} GiB card", "total_vram_gib": total, "bf16": True}
 
 
+def sizable(config: Config):
+    """`config`'s family, if it can build its parts without weights (the planner's two optional
+    family methods, `part_configs` and `empty_parts`: SD 1.x's in dbnb.family.sd1.memory)."""
+    family = family_of(config)
+    if not (hasattr(family, "part_configs") and hasattr(family, "empty_parts")):
+        raise PlanError(f"The {family.name} family has no part_configs(source) / empty_parts(config, dtype): "
+                        "dbnb cannot size its training step. Add them beside its load (dbnb.family.sd1.memory "
+                        "is SD 1.x's).")
+    return family
+
+
 def trace_key(config: Config) -> str:
     """What shapes the step's trace: the family, its parts' configs and the TRACED settings."""
-    from dbnb.family.base import family_of
-    from dbnb.family.sd1.memory import component_config
-
-    family = family_of(config)
-    source = config.pretrained_model_name_or_path
-    shapes = {part: component_config(source, part) for part in ("unet", "text_encoder", "vae")}
+    family = sizable(config)
+    shapes = family.part_configs(config.pretrained_model_name_or_path)
     for part in shapes.values():  # what the saving diffusers / transformers version wrote, not a shape
         for name in ("_diffusers_version", "transformers_version", "_name_or_path", "torch_dtype"):
             part.pop(name, None)
@@ -141,7 +149,6 @@ def user_cache() -> Path:
 
 def step_trace(config: Config, cache: bool = True) -> StepTrace:
     """The step's trace: shipped, cached, or traced now (then cached)."""
-    from dbnb.family.base import family_of
     from dbnb.train.steptrace import trace_step
 
     key = trace_key(config)
@@ -149,14 +156,7 @@ def step_trace(config: Config, cache: bool = True) -> StepTrace:
         for path in (SHIPPED, user_cache()):
             if (found := _read(path).get(key)) is not None:
                 return StepTrace(**{**found, "trained": tuple(found["trained"])})
-    family = family_of(config)
-    build = getattr(family, "empty_parts", None)
-    if build is None and family.name == "sd1":
-        from dbnb.family.sd1.memory import empty_parts as build
-    if build is None:
-        raise PlanError(f"The {family.name} family has no empty_parts(config, dtype): dbnb cannot size its "
-                        "training step. Add one beside its load (dbnb.family.sd1.memory is SD 1.x's).")
-    trace = trace_step(config, build)
+    trace = trace_step(config, sizable(config).empty_parts)
     if cache:
         store(user_cache(), {key: trace})
     return trace

@@ -34,32 +34,15 @@ class SD1Family:
     def load(self, config, device: torch.device, weight_dtype: torch.dtype) -> Models:
         from diffusers import DDPMScheduler
 
-        from dbnb.family import lora
         from dbnb.family.sd1.load import fingerprint, load_pipeline
 
         pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                              revision=config.revision)
         base = fingerprint(pipe)  # as loaded: before casts and adapters change what the weights read
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.family.sd1.autoencoder: fp32);
-        # trained parts keep fp32 master weights.
-        pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(config.fine_tunes_text_encoder)
         pipe.to(device)
-        if weight_dtype != torch.float32:
-            if not config.fine_tunes_text_encoder:
-                pipe.text_encoder.to(dtype=weight_dtype)
-            if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
-                pipe.unet.to(dtype=weight_dtype)
-        if config.use_lora:
-            lora.add_adapters(pipe.unet, pipe.text_encoder, lora.Spec.from_config(config), self, seed=config.seed)
+        set_up(pipe.unet, pipe.text_encoder, pipe.vae, config, weight_dtype)
         set_attention(pipe.unet, config.attention, device)
-        if config.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-            if config.trains_text_encoder:
-                pipe.text_encoder.gradient_checkpointing_enable()
-                if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
-                    pipe.text_encoder.enable_input_require_grads()
         return self.models_of(pipe, noise_scheduler, base)
 
     def models_of(self, pipe, noise_scheduler=None, base: dict | None = None) -> Models:
@@ -75,6 +58,18 @@ class SD1Family:
     def adapter_targets(self, unet, text_encoder, spec) -> AdapterTargets:
         return adapters.targets(unet, text_encoder, spec)
 
+    def part_configs(self, source: str) -> dict[str, dict]:
+        """The memory planner's: the parts' config files (what shapes them), by component."""
+        from dbnb.family.sd1.memory import component_config
+
+        return {part: component_config(source, part) for part in ("unet", "text_encoder", "vae")}
+
+    def empty_parts(self, config, weight_dtype: torch.dtype):
+        """The memory planner's: the parts on the meta device, set up to train (dbnb.family.sd1.memory)."""
+        from dbnb.family.sd1.memory import empty_parts
+
+        return empty_parts(config, weight_dtype)
+
     def encode_images(self, vae, images: torch.Tensor):
         return autoencoder.encode(vae, images)
 
@@ -84,6 +79,30 @@ class SD1Family:
     def predict(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
         return unet(noisy, timesteps, conditioning["hidden_states"]).sample
+
+
+def set_up(unet, text_encoder, vae, config, weight_dtype: torch.dtype) -> None:
+    """The parts made ready to train, in place: by `SD1Family.load` on the loaded model, and by
+    dbnb.family.sd1.memory on weightless ones for the memory planner, so both see the same setup."""
+    from dbnb.family import lora  # lazy: peft, only where adapters are added
+
+    # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.family.sd1.autoencoder: fp32);
+    # trained parts keep fp32 master weights.
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(config.fine_tunes_text_encoder)
+    if weight_dtype != torch.float32:
+        if not config.fine_tunes_text_encoder:
+            text_encoder.to(dtype=weight_dtype)
+        if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
+            unet.to(dtype=weight_dtype)
+    if config.use_lora:
+        lora.add_adapters(unet, text_encoder, lora.Spec.from_config(config), SD1, seed=config.seed)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if config.trains_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+            if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
+                text_encoder.enable_input_require_grads()
 
 
 def set_attention(unet, attention: str, device: torch.device) -> None:
