@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from dbnb.core.errors import DbnbError
+from dbnb.core.source_names import public_name
 from dbnb.family.base import Parts
 from dbnb.family.lora import Spec
-from dbnb.family.sd1.load import public_name
 
 TOLERANCE = 1e-4  # max abs difference of the UNet / text-encoder outputs, in fp32
 
