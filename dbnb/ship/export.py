@@ -254,9 +254,9 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
         with torch.no_grad():  # what the file can hold: the adapters at its precision
             for p in lora.trainable(models.denoiser, models.encoder):
                 p.copy_(p.to(dtype).float())
-        expected = kohya.outputs(models.pipe)
+        expected = kohya.outputs(models, family)
         del models
-        kohya.verify(path, expected, lambda: base().pipe, family.parts)
+        kohya.verify(path, expected, base, family)
     except Exception:
         path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
         raise
