@@ -117,11 +117,12 @@ def test_rerun_after_deleting_two_regenerates_only_those_two(make_config, loads)
                                                  ("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M")])
 def test_samplers(make_config, sampler, cls, shown):
     config = make_config(class_sampler=sampler, num_class_images=1)
-    pipe = ci.load_generation_pipeline(config)
+    models = ci.open_base(config)
+    pipe = ci.load_generation_pipeline(config, models)
     assert type(pipe.scheduler).__name__ == cls
     if sampler == "dpmpp_2m":
         assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.solver_order == 2
-    (path,) = ci.generate_class_images(config, progress=False, pipe=pipe)
+    (path,) = ci.generate_class_images(config, progress=False, models=models)
     assert f"Sampler: {shown}," in Image.open(path).text["parameters"]
 
 

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GENERIC = ("dbnb/train/loop.py", "dbnb/train/loss.py", "dbnb/data/batches.py", "dbnb/run/checkpoints.py",
            "dbnb/run/folder.py", "dbnb/train/diskplan.py", "dbnb/train/previews.py", "dbnb/family/lora.py",
            "dbnb/evaluate/score.py", "dbnb/core/source_names.py", "dbnb/ship/hashes.py", "dbnb/ship/report.py",
-           "dbnb/ship/export.py", "dbnb/ship/kohya.py")
+           "dbnb/ship/export.py", "dbnb/ship/kohya.py", "dbnb/prep/classimages.py")
 SD1_NAMES = {"unet", "text_encoder", "vae", "tokenizer", "UNet2DConditionModel", "CLIPTextModel", "AutoencoderKL"}
 # Names a neutral module may still spell because users do: export's `vae` is the --vae option (the webui's word).
 USERS_WORDS = {"dbnb/ship/export.py": {"vae"}}
