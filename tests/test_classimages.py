@@ -169,11 +169,11 @@ def test_out_of_memory_halves_the_batch_on_a_torch_before_2_5(make_config, monke
     monkeypatch.delattr(torch, "OutOfMemoryError")
     real, sizes = ci.render_batch, []
 
-    def render(pipe, config, prompt, indices, size):
+    def render(pipe, decode, config, prompt, indices, size):
         sizes.append(len(indices))
         if len(indices) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
-        return real(pipe, config, prompt, indices, size)
+        return real(pipe, decode, config, prompt, indices, size)
 
     monkeypatch.setattr(ci, "render_batch", render)
     written = ci.generate_class_images(make_config(class_batch_size=4, num_class_images=2), progress=False)

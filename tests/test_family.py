@@ -18,10 +18,12 @@ ROOT = Path(__file__).resolve().parents[1]
 GENERIC = ("dbnb/train/loop.py", "dbnb/train/loss.py", "dbnb/data/batches.py", "dbnb/run/checkpoints.py",
            "dbnb/run/folder.py", "dbnb/train/diskplan.py", "dbnb/train/previews.py", "dbnb/family/lora.py",
            "dbnb/evaluate/score.py", "dbnb/core/source_names.py", "dbnb/ship/hashes.py", "dbnb/ship/report.py",
-           "dbnb/ship/export.py", "dbnb/ship/kohya.py", "dbnb/prep/classimages.py")
+           "dbnb/ship/export.py", "dbnb/ship/kohya.py", "dbnb/prep/classimages.py",
+           "dbnb/family/render.py", "dbnb/evaluate/sample.py")
 SD1_NAMES = {"unet", "text_encoder", "vae", "tokenizer", "UNet2DConditionModel", "CLIPTextModel", "AutoencoderKL"}
-# Names a neutral module may still spell because users do: export's `vae` is the --vae option (the webui's word).
-USERS_WORDS = {"dbnb/ship/export.py": {"vae"}}
+# Names a neutral module may still spell because users read them: export's `vae` is the --vae option (the
+# webui's word), sample's the key of the VAE setting in the grid's settings record.
+USERS_WORDS = {"dbnb/ship/export.py": {"vae"}, "dbnb/evaluate/sample.py": {"vae"}}
 
 
 def _named(tree: ast.AST) -> set[str]:
@@ -228,6 +230,11 @@ class DualEncoderFamily:
     def encode_images(self, autoencoder, images):
         with torch.no_grad():
             return autoencoder.encode(images.to(next(autoencoder.parameters()).device)).latent_dist
+
+    def decode_latents(self, autoencoder, latents):
+        with torch.no_grad():
+            device = next(autoencoder.parameters()).device
+            return autoencoder.decode(latents.to(device) / autoencoder.config.scaling_factor).sample
 
     def encode_prompts(self, encoder, inputs):
         first = encoder["encoder_0"](inputs["input_ids"])[0]

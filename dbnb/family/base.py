@@ -130,6 +130,10 @@ class Family(Protocol):
         """The latent distribution (`.mean`, `.std`, unscaled) of `images` in [-1, 1], under
         the family's precision rule for its autoencoder."""
 
+    def decode_latents(self, autoencoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Pictures in [-1, 1] from unscaled latents (as a sampler leaves them), under the family's
+        precision rule for its autoencoder (dbnb.family.render)."""
+
     def encode_prompts(self, encoder: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The denoiser's conditioning from the batch's token inputs (already on the device)."""
 

@@ -268,12 +268,12 @@ def parameters_text(config, prompt: str, seed: int, size: tuple[int, int] | None
 
 
 @torch.inference_mode()
-def render_batch(pipe, config, prompt: str, indices: list[int], size: tuple[int, int] | None = None
+def render_batch(pipe, decode, config, prompt: str, indices: list[int], size: tuple[int, int] | None = None
                  ) -> list[Image.Image]:
     """One batch, `size` (width, height; default resolution²); image k has its own CPU generator
     seeded class_seed + k, so it is the same picture whatever the batch size or device."""
     width, height = size or (config.resolution, config.resolution)
-    return render(pipe, prompt, [config.class_seed + k for k in indices], negative=config.class_negative_prompt,
+    return render(pipe, decode, prompt, [config.class_seed + k for k in indices], negative=config.class_negative_prompt,
                   steps=config.class_infer_steps, guidance=config.class_guidance_scale, resolution=height,
                   width=width)
 
@@ -291,7 +291,9 @@ def generate_class_images(config, progress: bool = True, models: Models | None =
     if not todo:
         return []
     prepare_folder(folder, len(todo), config.resolution)
+    models = models or open_base(config)
     pipe = load_generation_pipeline(config, models)
+    decode = functools.partial(family_of(config).decode_latents, models.autoencoder)
     batch = pick_batch_size(config, *generation_device_dtype(config))  # where and how the pipeline now is
     # With bucketing, in the instance pictures' shapes; a batch is one shape, so they go shape by shape.
     sizes = class_image_sizes(config, max(todo) + 1)
@@ -303,7 +305,7 @@ def generate_class_images(config, progress: bool = True, models: Models | None =
             size = sizes[todo[len(written)]]
             chunk = [k for k in todo[len(written):len(written) + batch] if sizes[k] == size]
             try:
-                images = render_batch(pipe, config, prompt, chunk, size)
+                images = render_batch(pipe, decode, config, prompt, chunk, size)
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, by the name torch < 2.5 has too
                 batch = smaller_batch(batch, config)
                 bar.set_description(f"class images (batch {batch})")
