@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dbnb.family.render import SAMPLERS
+from dbnb.family.sd1.family import SD1
 
 
 def build_pipeline(full: bool):
@@ -61,16 +62,17 @@ def main():
                         class_data_dir=str(Path(tmp) / "warmup"), num_class_images=1, resolution=resolution,
                         class_infer_steps=steps, class_sampler=args.sampler, class_batch_size=args.batch_size,
                         mixed_precision="fp16" if torch.cuda.is_available() else "no")
-        pipe = ci.prepare_pipeline(pipe, config)
-        batch = ci.pick_batch_size(config, pipe.device, pipe.unet.dtype)
+        models = SD1.models_of(pipe)
+        ci.load_generation_pipeline(config, models)  # on the device, in the dtype, before the free VRAM is read
+        batch = ci.pick_batch_size(config, *ci.generation_device_dtype(config))
         config = config.replace(num_class_images=min(batch, args.count))
-        ci.generate_class_images(config, progress=False, pipe=pipe)  # warm-up: kernels, allocator
+        ci.generate_class_images(config, progress=False, models=models)  # warm-up: kernels, allocator
         config = config.replace(class_data_dir=str(Path(tmp) / "timed"), num_class_images=args.count)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             torch.cuda.synchronize()
         t = time.time()
-        written = ci.generate_class_images(config, progress=True, pipe=pipe)
+        written = ci.generate_class_images(config, progress=True, models=models)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         seconds = time.time() - t

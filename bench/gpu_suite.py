@@ -216,15 +216,16 @@ def class_images(plan: Plan, task: dict) -> dict:
                     mixed_precision="fp16" if torch.cuda.is_available() else "no")
     for sub in ("class-warmup", "class-timed"):
         shutil.rmtree(plan.cache / sub, ignore_errors=True)
-    pipe = ci.load_generation_pipeline(config)
+    models = ci.open_base(config)
+    ci.load_generation_pipeline(config, models)  # on the device, in the dtype, before the free VRAM is read
     device, dtype = ci.generation_device_dtype(config)
     batch = ci.pick_batch_size(config, device, dtype)
-    ci.generate_class_images(config.replace(num_class_images=batch), progress=False, pipe=pipe)  # warm-up
+    ci.generate_class_images(config.replace(num_class_images=batch), progress=False, models=models)  # warm-up
     count = batch if plan.dry_run else 2 * batch
     config = config.replace(class_data_dir=str(plan.cache / "class-timed"), num_class_images=count)
     start_measuring()
     t = time.perf_counter()
-    written = ci.generate_class_images(config, progress=False, pipe=pipe)
+    written = ci.generate_class_images(config, progress=False, models=models)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t

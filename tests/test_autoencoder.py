@@ -57,7 +57,7 @@ def test_class_images_from_an_fp16_model_are_pictures(hot_pipe, tmp_path, monkey
     monkeypatch.setattr(ci, "generation_device_dtype", lambda config: (torch.device("cpu"), torch.float16))
     config = Config(class_data_dir=str(tmp_path / "class"), class_prompt="girl", num_class_images=2,
                     resolution=64, class_infer_steps=1, mixed_precision="fp16")
-    written = ci.generate_class_images(config, progress=False, pipe=hot_pipe)
+    written = ci.generate_class_images(config, progress=False, models=SD1.models_of(hot_pipe))
     assert len(written) == 2 and all(is_a_picture(p) for p in written)
 
 

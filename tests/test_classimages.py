@@ -117,11 +117,12 @@ def test_rerun_after_deleting_two_regenerates_only_those_two(make_config, loads)
                                                  ("dpmpp_2m", "DPMSolverMultistepScheduler", "DPM++ 2M")])
 def test_samplers(make_config, sampler, cls, shown):
     config = make_config(class_sampler=sampler, num_class_images=1)
-    pipe = ci.load_generation_pipeline(config)
+    models = ci.open_base(config)
+    pipe = ci.load_generation_pipeline(config, models)
     assert type(pipe.scheduler).__name__ == cls
     if sampler == "dpmpp_2m":
         assert pipe.scheduler.config.algorithm_type == "dpmsolver++" and pipe.scheduler.config.solver_order == 2
-    (path,) = ci.generate_class_images(config, progress=False, pipe=pipe)
+    (path,) = ci.generate_class_images(config, progress=False, models=models)
     assert f"Sampler: {shown}," in Image.open(path).text["parameters"]
 
 
@@ -168,11 +169,11 @@ def test_out_of_memory_halves_the_batch_on_a_torch_before_2_5(make_config, monke
     monkeypatch.delattr(torch, "OutOfMemoryError")
     real, sizes = ci.render_batch, []
 
-    def render(pipe, config, prompt, indices, size):
+    def render(pipe, decode, config, prompt, indices, size):
         sizes.append(len(indices))
         if len(indices) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
-        return real(pipe, config, prompt, indices, size)
+        return real(pipe, decode, config, prompt, indices, size)
 
     monkeypatch.setattr(ci, "render_batch", render)
     written = ci.generate_class_images(make_config(class_batch_size=4, num_class_images=2), progress=False)

@@ -187,9 +187,9 @@ def lora_run(tiny_dir, tmp_path_factory):
 def _checkpoint_outputs(run_dir, ema=False):
     from dbnb.ship import kohya
 
-    pipe = load_pipeline(_base(run_dir))
-    RunFolder(run_dir).pick(None).load_into(pipe.unet, pipe.text_encoder, ema=ema)
-    return kohya.outputs(pipe)
+    models = SD1.open(_base(run_dir))
+    RunFolder(run_dir).pick(None).load_into(models.denoiser, models.encoder, ema=ema)
+    return kohya.outputs(models, SD1)
 
 
 def _base(run_dir):
@@ -233,13 +233,13 @@ def test_diffusers_reads_the_lora_file_back_equal_to_the_checkpoint(lora_run):
     for ema in (False, True):
         path = export(lora_run, precision="fp32", ema=ema, overwrite=True).path
         expected = _checkpoint_outputs(lora_run, ema)
-        pipe = load_pipeline(_base(lora_run))
-        base = kohya.outputs(pipe, hidden=expected[0])
-        kohya.load_file_into(pipe, path, SD1.parts)
-        got = kohya.outputs(pipe, hidden=expected[0])
-        for e, g, b in zip(expected, got, base):
-            assert (e - g).abs().max().item() <= 1e-4
-            assert (e - b).abs().max().item() > 1e-3  # the LoRA changes both models: the check can fail
+        models = SD1.open(_base(lora_run))
+        base = kohya.outputs(models, SD1, conditioning=expected[0])
+        kohya.load_file_into(models, path, SD1.parts)
+        got = kohya.outputs(models, SD1, conditioning=expected[0])
+        for e_g, e_b in zip(kohya.differences(expected, got), kohya.differences(expected, base)):
+            assert e_g <= 1e-4
+            assert e_b > 1e-3  # the LoRA changes both models: the check can fail
 
 
 def test_a_key_diffusers_would_ignore_is_an_error(lora_run, tmp_path):
@@ -256,7 +256,7 @@ def test_a_key_diffusers_would_ignore_is_an_error(lora_run, tmp_path):
     for bad in ("odd", "x"):
         with pytest.raises(kohya.KohyaError):
             kohya.verify(tmp_path / f"{bad}.safetensors", _checkpoint_outputs(lora_run),
-                         lambda: load_pipeline(_base(lora_run)), SD1.parts)
+                         lambda: SD1.open(_base(lora_run)), SD1)
 
 
 def test_bake_writes_a_full_model_equal_to_base_plus_lora(lora_run):
@@ -265,10 +265,10 @@ def test_bake_writes_a_full_model_equal_to_base_plus_lora(lora_run):
 
     result = export(lora_run, bake=True, precision="fp32", overwrite=True)
     assert result.verified and result.size > 4 << 20
-    baked = load_pipeline(str(result.path))
+    baked = SD1.open(str(result.path))
     expected = _checkpoint_outputs(lora_run)
-    for e, g in zip(expected, kohya.outputs(baked, hidden=expected[0])):
-        assert (e - g).abs().max().item() <= 1e-4
+    for difference in kohya.differences(expected, kohya.outputs(baked, SD1, conditioning=expected[0])):
+        assert difference <= 1e-4
 
 
 def test_sampling_a_lora_checkpoint_differs_from_the_base_and_follows_lora_scale(lora_run):

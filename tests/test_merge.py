@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from dbnb.core.config import Config
 from dbnb.family.sd1.layout import ORIGINAL_PREFIXES, write_single_file
 from dbnb.family.sd1.load import UnsafeCheckpointError, load_checkpoint_file, load_pipeline
+from dbnb.family.sd1.singlefile import weight_files
 from dbnb.ship.export import export
 from dbnb.ship.hashes import short_hash
 from dbnb.ship.merge import MergeError, file_stem, merge, recipe
@@ -326,7 +327,7 @@ def test_the_merged_model_trains_and_exports(tiny, tmp_path):
     result = run([files[0], folders[1], files[2]], tmp_path, mode="add_difference", alpha=0.4, dtype="fp16",
                  out_file=None, out_dir=tmp_path / "merged")
     info = json.loads((result.folder / "dbnb_merge.json").read_text())
-    assert info["short_hash"] == result.short_hash == short_hash(result.folder)
+    assert info["short_hash"] == result.short_hash == short_hash(*weight_files(result.folder))
     instance, _ = write_dataset(tmp_path / "data", n_instance=2)
     config = Config(pretrained_model_name_or_path=str(result.folder), instance_data_dir=str(instance),
                     instance_prompt="hnzk girl", output_dir=str(tmp_path / "runs"), run_name="merged",

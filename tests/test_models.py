@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from dbnb.core.source_names import public_name
 from dbnb.family.sd1.load import (ModelLoadError, UnsafeCheckpointError, load_checkpoint_file, load_pipeline,
-                                  public_name, resolve_source, sd1_variant)
+                                  resolve_source, sd1_variant)
 from dbnb.world.tiny import build_tiny_pipeline
 
 

@@ -16,6 +16,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -191,6 +192,7 @@ class TestPipeline:
         pipe.scheduler = make_scheduler(PREVIEW_SAMPLER, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
+        self.decode = partial(family.decode_latents, self.models.autoencoder)
         self.ema, self.config = ema, config
         self.base_text = None  # a copy is kept only once a checkpoint brings its own text encoder
         self.current = "base"
@@ -213,7 +215,7 @@ class TestPipeline:
         """One image per seed, each from its own CPU generator: the same on every call."""
         c = self.config
         height, width = (prompt.size[1], prompt.size[0]) if prompt.size else (c.resolution, 0)
-        return render(self.pipe, prompt.text, seeds, negative=prompt.negative, steps=c.test_infer_steps,
+        return render(self.pipe, self.decode, prompt.text, seeds, negative=prompt.negative, steps=c.test_infer_steps,
                       guidance=c.test_guidance_scale, resolution=height, width=width)
 
 

@@ -12,7 +12,7 @@ What comes after training asks the family too: how its parts are named in a chec
 folders and files (`Part`: dbnb.run.checkpoints, dbnb.family.lora, dbnb.ship.kohya), which
 modules get LoRA adapters (`adapter_targets`), the pipeline that renders with a given denoiser
 (`pipeline`: previews, test grids, class images), the base model to render or export from
-(`open`), and the one file exports write and read back (`single_file`: dbnb.ship.export).
+(`open`), and the one file exports write, read back and convert to a folder (`single_file`: dbnb.ship.export).
 
 Which family a model is: `for_model(source)` asks the registered families (newest first)
 whether they recognize the source and falls back to SD 1.x. `register(family)` adds one: a
@@ -93,6 +93,10 @@ class SingleFile(Protocol):
     def read_back(self, path, keys: list[str], shapes: dict, dtype: torch.dtype) -> Models:
         """The file at `path` loaded as its users' loaders load it, its parts by role."""
 
+    def to_folder(self, path, folder, records: dict[str, dict]):
+        """The file at `path` as a diffusers folder `folder` (absent or empty) to train from, in fp32,
+        with `records` (file name → JSON content) beside the parts; returns `folder`."""
+
 
 @runtime_checkable
 class Family(Protocol):
@@ -128,6 +132,10 @@ class Family(Protocol):
     def encode_images(self, autoencoder: torch.nn.Module, images: torch.Tensor):
         """The latent distribution (`.mean`, `.std`, unscaled) of `images` in [-1, 1], under
         the family's precision rule for its autoencoder."""
+
+    def decode_latents(self, autoencoder: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Pictures in [-1, 1] from unscaled latents (as a sampler leaves them), under the family's
+        precision rule for its autoencoder (dbnb.family.render)."""
 
     def encode_prompts(self, encoder: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The denoiser's conditioning from the batch's token inputs (already on the device)."""

@@ -11,10 +11,10 @@ touches the global RNG that training might use.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from PIL import Image, ImageDraw, ImageFont
-
-from dbnb.family.sd1 import autoencoder
 
 # sampler name -> (diffusers scheduler, the name A1111 shows). DPM++ 2M is DPMSolverMultistep's
 # default (dpmsolver++, order 2).
@@ -47,14 +47,15 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def render(pipe, prompt: str, seeds: list[int], *, negative: str = "", steps: int, guidance: float,
-           resolution: int, width: int = 0) -> list[Image.Image]:
-    """One image per seed in one batch, decoded by dbnb.family.sd1.autoencoder's rule, not the pipeline's;
-    `resolution` tall and `width` (0: resolution) wide."""
+def render(pipe, decode: Callable[[torch.Tensor], torch.Tensor], prompt: str, seeds: list[int], *,
+           negative: str = "", steps: int, guidance: float, resolution: int, width: int = 0) -> list[Image.Image]:
+    """One image per seed in one batch, decoded by `decode` (the family's decode_latents of the
+    pipeline's autoencoder: its precision rule, not the pipeline's); `resolution` tall and `width`
+    (0: resolution) wide."""
     latents = pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=len(seeds),
                    num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=width or resolution,
                    generator=generators(seeds), output_type="latent").images
-    return pipe.image_processor.postprocess(autoencoder.decode(pipe.vae, latents), output_type="pil")
+    return pipe.image_processor.postprocess(decode(latents), output_type="pil")
 
 
 # --- grids ------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from dbnb.data.buckets import class_image_sizes
 from dbnb.data.dataset import DatasetError
 from dbnb.data.intake import IMAGE_SUFFIXES, FetchError, fetch_images
 from dbnb.family.render import SAMPLERS, cpu_batch_size, make_scheduler, render
-from dbnb.family.base import family_of
+from dbnb.family.base import Models, family_of
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
 TRANSPARENT_PER_INSTANCE = 10  # the seed: 10x the instance images
@@ -220,28 +220,28 @@ def generation_device_dtype(config) -> tuple[torch.device, torch.dtype]:
     return device, inference_dtype(config.mixed_precision, device)
 
 
-def load_generation_pipeline(config):
-    """The base model, loaded once, ready to sample class images on this machine."""
+def open_base(config) -> Models:
+    """The base model as its family opens it, in the dtype class images are sampled in on this machine."""
     _, dtype = generation_device_dtype(config)
-    family = family_of(config)
-    base = family.open(config.pretrained_model_name_or_path,
-                       autoencoder=config.pretrained_vae_name_or_path, revision=config.revision, dtype=dtype)
-    pipe = family.pipeline(base, base.denoiser)
-    return prepare_pipeline(pipe, config)
+    return family_of(config).open(config.pretrained_model_name_or_path, autoencoder=config.pretrained_vae_name_or_path,
+                                  revision=config.revision, dtype=dtype)
 
 
-def prepare_pipeline(pipe, config):
-    """Sampler, device, dtype, attention and quiet inner bars on a loaded pipeline."""
+def load_generation_pipeline(config, models: Models | None = None):
+    """The base model (`models`, or opened here once) as its family's pipeline, ready to sample class
+    images on this machine: sampler, device, dtype, attention and quiet inner bars."""
     device, dtype = generation_device_dtype(config)
+    models = models or open_base(config)
+    pipe = family_of(config).pipeline(models, models.denoiser)
     pipe.scheduler = make_scheduler(config.class_sampler, pipe.scheduler.config)
     pipe.to(device)
-    if pipe.unet.dtype != dtype:  # a pipeline handed in; load_generation_pipeline loads in dtype
+    if models.denoiser.dtype != dtype:  # models handed in; open_base opens them in dtype
         pipe.to(dtype=dtype)
     if config.attention == "xformers" and device.type == "cuda":
         if hardware.check_xformers(device.type).ok:
             pipe.enable_xformers_memory_efficient_attention()
     # Otherwise diffusers' default attention processor is already PyTorch SDPA.
-    pipe.vae.enable_slicing()  # decode one image at a time: the batch's VRAM peak is the UNet's
+    models.autoencoder.enable_slicing()  # decode one image at a time: the batch's VRAM peak is the denoiser's
     pipe.set_progress_bar_config(disable=True)  # one bar over images, not one per batch
     return pipe
 
@@ -268,20 +268,20 @@ def parameters_text(config, prompt: str, seed: int, size: tuple[int, int] | None
 
 
 @torch.inference_mode()
-def render_batch(pipe, config, prompt: str, indices: list[int], size: tuple[int, int] | None = None
+def render_batch(pipe, decode, config, prompt: str, indices: list[int], size: tuple[int, int] | None = None
                  ) -> list[Image.Image]:
     """One batch, `size` (width, height; default resolution²); image k has its own CPU generator
     seeded class_seed + k, so it is the same picture whatever the batch size or device."""
     width, height = size or (config.resolution, config.resolution)
-    return render(pipe, prompt, [config.class_seed + k for k in indices], negative=config.class_negative_prompt,
+    return render(pipe, decode, prompt, [config.class_seed + k for k in indices], negative=config.class_negative_prompt,
                   steps=config.class_infer_steps, guidance=config.class_guidance_scale, resolution=height,
                   width=width)
 
 
-def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path]:
+def generate_class_images(config, progress: bool = True, models: Models | None = None) -> list[Path]:
     """Top class_data_dir up to num_class_images with images sampled from the base model
-    (loaded once, and only when something is missing). `pipe`: an already loaded
-    StableDiffusionPipeline to use instead. Returns the files written, in order."""
+    (loaded once, and only when something is missing). `models`: the base model already open
+    (Family.open's) to use instead. Returns the files written, in order."""
     folder, wanted = class_folder(config), wanted_class_images(config)
     if wanted < 1:
         raise ClassImagesError("num_class_images is 0: set how many class images to generate "
@@ -291,8 +291,10 @@ def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path
     if not todo:
         return []
     prepare_folder(folder, len(todo), config.resolution)
-    pipe = load_generation_pipeline(config) if pipe is None else prepare_pipeline(pipe, config)
-    batch = pick_batch_size(config, pipe.device, pipe.unet.dtype)
+    models = models or open_base(config)
+    pipe = load_generation_pipeline(config, models)
+    decode = functools.partial(family_of(config).decode_latents, models.autoencoder)
+    batch = pick_batch_size(config, *generation_device_dtype(config))  # where and how the pipeline now is
     # With bucketing, in the instance pictures' shapes; a batch is one shape, so they go shape by shape.
     sizes = class_image_sizes(config, max(todo) + 1)
     shapes = list(dict.fromkeys(sizes))
@@ -303,7 +305,7 @@ def generate_class_images(config, progress: bool = True, pipe=None) -> list[Path
             size = sizes[todo[len(written)]]
             chunk = [k for k in todo[len(written):len(written) + batch] if sizes[k] == size]
             try:
-                images = render_batch(pipe, config, prompt, chunk, size)
+                images = render_batch(pipe, decode, config, prompt, chunk, size)
             except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError, by the name torch < 2.5 has too
                 batch = smaller_batch(batch, config)
                 bar.set_description(f"class images (batch {batch})")
@@ -359,7 +361,7 @@ def place_imported(image: Path, staging: Path, folder: Path) -> Path:
 
 # --- the one step -----------------------------------------------------------------------------
 
-def make_class_images(config, progress: bool = True, pipe=None) -> ClassImageStatus:
+def make_class_images(config, progress: bool = True, models: Models | None = None) -> ClassImageStatus:
     """`dbnb classimages` and the regularization notebook: fill class_data_dir the way
     class_images_mode says, then report how it compares with num_class_images. Never deletes."""
     folder, mode = class_folder(config), config.class_images_mode
@@ -370,7 +372,7 @@ def make_class_images(config, progress: bool = True, pipe=None) -> ClassImageSta
                            black=mode == "black", progress=progress,
                            sizes=functools.partial(class_image_sizes, config))
     else:
-        generate_class_images(config, progress=progress, pipe=pipe)
+        generate_class_images(config, progress=progress, models=models)
     return check_class_images(config)
 
 

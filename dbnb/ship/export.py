@@ -24,11 +24,11 @@ from dbnb.core.download import is_url
 from dbnb.core.errors import DbnbError
 from dbnb.core.platform import shown
 from dbnb.core.precision import FILE_DTYPES
+from dbnb.core.source_names import public_name
 from dbnb.data.intake import free_name
 from dbnb.family import lora
 from dbnb.family.base import Family, SingleFile, default, for_model
 from dbnb.family.lora import merged_state_dict
-from dbnb.family.sd1.load import public_name, save_folder
 from dbnb.run.folder import RunFolder
 from dbnb.ship import kohya
 
@@ -254,9 +254,9 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
         with torch.no_grad():  # what the file can hold: the adapters at its precision
             for p in lora.trainable(models.denoiser, models.encoder):
                 p.copy_(p.to(dtype).float())
-        expected = kohya.outputs(models.pipe)
+        expected = kohya.outputs(models, family)
         del models
-        kohya.verify(path, expected, lambda: base().pipe, family.parts)
+        kohya.verify(path, expected, base, family)
     except Exception:
         path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
         raise
@@ -278,9 +278,10 @@ def upload_to_hub(path: Path, repo_id: str, api=None) -> str:
 
 
 def convert(single_file: str | Path, out_dir: str | Path) -> Path:
-    """A single SD 1.x file → a diffusers folder (to train from, or to merge)."""
+    """A single file → a diffusers folder (to train from, or to merge), as its family reads it."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not empty; choose a new folder.")
     check_writable(out_dir.parent, "the diffusers folder")
-    return save_folder(single_file, out_dir, {"dbnb_source.json": {"converted_from": str(single_file)}})
+    return for_model(str(single_file)).single_file.to_folder(single_file, out_dir,
+                                                             {"dbnb_source.json": {"converted_from": str(single_file)}})

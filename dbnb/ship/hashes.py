@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
-
-from dbnb.family.sd1.singlefile import weight_files
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    """SHA-256 of a model file (the webui's hash); of a diffusers folder, of its UNet, VAE and
-    text-encoder weight files read in that order (not a webui hash: the webui has no folders)."""
+def sha256_of(*files: str | os.PathLike) -> str:
+    """SHA-256 of a model file (the webui's hash); of several, of them read in the order given (a
+    diffusers folder's weight files as its family lists them: not a webui hash, the webui has no folders)."""
     digest = hashlib.sha256()
-    for file in weight_files(Path(path)):
+    for file in files:
         with open(file, "rb") as f:
             while chunk := f.read(1 << 24):
                 digest.update(chunk)
     return digest.hexdigest()
 
 
-def short_hash(path: str | os.PathLike) -> str:
-    """AUTOMATIC1111's short model hash: the first 10 hex digits of the file's SHA-256."""
-    return sha256_of(path)[:10]
+def short_hash(*files: str | os.PathLike) -> str:
+    """AUTOMATIC1111's short model hash: the first 10 hex digits of the file's SHA-256 (of the files', for several)."""
+    return sha256_of(*files)[:10]
 
 
 def legacy_hash(path: str | os.PathLike) -> str:

@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 
 from dbnb.core.errors import DbnbError
-from dbnb.family.base import Parts
+from dbnb.core.source_names import public_name
+from dbnb.family.base import Family, Models, Parts
 from dbnb.family.lora import Spec
-from dbnb.family.sd1.load import public_name
 
-TOLERANCE = 1e-4  # max abs difference of the UNet / text-encoder outputs, in fp32
+TOLERANCE = 1e-4  # max abs difference of the denoiser / encoder outputs, in fp32
 
 
 class KohyaError(DbnbError, RuntimeError):
@@ -77,23 +77,34 @@ def metadata(config, spec: Spec, step: int, name: str, version: str) -> dict[str
 
 # --- reading it back -------------------------------------------------------------------------------
 
-def _probe(pipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fixed inputs: token ids, noisy latents, a timestep."""
-    ids = pipe.tokenizer(["a photo of sks girl, 1girl, solo"], padding="max_length", truncation=True,
-                         max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+PROBE_PROMPT = "a photo of sks girl, 1girl, solo"
+Outputs = tuple[dict[str, torch.Tensor], torch.Tensor]  # (the encoder's conditioning, the denoiser's output)
+
+
+def _probe(models: Models) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Fixed inputs: token inputs (one per tokenizer), noisy latents, a timestep."""
+    inputs = {name: tokenize([PROBE_PROMPT], padding="max_length", truncation=True,
+                             max_length=tokenize.model_max_length, return_tensors="pt").input_ids
+              for name, tokenize in models.tokenizers.items()}
     g = torch.Generator().manual_seed(0)
-    latents = torch.randn(1, pipe.unet.config.in_channels, 16, 16, generator=g)
-    return ids, latents, torch.tensor([500])
+    latents = torch.randn(1, models.denoiser.config.in_channels, 16, 16, generator=g)
+    return inputs, latents, torch.tensor([500])
 
 
 @torch.no_grad()
-def outputs(pipe, hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(text-encoder output, UNet output) on the fixed inputs; the UNet gets `hidden` when given,
-    so a difference in one model does not show up as one in the other."""
-    ids, latents, t = _probe(pipe)
-    text = pipe.text_encoder(ids)[0].float()
-    unet = pipe.unet(latents, t, text if hidden is None else hidden).sample.float()
-    return text, unet
+def outputs(models: Models, family: Family, conditioning: dict[str, torch.Tensor] | None = None) -> Outputs:
+    """(encoder conditioning, denoiser output) on the fixed inputs, in fp32; the denoiser gets
+    `conditioning` when given, so a difference in one model does not show up as one in the other."""
+    inputs, latents, t = _probe(models)
+    encoded = {k: v.float() for k, v in family.encode_prompts(models.encoder, inputs).items()}
+    predicted = family.predict(models.denoiser, latents, t, encoded if conditioning is None else conditioning)
+    return encoded, predicted.float()
+
+
+def differences(a: Outputs, b: Outputs) -> tuple[float, float]:
+    """The max abs difference of the encoder's conditioning and of the denoiser's output."""
+    encoder = max((a[0][k] - b[0][k]).abs().max().item() for k in a[0])
+    return encoder, (a[1] - b[1]).abs().max().item()
 
 
 def _lora_modules(model) -> int:
@@ -102,27 +113,28 @@ def _lora_modules(model) -> int:
     return sum(isinstance(m, LoraLayer) for m in model.modules())
 
 
-def load_file_into(pipe, path: Path, parts: Parts) -> None:
-    """diffusers' own reading of a kohya file (`load_lora_weights`); every module in the file must
-    land on a layer: a key diffusers ignores is an error."""
+def load_file_into(models: Models, path: Path, parts: Parts) -> None:
+    """diffusers' own reading of a kohya file (the pipeline's `load_lora_weights`) onto `models`;
+    every module in the file must land on a layer: a key diffusers ignores is an error."""
     from safetensors.torch import load_file  # lazy: loads safetensors
 
     state = load_file(str(path))
     denoiser, encoder = parts.denoiser.kohya, parts.encoder.kohya
-    want_unet = sum(k.startswith(denoiser) and k.endswith("lora_down.weight") for k in state)
-    want_text = sum(k.startswith(encoder) and k.endswith("lora_down.weight") for k in state)
+    want_denoiser = sum(k.startswith(denoiser) and k.endswith("lora_down.weight") for k in state)
+    want_encoder = sum(k.startswith(encoder) and k.endswith("lora_down.weight") for k in state)
     other = [k for k in state if not k.startswith((denoiser, encoder))]
     if other:
         raise KohyaError(f"{path.name}: keys the webui does not read, e.g. {other[0]}.")
     if _transformers_takes_this_peft():
         # folder + weight_name: diffusers < 0.32 refuses a bare file path when the Hub is offline
-        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="file")
+        models.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="file")
     else:
-        _load_around_the_peft_pin(pipe, state, parts)
-    got_unet, got_text = _lora_modules(pipe.unet), _lora_modules(pipe.text_encoder)
-    if (got_unet, got_text) != (want_unet, want_text):
-        raise KohyaError(f"{path.name}: diffusers' load_lora_weights put {got_unet} of {want_unet} UNet and "
-                         f"{got_text} of {want_text} text-encoder modules on the model: the other keys are ignored.")
+        _load_around_the_peft_pin(models, state, parts)
+    got_denoiser, got_encoder = _lora_modules(models.denoiser), _lora_modules(models.encoder)
+    if (got_denoiser, got_encoder) != (want_denoiser, want_encoder):
+        raise KohyaError(f"{path.name}: diffusers' load_lora_weights put {got_denoiser} of {want_denoiser} "
+                         f"{parts.denoiser.label} and {got_encoder} of {want_encoder} {parts.encoder.label} modules "
+                         "on the model: the other keys are ignored.")
 
 
 def _transformers_takes_this_peft() -> bool:
@@ -139,48 +151,49 @@ def _transformers_takes_this_peft() -> bool:
     return True
 
 
-def _load_around_the_peft_pin(pipe, state: dict, parts: Parts) -> None:
-    """The UNet through `load_lora_weights`; the text encoder's part converted by diffusers
-    (`lora_state_dict`, as load_lora_weights does) and injected with peft itself, which is what
-    transformers' refused `load_adapter` would do."""
+def _load_around_the_peft_pin(models: Models, state: dict, parts: Parts) -> None:
+    """The denoiser through the pipeline's `load_lora_weights`; the encoder's part converted by
+    diffusers (`lora_state_dict`, as load_lora_weights does; its keys start with the encoder's
+    pipeline name, Part.name) and injected with peft itself, which is what transformers' refused
+    `load_adapter` would do."""
     # lazy: loads diffusers, yaml, PIL
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     # lazy: loads diffusers, yaml, PIL
     from diffusers.utils.peft_utils import _create_lora_config  # diffusers' own reading, private
     from peft import inject_adapter_in_model, set_peft_model_state_dict  # lazy: loads peft, transformers, accelerate
 
-    unet_part = {k: v for k, v in state.items() if k.startswith(parts.denoiser.kohya)}
-    text_part = {k: v for k, v in state.items() if k.startswith(parts.encoder.kohya)}
-    if unet_part:
-        pipe.load_lora_weights(unet_part, adapter_name="file")
-    if not text_part:
+    denoiser_part = {k: v for k, v in state.items() if k.startswith(parts.denoiser.kohya)}
+    encoder_part = {k: v for k, v in state.items() if k.startswith(parts.encoder.kohya)}
+    if denoiser_part:
+        models.pipe.load_lora_weights(denoiser_part, adapter_name="file")
+    if not encoder_part:
         return
-    converted, alphas = pipe.lora_state_dict(text_part)
-    text = {k.removeprefix("text_encoder."): v for k, v in converted.items() if k.startswith("text_encoder.")}
-    text = convert_state_dict_to_peft(convert_state_dict_to_diffusers(text))
-    if not hasattr(pipe.text_encoder, "text_model"):
-        text = {k.removeprefix("text_model."): v for k, v in text.items()}
-    alphas = {k.removeprefix("text_encoder."): v for k, v in (alphas or {}).items() if k.startswith("text_encoder.")}
-    rank = {k: v.shape[1] for k, v in text.items() if k.endswith("lora_B.weight")}
-    config = _create_lora_config(text, alphas, None, rank, is_unet=False)
-    inject_adapter_in_model(config, pipe.text_encoder, adapter_name="file")
-    result = set_peft_model_state_dict(pipe.text_encoder, text, adapter_name="file")
+    converted, alphas = models.pipe.lora_state_dict(encoder_part)
+    prefix = f"{parts.encoder.name}."
+    encoder = {k.removeprefix(prefix): v for k, v in converted.items() if k.startswith(prefix)}
+    encoder = convert_state_dict_to_peft(convert_state_dict_to_diffusers(encoder))
+    if not hasattr(models.encoder, "text_model"):  # transformers 5 dropped CLIP's wrapper module
+        encoder = {k.removeprefix("text_model."): v for k, v in encoder.items()}
+    alphas = {k.removeprefix(prefix): v for k, v in (alphas or {}).items() if k.startswith(prefix)}
+    rank = {k: v.shape[1] for k, v in encoder.items() if k.endswith("lora_B.weight")}
+    config = _create_lora_config(encoder, alphas, None, rank, is_unet=False)
+    inject_adapter_in_model(config, models.encoder, adapter_name="file")
+    result = set_peft_model_state_dict(models.encoder, encoder, adapter_name="file")
     if result.unexpected_keys:
-        raise KohyaError(f"text-encoder keys that fit no layer, e.g. {result.unexpected_keys[0]}.")
+        raise KohyaError(f"{parts.encoder.label} keys that fit no layer, e.g. {result.unexpected_keys[0]}.")
 
 
-def verify(path: Path, expected: tuple[torch.Tensor, torch.Tensor], load_base, parts: Parts) -> float:
-    """Load the file onto a fresh base pipeline (`load_base()`, fp32) the way diffusers does and
+def verify(path: Path, expected: Outputs, load_base, family: Family) -> float:
+    """Load the file onto a fresh base model (`load_base()`: Models, fp32) the way diffusers does and
     compare its outputs with `expected` (the checkpoint's); returns the max abs difference."""
-    pipe = load_base()
+    models = load_base()
     try:
-        load_file_into(pipe, path, parts)
+        load_file_into(models, path, family.parts)
     except KohyaError:
         raise
     except Exception as e:  # noqa: BLE001 — whatever diffusers trips on, the file is bad
         raise KohyaError(f"{path.name} does not load with diffusers' load_lora_weights: {e}") from e
-    text, unet = outputs(pipe, hidden=expected[0])
-    diff = max((text - expected[0]).abs().max().item(), (unet - expected[1]).abs().max().item())
+    diff = max(differences(outputs(models, family, conditioning=expected[0]), expected))
     if not diff <= TOLERANCE:
         raise KohyaError(f"{path.name} read back with diffusers gives outputs {diff:.2e} away from the trained "
                          f"checkpoint's (at most {TOLERANCE:g} allowed).")

@@ -49,9 +49,10 @@ from dbnb.core.disk import check_free_space, check_writable
 from dbnb.core.errors import DbnbError
 from dbnb.core.precision import FILE_DTYPES
 from dbnb.core.progress import bar as tqdm
+from dbnb.core.source_names import public_name
 from dbnb.data.intake import free_name
 from dbnb.family.sd1.layout import ORIGINAL_PREFIXES, remove_leftovers, write_single_file
-from dbnb.family.sd1.load import ModelLoadError, fetch_model, public_name, save_folder, sd1_variant
+from dbnb.family.sd1.load import ModelLoadError, fetch_model, save_folder, sd1_variant
 from dbnb.family.sd1.singlefile import COMPONENTS, Entry, SDFileError, file_entries, folder_entries, weight_files
 from dbnb.ship.hashes import legacy_hash, sha256_of
 
@@ -375,7 +376,7 @@ def _write(state, info, file: Path | None, folder: Path | None, log) -> tuple[st
             if file is None:
                 target.unlink(missing_ok=True)
         if file is None:  # the folder's own hash (of its weight files), kept beside them
-            sha = sha256_of(folder)
+            sha = sha256_of(*weight_files(folder))
             record = folder / "dbnb_merge.json"
             record.write_text(json.dumps({**info, "sha256": sha, "short_hash": sha[:10]}, indent=2,
                                          ensure_ascii=False), encoding="utf-8")
@@ -419,7 +420,7 @@ def merge(inputs: Sequence[str], weights: Sequence[float] | None = None, *, mode
         if file is not None and file.resolve() in sources:
             raise MergeError(f"{file} is one of the inputs; write the result to another file.")
         for m in models:
-            m.sha256 = sha256_of(m.path)
+            m.sha256 = sha256_of(*m.files)
             log(f"input {m.label}: [{m.sha256[:10]}] {m.source}")
         notes = _rule_notes(models, merged)
         for note in notes:

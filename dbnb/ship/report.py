@@ -18,9 +18,9 @@ from pathlib import Path
 from dbnb import __version__
 from dbnb.core.config import FIELDS, PRESETS, Config, from_dict, load_config
 from dbnb.core.disk import format_bytes
+from dbnb.core.source_names import public_name
 from dbnb.core.versions import dbnb_version
 from dbnb.data.dataset import list_images
-from dbnb.family.sd1.load import public_name
 from dbnb.prep.report import framing_line
 from dbnb.run.checkpoints import STATE, dir_size
 from dbnb.run.folder import RunFolder

@@ -8,6 +8,7 @@ differ only by what was learnt (`dbnb.family.render.render`).
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -57,11 +58,11 @@ def preview_pipeline(family: Family, models: Models, denoiser) -> tuple[object, 
     return sampler, moved
 
 
-def render_prompts(pipe, prompts: list[str], negative_prompt: str, num_per_prompt: int, seed: int,
+def render_prompts(pipe, decode, prompts: list[str], negative_prompt: str, num_per_prompt: int, seed: int,
                    guidance_scale: float, steps: int, resolution: int) -> list[tuple[str, int, Image.Image]]:
     """(prompt, seed, image) for each prompt × seed; seeds are seed, seed+1, ... One image at a
     time: a preview must not need more VRAM than training leaves free."""
-    return [(prompt, seed + k, render(pipe, prompt, [seed + k], negative=negative_prompt, steps=steps,
+    return [(prompt, seed + k, render(pipe, decode, prompt, [seed + k], negative=negative_prompt, steps=steps,
                                       guidance=guidance_scale, resolution=resolution)[0])
             for prompt in prompts for k in range(num_per_prompt)]
 
@@ -87,9 +88,10 @@ def write_previews(run, step: int, family: Family, models: Models, denoiser, con
     denoiser.eval()
     try:
         with precision.autocast(_device(denoiser).type, config.mixed_precision):
-            results = render_prompts(sampler, preview_prompts(config),
-                                     config.sample_negative_prompt, config.num_samples, config.sample_seed,
-                                     config.sample_guidance_scale, config.sample_steps, config.resolution)
+            results = render_prompts(sampler, partial(family.decode_latents, models.autoencoder),
+                                     preview_prompts(config), config.sample_negative_prompt, config.num_samples,
+                                     config.sample_seed, config.sample_guidance_scale, config.sample_steps,
+                                     config.resolution)
     finally:
         denoiser.train(was_training)
         for part, device in parked:  # back where they were parked, to free the VRAM again

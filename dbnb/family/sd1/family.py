@@ -73,6 +73,9 @@ class SD1Family:
     def encode_images(self, vae, images: torch.Tensor):
         return autoencoder.encode(vae, images)
 
+    def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        return autoencoder.decode(vae, latents)
+
     def encode_prompts(self, text_encoder, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"hidden_states": text_encoder(inputs["input_ids"])[0]}
 

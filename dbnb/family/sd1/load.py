@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import shutil
 import tempfile
 import urllib.parse
@@ -22,6 +21,7 @@ from dbnb.core import download as downloads
 from dbnb.core import weights
 from dbnb.core.errors import DbnbError
 from dbnb.core.platform import default_cache_dir
+from dbnb.core.source_names import HUB_ID
 from dbnb.core.versions import dtype_argument
 from dbnb.core.weights import UnsafeCheckpointError, WeightFileError, read_state_dict  # noqa: F401 (re-exported)
 from dbnb.family.sd1.singlefile import keys_and_shapes
@@ -29,7 +29,6 @@ from dbnb.family.sd1.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleto
 
 # A single-file model dbnb loads (dbnb.core.weights reads them all); what it writes: dbnb.family.sd1.layout.WRITTEN_SUFFIXES
 LOADABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 VAE_SETTING = "pretrained_vae_name_or_path"
 
 
@@ -93,29 +92,6 @@ def looks_like_path(source: str) -> bool:
     a start that only paths have, a backslash, or more than one slash."""
     return (Path(source).suffix.lower() in LOADABLE_SUFFIXES or source.startswith(("./", "../", "/", "~"))
             or "\\" in source or source.count("/") > 1)
-
-
-def public_name(source: str) -> str:
-    """How a base model is named in files that leave this machine (an export's, a LoRA's or a
-    merge's metadata): a Hub id as is; a local file or folder by its base name, as kohya's
-    scripts do (a full path shows strangers the user's Drive folders and account layout); a
-    URL without its query or login (where a download token sits); a Drive link as "drive-"
-    and the first 10 characters of its id only (the whole id fetches the file), as the merge
-    labels it."""
-    text = str(source).strip()
-    if downloads.is_drive(text):
-        try:
-            return f"drive-{downloads.drive_link(text)[1][:10]}"
-        except downloads.FetchError:
-            return "drive"
-    if text.startswith(("http://", "https://")):
-        url = urllib.parse.urlparse(text)  # a user:password@ goes too
-        host = (url.hostname or "") + (f":{url.port}" if url.port else "")
-        return urllib.parse.urlunparse(url._replace(netloc=host, params="", query="", fragment=""))
-    if HUB_ID.match(text) and not Path(text).expanduser().exists():
-        return text
-    # both separators: a config written on Windows, read here
-    return re.split(r"[\\/]", text.rstrip("/\\"))[-1] or text
 
 
 def download(url: str, cache_dir: str | Path | None = None) -> Path:

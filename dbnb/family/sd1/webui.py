@@ -11,7 +11,7 @@ import torch
 from dbnb.core.versions import dtype_argument
 from dbnb.family.base import Models
 from dbnb.family.sd1 import layout
-from dbnb.family.sd1.load import sd1_variant, skeleton_folder
+from dbnb.family.sd1.load import save_folder, sd1_variant, skeleton_folder
 from dbnb.family.sd1.singlefile import keys_and_shapes
 
 
@@ -44,3 +44,6 @@ class WebuiFile:
                                                         **dtype_argument("diffusers", dtype), safety_checker=None,
                                                         requires_safety_checker=False)
         return SD1.models_of(pipe)
+
+    def to_folder(self, path: Path, folder: Path, records: dict[str, dict]) -> Path:
+        return save_folder(path, folder, records)
