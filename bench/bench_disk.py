@@ -44,24 +44,11 @@ def timed(what: str, write, path: Path) -> None:
     print(f"{what:<44} {format_bytes(size):>10}  {time.perf_counter() - started:6.1f} s", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="", help="where to write (default: a temporary folder)")
-    parser.add_argument("--free-gib", type=float, default=15.0, help="free space to plan against (Drive: 15)")
-    args = parser.parse_args()
-
-    from dbnb.core.config import Config
-    from dbnb.core.disk import format_bytes
+def time_one_save(folder: Path) -> None:
+    """The full SD 1.5 UNet (fp32, ~3.4 GB) lives only while this runs."""
     from dbnb.family.sd1.family import SD1
     from dbnb.run.checkpoints import WEIGHTS_DTYPE, write_model, write_tensors
-    from dbnb.run.folder import RunFolder
-    from dbnb.train import diskplan
 
-    folder = Path(args.dir or tempfile.mkdtemp(prefix="dbnb-bench-disk-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; writing under {folder}")
-
-    # 1. One save of a full run, as the trainer writes it, beside the fp32 folder of before.
     unet = sd15("cpu").unet
     state = unet.state_dict()
     print(f"SD 1.5 UNet: {sum(p.numel() for p in unet.parameters()):,} values")
@@ -71,7 +58,25 @@ def main() -> None:
                                                                          torch.float32), folder / "master.safetensors")
     timed("before: fp32 weights kept for every save", lambda: unet.save_pretrained(folder / "unet-fp32"),
           folder / "unet-fp32")
-    del unet, state
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="", help="where to write (default: a temporary folder)")
+    parser.add_argument("--free-gib", type=float, default=15.0, help="free space to plan against (Drive: 15)")
+    args = parser.parse_args()
+
+    from dbnb.core.config import Config
+    from dbnb.core.disk import format_bytes
+    from dbnb.run.folder import RunFolder
+    from dbnb.train import diskplan
+
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="dbnb-bench-disk-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; writing under {folder}")
+
+    # 1. One save of a full run, as the trainer writes it, beside the fp32 folder of before.
+    time_one_save(folder)
     shutil.rmtree(folder)
 
     # 2. The default run's plan, from the real shapes (meta tensors: no memory).

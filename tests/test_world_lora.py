@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from safetensors import safe_open
 
-from dbnb.world.demo import LORA_DEMO, LORA_DEMO_STEPS, run_demo
+from dbnb.world.demo import LORA_DEMO, run_demo
 
 pytestmark = pytest.mark.slow
 # Measured with hflip (8 seeds): the left side kept in 3 of 8 samples at steps 40 and 50, in none
