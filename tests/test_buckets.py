@@ -48,6 +48,9 @@ def test_tall_wide_and_square_pictures_go_to_the_bucket_of_their_shape():
     assert buckets.cover((832, 1216), tall) == ((448, 655), (39, 0))
     # a small picture is not blown up past the limit: a bucket of its own shape instead
     assert assign((160, 240)) == (320, 448) and assign((160, 240), limit=1.0) == (128, 192)
+    # nor past the buckets' largest area and side, however far its shape is from theirs
+    strip = assign((100, 1000))
+    assert strip[0] * strip[1] <= 512 * 512 and max(strip) <= 1024 and strip == (64, 1024)
     # SD resolutions step by 64 px, the tiny test models by one latent
     assert buckets.bucket_step(512) == buckets.bucket_step(1024) == 64 and buckets.bucket_step(64) == 8
     tiny = buckets.bucket_sizes(64, 32, 128)
@@ -228,6 +231,22 @@ def test_class_images_are_made_at_the_buckets_sizes_in_proportion(make_config, t
     sizes = {p.name: Image.open(p).size for p in written}
     assert Counter(sizes.values()) == {(64, 64): 3, (40, 88): 1, (88, 40): 1}
     assert all(f"Size: {w}x{h}" in Image.open(p).text["parameters"] for p in written for w, h in [sizes[p.name]])
+
+
+def test_previews_render_at_the_bucket_most_pictures_train_at(make_config):
+    config = add_shapes(make_config(bucketing=True, max_train_steps=1, sample_every_steps=1, num_samples=1,
+                                    sample_steps=1, sample_prompts=("hnzk girl",)), shapes=(TALL,) * 4)
+    plan = buckets.plan_buckets(config, *gather_examples(config))
+    assert buckets.main_bucket(plan) == (40, 88)  # 4 tall pictures beside the 3 square ones
+    run = RunFolder(train(config, progress=False).run_dir)
+    previews = sorted(run.samples_dir(1).glob("p*-s*.png"))
+    assert previews and all(Image.open(p).size == (40, 88) for p in previews)
+    # without bucketing, the square resolution as before
+    square = make_config(run_name="square", max_train_steps=1, sample_every_steps=1, num_samples=1,
+                         sample_steps=1, sample_prompts=("hnzk girl",))
+    run = RunFolder(train(square, progress=False).run_dir)
+    previews = sorted(run.samples_dir(1).glob("p*-s*.png"))
+    assert previews and all(Image.open(p).size == (64, 64) for p in previews)
 
 
 def _resumed_equals_straight(config, steps: int, half: int):

@@ -63,7 +63,11 @@ def assign(size: tuple[int, int], sizes: list[Bucket], upscale_limit: float, ste
     best = min(sizes, key=lambda b: (aspect_distance(size, b), -b[0] * b[1]))
     if max(best[0] / size[0], best[1] / size[1]) <= upscale_limit:
         return best
-    return tuple(max(step, int(side * upscale_limit) // step * step) for side in size)
+    # A shape far from every bucket (a 1:10 strip) could otherwise outgrow them: its own bucket
+    # keeps within their largest area and side, as the memory plan (dbnb.train.planner) assumes.
+    scale = min(upscale_limit, math.sqrt(max(w * h for w, h in sizes) / (size[0] * size[1])),
+                max(map(max, sizes)) / max(size))
+    return tuple(max(step, int(side * scale) // step * step) for side in size)
 
 
 def nearest(bucket: Bucket, among: list[Bucket]) -> Bucket:
@@ -261,3 +265,9 @@ def all_square_note(tally: dict[Bucket, int], config) -> str:
     return (f" — every picture is square, so bucketing trains them as without it: prepare them with "
             f"square_mode=keep (now {config.square_mode}; notebook 02 or `dbnb prep`) for them to train at their "
             "own shape")
+
+
+def main_bucket(plan: BucketPlan) -> Bucket:
+    """The bucket most instance pictures train at (the larger of equals): previews render at its
+    size, so a run of tall full-body pictures is previewed tall."""
+    return max(plan.instance, key=lambda b: (len(plan.instance[b]), b[0] * b[1], b))

@@ -30,6 +30,7 @@ from dbnb.core.platform import shown
 from dbnb.core.precision import mixed_dtype
 from dbnb.data.batches import (Batches, cache_latents, dropout_seed, epoch_length, gather_examples, next_batch,
                                read_images)
+from dbnb.data.buckets import main_bucket
 from dbnb.family import lora
 from dbnb.family.base import Family, Models, family_of
 from dbnb.run.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint,
@@ -318,7 +319,8 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
                     s.run.append_log(record)
                     if config.sample_every_steps and s.step % config.sample_every_steps == 0:
                         record["preview"] = str(write_previews(s.run, s.step, s.family, s.models,
-                                                               acc.unwrap_model(s.denoiser), config))
+                                                               acc.unwrap_model(s.denoiser), config,
+                                                               preview_size(s.batches)))
                     if on_step is not None:
                         on_step({**record, "max_steps": s.max_steps, "last": cancelled or s.step == s.max_steps})
                 due = config.save_every_steps and s.step % config.save_every_steps == 0
@@ -349,6 +351,11 @@ def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
         print(f"[dbnb] {'cancelled' if cancelled else 'finished'} at step {s.step}/{s.max_steps}; "
               f"checkpoints in {shown(s.run.root / 'checkpoints')}", flush=True)
     return TrainResult(s.run.root, s.step, s.max_steps, saved, cancelled)
+
+
+def preview_size(batches: Batches) -> tuple[int, int] | None:
+    """With bucketing, previews render at the bucket most pictures train at (width, height)."""
+    return main_bucket(batches.plan) if batches.plan is not None else None
 
 
 def optimizer_step(s: Session) -> tuple[float, float | None]:

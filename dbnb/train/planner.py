@@ -13,6 +13,10 @@ VRAM is summed, phase by phase, from what the loop keeps on its device:
 * then the CUDA context and the caching allocator's slack (`CUDA_CONTEXT_GIB`, `ALLOCATOR_SLACK`:
   stated, until bench/gpu_suite.py measures them).
 
+With bucketing the step is traced square at `resolution`: every bucket holds at most resolution²
+pixels (dbnb.data.buckets.bucket_sizes), and the activations follow the latent pixels, so the
+square step bounds the largest bucket's.
+
 The step trace takes seconds to minutes on a slow CPU, so its result is kept by what shapes it
 (`trace_key`: the model's configs, resolution, batch, precision, checkpointing, adapters, which
 parts learn): dbnb ships the traces of its common settings (`SHIPPED`, written by

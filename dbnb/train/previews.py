@@ -59,11 +59,13 @@ def preview_pipeline(family: Family, models: Models, denoiser) -> tuple[object, 
 
 
 def render_prompts(pipe, decode, prompts: list[str], negative_prompt: str, num_per_prompt: int, seed: int,
-                   guidance_scale: float, steps: int, resolution: int) -> list[tuple[str, int, Image.Image]]:
+                   guidance_scale: float, steps: int, resolution: int,
+                   width: int = 0) -> list[tuple[str, int, Image.Image]]:
     """(prompt, seed, image) for each prompt × seed; seeds are seed, seed+1, ... One image at a
-    time: a preview must not need more VRAM than training leaves free."""
+    time: a preview must not need more VRAM than training leaves free. `resolution` tall, `width`
+    (0: resolution) wide."""
     return [(prompt, seed + k, render(pipe, decode, prompt, [seed + k], negative=negative_prompt, steps=steps,
-                                      guidance=guidance_scale, resolution=resolution)[0])
+                                      guidance=guidance_scale, resolution=resolution, width=width)[0])
             for prompt in prompts for k in range(num_per_prompt)]
 
 
@@ -80,9 +82,11 @@ def save_previews(results: list[tuple[str, int, Image.Image]], folder: Path, col
     return folder / "grid.png"
 
 
-def write_previews(run, step: int, family: Family, models: Models, denoiser, config) -> Path:
+def write_previews(run, step: int, family: Family, models: Models, denoiser, config,
+                   size: tuple[int, int] | None = None) -> Path:
     """The previews of `step` in run.samples_dir(step), rendered with `denoiser` (the one being
-    trained); the parts moved for them go back after."""
+    trained) at `size` (width, height; None: resolution square); the parts moved for them go back after."""
+    width, height = size or (config.resolution, config.resolution)
     sampler, parked = preview_pipeline(family, models, denoiser)
     was_training = denoiser.training
     denoiser.eval()
@@ -91,7 +95,7 @@ def write_previews(run, step: int, family: Family, models: Models, denoiser, con
             results = render_prompts(sampler, partial(family.decode_latents, models.autoencoder),
                                      preview_prompts(config), config.sample_negative_prompt, config.num_samples,
                                      config.sample_seed, config.sample_guidance_scale, config.sample_steps,
-                                     config.resolution)
+                                     height, width)
     finally:
         denoiser.train(was_training)
         for part, device in parked:  # back where they were parked, to free the VRAM again
