@@ -53,6 +53,9 @@ def measured_cpu_peak(config: Config) -> int:
     from dbnb.train import optimizers
 
     models = SD1.load(config, torch.device("cpu"), torch.float32)
+    # As the loop sets them: diffusers before 0.31 checkpoints only a UNet in training mode
+    models.denoiser.train()
+    models.encoder.train(config.trains_text_encoder)
     parts = (models.denoiser, models.encoder) + (() if config.cache_latents else (models.autoencoder,))
     held = sum(t.untyped_storage().nbytes() for m in parts for t in (*m.parameters(), *m.buffers()))
     optimizer = optimizers.build(config, models.denoiser, models.encoder, 1, torch.device("cpu"))
