@@ -268,16 +268,17 @@ FINGERPRINT_PARTS = ("unet", "vae", "text_encoder")
 SAMPLES_PER_TENSOR = 16
 
 
-def fingerprint(pipe) -> dict[str, str]:
+def fingerprint(pipe, parts: tuple[str, ...] = FINGERPRINT_PARTS) -> dict[str, str]:
     """A content hash per part of a loaded base model, to tell on resume whether it is the model
     the run started from. Taken from the loaded fp32 weights rather than from the files, because
     the same model comes as a folder, a .safetensors, a Hub cache entry or a fresh download to
     another path (all the same weights), and a path tells nothing. Cheap: 16 evenly spaced values
     of every tensor (fine-tunes and merges change every tensor, so any change shows), with its
     shape, in the module's own order; no names, which transformers 5 changed for the text
-    encoder. Values are exact (no sums), so the same model gives the same hash on any device."""
+    encoder. Values are exact (no sums), so the same model gives the same hash on any device.
+    `parts`: the pipeline's parts to hash (another family's, e.g. SDXL's two text encoders)."""
     found = {}
-    for part in FINGERPRINT_PARTS:
+    for part in parts:
         digest = hashlib.sha256()
         for tensor in getattr(pipe, part).parameters():
             flat = tensor.detach().reshape(-1)
@@ -288,11 +289,12 @@ def fingerprint(pipe) -> dict[str, str]:
     return found
 
 
-def check_folder(folder: Path) -> None:
+def check_folder(folder: Path, parts: dict = FOLDER_PARTS) -> None:
     """Every part of a diffusers folder there, and every weight file whole, so a missing part or
-    a damaged file is named (diffusers' own errors name neither)."""
+    a damaged file is named (diffusers' own errors name neither). `parts`: as FOLDER_PARTS, of
+    another family's folder where given."""
     missing = []
-    for part, choices in FOLDER_PARTS.items():
+    for part, choices in parts.items():
         if not (folder / part).is_dir():
             missing.append(f"{part}/")
         elif not any(all((folder / part / name).is_file() for name in names) for names in choices):
