@@ -146,7 +146,8 @@ def test_sdxl_lora_on_the_unet_and_both_encoders_trains_and_resumes_exactly(make
 
     settings = {"pretrained_model_name_or_path": str(tiny_sdxl), "max_train_steps": 2, "save_every_steps": 1,
                 "use_lora": True, "lora_rank": 4, "lora_text_encoder_rank": 2, "train_text_encoder": True,
-                "learning_rate": 1e-3, "bucketing": True}  # bucketing: the time ids come from the batches
+                "learning_rate": 1e-3, "gradient_checkpointing": True,
+                "bucketing": True}  # bucketing: the time ids come from the batches
     config = lambda **kw: make_config(**{**settings, **kw})  # noqa: E731
     straight = train(config(run_name="straight"), progress=False)
     train(config(run_name="resumed", max_train_steps=1), progress=False)

@@ -13,7 +13,7 @@ import torch
 from dbnb.core.errors import DbnbError
 from dbnb.family.base import SIZE_INPUTS, AdapterTargets, Models, Part, Parts
 from dbnb.family.sd1 import adapters, autoencoder
-from dbnb.family.sd1.family import set_attention
+from dbnb.family.sd1.family import checkpoint_gradients, set_attention
 from dbnb.family.sdxl import load
 
 ENCODERS = ("te1", "te2")   # text_encoder (CLIP-L), text_encoder_2 (bigG, with the pooled projection)
@@ -123,12 +123,7 @@ def set_up(models: Models, config, weight_dtype: torch.dtype) -> None:
             unet.to(dtype=weight_dtype)
     if config.use_lora:
         lora.add_adapters(unet, encoders, lora.Spec.from_config(config), SDXL, seed=config.seed)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.trains_text_encoder:
-            for encoder in encoders.values():
-                encoder.gradient_checkpointing_enable()
-                encoder.enable_input_require_grads()  # frozen embeddings: the checkpointed layers need a grad input
+    checkpoint_gradients(unet, list(encoders.values()), config)
 
 
 SDXL = SDXLFamily()
