@@ -9,6 +9,7 @@ import torch
 
 from dbnb.family import base, lora
 from dbnb.family.sd1.family import SD1
+from dbnb.family.sd1.load import ModelLoadError
 from dbnb.family.sdxl.family import SDXL, SDXLError, square_time_ids
 
 WIDTHS = (32, 16)  # CLIP-L's and bigG's hidden sizes, tiny
@@ -72,14 +73,10 @@ def test_sdxl_folders_are_sdxl_and_everything_else_stays_sd1(tiny_sdxl, tiny_dir
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2),
                "model.diffusion_model.input_blocks.0.0.weight": torch.ones(2)}, str(single))
     assert base.for_model(str(single)) is SDXL
-    with pytest.raises(base_error(), match=r"SDXL single file.*not supported yet.*from_single_file"):
+    with pytest.raises(ModelLoadError, match=r"SDXL single file.*not supported yet.*from_single_file.*folder"):
         SDXL.open(str(single))
-
-
-def base_error():
-    from dbnb.family.sd1.load import ModelLoadError
-
-    return ModelLoadError
+    with pytest.raises(ModelLoadError, match=r"SDXL Hub model.*not supported yet.*download"):
+        SDXL.open("org/some-xl")
 
 
 # --- the conditioning ----------------------------------------------------------------------------

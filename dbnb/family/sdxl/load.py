@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dbnb.core.versions import dtype_argument
-from dbnb.family.sd1.load import ModelLoadError, check_folder, load_vae, resolve_source
+from dbnb.family.sd1.load import SDXL_TO_FOLDER, ModelLoadError, check_folder, load_vae, resolve_source
 from dbnb.family.sd1.singlefile import keys_and_shapes
 
 PIPELINE_CLASS = "StableDiffusionXLPipeline"
@@ -62,9 +62,7 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None):
     if kind != "folder":
         raise ModelLoadError(
             f"{source!r} is an SDXL {'single file' if kind == 'file' else 'Hub model'}: dbnb trains SDXL from a "
-            "diffusers folder only (single files and Hub ids are not supported yet). Convert it to a folder first "
-            "(diffusers' StableDiffusionXLPipeline.from_single_file(...).save_pretrained(folder), or "
-            "StableDiffusionXLPipeline.download(repo_id)) and set pretrained_model_name_or_path to that folder.")
+            f"diffusers folder only (single files and Hub ids are not supported yet). {SDXL_TO_FOLDER}")
     check_folder(Path(where), FOLDER_PARTS)
     extra = {"revision": revision} if revision else {}
     try:
