@@ -115,7 +115,7 @@ class Family(Protocol):
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages
-    single_file: SingleFile  # its one-file format, which exports write
+    single_file: SingleFile | None  # its one-file format, which exports write; None: none yet (exports refuse)
 
     def recognizes(self, source: str) -> bool:
         """Whether `source` (pretrained_model_name_or_path) is a model of this family."""
