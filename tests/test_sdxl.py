@@ -113,6 +113,7 @@ def _log(run) -> list[dict]:
 def test_sdxl_unet_trains_and_resumes_exactly_through_the_real_trainer(make_config, tiny_sdxl):
     from safetensors.torch import load_file
 
+    from dbnb.evaluate.sample import sample_run
     from dbnb.run.checkpoints import RunFolder
     from dbnb.train.loop import train
 
@@ -135,6 +136,11 @@ def test_sdxl_unet_trains_and_resumes_exactly_through_the_real_trainer(make_conf
     uninterrupted = RunFolder(straight.run_dir).pick(4).denoiser_state()
     for k in after:  # resumed exactly where it stopped
         torch.testing.assert_close(after[k], uninterrupted[k], rtol=0, atol=1e-6, msg=k)
+    # its test grids: the base model and the last checkpoint, through SDXL's open() and pipeline()
+    tests = sample_run(resumed.run_dir, ["test_steps=4", "test_seeds=1", "test_infer_steps=2", "test_wide=0",
+                                         "test_flexibility_prompts=['{instance_prompt}, 1girl']"], progress=False)
+    assert [r.name for r in tests.rows] == ["base", "step-000004"] and tests.rendered
+    assert tests.grids and all(grid.is_file() for grid in tests.grids)
 
 
 def test_sdxl_lora_on_the_unet_and_both_encoders_trains_and_resumes_exactly(make_config, tiny_sdxl):
