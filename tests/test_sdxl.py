@@ -183,3 +183,19 @@ def test_sdxl_refuses_fine_tuning_its_text_encoders_and_says_what_to_set(make_co
     config = make_config(pretrained_model_name_or_path=str(tiny_sdxl), train_text_encoder=True)
     with pytest.raises(SDXLError, match="train_text_encoder=False.*use_lora=True"):
         SDXL.load(config, torch.device("cpu"), torch.float32)
+
+
+def test_a_v_prediction_sdxl_base_trains_and_renders_as_its_scheduler_says(make_config, tiny_sdxl, tmp_path):
+    """NoobAI-XL v-pred's folder says v_prediction (and zero-terminal SNR) in its scheduler config."""
+    import shutil
+
+    vpred = Path(shutil.copytree(tiny_sdxl, tmp_path / "vpred"))
+    scheduler = vpred / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction",
+                                     "rescale_betas_zero_snr": True}))
+    models = SDXL.load(make_config(pretrained_model_name_or_path=str(vpred)), torch.device("cpu"), torch.float32)
+    trained = models.noise_scheduler.config
+    assert trained.prediction_type == "v_prediction" and trained.rescale_betas_zero_snr
+    assert models.noise_scheduler.alphas_cumprod[-1] < 1e-6  # the last step is pure noise
+    rendered = SDXL.pipeline(models, models.denoiser).scheduler.config
+    assert rendered.prediction_type == "v_prediction" and rendered.rescale_betas_zero_snr
