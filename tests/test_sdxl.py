@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_learnt_and_resumed_exactly, assert_test_grids
 
 from dbnb.family import base, lora
 from dbnb.family.sd1.family import SD1
@@ -111,9 +112,6 @@ def _log(run) -> list[dict]:
 
 
 def test_sdxl_unet_trains_and_resumes_exactly_through_the_real_trainer(make_config, tiny_sdxl):
-    from safetensors.torch import load_file
-
-    from dbnb.evaluate.sample import sample_run
     from dbnb.run.checkpoints import RunFolder
     from dbnb.train.loop import train
 
@@ -130,17 +128,9 @@ def test_sdxl_unet_trains_and_resumes_exactly_through_the_real_trainer(make_conf
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _log(resumed))
     assert json.loads(RunFolder(resumed.run_dir).base_path.read_text())["family"] == "sdxl"
     assert [p.parent.name for p in RunFolder(straight.run_dir).preview_grids()] == ["step-000004"]
-    before = load_file(str(tiny_sdxl / "unet" / "diffusion_pytorch_model.safetensors"))
-    after = RunFolder(resumed.run_dir).pick(4).denoiser_state()
-    assert set(after) == set(before) and any(not torch.equal(after[k].float(), before[k].float()) for k in before)
-    uninterrupted = RunFolder(straight.run_dir).pick(4).denoiser_state()
-    for k in after:  # resumed exactly where it stopped
-        torch.testing.assert_close(after[k], uninterrupted[k], rtol=0, atol=1e-6, msg=k)
-    # its test grids: the base model and the last checkpoint, through SDXL's open() and pipeline()
-    tests = sample_run(resumed.run_dir, ["test_steps=4", "test_seeds=1", "test_infer_steps=2", "test_wide=0",
-                                         "test_flexibility_prompts=['{instance_prompt}, 1girl']"], progress=False)
-    assert [r.name for r in tests.rows] == ["base", "step-000004"] and tests.rendered
-    assert tests.grids and all(grid.is_file() for grid in tests.grids)
+    assert_learnt_and_resumed_exactly(straight.run_dir, resumed.run_dir,
+                                      tiny_sdxl / "unet" / "diffusion_pytorch_model.safetensors", 4)
+    assert_test_grids(resumed.run_dir, 4)  # through SDXL's open() and pipeline()
 
 
 def test_sdxl_lora_on_the_unet_and_both_encoders_trains_and_resumes_exactly(make_config, tiny_sdxl):
