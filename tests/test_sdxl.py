@@ -189,3 +189,13 @@ def test_a_v_prediction_sdxl_base_trains_and_renders_as_its_scheduler_says(make_
     assert models.noise_scheduler.alphas_cumprod[-1] < 1e-6  # the last step is pure noise
     rendered = SDXL.pipeline(models, models.denoiser).scheduler.config
     assert rendered.prediction_type == "v_prediction" and rendered.rescale_betas_zero_snr
+
+
+def test_a_replacement_vae_keeps_the_bases_latent_scale(tiny_sdxl, tiny_dir):
+    """An fp16-fix VAE shares SDXL's latent space: whatever scale its file or folder says, the base's holds."""
+    from safetensors.torch import load_file
+
+    models = SDXL.open(str(tiny_sdxl), autoencoder=str(tiny_dir / "vae"))  # another VAE, SD 1.5's scale
+    assert models.autoencoder.config.scaling_factor == models.latent_scale == 0.13025
+    theirs = load_file(str(tiny_dir / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(models.autoencoder.state_dict()[k], v) for k, v in theirs.items())
