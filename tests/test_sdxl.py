@@ -191,11 +191,19 @@ def test_a_v_prediction_sdxl_base_trains_and_renders_as_its_scheduler_says(make_
     assert rendered.prediction_type == "v_prediction" and rendered.rescale_betas_zero_snr
 
 
-def test_a_replacement_vae_keeps_the_bases_latent_scale(tiny_sdxl, tiny_dir):
+def test_a_replacement_vae_keeps_the_bases_latent_scale(tiny_sdxl, tiny_dir, make_config, tmp_path):
     """An fp16-fix VAE shares SDXL's latent space: whatever scale its file or folder says, the base's holds."""
+    from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     models = SDXL.open(str(tiny_sdxl), autoencoder=str(tiny_dir / "vae"))  # another VAE, SD 1.5's scale
     assert models.autoencoder.config.scaling_factor == models.latent_scale == 0.13025
     theirs = load_file(str(tiny_dir / "vae" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(models.autoencoder.state_dict()[k], v) for k, v in theirs.items())
+    # a VAE that halves pictures twice, not three times: refused before training on the wrong latents
+    AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8).save_pretrained(tmp_path / "vae4")
+    config = make_config(pretrained_model_name_or_path=str(tiny_sdxl),
+                         pretrained_vae_name_or_path=str(tmp_path / "vae4"))
+    with pytest.raises(SDXLError, match=r"vae4\) does not scale pictures by 8.*pretrained_vae_name_or_path"):
+        SDXL.load(config, torch.device("cpu"), torch.float32)

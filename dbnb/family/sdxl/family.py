@@ -51,8 +51,9 @@ class SDXLFamily:
         pipe = load.load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                                   revision=config.revision)
         if 2 ** (len(pipe.vae.config.block_out_channels) - 1) != LATENT_FACTOR:
-            raise SDXLError(f"{config.pretrained_model_name_or_path}: its VAE does not scale pictures by "
-                            f"{LATENT_FACTOR} as SDXL's does; use the base model's own VAE.")
+            vae = config.pretrained_vae_name_or_path or f"{config.pretrained_model_name_or_path}'s own"
+            raise SDXLError(f"The VAE ({vae}) does not scale pictures by {LATENT_FACTOR} as SDXL's does: set "
+                            "pretrained_vae_name_or_path to an SDXL VAE, or '' for the base model's own.")
         base = fingerprint(pipe, load.FINGERPRINT_PARTS)  # as loaded: before casts and adapters
         noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         pipe.to(device)
