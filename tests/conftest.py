@@ -179,6 +179,32 @@ def make_config(tiny_dir, tmp_path):
     return make
 
 
+def assert_learnt_and_resumed_exactly(straight: Path, resumed: Path, base_weights: Path, step: int) -> None:
+    """A full run's denoiser at `step`, resumed part-way (`resumed`), learnt (differs from the base's
+    `base_weights` file) and is the same as the run that never stopped (`straight`)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from dbnb.run.checkpoints import RunFolder
+
+    before = load_file(str(base_weights))
+    after = RunFolder(resumed).pick(step).denoiser_state()
+    assert set(after) == set(before) and any(not torch.equal(after[k].float(), before[k].float()) for k in before)
+    uninterrupted = RunFolder(straight).pick(step).denoiser_state()
+    for k in after:
+        torch.testing.assert_close(after[k], uninterrupted[k], rtol=0, atol=1e-6, msg=k)
+
+
+def assert_test_grids(run: Path, step: int) -> None:
+    """The run's test grids render: the base model and checkpoint `step`, through its family's open() and pipeline()."""
+    from dbnb.evaluate.sample import sample_run
+
+    tests = sample_run(run, ["test_steps=" + str(step), "test_seeds=1", "test_infer_steps=2", "test_wide=0",
+                             "test_flexibility_prompts=['{instance_prompt}, 1girl']"], progress=False)
+    assert [r.name for r in tests.rows] == ["base", f"step-{step:06d}"] and tests.rendered
+    assert tests.grids and all(grid.is_file() for grid in tests.grids)
+
+
 def kill_9_at_step(cli: list[str], env: dict, log: Path, step: int) -> None:
     """Start `dbnb train` (`cli`) and kill -9 it once its train log reaches `step`, as a lost
     Colab session stops a run: no handler runs, nothing is saved."""

@@ -7,9 +7,7 @@ import torch
 
 from dbnb.data.buckets import Bucket, cover, picture_maker, picture_size
 from dbnb.data.dataset import CaptionRules, Example, ImageSet
-
-# (height, width) pairs, named as diffusers' SDXL pipelines name these conditioning inputs.
-SIZE_INPUTS = ("original_size", "crops_coords_top_left", "target_size")
+from dbnb.family.base import SIZE_INPUTS
 
 
 class BucketedImages:

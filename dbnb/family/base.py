@@ -14,8 +14,9 @@ modules get LoRA adapters (`adapter_targets`), the pipeline that renders with a 
 (`pipeline`: previews, test grids, class images), the base model to render or export from
 (`open`), and the one file exports write, read back and convert to a folder (`single_file`: dbnb.ship.export).
 
-Which family a model is: `for_model(source)` asks the registered families (newest first)
-whether they recognize the source and falls back to SD 1.x. `register(family)` adds one: a
+Which family a model is: `for_model(source)` asks the registered families (newest first), then
+the shipped ones besides SD 1.x (SDXL, dbnb.family.sdxl), whether they recognize the source and
+falls back to SD 1.x. `register(family)` adds one: a
 test's stand-in, or a user's own family, without any edit to the trainer.
 """
 from __future__ import annotations
@@ -24,6 +25,12 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+
+
+# The batches' size conditioning inputs when bucketing ((height, width) pairs, [N, 2] each, in
+# this order; dbnb.data.bucketed), named as diffusers' SDXL pipelines name them; a family
+# conditioned on sizes reads them from encode_prompts' inputs (SDXL: its time ids).
+SIZE_INPUTS = ("original_size", "crops_coords_top_left", "target_size")
 
 
 @dataclass(kw_only=True)
@@ -108,7 +115,7 @@ class Family(Protocol):
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages
-    single_file: SingleFile  # its one-file format, which exports write
+    single_file: SingleFile | None  # its one-file format, which exports write; None: none yet (exports refuse)
 
     def recognizes(self, source: str) -> bool:
         """Whether `source` (pretrained_model_name_or_path) is a model of this family."""
@@ -156,6 +163,13 @@ def register(family: Family) -> Family:
     return family
 
 
+def shipped() -> list[Family]:
+    """The families dbnb ships besides SD 1.x, asked after the registered ones."""
+    from dbnb.family.sdxl.family import SDXL  # lazy: the family module imports this one
+
+    return [SDXL]
+
+
 def default() -> Family:
     """SD 1.x, the family of every model no registered family recognizes."""
     from dbnb.family.sd1.family import SD1
@@ -165,15 +179,15 @@ def default() -> Family:
 
 def for_model(source: str) -> Family:
     """The family of the model at `source` (a folder, repo id, single file or URL)."""
-    for family in FAMILIES:
+    for family in (*FAMILIES, *shipped()):
         if family.recognizes(str(source)):
             return family
     return default()
 
 
 def named(name: str) -> Family | None:
-    """The family called `name` among the registered ones and SD 1.x; None when none is."""
-    return next((family for family in (*FAMILIES, default()) if family.name == name), None)
+    """The family called `name` among the registered and the shipped ones; None when none is."""
+    return next((family for family in (*FAMILIES, *shipped(), default()) if family.name == name), None)
 
 
 def family_of(config) -> Family:

@@ -194,6 +194,11 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     if not run.config_path.is_file():
         refuse_runs_folder(Path(source))
     family = run.family if run.config_path.is_file() else for_model(str(source))
+    if family.single_file is None:
+        kept = (f"its checkpoints under {run.checkpoints_dir} are diffusers folders (full runs) or peft adapters "
+                "(lora/), which diffusers loads" if run.config_path.is_file() else "use the diffusers folder as it is")
+        raise ExportError(f"{source}: a {family.name} model cannot be exported to one file yet (dbnb has no "
+                          f"writer for its files); {kept}.")
     if run.config_path.is_file() and not bake and run.pick(step).kind == "lora":
         return export_lora(run, run.pick(step), ema=ema, fmt=fmt, precision=precision, to=to,
                            overwrite=overwrite, name=name)

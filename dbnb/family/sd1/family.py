@@ -100,9 +100,16 @@ def set_up(unet, text_encoder, vae, config, weight_dtype: torch.dtype) -> None:
             unet.to(dtype=weight_dtype)
     if config.use_lora:
         lora.add_adapters(unet, text_encoder, lora.Spec.from_config(config), SD1, seed=config.seed)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if config.trains_text_encoder:
+    checkpoint_gradients(unet, [text_encoder], config)
+
+
+def checkpoint_gradients(unet, text_encoders: list, config) -> None:
+    """gradient_checkpointing: on the UNet, and on the text encoders where they learn (SDXL's too)."""
+    if not config.gradient_checkpointing:
+        return
+    unet.enable_gradient_checkpointing()
+    if config.trains_text_encoder:
+        for text_encoder in text_encoders:
             text_encoder.gradient_checkpointing_enable()
             if config.use_lora:  # frozen embeddings: the checkpointed layers still need a grad-carrying input
                 text_encoder.enable_input_require_grads()

@@ -30,6 +30,10 @@ from dbnb.family.sd1.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleto
 # A single-file model dbnb loads (dbnb.core.weights reads them all); what it writes: dbnb.family.sd1.layout.WRITTEN_SUFFIXES
 LOADABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 VAE_SETTING = "pretrained_vae_name_or_path"
+# What to do with an SDXL model dbnb cannot train from as it is (dbnb.family.sdxl.load trains folders)
+SDXL_TO_FOLDER = ("Convert it to a diffusers folder (diffusers' StableDiffusionXLPipeline.from_single_file(file)"
+                  ".save_pretrained(folder), or StableDiffusionXLPipeline.download(repo_id) for a Hub model) and set "
+                  "pretrained_model_name_or_path to that folder.")
 
 
 class ModelLoadError(DbnbError, RuntimeError):
@@ -157,7 +161,8 @@ def sd1_variant(keys, shapes: dict) -> str:
     """'sd15', 'tiny' or 'world' for an original-layout SD 1.x state dict; a clear error otherwise."""
     keys = set(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
-        raise ModelLoadError("This is an SDXL model: dbnb trains SD 1.x only (not supported yet).")
+        raise ModelLoadError("This is an SDXL model in one file: dbnb trains SDXL from a diffusers folder only "
+                             f"(SDXL single files are not supported yet). {SDXL_TO_FOLDER}")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise ModelLoadError("This is an SD 2.x model (OpenCLIP text encoder): dbnb trains SD 1.x only "
                              "(not supported yet).")
@@ -268,16 +273,17 @@ FINGERPRINT_PARTS = ("unet", "vae", "text_encoder")
 SAMPLES_PER_TENSOR = 16
 
 
-def fingerprint(pipe) -> dict[str, str]:
+def fingerprint(pipe, parts: tuple[str, ...] = FINGERPRINT_PARTS) -> dict[str, str]:
     """A content hash per part of a loaded base model, to tell on resume whether it is the model
     the run started from. Taken from the loaded fp32 weights rather than from the files, because
     the same model comes as a folder, a .safetensors, a Hub cache entry or a fresh download to
     another path (all the same weights), and a path tells nothing. Cheap: 16 evenly spaced values
     of every tensor (fine-tunes and merges change every tensor, so any change shows), with its
     shape, in the module's own order; no names, which transformers 5 changed for the text
-    encoder. Values are exact (no sums), so the same model gives the same hash on any device."""
+    encoder. Values are exact (no sums), so the same model gives the same hash on any device.
+    `parts`: the pipeline's parts to hash (another family's, e.g. SDXL's two text encoders)."""
     found = {}
-    for part in FINGERPRINT_PARTS:
+    for part in parts:
         digest = hashlib.sha256()
         for tensor in getattr(pipe, part).parameters():
             flat = tensor.detach().reshape(-1)
@@ -288,11 +294,12 @@ def fingerprint(pipe) -> dict[str, str]:
     return found
 
 
-def check_folder(folder: Path) -> None:
+def check_folder(folder: Path, parts: dict = FOLDER_PARTS) -> None:
     """Every part of a diffusers folder there, and every weight file whole, so a missing part or
-    a damaged file is named (diffusers' own errors name neither)."""
+    a damaged file is named (diffusers' own errors name neither). `parts`: as FOLDER_PARTS, of
+    another family's folder where given."""
     missing = []
-    for part, choices in FOLDER_PARTS.items():
+    for part, choices in parts.items():
         if not (folder / part).is_dir():
             missing.append(f"{part}/")
         elif not any(all((folder / part / name).is_file() for name in names) for names in choices):
@@ -310,8 +317,8 @@ def check_folder(folder: Path) -> None:
 def _check_unet_is_sd1(unet, source: str) -> None:
     cfg = unet.config
     if cfg.get("addition_embed_type") or cfg.get("use_linear_projection") or cfg.get("in_channels") != 4:
-        raise ModelLoadError(f"{source!r} is not an SD 1.x model (SD 2.x / SDXL / inpainting UNet); "
-                             "dbnb supports SD 1.x only (not supported yet).")
+        raise ModelLoadError(f"{source!r} is not an SD 1.x model (SD 2.x / SDXL / inpainting UNet); dbnb trains "
+                             f"SD 1.x, and SDXL from a local diffusers folder only. An SDXL model: {SDXL_TO_FOLDER}")
 
 
 def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path | None = None):
