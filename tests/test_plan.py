@@ -27,12 +27,12 @@ def tiny_config(tiny_dir, **settings) -> Config:
                      **settings})
 
 
-# MemTracker hooks every module and tensor: about a minute each on two busy cores. The default
-# settings (fp16 + gradient checkpointing) are held to the reference at full size by
-# bench/bench_plan.py (docs/cpu-results/plan.json), so the suite keeps the two that differ most.
+# MemTracker hooks every module and tensor: about a minute a run on two busy cores, so the suite
+# keeps one, where the activations weigh most. The default settings (fp16 + gradient
+# checkpointing) are held to the reference at full size by bench/bench_plan.py
+# (docs/cpu-results/plan.json); the EMA's copy by test_optimizer_and_ema_add_their_real_state_sizes.
 @pytest.mark.slow
 @pytest.mark.parametrize("settings", [
-    {"mixed_precision": "no", "use_ema": True, "gradient_checkpointing": False},
     {"mixed_precision": "fp16", "gradient_checkpointing": False, "resolution": 256},  # activations weigh most
 ])
 def test_planner_matches_memtracker_on_the_whole_step(tiny_dir, settings):
