@@ -63,6 +63,14 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    """The tiny SDXL as a diffusers folder (written once per test session)."""
+    from dbnb.world.tiny_sdxl import make_tiny_sdxl
+
+    return shared_once(tmp_path_factory, "tiny-sdxl", make_tiny_sdxl)
+
+
+@pytest.fixture(scope="session")
 def source_copy(tmp_path_factory):
     """The checkout's files as a clean clone has them (git's view: tracked and not ignored), so a
     build here never writes build/ or dbnb.egg-info into the tree under test."""
