@@ -116,7 +116,7 @@ def test_the_notebooks_default_to_the_guides_character_setup():
     """One source: every setting of the person preset (dbnb.core.config.GUIDE_CHARACTER) that a parameters
     cell shows has the preset's value there (an empty prompt: the one built from 02's two words), and
     one no cell shows has it as its Config default, so 01 → 05 run as they come train the guide's setup."""
-    from dbnb.core.config import GUIDE_CHARACTER, Config
+    from dbnb.core.config import FAMILY_DEFAULTS, GUIDE_CHARACTER, Config
     from dbnb.faces.notebook import FROM_TOKENS
 
     shown = {}
@@ -128,6 +128,8 @@ def test_the_notebooks_default_to_the_guides_character_setup():
     for name, value in GUIDE_CHARACTER.items():
         if name in FROM_TOKENS and shown.get(name) == "":
             assert FROM_TOKENS[name].format(**tokens) == value, name
+        elif shown.get(name) == 0 and name in FAMILY_DEFAULTS["sd1"]:  # "the base model's own": SD 1.x's
+            assert FAMILY_DEFAULTS["sd1"][name] == value, name
         elif name in shown:
             assert shown[name] == value, f"{name}: the notebook says {shown[name]!r}, the preset {value!r}"
         elif name != "class_data_dir":  # the notebooks keep it in the workspace (notebook.STEP_FOLDERS)
@@ -332,3 +334,12 @@ def test_a_runtime_without_dbnb_stops_at_the_install_cell_with_the_ways_to_get_i
     assert f"in {tmp_path / 'ws'}/" in stop.evalue and "git+https://" in stop.evalue  # where this user looks
     assert "pip wheel . --no-deps -w dist/" in stop.evalue  # and how the wheel is made
     assert "ModuleNotFoundError" not in outputs(out)
+
+
+@pytest.mark.parametrize("family, resolution", [("sd1", 512), ("sdxl", 1024)])
+def test_notebook_02s_resolution_0_is_the_base_models_own_size(family, resolution, tiny_dir, tiny_sdxl, capsys):
+    from dbnb.faces.notebook import family_defaults
+
+    values = {"resolution": 0}
+    family_defaults(values, {"pretrained_model_name_or_path": str(tiny_sdxl if family == "sdxl" else tiny_dir)})
+    assert values == {"resolution": resolution} and f"resolution: {resolution}" in capsys.readouterr().out

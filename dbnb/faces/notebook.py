@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from dbnb.core.config import FIELDS, STEPS, Config, owner, read_config_file
+from dbnb.core.config import FAMILY_DEFAULTS, FIELDS, FULL_FINE_TUNE_GIB, STEPS, Config, owner, read_config_file
 from dbnb.core.errors import DbnbError
 from dbnb.core.platform import WORKSPACE_VARIABLE
 from dbnb.faces import install
@@ -92,6 +92,7 @@ def open_step(step: str, workspace: str = "", namespace: dict | None = None) -> 
         raise NotebookError(f"the workspace {ws} has no training pictures yet: run notebook {STEPS['dataset']} "
                             f"first, with the same workspace setting. 学習画像がまだありません。先にノート "
                             f"{STEPS['dataset']} を実行してください。")
+    family_defaults(values, known)
     for name, pattern in FROM_TOKENS.items():
         filled = pattern.format(**known).strip()
         if owner(name) == step and not known.get(name) and filled:
@@ -99,6 +100,28 @@ def open_step(step: str, workspace: str = "", namespace: dict | None = None) -> 
             print(f"{name}: {filled!r} (from the tokens of notebook {STEPS['dataset']})")
     config = load_workspace(ws, values, step=step)
     return ws, config
+
+
+def family_defaults(values: dict, known: dict) -> None:
+    """This step's values with the base model family's own defaults (FAMILY_DEFAULTS) where its
+    parameters cell leaves them to it, each said in one line: `resolution` 0, and `use_lora` off on
+    a family whose whole fine-tune needs a bigger GPU than this one (or none: a CPU)."""
+    if values.get("resolution") != 0 and values.get("use_lora") is not False:
+        return
+    from dbnb.core.hardware import cuda_summary  # lazy: torch, only once the install cell has run
+    from dbnb.family.base import for_model
+
+    family = for_model(known["pretrained_model_name_or_path"]).name
+    own = {**FAMILY_DEFAULTS["sd1"], **FAMILY_DEFAULTS.get(family, {})}
+    if values.get("resolution") == 0:
+        values["resolution"] = own["resolution"]
+        print(f"resolution: {own['resolution']}, the {family} base model's own size / ベースモデル本来の解像度")
+    gpu, needed = cuda_summary(), FULL_FINE_TUNE_GIB.get(family, 0)
+    if own.get("use_lora") and values.get("use_lora") is False and (gpu or {}).get("total_vram_gib", 0) < needed:
+        values["use_lora"] = True
+        print(f"use_lora: True. A whole {family} fine-tune needs a GPU of {needed:g} GiB or more, "
+              f"{'this one has ' + format(gpu['total_vram_gib'], 'g') + ' GiB' if gpu else 'and there is none here'}: "
+              f"LoRA is what fits. / {family} の全体学習には {needed:g} GiB 以上の GPU が必要なので LoRA で学習します。")
 
 
 def show_markdown(path: str | Path) -> None:

@@ -31,3 +31,11 @@ PRESETS = {
     "object_style": {"learning_rate": 2e-6, "hflip": True, "with_prior_preservation": False,
                      "remove_background": False, "prune_core_tags": False},
 }
+
+# What a base model's family changes in the defaults: the one place per-family defaults are kept
+# (SD 1.x's are the Config's own). The notebooks apply them (dbnb.faces.notebook.family_defaults):
+# `resolution` where notebook 02's cell says 0, "the base model's own size"; `use_lora` where
+# no GPU has the memory a whole fine-tune of that family needs (FULL_FINE_TUNE_GIB), since
+# there only adapters fit.
+FAMILY_DEFAULTS = {"sd1": {"resolution": 512}, "sdxl": {"resolution": 1024, "use_lora": True}}
+FULL_FINE_TUNE_GIB = {"sdxl": 39.0}  # a "40 GB" A100 reports 39.4 GiB
