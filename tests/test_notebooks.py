@@ -58,7 +58,8 @@ def test_parameters_cell_sets_only_what_its_notebook_owns(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_dropdowns_offer_the_settings_choices_but_the_demo_only_ones(path):
     """A #@param list is a view of the setting's declaration: every choice users may pick, none of
-    the demo_only ones (score_with=world reads only the demo's drawn characters)."""
+    the demo_only ones (score_with=world reads only the demo's drawn characters); a free-text one's
+    list (allow-input) is its suggestions (the base models), each with its line in the notebook."""
     from dbnb.core.config import FIELDS
 
     for line in "".join(cells(path)[1]["source"]).splitlines():
@@ -66,6 +67,10 @@ def test_dropdowns_offer_the_settings_choices_but_the_demo_only_ones(path):
         if found and found[1] in FIELDS:
             meta = FIELDS[found[1]].metadata
             offered = set(ast.literal_eval(found[2]))
+            if "{allow-input: true}" in line:  # a free-text setting: its suggestions, each described in the notebook
+                assert offered == set(meta["suggestions"]), f"{path.name}: {line}"
+                assert all(f"`{s}` — " in "".join(cells(path)[0]["source"]) for s in offered), path.name
+                continue
             assert offered == set(meta["choices"]) - set(meta["demo_only"]), f"{path.name}: {line}"
 
 

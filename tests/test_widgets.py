@@ -23,6 +23,16 @@ def test_the_form_does_not_offer_the_demo_worlds_scorer_but_keeps_a_config_that_
     assert form.fields["score_with"].value == "world" and form.config().score_with == "world"
 
 
+def test_the_base_model_field_offers_the_anime_bases_and_takes_any_other_source():
+    from dbnb.core.config.model import BASE_MODELS
+
+    form = ConfigForm(Config())
+    field = form.fields["pretrained_model_name_or_path"]
+    assert list(field.options) == list(BASE_MODELS) and "Laxhar/noobai-XL-Vpred-1.0" in field.options
+    field.value = "/content/drive/MyDrive/ponyDiffusionV6XL.safetensors"  # a Civitai download on Drive
+    assert form.config().pretrained_model_name_or_path == "/content/drive/MyDrive/ponyDiffusionV6XL.safetensors"
+
+
 def test_editing_a_widget_changes_the_config_and_bad_values_are_named():
     form = ConfigForm(Config())
     form.fields["hflip"].value = True

@@ -33,6 +33,8 @@ def _widget(row: dict, value) -> w.Widget:
     if row["choices"]:
         options = [c for c in row["choices"] if c not in row["demo_only"] or c == value]  # a config that set one keeps it
         return w.Dropdown(options=options, value=value, **common)
+    if row["suggestions"]:
+        return w.Combobox(value=value, options=list(row["suggestions"]), ensure_option=False, **common)
     if row["type"] == "bool":
         return w.Checkbox(value=value, indent=False, **common)
     if row["type"] == "int":

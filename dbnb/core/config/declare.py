@@ -40,7 +40,7 @@ SECTION_STEPS = {"Model": "setup", "Directories": "train", "Dataset": "dataset",
 
 
 def setting(default, section: str, label: str, help: str, choices: tuple = (), help_ja: str = "",
-            demo_only: tuple = (),
+            demo_only: tuple = (), suggestions: tuple = (),
             step: str = "", minimum: float | None = None, above: float | None = None,
             maximum: float | None = None,
             learns: bool = True, memory_saving=None, report: str = "if changed"):
@@ -56,14 +56,16 @@ def setting(default, section: str, label: str, help: str, choices: tuple = (), h
     the value (or values) that lowers VRAM, named after an out-of-memory stop when not set.
     `report`: in the training report "always", "if changed" from the preset, or "apart"
     (paths and prompts, which have their own headings). `demo_only`: choices the config accepts
-    (the demo and the tests set them) that the form and the notebooks' parameters cells never offer."""
+    (the demo and the tests set them) that the form and the notebooks' parameters cells never offer.
+    `suggestions`: values the form and the cells offer for a free-text setting, which takes any other too."""
     assert section in SECTIONS, section
     step = step or SECTION_STEPS[section]
     assert step in STEPS, step
     assert report in ("always", "if changed", "apart"), report
     assert set(demo_only) <= set(choices), demo_only
     return field(default=default, metadata=dict(section=section, label=label, help=help, help_ja=help_ja,
-                                                 choices=choices, demo_only=demo_only, step=step,
+                                                 choices=choices, demo_only=demo_only, suggestions=suggestions,
+                                                 step=step,
                                                  minimum=minimum, above=above, maximum=maximum,
                                                  learns=learns, memory_saving=memory_saving,
                                                  report=report))

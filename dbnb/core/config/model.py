@@ -6,6 +6,27 @@ from dataclasses import dataclass
 from dbnb.core.config.declare import setting
 
 
+# The base models users of anime characters train from, as the notebooks and the form offer them:
+# Hub id -> what it is (English, Japanese). Pony Diffusion V6 XL has no Hub copy of its own: it
+# comes from Civitai as one .safetensors (a URL, Drive link or file path, which the field takes).
+BASE_MODELS = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": (
+        "SD 1.5, the guide's family (512 px; anime merges such as Anything are SD 1.x files)",
+        "SD 1.5。ガイドと同じ系統（512 px。Anything などのアニメ系マージも SD 1.x）"),
+    "OnomaAIResearch/Illustrious-xl-early-release-v0": (
+        "Illustrious-XL 0.1: SDXL anime base trained on Danbooru tags (1024 px)",
+        "Illustrious-XL 0.1。Danbooru タグで学習した SDXL のアニメ系ベース（1024 px）"),
+    "Laxhar/noobai-XL-1.1": (
+        "NoobAI-XL eps 1.1: Illustrious continued on Danbooru and e621 (1024 px)",
+        "NoobAI-XL eps 1.1。Illustrious を Danbooru と e621 で追加学習（1024 px）"),
+    "Laxhar/noobai-XL-Vpred-1.0": (
+        "NoobAI-XL v-pred 1.0: v-prediction; what you train from it needs v-pred sampling in the webui / ComfyUI",
+        "NoobAI-XL v-pred 1.0。v-prediction モデルなので、学習結果も webui / ComfyUI で v-pred 設定が必要"),
+    "cagliostrolab/animagine-xl-4.0": (
+        "Animagine XL 4.0: SDXL anime base (1024 px)", "Animagine XL 4.0。SDXL のアニメ系ベース（1024 px）"),
+}
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """The base model: the checkpoint and VAE a run starts from, set in notebook 01 (step setup)."""
@@ -14,9 +35,12 @@ class ModelSettings:
     pretrained_model_name_or_path: str = setting(
         "stable-diffusion-v1-5/stable-diffusion-v1-5", "Model", "Source Checkpoint",
         "Base model: a diffusers folder, a Hugging Face repo id, a single .safetensors/.ckpt "
-        "file, an https:// URL or a Google Drive link. A merged model is fine.",
+        "file, an https:// URL or a Google Drive link; SD 1.x or SDXL (Illustrious, NoobAI, Pony, Animagine), "
+        "told from the model itself. A merged model is fine.",
         help_ja="ベースモデル。diffusers 形式のフォルダ、Hugging Face の repo id、.safetensors/.ckpt の単体ファイル、"
-                "https:// の URL、Google ドライブのリンクが使えます。マージモデルでもOK。", learns=False, report="apart")
+                "https:// の URL、Google ドライブのリンクが使えます。SD 1.x か SDXL（Illustrious・NoobAI・Pony・Animagine）かは"
+                "モデルから判別します。マージモデルでもOK。", learns=False, report="apart",
+        suggestions=tuple(BASE_MODELS))
     revision: str = setting("", "Model", "Revision",
                             "Hub revision (branch, tag or commit) when the base model is a repo id.",
                             help_ja="ベースモデルを repo id で指定したときに使う Hub のリビジョン（ブランチ、タグ、"
