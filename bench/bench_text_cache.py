@@ -106,9 +106,11 @@ def main() -> int:
     model_folder(args.mid, Path(args.cache))  # built once, before either side times anything
     sides = {}
     for side in ("live", "cached"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], check=True,
-                             capture_output=True, text=True).stdout
-        sides[side] = json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True,
+                              text=True)
+        if done.returncode:
+            raise SystemExit(f"the {side} side failed:\n{done.stderr[-3000:]}")
+        sides[side] = json.loads(done.stdout.strip().splitlines()[-1])
     sizes = sides["live"]["sizes"]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{'mid-size' if args.mid else 'tiny'} SDXL: UNet {sizes['denoiser'] / MIB:.1f} MiB (with LoRA), text "

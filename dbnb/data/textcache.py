@@ -15,6 +15,7 @@ import torch
 
 from dbnb.core.progress import bar
 from dbnb.data.batches import Batches, module_device
+from dbnb.data.dataset import tokenize_prompts
 from dbnb.family.base import Family
 
 # Prompts encoded at once: the encoders' activations stay small next to the weights.
@@ -59,9 +60,7 @@ def prompt_inputs(batches: Batches, empty_prompt: bool) -> dict[str, torch.Tenso
     columns: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     tables = [images.inputs for images in sets]
     if empty_prompt:
-        tables.append({name: torch.tensor([t("", truncation=True, padding="max_length",
-                                             max_length=t.model_max_length).input_ids], dtype=torch.long)
-                       for name, t in sets[0].tokenizers.items()})
+        tables.append(tokenize_prompts(sets[0].tokenizers, [""]))
     for table in tables:
         for i in range(len(table[names[0]])):
             key = prompt_key(table, names, i)
@@ -76,7 +75,9 @@ def prompt_inputs(batches: Batches, empty_prompt: bool) -> dict[str, torch.Tenso
 def cache_text_embeddings(batches: Batches, encoder: torch.nn.Module, family: Family, empty_prompt: bool,
                           progress: bool = True) -> TextCache:
     """Each distinct prompt of `batches` (and the empty one with `empty_prompt`) encoded once by the
-    frozen `encoder`; the conditioning stays on its device (SDXL: 308 KiB a prompt in fp16)."""
+    frozen `encoder` on its device. Kept in RAM, not VRAM (SDXL: 308 KiB a prompt in fp16, so
+    thousands of captioned class images would take back what parking the encoders freed); the loss
+    copies a batch's rows to the device."""
     device = module_device(encoder)
     inputs = prompt_inputs(batches, empty_prompt)
     names = tuple(inputs)
@@ -86,7 +87,7 @@ def cache_text_embeddings(batches: Batches, encoder: torch.nn.Module, family: Fa
         for start in range(0, count, CHUNK):
             chunk = {name: ids[start:start + CHUNK].to(device) for name, ids in inputs.items()}
             for name, value in family.encode_prompts(encoder, chunk).items():
-                parts.setdefault(name, []).append(value)
+                parts.setdefault(name, []).append(value.cpu())
             shown.update(len(chunk[names[0]]))
     rows = {prompt_key(inputs, names, i): i for i in range(count)}
     return TextCache(names, rows, {name: torch.cat(values) for name, values in parts.items()}, family)
