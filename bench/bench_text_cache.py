@@ -8,7 +8,7 @@ encoders frozen, latents cached), then `--steps` optimizer steps of the loop's o
 Printed for each side:
 - the steps' working set, what a GPU must hold while they run: the weights of every part the steps
   run (a forward hook on every module says which parts ran) plus the peak bytes of the tensors the
-  steps make (dbnb.train.steptrace.LiveBytes: activations, gradients, optimizer state);
+  steps make beyond the weights (dbnb.train.steptrace.LiveBytes: activations, gradients, optimizer state);
 - the process's peak RSS: on a CPU the parked encoders stay in the same RAM, so it barely moves;
 - on a CUDA GPU, torch.cuda.max_memory_allocated over the steps: the figure itself.
 """
@@ -69,12 +69,14 @@ def one_side(args, cached: bool) -> dict:
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     with LiveBytes() as made:
+        made.hold(t for part in parts.values() for t in (*part.parameters(), *part.buffers()))
+        held = made.reset_peak()
         for _ in range(args.steps):
             optimizer_step(session)
     hook.remove()
     ran.discard("")
     figures = {"ran": sorted(ran), "weights": sum(weight_bytes(parts[name]) for name in ran),
-               "step_peak": made.peak, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+               "step_peak": made.peak - held, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
                "sizes": {name: weight_bytes(part) for name, part in parts.items()}}
     if gpu:
         figures["cuda_peak"] = torch.cuda.max_memory_allocated()
