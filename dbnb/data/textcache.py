@@ -6,8 +6,8 @@ fit a 16 GB T4).
 The prompts are known before the first step: each picture's own (its template with [filewords]
 filled in) and, with caption_dropout_rate, the empty one. Shuffled or dropped tags would make
 new ones every step, which the config refuses beside this setting. A batch's prompts are found
-by their token ids, which the batches carry anyway, so a prompt varied by the caption rules finds
-the same entry as the one written.
+by their token ids, which the batches carry anyway, so a prompt tokenized again at a step (caption
+dropout on) finds the entry of the same words.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def prompt_key(inputs: dict[str, torch.Tensor], names: tuple[str, ...], row: int
 
 
 class TextCache:
-    """The conditioning of each distinct prompt, found by its token ids (`key`)."""
+    """The conditioning of each distinct prompt, found by its token ids (`prompt_key`)."""
 
     def __init__(self, names: tuple[str, ...], rows: dict[bytes, int], conditioning: dict[str, torch.Tensor],
                  family: Family):
@@ -83,11 +83,14 @@ def cache_text_embeddings(batches: Batches, encoder: torch.nn.Module, family: Fa
     names = tuple(inputs)
     count = len(inputs[names[0]])
     parts: dict[str, list[torch.Tensor]] = {}
+    was_training = encoder.training
+    encoder.eval()  # as the loop runs a frozen encoder (optimizer_step): dropout off
     with bar(total=count, desc="caching text embeddings", unit="prompt", disable=not progress) as shown:
         for start in range(0, count, CHUNK):
             chunk = {name: ids[start:start + CHUNK].to(device) for name, ids in inputs.items()}
             for name, value in family.encode_prompts(encoder, chunk).items():
                 parts.setdefault(name, []).append(value.cpu())
             shown.update(len(chunk[names[0]]))
+    encoder.train(was_training)
     rows = {prompt_key(inputs, names, i): i for i in range(count)}
     return TextCache(names, rows, {name: torch.cat(values) for name, values in parts.items()}, family)
