@@ -11,6 +11,11 @@ Printed for each side:
   steps make beyond the weights (dbnb.train.steptrace.LiveBytes: activations, gradients, optimizer state);
 - the process's peak RSS: on a CPU the parked encoders stay in the same RAM, so it barely moves;
 - on a CUDA GPU, torch.cuda.max_memory_allocated over the steps: the figure itself.
+
+Measured on a 2-core x86_64 CPU, no GPU, torch 2.13.0+cpu (2026-12-06), working set off -> on:
+tiny SDXL (UNet 4.8 MiB with LoRA, encoders 9.2 MiB) 14.6 -> 5.4 MiB, peak RSS 571 / 566 MiB;
+--mid (encoders 1203.7 MiB, UNet 10.6 MiB) 1225.4 -> 13.0 MiB, peak RSS 1412 / 1400 MiB. On a CPU
+the parked encoders stay in the same RAM, so the RSS does not move: the win is on the GPU.
 """
 from __future__ import annotations
 
