@@ -8,6 +8,7 @@ after a lost session computes exactly what the uninterrupted run would have.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,9 @@ from dbnb.data import dataset as data
 from dbnb.data.bucketed import BucketedImages
 from dbnb.data.buckets import BucketPlan, all_square_note, histogram_line, keep_bucketed, plan_buckets
 from dbnb.family import base
+
+if typing.TYPE_CHECKING:  # textcache imports this module
+    from dbnb.data.textcache import TextCache
 
 # --- randomness derived from (seed, step) ----------------------------------------------------
 
@@ -64,7 +68,7 @@ class Batches:
     klass: data.ImageSet | BucketedImages | None
     latents: dict | None  # cached latent distributions: {(part, flipped): (mean, std)}, see `parts`
     plan: BucketPlan | None = None
-    text: object | None = None  # cached text embeddings (dbnb.data.textcache.TextCache), or None
+    text: TextCache | None = None  # cached text embeddings (cache_text_embeddings), or None
 
     @property
     def epoch_len(self) -> int:
