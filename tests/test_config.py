@@ -206,7 +206,7 @@ def test_resume_report_and_memory_facts_live_on_the_fields():
     assert "mixed_precision=fp16" in advice and "gradient_checkpointing=true" in advice
     assert "use_ema=false (for a new run" in advice  # its fp32 copy of the UNet: 3.4 GB of VRAM on SD 1.5
     assert memory_advice(Config(mixed_precision="bf16", train_batch_size=1, sample_every_steps=0,
-                                train_text_encoder=False)).startswith("Every memory option")
+                                train_text_encoder=False, cache_text_embeddings=True)).startswith("Every memory option")
     # paths and prompts have their own headings in the report; the always-shown ones are there unchanged
     shown = [name for name, _, _ in changed_settings(Config())]
     assert "learning_rate" in shown and "instance_prompt" not in shown and "output_dir" not in shown

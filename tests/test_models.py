@@ -277,3 +277,15 @@ def test_fetch_model_keeps_local_sources_and_downloads_urls_once(tiny_dir, tmp_p
     with pytest.raises(ModelLoadError, match="404"):
         fetch_model(http_server.url + "/gone.safetensors", cache_dir=tmp_path / "c")
     assert not [p for p in (tmp_path / "c" / "downloads").iterdir() if "gone" in p.name]
+
+
+def test_the_base_fingerprint_reads_tensors_past_float32s_exact_integers():
+    """CLIP-L's token embedding (49408 x 768) has more values than float32 counts exactly: the last
+    pick must stay inside it (it rounded to one past the end and stopped every full-size run)."""
+    from types import SimpleNamespace
+
+    from dbnb.family.sd1.load import fingerprint
+
+    big = torch.nn.Linear(1, 1)
+    big.weight = torch.nn.Parameter(torch.zeros(16777220, 1, dtype=torch.float16))  # 2**24 + 4 values
+    assert len(fingerprint(SimpleNamespace(unet=big), ("unet",))["unet"]) == 16

@@ -8,6 +8,7 @@ after a lost session computes exactly what the uninterrupted run would have.
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,9 @@ from dbnb.data import dataset as data
 from dbnb.data.bucketed import BucketedImages
 from dbnb.data.buckets import BucketPlan, all_square_note, histogram_line, keep_bucketed, plan_buckets
 from dbnb.family import base
+
+if typing.TYPE_CHECKING:  # textcache imports this module
+    from dbnb.data.textcache import TextCache
 
 # --- randomness derived from (seed, step) ----------------------------------------------------
 
@@ -64,6 +68,7 @@ class Batches:
     klass: data.ImageSet | BucketedImages | None
     latents: dict | None  # cached latent distributions: {(part, flipped): (mean, std)}, see `parts`
     plan: BucketPlan | None = None
+    text: TextCache | None = None  # cached text embeddings (cache_text_embeddings), or None
 
     @property
     def epoch_len(self) -> int:
@@ -93,12 +98,14 @@ def epoch_length(config: Config, examples: tuple[list[data.Example], list[data.E
 class MicroBatch:
     """One process's micro-batch: latents drawn from the autoencoder's distribution (not yet
     scaled), the family's token inputs by name (SD 1.x: {"input_ids": ...}), the (seed, step)
-    generator that also draws its noise and timesteps, and the alpha mask (alpha_mask_loss) or
-    None. Instance rows first, then class rows."""
+    generator that also draws its noise and timesteps, the alpha mask (alpha_mask_loss) or
+    None, and the conditioning looked up in the text cache (cache_text_embeddings) or None.
+    Instance rows first, then class rows."""
     latents: torch.Tensor
     inputs: dict[str, torch.Tensor]
     generator: torch.Generator
     mask: torch.Tensor | None = None
+    conditioning: dict[str, torch.Tensor] | None = None
 
 
 def gather_examples(config: Config) -> tuple[list[data.Example], list[data.Example]]:
@@ -201,7 +208,8 @@ def next_batch(batches: Batches, micro_step: int, config: Config, rank: int, wor
     mean, std = torch.cat(means), torch.cat(stds)
     latents = mean + std * to_device(torch.randn(mean.shape, generator=g), mean.device)
     joined = {name: torch.cat([part[name] for part in inputs]) for name in inputs[0]}
-    return MicroBatch(latents, joined, g, torch.cat(masks) if masks[0] is not None else None)
+    return MicroBatch(latents, joined, g, torch.cat(masks) if masks[0] is not None else None,
+                      batches.text.lookup(joined) if batches.text is not None else None)
 
 
 def batch_parts(batches: Batches, micro_step: int, config: Config, rank: int, world: int) -> list:

@@ -290,6 +290,13 @@ def tokenize(tokenizer, examples: list[Example], cut: list[tuple[Example, int]] 
     return torch.tensor(ids, dtype=torch.long)
 
 
+def tokenize_prompts(tokenizers: dict, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Every tokenizer's token ids of `prompts` (name -> [N, its max length]), cut at its 75 tokens."""
+    return {name: torch.tensor(t(prompts, truncation=True, padding="max_length",
+                                 max_length=t.model_max_length).input_ids, dtype=torch.long)
+            for name, t in tokenizers.items()}
+
+
 def warn_cut(cut: list[tuple[Example, int]], total: int) -> None:
     """One warning for every prompt that was cut, with the longest as the example: a warning
     per picture buried the run's start under dozens of lines saying the same."""
@@ -411,10 +418,8 @@ class ImageSet:
         the end; warn_cut told of the full prompt once)."""
         if not self.captions.active:
             return {name: ids[indices] for name, ids in self.inputs.items()}
-        prompts = [vary_caption(self.examples[i].prompt, self.captions, generator) for i in indices]
-        return {name: torch.tensor(t(prompts, truncation=True, padding="max_length",
-                                     max_length=t.model_max_length).input_ids, dtype=torch.long)
-                for name, t in self.tokenizers.items()}
+        return tokenize_prompts(self.tokenizers, [vary_caption(self.examples[i].prompt, self.captions, generator)
+                                                  for i in indices])
 
     def token_ids(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
         """The "input_ids" token input of the picks' prompts (see token_inputs)."""

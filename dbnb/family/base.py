@@ -111,7 +111,10 @@ class Family(Protocol):
     what is frozen or cast, which modules get LoRA adapters, gradient checkpointing, attention.
     Optional, for the memory planner (dbnb.train.planner): `part_configs(source)`, the parts'
     config files, and `empty_parts(config, weight_dtype)`, the parts built without weights and set
-    up to train (SD 1.x's: dbnb.family.sd1.memory); a family without them is not planned."""
+    up to train (SD 1.x's: dbnb.family.sd1.memory); a family without them is not planned.
+    Optional, for cached text embeddings (dbnb.data.textcache): `size_conditioning(inputs)`, the
+    part of encode_prompts' conditioning that comes from the batch's size inputs, not its prompts
+    (SDXL's time ids), added to each batch's looked-up embeddings; a family without it has none."""
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages

@@ -31,6 +31,7 @@ from dbnb.core.precision import mixed_dtype
 from dbnb.data.batches import (Batches, cache_latents, dropout_seed, epoch_length, gather_examples, next_batch,
                                read_images)
 from dbnb.data.buckets import main_bucket
+from dbnb.data.textcache import cache_text_embeddings
 from dbnb.family import lora
 from dbnb.family.base import Family, Models, family_of
 from dbnb.run.checkpoints import (Checkpoint, RunFolder, RunFolderError, disk_full, load_checkpoint,
@@ -205,7 +206,7 @@ def train_in_mode(config: Config, resume: str | None, progress: bool, on_step) -
         check_schedule(config, steps)
         warn_many_previews(config, steps)
         with RunFolder.for_config(config).hold(accelerator.is_main_process):
-            session = setup(config, accelerator, resume, examples)
+            session = setup(config, accelerator, resume, examples, progress)
             return loop(session, progress, on_step)
     finally:
         accelerator.end_training()
@@ -213,7 +214,7 @@ def train_in_mode(config: Config, resume: str | None, progress: bool, on_step) -
             forget_accelerator_state()
 
 
-def setup(config: Config, accelerator, resume: str | None, examples=None) -> Session:
+def setup(config: Config, accelerator, resume: str | None, examples=None, progress: bool = True) -> Session:
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
 
@@ -283,6 +284,13 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
         for images in (batches.instance, batches.klass):  # their latents are all the loop reads
             if images is not None:
                 images.drop_pictures()
+    # 6. Prompts once too (frozen encoders), so the text encoders can leave the GPU. Previews still
+    # render with them: preview_pipeline brings every parked part to the denoiser's device and back,
+    # one way to render for every family, at a copy each way per preview.
+    if config.cache_text_embeddings:
+        batches.text = cache_text_embeddings(batches, models.encoder, family, config.caption_dropout_rate > 0,
+                                             progress and accelerator.is_main_process)
+        models.encoder.to("cpu")
     if accelerator.is_main_process:
         run.truncate_log(state.get("step", 0))
     return Session(config=config, accelerator=accelerator, run=run, family=family, models=models,
@@ -294,7 +302,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
 def loop(s: Session, progress: bool, on_step=None) -> TrainResult:
     from dbnb.core.progress import bar as tqdm
 
-    # 6. The loop: one optimizer step per pass; save on schedule, on cancel and at the end.
+    # 7. The loop: one optimizer step per pass; save on schedule, on cancel and at the end.
     acc, config = s.accelerator, s.config
     if acc.is_main_process:
         print(f"[dbnb] run folder {shown(s.run.root)}: {len(s.batches.instance)} instance images"

@@ -1,9 +1,9 @@
 """The diffusion loss, for any model family (dbnb.family.base.Family).
 
 Noise, offset noise and timesteps are drawn from the micro-batch's (seed, step) generator in
-this order; the family encodes the prompts and runs its denoiser; the target is the noise, or
-the velocity for v-prediction; then the per-pixel MSE, the alpha mask, min-SNR-γ and the
-prior-preservation split.
+this order; the family encodes the prompts (or the batch brings them, cached) and runs its
+denoiser; the target is the noise, or the velocity for v-prediction; then the per-pixel MSE, the
+alpha mask, min-SNR-γ and the prior-preservation split.
 """
 from __future__ import annotations
 
@@ -28,8 +28,11 @@ def diffusion_loss(denoiser, encoder, noise_scheduler, batch: MicroBatch, config
     timesteps = to_device(torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                         generator=g), device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    with torch.set_grad_enabled(encode_with_grad):
-        conditioning = family.encode_prompts(encoder, {k: to_device(v, device) for k, v in batch.inputs.items()})
+    if batch.conditioning is not None:  # cache_text_embeddings: looked up, the encoders are off the GPU
+        conditioning = {k: to_device(v, device) for k, v in batch.conditioning.items()}
+    else:
+        with torch.set_grad_enabled(encode_with_grad):
+            conditioning = family.encode_prompts(encoder, {k: to_device(v, device) for k, v in batch.inputs.items()})
     pred = family.predict(denoiser, noisy, timesteps, conditioning).float()
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)

@@ -36,6 +36,12 @@ class LiveBytes(TorchDispatchMode):
         self.live = self.peak = 0
         self._seen: set[int] = set()
 
+    def hold(self, tensors) -> None:
+        """Count `tensors` made before the mode (a model's weights) as live, so the views ops take
+        of them are not counted as new bytes."""
+        for t in tensors:
+            self._count(t.untyped_storage())
+
     def reset_peak(self) -> int:
         self.peak = self.live
         return self.live

@@ -55,6 +55,7 @@ def value_problems(c: Config, fields: typing.Iterable[dataclasses.Field]) -> lis
     p += _lora_problems(c)
     p += _inbackward_problems(c)
     p += _optimizer_problems(c)
+    p += _text_cache_problems(c)
     if not 0.0 < c.ema_decay < 1.0:
         p.append(f"ema_decay: {c.ema_decay} must be between 0 and 1 (e.g. 0.9999).")
     if c.with_prior_preservation and not c.concepts_list:
@@ -239,6 +240,27 @@ def _optimizer_problems(c: Config) -> list[str]:
         if c.optimizer_in_backward:
             p.append("optimizer=prodigy with optimizer_in_backward: Prodigy estimates one step size from all "
                      "weights together, which per-weight stepping cannot do; set optimizer_in_backward=false.")
+    return p
+
+
+def _text_cache_problems(c: Config) -> list[str]:
+    """cache_text_embeddings encodes each prompt once, so the encoders must not learn and every
+    prompt a step can make must be known before the first (dbnb.data.textcache)."""
+    if not c.cache_text_embeddings:
+        return []
+    p = []
+    if c.trains_text_encoder:
+        learns = ("lora_text_encoder_rank", c.lora_text_encoder_rank) if c.use_lora else ("train_text_encoder", True)
+        p.append(f"cache_text_embeddings=true with {learns[0]}={str(learns[1]).lower()}: the text encoder learns, "
+                 "so its embeddings change every step and cannot be cached. Set "
+                 + ("lora_text_encoder_rank=0" if c.use_lora else "train_text_encoder=false")
+                 + " to train the UNet alone, or cache_text_embeddings=false.")
+    varying = [f"{name}={value}" for name, value in (("shuffle_caption", "true"),
+               ("caption_tag_dropout_rate", f"{c.caption_tag_dropout_rate:g}")) if getattr(c, name)]
+    if varying:
+        p.append(f"cache_text_embeddings=true with {' and '.join(varying)}: each step makes a new prompt (tags "
+                 "shuffled or left out), too many to encode in advance. Set cache_text_embeddings=false, or "
+                 "turn those off (caption_dropout_rate can stay: its empty prompt is cached too).")
     return p
 
 

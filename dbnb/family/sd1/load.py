@@ -287,7 +287,10 @@ def fingerprint(pipe, parts: tuple[str, ...] = FINGERPRINT_PARTS) -> dict[str, s
         digest = hashlib.sha256()
         for tensor in getattr(pipe, part).parameters():
             flat = tensor.detach().reshape(-1)
+            # clamped: past 2**24 values float32 rounds the last pick up to numel (CLIP's 49408 x 768
+            # token embedding: 37,945,344); the others stay the picks runs recorded
             picks = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR)).long()
+            picks = picks.clamp_(max=flat.numel() - 1)
             digest.update(repr(tuple(tensor.shape)).encode())
             digest.update(flat[picks].to("cpu", torch.float32).numpy().tobytes())
         found[part] = digest.hexdigest()[:16]

@@ -88,10 +88,15 @@ class SDXLFamily:
         for name, token_input in zip(ENCODERS, TOKEN_INPUTS):
             out = encoders[name](inputs[token_input], output_hidden_states=True)
             hidden.append(out.hidden_states[-2])  # the penultimate layer, as SDXL was trained
-        conditioning = {"hidden_states": torch.cat(hidden, dim=-1), "text_embeds": out.text_embeds}
-        if all(k in inputs for k in SIZE_INPUTS):  # bucketing: each picture's own sizes and crop
-            conditioning["time_ids"] = torch.cat([inputs[k] for k in SIZE_INPUTS], dim=-1)
-        return conditioning
+        return {"hidden_states": torch.cat(hidden, dim=-1), "text_embeds": out.text_embeds,
+                **self.size_conditioning(inputs)}
+
+    def size_conditioning(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The time ids of the batch's size inputs (bucketing: each picture's own sizes and crop); none
+        without them (predict then takes the square ones)."""
+        if not all(k in inputs for k in SIZE_INPUTS):
+            return {}
+        return {"time_ids": torch.cat([inputs[k] for k in SIZE_INPUTS], dim=-1)}
 
     def predict(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
