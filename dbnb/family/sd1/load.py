@@ -288,6 +288,9 @@ def fingerprint(pipe, parts: tuple[str, ...] = FINGERPRINT_PARTS) -> dict[str, s
         for tensor in getattr(pipe, part).parameters():
             flat = tensor.detach().reshape(-1)
             picks = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR)).long()
+            # linspace counts in fp32: past 2**24 values its last index can round up beyond the tensor
+            # (SD 1.5's token embedding, SDXL's 2560-channel convs); the picks below it stay as they were.
+            picks.clamp_(max=flat.numel() - 1)
             digest.update(repr(tuple(tensor.shape)).encode())
             digest.update(flat[picks].to("cpu", torch.float32).numpy().tobytes())
         found[part] = digest.hexdigest()[:16]
