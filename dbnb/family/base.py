@@ -111,7 +111,10 @@ class Family(Protocol):
     what is frozen or cast, which modules get LoRA adapters, gradient checkpointing, attention.
     Optional, for the memory planner (dbnb.train.planner): `part_configs(source)`, the parts'
     config files, and `empty_parts(config, weight_dtype)`, the parts built without weights and set
-    up to train (SD 1.x's: dbnb.family.sd1.memory); a family without them is not planned."""
+    up to train (SD 1.x's: dbnb.family.sd1.memory); a family without them is not planned. Optional
+    too, `memory_rules()`: a module with memory_profile=auto's tiers for the family
+    (`auto_settings(config, fields)`), what it refuses on a card (`refusal(config, gpu)`) and the
+    system RAM its load holds (`load_ram(trace)`): SDXL's dbnb.family.sdxl.memory."""
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages
