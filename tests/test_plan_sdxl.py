@@ -19,6 +19,12 @@ FULL_BF16 = {"use_lora": False, "train_text_encoder": False, "resolution": 1024,
              "gradient_checkpointing": True, "use_8bit_adam": True}
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """A trace not shipped is kept in this test's folder, never in the user's cache."""
+    monkeypatch.setenv("DBNB_CACHE", str(tmp_path))
+
+
 def sdxl_config(source, **settings) -> Config:
     return Config(pretrained_model_name_or_path=str(source), **settings)
 
@@ -111,8 +117,7 @@ def test_a_full_sdxl_fine_tune_is_refused_below_40_gb(profile):
     assert refusal(config, card("A100-40")) is None and refusal(config.replace(use_lora=True), l4) is None
 
 
-def test_cli_plan_answers_for_the_tiny_sdxl(tiny_sdxl, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("DBNB_CACHE", str(tmp_path))
+def test_cli_plan_answers_for_the_tiny_sdxl(tiny_sdxl, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"pretrained_model_name_or_path: {tiny_sdxl}\nresolution: 64\nuse_lora: true\n"
                       "mixed_precision: fp16\n")
