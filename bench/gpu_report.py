@@ -35,7 +35,8 @@ On a machine with a CUDA GPU, from this checkout:
 It checks in its first second that torch, diffusers, transformers, accelerate, safetensors,
 huggingface_hub, Pillow, numpy, tqdm, PyYAML and bitsandbytes import (xformers is optional:
 profile 8 is skipped without it), builds an SD 1.5-size model with random weights (no download,
-cached in /tmp/dbnb-gpu-suite), runs each profile in a process of its own, writes
+cached in /tmp/dbnb-gpu-suite; for profiles 10-11 an SDXL-size one, about 7 GB, trained at 1024 px;
+11, a full SDXL fine-tune, runs on a 40 GB+ card only), runs each profile in a process of its own, writes
 `docs/gpu-results/<gpu>-<date>.json` and rebuilds this page from every results file.
 `python bench/gpu_suite.py --dry-run` runs the same code paths on the tiny model on a CPU in
 seconds (the test suite runs it).
@@ -47,8 +48,8 @@ take them along, then
 `python3 -m pip install --no-index --no-deps --target /tmp/site *.whl && PYTHONPATH=/tmp/site python3 bench/gpu_suite.py`.
 Commit the results file and this page. Runs with `--only` on the same GPU and day add to its
 table, so a short device lease can take the suite in two calls, e.g. `--only 1,2,3,4,5,export,load`
-then `--only 6,7,8,9,classimages,preview,hf` (each call on a fresh machine builds the model again,
-about a minute).
+then `--only 6,7,8,9,classimages,preview,hf` and `--only 10,11` (each call on a fresh machine builds
+the model again: about a minute, a few for the SDXL).
 """
 
 

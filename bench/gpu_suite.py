@@ -1,4 +1,4 @@
-"""Every memory profile's VRAM and speed on a full-size SD 1.5, in one run, and docs/performance.md from it.
+"""Every memory profile's VRAM and speed on a full-size SD 1.5 (and SDXL), in one run, and docs/performance.md from it.
 
     python bench/gpu_suite.py                    # a CUDA GPU: all profiles and extras (about 6-8 minutes)
     python bench/gpu_suite.py --dry-run          # the tiny model on the CPU in seconds: the same code paths
@@ -7,7 +7,9 @@
     python bench/gpu_suite.py --write-doc        # docs/performance.md again from docs/gpu-results/*.json
 
 The model is SD 1.5's architecture with random weights from dbnb's shipped config (no download;
-built once into --cache), trained on 5 instance pictures and 10 class images at 512 px. Each
+built once into --cache), trained on 5 instance pictures and 10 class images at 512 px; profiles
+10-11 train a full-size random SDXL (dbnb/assets/sdxl's configs, bench/bench_sdxl_ram.py's build:
+about 7 GB in --cache) at 1024 px as users run it on a T4 (LoRA) and on a 40 GB card (full). Each
 profile runs `dbnb.train.loop.train` in a process of its own (so no allocator cache or CUDA context
 carries over), reports steps/s after the warm-up steps, torch's peak VRAM allocated and
 reserved, whether every logged loss was finite, and whether peak reserved + CUDA context fits a
@@ -67,7 +69,8 @@ class Profile:
     number: int
     name: str
     settings: dict = field(default_factory=dict)  # on top of profile 1's
-    needs: str = ""  # "bf16" or "xformers": skipped where the machine lacks it
+    needs: str = ""  # "bf16", "xformers" or "40 GB": skipped where the machine lacks it
+    model: str = "sd15"  # or "sdxl": the base the profile trains (Plan.inputs)
 
 
 # Profile 1 is what a Colab T4 user runs; the others change one thing each.
@@ -88,7 +91,13 @@ PROFILES = (
     # Compared with profile 1. It cannot use fp16 (no GradScaler in backward): bf16 where the GPU has it.
     Profile(9, "1 with optimizer_in_backward (bf16, no clipping)",
             {"optimizer_in_backward": True, "max_grad_norm": 0.0, "mixed_precision": "bf16"}),
+    # SDXL as memory_profile=auto tiers it (dbnb.family.sdxl.memory): LoRA on a T4, the UNet whole on 40 GB+.
+    Profile(10, "SDXL T4 profile: LoRA rank 32, 1024 px, fp16, 8-bit AdamW, gradient checkpointing, cached latents",
+            {"use_lora": True, "lora_rank": 32, "lora_learning_rate": 1e-4}, model="sdxl"),
+    Profile(11, "SDXL full fine-tune (UNet), 1024 px, bf16, 8-bit AdamW, gradient checkpointing, cached latents",
+            {"train_text_encoder": False, "mixed_precision": "bf16"}, needs="40 GB", model="sdxl"),
 )
+SDXL_MIN_GIB = 39.0  # a 40 GB card as torch reports it: dbnb refuses a full SDXL fine-tune below (FULL_FINE_TUNE_MIN_GIB)
 # What the CPU children would each import again (diffusers imports most lazily).
 PRELOAD = ["dbnb.train.loop", "dbnb.prep.classimages", "dbnb.ship.export", "dbnb.family.sd1.load", "dbnb.evaluate.sample", "accelerate",
            "diffusers.training_utils", "diffusers.optimization", "diffusers.pipelines.stable_diffusion",
@@ -110,6 +119,16 @@ class Plan:
     warmup: int
     class_steps: int
     hf_script: str = ""
+    sdxl_resolution: int = 1024
+    sdxl: bool = False  # an SDXL profile is selected: build_inputs makes the SDXL and its pictures
+
+    def inputs(self, model: str) -> tuple[Path, Path, Path, int]:
+        """(model folder, instance pictures, class pictures, resolution) a profile of `model` trains on."""
+        if model == "sdxl":
+            data = self.cache / "data-sdxl"
+            return self.cache / f"model-sdxl-{'tiny' if self.dry_run else 'full'}", data / "instance", \
+                data / "class", self.sdxl_resolution
+        return self.model, self.instance_dir, self.class_dir, self.resolution
 
     def train_settings(self, profile: Profile, machine: dict, run_name: str) -> dict:
         settings = {**T4_SETTINGS, **profile.settings}
@@ -118,8 +137,9 @@ class Plan:
         if not machine["cuda"]:  # the CPU stand-ins: same code paths, no fp16 / bitsandbytes there
             settings["mixed_precision"] = "no" if settings["mixed_precision"] == "fp16" else settings["mixed_precision"]
             settings["use_8bit_adam"] = False
-        return dict(pretrained_model_name_or_path=str(self.model), instance_data_dir=str(self.instance_dir),
-                    class_data_dir=str(self.class_dir), instance_prompt=INSTANCE_PROMPT, resolution=self.resolution,
+        model, instance_dir, class_dir, resolution = self.inputs(profile.model)
+        return dict(pretrained_model_name_or_path=str(model), instance_data_dir=str(instance_dir),
+                    class_data_dir=str(class_dir), instance_prompt=INSTANCE_PROMPT, resolution=resolution,
                     max_train_steps=self.steps, save_every_steps=0, sample_every_steps=0, lr_warmup_steps=0,
                     output_dir=str(self.cache / "runs"), run_name=run_name, **settings)
 
@@ -316,7 +336,22 @@ def build_inputs(plan: Plan, task: dict) -> dict:
     model_folder("tiny" if plan.dry_run else "sd15", plan.cache)
     _, klass = write_dataset(plan.instance_dir.parent, n_instance=5, size=plan.resolution)
     write_blank_images(klass, 5 * 2, plan.resolution, progress=False)  # transparent: a quick stand-in
+    if plan.sdxl:
+        model, instance, _, resolution = plan.inputs("sdxl")
+        if not (model / "model_index.json").exists():
+            build_sdxl(model, plan.dry_run)
+        write_dataset(instance.parent, n_instance=5, size=resolution)
     return {"seconds": time.perf_counter() - t}
+
+
+def build_sdxl(folder: Path, tiny: bool) -> None:
+    """The SDXL the profiles train: the tiny one for a dry run, else full size with random fp16 weights."""
+    if tiny:
+        from dbnb.world.tiny_sdxl import make_tiny_sdxl
+        make_tiny_sdxl(folder)
+    else:
+        from bench_sdxl_ram import build
+        build(folder)
 
 
 def machine_info(plan: Plan, task: dict) -> dict:
@@ -372,6 +407,8 @@ def child(kind: str, plan: Plan, task: dict, out_path: str) -> None:
 def skip_reason(profile: Profile, machine: dict) -> str:
     if profile.needs == "bf16" and machine["cuda"] and not machine["bf16"]:
         return "needs bf16: this GPU has none"  # (a CPU has bf16 autocast: the dry run runs it)
+    if profile.needs == "40 GB" and machine["cuda"] and machine["vram_gib"] < SDXL_MIN_GIB:
+        return f"needs a 40 GB card: this GPU has {machine['vram_gib']:.1f} GiB (dbnb refuses it below)"
     if profile.needs == "xformers" and not machine["xformers_ok"]:
         return ("needs CUDA (xformers runs on a GPU only)" if not machine["cuda"]
                 else f"xformers unusable here: {machine['xformers_check']}")
@@ -458,6 +495,9 @@ def run_suite(ctx, plan: Plan, machine: dict, selected: set[str], timeout: float
     if 9 in by_id and 1 in by_id:
         by_id[9]["compared_to"] = 1
     model = "tiny (CPU stand-in)" if plan.dry_run else "SD 1.5 architecture, random weights"
+    if plan.sdxl:
+        model += f"; profiles 10-11: {'the tiny SDXL' if plan.dry_run else 'SDXL 1.0 architecture, random weights'}, " \
+                 f"{plan.sdxl_resolution} px"
     return {"machine": machine, "profiles": rows, "extras": extras,
             "plan": {"model": model, "resolution": plan.resolution, "steps": plan.steps, "warmup": plan.warmup,
                      "class_steps": plan.class_steps, "cards": CARDS}}
@@ -546,7 +586,7 @@ def parse_only(text: str) -> set[str]:
     wanted = {part.strip() for part in text.split(",") if part.strip()} if text else known
     unknown = wanted - known
     if unknown:
-        sys.exit(f"gpu_suite: --only {text}: unknown {', '.join(sorted(unknown))}; choose from profiles 1-9 and "
+        sys.exit(f"gpu_suite: --only {text}: unknown {', '.join(sorted(unknown))}; choose from profiles 1-{len(PROFILES)} and "
                  f"{', '.join(EXTRAS)}.")
     return wanted
 
@@ -554,7 +594,7 @@ def parse_only(text: str) -> set[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="the tiny model on the CPU: code paths, in seconds")
-    parser.add_argument("--only", default="", help="comma-separated profiles (1-9) and extras: " + ", ".join(EXTRAS))
+    parser.add_argument("--only", default="", help="comma-separated profiles (1-11) and extras: " + ", ".join(EXTRAS))
     parser.add_argument("--hf-script", default="", help="diffusers' examples/dreambooth/train_dreambooth.py")
     parser.add_argument("--write-doc", action="store_true", help="only rebuild performance.md from the results")
     parser.add_argument("--out", default="", help="folder of gpu-results/ and performance.md "
@@ -588,7 +628,9 @@ def main(argv=None) -> int:
                 instance_dir=cache / "data" / "instance", class_dir=cache / "data" / "class",
                 resolution=64 if dry else 512, steps=steps, warmup=args.warmup if args.warmup is not None else
                 (1 if dry else 10), class_steps=4 if dry else 28,
-                hf_script=str(Path(args.hf_script).resolve()) if args.hf_script else "")
+                hf_script=str(Path(args.hf_script).resolve()) if args.hf_script else "",
+                sdxl_resolution=64 if dry else 1024, sdxl=any(p.model == "sdxl" and str(p.number) in selected
+                                                              for p in PROFILES))
     if plan.warmup >= plan.steps - 1:
         sys.exit(f"gpu_suite: --warmup {plan.warmup} leaves fewer than 2 timed steps of {plan.steps}.")
     ctx = process_context(dry)

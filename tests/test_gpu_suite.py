@@ -42,8 +42,8 @@ def dry_run(tmp_path_factory):
 def test_dry_run_trains_every_profile_it_can_and_says_why_not_the_others(dry_run):
     _, results, _ = dry_run
     rows = {r["id"]: r for r in results["profiles"]}
-    assert len(rows) >= 6 and sorted(rows) == list(range(1, 10))
-    for number in (1, 2, 4, 5, 6, 7, 9):
+    assert len(rows) >= 6 and sorted(rows) == list(range(1, 12))
+    for number in (1, 2, 4, 5, 6, 7, 9, 10, 11):
         row = rows[number]
         assert row["status"] == "ok", row
         assert math.isfinite(row["steps_per_s"]) and row["steps_per_s"] > 0
@@ -53,6 +53,9 @@ def test_dry_run_trains_every_profile_it_can_and_says_why_not_the_others(dry_run
     assert rows[6]["settings"]["with_prior_preservation"] is True
     assert rows[9]["settings"]["optimizer_in_backward"] is True
     assert (rows[7]["settings"]["use_lora"], rows[7]["settings"]["lora_conv_rank"]) == (True, 16)
+    # SDXL as auto tiers it: LoRA for a T4, the UNet whole (bf16) for a 40 GB card, on the tiny SDXL here
+    assert rows[10]["settings"]["use_lora"] is True and rows[11]["settings"]["mixed_precision"] == "bf16"
+    assert "profiles 10-11: the tiny SDXL" in results["plan"]["model"]
     printed = [line for line in dry_run[2].splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert len(printed) >= 6 and any(line.startswith("| 7 | LoRA") for line in printed)
     assert rows[8]["status"] == "skipped" and "CUDA" in rows[8]["reason"]
@@ -120,7 +123,7 @@ def test_gpu_results_render_with_fits_and_the_t4_meaning(dry_run):
     text = report.render([gpu])
     assert "No GPU figures yet" not in text and "### Tesla T4, 14.7 GiB" in text
     assert "| 2 | 1 without gradient checkpointing | ok |" in text and "| 15.50 | **no** | **no** |" in text
-    assert "**For a Colab T4 user:** of the profiles that ran, 1, 4, 5, 6, 7, 9 fit" in text
+    assert "**For a Colab T4 user:** of the profiles that ran, 1, 4, 5, 6, 7, 9, 10, 11 fit" in text
     assert "x of profile 1" in text  # profile 9 is compared with profile 1
 
 

@@ -114,7 +114,10 @@ class Family(Protocol):
     up to train (SD 1.x's: dbnb.family.sd1.memory); a family without them is not planned.
     Optional, for cached text embeddings (dbnb.data.textcache): `size_conditioning(inputs)`, the
     part of encode_prompts' conditioning that comes from the batch's size inputs, not its prompts
-    (SDXL's time ids), added to each batch's looked-up embeddings; a family without it has none."""
+    (SDXL's time ids), added to each batch's looked-up embeddings; a family without it has none.
+    Optional too, `memory_rules()`: a module with memory_profile=auto's tiers for the family
+    (`auto_settings(config, fields)`), what it refuses on a card (`refusal(config, gpu)`) and the
+    system RAM its load holds (`load_ram(trace)`): SDXL's dbnb.family.sdxl.memory."""
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages

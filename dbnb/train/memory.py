@@ -80,16 +80,31 @@ class Choice:
 
 
 def candidates(config: Config, bf16: bool) -> list[dict]:
-    """The memory settings auto may choose for `config`, fastest first."""
+    """The memory settings auto may choose for `config`, fastest first: each of the family's own
+    tiers (SDXL: the latents and text embeddings cached, then the latents uncached) with each profile."""
+    from dbnb.train.planner import family_rules  # lazy: the planner imports diffusers to trace
+
     precision = "bf16" if bf16 else "fp16"
+    rules = family_rules(config)
+    tiers = rules.auto_settings(config, FIELDS) if rules is not None else [{}]
     found = []
-    for profile in PROFILES:
-        settings = {"mixed_precision": precision, **profile}
-        if config.optimizer == "adamw8bit":  # an optimizer named outright is the user's choice
-            settings["use_8bit_adam"] = True
-        if settings not in found:
-            found.append(settings)
+    for tier in tiers:
+        for profile in PROFILES:
+            settings = {"mixed_precision": precision, **profile, **tier}
+            if config.optimizer == "adamw8bit":  # an optimizer named outright is the user's choice
+                settings["use_8bit_adam"] = True
+            if settings not in found:
+                found.append(settings)
     return found
+
+
+def refusal(config: Config, gpu: dict | None) -> str | None:
+    """Why `config`'s family does not train it on `gpu` at all (SDXL: a full fine-tune below 40 GB),
+    whatever the memory settings; None where it may."""
+    from dbnb.train.planner import family_rules  # lazy: the planner imports diffusers to trace
+
+    rules = family_rules(config) if gpu is not None else None
+    return rules.refusal(config, gpu) if rules is not None else None
 
 
 def choose(config: Config, gpu: dict | None) -> Choice:
@@ -100,6 +115,8 @@ def choose(config: Config, gpu: dict | None) -> Choice:
     if gpu is None:
         return Choice(dict(NO_GPU), "no CUDA GPU: " + settings_text(NO_GPU))
     vram, tried = float(gpu["total_vram_gib"]), candidates(config, bool(gpu.get("bf16", False)))
+    if why := refusal(config, gpu):
+        return Choice(tried[-1], why, fits=False)
     name = gpu.get("name", "GPU")
     try:
         predictions = ((settings, plan(config.replace(**settings))) for settings in tried)
@@ -126,6 +143,8 @@ def verdict(config: Config, gpu: dict) -> tuple[bool, str]:
     from dbnb.train.planner import FIT_MARGIN_GIB, plan  # lazy: the planner imports diffusers to trace
 
     name, total = gpu.get("name", "GPU"), float(gpu["total_vram_gib"])
+    if why := refusal(config, gpu):
+        return False, why
     if config.memory_profile == "auto":
         choice = choose(config, gpu)
         return choice.fits, f"{name}: memory_profile=auto → {choice.message}"
@@ -169,11 +188,13 @@ def apply_memory_profile(config: Config, gpu: dict | None | str = "detect", resu
     `resumed`: the saved config of the run being resumed, whose settings that change what is
     learnt (use_8bit_adam: its state is in the checkpoint) stay as the run started, whatever
     GPU tier this session landed on."""
-    if config.memory_profile == "manual":
-        return config
     if gpu == "detect":
         from dbnb.core.hardware import cuda_summary
         gpu = cuda_summary()
+    if why := refusal(config, gpu):
+        raise ConfigError(f"This run cannot train on this GPU — この GPU ではこの学習はできません: {why}")
+    if config.memory_profile == "manual":
+        return config
     choice = choose(config, gpu)
     if config.optimizer_in_backward and choice.settings["mixed_precision"] == "fp16":
         raise ConfigError(f"memory_profile=auto chose mixed_precision=fp16 ({choice.message}), which "

@@ -127,6 +127,13 @@ def sizable(config: Config):
     return family
 
 
+def family_rules(config: Config):
+    """The memory rules of `config`'s family (optional: SDXL's, dbnb.family.sdxl.memory: its
+    memory_profile=auto tiers, what it refuses, its load's RAM), or None."""
+    family = family_of(config)
+    return family.memory_rules() if hasattr(family, "memory_rules") else None
+
+
 def trace_key(config: Config) -> str:
     """What shapes the step's trace: the family, its parts' configs and the TRACED settings."""
     family = sizable(config)
@@ -181,7 +188,8 @@ def plan(config: Config, trace: StepTrace | None = None) -> Plan:
     optimizer_state = state_bytes(optimizer, [torch.empty(n, device="meta") for n in trace.trained])
     ema = trace.trained_bytes if config.use_ema else 0
     autoencoder = 0 if config.cache_latents else trace.autoencoder  # cached: it leaves the GPU before training
-    held = {"weights": trace.weights, "autoencoder": autoencoder, "optimizer state": optimizer_state,
+    weights = trace.weights - (trace.encoder if caches_text(config) else 0)  # cached: the encoders leave it too
+    held = {"weights": weights, "autoencoder": autoencoder, "optimizer state": optimizer_state,
             "EMA weights": ema}
     # Accumulating, the next micro-step's forward runs beside the gradients kept so far.
     forward = trace.forward_peak + (trace.gradients if config.gradient_accumulation_steps > 1 else 0)
@@ -201,6 +209,12 @@ def plan(config: Config, trace: StepTrace | None = None) -> Plan:
                 ram=ram_phases(config, trace))
 
 
+def caches_text(config: Config) -> bool:
+    """Whether the run encodes its prompts once before training (`cache_text_embeddings`, issue 33's
+    caching work: read as off until the setting exists), which only frozen encoders allow."""
+    return bool(getattr(config, "cache_text_embeddings", False)) and not config.trains_text_encoder
+
+
 def ram_phases(config: Config, trace: StepTrace) -> dict:
     """System RAM by phase, estimated from the parameter counts and the copies each phase makes:
 
@@ -210,11 +224,14 @@ def ram_phases(config: Config, trace: StepTrace) -> dict:
     * save: a checkpoint's weights are cast to fp16 on the device and written from the host
       (dbnb.run.checkpoints: the trained parts in fp16); the optimizer state is written tensor by tensor;
     * export: the pipeline loaded in fp32 and the single file's state dict in fp16 beside it.
-    Each on top of `RAM_BASE_GIB`."""
+    Each on top of `RAM_BASE_GIB`. A family with memory rules may read its parts otherwise (SDXL:
+    in their training dtypes, dbnb.family.sdxl.memory.load_ram)."""
     base = RAM_BASE_GIB * GIB
     every_part = 4 * trace.parameters
     single_file = every_part // 2 if str(config.pretrained_model_name_or_path).endswith((".safetensors", ".ckpt")) else 0
-    return {"load": base + every_part + single_file,
+    rules = family_rules(config)
+    load = rules.load_ram(trace) if rules is not None else every_part + single_file
+    return {"load": base + load,
             "save": base + trace.trained_bytes // 2,
             "export": base + every_part + every_part // 2}
 

@@ -79,6 +79,8 @@ class StepTrace:
     encode_peak: int        # above the weights, while the autoencoder encodes (a step's pictures, or a cache chunk)
     forward_peak: int       # above the weights (and the autoencoder's), at the forward's highest point
     backward_peak: int      # the same in backward: recomputed activations, gradients so far
+    encoder: int = 0        # the encoder's weights, within `weights` (off the device with cached text
+                            # embeddings); 0 in traces kept before it was counted: the planner then keeps them on
 
     @property
     def trained_bytes(self) -> int:
@@ -105,7 +107,8 @@ def trace_step(config, build) -> StepTrace:
         for part in (parts.denoiser, parts.encoder, parts.autoencoder):
             part.to_empty(device="cpu")
         autoencoder = _bytes(parts.autoencoder)
-        weights = _bytes(parts.denoiser) + _bytes(parts.encoder)
+        encoder = _bytes(parts.encoder)
+        weights = _bytes(parts.denoiser) + encoder
         parameters = sum(p.numel() for m in (parts.denoiser, parts.encoder, parts.autoencoder) for p in m.parameters())
         trained = tuple(p.numel() for m in (parts.denoiser, parts.encoder) for p in m.parameters() if p.requires_grad)
         rows, side = batch_rows(config), config.resolution // parts.latent_factor
@@ -138,7 +141,7 @@ def trace_step(config, build) -> StepTrace:
         gradients = sum(p.grad.untyped_storage().nbytes() for m in (parts.denoiser, parts.encoder)
                         for p in m.parameters() if p.grad is not None)
     return StepTrace(weights=weights, autoencoder=autoencoder, parameters=parameters, trained=trained, gradients=gradients,
-                     encode_peak=encode_peak, forward_peak=forward_peak, backward_peak=backward_peak)
+                     encode_peak=encode_peak, forward_peak=forward_peak, backward_peak=backward_peak, encoder=encoder)
 
 
 def _bytes(module: torch.nn.Module) -> int:

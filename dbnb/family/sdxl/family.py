@@ -49,7 +49,7 @@ class SDXLFamily:
                             "supported yet. Set train_text_encoder=False to fine-tune the UNet alone, or "
                             "use_lora=True with lora_text_encoder_rank > 0 to train both encoders' adapters.")
         pipe = load.load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
-                                  revision=config.revision)
+                                  revision=config.revision, dtype=load_dtypes(config, weight_dtype))
         if 2 ** (len(pipe.vae.config.block_out_channels) - 1) != LATENT_FACTOR:
             vae = config.pretrained_vae_name_or_path or f"{config.pretrained_model_name_or_path}'s own"
             raise SDXLError(f"The VAE ({vae}) does not scale pictures by {LATENT_FACTOR} as SDXL's does: set "
@@ -76,6 +76,25 @@ class SDXLFamily:
 
     def adapter_targets(self, unet, encoders, spec) -> AdapterTargets:
         return adapters.targets(unet, encoders, spec)  # kohya trains the same blocks on SDXL as on SD 1.x
+
+    def part_configs(self, source: str) -> dict[str, dict]:
+        """The memory planner's: the parts' config files (what shapes them), by component."""
+        from dbnb.family.sdxl import memory  # lazy: it imports this module
+
+        return memory.part_configs(source)
+
+    def empty_parts(self, config, weight_dtype: torch.dtype):
+        """The memory planner's: the parts on the meta device, set up to train (dbnb.family.sdxl.memory)."""
+        from dbnb.family.sdxl import memory  # lazy: it imports this module
+
+        return memory.empty_parts(config, weight_dtype)
+
+    def memory_rules(self):
+        """The planner's and memory_profile=auto's SDXL rules (dbnb.family.sdxl.memory: auto_settings,
+        refusal, load_ram)."""
+        from dbnb.family.sdxl import memory  # lazy: it imports this module
+
+        return memory
 
     def encode_images(self, vae, images: torch.Tensor):
         return autoencoder.encode(vae, images)  # the same rule: SDXL's VAE makes NaNs in fp16 too
@@ -113,6 +132,18 @@ def square_time_ids(latents: torch.Tensor) -> torch.Tensor:
     height, width = (side * LATENT_FACTOR for side in latents.shape[-2:])
     return torch.tensor([height, width, 0, 0, height, width], dtype=latents.dtype,
                         device=latents.device).expand(latents.shape[0], 6)
+
+
+def load_dtypes(config, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype each part is read in: a full-size SDXL read in fp32 is 13 GiB of system RAM, over a
+    free Colab's 12.7 GB (bench/bench_sdxl_ram.py), so the parts set_up freezes in half precision are
+    read in fp16 — under bf16 too, which set_up casts to on the device: the base's fingerprint
+    (taken as loaded) then stays the same whichever half precision a resumed run's GPU has."""
+    if weight_dtype == torch.float32:
+        return {"default": torch.float32}
+    # The VAE runs in fp32 (dbnb.family.sd1.autoencoder); a fully trained UNet keeps fp32 master weights.
+    return {"default": torch.float16, "vae": autoencoder.DTYPE,
+            "unet": torch.float16 if config.use_lora else torch.float32}
 
 
 def set_up(models: Models, config, weight_dtype: torch.dtype) -> None:

@@ -54,8 +54,9 @@ def is_sdxl(source: str) -> bool:
 
 
 def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None):
-    """A `StableDiffusionXLPipeline` (fp32 unless `dtype`) from an SDXL diffusers folder, with the
-    VAE at `vae` in place of its own when given (an fp16-fix VAE: the same latent space)."""
+    """A `StableDiffusionXLPipeline` (fp32 unless `dtype`: one, or one per part by name with a
+    "default", as diffusers takes it) from an SDXL diffusers folder, with the VAE at `vae` in place
+    of its own when given (an fp16-fix VAE: the same latent space)."""
     from diffusers import StableDiffusionXLPipeline
 
     kind, where = resolve_source(source)
@@ -73,7 +74,8 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None):
         raise ModelLoadError(f"Could not load SDXL base model {source!r}: {e}") from e
     if vae:
         scaling = pipe.vae.config.scaling_factor
-        pipe.vae = load_vae(vae, revision=revision, dtype=dtype)
+        pipe.vae = load_vae(vae, revision=revision, dtype=dtype.get("vae", dtype.get("default")) if isinstance(
+            dtype, dict) else dtype)
         # a VAE file is read with SD 1.5's config (0.18215); an SDXL VAE keeps the base's latent scale
         pipe.vae.register_to_config(scaling_factor=scaling)
     return pipe
