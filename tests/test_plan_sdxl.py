@@ -5,10 +5,10 @@ full fine-tune below 40 GB."""
 import pytest
 import torch
 
-from dbnb.core.config import FIELDS, Config, ConfigError
+from dbnb.core.config import Config, ConfigError
 from dbnb.faces.cli import main
 from dbnb.family.sdxl.family import SDXL
-from dbnb.family.sdxl.memory import CACHE_TEXT, SKELETON, auto_settings
+from dbnb.family.sdxl.memory import SKELETON, auto_settings
 from dbnb.train.memory import apply_memory_profile, choose, refusal, verdict
 from dbnb.train.planner import GIB, SHIPPED, _read, card, plan, step_trace, trace_key
 
@@ -74,12 +74,11 @@ def test_the_full_size_t4_lora_fits_a_t4_from_the_shipped_trace():
 
 
 def test_cached_text_embeddings_take_the_encoders_off_the_card():
-    """cache_text_embeddings (issue 33's caching work; read as off until the setting lands) keeps
-    the frozen encoders off the GPU: the training phases lose exactly their weights."""
+    """cache_text_embeddings keeps the frozen encoders off the GPU: the training phases lose exactly
+    their weights."""
     config = sdxl_config(FULL_SIZE, **T4_LORA)
     trace = step_trace(config)
-    cached = sdxl_config(FULL_SIZE, **T4_LORA)
-    object.__setattr__(cached, CACHE_TEXT, True)  # the setting as it will read once the field exists
+    cached = sdxl_config(FULL_SIZE, **T4_LORA, cache_text_embeddings=True)
     without, with_cache = plan(config, trace), plan(cached, trace)
     assert trace.encoder > 1.5 * GIB
     assert without.phases["forward/backward"] - with_cache.phases["forward/backward"] == trace.encoder
@@ -87,16 +86,16 @@ def test_cached_text_embeddings_take_the_encoders_off_the_card():
 
 def test_auto_tiers_cache_text_embeddings_only_for_frozen_encoders():
     frozen = sdxl_config(FULL_SIZE, use_lora=True)
-    assert auto_settings(frozen, FIELDS) == [{"cache_latents": True}, {"cache_latents": False}]  # no field yet
-    assert auto_settings(frozen, {**FIELDS, CACHE_TEXT: None})[0] == {"cache_latents": True, CACHE_TEXT: True}
+    assert auto_settings(frozen) == [{"cache_latents": True, "cache_text_embeddings": True},
+                                     {"cache_latents": False, "cache_text_embeddings": True}]
     learning = sdxl_config(FULL_SIZE, use_lora=True, lora_text_encoder_rank=8)
-    assert CACHE_TEXT not in auto_settings(learning, {**FIELDS, CACHE_TEXT: None})[0]
+    assert auto_settings(learning) == [{"cache_latents": True}, {"cache_latents": False}]
 
 
 def test_auto_fits_sdxl_lora_on_a_t4_in_fp16():
     choice = choose(sdxl_config(FULL_SIZE, use_lora=True, resolution=1024, memory_profile="auto"), card("T4"))
     assert choice.fits, choice.message
-    assert choice.settings["mixed_precision"] == "fp16" and choice.settings["gradient_checkpointing"]
+    assert choice.settings["mixed_precision"] == "fp16" and choice.settings["cache_text_embeddings"]
     assert choice.predicted_gib + 0.5 <= card("T4")["total_vram_gib"]
 
 

@@ -116,7 +116,7 @@ class Family(Protocol):
     part of encode_prompts' conditioning that comes from the batch's size inputs, not its prompts
     (SDXL's time ids), added to each batch's looked-up embeddings; a family without it has none.
     Optional too, `memory_rules()`: a module with memory_profile=auto's tiers for the family
-    (`auto_settings(config, fields)`), what it refuses on a card (`refusal(config, gpu)`) and the
+    (`auto_settings(config)`), what it refuses on a card (`refusal(config, gpu)`) and the
     system RAM its load holds (`load_ram(trace)`): SDXL's dbnb.family.sdxl.memory."""
 
     name: str

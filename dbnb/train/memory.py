@@ -86,7 +86,7 @@ def candidates(config: Config, bf16: bool) -> list[dict]:
 
     precision = "bf16" if bf16 else "fp16"
     rules = family_rules(config)
-    tiers = rules.auto_settings(config, FIELDS) if rules is not None else [{}]
+    tiers = rules.auto_settings(config) if rules is not None else [{}]
     found = []
     for tier in tiers:
         for profile in PROFILES:

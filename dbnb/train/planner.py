@@ -210,9 +210,9 @@ def plan(config: Config, trace: StepTrace | None = None) -> Plan:
 
 
 def caches_text(config: Config) -> bool:
-    """Whether the run encodes its prompts once before training (`cache_text_embeddings`, issue 33's
-    caching work: read as off until the setting exists), which only frozen encoders allow."""
-    return bool(getattr(config, "cache_text_embeddings", False)) and not config.trains_text_encoder
+    """Whether the run encodes its prompts once before training (`cache_text_embeddings`), which
+    only frozen encoders allow."""
+    return config.cache_text_embeddings and not config.trains_text_encoder
 
 
 def ram_phases(config: Config, trace: StepTrace) -> dict:

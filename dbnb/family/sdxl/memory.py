@@ -22,15 +22,14 @@ from pathlib import Path
 
 import torch
 
+from dbnb.core.config import FULL_FINE_TUNE_GIB
 from dbnb.family.base import Models
 from dbnb.family.sd1.memory import TOKENS, EmptyParts
 from dbnb.family.sdxl.family import ENCODERS, LATENT_FACTOR, TOKEN_INPUTS, set_up
 
 SKELETON = Path(__file__).resolve().parents[2] / "assets" / "sdxl"  # SDXL 1.0 base's configs: package data
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")
-# What torch reports a 40 GB card holds (an A100 40 GB: 39.39 GiB): the least a full SDXL fine-tune is planned on.
-FULL_FINE_TUNE_MIN_GIB = 39.0
-CACHE_TEXT = "cache_text_embeddings"  # the setting that keeps the frozen encoders off the GPU (issue 33)
+FULL_FINE_TUNE_MIN_GIB = FULL_FINE_TUNE_GIB["sdxl"]  # the least card a full SDXL fine-tune is planned on
 
 
 def component_config(source: str, component: str) -> dict:
@@ -66,12 +65,11 @@ def empty_parts(config, weight_dtype: torch.dtype) -> EmptyParts:
                       latent_channels=unet.config.in_channels, latent_factor=LATENT_FACTOR)
 
 
-def auto_settings(config, fields) -> list[dict]:
+def auto_settings(config) -> list[dict]:
     """memory_profile=auto's SDXL tiers besides precision, 8-bit Adam and checkpointing, fastest
     first: the latents cached, then encoded at each step; both with the text embeddings cached
-    where the encoders are frozen and dbnb has the setting (`fields`: the Config's settings by name;
-    `cache_text_embeddings` lands with issue 33's caching work)."""
-    text = {CACHE_TEXT: True} if CACHE_TEXT in fields and not config.trains_text_encoder else {}
+    (cache_text_embeddings: the encoders off the GPU) where the encoders are frozen."""
+    text = {"cache_text_embeddings": True} if not config.trains_text_encoder else {}
     return [{"cache_latents": True, **text}, {"cache_latents": False, **text}]
 
 
