@@ -244,7 +244,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None) -> Ses
             print(resume_message(resume_from.trainer_state()["step"], max_steps, config), flush=True)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.
-    optimizer = optimizers.build(config, denoiser, encoder, world, device)
+    optimizer = optimizers.build(config, denoiser, encoder, world, device, encoders=family.parts.encoder.members)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
