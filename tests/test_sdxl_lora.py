@@ -135,7 +135,7 @@ def test_sdxl_takes_only_its_own_penultimate_layer_and_names_the_setting_otherwi
         make_config(clip_skip=13)
 
 
-def test_an_sd1_lora_trained_at_clip_skip_2_previews_at_it_and_its_file_says_so(tiny_dir, tmp_path):
+def test_an_sd1_lora_trained_at_clip_skip_2_previews_at_it_and_its_files_say_so(tiny_dir, tmp_path):
     from dbnb.ship.export import export
 
     config = _config(tiny_dir, tmp_path, run_name="cs2", clip_skip=2, max_train_steps=1, lora_text_encoder_rank=0,
@@ -146,3 +146,5 @@ def test_an_sd1_lora_trained_at_clip_skip_2_previews_at_it_and_its_file_says_so(
         meta = f.metadata()
     assert (meta["ss_clip_skip"], meta["ss_base_model_version"], meta["ss_text_encoder_lr"]) == ("2", "sd_v1", "0")
     assert "dbnb_text_encoder_lrs" not in meta  # one text encoder: kohya's field says it
+    with safe_open(str(export(run_dir, bake=True).path), "pt") as f:  # the full model file says it too
+        assert f.metadata()["ss_clip_skip"] == "2"
