@@ -126,7 +126,7 @@ def test_sdxl_takes_only_its_own_penultimate_layer_and_names_the_setting_otherwi
     assert torch.equal(own, two)
     assert base.pipeline_clip_skip(SDXL, 0) is None and base.pipeline_clip_skip(SDXL, 2) is None
     for wrong in (1, 3):
-        with pytest.raises(base.ClipSkipError, match=rf"clip_skip={wrong}: a sdxl model takes clip_skip 2 .*or 0"):
+        with pytest.raises(base.ClipSkipError, match=rf"clip_skip={wrong}: sdxl models take clip_skip 2 .*or 0"):
             base.pipeline_clip_skip(SDXL, wrong)
     with pytest.raises(base.ClipSkipError, match="clip_skip=1"):  # before the model loads
         SDXL.load(make_config(pretrained_model_name_or_path=str(tiny_sdxl), clip_skip=1), torch.device("cpu"),

@@ -28,6 +28,7 @@ import torch
 
 from dbnb.core.errors import DbnbError
 
+
 # The batches' size conditioning inputs when bucketing ((height, width) pairs, [N, 2] each, in
 # this order; dbnb.data.bucketed), named as diffusers' SDXL pipelines name them; a family
 # conditioned on sizes reads them from encode_prompts' inputs (SDXL: its time ids).
@@ -219,7 +220,7 @@ def resolve_clip_skip(family: Family, clip_skip: int) -> int:
     if clip_skip not in family.clip_skips:
         first, last = family.clip_skips[0], family.clip_skips[-1]
         takes = f"{first}" if first == last else f"{first} to {last}"
-        raise ClipSkipError(f"clip_skip={clip_skip}: a {family.name} model takes clip_skip {takes} (1: the text "
+        raise ClipSkipError(f"clip_skip={clip_skip}: {family.name} models take clip_skip {takes} (1: the text "
                             f"encoder's last layer, 2: the penultimate), or 0 for the one it was trained at "
                             f"({family.clip_skip}). Set clip_skip to one of these.")
     return clip_skip
