@@ -73,15 +73,22 @@ def test_dbnb_export_writes_kohyas_sdxl_layout_that_diffusers_reads_back_as_trai
         assert base_model > 1e-3  # the LoRA changes both encoders' conditioning and the UNet: the check can fail
 
 
-def test_an_sdxl_lora_of_the_unet_alone_exports_only_unet_keys(tiny_sdxl, tmp_path):
+def test_an_sdxl_lora_of_the_unet_alone_on_a_v_prediction_base_exports_unet_keys_saying_v(tiny_sdxl, tmp_path):
+    """NoobAI-XL v-pred's folder says v_prediction in its scheduler config; its LoRA says so as sd-scripts' does."""
+    import shutil
+
     from dbnb.ship.export import export
 
-    run_dir = train(_config(tiny_sdxl, tmp_path, lora_text_encoder_rank=0, max_train_steps=1), progress=False).run_dir
+    vpred = shutil.copytree(tiny_sdxl, tmp_path / "vpred")
+    scheduler = vpred / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    run_dir = train(_config(vpred, tmp_path, lora_text_encoder_rank=0, max_train_steps=1), progress=False).run_dir
     result = export(run_dir)
     with safe_open(str(result.path), "pt") as f:
         keys, meta = set(f.keys()), f.metadata()
     assert result.verified and keys and all(k.startswith("lora_unet_") for k in keys)
     assert meta["ss_text_encoder_lr"] == "0" and json.loads(meta["dbnb_text_encoder_lrs"]) == {"te1": "0", "te2": "0"}
+    assert meta["ss_v_parameterization"] == "True"
 
 
 def test_each_sdxl_text_encoder_learns_at_its_own_rate_and_sd1_ignores_the_second(make_config, tiny_sdxl):
