@@ -107,6 +107,8 @@ def test_each_sdxl_text_encoder_learns_at_its_own_rate_and_sd1_ignores_the_secon
     unet_only = config.replace(lora_text_encoder_rank=0)  # text-encoder adapters stay optional
     assert len(optimizers.build(unet_only, models.denoiser, models.encoder, 1, cpu,
                                 encoders=SDXL.parts.encoder.members).param_groups) == 1
+    with pytest.raises(ConfigError, match=r"prodigy with lora_text_encoder_2_learning_rate=0.005.*set lora_text_"):
+        config.replace(optimizer="prodigy", lora_learning_rate=1.0, lora_text_encoder_learning_rate=1.0)
     sd1 = make_config(use_lora=True, lora_rank=2, lora_text_encoder_rank=2, **RATES)
     sd1_models = SD1.load(sd1, cpu, torch.float32)
     assert [g["lr"] for g in optimizers.build(sd1, sd1_models.denoiser, sd1_models.encoder, 1, cpu,
