@@ -300,8 +300,8 @@ class SizedFamily(DualEncoderFamily):
     size, crop and target size, and checks the target is the size of the latents it denoises."""
     seen = []
 
-    def encode_prompts(self, encoder, inputs):
-        conditioning = super().encode_prompts(encoder, inputs)
+    def encode_prompts(self, encoder, inputs, clip_skip=0):
+        conditioning = super().encode_prompts(encoder, inputs, clip_skip)
         sizes = torch.cat([inputs[k] for k in ("original_size", "crops_coords_top_left", "target_size")], dim=1)
         return {**conditioning, "sizes": sizes}
 

@@ -148,6 +148,7 @@ class DualEncoderFamily:
     parts = base.Parts(denoiser=base.Part("denoiser", "denoiser", "diffusion_pytorch_model.safetensors", "lora_dn_"),
                        encoder=base.Part("encoders", "text encoders", "model.safetensors", "lora_enc_"))
     single_file = None  # no one-file format: these tests export nothing
+    kohya_version, clip_skip, clip_skips = "dual_encoder_test", 1, range(1, 2)  # conditioned on the last layers
     MARKER = "dual_encoder_family.json"
     WIDTHS = (32, 16)
 
@@ -237,7 +238,8 @@ class DualEncoderFamily:
             device = next(autoencoder.parameters()).device
             return autoencoder.decode(latents.to(device) / autoencoder.config.scaling_factor).sample
 
-    def encode_prompts(self, encoder, inputs):
+    def encode_prompts(self, encoder, inputs, clip_skip=0):
+        base.resolve_clip_skip(self, clip_skip)
         first = encoder["encoder_0"](inputs["input_ids"])[0]
         second = encoder["encoder_1"](inputs["input_ids_2"])[0]
         return {"hidden": torch.cat([first, second], dim=-1)}

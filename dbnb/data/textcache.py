@@ -73,9 +73,9 @@ def prompt_inputs(batches: Batches, empty_prompt: bool) -> dict[str, torch.Tenso
 
 @torch.no_grad()
 def cache_text_embeddings(batches: Batches, encoder: torch.nn.Module, family: Family, empty_prompt: bool,
-                          progress: bool = True) -> TextCache:
+                          progress: bool = True, clip_skip: int = 0) -> TextCache:
     """Each distinct prompt of `batches` (and the empty one with `empty_prompt`) encoded once by the
-    frozen `encoder` on its device. Kept in RAM, not VRAM (SDXL: 308 KiB a prompt in fp16, so
+    frozen `encoder` on its device, read at `clip_skip` as the loss reads it. Kept in RAM, not VRAM (SDXL: 308 KiB a prompt in fp16, so
     thousands of captioned class images would take back what parking the encoders freed); the loss
     copies a batch's rows to the device."""
     device = module_device(encoder)
@@ -88,7 +88,7 @@ def cache_text_embeddings(batches: Batches, encoder: torch.nn.Module, family: Fa
     with bar(total=count, desc="caching text embeddings", unit="prompt", disable=not progress) as shown:
         for start in range(0, count, CHUNK):
             chunk = {name: ids[start:start + CHUNK].to(device) for name, ids in inputs.items()}
-            for name, value in family.encode_prompts(encoder, chunk).items():
+            for name, value in family.encode_prompts(encoder, chunk, clip_skip=clip_skip).items():
                 parts.setdefault(name, []).append(value.cpu())
             shown.update(len(chunk[names[0]]))
     encoder.train(was_training)

@@ -29,7 +29,7 @@ from dbnb.core.precision import inference_dtype
 from dbnb.core.progress import bar as tqdm
 from dbnb.data.dataset import FILEWORDS, DatasetError, caption_for, concepts_from_config, list_images
 from dbnb.family.render import PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, labelled_grid, make_scheduler, render
-from dbnb.family.base import family_of
+from dbnb.family.base import family_of, pipeline_clip_skip
 from dbnb.run.folder import RunFolder
 
 if TYPE_CHECKING:
@@ -194,6 +194,7 @@ class TestPipeline:
         self.pipe = pipe.to(device)
         self.decode = partial(family.decode_latents, self.models.autoencoder)
         self.ema, self.config = ema, config
+        self.clip_skip = pipeline_clip_skip(family, config.clip_skip)
         self.base_text = None  # a copy is kept only once a checkpoint brings its own text encoder
         self.current = "base"
 
@@ -216,7 +217,7 @@ class TestPipeline:
         c = self.config
         height, width = (prompt.size[1], prompt.size[0]) if prompt.size else (c.resolution, 0)
         return render(self.pipe, self.decode, prompt.text, seeds, negative=prompt.negative, steps=c.test_infer_steps,
-                      guidance=c.test_guidance_scale, resolution=height, width=width)
+                      guidance=c.test_guidance_scale, resolution=height, width=width, clip_skip=self.clip_skip)
 
 
 def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: str | None = None,

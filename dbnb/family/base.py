@@ -26,6 +26,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from dbnb.core.errors import DbnbError
+
 
 # The batches' size conditioning inputs when bucketing ((height, width) pairs, [N, 2] each, in
 # this order; dbnb.data.bucketed), named as diffusers' SDXL pipelines name them; a family
@@ -54,11 +56,20 @@ class Part:
     label: str  # in messages
     file: str   # its weights file in its folder
     kohya: str  # its adapters' key prefix in a kohya-layout LoRA file, the webui's (dbnb.ship.kohya)
+    # A part of several models in one ModuleDict (SDXL's two text encoders): their names there, which
+    # its adapters' keys start with; in a kohya file each has its own prefix (kohya_prefixes).
+    members: tuple[str, ...] = ()
 
     @property
     def ema(self) -> str:
         """The folder of its EMA weights."""
         return f"{self.name}_ema"
+
+    @property
+    def kohya_prefixes(self) -> dict[str, str]:
+        """Its adapters' kohya key prefix by member ("" for a part of one model): SDXL's encoders'
+        {"te1": "lora_te1_", "te2": "lora_te2_"}, SD 1.x's text encoder's {"": "lora_te_"}."""
+        return {m: f"{self.kohya}{m}_" for m in self.members} or {"": self.kohya}
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,11 @@ class Family(Protocol):
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages
+    kohya_version: str  # kohya's ss_base_model_version of its LoRA files (SD 1.x: "sd_v1")
+    # The clip skip it was trained at, counted as the webui and kohya count (1: the last layer,
+    # 2: the penultimate): what clip_skip=0 means, and what diffusers' pipelines do unasked.
+    clip_skip: int
+    clip_skips: range  # the clip_skip values it takes besides 0 (a ClipSkipError names the others)
     single_file: SingleFile | None  # its one-file format, which exports write; None: none yet (exports refuse)
 
     def recognizes(self, source: str) -> bool:
@@ -150,8 +166,10 @@ class Family(Protocol):
         """Pictures in [-1, 1] from unscaled latents (as a sampler leaves them), under the family's
         precision rule for its autoencoder (dbnb.family.render)."""
 
-    def encode_prompts(self, encoder: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The denoiser's conditioning from the batch's token inputs (already on the device)."""
+    def encode_prompts(self, encoder: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                       clip_skip: int = 0) -> dict[str, torch.Tensor]:
+        """The denoiser's conditioning from the batch's token inputs (already on the device), from
+        the encoder layer `clip_skip` says (the clip_skip setting; 0: the family's own)."""
 
     def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -194,6 +212,31 @@ def for_model(source: str) -> Family:
 def named(name: str) -> Family | None:
     """The family called `name` among the registered and the shipped ones; None when none is."""
     return next((family for family in (*FAMILIES, *shipped(), default()) if family.name == name), None)
+
+
+class ClipSkipError(DbnbError, ValueError):
+    """clip_skip names a layer the family does not condition on; the message says what to set."""
+
+
+def resolve_clip_skip(family: Family, clip_skip: int) -> int:
+    """The clip_skip setting as the layer it means for `family` (0: the family's own), counted as
+    the webui and kohya count; a ClipSkipError for a value the family does not take."""
+    if clip_skip == 0:
+        return family.clip_skip
+    if clip_skip not in family.clip_skips:
+        first, last = family.clip_skips[0], family.clip_skips[-1]
+        takes = f"{first}" if first == last else f"{first} to {last}"
+        raise ClipSkipError(f"clip_skip={clip_skip}: {family.name} models take clip_skip {takes} (1: the text "
+                            f"encoder's last layer, 2: the penultimate), or 0 for the one it was trained at "
+                            f"({family.clip_skip}). Set clip_skip to one of these.")
+    return clip_skip
+
+
+def pipeline_clip_skip(family: Family, clip_skip: int) -> int | None:
+    """diffusers pipelines' `clip_skip` argument for the clip_skip setting: they count the layers
+    skipped beyond the family's own (SD 1.x's pipeline: 1 is the penultimate layer; SDXL's: None is
+    already the penultimate), the webui and kohya from the last layer (2: the penultimate)."""
+    return resolve_clip_skip(family, clip_skip) - family.clip_skip or None
 
 
 def family_of(config) -> Family:

@@ -48,13 +48,14 @@ def generators(seeds: list[int]) -> list[torch.Generator]:
 
 @torch.no_grad()
 def render(pipe, decode: Callable[[torch.Tensor], torch.Tensor], prompt: str, seeds: list[int], *,
-           negative: str = "", steps: int, guidance: float, resolution: int, width: int = 0) -> list[Image.Image]:
+           negative: str = "", steps: int, guidance: float, resolution: int, width: int = 0,
+           clip_skip: int | None = None) -> list[Image.Image]:
     """One image per seed in one batch, decoded by `decode` (the family's decode_latents of the
     pipeline's autoencoder: its precision rule, not the pipeline's); `resolution` tall and `width`
-    (0: resolution) wide."""
+    (0: resolution) wide; `clip_skip` as diffusers' pipelines count it (dbnb.family.base.pipeline_clip_skip)."""
     latents = pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=len(seeds),
                    num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=width or resolution,
-                   generator=generators(seeds), output_type="latent").images
+                   generator=generators(seeds), output_type="latent", clip_skip=clip_skip).images
     return pipe.image_processor.postprocess(decode(latents), output_type="pil")
 
 

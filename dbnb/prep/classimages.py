@@ -37,7 +37,7 @@ from dbnb.data.buckets import class_image_sizes
 from dbnb.data.dataset import DatasetError
 from dbnb.data.intake import IMAGE_SUFFIXES, FetchError, fetch_images
 from dbnb.family.render import SAMPLERS, cpu_batch_size, make_scheduler, render
-from dbnb.family.base import Models, family_of
+from dbnb.family.base import Models, family_of, pipeline_clip_skip
 
 NAME = "class-{:05d}"  # zero-padded: the trainer's sorted listing is then the numbering order
 TRANSPARENT_PER_INSTANCE = 10  # the seed: 10x the instance images
@@ -275,7 +275,7 @@ def render_batch(pipe, decode, config, prompt: str, indices: list[int], size: tu
     width, height = size or (config.resolution, config.resolution)
     return render(pipe, decode, prompt, [config.class_seed + k for k in indices], negative=config.class_negative_prompt,
                   steps=config.class_infer_steps, guidance=config.class_guidance_scale, resolution=height,
-                  width=width)
+                  width=width, clip_skip=pipeline_clip_skip(family_of(config), config.clip_skip))
 
 
 def generate_class_images(config, progress: bool = True, models: Models | None = None) -> list[Path]:

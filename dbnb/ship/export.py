@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -25,9 +26,10 @@ from dbnb.core.errors import DbnbError
 from dbnb.core.platform import shown
 from dbnb.core.precision import FILE_DTYPES
 from dbnb.core.source_names import public_name
+from dbnb.core.weightfile import remove_leftovers, write_safetensors
 from dbnb.data.intake import free_name
 from dbnb.family import lora
-from dbnb.family.base import Family, SingleFile, default, for_model
+from dbnb.family.base import Family, default, for_model, resolve_clip_skip
 from dbnb.family.lora import merged_state_dict
 from dbnb.run.folder import RunFolder
 from dbnb.ship import kohya
@@ -136,11 +138,12 @@ def room_advice(folder: Path) -> str:
             f"or free space at {folder}, then export again.")
 
 
-def write_export(path: Path, state: dict, single_file: SingleFile, **options) -> Path:
-    """The family's single-file writer, with a disk that fills during the write named as such.
-    Nothing is left behind: the writer deletes its half-written temporary file."""
+def write_export(path: Path, state: dict, write: Callable[..., Path], **options) -> Path:
+    """`write(path, state, **options)` (the family's single-file writer, or the LoRA file's), with a
+    disk that fills during the write named as such. Nothing is left behind: the writer deletes
+    its half-written temporary file."""
     try:
-        return single_file.write(path, state, **options)
+        return write(path, state, **options)
     except write_errors() as e:
         if isinstance(e, DbnbError) or not is_disk_full(e):
             raise
@@ -194,21 +197,22 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     if not run.config_path.is_file():
         refuse_runs_folder(Path(source))
     family = run.family if run.config_path.is_file() else for_model(str(source))
+    if run.config_path.is_file() and not bake and run.pick(step).kind == "lora":  # any family: plain safetensors
+        return export_lora(run, run.pick(step), ema=ema, fmt=fmt, precision=precision, to=to,
+                           overwrite=overwrite, name=name)
     if family.single_file is None:
         kept = (f"its checkpoints under {run.checkpoints_dir} are diffusers folders (full runs) or peft adapters "
                 "(lora/), which diffusers loads" if run.config_path.is_file() else "use the diffusers folder as it is")
         raise ExportError(f"{source}: a {family.name} model cannot be exported to one file yet (dbnb has no "
                           f"writer for its files); {kept}.")
-    if run.config_path.is_file() and not bake and run.pick(step).kind == "lora":
-        return export_lora(run, run.pick(step), ema=ema, fmt=fmt, precision=precision, to=to,
-                           overwrite=overwrite, name=name)
     if run.config_path.is_file():
         denoiser, autoencoder, encoder, step, config = run_state_dicts(run, step, ema, dtype, vae)
         label = config.run_name
         stem = name or f"{label}_{step}" + ("_ema" if ema else "")
         default, base_model = run.exports_dir, config.pretrained_model_name_or_path
         info = {"dbnb_instance_prompt": config.instance_prompt, "dbnb_resolution": str(config.resolution),
-                "dbnb_class_prompt": config.class_prompt, "dbnb_ema": str(ema).lower()}
+                "dbnb_class_prompt": config.class_prompt, "dbnb_ema": str(ema).lower(),
+                "ss_clip_skip": str(resolve_clip_skip(family, config.clip_skip))}  # what to render it at
     else:
         denoiser, autoencoder, encoder = model_state_dicts(str(source), dtype, vae)
         label = Path(str(source).rstrip("/")).stem
@@ -221,7 +225,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     path = free_name(folder / f"{stem}.{fmt}", overwrite)
     metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": public_name(base_model),
                 "dbnb_precision": precision, **info}
-    write_export(path, state, family.single_file, metadata=metadata, global_step=step)
+    write_export(path, state, family.single_file.write, metadata=metadata, global_step=step)
     del state
     try:
         verify(path, {"denoiser": denoiser, "autoencoder": autoencoder, "encoder": encoder}, dtype, family)
@@ -243,18 +247,20 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
     state = kohya.kohya_state_dict(denoiser, encoder, spec, dtype, family.parts)
     stem = name or f"{config.run_name}_{checkpoint.step}" + ("_ema" if ema else "")
     folder = destination_folder(to, config.run_name, run.exports_dir)
-    family.single_file.remove_leftovers(folder)
+    remove_leftovers(folder)
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
     path = free_name(folder / f"{stem}.safetensors", overwrite)
-    write_export(path, state, family.single_file,
-                 metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__),
-                           "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
 
     def base():
         return family.open(config.pretrained_model_name_or_path, autoencoder=config.pretrained_vae_name_or_path,
                            revision=config.revision, dtype=torch.float32)
+    models = base()
+    prediction_type = models.pipe.scheduler.config.get("prediction_type", "epsilon")
+    write_export(path, state, write_safetensors,
+                 metadata={**kohya.metadata(config, spec, checkpoint.step, path.stem, __version__, family,
+                                            prediction_type),
+                           "dbnb_precision": precision, "dbnb_ema": str(ema).lower()})
     try:
-        models = base()
         checkpoint.load_into(models.denoiser, models.encoder, ema=ema)
         with torch.no_grad():  # what the file can hold: the adapters at its precision
             for p in lora.trainable(models.denoiser, models.encoder):

@@ -1,13 +1,15 @@
-"""A LoRA checkpoint as the file AUTOMATIC1111's webui loads: kohya sd-scripts' layout.
+"""A LoRA checkpoint as the file AUTOMATIC1111's webui and ComfyUI load: kohya sd-scripts' layout.
 
   lora_unet_<diffusers module path, '.' → '_'>.lora_down.weight / .lora_up.weight / .alpha
-  lora_te_text_model_<encoder module path>.…                      (the CLIP text encoder)
-  metadata ss_network_dim, ss_network_alpha, ss_network_module, ss_tag_frequency, …
+  lora_te_text_model_<encoder module path>.…     (SD 1.x's CLIP text encoder)
+  lora_te1_text_model_… / lora_te2_text_model_…  (SDXL's CLIP-L / OpenCLIP bigG)
+  metadata ss_network_dim, ss_network_alpha, ss_base_model_version, ss_clip_skip, ss_tag_frequency, …
 
-diffusers' `convert_state_dict_to_kohya` does the renaming; it writes `lora_unet_` and SDXL's
-`lora_te1_` prefixes and alpha = rank, so the family's prefixes (dbnb.family.base.Part.kohya; SD
-1.x: `lora_unet_`, `lora_te_`) and the trained alpha are set here. Every file
-is read back with diffusers' `load_lora_weights` and must give the checkpoint's outputs.
+diffusers' `convert_state_dict_to_kohya` does the renaming; it writes `lora_unet_` and `lora_te1_`
+prefixes and alpha = rank, so the family's prefixes (dbnb.family.base.Part.kohya_prefixes: one per
+text encoder) and the trained alpha are set here. The text encoders keep the `text_model_` level,
+which is what ComfyUI's comfy/lora.py maps (lora_te1_text_model_encoder_layers_N_self_attn_q_proj …).
+Every file is read back with diffusers' `load_lora_weights` and must give the checkpoint's outputs.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ import torch
 
 from dbnb.core.errors import DbnbError
 from dbnb.core.source_names import public_name
-from dbnb.family.base import Family, Models, Parts
+from dbnb.family.base import Family, Models, Parts, resolve_clip_skip
 from dbnb.family.lora import Spec
+from dbnb.train.optimizers import rates_of
 
 TOLERANCE = 1e-4  # max abs difference of the denoiser / encoder outputs, in fp32
 
@@ -33,35 +36,49 @@ def kohya_state_dict(denoiser: dict, encoder: dict, spec: Spec, dtype: torch.dty
                      parts: Parts) -> dict[str, torch.Tensor]:
     """peft-layout adapter state dicts of a family's denoiser and encoder → kohya keys with the
     family's prefixes, with each module's alpha."""
-    from diffusers.utils import convert_state_dict_to_kohya  # lazy: loads diffusers
-
-    # diffusers' converter reads these prefixes and writes its own in their place
-    peft = {**{f"unet.{k}": v for k, v in denoiser.items()},
-            # the webui's CLIP keeps the `text_model.` level that transformers 5 dropped (4 has it)
-            **{"text_encoder." + ("" if k.startswith("text_model.") else "text_model.") + k: v
-               for k, v in encoder.items()}}
-    prefixes = {"lora_unet_": parts.denoiser.kohya, "lora_te1_": parts.encoder.kohya}
-    out = {}
-    for key, value in convert_state_dict_to_kohya(peft).items():
-        written = next((p for p in prefixes if key.startswith(p)), "")
-        key = prefixes.get(written, "") + key[len(written):]
-        if key.endswith(".alpha"):  # alpha / rank is the adapter's scale: keep the trained one
-            value = torch.tensor(float(value) * spec.alpha / spec.rank)
-        out[key] = value.to(dtype).contiguous()
+    out = _converted({f"unet.{k}": v for k, v in denoiser.items()}, "lora_unet_", parts.denoiser.kohya, spec, dtype)
+    for member, prefix in parts.encoder.kohya_prefixes.items():
+        mine = {k.removeprefix(f"{member}."): v for k, v in encoder.items() if not member or k.startswith(f"{member}.")}
+        # the webui's CLIP keeps the `text_model.` level that transformers 5 dropped (4 has it)
+        out |= _converted({"text_encoder." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+                           for k, v in mine.items()}, "lora_te1_", prefix, spec, dtype)
     return out
 
 
-def metadata(config, spec: Spec, step: int, name: str, version: str) -> dict[str, str]:
-    """kohya's `ss_*` fields that the webui and LoRA browsers show, and dbnb's own."""
+def _converted(peft: dict, written: str, prefix: str, spec: Spec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """diffusers' kohya names of one part's peft keys (`unet.` / `text_encoder.` first, which its
+    converter reads and replaces by `written`), under `prefix` instead, with each module's alpha."""
+    from diffusers.utils import convert_state_dict_to_kohya  # lazy: loads diffusers
+
+    out = {}
+    for key, value in (convert_state_dict_to_kohya(peft) if peft else {}).items():
+        if key.endswith(".alpha"):  # alpha / rank is the adapter's scale: keep the trained one
+            value = torch.tensor(float(value) * spec.alpha / spec.rank)
+        out[prefix + key.removeprefix(written)] = value.to(dtype).contiguous()
+    return out
+
+
+def metadata(config, spec: Spec, step: int, name: str, version: str, family: Family,
+             prediction_type: str) -> dict[str, str]:
+    """kohya's `ss_*` fields that the webui and LoRA browsers show, and dbnb's own; `prediction_type`
+    is the base model's (its scheduler's): a v-prediction base's LoRA says so, as sd-scripts' does."""
     from dbnb.data.dataset import DatasetError, caption_for, list_images  # lazy: loads PIL
 
+    _, *rates = rates_of(config)
+    members = family.parts.encoder.members
+    # kohya's one text-encoder rate field holds the first encoder's; each encoder's is dbnb's own
+    encoder_rates = dict(zip(members, rates)) if spec.text_encoder_rank else {m: 0 for m in members}
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(spec.rank),
-            "ss_network_alpha": str(spec.alpha), "ss_base_model_version": "sd_v1", "ss_v2": "False",
+            "ss_network_alpha": str(spec.alpha), "ss_base_model_version": family.kohya_version, "ss_v2": "False",
+            "ss_v_parameterization": str(prediction_type == "v_prediction"),
             "ss_resolution": f"({config.resolution}, {config.resolution})", "ss_output_name": name,
+            "ss_clip_skip": str(resolve_clip_skip(family, config.clip_skip)),
             "ss_steps": str(step), "ss_unet_lr": str(config.lora_learning_rate),
-            "ss_text_encoder_lr": str(config.lora_text_encoder_learning_rate if spec.text_encoder_rank else 0),
+            "ss_text_encoder_lr": str(rates[0] if spec.text_encoder_rank else 0),
             "ss_sd_model_name": public_name(config.pretrained_model_name_or_path), "ss_training_comment": f"dbnb {version}",
             "dbnb_version": version, "dbnb_instance_prompt": config.instance_prompt}
+    if len(members) > 1:
+        meta["dbnb_text_encoder_lrs"] = json.dumps({m: str(r) for m, r in encoder_rates.items()})
     if spec.conv_rank:
         meta["ss_network_args"] = json.dumps({"conv_dim": str(spec.conv_rank), "conv_alpha": str(spec.conv_alpha)})
     try:
@@ -96,7 +113,7 @@ def outputs(models: Models, family: Family, conditioning: dict[str, torch.Tensor
     """(encoder conditioning, denoiser output) on the fixed inputs, in fp32; the denoiser gets
     `conditioning` when given, so a difference in one model does not show up as one in the other."""
     inputs, latents, t = _probe(models)
-    encoded = {k: v.float() for k, v in family.encode_prompts(models.encoder, inputs).items()}
+    encoded = {k: v.float() for k, v in family.encode_prompts(models.encoder, inputs).items()}  # its own clip skip
     predicted = family.predict(models.denoiser, latents, t, encoded if conditioning is None else conditioning)
     return encoded, predicted.float()
 
@@ -119,10 +136,10 @@ def load_file_into(models: Models, path: Path, parts: Parts) -> None:
     from safetensors.torch import load_file  # lazy: loads safetensors
 
     state = load_file(str(path))
-    denoiser, encoder = parts.denoiser.kohya, parts.encoder.kohya
+    denoiser, encoder = parts.denoiser.kohya, tuple(parts.encoder.kohya_prefixes.values())
     want_denoiser = sum(k.startswith(denoiser) and k.endswith("lora_down.weight") for k in state)
     want_encoder = sum(k.startswith(encoder) and k.endswith("lora_down.weight") for k in state)
-    other = [k for k in state if not k.startswith((denoiser, encoder))]
+    other = [k for k in state if not k.startswith((denoiser, *encoder))]
     if other:
         raise KohyaError(f"{path.name}: keys the webui does not read, e.g. {other[0]}.")
     if _transformers_takes_this_peft():
@@ -152,35 +169,43 @@ def _transformers_takes_this_peft() -> bool:
 
 
 def _load_around_the_peft_pin(models: Models, state: dict, parts: Parts) -> None:
-    """The denoiser through the pipeline's `load_lora_weights`; the encoder's part converted by
-    diffusers (`lora_state_dict`, as load_lora_weights does; its keys start with the encoder's
-    pipeline name, Part.name) and injected with peft itself, which is what transformers' refused
+    """The denoiser through the pipeline's `load_lora_weights`; the encoders' part converted by
+    diffusers (`lora_state_dict`, as load_lora_weights does; its keys start with each text encoder's
+    name in the pipeline) and injected with peft itself, which is what transformers' refused
     `load_adapter` would do."""
+    denoiser_part = {k: v for k, v in state.items() if k.startswith(parts.denoiser.kohya)}
+    encoder_part = {k: v for k, v in state.items() if k.startswith(tuple(parts.encoder.kohya_prefixes.values()))}
+    if denoiser_part:
+        models.pipe.load_lora_weights(denoiser_part, adapter_name="file")
+    if not encoder_part:
+        return
+    converted, alphas = models.pipe.lora_state_dict(encoder_part)
+    for module in [models.encoder[m] for m in parts.encoder.members] or [models.encoder]:
+        name = next(n for n, part in models.pipe.components.items() if part is module)
+        _inject(module, converted, alphas or {}, f"{name}.", parts.encoder.label)
+
+
+def _inject(encoder, converted: dict, alphas: dict, prefix: str, label: str) -> None:
+    """The adapters under `prefix` (the text encoder's pipeline name) of diffusers' reading, put on `encoder`."""
     # lazy: loads diffusers, yaml, PIL
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
     # lazy: loads diffusers, yaml, PIL
     from diffusers.utils.peft_utils import _create_lora_config  # diffusers' own reading, private
     from peft import inject_adapter_in_model, set_peft_model_state_dict  # lazy: loads peft, transformers, accelerate
 
-    denoiser_part = {k: v for k, v in state.items() if k.startswith(parts.denoiser.kohya)}
-    encoder_part = {k: v for k, v in state.items() if k.startswith(parts.encoder.kohya)}
-    if denoiser_part:
-        models.pipe.load_lora_weights(denoiser_part, adapter_name="file")
-    if not encoder_part:
+    mine = {k.removeprefix(prefix): v for k, v in converted.items() if k.startswith(prefix)}
+    if not mine:
         return
-    converted, alphas = models.pipe.lora_state_dict(encoder_part)
-    prefix = f"{parts.encoder.name}."
-    encoder = {k.removeprefix(prefix): v for k, v in converted.items() if k.startswith(prefix)}
-    encoder = convert_state_dict_to_peft(convert_state_dict_to_diffusers(encoder))
-    if not hasattr(models.encoder, "text_model"):  # transformers 5 dropped CLIP's wrapper module
-        encoder = {k.removeprefix("text_model."): v for k, v in encoder.items()}
-    alphas = {k.removeprefix(prefix): v for k, v in (alphas or {}).items() if k.startswith(prefix)}
-    rank = {k: v.shape[1] for k, v in encoder.items() if k.endswith("lora_B.weight")}
-    config = _create_lora_config(encoder, alphas, None, rank, is_unet=False)
-    inject_adapter_in_model(config, models.encoder, adapter_name="file")
-    result = set_peft_model_state_dict(models.encoder, encoder, adapter_name="file")
+    mine = convert_state_dict_to_peft(convert_state_dict_to_diffusers(mine))
+    if "text_model" not in dict(encoder.named_children()):  # transformers 5 dropped CLIP's wrapper module
+        mine = {k.removeprefix("text_model."): v for k, v in mine.items()}
+    alphas = {k.removeprefix(prefix): v for k, v in alphas.items() if k.startswith(prefix)}
+    rank = {k: v.shape[1] for k, v in mine.items() if k.endswith("lora_B.weight")}
+    config = _create_lora_config(mine, alphas, None, rank, is_unet=False)
+    inject_adapter_in_model(config, encoder, adapter_name="file")
+    result = set_peft_model_state_dict(encoder, mine, adapter_name="file")
     if result.unexpected_keys:
-        raise KohyaError(f"{parts.encoder.label} keys that fit no layer, e.g. {result.unexpected_keys[0]}.")
+        raise KohyaError(f"{label} keys that fit no layer, e.g. {result.unexpected_keys[0]}.")
 
 
 def verify(path: Path, expected: Outputs, load_base, family: Family) -> float:

@@ -50,8 +50,9 @@ from dbnb.core.errors import DbnbError
 from dbnb.core.precision import FILE_DTYPES
 from dbnb.core.progress import bar as tqdm
 from dbnb.core.source_names import public_name
+from dbnb.core.weightfile import remove_leftovers
 from dbnb.data.intake import free_name
-from dbnb.family.sd1.layout import ORIGINAL_PREFIXES, remove_leftovers, write_single_file
+from dbnb.family.sd1.layout import ORIGINAL_PREFIXES, write_single_file
 from dbnb.family.sd1.load import ModelLoadError, fetch_model, save_folder, sd1_variant
 from dbnb.family.sd1.singlefile import COMPONENTS, Entry, SDFileError, file_entries, folder_entries, weight_files
 from dbnb.ship.hashes import legacy_hash, sha256_of

@@ -245,7 +245,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None, progre
             print(resume_message(resume_from.trainer_state()["step"], max_steps, config), flush=True)
 
     # 4. Optimizer, LR schedule, EMA — then the saved state when resuming.
-    optimizer = optimizers.build(config, denoiser, encoder, world, device)
+    optimizer = optimizers.build(config, denoiser, encoder, world, device, encoders=family.parts.encoder.members)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps,
                                  num_training_steps=max_steps, num_cycles=config.lr_num_cycles,
                                  power=config.lr_power)
@@ -289,7 +289,7 @@ def setup(config: Config, accelerator, resume: str | None, examples=None, progre
     # one way to render for every family, at a copy each way per preview.
     if config.cache_text_embeddings:
         batches.text = cache_text_embeddings(batches, models.encoder, family, config.caption_dropout_rate > 0,
-                                             progress and accelerator.is_main_process)
+                                             progress and accelerator.is_main_process, config.clip_skip)
         models.encoder.to("cpu")
     if accelerator.is_main_process:
         run.truncate_log(state.get("step", 0))

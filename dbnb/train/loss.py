@@ -32,7 +32,8 @@ def diffusion_loss(denoiser, encoder, noise_scheduler, batch: MicroBatch, config
         conditioning = {k: to_device(v, device) for k, v in batch.conditioning.items()}
     else:
         with torch.set_grad_enabled(encode_with_grad):
-            conditioning = family.encode_prompts(encoder, {k: to_device(v, device) for k, v in batch.inputs.items()})
+            conditioning = family.encode_prompts(encoder, {k: to_device(v, device) for k, v in batch.inputs.items()},
+                                                 clip_skip=config.clip_skip)
     pred = family.predict(denoiser, noisy, timesteps, conditioning).float()
     if noise_scheduler.config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)

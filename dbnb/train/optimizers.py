@@ -37,14 +37,19 @@ def wanted(config: Config) -> str:
     return config.optimizer
 
 
-def build(config: Config, unet, text_encoder, world: int, device: torch.device, bnb_check=None):
+def build(config: Config, unet, text_encoder, world: int, device: torch.device, bnb_check=None,
+          encoders: tuple[str, ...] = ()):
     """The optimizer over the trainable weights of `unet` (and `text_encoder` when it learns).
-    `bnb_check`: whether bitsandbytes runs here (default: `env.check_bitsandbytes` on `device`)."""
+    `bnb_check`: whether bitsandbytes runs here (default: `env.check_bitsandbytes` on `device`).
+    `encoders`: the names of the text encoders in `text_encoder` when it holds several (the family's
+    Part.members; SDXL's te1, te2): the second and later learn at the second encoder's rate."""
     make, kwargs, rates = _factory(config, device, bnb_check)
     scale = config.train_batch_size * config.gradient_accumulation_steps * world if config.scale_lr else 1
-    groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": rates[0] * scale}]
+    groups = [{"params": trained(unet), "lr": rates[0] * scale}]
     if config.trains_text_encoder:
-        groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": rates[1] * scale})
+        parts = [text_encoder[name] for name in encoders] or [text_encoder]
+        groups += [{"params": trained(part), "lr": (rates[1] if i == 0 else rates[2]) * scale}
+                   for i, part in enumerate(parts)]
     if config.optimizer_in_backward:
         from dbnb.train.inbackward import OptimizerInBackward
         optimizer = OptimizerInBackward(groups, make, track_grad_norm=True, **kwargs)
@@ -52,6 +57,10 @@ def build(config: Config, unet, text_encoder, world: int, device: torch.device, 
         optimizer = make(groups, **kwargs)
     optimizer.dbnb_name = _name(make)
     return optimizer
+
+
+def trained(module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def _name(make) -> str:
@@ -71,9 +80,17 @@ def fused_adamw(device: torch.device) -> bool:
     return device.type == "cpu" and Version(torch.__version__) >= Version(FUSED_ADAMW_ON_CPU)
 
 
+def rates_of(config: Config, value=getattr) -> tuple[float, float, float]:
+    """(UNet, text encoder, second text encoder) learning rates, each setting read by `value(config, name)`;
+    the second text encoder's (lora_text_encoder_2_learning_rate, LoRA only) at 0 is the first's."""
+    unet, text = (*(value(config, name) for name in config.learning_rate_settings), 0.0)[:2]
+    second = value(config, "lora_text_encoder_2_learning_rate") if config.use_lora else 0.0
+    return unet, text, second or text
+
+
 def _factory(config: Config, device: torch.device, bnb_check):
-    """(constructor, its keyword arguments, (UNet lr, text-encoder lr))."""
-    rates = tuple(getattr(config, name) for name in config.learning_rate_settings) + (0.0,)
+    """(constructor, its keyword arguments, (UNet lr, text-encoder lr, second text-encoder lr))."""
+    rates = rates_of(config)
     adam = dict(betas=(config.adam_beta1, config.adam_beta2), weight_decay=config.adam_weight_decay,
                 eps=config.adam_epsilon)
     torch_adamw = functools.partial(torch.optim.AdamW, fused=fused_adamw(device))
@@ -89,7 +106,7 @@ def _factory(config: Config, device: torch.device, bnb_check):
             # betas, and no step-size growth during warmup (the LR schedule's warmup still applies).
             return Prodigy, dict(adam, use_bias_correction=True, safeguard_warmup=True), rates
         # Prodigy's rates (~1.0) are multipliers; as AdamW step sizes they would wreck the model.
-        defaults = tuple(FIELDS[name].default for name in config.learning_rate_settings) + (0.0,)
+        defaults = rates_of(config, lambda _, name: FIELDS[name].default)
         said = ", ".join(f"{n}={r:g}" for n, r in zip(config.learning_rate_settings, defaults))
         warnings.warn(f"optimizer=prodigy: prodigyopt is not installed ({PRODIGY_INSTALL}); training with "
                       f"torch.optim.AdamW at {said} (the defaults: Prodigy's multipliers are far too large "

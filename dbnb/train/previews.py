@@ -16,7 +16,7 @@ from PIL import Image
 
 from dbnb.core import precision
 from dbnb.core.config import FEW_PREVIEWS
-from dbnb.family.base import Family, Models
+from dbnb.family.base import Family, Models, pipeline_clip_skip
 from dbnb.family.render import PREVIEW_SAMPLER, make_grid, make_scheduler, render, with_legend
 
 
@@ -60,12 +60,13 @@ def preview_pipeline(family: Family, models: Models, denoiser) -> tuple[object, 
 
 def render_prompts(pipe, decode, prompts: list[str], negative_prompt: str, num_per_prompt: int, seed: int,
                    guidance_scale: float, steps: int, resolution: int,
-                   width: int = 0) -> list[tuple[str, int, Image.Image]]:
+                   width: int = 0, clip_skip: int | None = None) -> list[tuple[str, int, Image.Image]]:
     """(prompt, seed, image) for each prompt × seed; seeds are seed, seed+1, ... One image at a
     time: a preview must not need more VRAM than training leaves free. `resolution` tall, `width`
     (0: resolution) wide."""
     return [(prompt, seed + k, render(pipe, decode, prompt, [seed + k], negative=negative_prompt, steps=steps,
-                                      guidance=guidance_scale, resolution=resolution, width=width)[0])
+                                      guidance=guidance_scale, resolution=resolution, width=width,
+                                      clip_skip=clip_skip)[0])
             for prompt in prompts for k in range(num_per_prompt)]
 
 
@@ -95,7 +96,7 @@ def write_previews(run, step: int, family: Family, models: Models, denoiser, con
             results = render_prompts(sampler, partial(family.decode_latents, models.autoencoder),
                                      preview_prompts(config), config.sample_negative_prompt, config.num_samples,
                                      config.sample_seed, config.sample_guidance_scale, config.sample_steps,
-                                     height, width)
+                                     height, width, pipeline_clip_skip(family, config.clip_skip))
     finally:
         denoiser.train(was_training)
         for part, device in parked:  # back where they were parked, to free the VRAM again

@@ -232,7 +232,9 @@ def _optimizer_problems(c: Config) -> list[str]:
     if c.optimizer == "prodigy":
         # Prodigy estimates the step size; its lr multiplies that estimate. AdamW-sized rates
         # (1e-4 … 1e-6) would leave the model where it started.
-        low = [f"{name}={getattr(c, name):g}" for name in c.learning_rate_settings if getattr(c, name) < 0.1]
+        # SDXL's second text encoder at 0 learns at the first's rate: only a rate of its own is checked
+        second = ("lora_text_encoder_2_learning_rate",) if c.use_lora and c.trains_text_encoder else ()
+        low = [f"{name}={getattr(c, name):g}" for name in c.learning_rate_settings + second if 0 < getattr(c, name) < 0.1]
         if low:
             p.append(f"optimizer=prodigy with {', '.join(low)}: Prodigy finds its own step size and its "
                      "learning rate multiplies it; set " + " and ".join(f"{n.split('=')[0]}=1.0" for n in low)

@@ -98,6 +98,21 @@ class TrainSettings:
         0.0, "Prompts", "Rate of Tag Dropout",
         "Each step, each tag after the first keep_tokens is left out with this probability (0-1).",
         help_ja="ステップごとに、keep_tokens より後のタグをそれぞれこの確率（0〜1）で省きます。", minimum=0, maximum=1)
+    clip_skip: int = setting(
+        0, "Prompts", "Clip Skip",
+        "Which text-encoder layer the prompt is read from, counted as the webui's \"Clip skip\" and kohya's "
+        "clip_skip count: 1 the last, 2 the penultimate. Training, previews, test images and class images use "
+        "it; exports record it (ss_clip_skip) so you render at the same value. 0: the base model's own (SD 1.x: "
+        "1; SDXL: 2). Anime SD 1.x bases (NovelAI's descendants) are used at 2. SDXL bases (Pony, Illustrious, "
+        "NoobAI, Animagine) are already read from the penultimate layer, which is what their \"clip skip 2\" "
+        "means: SDXL takes only 0 or 2 (the webui and kohya's SDXL trainer ignore other values).",
+        help_ja="プロンプトをテキストエンコーダのどの層から読むか。webui の「Clip skip」・kohya の clip_skip と同じ数え方で、"
+                "1 が最終層、2 が最後から 2 番目の層です。学習・プレビュー・テスト画像・正則化画像の生成に使い、"
+                "書き出したファイルに記録します（ss_clip_skip。生成時も同じ値に）。0: ベースモデル本来の値"
+                "（SD 1.x は 1、SDXL は 2）。アニメ系の SD 1.x モデル（NovelAI 系）は 2 で使われます。SDXL 系"
+                "（Pony・Illustrious・NoobAI・Animagine）は元から最後から 2 番目の層を読んでおり、これがそれらの"
+                "「clip skip 2」の意味です。SDXL では 0 か 2 だけを受け付けます（webui や kohya の SDXL 学習は"
+                "ほかの値を無視するため）。", minimum=0, maximum=12, report="always")
 
     # --- Class Images --------------------------------------------------------------------
     with_prior_preservation: bool = setting(
@@ -253,6 +268,14 @@ class TrainSettings:
     lora_text_encoder_learning_rate: float = setting(5e-5, "Learning Rate", "Lora Text Encoder Learning Rate",
                                                      "Learning rate of the text encoder's adapters (with use_lora).",
                                                      help_ja="テキストエンコーダのアダプタの学習率（use_lora のとき）。", above=0)
+    lora_text_encoder_2_learning_rate: float = setting(
+        0.0, "Learning Rate", "Lora Text Encoder 2 Learning Rate",
+        "SDXL: learning rate of the second text encoder's (OpenCLIP bigG) adapters, with use_lora and "
+        "lora_text_encoder_rank > 0; lora_text_encoder_learning_rate is then the first's (CLIP-L). 0: the same "
+        "as the first. SD 1.x has one text encoder and does not use it.",
+        help_ja="SDXL: 2 つ目のテキストエンコーダ（OpenCLIP bigG）のアダプタの学習率（use_lora で "
+                "lora_text_encoder_rank > 0 のとき）。lora_text_encoder_learning_rate は 1 つ目（CLIP-L）の学習率に"
+                "なります。0: 1 つ目と同じ。SD 1.x はテキストエンコーダが 1 つなので使いません。", minimum=0)
     lora_dropout: float = setting(0.0, "Learning Rate", "Lora Dropout",
                                   "Dropout on the adapters' input (kohya's network_dropout). 0: off.",
                                   help_ja="アダプタの入力に掛けるドロップアウト（kohya の network_dropout）。0: オフ。")

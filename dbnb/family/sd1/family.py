@@ -8,10 +8,11 @@ checkpointing, the text encoding and the UNet call.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import torch
 
-from dbnb.family.base import AdapterTargets, Models, Part, Parts
+from dbnb.family.base import AdapterTargets, ClipSkipError, Models, Part, Parts, resolve_clip_skip
 from dbnb.family.sd1 import adapters, autoencoder
 from dbnb.family.sd1.webui import WebuiFile
 
@@ -21,6 +22,9 @@ class SD1Family:
     parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors", kohya="lora_unet_"),
                   encoder=Part("text_encoder", "text encoder", "model.safetensors", kohya="lora_te_"))
     single_file = WebuiFile()
+    kohya_version = "sd_v1"  # sd-scripts' model_util.get_model_version_str_for_sd1_sd2 for SD 1.x
+    clip_skip = 1  # trained on the last layer; anime bases (NovelAI's descendants) are used at 2
+    clip_skips = range(1, 13)  # CLIP-L's 12 layers, as the webui's "Clip skip" slider offers them
 
     def recognizes(self, source: str) -> bool:
         return True  # the fallback: dbnb.family.sd1.load says what is not an SD 1.x model
@@ -36,6 +40,7 @@ class SD1Family:
 
         from dbnb.family.sd1.load import fingerprint, load_pipeline
 
+        resolve_clip_skip(self, config.clip_skip)  # a value it does not take: said before the model loads
         pipe = load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                              revision=config.revision)
         base = fingerprint(pipe)  # as loaded: before casts and adapters change what the weights read
@@ -47,6 +52,7 @@ class SD1Family:
 
     def models_of(self, pipe, noise_scheduler=None, base: dict | None = None) -> Models:
         """A StableDiffusionPipeline's parts by role."""
+        norm_where_diffusers_reads_it(pipe.text_encoder)
         return Models(denoiser=pipe.unet, encoder=pipe.text_encoder, autoencoder=pipe.vae,
                       tokenizers={"input_ids": pipe.tokenizer}, noise_scheduler=noise_scheduler,
                       latent_scale=pipe.vae.config.scaling_factor, pipe=pipe, base=base or {})
@@ -76,12 +82,40 @@ class SD1Family:
     def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
         return autoencoder.decode(vae, latents)
 
-    def encode_prompts(self, text_encoder, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"hidden_states": text_encoder(inputs["input_ids"])[0]}
+    def encode_prompts(self, text_encoder, inputs: dict[str, torch.Tensor],
+                       clip_skip: int = 0) -> dict[str, torch.Tensor]:
+        return {"hidden_states": clip_skipped(text_encoder, inputs["input_ids"], resolve_clip_skip(self, clip_skip))}
 
     def predict(self, unet, noisy: torch.Tensor, timesteps: torch.Tensor,
                 conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
         return unet(noisy, timesteps, conditioning["hidden_states"]).sample
+
+
+def clip_skipped(text_encoder, input_ids: torch.Tensor, clip_skip: int) -> torch.Tensor:
+    """The text encoder's hidden states `clip_skip` layers from its end (1: the last), through its
+    final layer norm, as the webui, kohya and diffusers' pipelines condition on a skipped layer."""
+    if clip_skip == 1:
+        return text_encoder(input_ids)[0]  # the last hidden state, already normed
+    layers = text_encoder.config.num_hidden_layers
+    if clip_skip > layers:
+        raise ClipSkipError(f"clip_skip={clip_skip}: this text encoder has {layers} layers; set clip_skip to "
+                            f"at most {layers} (2 for anime bases), or 0 for the last layer.")
+    hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
+    return final_layer_norm(text_encoder)(hidden)
+
+
+def final_layer_norm(text_encoder) -> torch.nn.Module:
+    """CLIP's final layer norm, under transformers 4's `text_model.` level or without it (5)."""
+    return text_encoder.text_model.final_layer_norm if "text_model" in dict(text_encoder.named_children()) \
+        else text_encoder.final_layer_norm
+
+
+def norm_where_diffusers_reads_it(text_encoder) -> None:
+    """diffusers' SD pipeline renders at a clip_skip through `text_encoder.text_model.final_layer_norm`,
+    a level transformers 5 dropped: there it gets a view of the encoder's own norm, outside the
+    module tree (no state-dict key, no adapter target)."""
+    if not hasattr(text_encoder, "text_model"):
+        object.__setattr__(text_encoder, "text_model", SimpleNamespace(final_layer_norm=text_encoder.final_layer_norm))
 
 
 def set_up(unet, text_encoder, vae, config, weight_dtype: torch.dtype) -> None:

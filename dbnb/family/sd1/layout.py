@@ -16,16 +16,15 @@ because a silently missing tensor only shows up later as a broken model in someo
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import stat
-import uuid
 from pathlib import Path
 from types import MappingProxyType
 from typing import Callable, Iterable, Mapping
 
 import torch
+
+from dbnb.core.weightfile import save_safetensors, write_atomically
 
 ORIGINAL_PREFIXES: Mapping[str, str] = MappingProxyType({
     "unet": "model.diffusion_model.",
@@ -268,48 +267,6 @@ def original_state_dict(unet_sd: Mapping[str, torch.Tensor],
     return out
 
 
-def _check_metadata(metadata: Mapping[str, str] | None) -> dict[str, str]:
-    metadata = dict(metadata or {})
-    for key, value in metadata.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            raise TypeError(f"metadata must map str to str, got {key!r}: {value!r}")
-    return metadata
-
-
-def _save_safetensors(tmp: Path, state_dict: Mapping[str, torch.Tensor],
-                      metadata: dict[str, str], global_step: int | None, stem: str) -> None:
-    from safetensors.torch import save_file
-
-    # safetensors refuses non-contiguous tensors; .contiguous() is free for the ones that are.
-    tensors = {key: value.detach().contiguous() for key, value in state_dict.items()}
-    if global_step is not None:
-        metadata = {**metadata, "global_step": str(global_step)}
-    save_file(tensors, str(tmp), metadata=metadata or None)
-    _sort_safetensors_metadata(tmp)
-
-
-def _sort_safetensors_metadata(path: Path) -> bool:
-    """Sort a safetensors file's metadata in place, so the same content hashes the same.
-
-    safetensors writes `__metadata__` in a random (Rust HashMap) order (safetensors#584), so two
-    identical saves differ in bytes and in the webui's hash. The sorted header has the same
-    length, so only header bytes change; False (file untouched) if it would not fit."""
-    with open(path, "r+b") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-        if "__metadata__" not in header:
-            return True
-        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) > size:
-            return False
-        f.seek(8)
-        f.write(text.ljust(size, b" "))  # the format pads the header with spaces
-        f.flush()
-        os.fsync(f.fileno())
-    return True
-
-
 def _save_ckpt(tmp: Path, state_dict: Mapping[str, torch.Tensor],
                metadata: dict[str, str], global_step: int | None, stem: str) -> None:
     import pickle
@@ -395,28 +352,8 @@ class _WebuiCkptArchive:
             f.write(data)
 
 
-_WRITERS = {".safetensors": _save_safetensors, ".ckpt": _save_ckpt}
+_WRITERS = {".safetensors": save_safetensors, ".ckpt": _save_ckpt}
 WRITTEN_SUFFIXES = tuple(_WRITERS)  # what write_single_file writes: the formats export offers
-
-
-# What write_single_file names its file while writing it; and how long a live writer's file
-# can go unchanged before a leftover of a killed one is assumed.
-TMP_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")
-IDLE_WRITER_S = 120
-
-
-def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
-    """Delete the hidden temporary files a killed write left in `folder` (a GB each)."""
-    import time
-
-    folder, removed = Path(folder), []
-    if not folder.is_dir():
-        return removed
-    for p in folder.iterdir():
-        if TMP_NAME.match(p.name) and p.is_file() and time.time() - p.stat().st_mtime > IDLE_WRITER_S:
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
 
 
 def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor],
@@ -426,31 +363,11 @@ def write_single_file(path: str | os.PathLike, state_dict: Mapping[str, torch.Te
     `global_step` goes where each format's readers look: an int beside the ckpt's state_dict
     (as the original SD checkpoints have it), a metadata string in safetensors.
 
-    The file is written under a temporary name in the same folder and renamed into place only
-    when complete, so an interrupted export never leaves a truncated file under the real name
-    (which a webui would list and then fail to load).
+    Written atomically (dbnb.core.weightfile): an interrupted export leaves no truncated file.
     """
     path = Path(path)
     writer = _WRITERS.get(path.suffix.lower())
     if writer is None:
         raise ValueError(f"cannot write {str(path)!r}: suffix must be one of "
                          f"{', '.join(WRITTEN_SUFFIXES)}")
-    metadata = _check_metadata(metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace is an atomic rename on one filesystem; the dot hides it from
-    # model pickers while it is being written.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        # safetensors creates its file owner-only (0600); keep the permissions any new file in
-        # this folder gets, so e.g. a webui running as another user can read the export.
-        tmp.touch(exist_ok=False)
-        mode = stat.S_IMODE(tmp.stat().st_mode)
-        writer(tmp, state_dict, metadata, global_step, path.stem)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:  # data on disk before the rename makes it visible
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, writer, state_dict, metadata, global_step)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from dbnb.core.versions import dtype_argument
+from dbnb.core.weightfile import remove_leftovers
 from dbnb.family.base import Models
 from dbnb.family.sd1 import layout
 from dbnb.family.sd1.load import save_folder, sd1_variant, skeleton_folder
@@ -32,7 +33,7 @@ class WebuiFile:
         return layout.write_single_file(path, state, **options)
 
     def remove_leftovers(self, folder: Path) -> list[Path]:
-        return layout.remove_leftovers(folder)
+        return remove_leftovers(folder)
 
     def read_back(self, path: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> Models:
         from diffusers import StableDiffusionPipeline  # lazy: loads diffusers

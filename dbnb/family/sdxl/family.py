@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from dbnb.core.errors import DbnbError
-from dbnb.family.base import SIZE_INPUTS, AdapterTargets, Models, Part, Parts
+from dbnb.family.base import SIZE_INPUTS, AdapterTargets, Models, Part, Parts, resolve_clip_skip
 from dbnb.family.sd1 import adapters, autoencoder
 from dbnb.family.sd1.family import checkpoint_gradients, set_attention
 from dbnb.family.sdxl import load
@@ -29,7 +29,13 @@ class SDXLFamily:
     name = "sdxl"
     parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors", kohya="lora_unet_"),
                   # kohya's lora_te1_ / lora_te2_: its "lora_" and the encoders' own names (ENCODERS)
-                  encoder=Part("text_encoders", "text encoders", "model.safetensors", kohya="lora_"))
+                  encoder=Part("text_encoders", "text encoders", "model.safetensors", kohya="lora_", members=ENCODERS))
+    kohya_version = "sdxl_base_v1-0"  # sd-scripts' sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
+    # Conditioned on the penultimate layers, as SDXL was trained: what "clip skip 2" means for Pony
+    # and Illustrious. The webui (unless sdxl_clip_l_skip) and kohya's sdxl_train ignore clip skip
+    # for SDXL, so a LoRA trained on another layer would be rendered on this one: refused.
+    clip_skip = 2
+    clip_skips = range(2, 3)
     single_file = None  # the original single-file layout: not written yet (issue 33, item 4)
 
     def recognizes(self, source: str) -> bool:
@@ -48,6 +54,7 @@ class SDXLFamily:
             raise SDXLError("SDXL: fine-tuning the text encoders (train_text_encoder with use_lora off) is not "
                             "supported yet. Set train_text_encoder=False to fine-tune the UNet alone, or "
                             "use_lora=True with lora_text_encoder_rank > 0 to train both encoders' adapters.")
+        resolve_clip_skip(self, config.clip_skip)  # a value it does not take: said before the model loads
         pipe = load.load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                                   revision=config.revision, dtype=load_dtypes(config, weight_dtype))
         if 2 ** (len(pipe.vae.config.block_out_channels) - 1) != LATENT_FACTOR:
@@ -102,7 +109,8 @@ class SDXLFamily:
     def decode_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
         return autoencoder.decode(vae, latents)
 
-    def encode_prompts(self, encoders, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, encoders, inputs: dict[str, torch.Tensor], clip_skip: int = 0) -> dict[str, torch.Tensor]:
+        resolve_clip_skip(self, clip_skip)  # the penultimate layer is the only one taken
         hidden = []
         for name, token_input in zip(ENCODERS, TOKEN_INPUTS):
             out = encoders[name](inputs[token_input], output_hidden_states=True)
