@@ -152,12 +152,14 @@ def write_export(path: Path, state: dict, single_file: SingleFile, **options) ->
 
 # --- verify --------------------------------------------------------------------------------------
 
-def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype, family: Family) -> None:
+def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype, family: Family,
+           base: str = "") -> None:
     """Read the file back as its users' loaders do and demand every key and tensor, exactly:
     `expected` holds the state dicts by role (denoiser, autoencoder, encoder). The key set is
-    checked on its own: loaders such as from_single_file ignore extra keys silently."""
+    checked on its own: loaders such as from_single_file ignore extra keys silently. `base`: the
+    model the parts come from (SDXL files mark its prediction type)."""
     single_file = family.single_file
-    original_keys = single_file.keys(expected["denoiser"], expected["autoencoder"], expected["encoder"])
+    original_keys = single_file.keys(expected["denoiser"], expected["autoencoder"], expected["encoder"], base=base)
     keys, shapes = single_file.keys_and_shapes(path)
     missing, extra = original_keys - set(keys), set(keys) - original_keys
     if missing or extra:
@@ -214,7 +216,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
         label = Path(str(source).rstrip("/")).stem
         stem = name or label
         default, base_model, info, step = Path("exports"), str(source), {}, None
-    state = family.single_file.state_dict(denoiser, autoencoder, encoder)
+    state = family.single_file.state_dict(denoiser, autoencoder, encoder, base=base_model)
     folder = destination_folder(to, label, default)
     family.single_file.remove_leftovers(folder)  # an export killed earlier: its hidden half-file holds the disk
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
@@ -224,7 +226,8 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     write_export(path, state, family.single_file, metadata=metadata, global_step=step)
     del state
     try:
-        verify(path, {"denoiser": denoiser, "autoencoder": autoencoder, "encoder": encoder}, dtype, family)
+        verify(path, {"denoiser": denoiser, "autoencoder": autoencoder, "encoder": encoder}, dtype, family,
+               base=base_model)
     except Exception:
         path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
         raise

@@ -18,10 +18,10 @@ from dbnb.family.sd1.singlefile import keys_and_shapes
 class WebuiFile:
     suffixes = layout.WRITTEN_SUFFIXES
 
-    def state_dict(self, unet: dict, vae: dict, text_encoder: dict) -> dict[str, torch.Tensor]:
-        return layout.original_state_dict(unet, vae, text_encoder)
+    def state_dict(self, unet: dict, vae: dict, text_encoder: dict, base: str = "") -> dict[str, torch.Tensor]:
+        return layout.original_state_dict(unet, vae, text_encoder)  # SD 1.x files mark nothing of their base
 
-    def keys(self, unet: dict, vae: dict, text_encoder: dict) -> set[str]:
+    def keys(self, unet: dict, vae: dict, text_encoder: dict, base: str = "") -> set[str]:
         return {*layout.unet_key_map(unet).values(), *layout.vae_key_map(vae).values(),
                 *layout.text_encoder_key_map(text_encoder).values()}
 

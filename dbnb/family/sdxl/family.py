@@ -15,6 +15,7 @@ from dbnb.family.base import SIZE_INPUTS, AdapterTargets, Models, Part, Parts
 from dbnb.family.sd1 import adapters, autoencoder
 from dbnb.family.sd1.family import checkpoint_gradients, set_attention
 from dbnb.family.sdxl import load
+from dbnb.family.sdxl.webui import SDXLFile
 
 ENCODERS = ("te1", "te2")   # text_encoder (CLIP-L), text_encoder_2 (bigG, with the pooled projection)
 TOKEN_INPUTS = ("input_ids", "input_ids_2")  # one per tokenizer, the batches' token inputs
@@ -30,7 +31,7 @@ class SDXLFamily:
     parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors", kohya="lora_unet_"),
                   # kohya's lora_te1_ / lora_te2_: its "lora_" and the encoders' own names (ENCODERS)
                   encoder=Part("text_encoders", "text encoders", "model.safetensors", kohya="lora_"))
-    single_file = None  # the original single-file layout: not written yet (issue 33, item 4)
+    single_file = SDXLFile()  # the original (sgm) layout the webui and ComfyUI load
 
     def recognizes(self, source: str) -> bool:
         return load.is_sdxl(source)
