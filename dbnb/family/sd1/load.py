@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from dbnb.core.source_names import HUB_ID
 from dbnb.core.versions import dtype_argument
 from dbnb.core.weights import UnsafeCheckpointError, WeightFileError, read_state_dict  # noqa: F401 (re-exported)
 from dbnb.family.sd1.singlefile import keys_and_shapes
-from dbnb.family.sd1.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleton_config
+from dbnb.family.sd1.skeleton import SKELETON, VARIANTS, config_folder, save_tokenizer, skeleton_config
 
 # A single-file model dbnb loads (dbnb.core.weights reads them all); what it writes: dbnb.family.sd1.layout.WRITTEN_SUFFIXES
 LOADABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -200,27 +199,15 @@ def skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
     """The config-only diffusers folder that `from_single_file` reads instead of the Hub."""
     if variant == "sd15":
         return SKELETON
-    import json
-
     from transformers import CLIPTokenizer
 
-    folder = Path(cache_dir or default_cache_dir()) / f"skeleton-{variant}"
-    if not (folder / "model_index.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent))
-        widths = dict(zip(("unet", "vae", "text_encoder"), VARIANTS[variant]), scheduler={})
-        for sub, over in widths.items():
-            name = "scheduler_config.json" if sub == "scheduler" else "config.json"
-            (tmp / sub).mkdir()
-            (tmp / sub / name).write_text(json.dumps(skeleton_config(sub, **over), indent=2))
-        (tmp / "model_index.json").write_text((SKELETON / "model_index.json").read_text())
-        save_tokenizer(CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77),
-                       tmp / "tokenizer")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process made it first
-            pass
-    return folder
+    def fill(tmp: Path) -> None:
+        shutil.copy(SKELETON / "model_index.json", tmp / "model_index.json")
+        save_tokenizer(CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77), tmp / "tokenizer")
+
+    widths = dict(zip(("unet", "vae", "text_encoder"), VARIANTS[variant]), scheduler={})
+    return config_folder(Path(cache_dir or default_cache_dir()) / f"skeleton-{variant}",
+                         {part: skeleton_config(part, **over) for part, over in widths.items()}, fill)
 
 
 # --- the one loader ------------------------------------------------------------------------

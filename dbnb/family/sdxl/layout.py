@@ -48,6 +48,7 @@ POSITION_IDS = f"{CLIP_L}text_model.embeddings.position_ids"
 LOGIT_SCALE = f"{BIGG}logit_scale"
 LOGIT_SCALE_VALUE = math.log(100.0)  # CLIP's trained temperature (SDXL 1.0 base's value); unused in generation
 V_PRED, ZTSNR = "v_pred", "ztsnr"
+EPSILON = ("epsilon", False)  # (prediction_type, zero-terminal SNR) of a file with no markers: SDXL 1.0's own
 
 
 def unet_key_map(keys: Iterable[str]) -> dict[str, str]:
@@ -110,7 +111,7 @@ def markers(prediction_type: str, zero_snr: bool) -> dict[str, torch.Tensor]:
 def sampling(keys: Iterable[str]) -> tuple[str, bool]:
     """(prediction_type, rescale_betas_zero_snr) a file's markers say, as ComfyUI reads them."""
     keys = set(keys)
-    return ("v_prediction" if V_PRED in keys else "epsilon"), V_PRED in keys and ZTSNR in keys
+    return ("v_prediction", ZTSNR in keys) if V_PRED in keys else EPSILON
 
 
 def original_keys(unet: Mapping, vae: Mapping, encoder: Mapping, prediction: tuple[str, bool]) -> set[str]:

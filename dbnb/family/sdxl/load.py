@@ -104,12 +104,16 @@ def is_sdxl(source: str, revision: str = "") -> bool:
 
 def sampling_of(source: str, revision: str = "") -> tuple[str, bool]:
     """(prediction_type, rescale_betas_zero_snr) of the SDXL model at `source`: a single file's markers,
-    a folder's or Hub model's scheduler config; ("epsilon", False), SDXL's own, where none says."""
+    a folder's or Hub model's scheduler config; SDXL's own (layout.EPSILON) where none says, or none is given."""
+    if not source:
+        return layout.EPSILON
     path = Path(str(source)).expanduser()
     if path.is_file():
         return layout.sampling(_file_keys(path) or [])
     scheduler = _json(_folder_file(source, SCHEDULER_CONFIG, revision))
-    return scheduler.get("prediction_type", "epsilon"), bool(scheduler.get("rescale_betas_zero_snr", False))
+    if scheduler.get("prediction_type") != "v_prediction":
+        return layout.EPSILON
+    return "v_prediction", bool(scheduler.get("rescale_betas_zero_snr", False))
 
 
 def scheduler_for(folder: Path, prediction: tuple[str, bool]):
@@ -139,24 +143,31 @@ def fetch_hub(repo_id: str, revision: str = "") -> Path:
                              "pretrained_model_name_or_path to a local folder or .safetensors file.") from e
 
 
+def from_single_file(path: Path, keys: list[str], shapes: dict, dtype: torch.dtype):
+    """diffusers' reading of an SDXL single file (its `keys` and `shapes`), offline: the shipped
+    skeleton of its widths, the scheduler its markers say."""
+    from diffusers import StableDiffusionXLPipeline
+
+    config = skeleton_folder(sdxl_variant(shapes, str(path)))
+    return StableDiffusionXLPipeline.from_single_file(
+        str(path), config=str(config), local_files_only=True, add_watermarker=False,
+        scheduler=scheduler_for(config, layout.sampling(keys)), **dtype_argument("diffusers", dtype))
+
+
 def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None):
     """A `StableDiffusionXLPipeline` (fp32 unless `dtype`) from an SDXL diffusers folder, Hub id or
     single file, with the VAE at `vae` in place of its own when given (an fp16-fix VAE: the same latent space)."""
     from diffusers import StableDiffusionXLPipeline
 
     kind, where = resolve_source(source)
-    common = dict(**dtype_argument("diffusers", dtype or torch.float32), add_watermarker=False)
     try:
         if kind == "file":
-            keys, shapes = keys_and_shapes(Path(where))
-            config = skeleton_folder(sdxl_variant(shapes, source))
-            pipe = StableDiffusionXLPipeline.from_single_file(
-                where, config=str(config), local_files_only=True,
-                scheduler=scheduler_for(config, layout.sampling(keys)), **common)
+            pipe = from_single_file(Path(where), *keys_and_shapes(Path(where)), dtype or torch.float32)
         else:
             folder = fetch_hub(where, revision) if kind == "hub" else Path(where)
             check_folder(folder, FOLDER_PARTS)
-            pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True, **common)
+            pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True, add_watermarker=False,
+                                                             **dtype_argument("diffusers", dtype or torch.float32))
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"Could not load SDXL base model {source!r} ({kind}): {e}") from e
     if vae:

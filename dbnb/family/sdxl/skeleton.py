@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from dbnb.core.errors import DbnbError
 from dbnb.core.platform import default_cache_dir
-from dbnb.family.sd1.skeleton import TINY_VAE
+from dbnb.family.sd1.skeleton import TINY_VAE, config_folder
 
 SKELETON = Path(__file__).resolve().parents[2] / "assets" / "sdxl"  # dbnb/assets: package data
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
@@ -58,10 +56,9 @@ def skeleton_config(part: str, **overrides) -> dict:
 
 def sdxl_variant(shapes: dict, source: str) -> str:
     """'sdxl' (SDXL 1.0's widths: every SDXL-family base) or 'tiny' for an original-layout SDXL file."""
-    widths = {"sdxl": {}} | VARIANTS
-    for variant, over in widths.items():
-        unet, bigg = skeleton_config("unet", **over.get("unet", {})), skeleton_config("text_encoder_2", **over.get(
-            "text_encoder_2", {}))
+    for variant, over in ({"sdxl": {}} | VARIANTS).items():
+        unet = skeleton_config("unet", **over.get("unet", {}))
+        bigg = skeleton_config("text_encoder_2", **over.get("text_encoder_2", {}))
         if shapes.get(CONV_IN, (None,))[0] == unet["block_out_channels"][0] \
                 and shapes.get(BIGG_WIDTH, (None,))[0] == bigg["hidden_size"]:
             return variant
@@ -74,19 +71,11 @@ def skeleton_folder(variant: str, cache_dir: str | Path | None = None) -> Path:
     """The config-only diffusers folder that `from_single_file` reads instead of the Hub."""
     if variant == "sdxl":
         return SKELETON
-    folder = Path(cache_dir or default_cache_dir()) / f"skeleton-sdxl-{variant}"
-    if not (folder / "model_index.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent))
-        for part in PARTS:
-            name = "scheduler_config.json" if part == "scheduler" else "config.json"
-            (tmp / part).mkdir()
-            (tmp / part / name).write_text(json.dumps(skeleton_config(part, **VARIANTS[variant].get(part, {})),
-                                                      indent=2))
-        for name in (*TOKENIZERS, "model_index.json"):
-            (shutil.copytree if name in TOKENIZERS else shutil.copy)(SKELETON / name, tmp / name)
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process made it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    def fill(tmp: Path) -> None:
+        shutil.copy(SKELETON / "model_index.json", tmp / "model_index.json")
+        for name in TOKENIZERS:
+            shutil.copytree(SKELETON / name, tmp / name)
+
+    return config_folder(Path(cache_dir or default_cache_dir()) / f"skeleton-sdxl-{variant}",
+                         {part: skeleton_config(part, **VARIANTS[variant].get(part, {})) for part in PARTS}, fill)

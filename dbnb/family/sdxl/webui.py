@@ -13,44 +13,26 @@ from pathlib import Path
 
 import torch
 
-from dbnb.core.versions import dtype_argument
 from dbnb.family.base import Models
-from dbnb.family.sd1 import layout as sd1_layout
 from dbnb.family.sd1.load import save_folder
-from dbnb.family.sd1.singlefile import keys_and_shapes
+from dbnb.family.sd1.webui import WebuiFile
 from dbnb.family.sdxl import layout
-from dbnb.family.sdxl.load import load_pipeline, sampling_of, scheduler_for
-from dbnb.family.sdxl.skeleton import sdxl_variant, skeleton_folder
+from dbnb.family.sdxl.load import from_single_file, load_pipeline, sampling_of
 
 
-class SDXLFile:
-    suffixes = sd1_layout.WRITTEN_SUFFIXES
+class SDXLFile(WebuiFile):
+    """SD 1.x's file, written and listed as it is; its keys, read-back and conversion SDXL's."""
 
     def state_dict(self, unet: dict, vae: dict, encoder: dict, base: str = "") -> dict[str, torch.Tensor]:
-        return layout.original_state_dict(unet, vae, encoder, sampling_of(base) if base else ("epsilon", False))
+        return layout.original_state_dict(unet, vae, encoder, sampling_of(base))
 
     def keys(self, unet: dict, vae: dict, encoder: dict, base: str = "") -> set[str]:
-        return layout.original_keys(unet, vae, encoder, sampling_of(base) if base else ("epsilon", False))
-
-    def keys_and_shapes(self, path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
-        return keys_and_shapes(path)
-
-    def write(self, path: Path, state: dict, **options) -> Path:
-        return sd1_layout.write_single_file(path, state, **options)
-
-    def remove_leftovers(self, folder: Path) -> list[Path]:
-        return sd1_layout.remove_leftovers(folder)
+        return layout.original_keys(unet, vae, encoder, sampling_of(base))
 
     def read_back(self, path: Path, keys: list[str], shapes: dict, dtype: torch.dtype) -> Models:
-        from diffusers import StableDiffusionXLPipeline  # lazy: loads diffusers
-
         from dbnb.family.sdxl.family import SDXL  # lazy: that module imports this one
 
-        config = skeleton_folder(sdxl_variant(shapes, str(path)))
-        pipe = StableDiffusionXLPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, add_watermarker=False,
-            scheduler=scheduler_for(config, layout.sampling(keys)), **dtype_argument("diffusers", dtype))
-        return SDXL.models_of(pipe)
+        return SDXL.models_of(from_single_file(path, keys, shapes, dtype))
 
     def to_folder(self, path: Path, folder: Path, records: dict[str, dict]) -> Path:
         return save_folder(path, folder, records, load=load_pipeline)
