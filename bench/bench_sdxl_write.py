@@ -1,10 +1,11 @@
-"""RAM and time of writing a full-size SDXL single file: what the write adds to the model it writes.
+"""RAM and time of writing a full-size SDXL single file, and of `dbnb export` of that file.
 
 Builds SDXL 1.0's parts from the shipped skeleton (random weights, in the file's precision, no
 download), maps them to the original layout (dbnb.family.sdxl.layout) and writes them with the
 export's writer; prints the process's RSS before the write, its peak during it, the file's size
 and key count. The peak minus the model is what the write holds besides the model: bigG's q/k/v
-concatenations and the writer's buffers, never a second copy of the model.
+concatenations and the writer's buffers, never a second copy of the model. Then exports that
+file in a fresh process (load, write, verify: the read-back included) and prints its peak RSS.
 
     python bench/bench_sdxl_write.py [--dir /tmp] [--precision fp16]
 """
@@ -12,12 +13,21 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+# One export in a fresh process that reports its own peak RSS.
+EXPORT = """
+import resource, sys
+from dbnb.ship.export import export
+result = export(sys.argv[1], precision=sys.argv[2], to=sys.argv[3], overwrite=True)
+print("PEAK", result.path, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -72,7 +82,16 @@ def main():
     print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB, {len(state)} tensors) in {time.time() - t:.0f} s")
     print(f"RSS before the write {before:.2f} GiB, peak {peak:.2f} GiB: the write added at most {peak - before:.2f} GiB "
           f"to a {model_gib:.2f} GiB model")
+    del state, parts, encoder
+    t = time.time()
+    out = subprocess.run([sys.executable, "-c", EXPORT, str(path), args.precision, str(folder / "out")],
+                         capture_output=True, text=True, check=True).stdout
+    peak_line = next(line for line in out.splitlines() if line.startswith("PEAK"))
+    exported, peak_kib = peak_line.split()[1:]
+    print(f"dbnb export of it ({args.precision}, verified): peak RSS {int(peak_kib) / 2**20:.2f} GiB, "
+          f"{time.time() - t:.0f} s")
     path.unlink()
+    Path(exported).unlink()
 
 
 if __name__ == "__main__":

@@ -120,6 +120,22 @@ def test_a_trained_full_sdxl_run_exports_with_dbnb_export(make_config, tiny_sdxl
     assert any(not torch.equal(base_unet[k], v) for k, v in trained.items())  # the run's weights, not the base's
 
 
+def test_an_export_the_loader_reads_back_differently_is_refused_and_removed(tiny_sdxl, tmp_path, monkeypatch):
+    from dbnb.ship.export import ExportError, export
+
+    real = SDXL.single_file.read_back
+
+    def misread(*args):
+        models = real(*args)
+        with torch.no_grad():
+            models.denoiser.conv_in.bias.add_(1)
+        return models
+    monkeypatch.setattr(SDXL.single_file, "read_back", misread)
+    with pytest.raises(ExportError, match=r"model.diffusion_model.input_blocks.0.0.bias read back different"):
+        export(str(tiny_sdxl), to=str(tmp_path / "out"))
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def _with_scheduler(folder: Path, to: Path, **settings) -> Path:
     shutil.copytree(folder, to)
     path = to / "scheduler" / "scheduler_config.json"
