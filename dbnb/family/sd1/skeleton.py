@@ -1,7 +1,8 @@
 """The configs the loader builds a model from when a single file carries none: SD 1.5's own
 (`assets/sd15`: each component's config.json, the scheduler's, the CLIP tokenizer) and the
 widths of dbnb's small variants (`tiny`, `world`: the same topology, read offline by their
-widths), plus the tokenizer writer every saved diffusers folder uses.
+widths), plus the tokenizer writer every saved diffusers folder uses and the writer of the
+config-only folders `from_single_file` reads (SD 1.x's small variants, dbnb.family.sdxl.skeleton's).
 
 The models built from these widths for tests, bench and the demo are in `dbnb.world.tiny`.
 """
