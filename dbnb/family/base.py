@@ -92,6 +92,10 @@ class SingleFile(Protocol):
     def keys_and_shapes(self, path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         """A written file's keys and shapes, reading no tensor where the format allows."""
 
+    def entries(self, path, stack) -> dict:
+        """A written file's tensors by key, each (read it, its shape), read only when asked for and
+        the file's pages let go as it is read; the file stays open until `stack` (an ExitStack) closes."""
+
     def write(self, path, state: dict, **options):
         """Write `state` to `path` (its suffix says which format) under a temporary name first."""
 

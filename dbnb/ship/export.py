@@ -168,7 +168,7 @@ def verify(path: Path, parts: dict[str, dict[str, torch.Tensor]], dtype: torch.d
         raise ExportError(f"{path.name}: {len(missing)} keys missing, {len(extra)} unexpected "
                           f"(e.g. {sorted(missing or extra)[0]}).")
     _compare_with_file(path, single_file.state_dict(parts["denoiser"], parts["autoencoder"], parts["encoder"],
-                                                    base=base), "written")
+                                                    base=base), "written", single_file)
     parts.clear()
     try:
         read = single_file.read_back(path, keys, shapes, dtype)
@@ -179,17 +179,15 @@ def verify(path: Path, parts: dict[str, dict[str, torch.Tensor]], dtype: torch.d
         loaded = single_file.state_dict(*roles, base=base)
     except ValueError as e:  # the loader built other parts than the file's keys say
         raise ExportError(f"{path.name}: read back as other parts than were written ({e}).") from e
-    _compare_with_file(path, loaded, "read back")
+    _compare_with_file(path, loaded, "read back", single_file)
 
 
-def _compare_with_file(path: Path, state: dict[str, torch.Tensor], what: str) -> None:
+def _compare_with_file(path: Path, state: dict[str, torch.Tensor], what: str, single_file: SingleFile) -> None:
     """Each tensor of `state` equal to the file's, in key and dtype; the file read a tensor at a time."""
     from contextlib import ExitStack
 
-    from dbnb.family.sd1.singlefile import file_entries
-
     with ExitStack() as stack:
-        entries, _ = file_entries(path, stack)
+        entries = single_file.entries(path, stack)
         if state.keys() != entries.keys():
             raise ExportError(f"{path.name}: {what} with different keys ({sorted(state.keys() ^ entries.keys())[:3]}).")
         for key, want in state.items():

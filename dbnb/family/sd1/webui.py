@@ -12,7 +12,7 @@ from dbnb.core.versions import dtype_argument
 from dbnb.family.base import Models
 from dbnb.family.sd1 import layout
 from dbnb.family.sd1.load import save_folder, sd1_variant, skeleton_folder
-from dbnb.family.sd1.singlefile import keys_and_shapes
+from dbnb.family.sd1.singlefile import Entry, file_entries, keys_and_shapes
 
 
 class WebuiFile:
@@ -27,6 +27,9 @@ class WebuiFile:
 
     def keys_and_shapes(self, path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         return keys_and_shapes(path)
+
+    def entries(self, path: Path, stack) -> dict[str, Entry]:
+        return file_entries(path, stack)[0]
 
     def write(self, path: Path, state: dict, **options) -> Path:
         return layout.write_single_file(path, state, **options)
