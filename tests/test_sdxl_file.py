@@ -13,7 +13,7 @@ from dbnb.family import base
 from dbnb.family.sd1.singlefile import keys_and_shapes
 from dbnb.family.sdxl import layout
 from dbnb.family.sdxl.family import SDXL
-from dbnb.family.sdxl.skeleton import skeleton_config
+from dbnb.family.sdxl.skeleton import SKELETON, sdxl_variant, skeleton_config, skeleton_folder
 
 # SDXL 1.0 base's single file (sd_xl_base_1.0.safetensors) holds 2515 tensors: these per part.
 REFERENCE_COUNTS = {layout.UNET: 1680, layout.VAE: 248, layout.CLIP_L: 197, layout.BIGG: 390}
@@ -67,6 +67,9 @@ def test_full_size_sdxl_has_the_reference_files_keys_and_diffusers_reads_them_al
     assert original[layout.BIGG + "text_projection"].shape == (1280, 1280)
     assert original[layout.BIGG + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3 * 1280, 1280)
     _assert_reference_reads_every_tensor(original, models)
+    # such a file loads with the shipped skeleton itself, offline
+    assert skeleton_folder(sdxl_variant({k: tuple(v.shape) for k, v in original.items()}, "sdxl.safetensors")) \
+        == SKELETON
 
 
 def test_tiny_export_reads_back_through_diffusers_and_converts_back_to_a_folder(tiny_sdxl, tmp_path):
@@ -143,14 +146,14 @@ def _with_scheduler(folder: Path, to: Path, **settings) -> Path:
     return to
 
 
-@pytest.mark.parametrize("zero_snr", [True, False])
-def test_v_prediction_markers_go_round_from_folder_to_file_to_folder(tiny_sdxl, tmp_path, zero_snr):
+@pytest.mark.parametrize("zero_snr, fmt", [(True, "safetensors"), (False, "ckpt")])
+def test_v_prediction_markers_go_round_from_folder_to_file_to_folder(tiny_sdxl, tmp_path, zero_snr, fmt):
     from dbnb.family.sdxl.load import sampling_of
     from dbnb.ship.export import convert, export
 
     vpred = _with_scheduler(tiny_sdxl, tmp_path / "vpred", prediction_type="v_prediction",
                             rescale_betas_zero_snr=zero_snr)
-    exported = export(str(vpred), to=str(tmp_path / "out")).path
+    exported = export(str(vpred), to=str(tmp_path / "out"), fmt=fmt).path
     keys, shapes = keys_and_shapes(exported)
     assert {layout.V_PRED, layout.ZTSNR} & set(keys) == ({layout.V_PRED, layout.ZTSNR} if zero_snr else {layout.V_PRED})
     assert shapes[layout.V_PRED] == (0,)  # an empty marker, as NoobAI-XL v-pred's
