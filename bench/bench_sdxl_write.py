@@ -80,8 +80,8 @@ def main():
     path = write_single_file(folder / "sdxl.safetensors", state)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"wrote {path} ({path.stat().st_size / 2**30:.2f} GiB, {len(state)} tensors) in {time.time() - t:.0f} s")
-    print(f"RSS before the write {before:.2f} GiB, peak {peak:.2f} GiB: the write added at most {peak - before:.2f} GiB "
-          f"to a {model_gib:.2f} GiB model")
+    print(f"RSS before the write {before:.2f} GiB, peak {peak:.2f} GiB: the write added at most "
+          f"{peak - before:.2f} GiB to a {model_gib:.2f} GiB model")
     del state, parts, encoder
     t = time.time()
     out = subprocess.run([sys.executable, "-c", EXPORT, str(path), args.precision, str(folder / "out")],

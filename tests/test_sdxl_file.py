@@ -41,8 +41,8 @@ def _assert_reference_reads_every_tensor(original: dict, models: dict[str, torch
     converted = _reference_conversion(original, *models.values())
     prefixes = dict(zip(models, (layout.UNET, layout.VAE, layout.CLIP_L, layout.BIGG)))
     for name, model in models.items():
-        own = {k.removeprefix("text_model."): v for k, v in model.state_dict().items() if not k.endswith("position_ids")}
-        got = {k.removeprefix("text_model."): v for k, v in converted[name].items() if not k.endswith("position_ids")}
+        own, got = ({k.removeprefix("text_model."): v for k, v in state.items() if not k.endswith("position_ids")}
+                    for state in (model.state_dict(), converted[name]))
         assert got.keys() == own.keys(), (name, sorted(got.keys() ^ own.keys())[:4])
         assert all(tuple(got[k].squeeze().shape) == tuple(own[k].squeeze().shape) for k in own), name
         written = sum(v.numel() for k, v in original.items() if k.startswith(prefixes[name])

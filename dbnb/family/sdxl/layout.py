@@ -33,7 +33,8 @@ BIGG = "conditioner.embedders.1.model."
 ENCODERS = ("te1", "te2")  # the encoder role's two halves (dbnb.family.sdxl.family.ENCODERS): CLIP-L, bigG
 
 # The time ids' added embedding: diffusers' add_embedding, sgm's label_emb Sequential(Sequential(linear, SiLU, linear)).
-ADDED_EMBEDDING = MappingProxyType({"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"})
+ADDED_EMBEDDING = MappingProxyType({"add_embedding.linear_1": "label_emb.0.0",
+                                    "add_embedding.linear_2": "label_emb.0.2"})
 
 # bigG's modules: transformers' name → open_clip's (per layer under transformer.resblocks.N).
 _BIGG_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
