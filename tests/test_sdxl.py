@@ -29,15 +29,13 @@ def test_sdxl_folders_are_sdxl_and_everything_else_stays_sd1(tiny_sdxl, tiny_dir
     index = json.loads((renamed / "model_index.json").read_text())
     (renamed / "model_index.json").write_text(json.dumps({**index, "_class_name": "DiffusionPipeline"}))
     assert base.for_model(str(renamed)) is SDXL
-    # a single file in the original layout: recognized, and refused with what to do
+    # a single file in the original layout: recognized; one of no shape dbnb ships a config for is named as such
     single = tmp_path / "xl.safetensors"
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2),
                "model.diffusion_model.input_blocks.0.0.weight": torch.ones(2)}, str(single))
     assert base.for_model(str(single)) is SDXL
-    with pytest.raises(ModelLoadError, match=r"SDXL single file.*not supported yet.*from_single_file.*folder"):
+    with pytest.raises(ModelLoadError, match=r"xl.safetensors.*not SDXL 1.0's shape.*Use an SDXL base model"):
         SDXL.open(str(single))
-    with pytest.raises(ModelLoadError, match=r"SDXL Hub model.*not supported yet.*download"):
-        SDXL.open("org/some-xl")
 
 
 # --- the conditioning ----------------------------------------------------------------------------
@@ -120,13 +118,6 @@ def test_sdxl_lora_on_the_unet_and_both_encoders_trains_and_resumes_exactly(make
     fresh = SDXL.open(str(tiny_sdxl))  # onto a fresh base model: the adapters go where they were trained
     checkpoint.load_into(fresh.denoiser, fresh.encoder)
     assert all(torch.equal(lora.adapter_state(fresh.encoder)[k], v) for k, v in encoders.items())
-    # no SDXL single-file writer yet (issue 33 item 4): a baked export says so instead of failing half-way
-    from dbnb.ship.export import ExportError, export
-
-    with pytest.raises(ExportError, match=r"sdxl model cannot be exported to one file yet.*checkpoints"):
-        export(resumed.run_dir, bake=True)
-    with pytest.raises(ExportError, match=r"sdxl model cannot be exported.*use the diffusers folder"):
-        export(tiny_sdxl)
 
 
 def test_sdxl_refuses_fine_tuning_its_text_encoders_and_says_what_to_set(make_config, tiny_sdxl):

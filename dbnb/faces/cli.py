@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA runs: merge the LoRA into the base model and write a full model file")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("convert", help="a single SD 1.x .safetensors / .ckpt → a diffusers folder")
+    p = sub.add_parser("convert", help="a single SD 1.x or SDXL .safetensors / .ckpt → a diffusers folder")
     p.add_argument("file")
     p.add_argument("out")
     p.set_defaults(func=cmd_convert)

@@ -93,14 +93,19 @@ class SingleFile(Protocol):
 
     suffixes: tuple[str, ...]  # the files it writes (".safetensors", ".ckpt")
 
-    def state_dict(self, denoiser: dict, autoencoder: dict, encoder: dict) -> dict[str, torch.Tensor]:
-        """The parts as one state dict in the file's layout."""
+    def state_dict(self, denoiser: dict, autoencoder: dict, encoder: dict, base: str = "") -> dict[str, torch.Tensor]:
+        """The parts as one state dict in the file's layout; `base`: the model they come from, for a
+        format that marks how its model samples (SDXL's v_pred / ztsnr keys)."""
 
-    def keys(self, denoiser: dict, autoencoder: dict, encoder: dict) -> set[str]:
-        """The keys `state_dict` of these parts holds."""
+    def keys(self, denoiser: dict, autoencoder: dict, encoder: dict, base: str = "") -> set[str]:
+        """The keys `state_dict` of these parts (from `base`) holds."""
 
     def keys_and_shapes(self, path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         """A written file's keys and shapes, reading no tensor where the format allows."""
+
+    def entries(self, path, stack) -> dict:
+        """A written file's tensors by key, each (read it, its shape), read only when asked for and
+        the file's pages let go as it is read; the file stays open until `stack` (an ExitStack) closes."""
 
     def write(self, path, state: dict, **options):
         """Write `state` to `path` (its suffix says which format) under a temporary name first."""

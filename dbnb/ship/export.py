@@ -155,30 +155,48 @@ def write_export(path: Path, state: dict, write: Callable[..., Path], **options)
 
 # --- verify --------------------------------------------------------------------------------------
 
-def verify(path: Path, expected: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype, family: Family) -> None:
-    """Read the file back as its users' loaders do and demand every key and tensor, exactly:
-    `expected` holds the state dicts by role (denoiser, autoencoder, encoder). The key set is
-    checked on its own: loaders such as from_single_file ignore extra keys silently."""
+def verify(path: Path, parts: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype, family: Family,
+           base: str = "") -> None:
+    """Demand every key and tensor of the file, exactly, in two passes so that RAM never holds the
+    model twice (a full SDXL is 6.5 GB in fp16): the file against `parts` (the state dicts by role:
+    denoiser, autoencoder, encoder), a tensor read at a time; then, with `parts` emptied (the
+    caller keeps no other reference), the file read back as its users' loaders read it against the
+    file again. The key set is checked on its own: loaders such as from_single_file ignore extra keys
+    silently. `base`: the model the parts come from (SDXL files mark its prediction type)."""
     single_file = family.single_file
-    original_keys = single_file.keys(expected["denoiser"], expected["autoencoder"], expected["encoder"])
+    original_keys = single_file.keys(parts["denoiser"], parts["autoencoder"], parts["encoder"], base=base)
     keys, shapes = single_file.keys_and_shapes(path)
     missing, extra = original_keys - set(keys), set(keys) - original_keys
     if missing or extra:
         raise ExportError(f"{path.name}: {len(missing)} keys missing, {len(extra)} unexpected "
                           f"(e.g. {sorted(missing or extra)[0]}).")
+    _compare_with_file(path, single_file.state_dict(parts["denoiser"], parts["autoencoder"], parts["encoder"],
+                                                    base=base), "written", single_file)
+    parts.clear()
     try:
         read = single_file.read_back(path, keys, shapes, dtype)
     except Exception as e:  # noqa: BLE001 — whatever the loader trips on, the file is bad
         raise ExportError(f"{path.name} does not load back with diffusers' from_single_file: {e}") from e
-    for name, want in expected.items():
-        got = {k: v for k, v in getattr(read, name).state_dict().items() if not k.endswith("position_ids")}
-        want = {k: v for k, v in want.items() if not k.endswith("position_ids")}
-        if got.keys() != want.keys():
-            raise ExportError(f"{path.name}: {name} read back with different keys "
-                              f"({sorted(got.keys() ^ want.keys())[:3]}).")
-        for k, v in want.items():
-            if got[k].is_meta or got[k].dtype != v.dtype or not torch.equal(got[k], v):
-                raise ExportError(f"{path.name}: {name}.{k} read back different from what was written.")
+    roles = (read.denoiser.state_dict(), read.autoencoder.state_dict(), read.encoder.state_dict())
+    try:
+        loaded = single_file.state_dict(*roles, base=base)
+    except ValueError as e:  # the loader built other parts than the file's keys say
+        raise ExportError(f"{path.name}: read back as other parts than were written ({e}).") from e
+    _compare_with_file(path, loaded, "read back", single_file)
+
+
+def _compare_with_file(path: Path, state: dict[str, torch.Tensor], what: str, single_file: SingleFile) -> None:
+    """Each tensor of `state` equal to the file's, in key and dtype; the file read a tensor at a time."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        entries = single_file.entries(path, stack)
+        if state.keys() != entries.keys():
+            raise ExportError(f"{path.name}: {what} with different keys ({sorted(state.keys() ^ entries.keys())[:3]}).")
+        for key, want in state.items():
+            got = entries[key][0]()
+            if want.is_meta or got.dtype != want.dtype or not torch.equal(got, want.to(got.device)):
+                raise ExportError(f"{path.name}: {key} {what} different from what was meant to be written.")
 
 
 # --- the export ----------------------------------------------------------------------------------
@@ -218,7 +236,7 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
         label = Path(str(source).rstrip("/")).stem
         stem = name or label
         default, base_model, info, step = Path("exports"), str(source), {}, None
-    state = family.single_file.state_dict(denoiser, autoencoder, encoder)
+    state = family.single_file.state_dict(denoiser, autoencoder, encoder, base=base_model)
     folder = destination_folder(to, label, default)
     family.single_file.remove_leftovers(folder)  # an export killed earlier: its hidden half-file holds the disk
     prepare_folder(folder, sum(t.numel() * t.element_size() for t in state.values()))
@@ -226,9 +244,10 @@ def export(source: str | Path, *, step: int | None = None, ema: bool = False, fm
     metadata = {"format": "pt", "dbnb_version": __version__, "dbnb_base_model": public_name(base_model),
                 "dbnb_precision": precision, **info}
     write_export(path, state, family.single_file.write, metadata=metadata, global_step=step)
-    del state
+    parts = {"denoiser": denoiser, "autoencoder": autoencoder, "encoder": encoder}
+    del state, denoiser, autoencoder, encoder  # verify drops the parts before the read-back: one model in RAM
     try:
-        verify(path, {"denoiser": denoiser, "autoencoder": autoencoder, "encoder": encoder}, dtype, family)
+        verify(path, parts, dtype, family, base=base_model)
     except Exception:
         path.unlink(missing_ok=True)  # a file that did not verify must not reach the webui
         raise

@@ -158,10 +158,11 @@ def _unet_up(keys: list[str]) -> dict[str, str]:
     return modules
 
 
-def unet_key_map(keys: Iterable[str]) -> dict[str, str]:
-    """diffusers UNet2DConditionModel key → `model.diffusion_model.*` key, for the keys given."""
+def unet_key_map(keys: Iterable[str], extra: Mapping[str, str] = MappingProxyType({})) -> dict[str, str]:
+    """diffusers UNet2DConditionModel key → `model.diffusion_model.*` key, for the keys given.
+    `extra`: more module renames, for a family's UNet with more modules (SDXL's added embedding)."""
     keys = list(keys)
-    modules = {
+    modules = {**extra,
         "conv_in": "input_blocks.0.0",
         # time_embed is Sequential(linear, SiLU, linear); out is Sequential(norm, SiLU, conv).
         "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.parse
 from pathlib import Path
 
@@ -25,15 +24,15 @@ from dbnb.core.source_names import HUB_ID
 from dbnb.core.versions import dtype_argument
 from dbnb.core.weights import UnsafeCheckpointError, WeightFileError, read_state_dict  # noqa: F401 (re-exported)
 from dbnb.family.sd1.singlefile import keys_and_shapes
-from dbnb.family.sd1.skeleton import SKELETON, VARIANTS, save_tokenizer, skeleton_config
+from dbnb.family.sd1.skeleton import SKELETON, VARIANTS, config_folder, save_tokenizer, skeleton_config
 
 # A single-file model dbnb loads (dbnb.core.weights reads them all); what it writes: dbnb.family.sd1.layout.WRITTEN_SUFFIXES
 LOADABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 VAE_SETTING = "pretrained_vae_name_or_path"
-# What to do with an SDXL model dbnb cannot train from as it is (dbnb.family.sdxl.load trains folders)
-SDXL_TO_FOLDER = ("Convert it to a diffusers folder (diffusers' StableDiffusionXLPipeline.from_single_file(file)"
-                  ".save_pretrained(folder), or StableDiffusionXLPipeline.download(repo_id) for a Hub model) and set "
-                  "pretrained_model_name_or_path to that folder.")
+# What to do with an SDXL model the SD 1.x loader was given (dbnb.family.sdxl recognizes local files and folders, and
+# Hub ids it can read): URLs are fetched only when loaded, so never recognized
+SDXL_BY_PATH = ("An SDXL model from a URL or an unreadable Hub id: download it and set pretrained_model_name_or_path "
+                "to the local .safetensors file or diffusers folder, which dbnb reads as SDXL.")
 
 
 class ModelLoadError(DbnbError, RuntimeError):
@@ -161,8 +160,9 @@ def sd1_variant(keys, shapes: dict) -> str:
     """'sd15', 'tiny' or 'world' for an original-layout SD 1.x state dict; a clear error otherwise."""
     keys = set(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
-        raise ModelLoadError("This is an SDXL model in one file: dbnb trains SDXL from a diffusers folder only "
-                             f"(SDXL single files are not supported yet). {SDXL_TO_FOLDER}")
+        raise ModelLoadError("This is an SDXL model in one file, not SD 1.x: dbnb reads it as SDXL when it is "
+                             "pretrained_model_name_or_path (training, rendering, export, convert; merging SDXL is not "
+                             f"supported yet). {SDXL_BY_PATH}")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise ModelLoadError("This is an SD 2.x model (OpenCLIP text encoder): dbnb trains SD 1.x only "
                              "(not supported yet).")
@@ -199,27 +199,15 @@ def skeleton_folder(variant: str, cache_dir: str | Path | None) -> Path:
     """The config-only diffusers folder that `from_single_file` reads instead of the Hub."""
     if variant == "sd15":
         return SKELETON
-    import json
-
     from transformers import CLIPTokenizer
 
-    folder = Path(cache_dir or default_cache_dir()) / f"skeleton-{variant}"
-    if not (folder / "model_index.json").exists():
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent))
-        widths = dict(zip(("unet", "vae", "text_encoder"), VARIANTS[variant]), scheduler={})
-        for sub, over in widths.items():
-            name = "scheduler_config.json" if sub == "scheduler" else "config.json"
-            (tmp / sub).mkdir()
-            (tmp / sub / name).write_text(json.dumps(skeleton_config(sub, **over), indent=2))
-        (tmp / "model_index.json").write_text((SKELETON / "model_index.json").read_text())
-        save_tokenizer(CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77),
-                       tmp / "tokenizer")
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process made it first
-            pass
-    return folder
+    def fill(tmp: Path) -> None:
+        shutil.copy(SKELETON / "model_index.json", tmp / "model_index.json")
+        save_tokenizer(CLIPTokenizer.from_pretrained(SKELETON / "tokenizer", model_max_length=77), tmp / "tokenizer")
+
+    widths = dict(zip(("unet", "vae", "text_encoder"), VARIANTS[variant]), scheduler={})
+    return config_folder(Path(cache_dir or default_cache_dir()) / f"skeleton-{variant}",
+                         {part: skeleton_config(part, **over) for part, over in widths.items()}, fill)
 
 
 # --- the one loader ------------------------------------------------------------------------
@@ -320,8 +308,8 @@ def check_folder(folder: Path, parts: dict = FOLDER_PARTS) -> None:
 def _check_unet_is_sd1(unet, source: str) -> None:
     cfg = unet.config
     if cfg.get("addition_embed_type") or cfg.get("use_linear_projection") or cfg.get("in_channels") != 4:
-        raise ModelLoadError(f"{source!r} is not an SD 1.x model (SD 2.x / SDXL / inpainting UNet); dbnb trains "
-                             f"SD 1.x, and SDXL from a local diffusers folder only. An SDXL model: {SDXL_TO_FOLDER}")
+        raise ModelLoadError(f"{source!r} is not an SD 1.x model (SD 2.x / SDXL / inpainting UNet); the SD 1.x "
+                             f"loader reads SD 1.x only. {SDXL_BY_PATH}")
 
 
 def load_vae(source: str, revision: str = "", dtype=None, cache_dir: str | Path | None = None):
@@ -374,19 +362,22 @@ def fetch_model(source: str, cache_dir: str | Path | None = None, revision: str 
     return str(folder)
 
 
-def save_folder(single_file: str | Path, folder: Path, records: dict[str, dict]) -> Path:
+def save_folder(single_file: str | Path, folder: Path, records: dict[str, dict], load=None) -> Path:
     """A single SD 1.x file → a diffusers folder to train from (or merge), always fp32 whatever
     the file's dtype: training keeps fp32 master weights, and a saved fp16 text encoder would load
     back in fp16 (transformers 5 keeps the saved dtype), which the trainer cannot train on; fp16
     values are exact in fp32. `records`: JSON files written beside the parts (file name → content).
-    Written under a hidden name and renamed into place when complete; `folder` must be absent or empty."""
+    Written under a hidden name and renamed into place when complete; `folder` must be absent or empty.
+    `load`: another family's load_pipeline (SDXL's, whose second tokenizer is saved as the first)."""
     import json
 
-    pipe = load_pipeline(str(single_file), dtype=torch.float32)
+    pipe = (load or load_pipeline)(str(single_file), dtype=torch.float32)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    save_tokenizer(pipe.tokenizer, tmp / "tokenizer")
+    for name in ("tokenizer", "tokenizer_2"):
+        if getattr(pipe, name, None) is not None:
+            save_tokenizer(getattr(pipe, name), tmp / name)
     for name, record in records.items():
         (tmp / name).write_text(json.dumps(record, indent=2, ensure_ascii=False), encoding="utf-8")
     if folder.exists():

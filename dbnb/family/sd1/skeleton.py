@@ -1,7 +1,8 @@
 """The configs the loader builds a model from when a single file carries none: SD 1.5's own
 (`assets/sd15`: each component's config.json, the scheduler's, the CLIP tokenizer) and the
 widths of dbnb's small variants (`tiny`, `world`: the same topology, read offline by their
-widths), plus the tokenizer writer every saved diffusers folder uses.
+widths), plus the tokenizer writer every saved diffusers folder uses and the writer of the
+config-only folders `from_single_file` reads (SD 1.x's small variants, dbnb.family.sdxl.skeleton's).
 
 The models built from these widths for tests, bench and the demo are in `dbnb.world.tiny`.
 """
@@ -9,7 +10,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
+from typing import Callable
 
 SKELETON = Path(__file__).resolve().parents[2] / "assets" / "sd15"  # dbnb/assets: package data
 
@@ -47,3 +52,24 @@ def save_tokenizer(tokenizer, out_dir: Path) -> None:
     for name in ("vocab.json", "merges.txt"):
         if not (out_dir / name).exists():
             shutil.copy(SKELETON / "tokenizer" / name, out_dir / name)
+
+
+def config_folder(folder: Path, configs: dict[str, dict], fill: Callable[[Path], None]) -> Path:
+    """A config-only diffusers folder at `folder` for `from_single_file`, written once: each part's
+    config (the scheduler's as scheduler_config.json), then `fill(folder)` adds the rest (tokenizers,
+    model_index.json). Written under a temporary name and renamed into place, so a second process
+    never reads a half-written one."""
+    if (folder / "model_index.json").exists():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent))
+    for part, config in configs.items():
+        (tmp / part).mkdir()
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        (tmp / part / name).write_text(json.dumps(config, indent=2))
+    fill(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

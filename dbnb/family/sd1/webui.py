@@ -13,21 +13,24 @@ from dbnb.core.weightfile import remove_leftovers
 from dbnb.family.base import Models
 from dbnb.family.sd1 import layout
 from dbnb.family.sd1.load import save_folder, sd1_variant, skeleton_folder
-from dbnb.family.sd1.singlefile import keys_and_shapes
+from dbnb.family.sd1.singlefile import Entry, file_entries, keys_and_shapes
 
 
 class WebuiFile:
     suffixes = layout.WRITTEN_SUFFIXES
 
-    def state_dict(self, unet: dict, vae: dict, text_encoder: dict) -> dict[str, torch.Tensor]:
-        return layout.original_state_dict(unet, vae, text_encoder)
+    def state_dict(self, unet: dict, vae: dict, text_encoder: dict, base: str = "") -> dict[str, torch.Tensor]:
+        return layout.original_state_dict(unet, vae, text_encoder)  # SD 1.x files mark nothing of their base
 
-    def keys(self, unet: dict, vae: dict, text_encoder: dict) -> set[str]:
+    def keys(self, unet: dict, vae: dict, text_encoder: dict, base: str = "") -> set[str]:
         return {*layout.unet_key_map(unet).values(), *layout.vae_key_map(vae).values(),
                 *layout.text_encoder_key_map(text_encoder).values()}
 
     def keys_and_shapes(self, path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         return keys_and_shapes(path)
+
+    def entries(self, path: Path, stack) -> dict[str, Entry]:
+        return file_entries(path, stack)[0]
 
     def write(self, path: Path, state: dict, **options) -> Path:
         return layout.write_single_file(path, state, **options)

@@ -15,6 +15,7 @@ from dbnb.family.base import SIZE_INPUTS, AdapterTargets, Models, Part, Parts, r
 from dbnb.family.sd1 import adapters, autoencoder
 from dbnb.family.sd1.family import checkpoint_gradients, set_attention
 from dbnb.family.sdxl import load
+from dbnb.family.sdxl.webui import SDXLFile
 
 ENCODERS = ("te1", "te2")   # text_encoder (CLIP-L), text_encoder_2 (bigG, with the pooled projection)
 TOKEN_INPUTS = ("input_ids", "input_ids_2")  # one per tokenizer, the batches' token inputs
@@ -36,7 +37,7 @@ class SDXLFamily:
     # for SDXL, so a LoRA trained on another layer would be rendered on this one: refused.
     clip_skip = 2
     clip_skips = range(2, 3)
-    single_file = None  # the original single-file layout: not written yet (issue 33, item 4)
+    single_file = SDXLFile()  # the original (sgm) layout the webui and ComfyUI load
 
     def recognizes(self, source: str) -> bool:
         return load.is_sdxl(source)
