@@ -29,7 +29,7 @@ from dbnb.core.source_names import public_name
 from dbnb.core.weightfile import remove_leftovers, write_safetensors
 from dbnb.data.intake import free_name
 from dbnb.family import lora
-from dbnb.family.base import Family, default, for_model, resolve_clip_skip
+from dbnb.family.base import Family, SingleFile, default, for_model, resolve_clip_skip
 from dbnb.family.lora import merged_state_dict
 from dbnb.run.folder import RunFolder
 from dbnb.ship import kohya
