@@ -189,3 +189,19 @@ def test_family_is_detected_from_a_folder_a_file_and_a_hub_id_offline(tiny_sdxl,
     hub = SDXL.open("org/tiny-xl")
     assert all(torch.equal(v, hub.denoiser.state_dict()[k])
                for k, v in SDXL.open(str(tiny_sdxl)).denoiser.state_dict().items())
+
+
+def test_notebook_01s_download_of_an_sdxl_hub_id_is_a_folder_with_both_text_encoders(tiny_sdxl, tmp_path,
+                                                                                      monkeypatch):
+    """Notebook 01 brings the base model into the workspace (models/hub) once: an SDXL repo arrives
+    as the pipeline's parts (both encoders and tokenizers), which later notebooks read as SDXL."""
+    from huggingface_hub import constants
+
+    from dbnb.family.sd1.load import fetch_model
+
+    _hub_cache(tmp_path / "models" / "hub", "org/tiny-xl", tiny_sdxl)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder = Path(fetch_model("org/tiny-xl", tmp_path / "models"))
+    assert folder.is_relative_to(tmp_path / "models")
+    assert {"text_encoder_2", "tokenizer_2", "unet", "vae"} <= {p.name for p in folder.iterdir()}
+    assert base.for_model(str(folder)) is SDXL

@@ -351,12 +351,13 @@ def fetch_model(source: str, cache_dir: str | Path | None = None, revision: str 
     kind, where = resolve_source(source, cache_dir)
     if kind != "hub":
         return where
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    # Only the files the pipeline needs (not the repo's 4-7 GB .ckpt copies, nor the safety
-    # checker that load_pipeline never loads).
+    # Only the files the pipeline needs (not the repo's 4-7 GB .ckpt / .safetensors copies, nor the
+    # safety checker that load_pipeline never loads). DiffusionPipeline: the repo's model_index.json
+    # names the pipeline and its parts, so an SDXL repo brings both text encoders (issue 33).
     extra = {"revision": revision} if revision else {}
-    folder = StableDiffusionPipeline.download(where, cache_dir=str(Path(cache_dir or default_cache_dir()) / "hub"),
+    folder = DiffusionPipeline.download(where, cache_dir=str(Path(cache_dir or default_cache_dir()) / "hub"),
                                               token=os.environ.get("HF_TOKEN") or None, safety_checker=None,
                                               feature_extractor=None, **extra)
     return str(folder)
