@@ -6,7 +6,7 @@ roles, never on a family's components: a `denoiser` that predicts the noise and 
 denoiser's conditioning (learning when config.trains_text_encoder says so), an `autoencoder`
 that turns pictures into latents. A family with two tokenizers carries two entries in the
 batches' token inputs; one with two text encoders and a pooled embedding returns them all in
-its conditioning dict. SD 1.x (dbnb.family.sd1.family) is the one family dbnb ships.
+its conditioning dict. dbnb ships SD 1.x (dbnb.family.sd1) and SDXL (dbnb.family.sdxl).
 
 What comes after training asks the family too: how its parts are named in a checkpoint's
 folders and files (`Part`: dbnb.run.checkpoints, dbnb.family.lora, dbnb.ship.kohya), which
