@@ -272,7 +272,7 @@ def export_lora(run: RunFolder, checkpoint, *, ema: bool, fmt: str, precision: s
 
     def base():
         return family.open(config.pretrained_model_name_or_path, autoencoder=config.pretrained_vae_name_or_path,
-                           revision=config.revision, dtype=torch.float32)
+                           revision=config.revision, dtype=torch.float16)
     models = base()
     prediction_type = models.pipe.scheduler.config.get("prediction_type", "epsilon")
     write_export(path, state, write_safetensors,

@@ -25,7 +25,7 @@ from dbnb.family.base import Family, Models, Parts, resolve_clip_skip
 from dbnb.family.lora import Spec
 from dbnb.train.optimizers import rates_of
 
-TOLERANCE = 1e-4  # max abs difference of the denoiser / encoder outputs, in fp32
+TOLERANCE = 1e-4  # max abs difference of the denoiser / encoder outputs (both sides computed alike, in fp16)
 
 
 class KohyaError(DbnbError, RuntimeError):
@@ -110,12 +110,14 @@ def _probe(models: Models) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch
 
 @torch.no_grad()
 def outputs(models: Models, family: Family, conditioning: dict[str, torch.Tensor] | None = None) -> Outputs:
-    """(encoder conditioning, denoiser output) on the fixed inputs, in fp32; the denoiser gets
+    """(encoder conditioning, denoiser output) on the fixed inputs, returned in fp32; the denoiser gets
     `conditioning` when given, so a difference in one model does not show up as one in the other."""
     inputs, latents, t = _probe(models)
-    encoded = {k: v.float() for k, v in family.encode_prompts(models.encoder, inputs).items()}  # its own clip skip
-    predicted = family.predict(models.denoiser, latents, t, encoded if conditioning is None else conditioning)
-    return encoded, predicted.float()
+    encoded = family.encode_prompts(models.encoder, inputs)  # its own clip skip
+    given = encoded if conditioning is None else conditioning
+    dtype = models.denoiser.dtype  # the base as opened (fp16: a full-size SDXL in fp32 is over Colab's RAM)
+    predicted = family.predict(models.denoiser, latents.to(dtype), t, {k: v.to(dtype) for k, v in given.items()})
+    return {k: v.float() for k, v in encoded.items()}, predicted.float()
 
 
 def differences(a: Outputs, b: Outputs) -> tuple[float, float]:
@@ -209,7 +211,7 @@ def _inject(encoder, converted: dict, alphas: dict, prefix: str, label: str) -> 
 
 
 def verify(path: Path, expected: Outputs, load_base, family: Family) -> float:
-    """Load the file onto a fresh base model (`load_base()`: Models, fp32) the way diffusers does and
+    """Load the file onto a fresh base model (`load_base()`: Models, fp16) the way diffusers does and
     compare its outputs with `expected` (the checkpoint's); returns the max abs difference."""
     models = load_base()
     try:
