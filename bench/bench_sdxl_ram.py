@@ -1,4 +1,4 @@
-"""System RAM of a full-size SDXL through dbnb's load, train set-up, checkpoint save and export,
+"""System RAM of a full-size SDXL through dbnb's load, train set-up, checkpoint save, LoRA export and export,
 and the SDXL LoRA step's FLOPs at 1024 px.
 
 Free Colab has a 16 GB T4 and about 12.7 GB of system RAM: the crash at the first load or save
@@ -78,6 +78,8 @@ optimizer.step()
 scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 run = RunFolder(sys.argv[2] + "/bench")
 run.create()
+run.write_config(config)  # the LoRA export below reads the run as `dbnb export` does
+run.record_base(config, models.base, SDXL.name)
 reset()
 t = time.time()
 save_checkpoint(run, 1, 1, models.denoiser, models.encoder, optimizer, scheduler, None, config, SDXL)
@@ -85,15 +87,17 @@ figures["checkpoint save (LoRA)"] = {"peak_rss_gib": peak(), "seconds": round(ti
 print(json.dumps(figures))
 """
 EXPORT = PRELUDE + """
-from dbnb.family.sdxl.family import SDXL
 from dbnb.ship.export import export
-if SDXL.single_file is None:
-    print(json.dumps({"export (single file)": {"skipped": "SDXLFamily.single_file is None: the SDXL single-file "
-                                                          "writer is not on this branch yet (issue 33, item 4)"}}))
-    sys.exit()
 t = time.time()
 export(folder, to=sys.argv[2], precision="fp16")
 figures["export (single file, fp16)"] = {"peak_rss_gib": peak(), "seconds": round(time.time() - t, 1)}
+print(json.dumps(figures))
+"""
+LORA_EXPORT = PRELUDE + """
+from dbnb.ship.export import export
+t = time.time()  # the LoRA checkpoint the train phase saved, as kohya's file, read back onto the base
+export(sys.argv[2] + "/bench", to=sys.argv[2])
+figures["LoRA export (kohya file, read back)"] = {"peak_rss_gib": peak(), "seconds": round(time.time() - t, 1)}
 print(json.dumps(figures))
 """
 
@@ -180,9 +184,10 @@ def main() -> None:
         print(f"built a full-size random SDXL (fp16) in {folder} in {time.time() - started:.0f} s")
     figures = {}
     try:
-        for script in (OPEN, TRAIN, EXPORT):
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir(parents=True)
+        for script in (OPEN, TRAIN, LORA_EXPORT, EXPORT):
+            if script is not LORA_EXPORT:  # that one exports the run TRAIN left in scratch
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir(parents=True)
             found = run_phase(script, folder, scratch)
             figures.update(found)
             for phase, figure in found.items():
