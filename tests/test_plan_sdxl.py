@@ -118,6 +118,17 @@ def test_auto_trains_full_sdxl_on_a_40_gb_card_in_bf16():
     assert choice.settings["mixed_precision"] == "bf16"
 
 
+def test_full_dreambooth_with_both_text_encoders_fits_a_40_gb_card_from_the_shipped_trace():
+    """The guide's full DreamBooth on SDXL 1.0's size (train_text_encoder: notebook 04's default on a
+    40 GB card) is planned from the shipped trace with both encoders' 0.82 B parameters trained."""
+    config = sdxl_config(FULL_SIZE, memory_profile="auto", **{**FULL_BF16, "train_text_encoder": True})
+    assert trace_key(config) in _read(SHIPPED)
+    assert sum(step_trace(config).trained) == 2_567_463_684 + 123_060_480 + 694_659_840
+    choice = choose(config, card("A100-40"))
+    assert choice.fits, choice.message
+    assert choice.predicted_gib > choose(config.replace(train_text_encoder=False), card("A100-40")).predicted_gib
+
+
 @pytest.mark.parametrize("profile", ["auto", "manual"])
 def test_a_full_sdxl_fine_tune_is_refused_below_40_gb(profile):
     config = sdxl_config(FULL_SIZE, memory_profile=profile, **FULL_BF16)

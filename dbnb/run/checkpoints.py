@@ -39,8 +39,9 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 #   lora: lora/ adapters.json unet.safetensors [text_encoder.safetensors] [ema.safetensors]
 #   both: state/ optimizer.pt lr_scheduler.pt [ema.pt] trainer.json   (resume only; keep_last_n prunes it)
 #   full: state/ unet.safetensors [text_encoder.safetensors] [unet_ema.safetensors]: the fp32 master
-#         weights, so a resume continues exactly (checkpoints written before 2026-12-06 hold fp32
-#         weights in unet/ and no master copy: a resume reads those)
+#         weights (a part of several models: one file of their ModuleDict's keys), so a resume
+#         continues exactly (checkpoints written before 2026-12-06 hold fp32 weights in unet/ and
+#         no master copy: a resume reads those)
 LORA, STATE = "lora", "state"
 # Per-step weights: fp16 halves every save (SD 1.5's UNet: 1.72 GB against 3.44) and is what
 # rendering and the fp16 export read anyway; training's fp32 master copy lives in the state.
@@ -318,8 +319,8 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, denoiser, encode
 
 def trained_models(denoiser, encoder, ema, config, family: Family) -> list[tuple[str, Part, torch.nn.Module, dict]]:
     """(folder name, the part, module whose config describes it, state dict) of each trained model
-    of a full run: the denoiser, the encoder when trained, the EMA of the denoiser when kept (as
-    the EMA of the denoiser, SD 1.x's and diffusers' use_ema: the encoder has none)."""
+    of a full run: the denoiser, the encoder when trained, the EMA of the denoiser when kept (the
+    denoiser's only, as SD 1.x's and diffusers' use_ema: a trained encoder has none)."""
     parts = family.parts
     models = [(parts.denoiser.name, parts.denoiser, denoiser, denoiser.state_dict())]
     if config.fine_tunes_text_encoder:
@@ -331,7 +332,8 @@ def trained_models(denoiser, encoder, ema, config, family: Family) -> list[tuple
     return models
 
 
-def write_model(folder: Path, module, state: dict, dtype: torch.dtype, file: str, members: tuple[str, ...] = ()) -> None:
+def write_model(folder: Path, module, state: dict, dtype: torch.dtype, file: str,
+                members: tuple[str, ...] = ()) -> None:
     """A diffusers / transformers model folder (config + the safetensors `file`) holding `state`;
     for a ModuleDict of several models (`members`), a model folder of each in `folder`."""
     folder.mkdir()

@@ -3,9 +3,9 @@ bigG) whose penultimate hidden states, side by side, condition the UNet, with te
 pooled projection and the size / crop time ids as its added conditioning; the VAE in fp32.
 
 The encoder role is both text encoders in one ModuleDict under kohya's names for them (`te1`,
-`te2`), so their adapters and checkpoint keys say which is which; fine-tuned whole (full DreamBooth
-with train_text_encoder), both learn, each saved as its own transformers folder (dbnb.run.checkpoints). The conditioning follows
-diffusers' train_dreambooth_lora_sdxl.py (encode_prompt, compute_time_ids).
+`te2`), so their adapters and checkpoint keys say which is which. Fine-tuned whole (full DreamBooth,
+train_text_encoder), both learn, each saved as its own transformers folder (dbnb.run.checkpoints).
+The conditioning follows diffusers' train_dreambooth_lora_sdxl.py (encode_prompt, compute_time_ids).
 """
 from __future__ import annotations
 
