@@ -41,12 +41,12 @@ SHIPPED_SETTINGS = ([{}] + AUTO_TRIES + [dict(a, use_lora=True) for a in AUTO_TR
                     + [dict(mixed_precision="no", gradient_checkpointing=c) for c in (True, False)]
                     + [p.config for p in PUBLISHED if p.config is not None])
 # SDXL 1.0's size (the shipped skeleton) at 1024 px: what memory_profile=auto tries for LoRA on a T4
-# (fp16) or a bf16 card, and for a full fine-tune (the UNet alone) on a 40 GB one.
+# (fp16) or a bf16 card, and for a full fine-tune (the UNet alone, or with both text encoders) on a 40 GB one.
 SDXL = {"pretrained_model_name_or_path": str(ROOT / "dbnb" / "assets" / "sdxl"), "resolution": 1024}
 SDXL_SETTINGS = ([dict(SDXL, use_lora=True, mixed_precision=p, gradient_checkpointing=c, cache_latents=cached)
                   for p in ("fp16", "bf16") for c in (True, False) for cached in (True, False)]
-                 + [dict(SDXL, use_lora=False, train_text_encoder=False, mixed_precision="bf16", gradient_checkpointing=c,
-                         cache_latents=cached) for c in (True, False) for cached in (True, False)])
+                 + [dict(SDXL, use_lora=False, train_text_encoder=te, mixed_precision="bf16", gradient_checkpointing=c,
+                         cache_latents=cached) for te in (False, True) for c in (True, False) for cached in (True, False)])
 
 
 def reference_peak(config: Config, steps: int = 2) -> float:

@@ -10,7 +10,8 @@ from dbnb.faces.cli import main
 from dbnb.family.sdxl.family import SDXL
 from dbnb.family.sdxl.memory import SKELETON, auto_settings
 from dbnb.train.memory import apply_memory_profile, choose, refusal, verdict
-from dbnb.train.planner import GIB, SHIPPED, _read, card, plan, step_trace, trace_key
+from dbnb.train.optimizers import state_bytes, wanted
+from dbnb.train.planner import GIB, OPTIMIZER_NAMES, SHIPPED, _read, card, plan, step_trace, trace_key
 
 FULL_SIZE = str(SKELETON)
 T4_LORA = {"use_lora": True, "resolution": 1024, "mixed_precision": "fp16", "gradient_checkpointing": True,
@@ -34,10 +35,12 @@ def held_bytes(*modules) -> int:
 
 
 @pytest.mark.parametrize("settings", [{"use_lora": True, "mixed_precision": "fp16"},
-                                      {"use_lora": False, "train_text_encoder": False, "mixed_precision": "bf16"}])
+                                      {"use_lora": False, "train_text_encoder": False, "mixed_precision": "bf16"},
+                                      {"use_lora": False, "train_text_encoder": True, "mixed_precision": "fp16"}])
 def test_the_trace_holds_what_sdxl_load_sets_up(tiny_sdxl, settings):
     """The planner's meta-device parts are SDXLFamily.load's, as set up to train: the same bytes on
-    the device, the same trained tensors (LoRA's adapters, or the whole UNet in fp32)."""
+    the device, the same trained tensors (LoRA's adapters, or the whole UNet in fp32, with both
+    fine-tuned text encoders when train_text_encoder)."""
     config = sdxl_config(tiny_sdxl, resolution=64, gradient_checkpointing=True, **settings)
     dtype = torch.float16 if settings["mixed_precision"] == "fp16" else torch.bfloat16
     models = SDXL.load(config, torch.device("cpu"), dtype)
@@ -47,6 +50,16 @@ def test_the_trace_holds_what_sdxl_load_sets_up(tiny_sdxl, settings):
     assert trace.autoencoder == held_bytes(models.autoencoder)
     trained = tuple(p.numel() for m in (models.denoiser, models.encoder) for p in m.parameters() if p.requires_grad)
     assert trace.trained == trained and trace.gradients > 0
+    if config.fine_tunes_text_encoder:  # both encoders' gradients and optimizer state are counted
+        encoders = sum(p.numel() for p in models.encoder.parameters())
+        assert sum(trace.trained) == sum(p.numel() for p in models.denoiser.parameters()) + encoders
+        unet_only = config.replace(train_text_encoder=False)
+        frozen = step_trace(unet_only, cache=False)
+        gradients = trace.gradients - frozen.gradients  # fp32; CLIP-L's unused last layer gets none
+        assert gradients >= 4 * sum(p.numel() for p in models.encoder["te2"].parameters())
+        state = state_bytes(OPTIMIZER_NAMES[wanted(config)], list(models.encoder.parameters()))
+        grown = plan(config, trace).phases["optimizer step"] - plan(unet_only, frozen).phases["optimizer step"]
+        assert grown == encoders * (4 - 2) + gradients + state  # fp32 master weights (not fp16), gradients, state
 
 
 def test_sdxl_loads_its_frozen_parts_in_half_precision(tiny_sdxl):
@@ -103,6 +116,17 @@ def test_auto_trains_full_sdxl_on_a_40_gb_card_in_bf16():
     choice = choose(sdxl_config(FULL_SIZE, memory_profile="auto", **FULL_BF16), card("A100-40"))
     assert choice.fits, choice.message
     assert choice.settings["mixed_precision"] == "bf16"
+
+
+def test_full_dreambooth_with_both_text_encoders_fits_a_40_gb_card_from_the_shipped_trace():
+    """The guide's full DreamBooth on SDXL 1.0's size (train_text_encoder: notebook 04's default on a
+    40 GB card) is planned from the shipped trace with both encoders' 0.82 B parameters trained."""
+    config = sdxl_config(FULL_SIZE, memory_profile="auto", **{**FULL_BF16, "train_text_encoder": True})
+    assert trace_key(config) in _read(SHIPPED)
+    assert sum(step_trace(config).trained) == 2_567_463_684 + 123_060_480 + 694_659_840
+    choice = choose(config, card("A100-40"))
+    assert choice.fits, choice.message
+    assert choice.predicted_gib > choose(config.replace(train_text_encoder=False), card("A100-40")).predicted_gib
 
 
 @pytest.mark.parametrize("profile", ["auto", "manual"])

@@ -120,10 +120,15 @@ def test_sdxl_lora_on_the_unet_and_both_encoders_trains_and_resumes_exactly(make
     assert all(torch.equal(lora.adapter_state(fresh.encoder)[k], v) for k, v in encoders.items())
 
 
-def test_sdxl_refuses_fine_tuning_its_text_encoders_and_says_what_to_set(make_config, tiny_sdxl):
+def test_sdxl_fine_tunes_both_text_encoders_in_fp32_beside_the_half_precision_vae_rule(make_config, tiny_sdxl):
+    """train_text_encoder with use_lora off (full DreamBooth, issue 33 item 3; trained and saved in
+    tests/test_sdxl_te.py): both encoders learn from fp32 master weights under fp16 mixed precision."""
     config = make_config(pretrained_model_name_or_path=str(tiny_sdxl), train_text_encoder=True)
-    with pytest.raises(SDXLError, match="train_text_encoder=False.*use_lora=True"):
-        SDXL.load(config, torch.device("cpu"), torch.float32)
+    models = SDXL.load(config, torch.device("cpu"), torch.float16)
+    for name in ("te1", "te2"):
+        params = list(models.encoder[name].parameters())
+        assert all(p.requires_grad and p.dtype == torch.float32 for p in params), name
+    assert models.denoiser.dtype == torch.float32 and not any(p.requires_grad for p in models.autoencoder.parameters())
 
 
 def test_a_v_prediction_sdxl_base_trains_and_renders_as_its_scheduler_says(make_config, tiny_sdxl, tmp_path):

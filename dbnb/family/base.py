@@ -72,6 +72,12 @@ class Part:
         return {m: f"{self.kohya}{m}_" for m in self.members} or {"": self.kohya}
 
 
+def under(state: dict, name: str) -> dict:
+    """The entries of a ModuleDict's `state` dict that belong to its module `name`, keyed as that
+    module's own (SDXL's encoder role: "te1.text_model..." → "text_model...")."""
+    return {k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")}
+
+
 @dataclass(frozen=True)
 class Parts:
     """A family's trained parts by role."""

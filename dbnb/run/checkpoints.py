@@ -20,7 +20,7 @@ import torch
 from dbnb.core import weights
 from dbnb.core.disk import DiskFullError, check_free_space, format_bytes, free_disk_bytes, is_disk_full, write_errors
 from dbnb.family import lora
-from dbnb.family.base import Family, Part, default
+from dbnb.family.base import Family, Part, default, under
 from dbnb.run.lock import RunFolderError
 
 if TYPE_CHECKING:
@@ -32,12 +32,16 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # A checkpoint folder's layout. Only this module spells it: everything else asks a Checkpoint.
 # The parts' names are their family's (dbnb.family.base.Part; SD 1.x: unet, text_encoder, unet_ema).
 #   full: unet/ [text_encoder/] [unet_ema/]   diffusers / transformers folders of the trained
-#         models, in fp16: what test rendering and export use, kept for every save
+#         models, in fp16: what test rendering and export use, kept for every save; a part of
+#         several models (Part.members) holds a model folder of each, under their names: SDXL's
+#         text_encoders/te1/ (CLIP-L) and text_encoders/te2/ (bigG), each a transformers folder as
+#         diffusers' text_encoder/ and text_encoder_2/ are (one ModuleDict has no such folder)
 #   lora: lora/ adapters.json unet.safetensors [text_encoder.safetensors] [ema.safetensors]
 #   both: state/ optimizer.pt lr_scheduler.pt [ema.pt] trainer.json   (resume only; keep_last_n prunes it)
 #   full: state/ unet.safetensors [text_encoder.safetensors] [unet_ema.safetensors]: the fp32 master
-#         weights, so a resume continues exactly (checkpoints written before 2026-12-06 hold fp32
-#         weights in unet/ and no master copy: a resume reads those)
+#         weights (a part of several models: one file of their ModuleDict's keys), so a resume
+#         continues exactly (checkpoints written before 2026-12-06 hold fp32 weights in unet/ and
+#         no master copy: a resume reads those)
 LORA, STATE = "lora", "state"
 # Per-step weights: fp16 halves every save (SD 1.5's UNet: 1.72 GB against 3.44) and is what
 # rendering and the fp16 export read anyway; training's fp32 master copy lives in the state.
@@ -78,9 +82,9 @@ class Checkpoint:
         if self.kind == LORA:
             held = lora.held_parts(self.path / LORA, parts)
         else:
-            held = {n for n, file in ((parts.denoiser.name, self._weights_file(parts.denoiser)),
-                                      (parts.encoder.name, self._weights_file(parts.encoder)),
-                                      ("ema", self._weights_file(parts.denoiser, ema=True))) if file.is_file()}
+            held = {n for n, part, ema in ((parts.denoiser.name, parts.denoiser, False),
+                                           (parts.encoder.name, parts.encoder, False),
+                                           ("ema", parts.denoiser, True)) if self._holds(part, ema)}
         return frozenset(held | ({"state"} if self.resumable else set()))
 
     @property
@@ -109,30 +113,43 @@ class Checkpoint:
             raise CheckpointError(f"{self.path} has no trained {denoiser.label}: the checkpoint is incomplete; "
                                   "choose another step.")
 
-    def _weights_file(self, part: Part, ema: bool = False) -> Path:
-        return self.path / (part.ema if ema else part.name) / part.file
+    def _weights_files(self, part: Part, ema: bool = False) -> list[Path]:
+        """The part's weights file, or one per member for a part of several models."""
+        folder = self.path / (part.ema if ema else part.name)
+        return [folder / member / part.file for member in part.members] or [folder / part.file]
+
+    def _holds(self, part: Part, ema: bool = False) -> bool:
+        return all(file.is_file() for file in self._weights_files(part, ema))
+
+    def part_state(self, part: Part, ema: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The saved weights of `part` (of its EMA) as its module's state dict: for a part of several
+        models, their ModuleDict's (each member's keys under its name, as the trainer holds them)."""
+        files = self._weights_files(part, ema)
+        if not part.members:
+            return weights.read_safetensors(files[0], dtype)
+        return {f"{member}.{k}": v for member, file in zip(part.members, files)
+                for k, v in weights.read_safetensors(file, dtype).items()}
 
     def files(self, ema: bool = False) -> list[Path]:
         """The weight files that `load_into(denoiser, encoder, ema)` reads (to tell when they change)."""
         if self.kind == LORA:
             return sorted((self.path / LORA).glob("*"))
         parts = self.family.parts
-        return [f for f in (self._weights_file(parts.denoiser, ema), self._weights_file(parts.encoder))
-                if f.is_file()]
+        return [f for part, own_ema in ((parts.denoiser, ema), (parts.encoder, False))
+                for f in self._weights_files(part, own_ema) if f.is_file()]
 
     def denoiser_state(self, ema: bool = False, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """The trained denoiser's state dict (kind full)."""
         self.require(ema)
         denoiser = self.family.parts.denoiser
         self._require_full(f"the {denoiser.label}'s weights")
-        return weights.read_safetensors(self._weights_file(denoiser, ema), dtype)
+        return self.part_state(denoiser, ema, dtype)
 
     def encoder_state(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor] | None:
         """The trained encoder's state dict, or None when it was not trained (kind full)."""
         encoder = self.family.parts.encoder
         self._require_full(f"the {encoder.label}'s weights")
-        file = self._weights_file(encoder)
-        return weights.read_safetensors(file, dtype) if file.is_file() else None
+        return self.part_state(encoder, dtype=dtype) if self._holds(encoder) else None
 
     def adapters(self, ema: bool = False) -> tuple["Spec", dict, dict]:
         """(shapes, denoiser adapters, encoder adapters) of a LoRA checkpoint, in peft's layout."""
@@ -283,8 +300,8 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, denoiser, encode
             lora.save(folder / LORA, denoiser, encoder, lora.Spec.from_config(config),
                       lora.ema_state(ema.shadow_params, denoiser, encoder, parts) if ema is not None else None, parts)
         else:
-            for name, file, module, state in trained_models(denoiser, encoder, ema, config, family):
-                write_model(folder / name, module, state, WEIGHTS_DTYPE, file)
+            for name, part, module, state in trained_models(denoiser, encoder, ema, config, family):
+                write_model(folder / name, module, state, WEIGHTS_DTYPE, part.file, part.members)
         write_state(folder, step, micro_step, optimizer, lr_scheduler, ema, config, run_id)
         if not config.use_lora:  # the fp32 master copy, pruned with the rest of the state
             for name, _, _, state in trained_models(denoiser, encoder, ema, config, family):
@@ -300,23 +317,30 @@ def save_checkpoint(run: RunFolder, step: int, micro_step: int, denoiser, encode
     return path
 
 
-def trained_models(denoiser, encoder, ema, config, family: Family) -> list[tuple[str, str, torch.nn.Module, dict]]:
-    """(folder name, weights file, module whose config describes it, state dict) of each trained
-    model of a full run: the denoiser, the encoder when trained, the EMA of the denoiser when kept."""
+def trained_models(denoiser, encoder, ema, config, family: Family) -> list[tuple[str, Part, torch.nn.Module, dict]]:
+    """(folder name, the part, module whose config describes it, state dict) of each trained model
+    of a full run: the denoiser, the encoder when trained, the EMA of the denoiser when kept (the
+    denoiser's only, as SD 1.x's and diffusers' use_ema: a trained encoder has none)."""
     parts = family.parts
-    models = [(parts.denoiser.name, parts.denoiser.file, denoiser, denoiser.state_dict())]
+    models = [(parts.denoiser.name, parts.denoiser, denoiser, denoiser.state_dict())]
     if config.fine_tunes_text_encoder:
-        models.append((parts.encoder.name, parts.encoder.file, encoder, encoder.state_dict()))
+        models.append((parts.encoder.name, parts.encoder, encoder, encoder.state_dict()))
     if ema is not None:  # EMAModel follows denoiser.parameters() in order
         shadow = dict(zip((n for n, _ in denoiser.named_parameters()), ema.shadow_params))
-        models.append((parts.denoiser.ema, parts.denoiser.file, denoiser,
+        models.append((parts.denoiser.ema, parts.denoiser, denoiser,
                        {k: shadow.get(k, v) for k, v in denoiser.state_dict().items()}))
     return models
 
 
-def write_model(folder: Path, module, state: dict, dtype: torch.dtype, file: str) -> None:
-    """A diffusers / transformers model folder (config + the safetensors `file`) holding `state`."""
+def write_model(folder: Path, module, state: dict, dtype: torch.dtype, file: str,
+                members: tuple[str, ...] = ()) -> None:
+    """A diffusers / transformers model folder (config + the safetensors `file`) holding `state`;
+    for a ModuleDict of several models (`members`), a model folder of each in `folder`."""
     folder.mkdir()
+    if members:
+        for member in members:
+            write_model(folder / member, module[member], under(state, member), dtype, file)
+        return
     if hasattr(module, "save_config"):  # diffusers
         module.save_config(folder)
     else:  # transformers
@@ -374,13 +398,12 @@ def master_state(checkpoint: Checkpoint, name: str) -> dict[str, torch.Tensor]:
         return weights.read_safetensors(master)
     parts = checkpoint.family.parts
     part = parts.encoder if name == parts.encoder.name else parts.denoiser  # the EMA's file is the denoiser's
-    file = checkpoint.path / name / part.file
-    state = weights.read_safetensors(file)
+    state = checkpoint.part_state(part, ema=name == part.ema)
     if any(v.is_floating_point() and v.dtype != torch.float32 for v in state.values()):
         raise CheckpointError(f"resume {checkpoint.path}: its state has no fp32 master copy of {name} "
-                              f"({master.name} is missing) and {file} holds half-precision weights, from which a "
-                              "resume would not continue exactly. Resume from a complete checkpoint, or start a "
-                              "new run_name.")
+                              f"({master.name} is missing) and {checkpoint.path / name} holds half-precision "
+                              "weights, from which a resume would not continue exactly. Resume from a complete "
+                              "checkpoint, or start a new run_name.")
     return state
 
 

@@ -3,8 +3,9 @@ bigG) whose penultimate hidden states, side by side, condition the UNet, with te
 pooled projection and the size / crop time ids as its added conditioning; the VAE in fp32.
 
 The encoder role is both text encoders in one ModuleDict under kohya's names for them (`te1`,
-`te2`), so their adapters and checkpoint keys say which is which. The conditioning follows
-diffusers' train_dreambooth_lora_sdxl.py (encode_prompt, compute_time_ids).
+`te2`), so their adapters and checkpoint keys say which is which. Fine-tuned whole (full DreamBooth,
+train_text_encoder), both learn, each saved as its own transformers folder (dbnb.run.checkpoints).
+The conditioning follows diffusers' train_dreambooth_lora_sdxl.py (encode_prompt, compute_time_ids).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ LATENT_FACTOR = 8  # every SDXL VAE halves the picture three times: a latent pix
 
 
 class SDXLError(DbnbError, ValueError):
-    """A setting SDXL training does not support yet; the message says what to set instead."""
+    """A setting that does not fit an SDXL base; the message says what to set instead."""
 
 
 class SDXLFamily:
@@ -51,10 +52,6 @@ class SDXLFamily:
 
         from dbnb.family.sd1.load import fingerprint
 
-        if config.fine_tunes_text_encoder:  # a checkpoint saves a trained encoder as one transformers folder
-            raise SDXLError("SDXL: fine-tuning the text encoders (train_text_encoder with use_lora off) is not "
-                            "supported yet. Set train_text_encoder=False to fine-tune the UNet alone, or "
-                            "use_lora=True with lora_text_encoder_rank > 0 to train both encoders' adapters.")
         resolve_clip_skip(self, config.clip_skip)  # a value it does not take: said before the model loads
         pipe = load.load_pipeline(config.pretrained_model_name_or_path, vae=config.pretrained_vae_name_or_path,
                                   revision=config.revision, dtype=load_dtypes(config, weight_dtype))
@@ -150,21 +147,26 @@ def load_dtypes(config, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
     (taken as loaded) then stays the same whichever half precision a resumed run's GPU has."""
     if weight_dtype == torch.float32:
         return {"default": torch.float32}
-    # The VAE runs in fp32 (dbnb.family.sd1.autoencoder); a fully trained UNet keeps fp32 master weights.
+    # The VAE runs in fp32 (dbnb.family.sd1.autoencoder); a fully trained UNet (and fine-tuned
+    # encoders) keep fp32 master weights.
+    encoders = torch.float32 if config.fine_tunes_text_encoder else torch.float16
     return {"default": torch.float16, "vae": autoencoder.DTYPE,
-            "unet": torch.float16 if config.use_lora else torch.float32}
+            "unet": torch.float16 if config.use_lora else torch.float32,
+            "text_encoder": encoders, "text_encoder_2": encoders}
 
 
 def set_up(models: Models, config, weight_dtype: torch.dtype) -> None:
     """The parts made ready to train, in place (as dbnb.family.sd1.family.set_up): frozen parts in
-    the mixed-precision dtype, the VAE aside; the trained UNet in fp32, or adapters in fp32."""
+    the mixed-precision dtype, the VAE aside; the trained UNet (and fine-tuned encoders) in fp32, or
+    adapters in fp32."""
     from dbnb.family import lora  # lazy: peft, only where adapters are added
 
     unet, encoders = models.denoiser, models.encoder
     models.autoencoder.requires_grad_(False)
-    encoders.requires_grad_(False)
+    encoders.requires_grad_(config.fine_tunes_text_encoder)
     if weight_dtype != torch.float32:
-        encoders.to(dtype=weight_dtype)
+        if not config.fine_tunes_text_encoder:
+            encoders.to(dtype=weight_dtype)
         if config.use_lora:
             unet.to(dtype=weight_dtype)
     if config.use_lora:
