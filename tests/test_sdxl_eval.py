@@ -1,0 +1,119 @@
+"""What comes after an SDXL base is chosen (issue 33 item 3): class images rendered by the tiny SDXL
+(at the buckets' sizes, at its clip skip, a v-prediction base sampled as v-prediction), `dbnb sample`
+test grids and scores of a full and a LoRA run, and the report and model card naming the SDXL base."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dbnb.core.config import Config
+from dbnb.data.buckets import class_image_sizes
+from dbnb.evaluate.sample import TestPipeline, sample_run
+from dbnb.evaluate.score import score_run
+from dbnb.family.base import ClipSkipError
+from dbnb.prep import classimages
+from dbnb.train.loop import train
+from dbnb.world.demo import CLASS_PROMPT, INSTANCE_PROMPT, draw_character
+
+FAST = ["test_seeds=2", "test_infer_steps=2", "test_wide=0", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _pictures(folder: Path) -> Path:
+    """The demo character, two square and one tall: with bucketing they train (and class images render) in two shapes."""
+    folder.mkdir(parents=True)
+    for i in range(3):
+        picture = draw_character(i, 64)
+        (picture if i < 2 else picture.resize((48, 80))).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def _config(source, root: Path, **overrides) -> Config:
+    return Config(**{**dict(pretrained_model_name_or_path=str(source), instance_data_dir=str(_pictures(root / "instance")),
+                            instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, output_dir=str(root / "runs"),
+                            run_name="xl", resolution=64, max_train_steps=2, save_every_steps=1, sample_every_steps=0,
+                            learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
+                            use_8bit_adam=False, gradient_checkpointing=False, train_text_encoder=False), **overrides})
+
+
+@pytest.fixture(scope="module")
+def vpred(tiny_sdxl, tmp_path_factory) -> Path:
+    """A v-prediction, zero-terminal-SNR copy of the tiny SDXL, as NoobAI-XL v-pred's folder says it."""
+    folder = shutil.copytree(tiny_sdxl, tmp_path_factory.mktemp("vpred") / "vpred")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction",
+                                     "rescale_betas_zero_snr": True}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(vpred, tmp_path_factory):
+    """A full UNet run and a LoRA run of the v-prediction tiny SDXL, a checkpoint at each of two steps."""
+    root = tmp_path_factory.mktemp("sxeval")
+    full = train(_config(vpred, root / "full"), progress=False).run_dir
+    lora = train(_config(vpred, root / "lora", use_lora=True, lora_rank=4, lora_text_encoder_rank=2,
+                         lora_learning_rate=1e-2), progress=False).run_dir
+    return full, lora
+
+
+# --- class images ----------------------------------------------------------------------------------
+
+def test_sdxl_renders_class_images_at_the_buckets_sizes_and_its_clip_skip(tiny_sdxl, tmp_path):
+    config = _config(tiny_sdxl, tmp_path, with_prior_preservation=True, class_data_dir=str(tmp_path / "class"),
+                     class_images_mode="generate", num_class_images=3, class_infer_steps=2, bucketing=True)
+    status = classimages.make_class_images(config, progress=False)
+    assert status.ok and status.have == 3
+    sizes = class_image_sizes(config, 3)
+    assert len(set(sizes)) == 2  # the square pictures' bucket and the tall one's
+    written = classimages.existing_images(Path(config.class_data_dir))
+    assert [Image.open(p).size for p in written] == sizes
+    assert Image.open(written[0]).info["parameters"].endswith(f"Size: {sizes[0][0]}x{sizes[0][1]}")
+    # SDXL is conditioned on the penultimate layers: clip_skip 0 and 2 are the same pictures, 1 is refused
+    again = config.replace(class_data_dir=str(tmp_path / "again"), clip_skip=2, num_class_images=1)
+    classimages.make_class_images(again, progress=False)
+    same = np.asarray(Image.open(tmp_path / "again" / "class-00000.png"), dtype=np.int16)
+    assert np.abs(same - np.asarray(Image.open(written[0]), dtype=np.int16)).max() <= 2  # batch of 1, not 2
+    with pytest.raises(ClipSkipError, match="clip_skip=1: sdxl models take clip_skip 2"):
+        classimages.make_class_images(again.replace(class_data_dir=str(tmp_path / "refused"), clip_skip=1),
+                                      progress=False)
+
+
+def test_a_v_prediction_sdxl_base_renders_class_and_test_images_as_v_prediction(vpred, tmp_path):
+    config = _config(vpred, tmp_path, class_data_dir=str(tmp_path / "class"), class_sampler="euler_a")
+    for pipe in (classimages.load_generation_pipeline(config), TestPipeline(config, "cpu", torch.float32, False).pipe):
+        scheduler = pipe.scheduler.config
+        assert (scheduler.prediction_type, scheduler.rescale_betas_zero_snr) == ("v_prediction", True)
+        # zero-terminal SNR: sampling starts from the last, pure-noise timestep
+        pipe.scheduler.set_timesteps(4)
+        assert pipe.scheduler.timesteps[0] == pipe.scheduler.config.num_train_timesteps - 1
+
+
+# --- test grids and scores ---------------------------------------------------------------------------
+
+def test_dbnb_sample_renders_grids_of_full_and_lora_sdxl_checkpoints(runs):
+    for run in runs:
+        result = sample_run(run, FAST, progress=False)
+        assert [r.name for r in result.rows] == ["base", "step-000001", "step-000002"]
+        assert result.grids and all(g.is_file() for g in result.grids)
+        base, trained = (Image.open(result.image_path(r, result.prompts[0], 0)) for r in result.rows[::2])
+        assert base.size == (64, 64) and base.tobytes() != trained.tobytes()  # the checkpoint was swapped in
+
+
+def test_sdxl_runs_are_scored_with_clip_dino_and_ccip(runs, embedders, tmp_path):
+    from dbnb.evaluate.scorers.ccip import write_stand_in_ccip
+    from dbnb.prep.tagger import write_stand_in_tagger
+
+    full, lora = runs
+    clip = score_run(full, [*FAST, f"clip_model={embedders[0]}", f"dino_model={embedders[1]}"], progress=False)
+    assert [r["checkpoint"] for r in clip.rows] == ["base", "step-000001", "step-000002"]
+    assert all(-1.0 <= r["clip_i"] <= 1.0 and -1.0 <= r["dino"] <= 1.0 for r in clip.rows)
+    ccip, wd14 = write_stand_in_ccip(tmp_path / "ccip", size=64), write_stand_in_tagger(tmp_path / "wd14", size=64)
+    scored = score_run(lora, [*FAST, "score_with=ccip", f"ccip_model={ccip}", f"tagger_model={wd14}",
+                              "test_flexibility_prompts=['{instance_prompt}, 1girl, solo, school uniform']"], progress=False)
+    assert all(0.0 <= r["ccip"] <= 1.0 and 0.0 <= r["tag_adherence"] <= 1.0 for r in scored.rows)
+
