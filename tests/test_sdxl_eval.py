@@ -16,16 +16,18 @@ from dbnb.evaluate.sample import TestPipeline, sample_run
 from dbnb.evaluate.score import score_run
 from dbnb.family.base import ClipSkipError
 from dbnb.prep import classimages
+from dbnb.ship.report import model_card, report_markdown
 from dbnb.train.loop import train
 from dbnb.world.demo import CLASS_PROMPT, INSTANCE_PROMPT, draw_character
 
-FAST = ["test_seeds=2", "test_infer_steps=2", "test_wide=0", "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
+FAST = ["test_seeds=2", "test_infer_steps=2", "test_wide=0",
+        "test_flexibility_prompts=['{instance_prompt}, 1girl, swimsuit']"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pictures(folder: Path) -> Path:
-    """The demo character, two square and one tall: with bucketing they train (and class images render) in two shapes."""
+    """The demo character, two square and one tall: with bucketing, class images render in both shapes."""
     folder.mkdir(parents=True)
     for i in range(3):
         picture = draw_character(i, 64)
@@ -34,7 +36,8 @@ def _pictures(folder: Path) -> Path:
 
 
 def _config(source, root: Path, **overrides) -> Config:
-    return Config(**{**dict(pretrained_model_name_or_path=str(source), instance_data_dir=str(_pictures(root / "instance")),
+    instance = _pictures(root / "instance")
+    return Config(**{**dict(pretrained_model_name_or_path=str(source), instance_data_dir=str(instance),
                             instance_prompt=INSTANCE_PROMPT, class_prompt=CLASS_PROMPT, output_dir=str(root / "runs"),
                             run_name="xl", resolution=64, max_train_steps=2, save_every_steps=1, sample_every_steps=0,
                             learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
@@ -114,6 +117,27 @@ def test_sdxl_runs_are_scored_with_clip_dino_and_ccip(runs, embedders, tmp_path)
     assert all(-1.0 <= r["clip_i"] <= 1.0 and -1.0 <= r["dino"] <= 1.0 for r in clip.rows)
     ccip, wd14 = write_stand_in_ccip(tmp_path / "ccip", size=64), write_stand_in_tagger(tmp_path / "wd14", size=64)
     scored = score_run(lora, [*FAST, "score_with=ccip", f"ccip_model={ccip}", f"tagger_model={wd14}",
-                              "test_flexibility_prompts=['{instance_prompt}, 1girl, solo, school uniform']"], progress=False)
+                              "test_flexibility_prompts=['{instance_prompt}, 1girl, solo, school uniform']"],
+                       progress=False)
     assert all(0.0 <= r["ccip"] <= 1.0 and 0.0 <= r["tag_adherence"] <= 1.0 for r in scored.rows)
 
+
+
+# --- the report and the model card -------------------------------------------------------------------
+
+def test_the_report_and_card_name_the_sdxl_base_how_it_samples_and_where_the_file_goes(runs):
+    import yaml
+
+    from dbnb.ship.export import export
+
+    full, lora = runs
+    base = report_markdown(full).split("## ベースモデル / Base model\n", 1)[1].split("\n## ", 1)[0]
+    assert "SDXL (sdxl); v-prediction with zero-terminal SNR: render it as v-prediction" in base
+    assert "zsnr on" in base and base.rstrip().endswith("clip skip 2")
+    card = model_card(lora, export(lora).path).read_text(encoding="utf-8")
+    _, front, body = card.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["license"] == "openrail++" and {"stable-diffusion-xl", "lora"} <= set(meta["tags"])
+    assert "stable-diffusion" not in meta["tags"]
+    assert "LoRA of Stable Diffusion XL" in body and "a LoRA in kohya's layout for SDXL bases" in body
+    assert "1.x" not in body and "SD layout" not in body and "v-prediction with zero-terminal SNR" in body
