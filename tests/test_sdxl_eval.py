@@ -131,9 +131,12 @@ def test_the_report_and_card_name_the_sdxl_base_how_it_samples_and_where_the_fil
     from dbnb.ship.export import export
 
     full, lora = runs
-    base = report_markdown(full).split("## ベースモデル / Base model\n", 1)[1].split("\n## ", 1)[0]
+    report = report_markdown(full)
+    base = report.split("## ベースモデル / Base model\n", 1)[1].split("\n## ", 1)[0]
     assert "SDXL (sdxl); v-prediction with zero-terminal SNR: render it as v-prediction" in base
     assert "zsnr on" in base and base.rstrip().endswith("clip skip 2")
+    # settings are compared with SDXL's defaults (FAMILY_DEFAULTS), not SD 1.x's 512 px
+    assert "(`resolution`): 64 (preset: 1024)" in report and "(`use_lora`): OFF (preset: ON)" in report
     card = model_card(lora, export(lora).path).read_text(encoding="utf-8")
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)

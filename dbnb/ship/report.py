@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from dbnb import __version__
-from dbnb.core.config import FIELDS, PRESETS, Config, from_dict, load_config
+from dbnb.core.config import FAMILY_DEFAULTS, FIELDS, PRESETS, Config, from_dict, load_config
 from dbnb.core.disk import format_bytes
 from dbnb.core.source_names import public_name
 from dbnb.core.versions import dbnb_version
@@ -92,10 +92,11 @@ def family_line(run: RunFolder, config: Config) -> str:
             f"clip skip {resolve_clip_skip(family, config.clip_skip)}")
 
 
-def changed_settings(config: Config) -> list[tuple[str, object, object]]:
-    """(name, value, preset value) for settings that differ from the seed's person preset,
+def changed_settings(config: Config, family: str = "sd1") -> list[tuple[str, object, object]]:
+    """(name, value, preset value) for settings that differ from the seed's person preset with the
+    defaults of the base model's `family` (FAMILY_DEFAULTS: an SDXL run at 1024 px changed nothing),
     plus the ones every seed report states."""
-    preset = from_dict(PRESETS["person"]).to_dict()
+    preset = from_dict({**PRESETS["person"], **FAMILY_DEFAULTS.get(family, {})}).to_dict()
     values = config.to_dict()
     return [(name, values[name], preset[name]) for name in FIELDS
             if FIELDS[name].metadata["report"] == "always"
@@ -227,7 +228,7 @@ def report_markdown(run_dir: str | Path) -> str:
     exports = sorted(run.exports_dir.glob("*.safetensors")) + sorted(run.exports_dir.glob("*.ckpt"))
     step, seconds = training_time(run)
     settings = [f"{_label(n)} (`{n}`): {_value(v)}" + ("" if v == p else f" (preset: {_value(p)})")
-                for n, v, p in changed_settings(config)]
+                for n, v, p in changed_settings(config, run.family.name)]
     lines = [f"# {config.run_name} — training report / 学習レポート", ""]
 
     def section(title: str, body: list[str], fill_in: str = "", first: bool = False):
