@@ -99,10 +99,15 @@ def test_a_v_prediction_sdxl_base_renders_class_and_test_images_as_v_prediction(
 # --- test grids and scores ---------------------------------------------------------------------------
 
 def test_dbnb_sample_renders_grids_of_full_and_lora_sdxl_checkpoints(runs):
+    from dbnb.faces.cli import main
+
+    full, lora = runs
+    assert main(["sample", str(lora), *FAST, "test_wide=1.5", "--no-progress"]) == 0  # and the wide test image
+    assert Image.open(lora / "tests" / "step-000002" / "p3-s1.png").size == (96, 64)
     for run in runs:
-        result = sample_run(run, FAST, progress=False)
+        result = sample_run(run, FAST, progress=False)  # the LoRA run's square images: made by the CLI above
         assert [r.name for r in result.rows] == ["base", "step-000001", "step-000002"]
-        assert result.grids and all(g.is_file() for g in result.grids)
+        assert result.grids and all(g.is_file() for g in result.grids) and result.reused == (run == lora) * 18
         base, trained = (Image.open(result.image_path(r, result.prompts[0], 0)) for r in result.rows[::2])
         assert base.size == (64, 64) and base.tobytes() != trained.tobytes()  # the checkpoint was swapped in
 
