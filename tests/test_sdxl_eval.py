@@ -147,5 +147,6 @@ def test_the_report_and_card_name_the_sdxl_base_how_it_samples_and_where_the_fil
     meta = yaml.safe_load(front)
     assert meta["license"] == "openrail++" and {"stable-diffusion-xl", "lora"} <= set(meta["tags"])
     assert "stable-diffusion" not in meta["tags"]
+    assert "learning rate 0.01" in body  # lora_learning_rate: what the adapters learnt at
     assert "LoRA of Stable Diffusion XL" in body and "a LoRA in kohya's layout for SDXL bases" in body
     assert "1.x" not in body and "SD layout" not in body and "v-prediction with zero-terminal SNR" in body

@@ -26,6 +26,7 @@ from dbnb.prep.report import framing_line
 from dbnb.run.checkpoints import STATE, dir_size
 from dbnb.run.folder import RunFolder
 from dbnb.ship.kohya import is_lora_file
+from dbnb.train.optimizers import rates_of
 from dbnb.ship.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
 
 # What the user fills in, shown as it is in the rendered report (see the module's doc).
@@ -296,7 +297,8 @@ def model_card(run_dir: str | Path, exported: Path) -> Path:
             f"- file: `{exported.name}` ({file_words(exported, card.short, lora)})",
             f"- base model: `{public_name(source)}`, {family_line(run, config)}",
             f"- resolution {config.resolution}, {config.max_train_steps} steps, "
-            f"learning rate {config.learning_rate:g}", *[f"- {line}" for line in result], ""]
+            f"learning rate {rates_of(config)[0]:g}",  # the UNet's: a LoRA's is lora_learning_rate
+            *[f"- {line}" for line in result], ""]
     path = exported.parent / "README.md"
     path.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body),
                     encoding="utf-8")
