@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
 from dbnb.core.config import Config
@@ -15,6 +16,7 @@ from dbnb.data.buckets import class_image_sizes
 from dbnb.evaluate.sample import TestPipeline, sample_run
 from dbnb.evaluate.score import score_run
 from dbnb.family.base import ClipSkipError
+from dbnb.family.render import make_scheduler
 from dbnb.prep import classimages
 from dbnb.ship.report import model_card, report_markdown
 from dbnb.train.loop import train
@@ -76,14 +78,20 @@ def test_sdxl_renders_class_images_at_the_buckets_sizes_and_its_clip_skip(tiny_s
     written = classimages.existing_images(Path(config.class_data_dir))
     assert [Image.open(p).size for p in written] == sizes
     assert Image.open(written[0]).info["parameters"].endswith(f"Size: {sizes[0][0]}x{sizes[0][1]}")
-    # SDXL is conditioned on the penultimate layers: clip_skip 0 and 2 are the same pictures, 1 is refused
-    again = config.replace(class_data_dir=str(tmp_path / "again"), clip_skip=2, num_class_images=1)
-    classimages.make_class_images(again, progress=False)
-    same = np.asarray(Image.open(tmp_path / "again" / "class-00000.png"), dtype=np.int16)
-    assert np.abs(same - np.asarray(Image.open(written[0]), dtype=np.int16)).max() <= 2  # batch of 1, not 2
-    with pytest.raises(ClipSkipError, match="clip_skip=1: sdxl models take clip_skip 2"):
-        classimages.make_class_images(again.replace(class_data_dir=str(tmp_path / "refused"), clip_skip=1),
+    # what diffusers' own SDXL pipeline renders from that prompt, seed and size, on the penultimate layers
+    # (its clip_skip=None: SDXL's, which clip_skip 0 means), the tall one (made alone in its batch)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    pipe.scheduler = make_scheduler(config.class_sampler, pipe.scheduler.config)
+    (width, height), k = sizes[2], 2
+    reference = pipe(config.class_prompt, negative_prompt=config.class_negative_prompt, num_inference_steps=2,
+                     guidance_scale=config.class_guidance_scale, width=width, height=height,
+                     generator=torch.Generator().manual_seed(config.class_seed + k)).images[0]
+    made = np.asarray(Image.open(written[k]), dtype=np.int16)
+    assert np.abs(made - np.asarray(reference, dtype=np.int16)).max() <= 1
+    with pytest.raises(ClipSkipError, match="clip_skip=1: sdxl models take clip_skip 2"):  # before any image is made
+        classimages.make_class_images(config.replace(class_data_dir=str(tmp_path / "refused"), clip_skip=1),
                                       progress=False)
+    assert not classimages.existing_images(tmp_path / "refused")
 
 
 def test_a_v_prediction_sdxl_base_renders_class_and_test_images_as_v_prediction(vpred, tmp_path):
