@@ -25,9 +25,9 @@ from dbnb.family.base import card_of, resolve_clip_skip
 from dbnb.prep.report import framing_line
 from dbnb.run.checkpoints import STATE, dir_size
 from dbnb.run.folder import RunFolder
+from dbnb.ship.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
 from dbnb.ship.kohya import is_lora_file
 from dbnb.train.optimizers import rates_of
-from dbnb.ship.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
 
 # What the user fills in, shown as it is in the rendered report (see the module's doc).
 USER_FIELD = "**【ここに記入 / fill in】**"
