@@ -162,7 +162,7 @@ def cmd_score(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dbnb", description="DreamBooth for Stable Diffusion 1.x.")
+    parser = argparse.ArgumentParser(prog="dbnb", description="DreamBooth and LoRA for Stable Diffusion 1.x and SDXL.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("doctor", help="check this machine: versions, GPU, xformers, bitsandbytes, disk, RAM")
@@ -226,13 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="make every image again")
         p.set_defaults(func=cmd_sample if name == "sample" else cmd_score)
 
-    p = sub.add_parser("export", help="one .safetensors / .ckpt for AUTOMATIC1111's webui, verified")
+    p = sub.add_parser("export", help="one .safetensors / .ckpt for AUTOMATIC1111's webui and ComfyUI, verified")
     p.add_argument("source", help="a run folder (or any model dbnb can load: folder, file, repo id)")
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights (runs trained with use_ema)")
     p.add_argument("--format", default="safetensors", choices=("safetensors", "ckpt"))
     p.add_argument("--precision", default="fp16", choices=("fp16", "fp32", "bf16"),
-                   help="fp16 (default, ~2 GB for SD 1.5), fp32 (~4 GB) or bf16")
+                   help="fp16 (default; a whole model: ~2 GB for SD 1.5, ~7 GB for SDXL), fp32 (twice that) or bf16")
     p.add_argument("--vae", default="", help="bake in another VAE (folder, repo id or file)")
     p.add_argument("--to", default="", help="local (RUN/exports, default), drive (Colab), storage (Paperspace) or a folder")
     p.add_argument("--hub", metavar="USER/REPO", help="also upload to this private Hugging Face repo")

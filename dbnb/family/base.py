@@ -93,6 +93,20 @@ class AdapterTargets:
     encoder: list[str]         # at lora_text_encoder_rank
 
 
+@dataclass(frozen=True)
+class Card:
+    """How a family is named where people read about a run (dbnb.ship.report: the report, the Hub card)."""
+    title: str             # "Stable Diffusion 1.x": the card's first line
+    short: str             # "SD 1.x": in the report's lines
+    license: str           # the Hub licence id of its reference base (the user edits it for another base's)
+    tags: tuple[str, ...]  # the Hub tags of models made from it
+
+
+def card_of(family) -> Card:
+    """`family`'s Card (its optional `card`); for one without (a stand-in, a user's own) one of its name."""
+    return getattr(family, "card", None) or Card(family.name, family.name, "other", ())
+
+
 class SingleFile(Protocol):
     """A family's one-file format (SD 1.x's: the webui's checkpoint), which dbnb.ship.export writes.
     The parts' state dicts go in by role: denoiser, autoencoder, encoder."""
@@ -139,7 +153,8 @@ class Family(Protocol):
     (SDXL's time ids), added to each batch's looked-up embeddings; a family without it has none.
     Optional too, `memory_rules()`: a module with memory_profile=auto's tiers for the family
     (`auto_settings(config)`), what it refuses on a card (`refusal(config, gpu)`) and the
-    system RAM its load holds (`load_ram(trace)`): SDXL's dbnb.family.sdxl.memory."""
+    system RAM its load holds (`load_ram(trace)`): SDXL's dbnb.family.sdxl.memory.
+    Optional too, `card`: how the report and the model card name it (Card; `card_of`)."""
 
     name: str
     parts: Parts  # how its denoiser and encoder are named in checkpoints and messages

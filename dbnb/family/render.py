@@ -35,10 +35,15 @@ def cpu_batch_size(resolution: int) -> int:
 
 
 def make_scheduler(name: str, scheduler_config):
-    """The diffusers scheduler of sampler `name` (a SAMPLERS key) from a pipeline's scheduler config."""
+    """The diffusers scheduler of sampler `name` (a SAMPLERS key) from a pipeline's scheduler config,
+    sampling as it says (v-prediction, zero-terminal SNR). A zero-terminal-SNR schedule steps from the
+    last timestep ("trailing"): SDXL's "leading" spacing, which such a base's folder may keep (NoobAI-XL
+    v-pred), never starts from the pure noise such a base was trained to start from (Lin et al. 2023, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed"; diffusers' docs ask for "trailing" with it)."""
     import diffusers
 
-    return getattr(diffusers, SAMPLERS[name][0]).from_config(scheduler_config)
+    trailing = {"timestep_spacing": "trailing"} if scheduler_config.get("rescale_betas_zero_snr") else {}
+    return getattr(diffusers, SAMPLERS[name][0]).from_config(scheduler_config, **trailing)
 
 
 def generators(seeds: list[int]) -> list[torch.Generator]:

@@ -130,12 +130,14 @@ class RunFolder:
     def base_path(self) -> Path:
         return self.root / "base_model.json"
 
-    def record_base(self, config, parts: dict[str, str], family: str) -> None:
-        """What a new run starts from: the base model's settings, its `family` (by name) and its
-        fingerprint (the family's, dbnb.family.base.Models.base), which resume compares by content."""
+    def record_base(self, config, parts: dict[str, str], family: str, sampling: dict | None = None) -> None:
+        """What a new run starts from: the base model's settings, its `family` (by name), its
+        fingerprint (the family's, dbnb.family.base.Models.base), which resume compares by content,
+        and how it samples (`sampling`: its noise schedule's prediction_type, rescale_betas_zero_snr),
+        which the report and the model card say (dbnb.ship.report)."""
         record = {"pretrained_model_name_or_path": config.pretrained_model_name_or_path,
                   "pretrained_vae_name_or_path": config.pretrained_vae_name_or_path, "family": family,
-                  "fingerprint": parts}
+                  "fingerprint": parts, **({"sampling": sampling} if sampling else {})}
         self.base_path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def check_base(self, config, parts: dict[str, str]) -> None:
@@ -143,10 +145,7 @@ class RunFolder:
         trained weights would go on with another model's VAE and text encoder (or a LoRA on
         weights it was not trained on). The paths may differ (a copy, a new download): the
         content decides. Runs from before the record was kept are not checked."""
-        try:
-            record = json.loads(self.base_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return
+        record = self.base_record()
         differ = [part for part, value in record.get("fingerprint", {}).items() if parts.get(part) != value]
         if not differ:
             return
@@ -159,6 +158,13 @@ class RunFolder:
             "precision counts as different). Training on would mix the run's trained weights with another "
             f"model. Set {' and '.join(n for n in names if record.get(n) or getattr(config, n))} back to what "
             f"the run started from (recorded in {self.base_path}), or start a new run_name without resuming.")
+
+    def base_record(self) -> dict:
+        """base_model.json as record_base wrote it; {} for a run from before it was kept."""
+        try:
+            return json.loads(self.base_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
 
     def saved_config(self) -> dict | None:
         """config.json as the run started (with its run id), or None where there is none yet."""
@@ -175,10 +181,7 @@ class RunFolder:
         """The family of the run's base model (its checkpoints' part names are that family's): as
         recorded when the run started; for runs from before the record named it, the family that
         recognizes the configured model."""
-        try:
-            name = json.loads(self.base_path.read_text(encoding="utf-8")).get("family")
-        except (OSError, ValueError):
-            name = None
+        name = self.base_record().get("family")
         if name:
             family = named(name)
             if family is None:

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from dbnb.core.errors import DbnbError
 from dbnb.core.source_names import public_name
@@ -90,6 +91,14 @@ def metadata(config, spec: Spec, step: int, name: str, version: str, family: Fam
     if tags:
         meta["ss_tag_frequency"] = json.dumps({Path(config.instance_data_dir).name: dict(tags)}, ensure_ascii=False)
     return meta
+
+
+def is_lora_file(path: Path) -> bool:
+    """Whether the file at `path` is a LoRA `metadata` describes (not a whole model), from its header alone."""
+    if path.suffix != ".safetensors":
+        return False
+    with safe_open(str(path), "pt") as f:
+        return "ss_network_module" in (f.metadata() or {})
 
 
 # --- reading it back -------------------------------------------------------------------------------

@@ -16,15 +16,18 @@ from collections import Counter
 from pathlib import Path
 
 from dbnb import __version__
-from dbnb.core.config import FIELDS, PRESETS, Config, from_dict, load_config
+from dbnb.core.config import FAMILY_DEFAULTS, FIELDS, PRESETS, Config, from_dict, load_config
 from dbnb.core.disk import format_bytes
 from dbnb.core.source_names import public_name
 from dbnb.core.versions import dbnb_version
 from dbnb.data.dataset import list_images
+from dbnb.family.base import card_of, resolve_clip_skip
 from dbnb.prep.report import framing_line
 from dbnb.run.checkpoints import STATE, dir_size
 from dbnb.run.folder import RunFolder
 from dbnb.ship.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
+from dbnb.ship.kohya import is_lora_file
+from dbnb.train.optimizers import rates_of
 
 # What the user fills in, shown as it is in the rendered report (see the module's doc).
 USER_FIELD = "**【ここに記入 / fill in】**"
@@ -70,10 +73,31 @@ def base_model_facts(source: str) -> dict:
     return facts
 
 
-def changed_settings(config: Config) -> list[tuple[str, object, object]]:
-    """(name, value, preset value) for settings that differ from the seed's person preset,
+def sampling_words(sampling: dict | None) -> str:
+    """How the base model samples (base_model.json's `sampling`), and for v-prediction what renders it right."""
+    if not sampling:
+        return "sampling not recorded (the run started before dbnb recorded it)"
+    if sampling["prediction_type"] != "v_prediction":
+        return "ε-prediction"
+    zero_snr = sampling.get("rescale_betas_zero_snr")
+    return ("v-prediction" + (" with zero-terminal SNR" if zero_snr else "") + ": render it as v-prediction, as its "
+            "base needs (the webui and ComfyUI read that from a base file that marks it; else ComfyUI's "
+            f"ModelSamplingDiscrete node set to v_prediction{', zsnr on' if zero_snr else ''})")
+
+
+def family_line(run: RunFolder, config: Config) -> str:
+    """The base model's family, how it samples and the clip skip it was trained at: what a user sets to
+    render the result as it was trained."""
+    family = run.family
+    return (f"{card_of(family).short} ({family.name}); {sampling_words(run.base_record().get('sampling'))}; "
+            f"clip skip {resolve_clip_skip(family, config.clip_skip)}")
+
+
+def changed_settings(config: Config, family: str = "sd1") -> list[tuple[str, object, object]]:
+    """(name, value, preset value) for settings that differ from the seed's person preset with the
+    defaults of the base model's `family` (FAMILY_DEFAULTS: an SDXL run at 1024 px changed nothing),
     plus the ones every seed report states."""
-    preset = from_dict(PRESETS["person"]).to_dict()
+    preset = from_dict({**PRESETS["person"], **FAMILY_DEFAULTS.get(family, {})}).to_dict()
     values = config.to_dict()
     return [(name, values[name], preset[name]) for name in FIELDS
             if FIELDS[name].metadata["report"] == "always"
@@ -205,7 +229,7 @@ def report_markdown(run_dir: str | Path) -> str:
     exports = sorted(run.exports_dir.glob("*.safetensors")) + sorted(run.exports_dir.glob("*.ckpt"))
     step, seconds = training_time(run)
     settings = [f"{_label(n)} (`{n}`): {_value(v)}" + ("" if v == p else f" (preset: {_value(p)})")
-                for n, v, p in changed_settings(config)]
+                for n, v, p in changed_settings(config, run.family.name)]
     lines = [f"# {config.run_name} — training report / 学習レポート", ""]
 
     def section(title: str, body: list[str], fill_in: str = "", first: bool = False):
@@ -221,7 +245,8 @@ def report_markdown(run_dir: str | Path) -> str:
     section("加工 / Processing", processing)
     section("加工後素材詳細 / Processed set", processed)
     section("正則化画像 / Regularization images", section_class_images(config, instance_count))
-    section("ベースモデル / Base model", [f"`{base['source']}`" + (f" [{base['hash']}]" if base["hash"] else "")]
+    section("ベースモデル / Base model", [f"`{base['source']}`" + (f" [{base['hash']}]" if base["hash"] else ""),
+                                         family_line(run, config)]
             + ([f"merge: {base['recipe']}"] if base["recipe"] else []))
     section("LR等のステータス設定 / LR and other settings",
             settings + section_lora(run, config, exports)
@@ -242,14 +267,24 @@ def write_report(run_dir: str | Path) -> Path:
     return path
 
 
+def file_words(exported: Path, family: str, lora: bool) -> str:
+    """Where the exported file goes in the webui and ComfyUI; `family`: its family's short name."""
+    if lora:
+        return (f"a LoRA in kohya's layout for {family} bases: the webui's models/Lora folder, ComfyUI's "
+                "models/loras; use it on the base model below")
+    return (f"one {exported.suffix} in the original {family} layout: the webui's models/Stable-diffusion folder, "
+            "ComfyUI's models/checkpoints")
+
+
 def model_card(run_dir: str | Path, exported: Path) -> Path:
     """README.md with YAML metadata beside an exported file (what the Hub shows)."""
     import yaml  # lazy: loads yaml
 
     run = RunFolder(run_dir)
     config = load_config(run.config_path)
-    meta = {"license": "creativeml-openrail-m", "library_name": "dbnb", "pipeline_tag": "text-to-image",
-            "tags": ["stable-diffusion", "stable-diffusion-diffusers", "text-to-image", "dreambooth", "dbnb"],
+    card, lora = card_of(run.family), is_lora_file(exported)
+    meta = {"license": card.license, "library_name": "dbnb", "pipeline_tag": "text-to-image",
+            "tags": [*card.tags, "text-to-image", "dreambooth", *(["lora"] if lora else []), "dbnb"],
             "instance_prompt": config.instance_prompt}
 
     source = config.pretrained_model_name_or_path
@@ -257,11 +292,13 @@ def model_card(run_dir: str | Path, exported: Path) -> Path:
         meta["base_model"] = source  # a Hub id; local paths mean nothing on the Hub
     _, result, _ = section_result(run)
     body = [f"# {config.run_name}", "",
-            f"DreamBooth fine-tune of Stable Diffusion 1.x made with dbnb {__version__}. "
+            f"{'LoRA' if lora else 'DreamBooth fine-tune'} of {card.title} made with dbnb {__version__}. "
             f"Call it with `{config.instance_prompt}`.", "",
-            f"- file: `{exported.name}` (original SD layout, loads in AUTOMATIC1111's webui)",
-            f"- base model: `{public_name(source)}`", f"- resolution {config.resolution}, {config.max_train_steps} steps, "
-            f"learning rate {config.learning_rate:g}", *[f"- {line}" for line in result], ""]
+            f"- file: `{exported.name}` ({file_words(exported, card.short, lora)})",
+            f"- base model: `{public_name(source)}`, {family_line(run, config)}",
+            f"- resolution {config.resolution}, {config.max_train_steps} steps, "
+            f"learning rate {rates_of(config)[0]:g}",  # the UNet's: a LoRA's is lora_learning_rate
+            *[f"- {line}" for line in result], ""]
     path = exported.parent / "README.md"
     path.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body),
                     encoding="utf-8")

@@ -235,7 +235,10 @@ def setup(config: Config, accelerator, resume: str | None, examples=None, progre
     if resume_from is not None:
         run.check_base(config, models.base)
     elif accelerator.is_main_process:
-        run.record_base(config, models.base, family.name)
+        schedule = models.noise_scheduler.config
+        run.record_base(config, models.base, family.name,
+                        {"prediction_type": schedule.get("prediction_type", "epsilon"),
+                         "rescale_betas_zero_snr": bool(schedule.get("rescale_betas_zero_snr", False))})
     denoiser, encoder = models.denoiser, models.encoder
     batches = read_images(config, models.tokenizers, examples)
     max_steps = total_steps(config, batches.epoch_len, world)

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dbnb.family.base import AdapterTargets, ClipSkipError, Models, Part, Parts, resolve_clip_skip
+from dbnb.family.base import AdapterTargets, Card, ClipSkipError, Models, Part, Parts, resolve_clip_skip
 from dbnb.family.sd1 import adapters, autoencoder
 from dbnb.family.sd1.webui import WebuiFile
 
@@ -22,6 +22,8 @@ class SD1Family:
     parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors", kohya="lora_unet_"),
                   encoder=Part("text_encoder", "text encoder", "model.safetensors", kohya="lora_te_"))
     single_file = WebuiFile()
+    card = Card("Stable Diffusion 1.x", "SD 1.x", "creativeml-openrail-m",
+                ("stable-diffusion", "stable-diffusion-diffusers"))
     kohya_version = "sd_v1"  # sd-scripts' model_util.get_model_version_str_for_sd1_sd2 for SD 1.x
     clip_skip = 1  # trained on the last layer; anime bases (NovelAI's descendants) are used at 2
     clip_skips = range(1, 13)  # CLIP-L's 12 layers, as the webui's "Clip skip" slider offers them

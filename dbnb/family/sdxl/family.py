@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from dbnb.core.errors import DbnbError
-from dbnb.family.base import SIZE_INPUTS, AdapterTargets, Models, Part, Parts, resolve_clip_skip
+from dbnb.family.base import SIZE_INPUTS, AdapterTargets, Card, Models, Part, Parts, resolve_clip_skip
 from dbnb.family.sd1 import adapters, autoencoder
 from dbnb.family.sd1.family import checkpoint_gradients, set_attention
 from dbnb.family.sdxl import load
@@ -32,6 +32,9 @@ class SDXLFamily:
     parts = Parts(denoiser=Part("unet", "UNet", "diffusion_pytorch_model.safetensors", kohya="lora_unet_"),
                   # kohya's lora_te1_ / lora_te2_: its "lora_" and the encoders' own names (ENCODERS)
                   encoder=Part("text_encoders", "text encoders", "model.safetensors", kohya="lora_", members=ENCODERS))
+    # SDXL 1.0's licence; Pony, Illustrious and NoobAI have their own, which the user puts on the card
+    card = Card("Stable Diffusion XL", "SDXL", "openrail++",
+                ("stable-diffusion-xl", "stable-diffusion-xl-diffusers"))
     kohya_version = "sdxl_base_v1-0"  # sd-scripts' sdxl_model_util.MODEL_VERSION_SDXL_BASE_V1_0
     # Conditioned on the penultimate layers, as SDXL was trained: what "clip skip 2" means for Pony
     # and Illustrious. The webui (unless sdxl_clip_l_skip) and kohya's sdxl_train ignore clip skip
