@@ -22,7 +22,7 @@ test's stand-in, or a user's own family, without any edit to the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -87,6 +87,19 @@ class AdapterTargets:
     encoder: list[str]         # at lora_text_encoder_rank
 
 
+@dataclass(frozen=True)
+class FileParts:
+    """Where a family's parts sit in its single file, as merges (dbnb.ship.merge) combine them."""
+    prefixes: Mapping[str, tuple[str, ...]]  # merged part (unet, vae, text_encoder) → its keys' prefixes
+    ema: str                        # the prefix of the EMA copy some files carry (dropped: loaders use the weights)
+    renamed: Mapping[str, str]      # an old prefix other tools wrote → the one loaders read today
+    exact: tuple[str, ...] = ()     # int buffers (position ids): written as 0..n-1, never averaged
+
+    def part_of(self, key: str) -> str | None:
+        """The merged part `key` belongs to; None for keys outside them (buffers, markers)."""
+        return next((part for part, prefixes in self.prefixes.items() if key.startswith(prefixes)), None)
+
+
 class SingleFile(Protocol):
     """A family's one-file format (SD 1.x's: the webui's checkpoint), which dbnb.ship.export writes.
     The parts' state dicts go in by role: denoiser, autoencoder, encoder."""
@@ -119,6 +132,22 @@ class SingleFile(Protocol):
     def to_folder(self, path, folder, records: dict[str, dict]):
         """The file at `path` as a diffusers folder `folder` (absent or empty) to train from, in fp32,
         with `records` (file name → JSON content) beside the parts; returns `folder`."""
+
+    # Optional, for merges (dbnb.ship.merge); a family without them is not merged.
+    parts: FileParts  # where its parts sit in the file
+
+    def folder_entries(self, folder, stack) -> dict:
+        """A diffusers folder of the family seen in the file's layout, as `entries` sees a file."""
+
+    def weight_files(self, path) -> list:
+        """The files a model's hash covers: the file itself, or a folder's weight files."""
+
+    def architecture(self, keys, shapes: dict, source: str) -> str:
+        """Which of the family's shapes a file of these keys is (models merge only with their own);
+        a DbnbError naming `source` when it is none."""
+
+    def sampling(self, keys) -> str:
+        """How a model of these keys samples, as its file marks it ("epsilon", "v-prediction", …)."""
 
 
 @runtime_checkable
