@@ -57,7 +57,7 @@ from dbnb.core.progress import bar as tqdm
 from dbnb.core.source_names import public_name
 from dbnb.core.weightfile import remove_leftovers
 from dbnb.data.intake import free_name
-from dbnb.family.base import FileParts, SingleFile, for_model
+from dbnb.family.base import Family, FileParts, SingleFile, for_model
 from dbnb.family.sd1.load import ModelLoadError, fetch_model
 from dbnb.family.sd1.singlefile import Entry, SDFileError, file_entries
 from dbnb.ship.hashes import legacy_hash, sha256_of
@@ -86,7 +86,7 @@ class _Input:
     label: str
     source: str
     path: Path                  # the file or folder read
-    family: object              # its model family (dbnb.family.base.Family)
+    family: Family              # its model family: its single file's layout says which key is which part
     entries: dict[str, Entry]   # original-layout key → tensor, after the key rules
     files: list[Path]           # what its hash covers
     notes: list[str]
@@ -94,7 +94,7 @@ class _Input:
     sha256: str = ""
 
     @property
-    def file(self) -> SingleFile:
+    def single_file(self) -> SingleFile:
         return self.family.single_file
 
     @property
@@ -206,7 +206,7 @@ def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
         raise MergeError(str(e)) from None
 
 
-def _read_input(source: str, label: str, path: Path, family, stack: ExitStack) -> _Input:
+def _read_input(source: str, label: str, path: Path, family: Family, stack: ExitStack) -> _Input:
     single_file = family.single_file
     if path.is_dir():
         raw, metadata = single_file.folder_entries(path, stack), {}
@@ -237,13 +237,13 @@ def _check_kinds(models: list[_Input]) -> None:
     variants = {}
     for m in models:
         try:
-            variants[m.label] = m.file.architecture(m.entries, {k: s for k, (_, s) in m.entries.items()}, m.source)
+            variants[m.label] = m.single_file.architecture(m.entries, {k: s for k, (_, s) in m.entries.items()}, m.source)
         except DbnbError as e:
             raise MergeError(f"{m.label} ({m.source}): {e}") from None
     if len(set(variants.values())) > 1:
         raise MergeError("the inputs are different architectures (" + ", ".join(
             f"{k}: {v}" for k, v in variants.items()) + "); merge models of one kind.")
-    sampling = {m.label: m.file.sampling(m.entries) for m in models}
+    sampling = {m.label: m.single_file.sampling(m.entries) for m in models}
     if len(set(sampling.values())) > 1:
         raise MergeError("the inputs sample differently (" + ", ".join(f"{k}: {v}" for k, v in sampling.items())
                          + "): a merge of a v-prediction model and an epsilon one predicts neither. Merge models "
@@ -457,7 +457,7 @@ def merge(inputs: Sequence[str], weights: Sequence[float] | None = None, *, mode
                 "normalized": normalize, "merged": sorted(merged), "inputs": [_input_info(m) for m in models],
                 "rules": notes, "dbnb_version": __version__}
         state = _merge_state(models, merged, mode, coeffs, FILE_DTYPES[dtype], progress)
-        single_file = models[0].file
+        single_file = models[0].single_file
         del models  # unmaps .ckpt inputs before the write, which needs the RAM
     _, short = _write(single_file, state, info, file, folder, log)
     return MergeResult(file, folder, name, title, short, info["inputs"], notes, time.time() - started)

@@ -15,10 +15,11 @@ import torch
 from dbnb.family.sd1 import layout as sd1
 from dbnb.family.sd1.singlefile import Entry, SDFileError, component_entries, component_files, mapped
 from dbnb.family.sdxl import layout
-from dbnb.family.sdxl.load import sampling_of
+from dbnb.family.sdxl.load import FINGERPRINT_PARTS, sampling_of
 
-# The folder's weight parts, each with the part whose file names it uses (dbnb.family.sd1.singlefile.FOLDER_FILES).
-FOLDER_PARTS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder"}
+# The folder's weight parts, each with the part whose file names it uses (dbnb.family.sd1.singlefile.FOLDER_FILES):
+# text_encoder_2's are named as text_encoder's.
+FOLDER_PARTS = {part: part.removesuffix("_2") for part in FINGERPRINT_PARTS}
 
 
 def _constant(tensor: torch.Tensor) -> Entry:
@@ -26,12 +27,8 @@ def _constant(tensor: torch.Tensor) -> Entry:
 
 
 def _bigg_entry(target: str, sources: list[Entry]) -> Entry:
-    shapes = [shape for _, shape in sources]
-    if len(sources) > 1:  # q, k, v stacked on the first dimension
-        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
-    else:
-        shape = tuple(reversed(shapes[0])) if target == layout.BIGG + "text_projection" else shapes[0]
-    return (lambda: layout.bigg_tensor(target, [read() for read, _ in sources]), shape)
+    shape = layout.bigg_tensor(target, [torch.empty(shape, device="meta") for _, shape in sources]).shape
+    return (lambda: layout.bigg_tensor(target, [read() for read, _ in sources]), tuple(shape))
 
 
 def folder_entries(folder: Path, stack: ExitStack) -> dict[str, Entry]:
