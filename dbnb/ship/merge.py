@@ -16,7 +16,9 @@ key set, and whatever is not merged comes from it.
 Memory: inputs are read one tensor at a time (safetensors through `safe_open`, `.ckpt` through
 dbnb's safe loader with mmap, both reopened every 128 MiB so touched pages do not pile up), and
 only the result is kept, in the output dtype, until it is written: a four-way SD 1.5 merge
-peaks at 2.8 GiB RSS with fp16 output, 4.6 GiB with fp32 (bench/bench_merge.py).
+peaks at 2.8 GiB RSS with fp16 output, 4.6 GiB with fp32 (bench/bench_merge.py); a two-way
+full-size SDXL merge at 7.5-8.4 GiB with fp16 output, a 6.5 GiB result (bench/bench_merge_sdxl.py; fp32
+output would hold a 13 GiB result, over a free Colab's RAM).
 The same merge of the same files gives the same .safetensors bytes, hence the same hash.
 
 Inputs whose key sets differ are handled by these rules (SD 1.x's prefixes shown), printed when they apply:
