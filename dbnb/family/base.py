@@ -12,7 +12,8 @@ What comes after training asks the family too: how its parts are named in a chec
 folders and files (`Part`: dbnb.run.checkpoints, dbnb.family.lora, dbnb.ship.kohya), which
 modules get LoRA adapters (`adapter_targets`), the pipeline that renders with a given denoiser
 (`pipeline`: previews, test grids, class images), the base model to render or export from
-(`open`), and the one file exports write, read back and convert to a folder (`single_file`: dbnb.ship.export).
+(`open`), and the one file exports write, read back and convert to a folder (`single_file`: dbnb.ship.export)
+and merges combine, a part at a time by its layout's prefixes (`SingleFile.parts`: dbnb.ship.merge).
 
 Which family a model is: `for_model(source)` asks the registered families (newest first), then
 the shipped ones besides SD 1.x (SDXL, dbnb.family.sdxl), whether they recognize the source and
