@@ -190,7 +190,17 @@ def _normalise(raw: dict[str, Entry], label: str, parts: FileParts) -> tuple[dic
     return out, notes
 
 
+def _family(source: str, label: str, where: str) -> Family:
+    """The family of the model at `where`, which must have a single file to merge in."""
+    family = for_model(where)
+    if getattr(family.single_file, "parts", None) is None:
+        raise MergeError(f"input {label!r} ({source}) is a {family.name} model, and dbnb cannot merge "
+                         f"{family.name} models: it has no single-file layout to merge in. Merge SD 1.x or SDXL models.")
+    return family
+
+
 def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
+    _family(source, label, source)  # before a download, and before SD 1.x's loader judges the folder
     try:
         path = Path(fetch_model(source, cache_dir))  # URLs, Drive links and repo ids land in the cache
     except ModelLoadError as e:
@@ -198,12 +208,8 @@ def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
     except Exception as e:  # noqa: BLE001 — the Hub offline, private, missing: the message says which
         raise MergeError(f"Could not fetch {source!r} from the Hugging Face Hub ({e}). Check the id, "
                          "set HF_TOKEN for a private repo, or download the model and give its path.") from None
-    family = for_model(str(path))
-    if getattr(family.single_file, "parts", None) is None:
-        raise MergeError(f"input {label!r} ({source}) is a {family.name} model, and dbnb cannot merge "
-                         f"{family.name} models: it has no single-file layout to merge in. Merge SD 1.x or SDXL models.")
     try:
-        return _read_input(source, label, path, family, stack)
+        return _read_input(source, label, path, _family(source, label, str(path)), stack)
     except SDFileError as e:  # a folder that is not complete, or not its family's
         raise MergeError(str(e)) from None
 
