@@ -38,7 +38,7 @@ def rss_gib() -> float:
     return float("nan")
 
 
-def full_size_parts(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def full_size_parts(dtype: torch.dtype, seed: int = 0) -> dict[str, torch.nn.Module]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -49,7 +49,7 @@ def full_size_parts(dtype: torch.dtype) -> dict[str, torch.nn.Module]:
                  "vae": AutoencoderKL.from_config(skeleton_config("vae")),
                  "te1": CLIPTextModel(CLIPTextConfig(**skeleton_config("text_encoder"))),
                  "te2": CLIPTextModelWithProjection(CLIPTextConfig(**skeleton_config("text_encoder_2")))}
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     for module in parts.values():
         module.to_empty(device="cpu").to(dtype)
         with torch.no_grad():

@@ -352,3 +352,12 @@ def test_a_run_of_a_family_that_is_not_registered_says_so(make_config, dual_fami
     monkeypatch.setattr(base, "FAMILIES", [])  # a later session that did not register it
     with pytest.raises(RunFolderError, match=r"family 'dual-encoder \(test\)' .* not registered here: register it"):
         RunFolder(run).pick(1)
+
+
+def test_a_family_with_no_single_file_is_not_merged(dual_family, tmp_path):
+    from dbnb.ship.merge import MergeError, merge
+
+    _, folder = dual_family
+    with pytest.raises(MergeError, match=r"'a' .* is a dual-encoder \(test\) model, and dbnb cannot merge"):
+        merge([str(folder), str(folder)], labels=["a", "b"], out_file=tmp_path / "m.safetensors", progress=False)
+    assert not (tmp_path / "m.safetensors").exists()

@@ -247,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("merge", help="merge base models: weighted sum or add difference (A + (B - C) x alpha)")
+    p = sub.add_parser("merge", help="merge base models of one family (SD 1.x or SDXL): weighted sum or add "
+                       "difference (A + (B - C) x alpha)")
     p.add_argument("models", nargs="+", help="2+ models (files, folders, repo ids, URLs); add difference: A B C")
     p.add_argument("--weights", nargs="+", type=float, help="one per model, e.g. 5 2.7 2 0.3 (normalised to sum 1)")
     p.add_argument("--as-given", action="store_true", help="use the weights as given, not normalised")
@@ -256,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", help="names for the recipe, e.g. NAI any gape SD1.4")
     p.add_argument("--unet-only", action="store_true", help="merge the UNet only; the rest from the first model")
     p.add_argument("--no-vae", action="store_true", help="take the VAE from the first model")
-    p.add_argument("--no-text-encoder", action="store_true", help="take the text encoder from the first model")
+    p.add_argument("--no-text-encoder", action="store_true", help="take the text encoder(s) from the first model")
     p.add_argument("--precision", default="fp16", choices=("fp16", "fp32", "bf16"))
     p.add_argument("--out", help="single file to write (.safetensors / .ckpt)")
     p.add_argument("--diffusers", help="diffusers folder to write (ready to train from)")

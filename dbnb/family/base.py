@@ -12,7 +12,8 @@ What comes after training asks the family too: how its parts are named in a chec
 folders and files (`Part`: dbnb.run.checkpoints, dbnb.family.lora, dbnb.ship.kohya), which
 modules get LoRA adapters (`adapter_targets`), the pipeline that renders with a given denoiser
 (`pipeline`: previews, test grids, class images), the base model to render or export from
-(`open`), and the one file exports write, read back and convert to a folder (`single_file`: dbnb.ship.export).
+(`open`), and the one file exports write, read back and convert to a folder (`single_file`: dbnb.ship.export)
+and merges combine, a part at a time by its layout's prefixes (`SingleFile.parts`: dbnb.ship.merge).
 
 Which family a model is: `for_model(source)` asks the registered families (newest first), then
 the shipped ones besides SD 1.x (SDXL, dbnb.family.sdxl), whether they recognize the source and
@@ -22,7 +23,7 @@ test's stand-in, or a user's own family, without any edit to the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Mapping, Protocol, runtime_checkable
 
 import torch
 
@@ -107,6 +108,19 @@ def card_of(family) -> Card:
     return getattr(family, "card", None) or Card(family.name, family.name, "other", ())
 
 
+@dataclass(frozen=True)
+class FileParts:
+    """Where a family's parts sit in its single file, as merges (dbnb.ship.merge) combine them."""
+    prefixes: Mapping[str, tuple[str, ...]]  # merged part (unet, vae, text_encoder) → its keys' prefixes
+    ema: str                        # the prefix of the EMA copy some files carry (dropped: loaders use the weights)
+    renamed: Mapping[str, str]      # an old prefix other tools wrote → the one loaders read today
+    exact: tuple[str, ...] = ()     # int buffers (position ids): written as 0..n-1, never averaged
+
+    def part_of(self, key: str) -> str | None:
+        """The merged part `key` belongs to; None for keys outside them (buffers, markers)."""
+        return next((part for part, prefixes in self.prefixes.items() if key.startswith(prefixes)), None)
+
+
 class SingleFile(Protocol):
     """A family's one-file format (SD 1.x's: the webui's checkpoint), which dbnb.ship.export writes.
     The parts' state dicts go in by role: denoiser, autoencoder, encoder."""
@@ -139,6 +153,22 @@ class SingleFile(Protocol):
     def to_folder(self, path, folder, records: dict[str, dict]):
         """The file at `path` as a diffusers folder `folder` (absent or empty) to train from, in fp32,
         with `records` (file name → JSON content) beside the parts; returns `folder`."""
+
+    # Optional, for merges (dbnb.ship.merge); a family without them is not merged.
+    parts: FileParts  # where its parts sit in the file
+
+    def folder_entries(self, folder, stack) -> dict:
+        """A diffusers folder of the family seen in the file's layout, as `entries` sees a file."""
+
+    def weight_files(self, path) -> list:
+        """The files a model's hash covers: the file itself, or a folder's weight files."""
+
+    def architecture(self, keys, shapes: dict, source: str) -> str:
+        """Which of the family's shapes a file of these keys is (models merge only with their own);
+        a DbnbError naming `source` when it is none."""
+
+    def sampling(self, keys) -> str:
+        """How a model of these keys samples, as its file marks it ("epsilon", "v-prediction", …)."""
 
 
 @runtime_checkable

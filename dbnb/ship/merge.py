@@ -1,4 +1,5 @@
-"""Base-model merging, as AUTOMATIC1111's Checkpoint Merger does it, without installing the webui.
+"""Base-model merging, as AUTOMATIC1111's Checkpoint Merger does it, without installing the webui:
+SD 1.x models, or SDXL-family ones (one family per merge; dbnb.family.base.for_model says which).
 
 The two recipes that training reports start from:
 
@@ -6,18 +7,21 @@ The two recipes that training reports start from:
                                                            by default (normalize=False: as given)
     add difference   "Any + (NAI nsfw − NAI sfw) × 0.4"    A + (B − C)·α
 
-Merging is done in the original (single-file, LDM) layout, as the webui does, so a diffusers
-folder input is mapped to that layout key by key (dbnb.family.sd1.layout's maps). Arithmetic is in fp32;
+Merging is done in the family's single-file layout, as the webui does, so a diffusers folder input
+is mapped to that layout key by key (the family's SingleFile.folder_entries); which keys are which part,
+the EMA prefix and the position ids are its layout's (SingleFile.parts). Arithmetic is in fp32;
 the result is cast to the output dtype. The first input is the *primary*: the result has its
 key set, and whatever is not merged comes from it.
 
 Memory: inputs are read one tensor at a time (safetensors through `safe_open`, `.ckpt` through
 dbnb's safe loader with mmap, both reopened every 128 MiB so touched pages do not pile up), and
 only the result is kept, in the output dtype, until it is written: a four-way SD 1.5 merge
-peaks at 2.8 GiB RSS with fp16 output, 4.6 GiB with fp32 (bench/bench_merge.py).
+peaks at 2.8 GiB RSS with fp16 output, 4.6 GiB with fp32 (bench/bench_merge.py); a two-way
+full-size SDXL merge at 7.5-8.4 GiB with fp16 output, a 6.5 GiB result (bench/bench_merge_sdxl.py; fp32
+output would hold a 13 GiB result, over a free Colab's RAM).
 The same merge of the same files gives the same .safetensors bytes, hence the same hash.
 
-Inputs whose key sets differ are handled by these rules, printed when they apply:
+Inputs whose key sets differ are handled by these rules (SD 1.x's prefixes shown), printed when they apply:
 
     model_ema.*                        dropped (the EMA copy; the webui and training use the normal weights)
     cond_stage_model.transformer.X     old text-encoder prefix: renamed to ...transformer.text_model.X
@@ -29,6 +33,9 @@ Inputs whose key sets differ are handled by these rules, printed when they apply
       with other keys / shapes         VAE / text encoder can be taken from the primary instead
                                        (include_vae=False / include_text_encoder=False)
     a component not merged             copied from the primary (unet_only, include_vae=False, …)
+    models of two families, or that    error naming them: SDXL's v_pred / ztsnr markers are kept when
+      sample differently               every input has them, and a v-prediction model never merges
+                                       with an epsilon one
 """
 from __future__ import annotations
 
@@ -52,15 +59,12 @@ from dbnb.core.progress import bar as tqdm
 from dbnb.core.source_names import public_name
 from dbnb.core.weightfile import remove_leftovers
 from dbnb.data.intake import free_name
-from dbnb.family.sd1.layout import ORIGINAL_PREFIXES, write_single_file
-from dbnb.family.sd1.load import ModelLoadError, fetch_model, save_folder, sd1_variant
-from dbnb.family.sd1.singlefile import COMPONENTS, Entry, SDFileError, file_entries, folder_entries, weight_files
+from dbnb.family.base import Family, FileParts, SingleFile, for_model
+from dbnb.family.sd1.load import ModelLoadError, fetch_model
+from dbnb.family.sd1.singlefile import Entry, SDFileError, file_entries
 from dbnb.ship.hashes import legacy_hash, sha256_of
 
 MODES = ("weighted_sum", "add_difference")
-EMA_PREFIX = "model_ema."
-TE_OLD, TE_NEW = "cond_stage_model.transformer.", ORIGINAL_PREFIXES["text_encoder"]
-POSITION_IDS = TE_NEW + "embeddings.position_ids"
 
 
 class MergeError(DbnbError, ValueError):
@@ -84,11 +88,20 @@ class _Input:
     label: str
     source: str
     path: Path                  # the file or folder read
+    family: Family              # its model family: its single file's layout says which key is which part
     entries: dict[str, Entry]   # original-layout key → tensor, after the key rules
     files: list[Path]           # what its hash covers
     notes: list[str]
     metadata: dict[str, str] = field(default_factory=dict)
     sha256: str = ""
+
+    @property
+    def single_file(self) -> SingleFile:
+        return self.family.single_file
+
+    @property
+    def parts(self) -> FileParts:
+        return self.family.single_file.parts
 
 
 # --- names and weights ---------------------------------------------------------------------------
@@ -153,30 +166,41 @@ def file_stem(name: str) -> str:
 
 # --- reading inputs ------------------------------------------------------------------------------
 
-def _normalise(raw: dict[str, Entry], label: str) -> tuple[dict[str, Entry], list[str]]:
+def _normalise(raw: dict[str, Entry], label: str, parts: FileParts) -> tuple[dict[str, Entry], list[str]]:
     """Apply the key rules that make files from different tools comparable."""
     out: dict[str, Entry] = {}
-    ema = renamed = 0
+    ema, renamed = 0, dict.fromkeys(parts.renamed, 0)
     for key, entry in raw.items():
-        if key.startswith(EMA_PREFIX):
+        if key.startswith(parts.ema):
             ema += 1
             continue
-        if key.startswith(TE_OLD) and not key.startswith(TE_NEW):
-            key, renamed = TE_NEW + key[len(TE_OLD):], renamed + 1
+        old = next((o for o, new in parts.renamed.items() if key.startswith(o) and not key.startswith(new)), None)
+        if old is not None:
+            key, renamed[old] = parts.renamed[old] + key[len(old):], renamed[old] + 1
         if key in out:
-            raise MergeError(f"{label} holds {key!r} both with and without the 'text_model.' prefix; which "
+            raise MergeError(f"{label} holds {key!r} both under {old}* and under {parts.renamed[old]}*; which "
                              "one a loader uses is undefined, so dbnb does not guess. Re-save it with one.")
         out[key] = entry
     notes = []
     if ema:
-        notes.append(f"{label}: dropped {ema} model_ema.* keys (the EMA copy; the webui and training use "
+        notes.append(f"{label}: dropped {ema} {parts.ema}* keys (the EMA copy; the webui and training use "
                      "the normal weights)")
-    if renamed:
-        notes.append(f"{label}: renamed {renamed} text-encoder keys from the old prefix {TE_OLD}* to {TE_NEW}*")
+    notes += [f"{label}: renamed {n} text-encoder keys from the old prefix {old}* to {parts.renamed[old]}*"
+              for old, n in renamed.items() if n]
     return out, notes
 
 
+def _family(source: str, label: str, where: str) -> Family:
+    """The family of the model at `where`, which must have a single file to merge in."""
+    family = for_model(where)
+    if getattr(family.single_file, "parts", None) is None:
+        raise MergeError(f"input {label!r} ({source}) is a {family.name} model, and dbnb cannot merge "
+                         f"{family.name} models: it has no single-file layout to merge in. Merge SD 1.x or SDXL models.")
+    return family
+
+
 def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
+    _family(source, label, source)  # before a download, and before SD 1.x's loader judges the folder
     try:
         path = Path(fetch_model(source, cache_dir))  # URLs, Drive links and repo ids land in the cache
     except ModelLoadError as e:
@@ -185,54 +209,62 @@ def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
         raise MergeError(f"Could not fetch {source!r} from the Hugging Face Hub ({e}). Check the id, "
                          "set HF_TOKEN for a private repo, or download the model and give its path.") from None
     try:
-        return _read_input(source, label, path, stack)
-    except SDFileError as e:
+        return _read_input(source, label, path, _family(source, label, str(path)), stack)
+    except SDFileError as e:  # a folder that is not complete, or not its family's
         raise MergeError(str(e)) from None
 
 
-def _read_input(source: str, label: str, path: Path, stack: ExitStack) -> _Input:
+def _read_input(source: str, label: str, path: Path, family: Family, stack: ExitStack) -> _Input:
+    single_file = family.single_file
     if path.is_dir():
-        raw, metadata = folder_entries(path, stack), {}
+        raw, metadata = single_file.folder_entries(path, stack), {}
         info = path / "dbnb_merge.json"  # a folder dbnb merged: keep its recipe for nesting
         if info.is_file():
             metadata = {"dbnb_merge_recipe": json.loads(info.read_text(encoding="utf-8")).get("recipe", "")}
     else:
         raw, metadata = file_entries(path, stack)
-    entries, notes = _normalise(raw, label)
-    return _Input(label, source, path, entries, weight_files(path), notes, metadata)
+    entries, notes = _normalise(raw, label, single_file.parts)
+    return _Input(label, source, path, family, entries, single_file.weight_files(path), notes, metadata)
 
 
 # --- checks --------------------------------------------------------------------------------------
 
-def _component(key: str) -> str | None:
-    """unet / vae / text_encoder, or None for keys outside the three models (ldm's buffers)."""
-    for component, prefix in (("unet", "model.diffusion_model."), ("vae", "first_stage_model."),
-                              ("text_encoder", "cond_stage_model.")):
-        if key.startswith(prefix):
-            return component
-    return None
-
-
 def _shapes(model: _Input, component: str) -> dict[str, tuple]:
     return {k: shape for k, (_, shape) in model.entries.items()
-            if k != POSITION_IDS and _component(k) == component}
+            if k not in model.parts.exact and model.parts.part_of(k) == component}
 
 
-def _check(models: list[_Input], merged: set[str]) -> None:
-    """SD 1.x, one architecture, a complete primary: before minutes of reading, not after."""
+def _check_kinds(models: list[_Input]) -> None:
+    """One family, one architecture of it, one way of sampling."""
+    primary = models[0]
+    other = next((m for m in models[1:] if m.family is not primary.family), None)
+    if other is not None:
+        raise MergeError(f"{primary.label} is an {primary.family.name.upper()} model and {other.label} is an "
+                         f"{other.family.name.upper()} model ({other.source}): models of different families do "
+                         "not merge. Merge models of one family.")
     variants = {}
     for m in models:
         try:
-            variants[m.label] = sd1_variant(m.entries, {k: s for k, (_, s) in m.entries.items()})
-        except ModelLoadError as e:
+            variants[m.label] = m.single_file.architecture(m.entries, {k: s for k, (_, s) in m.entries.items()}, m.source)
+        except DbnbError as e:
             raise MergeError(f"{m.label} ({m.source}): {e}") from None
     if len(set(variants.values())) > 1:
         raise MergeError("the inputs are different architectures (" + ", ".join(
-            f"{k}: {'SD 1.x' if v == 'sd15' else v}" for k, v in variants.items()) + "); merge models of one kind.")
+            f"{k}: {v}" for k, v in variants.items()) + "); merge models of one kind.")
+    sampling = {m.label: m.single_file.sampling(m.entries) for m in models}
+    if len(set(sampling.values())) > 1:
+        raise MergeError("the inputs sample differently (" + ", ".join(f"{k}: {v}" for k, v in sampling.items())
+                         + "): a merge of a v-prediction model and an epsilon one predicts neither. Merge models "
+                           "that predict the same thing (NoobAI v-pred only with other v-pred models).")
+
+
+def _check(models: list[_Input], merged: set[str]) -> None:
+    """One family and architecture, a complete primary: before minutes of reading, not after."""
+    _check_kinds(models)
     primary = models[0]
-    for component in COMPONENTS:
+    for component, prefixes in primary.parts.prefixes.items():
         if not _shapes(primary, component):
-            raise MergeError(f"{primary.label} has no {component} ({ORIGINAL_PREFIXES[component]}*). The first "
+            raise MergeError(f"{primary.label} has no {component} ({prefixes[0]}*). The first "
                              "model is the base of the result and must be complete: put a complete model first.")
     for component in sorted(merged):
         want = _shapes(primary, component)
@@ -244,32 +276,32 @@ def _check(models: list[_Input], merged: set[str]) -> None:
             if got.keys() != want.keys():
                 diff = sorted(got.keys() ^ want.keys())
                 raise MergeError(f"{primary.label} and {m.label} are different architectures: their {component} "
-                                 f"keys differ ({len(diff)}, e.g. {diff[0]!r}). Only SD 1.x models of one "
+                                 f"keys differ ({len(diff)}, e.g. {diff[0]!r}). Only models of one "
                                  "architecture merge.")
             bad = next((k for k in want if want[k] != got[k]), None)
             if bad:
                 raise MergeError(f"{primary.label} and {m.label} are different architectures: {bad} is "
                                  f"{list(want[bad])} in one and {list(got[bad])} in the other (an inpainting "
-                                 "model with a normal one?). Only SD 1.x models of one architecture merge.")
+                                 "model with a normal one?). Only models of one architecture merge.")
 
 
 def _rule_notes(models: list[_Input], merged: set[str]) -> list[str]:
     primary, notes = models[0], [n for m in models for n in m.notes]
-    for component in COMPONENTS:
+    for component in primary.parts.prefixes:
         if component not in merged:
             notes.append(f"{component}: copied from {primary.label}, not merged")
-    extras = [k for k in primary.entries if _component(k) is None]
+    extras = [k for k in primary.entries if primary.parts.part_of(k) is None]
     if extras:
         notes.append(f"{len(extras)} non-model keys ({', '.join(extras[:3])}{', …' if len(extras) > 3 else ''}) "
                      f"copied from {primary.label} unchanged, not merged")
     ignored = sum(k not in primary.entries for m in models[1:] for k in m.entries)
     if ignored:
         notes.append(f"{ignored} keys that only other inputs hold (buffers, position_ids) ignored")
-    if POSITION_IDS in primary.entries:
-        ids = primary.entries[POSITION_IDS][0]()
+    for key in (k for k in primary.parts.exact if k in primary.entries):
+        ids = primary.entries[key][0]()
         exact = torch.arange(ids.shape[-1]).reshape(ids.shape)
         broken = ids.dtype != torch.int64 or not torch.equal(ids, exact)
-        notes.append(f"position_ids: not averaged; written as int64 0..{ids.shape[-1] - 1}"
+        notes.append(f"{key.rsplit('.', 1)[-1]}: not averaged; written as int64 0..{ids.shape[-1] - 1}"
                      + (f" (repaired: {primary.label}'s were {ids.dtype}, not exactly 0..n-1)" if broken else ""))
     return notes
 
@@ -291,15 +323,16 @@ def _combine(first: torch.Tensor, others: list[Callable[[], torch.Tensor]], mode
 def _merge_state(models: list[_Input], merged: set[str], mode: str, coeffs: list[float],
                  dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
+    parts = models[0].parts
     for key in tqdm(list(models[0].entries), desc="merging", unit="key", disable=not progress):
         read, shape = models[0].entries[key]
-        if key == POSITION_IDS:
+        if key in parts.exact:
             state[key] = torch.arange(shape[-1]).reshape(shape)
             continue
         first = read()
-        if _component(key) is None:  # ldm's schedule buffers: bit for bit, in their own dtype
+        if parts.part_of(key) is None:  # ldm's schedule buffers, SDXL's markers: bit for bit, in their own dtype
             state[key] = first.clone()
-        elif _component(key) not in merged or not first.is_floating_point():
+        elif parts.part_of(key) not in merged or not first.is_floating_point():
             # copies: a result that aliased an input would keep the input's mapped pages resident
             state[key] = first.to(dtype, copy=True) if first.is_floating_point() else first.clone()
         else:
@@ -357,13 +390,13 @@ def _write_sidecar(file: Path, info: dict) -> None:
     file.with_suffix(".json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
-def _write(state, info, file: Path | None, folder: Path | None, log) -> tuple[str, str]:
+def _write(single_file: SingleFile, state, info, file: Path | None, folder: Path | None, log) -> tuple[str, str]:
     """Write the file and / or folder; returns (sha256, short hash) of the result."""
     target = file or folder.with_name(f".{folder.name}.merge.safetensors")  # folder only: a scratch file
     remove_leftovers(target.parent)  # a merge killed earlier: its hidden half-file holds the disk
     check_free_space(target.parent, sum(t.numel() * t.element_size() for t in state.values()), "the merged model",
                      "Free some space there, or write the merge elsewhere (--out FILE / --diffusers FOLDER).")
-    write_single_file(target, state, metadata=_metadata(info))
+    single_file.write(target, state, metadata=_metadata(info))
     state.clear()  # the caller's dict: frees the result before the folder is built from the file
     sha = sha256_of(target)
     if file is not None:
@@ -372,12 +405,12 @@ def _write(state, info, file: Path | None, folder: Path | None, log) -> tuple[st
         log(f"merged file: {file}  [{sha[:10]}]")
     if folder is not None:
         try:
-            save_folder(target, folder, {"dbnb_merge.json": info})
+            single_file.to_folder(target, folder, {"dbnb_merge.json": info})
         finally:
             if file is None:
                 target.unlink(missing_ok=True)
         if file is None:  # the folder's own hash (of its weight files), kept beside them
-            sha = sha256_of(*weight_files(folder))
+            sha = sha256_of(*single_file.weight_files(folder))
             record = folder / "dbnb_merge.json"
             record.write_text(json.dumps({**info, "sha256": sha, "short_hash": sha[:10]}, indent=2,
                                          ensure_ascii=False), encoding="utf-8")
@@ -393,7 +426,7 @@ def merge(inputs: Sequence[str], weights: Sequence[float] | None = None, *, mode
           dtype: str = "fp16", out_file: str | os.PathLike | None = None, out_dir: str | os.PathLike | None = None,
           name: str | None = None, overwrite: bool = False, cache_dir=None, progress: bool = True,
           log: Callable[[str], None] = print) -> MergeResult:
-    """Merge SD 1.x models: a weighted sum of N (`weights`, default equal; normalised to sum 1
+    """Merge SD 1.x or SDXL models (of one family): a weighted sum of N (`weights`, default equal; normalised to sum 1
     unless normalize=False) or A + (B − C) × alpha (mode="add_difference", three inputs).
 
     Inputs are anything dbnb's loader takes (single files, diffusers folders, repo ids, URLs,
@@ -432,6 +465,7 @@ def merge(inputs: Sequence[str], weights: Sequence[float] | None = None, *, mode
                 "normalized": normalize, "merged": sorted(merged), "inputs": [_input_info(m) for m in models],
                 "rules": notes, "dbnb_version": __version__}
         state = _merge_state(models, merged, mode, coeffs, FILE_DTYPES[dtype], progress)
+        single_file = models[0].single_file
         del models  # unmaps .ckpt inputs before the write, which needs the RAM
-    _, short = _write(state, info, file, folder, log)
+    _, short = _write(single_file, state, info, file, folder, log)
     return MergeResult(file, folder, name, title, short, info["inputs"], notes, time.time() - started)

@@ -25,12 +25,21 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from dbnb.core.weightfile import save_safetensors, write_atomically
+from dbnb.family.base import FileParts
 
 ORIGINAL_PREFIXES: Mapping[str, str] = MappingProxyType({
     "unet": "model.diffusion_model.",
     "vae": "first_stage_model.",
     "text_encoder": "cond_stage_model.transformer.text_model.",
 })
+TEXT_ENCODER_OLD = "cond_stage_model.transformer."  # before transformers' text_model: level (old ldm files)
+POSITION_IDS = ORIGINAL_PREFIXES["text_encoder"] + "embeddings.position_ids"
+# The parts as merges see them: ldm's EMA copy (model_ema.*) and the old text-encoder prefix as real files have them.
+FILE_PARTS = FileParts(prefixes=MappingProxyType({"unet": (ORIGINAL_PREFIXES["unet"],),
+                                                  "vae": (ORIGINAL_PREFIXES["vae"],),
+                                                  "text_encoder": ("cond_stage_model.",)}),
+                       ema="model_ema.", renamed=MappingProxyType({TEXT_ENCODER_OLD: ORIGINAL_PREFIXES["text_encoder"]}),
+                       exact=(POSITION_IDS,))
 
 # Every tensor in these models is a module's weight or bias; anything else (buffers, stray
 # entries) must not slip through under a plausible-looking name.

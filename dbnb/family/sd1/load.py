@@ -161,8 +161,8 @@ def sd1_variant(keys, shapes: dict) -> str:
     keys = set(keys)
     if any(k.startswith("conditioner.embedders.") for k in keys) or "model.diffusion_model.label_emb.0.0.weight" in keys:
         raise ModelLoadError("This is an SDXL model in one file, not SD 1.x: dbnb reads it as SDXL when it is "
-                             "pretrained_model_name_or_path (training, rendering, export, convert; merging SDXL is not "
-                             f"supported yet). {SDXL_BY_PATH}")
+                             "pretrained_model_name_or_path (training, rendering, export, convert, merge). "
+                             f"{SDXL_BY_PATH}")
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise ModelLoadError("This is an SD 2.x model (OpenCLIP text encoder): dbnb trains SD 1.x only "
                              "(not supported yet).")

@@ -93,32 +93,46 @@ def file_entries(path: Path, stack: ExitStack) -> tuple[dict[str, Entry], dict[s
     return {k: (partial(reader.get, k), shape) for k, shape in reader.shapes.items()}, reader.metadata
 
 
-def component_files(folder: Path, component: str) -> list[Path]:
-    for pattern in FOLDER_FILES[component]:
+def component_files(folder: Path, component: str, kind: str = "") -> list[Path]:
+    """The weight files of `folder`'s `component` subfolder, whose files are named as `kind`'s
+    (FOLDER_FILES; by default the component's own: SDXL's text_encoder_2 is named as text_encoder)."""
+    patterns = FOLDER_FILES[kind or component]
+    for pattern in patterns:
         found = sorted((folder / component).glob(pattern))
         if found:
             return found
-    raise SDFileError(f"{folder} has no {component} weights ({folder / component / FOLDER_FILES[component][0]}): "
+    raise SDFileError(f"{folder} has no {component} weights ({folder / component / patterns[0]}): "
                       "is the folder complete?")
+
+
+def component_entries(folder: Path, component: str, stack: ExitStack, kind: str = "") -> dict[str, Entry]:
+    """One part of a diffusers folder by its own (diffusers) keys, still unread."""
+    raw: dict[str, Entry] = {}
+    for file in component_files(folder, component, kind):
+        raw |= file_entries(file, stack)[0]
+    return raw
+
+
+def mapped(raw: dict[str, Entry], key_map: dict[str, str]) -> dict[str, Entry]:
+    """`raw`'s entries under their original-layout keys; the VAE's mid attention, Linear in
+    diffusers, becomes the file's 1x1 conv as it is read (vae_tensor leaves every other key as it is)."""
+    out: dict[str, Entry] = {}
+    for src, dst in key_map.items():
+        read, shape = raw[src]
+        out[dst] = (partial(lambda r, key: vae_tensor(key, r()), read, dst),
+                    tuple(vae_tensor(dst, torch.empty(shape, device="meta")).shape))
+    return out
 
 
 def folder_entries(folder: Path, stack: ExitStack) -> dict[str, Entry]:
     """A diffusers folder seen in the original layout, still unread."""
     out: dict[str, Entry] = {}
     for component in COMPONENTS:
-        raw: dict[str, Entry] = {}
-        for file in component_files(folder, component):
-            raw |= file_entries(file, stack)[0]
+        raw = component_entries(folder, component, stack)
         try:
-            key_map = _FOLDER_MAPS[component](raw)
+            out |= mapped(raw, _FOLDER_MAPS[component](raw))
         except ValueError as e:
             raise SDFileError(f"{folder}: {component} is not an SD 1.x {component} ({e}).") from None
-        for src, dst in key_map.items():
-            read, shape = raw[src]
-            if component == "vae":  # the mid attention is Linear in diffusers, a 1x1 conv in the file
-                shape = tuple(vae_tensor(dst, torch.empty(shape, device="meta")).shape)
-                read = partial(lambda r, key: vae_tensor(key, r()), read, dst)
-            out[dst] = (read, shape)
     return out
 
 

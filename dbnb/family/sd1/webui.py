@@ -13,11 +13,12 @@ from dbnb.core.weightfile import remove_leftovers
 from dbnb.family.base import Models
 from dbnb.family.sd1 import layout
 from dbnb.family.sd1.load import save_folder, sd1_variant, skeleton_folder
-from dbnb.family.sd1.singlefile import Entry, file_entries, keys_and_shapes
+from dbnb.family.sd1.singlefile import Entry, file_entries, folder_entries, keys_and_shapes, weight_files
 
 
 class WebuiFile:
     suffixes = layout.WRITTEN_SUFFIXES
+    parts = layout.FILE_PARTS
 
     def state_dict(self, unet: dict, vae: dict, text_encoder: dict, base: str = "") -> dict[str, torch.Tensor]:
         return layout.original_state_dict(unet, vae, text_encoder)  # SD 1.x files mark nothing of their base
@@ -31,6 +32,19 @@ class WebuiFile:
 
     def entries(self, path: Path, stack) -> dict[str, Entry]:
         return file_entries(path, stack)[0]
+
+    def folder_entries(self, folder: Path, stack) -> dict[str, Entry]:
+        return folder_entries(folder, stack)
+
+    def weight_files(self, path: Path) -> list[Path]:
+        return weight_files(path)
+
+    def architecture(self, keys, shapes: dict, source: str) -> str:
+        variant = sd1_variant(keys, shapes)  # a ModelLoadError says what else the file is
+        return "SD 1.x" if variant == "sd15" else variant
+
+    def sampling(self, keys) -> str:
+        return "epsilon"  # SD 1.x files mark nothing: every SD 1.x base predicts the noise
 
     def write(self, path: Path, state: dict, **options) -> Path:
         return layout.write_single_file(path, state, **options)

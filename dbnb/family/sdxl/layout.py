@@ -25,6 +25,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from dbnb.family.base import FileParts
 from dbnb.family.sd1 import layout as sd1
 
 UNET, VAE = sd1.ORIGINAL_PREFIXES["unet"], sd1.ORIGINAL_PREFIXES["vae"]
@@ -50,6 +51,10 @@ LOGIT_SCALE = f"{BIGG}logit_scale"
 LOGIT_SCALE_VALUE = math.log(100.0)  # CLIP's trained temperature (SDXL 1.0 base's value); unused in generation
 V_PRED, ZTSNR = "v_pred", "ztsnr"
 EPSILON = ("epsilon", False)  # (prediction_type, zero-terminal SNR) of a file with no markers: SDXL 1.0's own
+# The parts as merges see them: both text encoders are one part; sgm names an EMA copy as ldm does.
+FILE_PARTS = FileParts(prefixes=MappingProxyType({"unet": (UNET,), "vae": (VAE,),
+                                                  "text_encoder": ("conditioner.embedders.",)}),
+                       ema="model_ema.", renamed=MappingProxyType({}), exact=(POSITION_IDS,))
 
 
 def unet_key_map(keys: Iterable[str]) -> dict[str, str]:
@@ -84,7 +89,7 @@ def bigg_sources(keys: Iterable[str]) -> dict[str, tuple[str, ...]]:
     return {target: tuple(by_bare[s] for s in sources) for target, sources in out.items()}
 
 
-def _bigg_tensor(target: str, tensors: list[torch.Tensor]) -> torch.Tensor:
+def bigg_tensor(target: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     if len(tensors) > 1:
         return torch.cat(tensors)  # q, k, v: the only new tensors an export makes (3 x width² per layer)
     if target == BIGG + "text_projection":
@@ -115,6 +120,14 @@ def sampling(keys: Iterable[str]) -> tuple[str, bool]:
     return ("v_prediction", ZTSNR in keys) if V_PRED in keys else EPSILON
 
 
+def sampling_name(keys: Iterable[str]) -> str:
+    """How a file of these keys samples, in words: "epsilon", "v-prediction" or "v-prediction with zero terminal SNR"."""
+    prediction_type, zero_snr = sampling(keys)
+    if prediction_type == EPSILON[0]:
+        return prediction_type
+    return "v-prediction" + (" with zero terminal SNR" if zero_snr else "")
+
+
 def original_keys(unet: Mapping, vae: Mapping, encoder: Mapping, prediction: tuple[str, bool]) -> set[str]:
     """The keys `original_state_dict` of these parts holds, reading no tensor."""
     clip_l, bigg = split_encoders(encoder)
@@ -133,6 +146,6 @@ def original_state_dict(unet: Mapping[str, torch.Tensor], vae: Mapping[str, torc
     out |= {dst: clip_l[src] for src, dst in clip_l_key_map(clip_l).items()}
     positions, _ = clip_l[next(k for k in clip_l if k.endswith("position_embedding.weight"))].shape
     out[POSITION_IDS] = torch.arange(positions)[None]
-    out |= {dst: _bigg_tensor(dst, [bigg[s] for s in sources]) for dst, sources in bigg_sources(bigg).items()}
+    out |= {dst: bigg_tensor(dst, [bigg[s] for s in sources]) for dst, sources in bigg_sources(bigg).items()}
     out[LOGIT_SCALE] = torch.tensor(LOGIT_SCALE_VALUE, dtype=out[BIGG + "text_projection"].dtype)
     return out | markers(*prediction)
