@@ -84,6 +84,7 @@ def test_the_full_size_t4_lora_fits_a_t4_from_the_shipped_trace():
     assert predicted.parts["weights"] == pytest.approx(frozen + trace.trained_bytes, rel=1e-5)  # + the fp32 adapters
     assert predicted.fits(card("T4")["total_vram_gib"])
     assert predicted.ram["load"] < 12 * GIB  # Colab's 12.7 GB: read in fp16, not fp32
+    assert predicted.ram["export"] < 12 * GIB  # the parts once, in fp16 (bench_sdxl_ram.py measured 7.7 GiB)
 
 
 def test_cached_text_embeddings_take_the_encoders_off_the_card():

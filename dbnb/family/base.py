@@ -183,7 +183,7 @@ class Family(Protocol):
     (SDXL's time ids), added to each batch's looked-up embeddings; a family without it has none.
     Optional too, `memory_rules()`: a module with memory_profile=auto's tiers for the family
     (`auto_settings(config)`), what it refuses on a card (`refusal(config, gpu)`) and the
-    system RAM its load holds (`load_ram(trace)`): SDXL's dbnb.family.sdxl.memory.
+    system RAM its load and export hold (`load_ram(trace)`, `export_ram(trace)`): SDXL's dbnb.family.sdxl.memory.
     Optional too, `card`: how the report and the model card name it (Card; `card_of`)."""
 
     name: str

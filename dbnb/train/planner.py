@@ -224,14 +224,15 @@ def ram_phases(config: Config, trace: StepTrace) -> dict:
     * save: a checkpoint's weights are cast to fp16 on the device and written from the host
       (dbnb.run.checkpoints: the trained parts in fp16); the optimizer state is written tensor by tensor;
     * export: the pipeline loaded in fp32 and the single file's state dict in fp16 beside it.
-    Each on top of `RAM_BASE_GIB`. A family with memory rules may read its parts otherwise (SDXL:
-    in their training dtypes, dbnb.family.sdxl.memory.load_ram)."""
+    Each on top of `RAM_BASE_GIB`. A family with memory rules may read and export its parts otherwise
+    (SDXL: in their training dtypes, and exported from fp16 parts; dbnb.family.sdxl.memory)."""
     base = RAM_BASE_GIB * GIB
     every_part = 4 * trace.parameters
     single_file = every_part // 2 if str(config.pretrained_model_name_or_path).endswith((".safetensors", ".ckpt")) else 0
     rules = family_rules(config)
     load = rules.load_ram(trace) if rules is not None else every_part + single_file
+    export = rules.export_ram(trace) if rules is not None else every_part + every_part // 2
     return {"load": base + load,
             "save": base + trace.trained_bytes // 2,
-            "export": base + every_part + every_part // 2}
+            "export": base + export}
 
