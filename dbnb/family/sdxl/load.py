@@ -154,31 +154,44 @@ def from_single_file(path: Path, keys: list[str], shapes: dict, dtype: torch.dty
         scheduler=scheduler_for(config, layout.sampling(keys)), **dtype_argument("diffusers", dtype))
 
 
+def read_part(folder: Path, part: str, dtype: torch.dtype):
+    """The model `part` (unet, vae, text_encoder, text_encoder_2) of the SDXL folder, read in `dtype`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    library, kind = {"unet": ("diffusers", UNet2DConditionModel), "vae": ("diffusers", AutoencoderKL),
+                     "text_encoder": ("transformers", CLIPTextModel),
+                     "text_encoder_2": ("transformers", CLIPTextModelWithProjection)}[part]
+    return kind.from_pretrained(folder, subfolder=part, local_files_only=True, **dtype_argument(library, dtype))
+
+
 def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None):
     """A `StableDiffusionXLPipeline` from an SDXL diffusers folder, Hub id or single file, in fp32
-    unless `dtype`: one, or one per part by name with a "default" (as diffusers' from_pretrained takes
-    it), with the VAE at `vae` in place of its own when given (an fp16-fix VAE: the same latent space)."""
+    unless `dtype`: one, or one per part by name with a "default", with the VAE at `vae` in place of
+    its own when given (an fp16-fix VAE: the same latent space)."""
     from diffusers import StableDiffusionXLPipeline
 
     kind, where = resolve_source(source)
+    dtypes = dtype if isinstance(dtype, dict) else {"default": dtype or torch.float32}
+    apart = {part: part_dtype for part, part_dtype in dtypes.items() if part != "default"}
     try:
         if kind == "file":  # diffusers reads a single file in one dtype: the parts named apart are cast after
-            dtypes = dtype if isinstance(dtype, dict) else {"default": dtype or torch.float32}
             pipe = from_single_file(Path(where), *keys_and_shapes(Path(where)), dtypes["default"])
-            for part, part_dtype in dtypes.items():
-                if part != "default":
-                    getattr(pipe, part).to(part_dtype)
+            for part, part_dtype in apart.items():
+                getattr(pipe, part).to(part_dtype)
         else:
             folder = fetch_hub(where, revision) if kind == "hub" else Path(where)
             check_folder(folder, FOLDER_PARTS)
-            pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True, add_watermarker=False,
-                                                             **dtype_argument("diffusers", dtype or torch.float32))
+            # Each part named apart is read in its own dtype and handed in: a dict of dtypes is not
+            # taken by the oldest diffusers / transformers dbnb supports.
+            pipe = StableDiffusionXLPipeline.from_pretrained(
+                folder, local_files_only=True, add_watermarker=False, **dtype_argument("diffusers", dtypes["default"]),
+                **{part: read_part(folder, part, part_dtype) for part, part_dtype in apart.items()})
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"Could not load SDXL base model {source!r} ({kind}): {e}") from e
     if vae:
         scaling = pipe.vae.config.scaling_factor
-        pipe.vae = load_vae(vae, revision=revision, dtype=dtype.get("vae", dtype.get("default")) if isinstance(
-            dtype, dict) else dtype)
+        pipe.vae = load_vae(vae, revision=revision, dtype=dtypes.get("vae", dtypes["default"]))
         # a VAE file is read with SD 1.5's config (0.18215); an SDXL VAE keeps the base's latent scale
         pipe.vae.register_to_config(scaling_factor=scaling)
     return pipe

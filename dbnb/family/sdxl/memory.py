@@ -95,5 +95,5 @@ def export_ram(trace) -> int:
     """System RAM (bytes) `dbnb export` of a full SDXL run, or the read-back of its LoRA file, holds:
     the parts once, in fp16 (the file's state dict is views of them but bigG's joined q/k/v, and the
     read-back starts after they are dropped: dbnb.ship.export.verify). bench/bench_sdxl_ram.py
-    measured 7.7 and 7.5 GiB peak for a full-size SDXL on a 2-core CPU box (docs/cpu-results/sdxl_ram.json)."""
+    measured 7.7 and 7.5 GiB peak for a full-size SDXL on a 2-core CPU box."""
     return 2 * trace.parameters
