@@ -87,6 +87,18 @@ def test_the_full_size_t4_lora_fits_a_t4_from_the_shipped_trace():
     assert predicted.ram["export"] < 12 * GIB  # the parts once, in fp16 (bench_sdxl_ram.py measured 7.7 GiB)
 
 
+def test_notebook_04s_defaults_fit_sdxl_lora_on_a_t4_latent_cache_included():
+    """cache_latents on (notebook 04's default): the cache encodes 2 pictures at a time at 1024 px
+    (dbnb.data.batches.cache_chunk), not SD 1.x's 8, so its phase fits a T4 too."""
+    from dbnb.data.batches import cache_chunk
+
+    assert (cache_chunk(512, 512), cache_chunk(1024, 1024), cache_chunk(64, 64)) == (8, 2, 8)
+    config = sdxl_config(FULL_SIZE, cache_latents=True, **T4_LORA)
+    assert trace_key(config) in _read(SHIPPED)
+    predicted = plan(config, step_trace(config))
+    assert predicted.fits(card("T4")["total_vram_gib"]), predicted.table()
+
+
 def test_cached_text_embeddings_take_the_encoders_off_the_card():
     """cache_text_embeddings keeps the frozen encoders off the GPU: the training phases lose exactly
     their weights."""

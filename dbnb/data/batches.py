@@ -151,6 +151,18 @@ def bucketed_images(config: Config, tokenizers, instance, klass) -> Batches:
                    plan)
 
 
+# The latent cache encodes at most CACHE_CHUNK pictures at once, and at most CACHE_PIXELS pixels:
+# 8 pictures up to SD 1.x's 512 px as before, 2 at SDXL's 1024 (8 there would ask a T4 for 20 GiB
+# of autoencoder activations: dbnb.train.steptrace).
+CACHE_CHUNK = 8
+CACHE_PIXELS = CACHE_CHUNK * 512 * 512
+
+
+def cache_chunk(height: int, width: int) -> int:
+    """How many pictures of `height` x `width` the latent cache encodes at once."""
+    return max(1, min(CACHE_CHUNK, CACHE_PIXELS // (height * width)))
+
+
 @torch.no_grad()
 def cache_latents(batches: Batches, autoencoder, hflip: bool, family=None) -> dict:
     """Latent distribution (mean, std) of every image, flipped ones too when hflip is on
@@ -160,7 +172,7 @@ def cache_latents(batches: Batches, autoencoder, hflip: bool, family=None) -> di
     for part, images in batches.parts().items():
         for flipped in (False, True) if hflip else (False,):
             means, stds = [], []
-            for chunk in images.images.split(8):
+            for chunk in images.images.split(cache_chunk(*images.images.shape[-2:])):
                 chunk = data.unit_range(to_device(chunk, device))
                 dist = family.encode_images(autoencoder, chunk.flip(-1) if flipped else chunk)
                 means.append(dist.mean.float().cpu())

@@ -22,9 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dbnb.core.precision import mixed_dtype
-
-
-CACHE_CHUNK = 8  # pictures dbnb.data.batches.cache_latents encodes at once
+from dbnb.data.batches import cache_chunk
 
 
 class LiveBytes(TorchDispatchMode):
@@ -115,7 +113,7 @@ def trace_step(config, build) -> StepTrace:
         start = live.reset_peak()
         # The autoencoder encodes the batch's pictures at each step, or once beforehand in chunks
         # (the latent cache): either way before the denoiser runs, so its peak is a phase of its own.
-        encoded = CACHE_CHUNK if config.cache_latents else rows
+        encoded = cache_chunk(config.resolution, config.resolution) if config.cache_latents else rows
         pictures = torch.randn(encoded, 3, config.resolution, config.resolution)
         latents = family.encode_images(parts.autoencoder, pictures).sample()
         del pictures
