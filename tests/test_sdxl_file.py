@@ -205,3 +205,52 @@ def test_notebook_01s_download_of_an_sdxl_hub_id_is_a_folder_with_both_text_enco
     assert folder.is_relative_to(tmp_path / "models")
     assert {"text_encoder_2", "tokenizer_2", "unet", "vae"} <= {p.name for p in folder.iterdir()}
     assert base.for_model(str(folder)) is SDXL
+
+
+def test_a_hub_repo_of_one_single_file_is_fetched_and_read_as_sdxl(tiny_sdxl, tmp_path, monkeypatch):
+    """Illustrious-XL 0.1 on the Hub is single files, no model_index.json: a repo holding one is
+    fetched (notebook 01, into the workspace) and recognized from its keys; one holding several
+    is an error that names each file's URL to set instead."""
+    from huggingface_hub import constants
+
+    from dbnb.family.sd1.load import ModelLoadError, fetch_model
+    from dbnb.ship.export import export
+
+    single = export(str(tiny_sdxl), to=str(tmp_path / "out")).path
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    shutil.copy(single, repo / "tiny-xl-v0.1.safetensors")
+    (repo / "README.md").write_text("a model card")
+    cache = tmp_path / "models" / "hub"
+    _hub_cache(cache, "org/tiny-xl-file", repo)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    fetched = Path(fetch_model("org/tiny-xl-file", tmp_path / "models"))
+    assert fetched.name == "tiny-xl-v0.1.safetensors" and fetched.is_relative_to(cache)
+    assert base.for_model(str(fetched)) is SDXL and base.for_model("org/tiny-xl-file") is SDXL
+    opened = SDXL.open("org/tiny-xl-file").denoiser.state_dict()
+    assert all(torch.equal(v, opened[k]) for k, v in SDXL.open(str(single)).denoiser.state_dict().items())
+
+    shutil.copy(single, repo / "tiny-xl-v0.1-GUIDED.safetensors")
+    _hub_cache(cache, "org/two-files", repo)
+    with pytest.raises(ModelLoadError) as said:
+        fetch_model("org/two-files", tmp_path / "models")
+    for name in ("tiny-xl-v0.1.safetensors", "tiny-xl-v0.1-GUIDED.safetensors"):
+        assert f"https://huggingface.co/org/two-files/resolve/main/{name}" in str(said.value)
+    assert "pretrained_model_name_or_path" in str(said.value)
+
+
+def test_an_sdxl_file_at_a_url_is_recognized_and_downloaded_once(tiny_sdxl, tmp_path, http_server):
+    """A URL pasted from Civitai or the Hub: downloaded when its family is asked (only its keys
+    tell it), then loaded from the same download."""
+    from dbnb.family.sdxl.load import sampling_of
+    from dbnb.ship.export import export
+
+    single = export(str(tiny_sdxl), to=str(tmp_path / "out")).path
+    http_server.routes["/files/tiny-xl.safetensors"] = (single.read_bytes(), {})
+    url = http_server.url + "/files/tiny-xl.safetensors"
+    assert base.for_model(url) is SDXL and sampling_of(url) == layout.EPSILON
+    opened = SDXL.open(url).denoiser.state_dict()
+    assert all(torch.equal(v, opened[k]) for k, v in SDXL.open(str(single)).denoiser.state_dict().items())
+    assert http_server.hits == {"/files/tiny-xl.safetensors": 1}

@@ -7,13 +7,17 @@ from dbnb.core.config.declare import setting
 
 
 # The base models users of anime characters train from, as the notebooks and the form offer them:
-# Hub id -> what it is (English, Japanese). Pony Diffusion V6 XL has no Hub copy of its own: it
-# comes from Civitai as one .safetensors (a URL, Drive link or file path, which the field takes).
+# Hub id, or a file's URL where the repo holds single files -> what it is (English, Japanese).
+# Pony Diffusion V6 XL has no Hub copy of its own: it comes from Civitai as one .safetensors (a
+# URL, Drive link or file path, which the field takes).
+ILLUSTRIOUS_XL = ("https://huggingface.co/OnomaAIResearch/Illustrious-xl-early-release-v0/resolve/main/"
+                  "Illustrious-XL-v0.1.safetensors")
 BASE_MODELS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": (
         "SD 1.5, the guide's family (512 px; anime merges such as Anything are SD 1.x files)",
         "SD 1.5。ガイドと同じ系統（512 px。Anything などのアニメ系マージも SD 1.x）"),
-    "OnomaAIResearch/Illustrious-xl-early-release-v0": (
+    # A Hub repo of single files (no diffusers model; a "GUIDED" file beside it): the file by its URL.
+    ILLUSTRIOUS_XL: (
         "Illustrious-XL 0.1: SDXL anime base trained on Danbooru tags (1024 px)",
         "Illustrious-XL 0.1。Danbooru タグで学習した SDXL のアニメ系ベース（1024 px）"),
     "Laxhar/noobai-XL-1.1": (

@@ -29,10 +29,10 @@ from dbnb.family.sd1.skeleton import SKELETON, VARIANTS, config_folder, save_tok
 # A single-file model dbnb loads (dbnb.core.weights reads them all); what it writes: dbnb.family.sd1.layout.WRITTEN_SUFFIXES
 LOADABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 VAE_SETTING = "pretrained_vae_name_or_path"
-# What to do with an SDXL model the SD 1.x loader was given (dbnb.family.sdxl recognizes local files and folders, and
-# Hub ids it can read): URLs are fetched only when loaded, so never recognized
-SDXL_BY_PATH = ("An SDXL model from a URL or an unreadable Hub id: download it and set pretrained_model_name_or_path "
-                "to the local .safetensors file or diffusers folder, which dbnb reads as SDXL.")
+# What to do with an SDXL model the SD 1.x loader was given: dbnb.family.sdxl recognizes folders, files, URLs and
+# Hub ids it can read, so this one came by another way (a Hub model the Hub did not show, offline and not cached)
+SDXL_BY_PATH = ("Set pretrained_model_name_or_path to the SDXL model's .safetensors file or diffusers folder (or its "
+                "URL), which dbnb reads as SDXL; a Hub id offline needs the model in the Hugging Face cache.")
 
 
 class ModelLoadError(DbnbError, RuntimeError):
@@ -44,9 +44,10 @@ class ModelLoadError(DbnbError, RuntimeError):
 # --- where the model is ------------------------------------------------------------------
 
 def resolve_source(source: str, cache_dir: str | Path | None = None, what: str = "Base model",
-                   setting: str = "pretrained_model_name_or_path") -> tuple[str, str]:
+                   setting: str = "pretrained_model_name_or_path", revision: str = "") -> tuple[str, str]:
     """Classify `source` and fetch it if remote. Returns (kind, location) with kind one of
-    "folder", "file" or "hub". `what` and `setting` name it in messages (the VAE has its own)."""
+    "folder", "file" or "hub" (a diffusers model on the Hub; a Hub repo of one weight file is
+    fetched and is a "file"). `what` and `setting` name it in messages (the VAE has its own)."""
     source = str(source).strip()
     if not source:
         raise ModelLoadError(f"No {what.lower()} given: set {setting}.")
@@ -77,9 +78,50 @@ def resolve_source(source: str, cache_dir: str | Path | None = None, what: str =
                              f"({Path.cwd()}); set {setting} to the full path of the file or folder "
                              "(on Colab: is Drive mounted? /content/drive/MyDrive/...).")
     if HUB_ID.match(source):
-        return "hub", source
+        single = hub_weight_file(source, revision, cache_dir, setting)
+        return ("file", str(single)) if single else ("hub", source)
     raise ModelLoadError(f"{what} {source!r} is neither an existing folder or file, a URL, nor a "
                          f"Hugging Face repo id like 'org/name'. Check {setting} (on Colab: is Drive mounted?).")
+
+
+def hub_weight_file(repo_id: str, revision: str = "", cache_dir: str | Path | None = None,
+                    setting: str = "pretrained_model_name_or_path") -> Path | None:
+    """The one weight file of a Hub repo that holds a model as a single file instead of a diffusers
+    model (Illustrious-XL 0.1, Pony V6), fetched once (into `cache_dir`/hub, else the Hugging Face
+    cache); None for a diffusers model (model_index.json) or a repo the Hub or, offline, the cache
+    does not show, which diffusers' loading then names. Several weight files: which one to set, by URL."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download, try_to_load_from_cache
+
+    hub_cache = str(Path(cache_dir) / "hub") if cache_dir else None
+    rev = revision or None
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json", cache_dir=hub_cache, revision=rev), str):
+        return None  # a diffusers model fetched before: no need to ask the Hub
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        if offline:
+            snapshot = Path(snapshot_download(repo_id, revision=rev, cache_dir=hub_cache, local_files_only=True))
+            names = [p.name for p in snapshot.iterdir()]
+        else:
+            names = HfApi().list_repo_files(repo_id, revision=rev, token=os.environ.get("HF_TOKEN") or None)
+    except Exception:  # noqa: BLE001 — no such repo, private, no network: diffusers' own loading says which
+        return None
+    if "model_index.json" in names:
+        return None
+    weights = sorted(n for n in names if "/" not in n and Path(n).suffix.lower() in LOADABLE_SUFFIXES)
+    weights = [n for n in weights if n.endswith(".safetensors")] or weights  # a .ckpt beside it: the same model
+    if not weights:
+        return None
+    if len(weights) > 1:
+        urls = "\n".join(f"  https://huggingface.co/{repo_id}/resolve/{revision or 'main'}/{n}" for n in weights)
+        raise ModelLoadError(f"{setting} {repo_id!r}: this Hub repo holds no diffusers model (model_index.json) but "
+                             f"{len(weights)} model files. Set {setting} to the one to train from, by its URL:\n{urls}")
+    try:
+        return Path(hf_hub_download(repo_id, weights[0], revision=rev, cache_dir=hub_cache, local_files_only=offline,
+                                    token=os.environ.get("HF_TOKEN") or None))
+    except Exception as e:  # noqa: BLE001 — network, disk, a file only partly cached: said with the file
+        raise ModelLoadError(f"{setting} {repo_id!r}: could not fetch its model file {weights[0]} from the Hugging "
+                             f"Face Hub: {e}. Check your network (HF_TOKEN for a gated model) and the free disk "
+                             "space, then run again.") from e
 
 
 def fetched(url: str, cache_dir, setting: str) -> Path:
@@ -217,7 +259,7 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None,
     """An SD 1.x `StableDiffusionPipeline` (no safety checker) from any supported source."""
     from diffusers import StableDiffusionPipeline
 
-    kind, where = resolve_source(source, cache_dir)
+    kind, where = resolve_source(source, cache_dir, revision=revision)
     if vae:  # a wrong VAE is named before the minutes the base model takes to load
         resolve_source_vae(vae, cache_dir)
     # fp32 unless asked: training needs fp32 master weights, and transformers 5 would otherwise
@@ -348,7 +390,7 @@ def resolve_source_vae(source: str, cache_dir) -> tuple[str, str]:
 def fetch_model(source: str, cache_dir: str | Path | None = None, revision: str = "") -> str:
     """Bring a base model to local disk once (into `cache_dir`, e.g. on Drive) and return a
     local path that `load_pipeline` reads without downloading again."""
-    kind, where = resolve_source(source, cache_dir)
+    kind, where = resolve_source(source, cache_dir, revision=revision)
     if kind != "hub":
         return where
     from diffusers import DiffusionPipeline

@@ -61,23 +61,20 @@ def hub_file(repo_id: str, name: str, revision: str = "") -> Path | None:
         return None
 
 
-def _folder_file(source: str, name: str, revision: str = "") -> Path | None:
-    """`name` inside the diffusers folder or Hub model at `source`; None for anything else."""
-    path = Path(str(source)).expanduser()
-    if path.is_dir():
-        return path / name
-    kind, where = _kind(source)
-    return hub_file(where, name, revision) if kind == "hub" else None
-
-
-def _kind(source: str) -> tuple[str, str]:
-    """resolve_source's answer, or ("", source) for what it refuses (not a model this family names)."""
-    if str(source).startswith(("http://", "https://")):
-        return "", str(source)  # fetched (minutes) only when loaded, never to be recognized
+def _local(source: str, revision: str = "") -> tuple[str, str]:
+    """resolve_source's answer (a URL, a Drive link or a single-file Hub repo fetched: loading needs
+    it anyway, and only its keys tell the family), or ("", source) for what it refuses (not a model)."""
     try:
-        return resolve_source(source)
+        return resolve_source(source, revision=revision)
     except ModelLoadError:
         return "", str(source)
+
+
+def _folder_file(kind: str, where: str, name: str, revision: str = "") -> Path | None:
+    """`name` inside the diffusers folder or Hub model `where`; None for anything else."""
+    if kind == "folder":
+        return Path(where) / name
+    return hub_file(where, name, revision) if kind == "hub" else None
 
 
 def _file_keys(path: Path) -> list[str] | None:
@@ -89,17 +86,19 @@ def _file_keys(path: Path) -> list[str] | None:
 
 def is_sdxl(source: str, revision: str = "") -> bool:
     """Whether `source` is an SDXL model: a diffusers folder, a Hub id (its model_index.json and UNet
-    config, from the cache when offline) or a single file (its keys; a .safetensors from its header)."""
-    path = Path(str(source)).expanduser()
-    if path.is_file():
+    config, from the cache when offline) or a single file, local, at a URL or alone in a Hub repo
+    (its keys; a .safetensors from its header)."""
+    kind, where = _local(source, revision)
+    if kind == "file":
+        path = Path(where)
         keys = _file_keys(path) if path.suffix.lower() in LOADABLE_SUFFIXES else None
         return bool(keys) and any(k.startswith(SINGLE_FILE_MARK) for k in keys)
-    index = _folder_file(source, "model_index.json", revision)
+    index = _folder_file(kind, where, "model_index.json", revision)
     if index is None or not index.is_file():
         return False
     if _json(index).get("_class_name") == PIPELINE_CLASS:
         return True
-    return _json(_folder_file(source, "unet/config.json", revision)).get("addition_embed_type") == TIME_IDS_EMBEDDING
+    return _json(_folder_file(kind, where, "unet/config.json", revision)).get("addition_embed_type") == TIME_IDS_EMBEDDING
 
 
 def sampling_of(source: str, revision: str = "") -> tuple[str, bool]:
@@ -107,10 +106,10 @@ def sampling_of(source: str, revision: str = "") -> tuple[str, bool]:
     a folder's or Hub model's scheduler config; SDXL's own (layout.EPSILON) where none says, or none is given."""
     if not source:
         return layout.EPSILON
-    path = Path(str(source)).expanduser()
-    if path.is_file():
-        return layout.sampling(_file_keys(path) or [])
-    scheduler = _json(_folder_file(source, SCHEDULER_CONFIG, revision))
+    kind, where = _local(source, revision)
+    if kind == "file":
+        return layout.sampling(_file_keys(Path(where)) or [])
+    scheduler = _json(_folder_file(kind, where, SCHEDULER_CONFIG, revision))
     if scheduler.get("prediction_type") != "v_prediction":
         return layout.EPSILON
     return "v_prediction", bool(scheduler.get("rescale_betas_zero_snr", False))
@@ -171,7 +170,7 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None):
     its own when given (an fp16-fix VAE: the same latent space)."""
     from diffusers import StableDiffusionXLPipeline
 
-    kind, where = resolve_source(source)
+    kind, where = resolve_source(source, revision=revision)
     dtypes = dtype if isinstance(dtype, dict) else {"default": dtype or torch.float32}
     apart = {part: part_dtype for part, part_dtype in dtypes.items() if part != "default"}
     try:
