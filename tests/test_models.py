@@ -140,6 +140,9 @@ class _RunsCode:
     ("https://civitai.com/api/download/models/1?token=secret#x", "https://civitai.com/api/download/models/1"),
     ("https://me:pw@example.com:8080/m.safetensors", "https://example.com:8080/m.safetensors"),
     ("https://drive.google.com/file/d/1AbCdEfGhIjKlMnOpQrStUv/view?usp=sharing", "drive-1AbCdEfGhI"),
+    # where notebook 01 leaves a Hub model: its folder is named by a commit, so the repo names it
+    ("/content/drive/MyDrive/dbnb/models/hub/models--Laxhar--noobai-XL-1.1/snapshots/" + "a1" * 20,
+     "Laxhar/noobai-XL-1.1"),
 ])
 def test_public_name_keeps_hub_ids_and_drops_local_paths_and_secrets(source, name):
     assert public_name(source) == name

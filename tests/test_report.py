@@ -98,6 +98,8 @@ def test_model_card_is_yaml_front_matter_and_markdown(demo_run):
     meta = yaml.safe_load(front)
     assert meta["instance_prompt"] == "hnzk girl" and "dreambooth" in meta["tags"] and meta["license"]
     assert "base_model" not in meta  # a local path means nothing on the Hub
+    # a base dbnb does not know the licence of: SD 1.x's, and what to do for one with its own
+    assert meta["license"] == "creativeml-openrail-m" and "set `license` to the base's before publishing" in body
     assert exported.path.name in body and body.lstrip().startswith("# report")
     from dbnb.core.config import load_config
     base = load_config(demo_run / "config.json").pretrained_model_name_or_path

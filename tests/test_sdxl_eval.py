@@ -48,8 +48,10 @@ def _config(source, root: Path, **overrides) -> Config:
 
 @pytest.fixture(scope="module")
 def vpred(tiny_sdxl, tmp_path_factory) -> Path:
-    """A v-prediction, zero-terminal-SNR copy of the tiny SDXL, as NoobAI-XL v-pred's folder says it."""
-    folder = shutil.copytree(tiny_sdxl, tmp_path_factory.mktemp("vpred") / "vpred")
+    """A v-prediction, zero-terminal-SNR copy of the tiny SDXL, as NoobAI-XL v-pred's folder says it,
+    where notebook 01 leaves that Hub model (the workspace's Hugging Face cache)."""
+    snapshot = "models/hub/models--Laxhar--noobai-XL-Vpred-1.0/snapshots/" + "0" * 40
+    folder = shutil.copytree(tiny_sdxl, tmp_path_factory.mktemp("vpred") / snapshot)
     scheduler = folder / "scheduler" / "scheduler_config.json"
     scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction",
                                      "rescale_betas_zero_snr": True}))
@@ -153,8 +155,10 @@ def test_the_report_and_card_name_the_sdxl_base_how_it_samples_and_where_the_fil
     card = model_card(lora, export(lora).path).read_text(encoding="utf-8")
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
-    assert meta["license"] == "openrail++" and {"stable-diffusion-xl", "lora"} <= set(meta["tags"])
-    assert "stable-diffusion" not in meta["tags"]
+    # NoobAI's licence binds what is trained from it, and the Hub links the card to it by repo id
+    assert (meta["license"], meta["license_name"]) == ("other", "fair-ai-public-license-1.0-sd")
+    assert meta["base_model"] == "Laxhar/noobai-XL-Vpred-1.0" and "base model: `Laxhar/noobai-XL-Vpred-1.0`" in body
+    assert {"stable-diffusion-xl", "lora"} <= set(meta["tags"]) and "stable-diffusion" not in meta["tags"]
     assert "learning rate 0.01" in body  # lora_learning_rate: what the adapters learnt at
     assert "LoRA of Stable Diffusion XL" in body and "a LoRA in kohya's layout for SDXL bases" in body
     assert "1.x" not in body and "SD layout" not in body and "v-prediction with zero-terminal SNR" in body

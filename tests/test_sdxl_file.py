@@ -213,6 +213,7 @@ def test_a_hub_repo_of_one_single_file_is_fetched_and_read_as_sdxl(tiny_sdxl, tm
     is an error that names each file's URL to set instead."""
     from huggingface_hub import constants
 
+    from dbnb.core.source_names import hub_repo, public_name
     from dbnb.family.sd1.load import ModelLoadError, fetch_model
     from dbnb.ship.export import export
 
@@ -231,6 +232,12 @@ def test_a_hub_repo_of_one_single_file_is_fetched_and_read_as_sdxl(tiny_sdxl, tm
     assert base.for_model(str(fetched)) is SDXL and base.for_model("org/tiny-xl-file") is SDXL
     opened = SDXL.open("org/tiny-xl-file").denoiser.state_dict()
     assert all(torch.equal(v, opened[k]) for k, v in SDXL.open(str(single)).denoiser.state_dict().items())
+
+    # the same file by its URL, as the base-model field offers Illustrious: the Hub's own download and
+    # cache, whose folder names the repo for the model card
+    url = "https://huggingface.co/org/tiny-xl-file/resolve/main/tiny-xl-v0.1.safetensors"
+    assert Path(fetch_model(url, tmp_path / "models")) == fetched and base.for_model(url) is SDXL
+    assert hub_repo(str(fetched)) == "org/tiny-xl-file" and public_name(str(fetched)) == fetched.name
 
     shutil.copy(single, repo / "tiny-xl-v0.1-GUIDED.safetensors")
     _hub_cache(cache, "org/two-files", repo)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from dbnb import __version__
 from dbnb.core.config import FAMILY_DEFAULTS, FIELDS, PRESETS, Config, from_dict, load_config
+from dbnb.core.config.model import BASE_LICENCES
 from dbnb.core.disk import format_bytes
-from dbnb.core.source_names import public_name
+from dbnb.core.source_names import hub_repo, public_name
 from dbnb.core.versions import dbnb_version
 from dbnb.data.dataset import list_images
 from dbnb.family.base import card_of, resolve_clip_skip
@@ -283,13 +284,18 @@ def model_card(run_dir: str | Path, exported: Path) -> Path:
     run = RunFolder(run_dir)
     config = load_config(run.config_path)
     card, lora = card_of(run.family), is_lora_file(exported)
-    meta = {"license": card.license, "library_name": "dbnb", "pipeline_tag": "text-to-image",
-            "tags": [*card.tags, "text-to-image", "dreambooth", *(["lora"] if lora else []), "dbnb"],
-            "instance_prompt": config.instance_prompt}
-
     source = config.pretrained_model_name_or_path
-    if not Path(source).exists():
-        meta["base_model"] = source  # a Hub id; local paths mean nothing on the Hub
+    repo = hub_repo(source)  # also where notebook 01 left a Hub model; other paths and URLs mean nothing on the Hub
+    licence = BASE_LICENCES.get(repo or "")
+    name, link = licence[1:] if licence else ("", "")
+    meta = {"license": licence[0] if licence else card.license,
+            **({"license_name": name, "license_link": link} if name else {}),
+            "library_name": "dbnb", "pipeline_tag": "text-to-image",
+            "tags": [*card.tags, "text-to-image", "dreambooth", *(["lora"] if lora else []), "dbnb"],
+            "instance_prompt": config.instance_prompt, **({"base_model": repo} if repo else {})}
+    unknown = [] if licence else [
+        f"- licence: `{card.license}` above is {card.short}'s own; a base with a licence of its own (Illustrious, "
+        "NoobAI and Pony have one) binds what is trained from it: set `license` to the base's before publishing"]
     _, result, _ = section_result(run)
     body = [f"# {config.run_name}", "",
             f"{'LoRA' if lora else 'DreamBooth fine-tune'} of {card.title} made with dbnb {__version__}. "
@@ -298,7 +304,7 @@ def model_card(run_dir: str | Path, exported: Path) -> Path:
             f"- base model: `{public_name(source)}`, {family_line(run, config)}",
             f"- resolution {config.resolution}, {config.max_train_steps} steps, "
             f"learning rate {rates_of(config)[0]:g}",  # the UNet's: a LoRA's is lora_learning_rate
-            *[f"- {line}" for line in result], ""]
+            *[f"- {line}" for line in result], *unknown, ""]
     path = exported.parent / "README.md"
     path.write_text("---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body),
                     encoding="utf-8")

@@ -30,6 +30,19 @@ BASE_MODELS = {
         "Animagine XL 4.0: SDXL anime base (1024 px)", "Animagine XL 4.0。SDXL のアニメ系ベース（1024 px）"),
 }
 
+# Their licences as their Hub cards give them (license, license_name, license_link), by repo: what is
+# trained from a base is bound by its licence (the FAIPL: "any use of this model and its variants"),
+# so the model card of an export names it (dbnb.ship.report.model_card).
+FAIPL = ("other", "fair-ai-public-license-1.0-sd", "https://freedevproject.org/faipl-1.0-sd/")
+BASE_LICENCES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": ("creativeml-openrail-m", "", ""),
+    "stabilityai/stable-diffusion-xl-base-1.0": ("openrail++", "", ""),
+    "OnomaAIResearch/Illustrious-xl-early-release-v0": FAIPL,
+    "Laxhar/noobai-XL-1.1": FAIPL,
+    "Laxhar/noobai-XL-Vpred-1.0": FAIPL,
+    "cagliostrolab/animagine-xl-4.0": ("openrail++", "", ""),
+}
+
 
 @dataclass(frozen=True)
 class ModelSettings:

@@ -20,7 +20,7 @@ from dbnb.core import download as downloads
 from dbnb.core import weights
 from dbnb.core.errors import DbnbError
 from dbnb.core.platform import default_cache_dir
-from dbnb.core.source_names import HUB_ID
+from dbnb.core.source_names import HUB_FILE_URL, HUB_ID
 from dbnb.core.versions import dtype_argument
 from dbnb.core.weights import UnsafeCheckpointError, WeightFileError, read_state_dict  # noqa: F401 (re-exported)
 from dbnb.family.sd1.singlefile import keys_and_shapes
@@ -90,7 +90,7 @@ def hub_weight_file(repo_id: str, revision: str = "", cache_dir: str | Path | No
     model (Illustrious-XL 0.1, Pony V6), fetched once (into `cache_dir`/hub, else the Hugging Face
     cache); None for a diffusers model (model_index.json) or a repo the Hub or, offline, the cache
     does not show, which diffusers' loading then names. Several weight files: which one to set, by URL."""
-    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download, try_to_load_from_cache
+    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
 
     hub_cache = str(Path(cache_dir) / "hub") if cache_dir else None
     rev = revision or None
@@ -115,13 +115,24 @@ def hub_weight_file(repo_id: str, revision: str = "", cache_dir: str | Path | No
         urls = "\n".join(f"  https://huggingface.co/{repo_id}/resolve/{revision or 'main'}/{n}" for n in weights)
         raise ModelLoadError(f"{setting} {repo_id!r}: this Hub repo holds no diffusers model (model_index.json) but "
                              f"{len(weights)} model files. Set {setting} to the one to train from, by its URL:\n{urls}")
+    return hub_download(repo_id, weights[0], revision, cache_dir, what=f"{setting} {repo_id!r}")
+
+
+def hub_download(repo_id: str, name: str, revision: str = "", cache_dir: str | Path | None = None,
+                 what: str = "") -> Path:
+    """One file of a Hub repo, fetched once into `cache_dir`/hub (else the Hugging Face cache),
+    where the repo's folder names it (dbnb.core.source_names.hub_repo); offline, the cached one."""
+    from huggingface_hub import constants, hf_hub_download
+
     try:
-        return Path(hf_hub_download(repo_id, weights[0], revision=rev, cache_dir=hub_cache, local_files_only=offline,
+        return Path(hf_hub_download(repo_id, name, revision=revision or None,
+                                    cache_dir=str(Path(cache_dir) / "hub") if cache_dir else None,
+                                    local_files_only=constants.HF_HUB_OFFLINE,
                                     token=os.environ.get("HF_TOKEN") or None))
     except Exception as e:  # noqa: BLE001 — network, disk, a file only partly cached: said with the file
-        raise ModelLoadError(f"{setting} {repo_id!r}: could not fetch its model file {weights[0]} from the Hugging "
-                             f"Face Hub: {e}. Check your network (HF_TOKEN for a gated model) and the free disk "
-                             "space, then run again.") from e
+        raise ModelLoadError(f"{what or repo_id}: could not fetch {name} from the Hugging Face Hub ({repo_id}): {e}. "
+                             "Check your network (HF_TOKEN for a gated model) and the free disk space, then run "
+                             "again.") from e
 
 
 def fetched(url: str, cache_dir, setting: str) -> Path:
@@ -142,6 +153,9 @@ def looks_like_path(source: str) -> bool:
 def download(url: str, cache_dir: str | Path | None = None) -> Path:
     """Fetch a URL into the cache, once: a file, or a folder for a Drive folder link (a diffusers
     model or VAE folder shared on Drive)."""
+    if found := HUB_FILE_URL.match(url.split("?")[0]):
+        # the Hub's own download: its cache (the repo named in the path, for the model card), resume, token
+        return hub_download(found[1], urllib.parse.unquote(found[3]), found[2], cache_dir, what=url)
     cache = Path(cache_dir or default_cache_dir()) / "downloads"
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
