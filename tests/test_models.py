@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dbnb.core.source_names import public_name
-from dbnb.family.sd1.load import (ModelLoadError, UnsafeCheckpointError, load_checkpoint_file, load_pipeline,
-                                  resolve_source, sd1_variant)
+from dbnb.family.sd1.load import UnsafeCheckpointError, load_checkpoint_file, load_pipeline, sd1_variant
+from dbnb.family.source import ModelLoadError, resolve_source
 from dbnb.world.tiny import build_tiny_pipeline
 
 
@@ -45,7 +45,8 @@ def test_hub_id_resolved_offline_from_a_local_cache(tiny_dir, tmp_path):
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     script = textwrap.dedent("""
-        from dbnb.family.sd1.load import resolve_source, load_pipeline
+        from dbnb.family.sd1.load import load_pipeline
+        from dbnb.family.source import resolve_source
         assert resolve_source("dbnb-test/tiny-sd") == ("hub", "dbnb-test/tiny-sd")
         pipe = load_pipeline("dbnb-test/tiny-sd")
         print("loaded", pipe.unet.config.block_out_channels)
@@ -244,7 +245,7 @@ def test_a_separate_vae_is_the_one_used(tiny_dir, tmp_path, reference, drive):
 
 
 def test_fetch_model_keeps_local_sources_and_downloads_urls_once(tiny_dir, tmp_path, http_server, drive):
-    from dbnb.family.sd1.load import fetch_model
+    from dbnb.family.source import fetch_model
     from dbnb.world.tiny import make_tiny_model
 
     make_tiny_model(tmp_path / "folder", single_file=tmp_path / "tiny.safetensors")

@@ -10,7 +10,7 @@ from conftest import assert_learnt_and_resumed_exactly, assert_test_grids
 
 from dbnb.family import base, lora
 from dbnb.family.sd1.family import SD1
-from dbnb.family.sd1.load import ModelLoadError
+from dbnb.family.source import ModelLoadError
 from dbnb.family.sdxl.family import SDXL, SDXLError, square_time_ids
 from dbnb.world.tiny_sdxl import PROJECTION, WIDTHS
 

@@ -197,7 +197,7 @@ def test_notebook_01s_download_of_an_sdxl_hub_id_is_a_folder_with_both_text_enco
     as the pipeline's parts (both encoders and tokenizers), which later notebooks read as SDXL."""
     from huggingface_hub import constants
 
-    from dbnb.family.sd1.load import fetch_model
+    from dbnb.family.source import fetch_model
 
     _hub_cache(tmp_path / "models" / "hub", "org/tiny-xl", tiny_sdxl)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
@@ -214,7 +214,7 @@ def test_a_hub_repo_of_one_single_file_is_fetched_and_read_as_sdxl(tiny_sdxl, tm
     from huggingface_hub import constants
 
     from dbnb.core.source_names import hub_repo, public_name
-    from dbnb.family.sd1.load import ModelLoadError, fetch_model
+    from dbnb.family.source import ModelLoadError, fetch_model
     from dbnb.ship.export import export
 
     single = export(str(tiny_sdxl), to=str(tmp_path / "out")).path

@@ -308,7 +308,7 @@ def test_settings_that_cannot_work_say_what_to_change(make_config):
 
 def test_the_lr_schedule_is_checked_whole_before_the_first_step(make_config, tmp_path, capsys):
     from dbnb.faces.cli import main
-    from dbnb.family.sd1.load import ModelLoadError
+    from dbnb.family.source import ModelLoadError
 
     # A base model that does not exist: an error about it would mean the model loaded first.
     config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), lr_scheduler="polynomial",
@@ -591,7 +591,7 @@ def test_previews_that_would_render_more_than_a_few_images_warn_before_the_model
     import warnings
 
     from dbnb.core.config import FEW_PREVIEWS
-    from dbnb.family.sd1.load import ModelLoadError
+    from dbnb.family.source import ModelLoadError
 
     config = make_config(pretrained_model_name_or_path=str(tmp_path / "no-model"), max_train_steps=4,
                          sample_every_steps=2, num_samples=3, sample_prompts=("a", "b"))

@@ -1,6 +1,6 @@
 """Downloads: an http(s) URL by urllib, a Google Drive file or folder link by gdown. The one
 place that knows what a URL and a Drive address look like and how gdown is called, so the picture
-intake (dbnb.data.intake) and the model loader (dbnb.family.sd1.load) fetch the same way and fail with the
+intake (dbnb.data.intake) and the model finder (dbnb.family.source) fetch the same way and fail with the
 same advice.
 """
 from __future__ import annotations

@@ -60,7 +60,7 @@ from dbnb.core.source_names import public_name
 from dbnb.core.weightfile import remove_leftovers
 from dbnb.data.intake import free_name
 from dbnb.family.base import Family, FileParts, SingleFile, for_model
-from dbnb.family.sd1.load import ModelLoadError, fetch_model
+from dbnb.family.source import ModelLoadError, fetch_model
 from dbnb.family.sd1.singlefile import Entry, SDFileError, file_entries
 from dbnb.ship.hashes import legacy_hash, sha256_of
 

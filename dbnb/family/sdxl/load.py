@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from dbnb.core.versions import dtype_argument
-from dbnb.family.sd1.load import LOADABLE_SUFFIXES, ModelLoadError, check_folder, load_vae, resolve_source
+from dbnb.family.sd1.load import check_folder, load_vae
+from dbnb.family.source import LOADABLE_SUFFIXES, ModelLoadError, resolve_source
 from dbnb.family.sd1.singlefile import keys_and_shapes
 from dbnb.family.sdxl import layout
 from dbnb.family.sdxl.skeleton import sdxl_variant, skeleton_folder
