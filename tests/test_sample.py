@@ -137,6 +137,11 @@ def test_images_made_with_the_same_settings_are_reused(run_dir, first):
     assert (again.rendered, again.reused) == (0, 3 * 3 * 2)
     changed = sample_run(run_dir, [*FAST, "test_seeds=3"], progress=False)
     assert (changed.rendered, changed.reused) == (3 * 3, 3 * 3 * 2)  # only the new seed is made
+    # the layer SD 1.x renders at anyway (clip_skip 0 is 1) keeps them; another clip skip draws others
+    same = sample_run(run_dir, [*FAST, "test_seeds=3", "clip_skip=1"], progress=False)
+    assert (same.rendered, same.reused) == (0, 3 * 3 * 3)
+    other = sample_run(run_dir, [*FAST, "test_seeds=3", "clip_skip=2"], progress=False)
+    assert (other.rendered, other.reused) == (3 * 3 * 3, 0)
 
 
 def test_html_page_references_every_image(run_dir, first):

@@ -16,7 +16,7 @@ from dbnb.data.buckets import class_image_sizes
 from dbnb.evaluate.sample import TestPipeline, sample_run
 from dbnb.evaluate.score import score_run
 from dbnb.family.base import ClipSkipError
-from dbnb.family.render import make_scheduler
+from dbnb.family.render import ZERO_SNR_GUIDANCE_RESCALE, generators, make_scheduler, render
 from dbnb.prep import classimages
 from dbnb.ship.report import model_card, report_markdown
 from dbnb.train.loop import train
@@ -44,6 +44,10 @@ def _config(source, root: Path, **overrides) -> Config:
                             run_name="xl", resolution=64, max_train_steps=2, save_every_steps=1, sample_every_steps=0,
                             learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, mixed_precision="no",
                             use_8bit_adam=False, gradient_checkpointing=False, train_text_encoder=False), **overrides})
+
+
+def _postprocess(pipe, latents):
+    return pipe.image_processor.postprocess(latents, output_type="pil")[0]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +108,16 @@ def test_a_v_prediction_sdxl_base_renders_class_and_test_images_as_v_prediction(
         # zero-terminal SNR: sampling starts from the last, pure-noise timestep
         pipe.scheduler.set_timesteps(4)
         assert pipe.scheduler.timesteps[0] == pipe.scheduler.config.num_train_timesteps - 1
+    # and its guidance is rescaled, as diffusers' pipeline does it with guidance_rescale (an eps base's is not)
+    pipe.set_progress_bar_config(disable=True)
+
+    def latents(rescale):
+        return pipe("1girl", num_inference_steps=2, guidance_scale=5.0, height=64, width=64, output_type="latent",
+                    generator=generators([3]), guidance_rescale=rescale).images
+
+    rendered = render(pipe, lambda x: x, "1girl", [3], steps=2, guidance=5.0, resolution=64)
+    assert np.array_equal(np.asarray(rendered[0]), np.asarray(_postprocess(pipe, latents(ZERO_SNR_GUIDANCE_RESCALE))))
+    assert not torch.equal(latents(ZERO_SNR_GUIDANCE_RESCALE), latents(0.0))
 
 
 # --- test grids and scores ---------------------------------------------------------------------------

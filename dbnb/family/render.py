@@ -27,6 +27,10 @@ PREVIEW_SAMPLER = "dpmpp_2m"  # previews and test prompts: good at ~20-30 steps
 # 16, 2 cores), up to CPU_MAX_BATCH.
 CPU_PIXELS_PER_BATCH = 4 * 512 * 512
 CPU_MAX_BATCH = 16
+# A zero-terminal-SNR base over-exposes at the usual guidance unless the guided prediction is rescaled
+# toward the conditional one's spread (Lin et al. 2023, section 3.4, phi = 0.7: what ComfyUI's RescaleCFG
+# node is set to for NoobAI-XL v-pred); other bases render as before, without.
+ZERO_SNR_GUIDANCE_RESCALE = 0.7
 
 
 def cpu_batch_size(resolution: int) -> int:
@@ -57,10 +61,13 @@ def render(pipe, decode: Callable[[torch.Tensor], torch.Tensor], prompt: str, se
            clip_skip: int | None = None) -> list[Image.Image]:
     """One image per seed in one batch, decoded by `decode` (the family's decode_latents of the
     pipeline's autoencoder: its precision rule, not the pipeline's); `resolution` tall and `width`
-    (0: resolution) wide; `clip_skip` as diffusers' pipelines count it (dbnb.family.base.pipeline_clip_skip)."""
+    (0: resolution) wide; `clip_skip` as diffusers' pipelines count it (dbnb.family.base.pipeline_clip_skip).
+    A zero-terminal-SNR base's guidance is rescaled (ZERO_SNR_GUIDANCE_RESCALE)."""
+    rescale = ZERO_SNR_GUIDANCE_RESCALE if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     latents = pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=len(seeds),
                    num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=width or resolution,
-                   generator=generators(seeds), output_type="latent", clip_skip=clip_skip).images
+                   generator=generators(seeds), output_type="latent", clip_skip=clip_skip,
+                   guidance_rescale=rescale).images
     return pipe.image_processor.postprocess(decode(latents), output_type="pil")
 
 

@@ -23,6 +23,7 @@ from dbnb.core.source_names import hub_repo, public_name
 from dbnb.core.versions import dbnb_version
 from dbnb.data.dataset import list_images
 from dbnb.family.base import card_of, resolve_clip_skip
+from dbnb.family.render import ZERO_SNR_GUIDANCE_RESCALE
 from dbnb.prep.report import framing_line
 from dbnb.run.checkpoints import STATE, dir_size
 from dbnb.run.folder import RunFolder
@@ -81,9 +82,11 @@ def sampling_words(sampling: dict | None) -> str:
     if sampling["prediction_type"] != "v_prediction":
         return "ε-prediction"
     zero_snr = sampling.get("rescale_betas_zero_snr")
+    rescale = (f"; its previews and test images rescale the guidance by {ZERO_SNR_GUIDANCE_RESCALE} (ComfyUI's "
+               "RescaleCFG node), without which zero-terminal SNR over-exposes") if zero_snr else ""
     return ("v-prediction" + (" with zero-terminal SNR" if zero_snr else "") + ": render it as v-prediction, as its "
             "base needs (the webui and ComfyUI read that from a base file that marks it; else ComfyUI's "
-            f"ModelSamplingDiscrete node set to v_prediction{', zsnr on' if zero_snr else ''})")
+            f"ModelSamplingDiscrete node set to v_prediction{', zsnr on' if zero_snr else ''}){rescale}")
 
 
 def family_line(run: RunFolder, config: Config) -> str:
