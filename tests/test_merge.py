@@ -269,6 +269,23 @@ def test_outputs_are_never_silently_replaced(tiny, tmp_path):
         run(files[:2], tmp_path, weights=[1.0, -1.0], overwrite=True)
 
 
+def test_a_result_that_cannot_fit_in_ram_is_refused_before_the_inputs_are_read(tiny, tmp_path, monkeypatch):
+    """As an fp32 SDXL merge (13 GiB) on a free Colab: said with the fp16 size, instead of the kernel dying."""
+    import collections
+
+    import psutil
+
+    files, _ = tiny
+    free = 1 * 2 ** 30  # far less than the tiny result plus a merge's overhead
+    memory = collections.namedtuple("svmem", "total available")(12 * 2 ** 30, free)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: memory)
+    with pytest.raises(MergeError) as said:
+        run(files[:2], tmp_path, dtype="fp32")
+    message = str(said.value)
+    assert "fp32 result in RAM" in message and "1.0 GiB free" in message and "dtype='fp16'" in message
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
 def test_an_unwritable_destination_is_named_before_any_work(tiny, tmp_path, capsys):
     from dbnb.faces.cli import main
 

@@ -18,7 +18,8 @@ dbnb's safe loader with mmap, both reopened every 128 MiB so touched pages do no
 only the result is kept, in the output dtype, until it is written: a four-way SD 1.5 merge
 peaks at 2.8 GiB RSS with fp16 output, 4.6 GiB with fp32 (bench/bench_merge.py); a two-way
 full-size SDXL merge at 7.5-8.4 GiB with fp16 output, a 6.5 GiB result (bench/bench_merge_sdxl.py; fp32
-output would hold a 13 GiB result, over a free Colab's RAM).
+output would hold a 13 GiB result, over a free Colab's RAM: a merge whose result and 2 GiB do not fit
+in the free RAM is refused before its inputs are read).
 The same merge of the same files gives the same .safetensors bytes, hence the same hash.
 
 Inputs whose key sets differ are handled by these rules (SD 1.x's prefixes shown), printed when they apply:
@@ -65,6 +66,11 @@ from dbnb.family.sd1.singlefile import Entry, SDFileError, file_entries
 from dbnb.ship.hashes import legacy_hash, sha256_of
 
 MODES = ("weighted_sum", "add_difference")
+
+
+# Peak RSS of a merge above its result: the open inputs' touched pages and the write (bench_merge.py,
+# bench_merge_sdxl.py: 0.8 GiB for SD 1.5, up to 1.9 GiB for SDXL, on this CPU box).
+MERGE_OVERHEAD_BYTES = 2 * 2 ** 30
 
 
 class MergeError(DbnbError, ValueError):
@@ -256,6 +262,25 @@ def _check_kinds(models: list[_Input]) -> None:
         raise MergeError("the inputs sample differently (" + ", ".join(f"{k}: {v}" for k, v in sampling.items())
                          + "): a merge of a v-prediction model and an epsilon one predicts neither. Merge models "
                            "that predict the same thing (NoobAI v-pred only with other v-pred models).")
+
+
+def _check_ram(primary: _Input, dtype: str) -> None:
+    """The result is held in RAM until it is written: refused before the inputs are read where it
+    cannot fit, which on a free Colab (12.7 GB) kills the kernel and everything in it."""
+    import psutil  # lazy: loads psutil
+
+    size = FILE_DTYPES[dtype].itemsize
+    result = sum(math.prod(shape) for _, shape in primary.entries.values()) * size
+    free = psutil.virtual_memory().available
+    if result + MERGE_OVERHEAD_BYTES <= free:
+        return
+    gib = 2 ** 30
+    half = (f" With dtype='fp16' (CLI: --dtype fp16) it is {result / size * 2 / gib:.1f} GiB."
+            if size > 2 else "")
+    raise MergeError(f"This merge holds its {dtype} result in RAM until it is written: {result / gib:.1f} GiB, "
+                     f"about {(result + MERGE_OVERHEAD_BYTES) / gib:.1f} GiB at the peak, and this machine has "
+                     f"{free / gib:.1f} GiB free.{half} Or close what else holds RAM (another notebook's "
+                     "runtime), or merge on a machine with more.")
 
 
 def _check(models: list[_Input], merged: set[str]) -> None:
@@ -453,6 +478,7 @@ def merge(inputs: Sequence[str], weights: Sequence[float] | None = None, *, mode
         sources = {f.resolve() for m in models for f in m.files}
         if file is not None and file.resolve() in sources:
             raise MergeError(f"{file} is one of the inputs; write the result to another file.")
+        _check_ram(models[0], dtype)
         for m in models:
             m.sha256 = sha256_of(*m.files)
             log(f"input {m.label}: [{m.sha256[:10]}] {m.source}")
