@@ -320,3 +320,14 @@ def test_a_family_conditioned_on_size_trains_and_resumes_on_buckets(make_config,
     config = add_shapes(make_config(pretrained_model_name_or_path=str(model), bucketing=True, learning_rate=1e-3))
     _resumed_equals_straight(config, 6, 3)
     assert {(11, 5), (8, 8), (5, 11)} <= set(family.seen)
+
+
+def test_the_report_gives_the_pictures_buckets_not_one_square(make_config):
+    from dbnb.ship.report import section_images
+
+    config = add_shapes(make_config(bucketing=True))
+    _, _, processed, count = section_images(config, None)
+    assert count == 5
+    assert processed == ["5 images, buckets (bucketing=true, width x height): 64x64: 3, 40x88: 1, 88x40: 1 at training"]
+    _, _, processed, _ = section_images(config.replace(bucketing=False), None)
+    assert processed == ["5 images, 64×64 at training"]

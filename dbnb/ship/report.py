@@ -24,7 +24,7 @@ from dbnb.core.versions import dbnb_version
 from dbnb.data.dataset import list_images
 from dbnb.family.base import card_of, resolve_clip_skip
 from dbnb.family.render import ZERO_SNR_GUIDANCE_RESCALE
-from dbnb.prep.report import framing_line
+from dbnb.prep.report import bucket_line, framing_line
 from dbnb.run.checkpoints import STATE, dir_size
 from dbnb.run.folder import RunFolder
 from dbnb.ship.hashes import short_hash  # the webui's model hash: first 10 hex of SHA-256
@@ -117,11 +117,14 @@ def _label(name: str) -> str:
 def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[str], list[str], int]:
     """(使用素材 source, 加工 processing, 加工後素材詳細 processed set) lines, and the number of
     training images (the class images are given as a multiple of it)."""
-    count = len(list_images(config.instance_data_dir, "instance_data_dir"))
+    pictures = list_images(config.instance_data_dir, "instance_data_dir")
+    count = len(pictures)
+    # with bucketing each picture trains at its shape's bucket, not at one square
+    shape = bucket_line(pictures, config) or f"{config.resolution}×{config.resolution}"
     if prep is None:
         return ([f"{count} images in `{config.instance_data_dir}` (not prepared with `dbnb prep`: source unknown)"],
                 ["not recorded (the set was not made with `dbnb prep`)"],
-                [f"{count} images, {config.resolution}×{config.resolution} at training"], count)
+                [f"{count} images, {shape} at training"], count)
     files = prep["files"]
     status = Counter(f["status"] for f in files)
     done = Counter(step for f in files for step in f.get("done", []))
@@ -129,7 +132,7 @@ def section_images(config: Config, prep: dict | None) -> tuple[list[str], list[s
               + " (" + ", ".join(f"{n} {s}" for s, n in sorted(status.items())) + ")"]
     processing = [f"{step} ({n} files)" for step, n in done.most_common()] or ["nothing beyond checks"]
     counts = prep.get("counts", {})
-    processed = [f"{count} images, {config.resolution}×{config.resolution}" + (f"; {framing_line(counts, prep.get('detector'))}" if counts else "")]
+    processed = [f"{count} images, {shape}" + (f"; {framing_line(counts, prep.get('detector'))}" if counts else "")]
     processed += [f"warning: {w}" for w in prep.get("warnings", [])]
     return source, processing, processed, count
 
