@@ -85,3 +85,24 @@ def test_encoders_stop_at_stop_text_encoder_load_in_diffusers_and_export(make_co
     [exported] = sorted((tmp_path / "out").glob("*.safetensors"))
     read = SDXL.open(str(exported)).encoder.state_dict()
     assert all(torch.equal(read[k], v) for k, v in trained.items() if not k.endswith("position_ids"))
+
+
+def test_bigg_fine_tuned_whole_learns_at_text_encoder_2_lr(make_config, tiny_sdxl):
+    """As kohya's learning_rate_te1 / te2: bigG's 695 M weights often learn slower than CLIP-L's."""
+    from dbnb.core.config import ConfigError
+    from dbnb.train import optimizers
+
+    cpu = torch.device("cpu")
+    config = make_config(pretrained_model_name_or_path=str(tiny_sdxl), **FULL, text_encoder_2_lr=2e-4)
+    models = SDXL.load(config, cpu, torch.float32)
+
+    def rates(c):
+        built = optimizers.build(c, models.denoiser, models.encoder, 1, cpu, encoders=SDXL.parts.encoder.members)
+        return built, [g["lr"] for g in built.param_groups]
+
+    optimizer, lrs = rates(config)
+    assert lrs == [1e-3, 1e-3, 2e-4]
+    assert [id(p) for p in optimizer.param_groups[2]["params"]] == [id(p) for p in models.encoder["te2"].parameters()]
+    assert rates(config.replace(text_encoder_2_lr=0.0))[1] == [1e-3] * 3  # 0: the first encoder's rate
+    with pytest.raises(ConfigError, match=r"prodigy with .*text_encoder_2_lr=0.0002"):
+        config.replace(optimizer="prodigy", learning_rate=1.0, text_encoder_lr=1.0)

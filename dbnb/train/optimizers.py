@@ -82,9 +82,9 @@ def fused_adamw(device: torch.device) -> bool:
 
 def rates_of(config: Config, value=getattr) -> tuple[float, float, float]:
     """(UNet, text encoder, second text encoder) learning rates, each setting read by `value(config, name)`;
-    the second text encoder's (lora_text_encoder_2_learning_rate, LoRA only) at 0 is the first's."""
+    the second text encoder's (SDXL's lora_text_encoder_2_learning_rate or text_encoder_2_lr) at 0 is the first's."""
     unet, text = (*(value(config, name) for name in config.learning_rate_settings), 0.0)[:2]
-    second = value(config, "lora_text_encoder_2_learning_rate") if config.use_lora else 0.0
+    second = value(config, "lora_text_encoder_2_learning_rate" if config.use_lora else "text_encoder_2_lr")
     return unet, text, second or text
 
 

@@ -232,6 +232,16 @@ class TrainSettings:
     text_encoder_lr: float = setting(1e-6, "Learning Rate", "Text Encoder Learning Rate",
                                      "Learning rate of the text encoder when it is trained.",
                                      help_ja="テキストエンコーダを学習するときの学習率。", above=0)
+    text_encoder_2_lr: float = setting(
+        0.0, "Learning Rate", "Text Encoder 2 Learning Rate",
+        "SDXL: learning rate of the second text encoder (OpenCLIP bigG, 695 M weights) when the text encoders "
+        "are fine-tuned whole (train_text_encoder, not use_lora); text_encoder_lr is then the first's (CLIP-L), "
+        "as kohya's learning_rate_te1 / te2. 0: the same as the first. SD 1.x has one text encoder and does not "
+        "use it.",
+        help_ja="SDXL: テキストエンコーダを丸ごと学習するとき（train_text_encoder、use_lora でない）の 2 つ目"
+                "（OpenCLIP bigG、6.95 億個の重み）の学習率。text_encoder_lr は 1 つ目（CLIP-L）の学習率になります"
+                "（kohya の learning_rate_te1 / te2 と同じ）。0: 1 つ目と同じ。SD 1.x はテキストエンコーダが 1 つなので"
+                "使いません。", minimum=0)
     stop_text_encoder: float = setting(1.0, "Learning Rate", "Step Ratio of Text Encoder Training",
                                        "Fraction of the run (0-1) after which the text encoder is frozen.",
                                        help_ja="学習全体のこの割合（0〜1）を過ぎたらテキストエンコーダの学習を止めます。"
