@@ -214,7 +214,7 @@ def test_a_hub_repo_of_one_single_file_is_fetched_and_read_as_sdxl(tiny_sdxl, tm
     from huggingface_hub import constants
 
     from dbnb.core.source_names import hub_repo, public_name
-    from dbnb.family.source import ModelLoadError, fetch_model
+    from dbnb.family.source import ModelLoadError, fetch_model, resolve_source
     from dbnb.ship.export import export
 
     single = export(str(tiny_sdxl), to=str(tmp_path / "out")).path
@@ -238,6 +238,13 @@ def test_a_hub_repo_of_one_single_file_is_fetched_and_read_as_sdxl(tiny_sdxl, tm
     url = "https://huggingface.co/org/tiny-xl-file/resolve/main/tiny-xl-v0.1.safetensors"
     assert Path(fetch_model(url, tmp_path / "models")) == fetched and base.for_model(url) is SDXL
     assert hub_repo(str(fetched)) == "org/tiny-xl-file" and public_name(str(fetched)) == fetched.name
+
+    # a VAE repo (sdxl-vae-fp16-fix: config.json, its diffusers weights and a single file beside them) is a
+    # diffusers part, for diffusers to load, not a repo of single files
+    vae = shutil.copytree(tiny_sdxl / "vae", tmp_path / "vae-repo")
+    shutil.copy(vae / "diffusion_pytorch_model.safetensors", vae / "tiny_vae.safetensors")
+    _hub_cache(cache, "org/tiny-xl-vae", vae)
+    assert resolve_source("org/tiny-xl-vae", setting="pretrained_vae_name_or_path") == ("hub", "org/tiny-xl-vae")
 
     shutil.copy(single, repo / "tiny-xl-v0.1-GUIDED.safetensors")
     _hub_cache(cache, "org/two-files", repo)

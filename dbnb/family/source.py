@@ -4,6 +4,7 @@ URL or a Google Drive link, told apart and brought to local disk once. Which fam
 is, and how it loads, is the families' (dbnb.family.sd1.load, dbnb.family.sdxl.load)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -71,51 +72,81 @@ def hub_weight_file(repo_id: str, revision: str = "", cache_dir: str | Path | No
                     setting: str = "pretrained_model_name_or_path") -> Path | None:
     """The one weight file of a Hub repo that holds a model as a single file instead of a diffusers
     model (Illustrious-XL 0.1, Pony V6), fetched once (into `cache_dir`/hub, else the Hugging Face
-    cache); None for a diffusers model (model_index.json) or a repo the Hub or, offline, the cache
-    does not show, which diffusers' loading then names. Several weight files: which one to set, by URL."""
-    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+    cache); None for a diffusers model or part (model_index.json, a VAE's config.json) or a repo neither
+    the Hub nor the cache shows, which diffusers' loading then names. Several weight files: which one
+    to set, by URL."""
+    from huggingface_hub import try_to_load_from_cache
 
     hub_cache = str(Path(cache_dir) / "hub") if cache_dir else None
-    rev = revision or None
-    if isinstance(try_to_load_from_cache(repo_id, "model_index.json", cache_dir=hub_cache, revision=rev), str):
+    if isinstance(try_to_load_from_cache(repo_id, "model_index.json", cache_dir=hub_cache, revision=revision or None),
+                  str):
         return None  # a diffusers model fetched before: no need to ask the Hub
-    offline = constants.HF_HUB_OFFLINE
-    try:
-        if offline:
-            snapshot = Path(snapshot_download(repo_id, revision=rev, cache_dir=hub_cache, local_files_only=True))
-            names = [p.name for p in snapshot.iterdir()]
-        else:
-            names = HfApi().list_repo_files(repo_id, revision=rev, token=os.environ.get("HF_TOKEN") or None)
-    except Exception:  # noqa: BLE001 — no such repo, private, no network: diffusers' own loading says which
-        return None
-    if "model_index.json" in names:
+    names = _repo_files(repo_id, revision, hub_cache, *_hub_state())
+    if names is None or DIFFUSERS_MARKS & set(names):
         return None
     weights = sorted(n for n in names if "/" not in n and Path(n).suffix.lower() in LOADABLE_SUFFIXES)
     weights = [n for n in weights if n.endswith(".safetensors")] or weights  # a .ckpt beside it: the same model
     if not weights:
         return None
     if len(weights) > 1:
-        urls = "\n".join(f"  https://huggingface.co/{repo_id}/resolve/{revision or 'main'}/{n}" for n in weights)
+        rev = urllib.parse.quote(revision or "main", safe="")
+        urls = "\n".join(f"  https://huggingface.co/{repo_id}/resolve/{rev}/{n}" for n in weights)
         raise ModelLoadError(f"{setting} {repo_id!r}: this Hub repo holds no diffusers model (model_index.json) but "
                              f"{len(weights)} model files. Set {setting} to the one to train from, by its URL:\n{urls}")
     return hub_download(repo_id, weights[0], revision, cache_dir, what=f"{setting} {repo_id!r}")
+
+
+# A diffusers model's folder (model_index.json) or one part of one (config.json: a VAE such as sdxl-vae-fp16-fix,
+# whose repo also holds single files)
+DIFFUSERS_MARKS = {"model_index.json", "config.json"}
+
+
+def _hub_state() -> tuple[bool, str]:
+    """(offline, the Hugging Face cache): what a remembered answer about the Hub depends on."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE), str(constants.HF_HUB_CACHE)
+
+
+@functools.lru_cache(maxsize=64)
+def _repo_files(repo_id: str, revision: str, hub_cache: str | None, offline: bool, _hf_cache: str) -> tuple | None:
+    """The files of a Hub repo, asked once a process (the family is told from the model many times a run):
+    the Hub's listing, else (offline, or the Hub not reached) the cached snapshot's; None when neither has it."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    if not offline:
+        try:
+            return tuple(HfApi().list_repo_files(repo_id, revision=revision or None,
+                                                 token=os.environ.get("HF_TOKEN") or None))
+        except Exception:  # noqa: BLE001 — no such repo, private, no network: the cache may still have it
+            pass
+    try:
+        snapshot = Path(snapshot_download(repo_id, revision=revision or None, cache_dir=hub_cache,
+                                          local_files_only=True))
+        return tuple(p.name for p in snapshot.iterdir())
+    except Exception:  # noqa: BLE001 — not cached either: diffusers' own loading says why
+        return None
 
 
 def hub_download(repo_id: str, name: str, revision: str = "", cache_dir: str | Path | None = None,
                  what: str = "") -> Path:
     """One file of a Hub repo, fetched once into `cache_dir`/hub (else the Hugging Face cache),
     where the repo's folder names it (dbnb.core.source_names.hub_repo); offline, the cached one."""
-    from huggingface_hub import constants, hf_hub_download
-
     try:
-        return Path(hf_hub_download(repo_id, name, revision=revision or None,
-                                    cache_dir=str(Path(cache_dir) / "hub") if cache_dir else None,
-                                    local_files_only=constants.HF_HUB_OFFLINE,
-                                    token=os.environ.get("HF_TOKEN") or None))
+        return _hub_file(repo_id, name, revision, str(Path(cache_dir) / "hub") if cache_dir else None, *_hub_state())
     except Exception as e:  # noqa: BLE001 — network, disk, a file only partly cached: said with the file
         raise ModelLoadError(f"{what or repo_id}: could not fetch {name} from the Hugging Face Hub ({repo_id}): {e}. "
                              "Check your network (HF_TOKEN for a gated model) and the free disk space, then run "
                              "again.") from e
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_file(repo_id: str, name: str, revision: str, hub_cache: str | None, offline: bool, _hf_cache: str) -> Path:
+    """hf_hub_download once a process: each call asks the Hub whether the file changed."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id, name, revision=revision or None, cache_dir=hub_cache,
+                                local_files_only=offline, token=os.environ.get("HF_TOKEN") or None))
 
 
 def fetched(url: str, cache_dir, setting: str) -> Path:
@@ -138,7 +169,8 @@ def download(url: str, cache_dir: str | Path | None = None) -> Path:
     model or VAE folder shared on Drive)."""
     if found := HUB_FILE_URL.match(url.split("?")[0]):
         # the Hub's own download: its cache (the repo named in the path, for the model card), resume, token
-        return hub_download(found[1], urllib.parse.unquote(found[3]), found[2], cache_dir, what=url)
+        return hub_download(found[1], urllib.parse.unquote(found[3]), urllib.parse.unquote(found[2]), cache_dir,
+                            what=url)
     cache = Path(cache_dir or default_cache_dir()) / "downloads"
     cache.mkdir(parents=True, exist_ok=True)
     key = hashlib.sha256(url.encode()).hexdigest()[:16]

@@ -206,7 +206,8 @@ def _family(source: str, label: str, where: str) -> Family:
 
 
 def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
-    _family(source, label, source)  # before a download, and before SD 1.x's loader judges the folder
+    if Path(source).expanduser().exists():  # a local one: before SD 1.x's loader judges the folder
+        _family(source, label, source)  # (a remote one is told once fetched: telling it would fetch it elsewhere)
     try:
         path = Path(fetch_model(source, cache_dir))  # URLs, Drive links and repo ids land in the cache
     except ModelLoadError as e:
@@ -268,17 +269,21 @@ def _check_ram(primary: _Input, dtype: str) -> None:
     """The result is held in RAM until it is written: refused before the inputs are read where it
     cannot fit, which on a free Colab (12.7 GB) kills the kernel and everything in it."""
     import psutil  # lazy: loads psutil
+    import safetensors.torch
 
     size = FILE_DTYPES[dtype].itemsize
     result = sum(math.prod(shape) for _, shape in primary.entries.values()) * size
+    # safetensors before its zero-copy writer (_flatten_as_ptr) turns every tensor into bytes first: a
+    # second copy of the result while it writes (0.4.3, the oldest dbnb takes, does)
+    held = result * (1 if hasattr(safetensors.torch, "_flatten_as_ptr") else 2)
     free = psutil.virtual_memory().available
-    if result + MERGE_OVERHEAD_BYTES <= free:
+    if held + MERGE_OVERHEAD_BYTES <= free:
         return
     gib = 2 ** 30
     half = (f" With dtype='fp16' (CLI: --dtype fp16) it is {result / size * 2 / gib:.1f} GiB."
             if size > 2 else "")
     raise MergeError(f"This merge holds its {dtype} result in RAM until it is written: {result / gib:.1f} GiB, "
-                     f"about {(result + MERGE_OVERHEAD_BYTES) / gib:.1f} GiB at the peak, and this machine has "
+                     f"about {(held + MERGE_OVERHEAD_BYTES) / gib:.1f} GiB at the peak, and this machine has "
                      f"{free / gib:.1f} GiB free.{half} Or close what else holds RAM (another notebook's "
                      "runtime), or merge on a machine with more.")
 
