@@ -96,7 +96,7 @@ def test_add_difference_of_folders_is_the_arithmetic_on_their_files(xl, tmp_path
 
 def test_models_of_two_families_are_refused_naming_both(xl, tiny_dir, tmp_path):
     files, _ = xl
-    with pytest.raises(MergeError, match=r"x0 is an SDXL model and tiny\w* is an SD1 model"):
+    with pytest.raises(MergeError, match=r"x0 is an SDXL model and tiny\w* is an SD 1.x model"):
         run([files[0], tiny_dir], tmp_path, labels=["x0", "tiny"])
     assert not (tmp_path / "merged.safetensors").exists()
 

@@ -60,7 +60,7 @@ from dbnb.core.progress import bar as tqdm
 from dbnb.core.source_names import public_name
 from dbnb.core.weightfile import remove_leftovers
 from dbnb.data.intake import free_name
-from dbnb.family.base import Family, FileParts, SingleFile, for_model
+from dbnb.family.base import Family, FileParts, SingleFile, card_of, for_model
 from dbnb.family.source import ModelLoadError, fetch_model
 from dbnb.family.sd1.singlefile import Entry, SDFileError, file_entries
 from dbnb.ship.hashes import legacy_hash, sha256_of
@@ -183,8 +183,9 @@ def _normalise(raw: dict[str, Entry], label: str, parts: FileParts) -> tuple[dic
         old = next((o for o, new in parts.renamed.items() if key.startswith(o) and not key.startswith(new)), None)
         if old is not None:
             key, renamed[old] = parts.renamed[old] + key[len(old):], renamed[old] + 1
-        if key in out:
-            raise MergeError(f"{label} holds {key!r} both under {old}* and under {parts.renamed[old]}*; which "
+        if key in out:  # only a renamed key meets another: the rule is the one whose new prefix it has
+            old, new = next((o, n) for o, n in parts.renamed.items() if key.startswith(n))
+            raise MergeError(f"{label} holds {key!r} both under {old}* and under {new}*; which "
                              "one a loader uses is undefined, so dbnb does not guess. Re-save it with one.")
         out[key] = entry
     notes = []
@@ -206,8 +207,9 @@ def _family(source: str, label: str, where: str) -> Family:
 
 
 def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
-    if Path(source).expanduser().exists():  # a local one: before SD 1.x's loader judges the folder
-        _family(source, label, source)  # (a remote one is told once fetched: telling it would fetch it elsewhere)
+    # a local one before SD 1.x's loader judges the folder; a remote one once fetched (telling it first
+    # would fetch it elsewhere)
+    family = _family(source, label, source) if Path(source).expanduser().exists() else None
     try:
         path = Path(fetch_model(source, cache_dir))  # URLs, Drive links and repo ids land in the cache
     except ModelLoadError as e:
@@ -216,7 +218,7 @@ def _open_input(source: str, label: str, stack: ExitStack, cache_dir) -> _Input:
         raise MergeError(f"Could not fetch {source!r} from the Hugging Face Hub ({e}). Check the id, "
                          "set HF_TOKEN for a private repo, or download the model and give its path.") from None
     try:
-        return _read_input(source, label, path, _family(source, label, str(path)), stack)
+        return _read_input(source, label, path, family or _family(source, label, str(path)), stack)
     except SDFileError as e:  # a folder that is not complete, or not its family's
         raise MergeError(str(e)) from None
 
@@ -246,8 +248,8 @@ def _check_kinds(models: list[_Input]) -> None:
     primary = models[0]
     other = next((m for m in models[1:] if m.family is not primary.family), None)
     if other is not None:
-        raise MergeError(f"{primary.label} is an {primary.family.name.upper()} model and {other.label} is an "
-                         f"{other.family.name.upper()} model ({other.source}): models of different families do "
+        raise MergeError(f"{primary.label} is an {card_of(primary.family).short} model and {other.label} is an "
+                         f"{card_of(other.family).short} model ({other.source}): models of different families do "
                          "not merge. Merge models of one family.")
     variants = {}
     for m in models:
