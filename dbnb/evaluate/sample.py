@@ -28,7 +28,7 @@ from dbnb.core.errors import DbnbError
 from dbnb.core.precision import inference_dtype
 from dbnb.core.progress import bar as tqdm
 from dbnb.data.dataset import FILEWORDS, DatasetError, caption_for, concepts_from_config, list_images
-from dbnb.family.render import (PREVIEW_SAMPLER, SAMPLERS, ZERO_SNR_GUIDANCE_RESCALE, cpu_batch_size, labelled_grid,
+from dbnb.family.render import (PREVIEW_SAMPLER, SAMPLERS, cpu_batch_size, guidance_rescale, labelled_grid,
                                 make_scheduler, render)
 from dbnb.family.base import family_of, pipeline_clip_skip, resolve_clip_skip
 from dbnb.run.folder import RunFolder
@@ -244,8 +244,8 @@ def sample_run(run_dir: str | Path, overrides=(), *, ema: bool = False, device: 
                     # each only where it changes the images, so images made before it was keyed keep their keys
                     **({"clip_skip": layer} if (layer := resolve_clip_skip(run.family, config.clip_skip))
                        != run.family.clip_skip else {}),
-                    **({"guidance_rescale": ZERO_SNR_GUIDANCE_RESCALE}
-                       if run.base_record().get("sampling", {}).get("rescale_betas_zero_snr") else {}))
+                    **({"guidance_rescale": rescale}
+                       if (rescale := guidance_rescale(run.base_record().get("sampling", {}))) else {}))
     folder = run.tests_dir
     result = SampleResult(folder, rows, prompts, seeds, [], folder / "index.html")
     # The manifest keeps what every image on disk was made from, so a later call (more seeds,

@@ -33,6 +33,12 @@ CPU_MAX_BATCH = 16
 ZERO_SNR_GUIDANCE_RESCALE = 0.7
 
 
+def guidance_rescale(schedule) -> float:
+    """diffusers' guidance_rescale for a base sampling as `schedule` says (a scheduler config, or a run's
+    recorded sampling): ZERO_SNR_GUIDANCE_RESCALE for a zero-terminal-SNR one, else none."""
+    return ZERO_SNR_GUIDANCE_RESCALE if schedule.get("rescale_betas_zero_snr") else 0.0
+
+
 def cpu_batch_size(resolution: int) -> int:
     """Images per pipeline call on a CPU (test images, class images) at `resolution`."""
     return max(1, min(CPU_MAX_BATCH, CPU_PIXELS_PER_BATCH // resolution ** 2))
@@ -63,11 +69,10 @@ def render(pipe, decode: Callable[[torch.Tensor], torch.Tensor], prompt: str, se
     pipeline's autoencoder: its precision rule, not the pipeline's); `resolution` tall and `width`
     (0: resolution) wide; `clip_skip` as diffusers' pipelines count it (dbnb.family.base.pipeline_clip_skip).
     A zero-terminal-SNR base's guidance is rescaled (ZERO_SNR_GUIDANCE_RESCALE)."""
-    rescale = ZERO_SNR_GUIDANCE_RESCALE if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     latents = pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=len(seeds),
                    num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=width or resolution,
                    generator=generators(seeds), output_type="latent", clip_skip=clip_skip,
-                   guidance_rescale=rescale).images
+                   guidance_rescale=guidance_rescale(pipe.scheduler.config)).images
     return pipe.image_processor.postprocess(decode(latents), output_type="pil")
 
 

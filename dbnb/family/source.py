@@ -19,6 +19,9 @@ from dbnb.core.source_names import HUB_FILE_URL, HUB_ID
 # A single-file model dbnb loads (dbnb.core.weights reads them all); what it writes: dbnb.family.sd1.layout.WRITTEN_SUFFIXES
 LOADABLE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 VAE_SETTING = "pretrained_vae_name_or_path"
+# A diffusers model's folder (model_index.json) or one part of one (config.json: a VAE such as sdxl-vae-fp16-fix,
+# whose repo also holds single files): a Hub repo holding one is diffusers', never read as single files
+DIFFUSERS_MARKS = {"model_index.json", "config.json"}
 
 
 class ModelLoadError(DbnbError, RuntimeError):
@@ -96,11 +99,6 @@ def hub_weight_file(repo_id: str, revision: str = "", cache_dir: str | Path | No
     return hub_download(repo_id, weights[0], revision, cache_dir, what=f"{setting} {repo_id!r}")
 
 
-# A diffusers model's folder (model_index.json) or one part of one (config.json: a VAE such as sdxl-vae-fp16-fix,
-# whose repo also holds single files)
-DIFFUSERS_MARKS = {"model_index.json", "config.json"}
-
-
 def _hub_state() -> tuple[bool, str]:
     """(offline, the Hugging Face cache): what a remembered answer about the Hub depends on."""
     from huggingface_hub import constants
@@ -116,8 +114,7 @@ def _repo_files(repo_id: str, revision: str, hub_cache: str | None, offline: boo
 
     if not offline:
         try:
-            return tuple(HfApi().list_repo_files(repo_id, revision=revision or None,
-                                                 token=os.environ.get("HF_TOKEN") or None))
+            return tuple(HfApi().list_repo_files(repo_id, revision=revision or None))  # HF_TOKEN: the Hub's own
         except Exception:  # noqa: BLE001 — no such repo, private, no network: the cache may still have it
             pass
     try:
@@ -146,7 +143,7 @@ def _hub_file(repo_id: str, name: str, revision: str, hub_cache: str | None, off
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(repo_id, name, revision=revision or None, cache_dir=hub_cache,
-                                local_files_only=offline, token=os.environ.get("HF_TOKEN") or None))
+                                local_files_only=offline))
 
 
 def fetched(url: str, cache_dir, setting: str) -> Path:
