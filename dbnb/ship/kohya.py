@@ -18,10 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from dbnb.core.errors import DbnbError
 from dbnb.core.source_names import public_name
+from dbnb.core.weights import open_safetensors
 from dbnb.family.base import Family, Models, Parts, resolve_clip_skip
 from dbnb.family.lora import Spec
 from dbnb.train.optimizers import rates_of
@@ -97,7 +97,7 @@ def is_lora_file(path: Path) -> bool:
     """Whether the file at `path` is a LoRA `metadata` describes (not a whole model), from its header alone."""
     if path.suffix != ".safetensors":
         return False
-    with safe_open(str(path), "pt") as f:
+    with open_safetensors(path) as f:
         return "ss_network_module" in (f.metadata() or {})
 
 

@@ -292,14 +292,13 @@ def model_card(run_dir: str | Path, exported: Path) -> Path:
     card, lora = card_of(run.family), is_lora_file(exported)
     source = config.pretrained_model_name_or_path
     repo = hub_repo(source)  # also where notebook 01 left a Hub model; other paths and URLs mean nothing on the Hub
-    licence = BASE_LICENCES.get(repo or "")
-    name, link = licence[1:] if licence else ("", "")
-    meta = {"license": licence[0] if licence else card.license,
-            **({"license_name": name, "license_link": link} if name else {}),
+    known = repo in BASE_LICENCES
+    licence, name, link = BASE_LICENCES[repo] if known else (card.license, "", "")
+    meta = {"license": licence, **({"license_name": name, "license_link": link} if name else {}),
             "library_name": "dbnb", "pipeline_tag": "text-to-image",
             "tags": [*card.tags, "text-to-image", "dreambooth", *(["lora"] if lora else []), "dbnb"],
             "instance_prompt": config.instance_prompt, **({"base_model": repo} if repo else {})}
-    unknown = [] if licence else [
+    unknown = [] if known else [
         f"- licence: `{card.license}` above is {card.short}'s own; a base with a licence of its own (Illustrious, "
         "NoobAI and Pony have one) binds what is trained from it: set `license` to the base's before publishing"]
     _, result, _ = section_result(run)

@@ -84,7 +84,7 @@ def rates_of(config: Config, value=getattr) -> tuple[float, float, float]:
     """(UNet, text encoder, second text encoder) learning rates, each setting read by `value(config, name)`;
     the second text encoder's (SDXL's lora_text_encoder_2_learning_rate or text_encoder_2_lr) at 0 is the first's."""
     unet, text = (*(value(config, name) for name in config.learning_rate_settings), 0.0)[:2]
-    second = value(config, "lora_text_encoder_2_learning_rate" if config.use_lora else "text_encoder_2_lr")
+    second = value(config, config.text_encoder_2_rate_setting)
     return unet, text, second or text
 
 

@@ -233,8 +233,7 @@ def _optimizer_problems(c: Config) -> list[str]:
         # Prodigy estimates the step size; its lr multiplies that estimate. AdamW-sized rates
         # (1e-4 … 1e-6) would leave the model where it started.
         # SDXL's second text encoder at 0 learns at the first's rate: only a rate of its own is checked
-        second = (("lora_text_encoder_2_learning_rate" if c.use_lora else "text_encoder_2_lr",)
-                  if c.trains_text_encoder else ())
+        second = (c.text_encoder_2_rate_setting,) if c.trains_text_encoder else ()
         low = [f"{name}={getattr(c, name):g}" for name in c.learning_rate_settings + second if 0 < getattr(c, name) < 0.1]
         if low:
             p.append(f"optimizer=prodigy with {', '.join(low)}: Prodigy finds its own step size and its "

@@ -68,6 +68,11 @@ class Config(EvaluateSettings, ClassImageSettings, TuningSettings, TrainSettings
                       else ("learning_rate", "text_encoder_lr"))
         return (unet, text) if self.trains_text_encoder else (unet,)
 
+    @property
+    def text_encoder_2_rate_setting(self) -> str:
+        """The setting of SDXL's second text encoder's rate (0: the first's), for LoRA or a whole fine-tune."""
+        return "lora_text_encoder_2_learning_rate" if self.use_lora else "text_encoder_2_lr"
+
     # --- views -----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {name: (list(v) if isinstance(v := getattr(self, name), tuple) else v) for name in FIELDS}

@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from dbnb.family.base import FileParts
+from dbnb.family.base import FileParts, under
 from dbnb.family.sd1 import layout as sd1
 
 UNET, VAE = sd1.ORIGINAL_PREFIXES["unet"], sd1.ORIGINAL_PREFIXES["vae"]
@@ -99,8 +99,7 @@ def bigg_tensor(target: str, tensors: list[torch.Tensor]) -> torch.Tensor:
 
 def split_encoders(encoder: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
     """The encoder role's state dict (a ModuleDict of te1, te2) as CLIP-L's and bigG's own."""
-    halves = tuple({k.removeprefix(f"{name}."): v for k, v in encoder.items() if k.startswith(f"{name}.")}
-                   for name in ENCODERS)
+    halves = tuple(under(encoder, name) for name in ENCODERS)
     if sum(map(len, halves)) != len(encoder):
         stray = next(k for k in encoder if not k.startswith(tuple(f"{name}." for name in ENCODERS)))
         raise ValueError(f"encoder key {stray!r} belongs to neither SDXL text encoder ({', '.join(ENCODERS)})")
