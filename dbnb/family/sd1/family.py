@@ -120,9 +120,12 @@ def norm_where_diffusers_reads_it(text_encoder) -> None:
         object.__setattr__(text_encoder, "text_model", SimpleNamespace(final_layer_norm=text_encoder.final_layer_norm))
 
 
-def set_up(unet, text_encoder, vae, config, weight_dtype: torch.dtype) -> None:
+def set_up(unet, text_encoder, vae, config, weight_dtype: torch.dtype, family=None,
+           members: list | None = None) -> None:
     """The parts made ready to train, in place: by `SD1Family.load` on the loaded model, and by
-    dbnb.family.sd1.memory on weightless ones for the memory planner, so both see the same setup."""
+    dbnb.family.sd1.memory on weightless ones for the memory planner, so both see the same setup.
+    Another family with SD 1.x's parts (SDXL) passes itself, for its adapters' names, and its text
+    encoders (`members`) when `text_encoder` holds several."""
     from dbnb.family import lora  # lazy: peft, only where adapters are added
 
     # Frozen parts run in the mixed-precision dtype, the VAE aside (dbnb.family.sd1.autoencoder: fp32);
@@ -135,8 +138,8 @@ def set_up(unet, text_encoder, vae, config, weight_dtype: torch.dtype) -> None:
         if config.use_lora:  # the UNet is frozen too: only the adapters keep fp32 master weights
             unet.to(dtype=weight_dtype)
     if config.use_lora:
-        lora.add_adapters(unet, text_encoder, lora.Spec.from_config(config), SD1, seed=config.seed)
-    checkpoint_gradients(unet, [text_encoder], config)
+        lora.add_adapters(unet, text_encoder, lora.Spec.from_config(config), family or SD1, seed=config.seed)
+    checkpoint_gradients(unet, members or [text_encoder], config)
 
 
 def checkpoint_gradients(unet, text_encoders: list, config) -> None:

@@ -14,7 +14,8 @@ import torch
 from dbnb.core.errors import DbnbError
 from dbnb.family.base import SIZE_INPUTS, AdapterTargets, Card, Models, Part, Parts, resolve_clip_skip
 from dbnb.family.sd1 import adapters, autoencoder
-from dbnb.family.sd1.family import checkpoint_gradients, set_attention
+from dbnb.family.sd1.family import set_attention
+from dbnb.family.sd1.family import set_up as sd1_set_up
 from dbnb.family.sdxl import load
 from dbnb.family.sdxl.webui import SDXLFile
 
@@ -159,22 +160,10 @@ def load_dtypes(config, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 def set_up(models: Models, config, weight_dtype: torch.dtype) -> None:
-    """The parts made ready to train, in place (as dbnb.family.sd1.family.set_up): frozen parts in
-    the mixed-precision dtype, the VAE aside; the trained UNet (and fine-tuned encoders) in fp32, or
-    adapters in fp32."""
-    from dbnb.family import lora  # lazy: peft, only where adapters are added
-
-    unet, encoders = models.denoiser, models.encoder
-    models.autoencoder.requires_grad_(False)
-    encoders.requires_grad_(config.fine_tunes_text_encoder)
-    if weight_dtype != torch.float32:
-        if not config.fine_tunes_text_encoder:
-            encoders.to(dtype=weight_dtype)
-        if config.use_lora:
-            unet.to(dtype=weight_dtype)
-    if config.use_lora:
-        lora.add_adapters(unet, encoders, lora.Spec.from_config(config), SDXL, seed=config.seed)
-    checkpoint_gradients(unet, list(encoders.values()), config)
+    """The parts made ready to train, in place, as SD 1.x's are (frozen parts in the mixed-precision
+    dtype, the VAE aside; trained ones, or adapters, in fp32), both encoders alike."""
+    sd1_set_up(models.denoiser, models.encoder, models.autoencoder, config, weight_dtype, family=SDXL,
+               members=list(models.encoder.values()))
 
 
 SDXL = SDXLFamily()

@@ -173,10 +173,11 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None):
 
     kind, where = resolve_source(source, revision=revision)
     dtypes = dtype if isinstance(dtype, dict) else {"default": dtype or torch.float32}
-    apart = {part: part_dtype for part, part_dtype in dtypes.items() if part != "default"}
+    default = dtypes["default"]
+    apart = {part: part_dtype for part, part_dtype in dtypes.items() if part != "default" and part_dtype != default}
     try:
         if kind == "file":  # diffusers reads a single file in one dtype: the parts named apart are cast after
-            pipe = from_single_file(Path(where), *keys_and_shapes(Path(where)), dtypes["default"])
+            pipe = from_single_file(Path(where), *keys_and_shapes(Path(where)), default)
             for part, part_dtype in apart.items():
                 getattr(pipe, part).to(part_dtype)
         else:
@@ -185,13 +186,13 @@ def load_pipeline(source: str, vae: str = "", revision: str = "", dtype=None):
             # Each part named apart is read in its own dtype and handed in: a dict of dtypes is not
             # taken by the oldest diffusers / transformers dbnb supports.
             pipe = StableDiffusionXLPipeline.from_pretrained(
-                folder, local_files_only=True, add_watermarker=False, **dtype_argument("diffusers", dtypes["default"]),
+                folder, local_files_only=True, add_watermarker=False, **dtype_argument("diffusers", default),
                 **{part: read_part(folder, part, part_dtype) for part, part_dtype in apart.items()})
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"Could not load SDXL base model {source!r} ({kind}): {e}") from e
     if vae:
         scaling = pipe.vae.config.scaling_factor
-        pipe.vae = load_vae(vae, revision=revision, dtype=dtypes.get("vae", dtypes["default"]))
+        pipe.vae = load_vae(vae, revision=revision, dtype=dtypes.get("vae", default))
         # a VAE file is read with SD 1.5's config (0.18215); an SDXL VAE keeps the base's latent scale
         pipe.vae.register_to_config(scaling_factor=scaling)
     return pipe
