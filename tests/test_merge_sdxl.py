@@ -14,7 +14,7 @@ from dbnb.family.sd1.singlefile import keys_and_shapes
 from dbnb.family.sdxl import layout
 from dbnb.family.sdxl.family import SDXL
 from dbnb.family.sdxl.load import sampling_of
-from dbnb.family.sdxl.singlefile import FOLDER_PARTS
+from dbnb.family.sdxl.load import FINGERPRINT_PARTS
 from dbnb.ship.merge import MergeError, merge
 
 CONV_IN = layout.UNET + "input_blocks.0.0.weight"
@@ -24,7 +24,7 @@ def _perturbed(tiny_sdxl, folder, seed: int):
     """A copy of the tiny SDXL whose every weight is moved by seeded noise: a distinct model."""
     shutil.copytree(tiny_sdxl, folder)
     generator = torch.Generator().manual_seed(seed)
-    for part in FOLDER_PARTS:
+    for part in FINGERPRINT_PARTS:
         for file in (folder / part).glob("*.safetensors"):
             state = load_file(file)
             save_file({k: v + 0.1 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
@@ -34,7 +34,7 @@ def _perturbed(tiny_sdxl, folder, seed: int):
 
 def _single_file(folder, path, **extra):
     """The folder as SDXL's single file (the layout the export writes), with `extra` keys added."""
-    parts = {part: load_file(next((folder / part).glob("*.safetensors"))) for part in FOLDER_PARTS}
+    parts = {part: load_file(next((folder / part).glob("*.safetensors"))) for part in FINGERPRINT_PARTS}
     encoder = {f"{name}.{k}": v for name, part in zip(layout.ENCODERS, ("text_encoder", "text_encoder_2"))
                for k, v in parts[part].items()}
     state = SDXL.single_file.state_dict(parts["unet"], parts["vae"], encoder, base=str(folder))

@@ -29,6 +29,7 @@ FOLDER_FILES = {
                      "pytorch_model.bin"),
 }
 FOLDER_FILES["vae"] = FOLDER_FILES["unet"]
+FOLDER_FILES["text_encoder_2"] = FOLDER_FILES["text_encoder"]  # SDXL's second, a transformers model too
 _FOLDER_MAPS = {"unet": unet_key_map, "vae": vae_key_map, "text_encoder": text_encoder_key_map}
 
 Entry = tuple[Callable[[], torch.Tensor], tuple[int, ...]]  # (read the tensor, its shape)
@@ -93,10 +94,9 @@ def file_entries(path: Path, stack: ExitStack) -> tuple[dict[str, Entry], dict[s
     return {k: (partial(reader.get, k), shape) for k, shape in reader.shapes.items()}, reader.metadata
 
 
-def component_files(folder: Path, component: str, kind: str = "") -> list[Path]:
-    """The weight files of `folder`'s `component` subfolder, whose files are named as `kind`'s
-    (FOLDER_FILES; by default the component's own: SDXL's text_encoder_2 is named as text_encoder)."""
-    patterns = FOLDER_FILES[kind or component]
+def component_files(folder: Path, component: str) -> list[Path]:
+    """The weight files of `folder`'s `component` subfolder (named as FOLDER_FILES says)."""
+    patterns = FOLDER_FILES[component]
     for pattern in patterns:
         found = sorted((folder / component).glob(pattern))
         if found:
@@ -105,10 +105,10 @@ def component_files(folder: Path, component: str, kind: str = "") -> list[Path]:
                       "is the folder complete?")
 
 
-def component_entries(folder: Path, component: str, stack: ExitStack, kind: str = "") -> dict[str, Entry]:
+def component_entries(folder: Path, component: str, stack: ExitStack) -> dict[str, Entry]:
     """One part of a diffusers folder by its own (diffusers) keys, still unread."""
     raw: dict[str, Entry] = {}
-    for file in component_files(folder, component, kind):
+    for file in component_files(folder, component):
         raw |= file_entries(file, stack)[0]
     return raw
 
@@ -136,10 +136,11 @@ def folder_entries(folder: Path, stack: ExitStack) -> dict[str, Entry]:
     return out
 
 
-def weight_files(path: Path) -> list[Path]:
-    """The file itself, or a diffusers folder's UNet, VAE and text-encoder weight files in that order."""
+def weight_files(path: Path, components: tuple[str, ...] = COMPONENTS) -> list[Path]:
+    """The file itself, or a diffusers folder's `components`' weight files in that order (SD 1.x's:
+    UNet, VAE, text encoder)."""
     if path.is_dir():
-        return [f for component in COMPONENTS for f in component_files(path, component)]
+        return [f for component in components for f in component_files(path, component)]
     return [path]
 
 

@@ -13,14 +13,10 @@ from pathlib import Path
 import torch
 
 from dbnb.family.sd1 import layout as sd1
-from dbnb.family.sd1.singlefile import Entry, SDFileError, component_entries, component_files, mapped
+from dbnb.family.sd1 import singlefile as sd1_files
+from dbnb.family.sd1.singlefile import Entry, SDFileError, component_entries, mapped
 from dbnb.family.sdxl import layout
 from dbnb.family.sdxl.load import FINGERPRINT_PARTS, sampling_of
-
-# The folder's weight parts, each with the part whose file names it uses (dbnb.family.sd1.singlefile.FOLDER_FILES):
-# text_encoder_2's are named as text_encoder's.
-FOLDER_PARTS = {part: part.removesuffix("_2") for part in FINGERPRINT_PARTS}
-
 
 def _constant(tensor: torch.Tensor) -> Entry:
     return (lambda: tensor, tuple(tensor.shape))
@@ -33,7 +29,7 @@ def _bigg_entry(target: str, sources: list[Entry]) -> Entry:
 
 def folder_entries(folder: Path, stack: ExitStack) -> dict[str, Entry]:
     """An SDXL diffusers folder in the original layout, still unread (with its scheduler's markers)."""
-    raw = {part: component_entries(folder, part, stack, kind) for part, kind in FOLDER_PARTS.items()}
+    raw = {part: component_entries(folder, part, stack) for part in FINGERPRINT_PARTS}
     try:
         out = mapped(raw["unet"], layout.unet_key_map(raw["unet"])) | mapped(raw["vae"], sd1.vae_key_map(raw["vae"]))
         out |= mapped(raw["text_encoder"], layout.clip_l_key_map(raw["text_encoder"]))
@@ -49,6 +45,4 @@ def folder_entries(folder: Path, stack: ExitStack) -> dict[str, Entry]:
 
 def weight_files(path: Path) -> list[Path]:
     """The file itself, or a folder's UNet, VAE and both text encoders' weight files in that order."""
-    if path.is_dir():
-        return [f for part, kind in FOLDER_PARTS.items() for f in component_files(path, part, kind)]
-    return [path]
+    return sd1_files.weight_files(path, FINGERPRINT_PARTS)
